@@ -1,0 +1,115 @@
+"""The energy contract shared by every term of a Hamiltonian.
+
+A :class:`Potential` is an ``nn.Module`` with ``energy(R, t) -> [B]``: positions ``R`` of
+shape ``[B, N, d]`` (B replicas) and a time ``t`` (scalar tensor or float, used by
+time-dependent control terms; ignored by time-independent ones). Parameters that should be
+learned (epsilon of a pair term, the weights of a neural pair potential, a protocol) are
+ordinary ``nn.Parameter`` s, so gradients reach them through ``energy_and_forces``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+__all__ = ["Potential", "SumPotential", "energy_and_forces"]
+
+
+class Potential(nn.Module, ABC):
+    """Base class: a (possibly time-dependent) energy term, per replica."""
+
+    @abstractmethod
+    def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        """Energy of each replica.
+
+        Args:
+            R: positions ``[B, N, d]``.
+            t: time, for time-dependent (control) terms.
+
+        Returns:
+            Energies ``[B]``.
+        """
+
+    def energy_and_forces(
+        self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(E [B], F = -dE/dR [B, N, d])``; see :func:`energy_and_forces`.
+
+        Subclasses with analytic forces override this; they are tested against autograd.
+        """
+        return _autograd_energy_and_forces(self, R, t, create_graph=create_graph)
+
+    def forward(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        return self.energy(R, t)
+
+    def __add__(self, other: Potential) -> SumPotential:
+        if not isinstance(other, Potential):
+            return NotImplemented
+        left = list(self.terms) if isinstance(self, SumPotential) else [self]
+        right = list(other.terms) if isinstance(other, SumPotential) else [other]
+        return SumPotential(left + right)
+
+
+class SumPotential(Potential):
+    """Sum of several energy terms, e.g. ``H0 + H_ctrl``."""
+
+    def __init__(self, terms: list[Potential]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+
+    def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        return sum(term.energy(R, t) for term in self.terms)  # type: ignore[return-value]
+
+    def energy_and_forces(
+        self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
+        E_total: Tensor | None = None
+        F_total: Tensor | None = None
+        for term in self.terms:
+            E, F = term.energy_and_forces(R, t, create_graph=create_graph)  # type: ignore[operator]
+            E_total = E if E_total is None else E_total + E
+            F_total = F if F_total is None else F_total + F
+        assert E_total is not None and F_total is not None
+        return E_total, F_total
+
+
+def energy_and_forces(
+    potential: Potential,
+    R: Tensor,
+    t: Tensor | float | None = None,
+    *,
+    create_graph: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Energies ``[B]`` and forces ``F = -dE/dR`` ``[B, N, d]``.
+
+    Args:
+        potential: the energy.
+        R: positions ``[B, N, d]``.
+        t: time passed to time-dependent terms.
+        create_graph: keep the graph of the force computation so that losses downstream
+            of the forces (i.e. of the trajectory) can be differentiated with respect to
+            potential/field parameters and earlier states. ``None`` means
+            ``torch.is_grad_enabled()``.
+    """
+    return potential.energy_and_forces(R, t, create_graph=create_graph)
+
+
+def _autograd_energy_and_forces(
+    potential: Potential, R: Tensor, t: Tensor | float | None, *, create_graph: bool | None
+) -> tuple[Tensor, Tensor]:
+    if create_graph is None:
+        create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        R_ = R if R.requires_grad else R.detach().requires_grad_(True)
+        E = potential.energy(R_, t)
+        if not E.requires_grad:  # a term independent of R (e.g. constant offset)
+            return E, torch.zeros_like(R)
+        (dE,) = torch.autograd.grad(E.sum(), R_, create_graph=create_graph)
+    F = -dE
+    if not create_graph:
+        E, F = E.detach(), F.detach()
+    return E, F
