@@ -1,0 +1,73 @@
+"""Iterative Boltzmann inversion: the update rule against its dilute-gas limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from controlmd.errors import ControlMDError
+from controlmd.ibi import ibi_initial_potential, ibi_update
+
+
+def _lj(r: torch.Tensor, epsilon: float = 1.0, sigma: float = 1.0) -> torch.Tensor:
+    s6 = (sigma / r) ** 6
+    return 4 * epsilon * (s6 * s6 - s6)
+
+
+def _grid() -> torch.Tensor:
+    return torch.linspace(0.5, 2.5, 201, dtype=torch.float64)
+
+
+def test_initial_potential_is_exact_in_the_dilute_limit() -> None:
+    # At vanishing density g(r) = exp(-u(r)/kT): the potential of mean force is u itself.
+    r, kT = _grid(), 1.5
+    u_true = _lj(r) - _lj(r[-1:])
+    g = torch.exp(-u_true / kT)
+    u0 = ibi_initial_potential(r, g, kT=kT, g_floor=1e-3)
+    sampled = g > 1e-3
+    torch.testing.assert_close(u0[sampled], u_true[sampled], atol=1e-12, rtol=0)
+    assert u0[-1] == 0
+    # the core continuation is repulsive: u grows monotonically towards r -> 0
+    core = ~sampled
+    assert bool(core[:10].all())
+    assert bool((u0[core].diff() < 0).all())
+
+
+def test_one_full_step_reaches_the_dilute_solution() -> None:
+    # With g_n = exp(-u_n/kT) (dilute gas), alpha = 1 and no smoothing, one step lands on
+    # u = -kT ln g* wherever both RDFs are sampled.
+    r, kT = _grid(), 1.0
+    u_true = _lj(r, 1.0, 1.0) - _lj(r[-1:], 1.0, 1.0)
+    g_target = torch.exp(-u_true / kT)
+    u_n = _lj(r, 1.3, 0.9) - _lj(r[-1:], 1.3, 0.9)
+    g_n = torch.exp(-u_n / kT)
+    u_next = ibi_update(r, u_n, g_n, g_target, kT=kT, alpha=1.0, smooth=0)
+    both = (g_n > 1e-3) & (g_target > 1e-3)
+    torch.testing.assert_close(u_next[both], u_true[both], atol=1e-10, rtol=0)
+
+
+def test_fixed_point_and_direction() -> None:
+    r, kT = _grid(), 1.0
+    g_target = 1 + 0.3 * torch.sin(4 * r) * (r > 0.9)
+    g_target = torch.where(r < 0.9, torch.zeros_like(r), g_target)
+    u = ibi_initial_potential(r, g_target, kT=kT)
+    torch.testing.assert_close(ibi_update(r, u, g_target, g_target, kT=kT), u)
+    # too much structure at r ~ 1.5 -> the potential rises there, relative to the cutoff
+    bump = 0.2 * torch.exp(-((r - 1.5) / 0.1) ** 2)
+    u_next = ibi_update(r, u, g_target + bump, g_target, kT=kT, alpha=0.5)
+    i = int(torch.argmin((r - 1.5).abs()))
+    assert float(u_next[i] - u[i]) > 0.05
+    assert u_next[-1] == 0
+
+
+def test_bad_input() -> None:
+    r = _grid()
+    g = torch.ones_like(r)
+    with pytest.raises(ControlMDError, match="alpha must be in"):
+        ibi_update(r, torch.zeros_like(r), g, g, kT=1.0, alpha=1.5)
+    with pytest.raises(ControlMDError, match="kT must be > 0"):
+        ibi_initial_potential(r, g, kT=0.0)
+    with pytest.raises(ControlMDError, match="grid's shape"):
+        ibi_update(r, torch.zeros(3, dtype=r.dtype), g, g, kT=1.0)
+    with pytest.raises(ControlMDError, match="at least two knots"):
+        ibi_initial_potential(r, torch.zeros_like(r), kT=1.0)
