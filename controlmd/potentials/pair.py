@@ -1,0 +1,594 @@
+"""Pair potentials: a generic pair-energy machinery and the usual short-range terms.
+
+Units: reduced Lennard-Jones units (lengths in sigma, energies in epsilon) unless a task
+states otherwise.
+
+Every pair term is an :class:`PairPotential`: a function ``u(r; params)`` of the pair
+distance, summed over a *pair selection*:
+
+- **dense** (default): all pairs ``i < j`` of each replica, minus ``exclude`` pairs
+  (bonded neighbours excluded from WCA, say). ``O(N^2)`` per call; right for small N.
+- **fixed pairs**: ``pairs [P, 2]``, e.g. the native contacts of a Go model; parameters may
+  then be per-pair tensors ``[P]`` (native distances as per-pair ``sigma``).
+- **neighbor list**: a :class:`~controlmd.neighbors.NeighborList` (Verlet list with skin,
+  batched over replicas), for large N.
+
+Distances always come from ``space.displacement`` (minimum image in a periodic box); the
+cutoff must be at most half the shortest box side, checked at construction.
+
+Cutoffs are wrappers of the bare ``u``: ``shift="energy"`` gives
+``u(r) - u(r_c)`` (continuous energy), ``shift="force"`` gives
+``u(r) - u(r_c) - (r - r_c) u'(r_c)`` (continuous energy and force), ``shift="none"``
+truncates. All are zero beyond ``r_c``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from controlmd._validation import check_choice, check_positions, check_positive
+from controlmd.errors import ConfigError, ControlMDError
+from controlmd.potentials.base import Potential, SumPotential
+from controlmd.space import Space, free
+
+if TYPE_CHECKING:
+    from controlmd.neighbors import NeighborList
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "WCA",
+    "LennardJones",
+    "Morse",
+    "PairPotential",
+    "SoftSphere",
+    "lennard_jones",
+    "morse",
+    "soft_sphere",
+    "validate_configuration",
+]
+
+SHIFTS = ("energy", "force", "none")
+_WCA_FACTOR = 2.0 ** (1.0 / 6.0)
+
+
+# --------------------------------------------------------------------------- bare functions
+
+
+def lennard_jones(r: Tensor, sigma: Tensor | float = 1.0, epsilon: Tensor | float = 1.0) -> Tensor:
+    """``4 epsilon [(sigma/r)^12 - (sigma/r)^6]``; minimum ``-epsilon`` at ``2^(1/6) sigma``."""
+    s6 = (sigma / r) ** 6
+    return 4.0 * epsilon * (s6 * s6 - s6)
+
+
+def soft_sphere(
+    r: Tensor, sigma: Tensor | float = 1.0, epsilon: Tensor | float = 1.0, alpha: Tensor | float = 2.0
+) -> Tensor:
+    """``epsilon / alpha (1 - r/sigma)^alpha`` for ``r < sigma``, else 0 (JAX MD's soft sphere)."""
+    x = torch.clamp(1.0 - r / sigma, min=0.0)
+    return epsilon / alpha * x**alpha
+
+
+def morse(
+    r: Tensor, sigma: Tensor | float = 1.0, epsilon: Tensor | float = 1.0, alpha: Tensor | float = 5.0
+) -> Tensor:
+    """``epsilon [(1 - exp(-alpha (r - sigma)))^2 - 1]``; minimum ``-epsilon`` at ``r = sigma``."""
+    e = torch.exp(-alpha * (r - sigma))
+    return epsilon * (e * e - 2.0 * e)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def register_params(
+    module: nn.Module,
+    values: dict[str, float | Tensor],
+    *,
+    learnable: bool | Sequence[str],
+    positive: Sequence[str],
+    n_terms: int | None,
+    term_name: str = "pair",
+) -> tuple[str, ...]:
+    """Register each value as a float64 buffer, or an ``nn.Parameter`` when learnable.
+
+    A value is a scalar or, when ``n_terms`` is given, a tensor ``[n_terms]`` (one per pair,
+    bond, ...). Names in ``positive`` must be > 0. Returns the names, in order.
+    """
+    if isinstance(learnable, bool):
+        learn = set(values) if learnable else set()
+    else:
+        learn = {learnable} if isinstance(learnable, str) else set(learnable)
+        unknown = learn - set(values)
+        if unknown:
+            raise ConfigError(
+                f"learnable names unknown parameter(s) {sorted(unknown)}; "
+                f"this term has: {', '.join(values)}"
+            )
+    for name, value in values.items():
+        v = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+        if v.ndim > 1 or (v.ndim == 1 and (n_terms is None or v.shape[0] != n_terms)):
+            allowed = (
+                "a scalar" if n_terms is None
+                else f"a scalar or a tensor of shape [{n_terms}] (one per {term_name})"
+            )
+            raise ControlMDError(f"{name} must be {allowed}, got shape {tuple(v.shape)}")
+        if name in positive:
+            check_positive(name, v)
+        elif not bool(torch.isfinite(v).all()):
+            raise ControlMDError(f"{name} must be finite, got {v.tolist()}")
+        if name in learn:
+            setattr(module, name, nn.Parameter(v))
+        else:
+            module.register_buffer(name, v)
+    return tuple(values)
+
+
+def get_params(module: nn.Module, names: Sequence[str], like: Tensor) -> dict[str, Tensor]:
+    """The named parameters/buffers cast to ``like``'s dtype (differentiably)."""
+    return {name: getattr(module, name).to(like.dtype) for name in names}
+
+
+def _as_index_pairs(name: str, pairs: Tensor | Sequence[Sequence[int]]) -> Tensor:
+    p = torch.as_tensor(pairs)
+    if p.numel() == 0:
+        p = p.reshape(0, 2)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ControlMDError(f"{name} must have shape [P, 2] (particle index pairs), got {tuple(p.shape)}")
+    if p.is_floating_point() or p.dtype == torch.bool:
+        raise ControlMDError(f"{name} must hold integer particle indices, got dtype {p.dtype}")
+    p = p.long()
+    if bool((p < 0).any()):
+        raise ControlMDError(f"{name} must hold non-negative particle indices, got min {int(p.min())}")
+    if bool((p[:, 0] == p[:, 1]).any()):
+        k = int((p[:, 0] == p[:, 1]).nonzero()[0])
+        raise ControlMDError(f"{name} row {k} pairs particle {int(p[k, 0])} with itself")
+    return p
+
+
+# --------------------------------------------------------------------------- pair machinery
+
+
+@dataclass(frozen=True)
+class PairGeometry:
+    """Displacements of the selected pairs.
+
+    Attributes:
+        disp: ``[B, P, d]`` (dense / fixed pairs) or ``[M, d]`` (neighbor list, flat over replicas).
+        replica: ``None`` for the ``[B, P]`` layout, else the replica of each flat pair ``[M]``.
+        n_replicas: ``B``.
+    """
+
+    disp: Tensor
+    replica: Tensor | None
+    n_replicas: int
+
+    def scaled(self, lam: Tensor) -> Tensor:
+        """Displacements of replica ``b`` multiplied by ``lam[b]`` (``lam``: ``[B]``)."""
+        if self.replica is None:
+            return self.disp * lam.view(-1, 1, 1)
+        return self.disp * lam[self.replica].unsqueeze(-1)
+
+    def reduce(self, u: Tensor) -> Tensor:
+        """Per-pair values (``[B, P]`` or ``[M]``) summed per replica -> ``[B]``."""
+        if self.replica is None:
+            return u.sum(dim=-1)
+        out = torch.zeros(self.n_replicas, dtype=u.dtype, device=u.device)
+        return out.index_add(0, self.replica, u)
+
+
+class PairSelection(nn.Module):
+    """Which pairs a pair term sums over: dense ``i < j``, fixed ``pairs``, or a neighbor list.
+
+    Args:
+        space: the box.
+        pairs: fixed pairs ``[P, 2]`` (``i != j``), or ``None``.
+        exclude: pairs ``[E, 2]`` removed from the dense selection (order within a pair is
+            irrelevant).
+        neighbor_list: a :class:`~controlmd.neighbors.NeighborList` (its own ``exclude``
+            applies; give exclusions to it).
+    """
+
+    def __init__(
+        self,
+        space: Space,
+        *,
+        pairs: Tensor | Sequence[Sequence[int]] | None = None,
+        exclude: Tensor | Sequence[Sequence[int]] | None = None,
+        neighbor_list: NeighborList | None = None,
+    ) -> None:
+        super().__init__()
+        self.space = space
+        modes = [x is not None for x in (pairs, neighbor_list)]
+        if sum(modes) > 1:
+            raise ConfigError("give either pairs or neighbor_list, not both")
+        if exclude is not None and (pairs is not None or neighbor_list is not None):
+            raise ConfigError(
+                "exclude applies to the dense selection only: drop the excluded pairs from "
+                "`pairs`, or pass exclude to the NeighborList"
+            )
+        self.neighbor_list = neighbor_list
+        self.n_pairs: int | None = None
+        if pairs is not None:
+            p = _as_index_pairs("pairs", pairs)
+            self.register_buffer("pairs", p, persistent=False)
+            self.n_pairs = p.shape[0]
+            self._max_index = int(p.max()) if p.numel() else -1
+        else:
+            self.pairs = None
+        if exclude is not None:
+            e = torch.sort(_as_index_pairs("exclude", exclude), dim=1).values
+            self.register_buffer("exclude", e, persistent=False)
+        else:
+            self.exclude = None
+        self._dense_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+    @property
+    def mode(self) -> str:
+        if self.neighbor_list is not None:
+            return "neighbor_list"
+        return "pairs" if self.pairs is not None else "dense"
+
+    def dense_index(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Indices ``(i, j)`` of all pairs ``i < j`` of ``n`` particles, minus exclusions."""
+        key = (n, device)
+        if key not in self._dense_cache:
+            i, j = torch.triu_indices(n, n, offset=1, device=device)
+            if self.exclude is not None:
+                if int(self.exclude.max()) >= n:
+                    raise ControlMDError(
+                        f"exclude refers to particle {int(self.exclude.max())} but R has only N = {n}"
+                    )
+                ex = self.exclude.to(device)
+                keep = ~torch.isin(i * n + j, ex[:, 0] * n + ex[:, 1])
+                i, j = i[keep], j[keep]
+            self._dense_cache[key] = (i, j)
+        return self._dense_cache[key]
+
+    def geometry(self, R: Tensor) -> PairGeometry:
+        """Displacements ``R_i - R_j`` (minimum image) of the selected pairs."""
+        B, N, d = R.shape
+        if self.neighbor_list is not None:
+            nb = self.neighbor_list.update(R)
+            Rf = R.reshape(B * N, d)
+            dR = self.space.displacement(Rf[nb.i], Rf[nb.j])
+            return PairGeometry(dR, nb.replica, B)
+        if self.pairs is not None:
+            if self._max_index >= N:
+                raise ControlMDError(
+                    f"pairs refers to particle {self._max_index} but R has only N = {N} particles"
+                )
+            i, j = self.pairs[:, 0], self.pairs[:, 1]
+        else:
+            i, j = self.dense_index(N, R.device)
+        return PairGeometry(self.space.displacement(R[:, i], R[:, j]), None, B)
+
+
+class PairPotential(Potential):
+    """Base class: ``E = sum over selected pairs of u(r_ij)`` with an optional cutoff.
+
+    Subclasses set ``param_names`` via :meth:`_register_params` and implement
+    :meth:`pair_energy`.
+
+    Args:
+        space: the box (default: free space).
+        r_cut: cutoff distance (scalar, or ``[P]`` with fixed ``pairs``), or ``None`` for no
+            cutoff (dense and fixed-pair selections only).
+        shift: ``"energy"``, ``"force"`` or ``"none"`` (see the module docstring).
+        pairs, exclude, neighbor_list: the pair selection (see :class:`PairSelection`).
+    """
+
+    def __init__(
+        self,
+        space: Space | None = None,
+        *,
+        r_cut: float | Tensor | None,
+        shift: str = "energy",
+        pairs: Tensor | Sequence[Sequence[int]] | None = None,
+        exclude: Tensor | Sequence[Sequence[int]] | None = None,
+        neighbor_list: NeighborList | None = None,
+    ) -> None:
+        super().__init__()
+        self.space = space if space is not None else free()
+        check_choice("shift", shift, SHIFTS)
+        self.shift = shift
+        self.selection = PairSelection(self.space, pairs=pairs, exclude=exclude, neighbor_list=neighbor_list)
+        if r_cut is None:
+            if neighbor_list is not None:
+                raise ConfigError("a neighbor-list pair term needs a finite r_cut")
+            if self.space.periodic:
+                raise ConfigError("a pair term in a periodic box needs a finite r_cut <= half the box")
+            if shift != "none":
+                raise ConfigError(f"shift = {shift!r} needs a cutoff; give r_cut or shift='none'")
+            self.r_cut = None
+        else:
+            rc = torch.as_tensor(r_cut, dtype=torch.float64)
+            if rc.ndim > 1 or (rc.ndim == 1 and rc.shape[0] != self.selection.n_pairs):
+                raise ControlMDError(
+                    f"r_cut must be a scalar (or [P] with fixed pairs), got shape {tuple(rc.shape)}"
+                )
+            check_positive("r_cut", rc)
+            self.register_buffer("r_cut", rc, persistent=False)
+            self._check_cutoff(float(rc.max()))
+
+    def _check_cutoff(self, r_cut: float) -> None:
+        self.space.check_cutoff("r_cut", r_cut)
+        nl = self.selection.neighbor_list
+        if nl is not None and nl.r_cut < r_cut - 1e-12:
+            raise ConfigError(
+                f"neighbor_list.r_cut = {nl.r_cut:g} is shorter than this term's r_cut = {r_cut:g}"
+            )
+
+    def _register_params(
+        self, values: dict[str, float | Tensor], *, learnable: bool | Sequence[str], positive: Sequence[str]
+    ) -> None:
+        self.param_names = register_params(
+            self, values, learnable=learnable, positive=positive, n_terms=self.selection.n_pairs
+        )
+
+    def _params(self, like: Tensor) -> dict[str, Tensor]:
+        return get_params(self, self.param_names, like)
+
+    def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
+        """Bare ``u(r)``; ``r`` broadcastable against each parameter (scalar or ``[P]``)."""
+        raise NotImplementedError
+
+    def cutoff(self, params: dict[str, Tensor], like: Tensor) -> Tensor | None:
+        """Cutoff distance (scalar or ``[P]``), possibly a function of the parameters."""
+        return None if self.r_cut is None else self.r_cut.to(like.dtype)
+
+    # -- energy ------------------------------------------------------------------------
+
+    def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        """Energy per replica ``[B]`` (``R``: ``[B, N, d]``; ``t`` ignored)."""
+        if R.ndim != 3:
+            check_positions("R", R)
+        geo = self.selection.geometry(R)
+        return geo.reduce(self.pair_energies(geo.disp))
+
+    def pair_energies(self, dR: Tensor) -> Tensor:
+        """Cut and shifted ``u`` of each pair from its displacement ``[..., d]`` -> ``[...]``."""
+        params = self._params(dR)
+        r2 = (dR * dR).sum(dim=-1)
+        rc = self.cutoff(params, dR)
+        if rc is None:
+            return self.pair_energy(torch.sqrt(r2), **params)
+        rc2 = rc.detach() ** 2
+        inside = r2 < rc2
+        # Outside the cutoff evaluate at r_c, so no inf/NaN enters the graph through where().
+        r = torch.sqrt(torch.where(inside, r2, rc2))
+        u = self.pair_energy(r, **params)
+        if self.shift != "none":
+            u_c, du_c = self._cutoff_values(rc, params)
+            u = u - u_c
+            if self.shift == "force":
+                u = u - (r - rc) * du_c
+        return torch.where(inside, u, torch.zeros((), dtype=u.dtype))
+
+    def _cutoff_values(self, rc: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``u(r_c)`` and ``u'(r_c)`` (differentiable in the parameters)."""
+        u_c = self.pair_energy(rc, **params)
+        with torch.enable_grad():
+            rc_leaf = rc.detach().expand_as(u_c).clone().requires_grad_(True)
+            u_leaf = self.pair_energy(rc_leaf, **params)
+            (du_c,) = torch.autograd.grad(u_leaf.sum(), rc_leaf, create_graph=True)
+        return u_c, du_c
+
+    def virial(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        """``W = sum_pairs r_ij . F_ij`` per replica ``[B]`` (for the virial pressure).
+
+        Computed as ``-dE_b/d lambda_b`` at ``lambda = 1`` with the pair displacements of
+        replica ``b`` scaled by ``lambda_b``; the graph is kept, so W is differentiable.
+        """
+        geo = self.selection.geometry(R)
+        with torch.enable_grad():
+            lam = torch.ones(geo.n_replicas, dtype=R.dtype, device=R.device, requires_grad=True)
+            E = geo.reduce(self.pair_energies(geo.scaled(lam)))
+            (dE,) = torch.autograd.grad(E.sum(), lam, create_graph=True)
+        return -dE
+
+
+# --------------------------------------------------------------------------- concrete terms
+
+
+class LennardJones(PairPotential):
+    """Lennard-Jones pair potential ``4 epsilon [(sigma/r)^12 - (sigma/r)^6]``.
+
+    Args:
+        space: the box.
+        sigma: length scale (> 0), scalar or ``[P]`` with fixed pairs.
+        epsilon: well depth (> 0), scalar or ``[P]``.
+        r_cut: cutoff (default 2.5; ``None`` for none, free space only).
+        shift: ``"energy"`` (default), ``"force"`` or ``"none"``.
+        learnable: ``True``, or names among ``("sigma", "epsilon")``, to make them
+            ``nn.Parameter`` s (e.g. for d loss / d epsilon).
+        pairs, exclude, neighbor_list: pair selection.
+    """
+
+    def __init__(
+        self,
+        space: Space | None = None,
+        *,
+        sigma: float | Tensor = 1.0,
+        epsilon: float | Tensor = 1.0,
+        r_cut: float | Tensor | None = 2.5,
+        shift: str = "energy",
+        learnable: bool | Sequence[str] = False,
+        pairs: Tensor | Sequence[Sequence[int]] | None = None,
+        exclude: Tensor | Sequence[Sequence[int]] | None = None,
+        neighbor_list: NeighborList | None = None,
+    ) -> None:
+        super().__init__(space, r_cut=r_cut, shift=shift, pairs=pairs, exclude=exclude,
+                         neighbor_list=neighbor_list)
+        self._register_params({"sigma": sigma, "epsilon": epsilon}, learnable=learnable,
+                              positive=("sigma", "epsilon"))
+
+    def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
+        return lennard_jones(r, params["sigma"], params["epsilon"])
+
+
+class WCA(LennardJones):
+    """Weeks–Chandler–Andersen repulsion: LJ cut at ``2^(1/6) sigma`` and shifted up by epsilon.
+
+    ``u = 4 epsilon [(sigma/r)^12 - (sigma/r)^6] + epsilon`` for ``r < 2^(1/6) sigma``, else 0;
+    purely repulsive, continuous with continuous force.
+
+    Args:
+        space, sigma, epsilon, learnable, pairs, exclude, neighbor_list: as for
+            :class:`LennardJones` (the cutoff follows sigma).
+    """
+
+    def __init__(
+        self,
+        space: Space | None = None,
+        *,
+        sigma: float | Tensor = 1.0,
+        epsilon: float | Tensor = 1.0,
+        learnable: bool | Sequence[str] = False,
+        pairs: Tensor | Sequence[Sequence[int]] | None = None,
+        exclude: Tensor | Sequence[Sequence[int]] | None = None,
+        neighbor_list: NeighborList | None = None,
+    ) -> None:
+        rc = _WCA_FACTOR * torch.as_tensor(sigma, dtype=torch.float64)
+        super().__init__(space, sigma=sigma, epsilon=epsilon, r_cut=rc, shift="energy",
+                         learnable=learnable, pairs=pairs, exclude=exclude, neighbor_list=neighbor_list)
+
+    def cutoff(self, params: dict[str, Tensor], like: Tensor) -> Tensor:
+        return _WCA_FACTOR * params["sigma"]
+
+
+class SoftSphere(PairPotential):
+    """Soft-sphere repulsion ``epsilon / alpha (1 - r/sigma)^alpha`` for ``r < sigma`` (JAX MD).
+
+    Zero beyond contact at ``r = sigma``; ``alpha = 2`` is a harmonic overlap penalty,
+    ``alpha = 5/2`` Hertzian. The cutoff is ``sigma`` (no shift needed).
+
+    Args:
+        space: the box.
+        sigma: diameter (> 0), scalar or ``[P]``.
+        epsilon: stiffness (> 0).
+        alpha: exponent (> 0, default 2).
+        learnable, pairs, exclude, neighbor_list: as for :class:`LennardJones`.
+    """
+
+    def __init__(
+        self,
+        space: Space | None = None,
+        *,
+        sigma: float | Tensor = 1.0,
+        epsilon: float | Tensor = 1.0,
+        alpha: float | Tensor = 2.0,
+        learnable: bool | Sequence[str] = False,
+        pairs: Tensor | Sequence[Sequence[int]] | None = None,
+        exclude: Tensor | Sequence[Sequence[int]] | None = None,
+        neighbor_list: NeighborList | None = None,
+    ) -> None:
+        rc = torch.as_tensor(sigma, dtype=torch.float64)
+        super().__init__(space, r_cut=rc, shift="none", pairs=pairs, exclude=exclude,
+                         neighbor_list=neighbor_list)
+        self._register_params({"sigma": sigma, "epsilon": epsilon, "alpha": alpha},
+                              learnable=learnable, positive=("sigma", "epsilon", "alpha"))
+
+    def cutoff(self, params: dict[str, Tensor], like: Tensor) -> Tensor:
+        return params["sigma"]
+
+    def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
+        return soft_sphere(r, params["sigma"], params["epsilon"], params["alpha"])
+
+
+class Morse(PairPotential):
+    """Morse pair potential ``epsilon [(1 - exp(-alpha (r - sigma)))^2 - 1]``.
+
+    Minimum ``-epsilon`` at ``r = sigma``; ``alpha`` sets the range (well width ~ 1/alpha).
+
+    Args:
+        space: the box.
+        sigma: equilibrium distance (> 0), scalar or ``[P]`` (e.g. native contact distances).
+        epsilon: well depth (> 0).
+        alpha: inverse range (> 0, default 5).
+        r_cut: cutoff (default 2.5; ``None`` for none, free space only).
+        shift: ``"energy"`` (default), ``"force"`` or ``"none"``.
+        learnable, pairs, exclude, neighbor_list: as for :class:`LennardJones`.
+    """
+
+    def __init__(
+        self,
+        space: Space | None = None,
+        *,
+        sigma: float | Tensor = 1.0,
+        epsilon: float | Tensor = 1.0,
+        alpha: float | Tensor = 5.0,
+        r_cut: float | Tensor | None = 2.5,
+        shift: str = "energy",
+        learnable: bool | Sequence[str] = False,
+        pairs: Tensor | Sequence[Sequence[int]] | None = None,
+        exclude: Tensor | Sequence[Sequence[int]] | None = None,
+        neighbor_list: NeighborList | None = None,
+    ) -> None:
+        super().__init__(space, r_cut=r_cut, shift=shift, pairs=pairs, exclude=exclude,
+                         neighbor_list=neighbor_list)
+        self._register_params({"sigma": sigma, "epsilon": epsilon, "alpha": alpha},
+                              learnable=learnable, positive=("sigma", "epsilon", "alpha"))
+
+    def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
+        return morse(r, params["sigma"], params["epsilon"], params["alpha"])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_configuration(
+    potential: Potential,
+    R: Tensor,
+    t: Tensor | float | None = None,
+    *,
+    space: Space | None = None,
+    name: str = "R",
+) -> None:
+    """Check positions once, at a boundary (initial state, before a run).
+
+    Raises :class:`~controlmd.errors.ControlMDError` for a wrong shape, NaN/inf positions,
+    or a configuration whose energy or forces are not finite (overlapping particles whose
+    forces overflow); the message names the replica, the closest pair and its distance.
+
+    Args:
+        potential: the energy.
+        R: positions ``[B, N, d]``.
+        t: time for time-dependent terms.
+        space: box used to find the closest pair (default: the potential's ``space``).
+        name: the argument name used in messages.
+    """
+    check_positions(name, R)
+    with torch.no_grad():
+        E, F = potential.energy_and_forces(R.detach(), t, create_graph=False)
+    bad = ~(torch.isfinite(E) & torch.isfinite(F).flatten(1).all(dim=1))
+    if not bool(bad.any()):
+        return
+    b = int(bad.nonzero()[0])
+    space = space if space is not None else _find_space(potential)
+    msg = f"{name}: energy or forces of replica {b} are not finite (E = {float(E[b]):.6g})"
+    N = R.shape[1]
+    if N > 1:
+        i, j = torch.triu_indices(N, N, offset=1)
+        dR = space.displacement(R[b, i], R[b, j]).detach()
+        r = torch.linalg.vector_norm(dR, dim=-1)
+        k = int(torch.argmin(r))
+        msg += (
+            f"; closest pair: particles {int(i[k])} and {int(j[k])} at distance {float(r[k]):.6g}, "
+            "so repulsive forces overflow. Start from non-overlapping positions (a lattice, or "
+            "push overlapping particles apart first)"
+        )
+    raise ControlMDError(msg)
+
+
+def _find_space(potential: Potential) -> Space:
+    if isinstance(potential, SumPotential):
+        for term in potential.terms:
+            if isinstance(getattr(term, "space", None), Space):
+                return term.space  # type: ignore[return-value]
+    s = getattr(potential, "space", None)
+    return s if isinstance(s, Space) else free()
