@@ -1,0 +1,185 @@
+"""Overdamped Brownian (Langevin) dynamics.
+
+Equation of motion (Itô): ``dx = mu F(x, t) dt + sqrt(2 kT mu) dW`` with mobility
+``mu = 1 / gamma`` (``gamma`` the friction coefficient, force per velocity), so the free
+diffusion coefficient is ``D = kT mu`` and ``<|x(t) - x(0)|^2> = 2 d kT t / gamma``.
+
+Two update rules:
+
+* ``"euler_maruyama"`` (any potential):
+  ``x_{n+1} = x_n + mu F(x_n, t_{n+1}) dt + sqrt(2 kT(t_{n+1}) mu dt) xi``.
+* ``"exact_ou"`` (a :class:`~controlmd.potentials.external.HarmonicTrap` alone): the exact
+  Ornstein–Uhlenbeck transition of ``E = k/2 |x - c|^2`` with the centre held at
+  ``c = c(t_{n+1})`` over the step:
+  ``x_{n+1} = c + (x_n - c) e^{-mu k dt} + sqrt(kT / k (1 - e^{-2 mu k dt})) xi``.
+  Particles the trap does not act on diffuse freely (exactly).
+
+Control convention (both rules): at each step the control is updated first, from
+``t_n`` to ``t_{n+1}``, and the particle then moves under the new control. With
+``track_work=True`` the state accumulates the protocol work
+``W += E(x_n, t_{n+1}) - E(x_n, t_n)`` (``aux["work"]`` ``[B]``), the discrete Jarzynski /
+Crooks work of the control change made at fixed configuration, as used by
+Schmiedl & Seifert (PRL 98, 108301, 2007) for optimal trap dragging. With this convention
+``<exp(-W/kT)> = exp(-dF/kT)`` holds exactly for the exact OU step (each move is an
+equilibrium-preserving transition under the current control) and up to O(dt) bias for
+Euler–Maruyama.
+
+Units: reduced LJ units (length sigma, energy epsilon, time tau); kT is an energy, gamma
+a friction coefficient (energy * time / length^2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from controlmd._validation import check_choice, check_positions, check_positive
+from controlmd.dynamics.base import (
+    Integrator,
+    Schedule,
+    State,
+    check_schedule,
+    evaluate_schedule,
+    per_replica,
+)
+from controlmd.errors import ControlMDError
+from controlmd.potentials.base import Potential
+from controlmd.potentials.external import HarmonicTrap
+from controlmd.rng import ReplicaRNG
+from controlmd.space import Space
+
+Tensor = torch.Tensor
+
+__all__ = ["Brownian"]
+
+_METHODS = ("euler_maruyama", "exact_ou")
+
+
+class Brownian(Integrator):
+    """Overdamped Brownian dynamics, batched over replicas.
+
+    Args:
+        potential: energy ``E(x, t)``; for ``method="exact_ou"`` a ``HarmonicTrap``.
+        dt: time step (> 0).
+        kT: temperature as an energy (> 0), constant or a schedule ``kT(t)``; evaluated at
+            ``t_{n+1}`` in step ``n``.
+        gamma: friction coefficient (> 0), scalar or per particle ``[N]``; mobility
+            ``mu = 1 / gamma``.
+        space: the box (positions are wrapped with ``space.shift``).
+        method: ``"euler_maruyama"`` or ``"exact_ou"``.
+        track_work: accumulate the protocol work in ``state.aux["work"]`` ``[B]``.
+
+    Example::
+
+        >>> import torch
+        >>> from controlmd.rng import ReplicaRNG
+        >>> class Free(Potential):
+        ...     def energy(self, R, t=None):
+        ...         return 0.0 * R.sum(dim=(-2, -1))
+        >>> bd = Brownian(Free(), dt=0.01, kT=1.0, gamma=2.0)
+        >>> state = bd.init(torch.zeros(4, 1, 3, dtype=torch.float64), rng=ReplicaRNG(0, 4))
+        >>> bd.step(state).R.shape
+        torch.Size([4, 1, 3])
+    """
+
+    stochastic = True
+
+    def __init__(
+        self,
+        potential: Potential,
+        *,
+        dt: float,
+        kT: Schedule,
+        gamma: float | Tensor = 1.0,
+        space: Space | None = None,
+        method: str = "euler_maruyama",
+        track_work: bool = False,
+    ) -> None:
+        super().__init__(potential, dt=dt, space=space)
+        check_schedule("kT", kT)
+        check_positive("gamma", gamma)
+        check_choice("method", method, _METHODS)
+        if method == "exact_ou":
+            _check_trap(potential)
+        self.kT = kT
+        self.register_buffer(
+            "_gamma", torch.as_tensor(gamma, dtype=torch.float64), persistent=False
+        )
+        self.method = method
+        self.track_work = bool(track_work)
+
+    def mobility_like(self, R: Tensor) -> Tensor:
+        """Mobility ``mu = 1/gamma`` broadcastable against ``R`` ``[B, N, d]``."""
+        g = self._gamma.to(R)
+        if g.ndim == 1:
+            if g.shape[0] != R.shape[1]:
+                raise ControlMDError(f"gamma has {g.shape[0]} entries but there are N = {R.shape[1]} particles")
+            g = g.view(1, -1, 1)
+        return 1.0 / g
+
+    def init(
+        self,
+        R: Tensor,
+        *,
+        kT: float | None = None,
+        rng: ReplicaRNG | None = None,
+        P: Tensor | None = None,
+    ) -> State:
+        """Initial state at ``t = 0`` from positions ``R`` ``[B, N, d]``.
+
+        ``kT`` is accepted for interface symmetry and unused (no momenta); ``rng`` is
+        required (the noise stream of each replica); ``P`` must be ``None``.
+        """
+        check_positions("R", R)
+        if P is not None:
+            raise ControlMDError("Brownian dynamics is overdamped and has no momenta; pass P=None")
+        if rng is None:
+            raise ControlMDError(
+                "Brownian dynamics draws noise: pass rng=ReplicaRNG(seed, B) to init"
+            )
+        if rng.n_replicas != R.shape[0]:
+            raise ControlMDError(f"rng has {rng.n_replicas} replicas but R has B = {R.shape[0]}")
+        self.mobility_like(R)  # validates gamma against N
+        aux = {"work": R.new_zeros(R.shape[0])} if self.track_work else {}
+        return State(R=self.space.wrap(R), P=None, aux=aux, rng=rng)
+
+    def step(self, state: State) -> State:
+        R, t = state.R, state.t
+        t1 = t + self.dt
+        aux = dict(state.aux)
+        kT = per_replica(evaluate_schedule(self.kT, t1), R)
+        mu = self.mobility_like(R)
+        xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
+        if self.method == "euler_maruyama":
+            E1, F = self.potential.energy_and_forces(R, t1)
+            dR = mu * F * self.dt + torch.sqrt(2.0 * kT * mu * self.dt) * xi
+        else:
+            if self.track_work:
+                E1 = self.potential.energy(R, t1)
+            dR = self._ou_displacement(R, t1, kT, mu, xi)
+        if self.track_work:
+            aux["work"] = aux["work"] + E1 - self.potential.energy(R, t)
+        return state.replace(R=self.space.shift(R, dR), t=t1, step=state.step + 1, aux=aux)
+
+    def _ou_displacement(self, R: Tensor, t1: Tensor, kT: Tensor, mu: Tensor, xi: Tensor) -> Tensor:
+        """Exact OU displacement ``x_{n+1} - x_n`` under the trap's control at ``t1``."""
+        trap: HarmonicTrap = self.potential  # type: ignore[assignment]
+        k = per_replica(trap.stiffness_at(t1, R), R)
+        c = trap.center_at(t1, R)
+        decay = torch.exp(-mu * k * self.dt)
+        drift = (decay - 1.0) * trap.space.displacement(R, c)
+        var = kT / k * (1.0 - decay * decay)
+        if trap.particles is not None:
+            trapped = torch.zeros(1, R.shape[1], 1, dtype=torch.bool, device=R.device)
+            trapped[:, trap.particles.to(R.device)] = True
+            drift = torch.where(trapped, drift, torch.zeros_like(drift))
+            var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
+        return drift + torch.sqrt(var) * xi
+
+
+def _check_trap(potential: Potential) -> None:
+    """``method="exact_ou"`` needs a lone :class:`HarmonicTrap`."""
+    if not isinstance(potential, HarmonicTrap):
+        raise ControlMDError(
+            "method='exact_ou' is exact only for a lone harmonic trap; got potential "
+            f"{type(potential).__name__}; use method='euler_maruyama' for other potentials"
+        )

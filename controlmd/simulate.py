@@ -1,0 +1,483 @@
+"""Run trajectories: the one entry for every equation of motion and gradient path.
+
+Two ways to integrate, with the same :class:`Trajectory` result:
+
+* :func:`simulate` steps a native integrator (NVE velocity Verlet, Nosé–Hoover chain,
+  Langevin BAOAB, Brownian) and chooses how gradients flow back through the steps:
+
+  ===============  ==========================================================  =============
+  ``gradient``     what is differentiated                                      memory
+  ===============  ==========================================================  =============
+  ``"direct"``     the whole trajectory (plain autograd)                       O(n_steps)
+  ``"checkpoint"`` the whole trajectory; only window-start states are kept,    O(n_steps/W
+                   each window of ``W`` steps is recomputed in backward        + W)
+                   (``torch.utils.checkpoint``, non-reentrant); same gradient
+  ``"truncated"``  each window of ``W`` steps alone: the state is detached     O(W)
+                   every ``W`` steps (not the full gradient unless W >= n)
+  ``"none"``       nothing (``torch.no_grad``)                                 O(1)
+  ===============  ==========================================================  =============
+
+  Stochastic integrators replay the same noise when a checkpointed window is recomputed
+  (the per-replica generator states at the window start are saved and restored).
+
+* :func:`simulate_ode` integrates a deterministic integrator's vector field (Hamiltonian
+  NVE, Nosé–Hoover chain) with torchdiffeq's ``odeint`` or ``odeint_adjoint`` (O(1)
+  memory in trajectory length); protocol breakpoints go to adaptive solvers as
+  ``jump_t``.
+
+Budgets: ``Trajectory.md_steps`` counts forward replica-steps (``B * n_steps``; for the
+ODE path ``B *`` the number of vector-field evaluations, i.e. force evaluations) and
+``Trajectory.grad_steps`` the replica-steps the backward pass goes through (0 when no
+graph is built).
+
+Divergence: the positions and momenta are checked for NaN/inf at the end of every
+segment (at most ``check_every`` steps apart); on failure the steps since the last good
+check are replayed without gradients to name the first non-finite step, and a
+:class:`~controlmd.errors.SimulationDivergedError` is raised.
+
+Per-step I/O goes through reporters (:mod:`controlmd.reporters`): each says how many steps
+until it next needs the state and then receives it; ``simulate`` itself writes nothing.
+
+Units: those of the integrator (reduced LJ units for classical tasks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from controlmd._validation import check_choice, check_finite, check_int, check_positions
+from controlmd.dynamics.base import Integrator, State
+from controlmd.errors import ControlMDError, SimulationDivergedError
+from controlmd.reporters import Reporter
+from controlmd.rng import ReplicaRNG
+
+Tensor = torch.Tensor
+Observable = Callable[[State], Tensor]
+
+__all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "simulate", "simulate_ode"]
+
+GRADIENT_MODES = ("direct", "checkpoint", "truncated", "none")
+ODE_METHODS = (
+    "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun",
+    "euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
+)
+_ADAPTIVE = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"})
+
+
+@dataclass
+class Trajectory:
+    """Result of :func:`simulate` / :func:`simulate_ode`.
+
+    Attributes:
+        final: the state after the last step.
+        times: times of the recorded frames ``[n_rec]``.
+        records: observable name -> values ``[n_rec, B, ...]`` (differentiable unless
+            ``gradient="none"``).
+        md_steps: forward replica-steps spent, ``B * n_steps`` (ODE: ``B *`` force
+            evaluations).
+        grad_steps: replica-steps differentiated through (0 when no graph was built).
+    """
+
+    final: State
+    times: Tensor
+    records: dict[str, Tensor] = field(default_factory=dict)
+    md_steps: int = 0
+    grad_steps: int = 0
+
+
+def simulate(
+    integrator: Integrator,
+    state: State,
+    n_steps: int,
+    *,
+    gradient: str = "direct",
+    window: int | None = None,
+    record_every: int = 0,
+    observables: Mapping[str, Observable] | None = None,
+    reporters: Sequence[Reporter] = (),
+    check_every: int = 100,
+) -> Trajectory:
+    """Advance ``state`` by ``n_steps`` steps of ``integrator``.
+
+    :param integrator: the equation of motion (holds the potential and any protocol).
+    :param state: initial state (``integrator.init(...)`` or a previous ``final``).
+    :param n_steps: number of steps (>= 0).
+    :param gradient: ``"direct"``, ``"checkpoint"``, ``"truncated"`` or ``"none"`` (see the
+        module docstring). With ``"direct"`` a graph is only built when something requires
+        grad (an integrator parameter, or a tensor of the state), as plain autograd would.
+    :param window: ``W``, steps per checkpoint / truncation window (required for those).
+    :param record_every: record ``observables`` every this many steps, including the
+        initial state (frames at steps 0, k, 2k, ... <= n_steps); 0 records nothing.
+    :param observables: name -> function of the state returning ``[B, ...]``; default
+        ``{"R": positions}``.
+    :param reporters: per-step observers (:class:`controlmd.reporters.Reporter`).
+    :param check_every: steps between NaN/inf checks (>= 1).
+    :return: a :class:`Trajectory`.
+    :raises SimulationDivergedError: when positions or momenta become non-finite.
+
+    Example::
+
+        >>> import torch
+        >>> from controlmd.dynamics import Brownian
+        >>> from controlmd.potentials import Potential
+        >>> from controlmd.rng import ReplicaRNG
+        >>> class Well(Potential):
+        ...     def energy(self, R, t=None):
+        ...         return 0.5 * (R * R).sum(dim=(-2, -1))
+        >>> bd = Brownian(Well(), dt=0.01, kT=1.0)
+        >>> s0 = bd.init(torch.zeros(2, 1, 1, dtype=torch.float64), rng=ReplicaRNG(7, 2))
+        >>> traj = simulate(bd, s0, 100, gradient="none", record_every=50)
+        >>> traj.records["R"].shape, traj.md_steps
+        (torch.Size([3, 2, 1, 1]), 200)
+    """
+    _check_simulate_inputs(integrator, state, n_steps, gradient, window, record_every,
+                           reporters, check_every)
+    if observables is None:
+        observables = {"R": _positions}
+    graph = gradient != "none" and _needs_graph(integrator, state)
+    B = state.n_replicas
+    context = torch.enable_grad() if graph else torch.no_grad()
+    with context:
+        final, times, records = _run(
+            integrator, state, n_steps, gradient if graph else "none", window,
+            record_every, observables, list(reporters), check_every,
+        )
+    return Trajectory(
+        final=final, times=times, records=records, md_steps=B * n_steps,
+        grad_steps=B * n_steps if graph else 0,
+    )
+
+
+def _run(
+    integrator: Integrator,
+    state: State,
+    n_steps: int,
+    mode: str,
+    window: int | None,
+    record_every: int,
+    observables: Mapping[str, Observable],
+    reporters: list[Reporter],
+    check_every: int,
+) -> tuple[State, Tensor, dict[str, Tensor]]:
+    frames: dict[str, list[Tensor]] = {name: [] for name in observables}
+    times: list[Tensor] = []
+
+    def record(s: State) -> None:
+        times.append(s.t.detach().to(torch.float64).clone())
+        for name, fn in observables.items():
+            frames[name].append(fn(s))
+
+    if record_every:
+        record(state)
+    due = [_next_report(r, state) for r in reporters]
+    good = _snapshot(state)
+    done = 0
+    while done < n_steps:
+        n = min(n_steps - done, check_every - done % check_every)
+        if record_every:
+            n = min(n, record_every - done % record_every)
+        if window is not None and mode in ("checkpoint", "truncated"):
+            n = min(n, window - done % window)
+        if due:
+            n = min(n, *due)
+        if mode == "checkpoint":
+            state = _checkpointed_segment(integrator, state, n)
+        else:
+            state = _segment(integrator, state, n)
+        done += n
+        if not _is_finite(state):
+            _locate_divergence(integrator, good, state)
+        if done % check_every == 0:
+            good = _snapshot(state)
+        if record_every and done % record_every == 0:
+            record(state)
+        for i, reporter in enumerate(reporters):
+            due[i] -= n
+            if due[i] == 0:
+                with torch.no_grad():
+                    reporter.report(state.detach(), integrator)
+                due[i] = _next_report(reporter, state)
+        if mode == "truncated" and done % window == 0 and done < n_steps:  # type: ignore[operator]
+            state = state.detach()
+    records = {name: torch.stack(v) for name, v in frames.items()} if record_every else {}
+    t = torch.stack(times) if times else torch.zeros(0, dtype=torch.float64)
+    return state, t, records
+
+
+def _segment(integrator: Integrator, state: State, n: int) -> State:
+    for _ in range(n):
+        state = integrator.step(state)
+    return state
+
+
+def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State:
+    """``n`` steps whose intermediate activations are recomputed in backward.
+
+    The noise of a stochastic integrator must be the same in the recomputation: each
+    (re)run draws from a copy of the generators restored to their window-start states.
+    """
+    rng = state.rng
+    if rng is None:
+        return checkpoint(_segment, integrator, state, n, use_reentrant=False)
+    start = rng.get_state()
+
+    def run(s: State) -> State:
+        return _segment(integrator, s.replace(rng=_rng_copy(rng, start)), n)
+
+    out = checkpoint(run, state, use_reentrant=False)
+    rng.set_state(out.rng.get_state())
+    return out.replace(rng=rng)
+
+
+def _rng_copy(rng: ReplicaRNG, states: list[Tensor]) -> ReplicaRNG:
+    """Fresh generators holding ``states`` (the original generators are not touched)."""
+    new = ReplicaRNG.__new__(ReplicaRNG)
+    new.seed = rng.seed
+    new.first_replica = rng.first_replica
+    new.device = rng.device
+    new.generators = []
+    for s in states:
+        g = torch.Generator(device=rng.device)
+        g.set_state(s)
+        new.generators.append(g)
+    return new
+
+
+def _snapshot(state: State) -> tuple[State, list[Tensor] | None]:
+    """A detached copy of ``state`` and its generator states, to replay from."""
+    return state.detach(), None if state.rng is None else state.rng.get_state()
+
+
+def _is_finite(state: State) -> bool:
+    ok = torch.isfinite(state.R.detach()).all()
+    if state.P is not None:
+        ok = ok & torch.isfinite(state.P.detach()).all()
+    return bool(ok)
+
+
+def _locate_divergence(
+    integrator: Integrator, good: tuple[State, list[Tensor] | None], bad: State
+) -> None:
+    """Replay from the last finite snapshot, step by step, and raise at the first bad step."""
+    state, rng_states = good
+    if rng_states is not None and state.rng is not None:
+        state = state.replace(rng=_rng_copy(state.rng, rng_states))
+    with torch.no_grad():
+        while state.step < bad.step:
+            state = integrator.step(state)
+            if not _is_finite(state):
+                break
+        else:
+            state = bad  # not reproduced by the replay; report where it was detected
+    n_bad = int((~torch.isfinite(state.R.detach())).any(dim=(-2, -1)).sum())
+    raise SimulationDivergedError(
+        f"non-finite positions or momenta in {n_bad} of {state.n_replicas} replicas after "
+        f"this step (dt = {integrator.dt:g}); the time step may be too large, particles may "
+        "overlap, or a control may be out of range",
+        step=state.step,
+        time=float(state.t),
+    )
+
+
+def _next_report(reporter: Reporter, state: State) -> int:
+    n = reporter.describe_next_report(state)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ControlMDError(
+            f"{type(reporter).__name__}.describe_next_report must return an int >= 1, got {n!r}"
+        )
+    return n
+
+
+def _positions(state: State) -> Tensor:
+    return state.R
+
+
+def _needs_graph(integrator: Integrator, state: State) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if any(p.requires_grad for p in integrator.parameters()):
+        return True
+    tensors = [state.R, state.P, state.t, *state.aux.values()]
+    return any(x is not None and x.requires_grad for x in tensors)
+
+
+def _check_state(integrator: Integrator, state: State) -> None:
+    if not isinstance(integrator, Integrator):
+        raise ControlMDError(f"integrator must be a controlmd Integrator, got {type(integrator).__name__}")
+    if not isinstance(state, State):
+        raise ControlMDError(f"state must be a controlmd State, got {type(state).__name__}")
+    check_positions("state.R", state.R)
+    if state.P is not None:
+        if state.P.shape != state.R.shape:
+            raise ControlMDError(
+                f"state.P has shape {tuple(state.P.shape)}, expected that of state.R {tuple(state.R.shape)}"
+            )
+        check_finite("state.P", state.P)
+    if integrator.stochastic:
+        if state.rng is None:
+            raise ControlMDError(
+                f"{type(integrator).__name__} is stochastic and state.rng is None; create the "
+                "state with integrator.init(R, rng=ReplicaRNG(seed, B))"
+            )
+        if state.rng.n_replicas != state.n_replicas:
+            raise ControlMDError(
+                f"state.rng has {state.rng.n_replicas} replicas, state.R has B = {state.n_replicas}"
+            )
+
+
+def _check_simulate_inputs(
+    integrator: Integrator,
+    state: State,
+    n_steps: int,
+    gradient: str,
+    window: int | None,
+    record_every: int,
+    reporters: Sequence[Reporter],
+    check_every: int,
+) -> None:
+    _check_state(integrator, state)
+    check_int("n_steps", n_steps, minimum=0)
+    check_choice("gradient", gradient, GRADIENT_MODES)
+    if gradient in ("checkpoint", "truncated"):
+        if window is None:
+            raise ControlMDError(f"gradient={gradient!r} needs window=W (steps per window), got None")
+        check_int("window", window)
+    elif window is not None:
+        check_int("window", window)
+    check_int("record_every", record_every, minimum=0)
+    check_int("check_every", check_every)
+    for r in reporters:
+        if not (hasattr(r, "describe_next_report") and hasattr(r, "report")):
+            raise ControlMDError(
+                f"reporters must provide describe_next_report(state) and report(state, "
+                f"integrator); got {type(r).__name__}"
+            )
+
+
+class _VectorField(nn.Module):
+    """``f(t, y)`` for torchdiffeq, counting evaluations (each one force evaluation)."""
+
+    def __init__(self, integrator: Integrator) -> None:
+        super().__init__()
+        self.integrator = integrator
+        self.nfe = 0
+
+    def forward(self, t: Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        self.nfe += 1
+        return self.integrator.vector_field(t, y)  # type: ignore[operator]
+
+
+def simulate_ode(
+    integrator: Integrator,
+    state: State,
+    t_final: float | Tensor,
+    *,
+    method: str = "dopri5",
+    adjoint: bool = True,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    options: dict | None = None,
+    adjoint_options: dict | None = None,
+    observables: Mapping[str, Observable] | None = None,
+) -> Trajectory:
+    """Integrate a deterministic integrator's equations of motion with torchdiffeq.
+
+    :param integrator: an integrator with ``vector_field`` (NVE, NoseHooverChain).
+    :param state: initial state at ``state.t``.
+    :param t_final: final time (> ``state.t``), or increasing times ``[T]`` at which to
+        record (the first may equal ``state.t``).
+    :param method: a torchdiffeq method (``"dopri5"``, ``"rk4"``, ...). Fixed-grid methods
+        default to ``options={"step_size": integrator.dt}``.
+    :param adjoint: use ``odeint_adjoint`` (O(1) memory; gradients reach the initial state
+        and every parameter of the integrator: potential, protocol and schedules) instead
+        of backprop through the solver.
+    :param rtol, atol: tolerances of adaptive solvers (also used for the adjoint solve).
+    :param options: solver options. For adaptive methods the breakpoints of every
+        :class:`~controlmd.protocols.Protocol` inside the integrator are added as
+        ``jump_t`` unless given.
+    :param adjoint_options: options of the backward solve (default: ``options``).
+    :param observables: name -> function of the state; recorded at each requested time
+        (default positions when ``t_final`` is a tensor of times, nothing otherwise).
+    :return: a :class:`Trajectory`; ``md_steps`` is ``B *`` the forward vector-field
+        evaluations.
+    """
+    from torchdiffeq import odeint, odeint_adjoint
+
+    _check_state(integrator, state)
+    if not hasattr(integrator, "vector_field"):
+        raise ControlMDError(
+            f"simulate_ode needs a deterministic integrator with a vector field (NVE, "
+            f"NoseHooverChain); {type(integrator).__name__} has none: use simulate()"
+        )
+    check_choice("method", method, ODE_METHODS)
+    t0 = state.t.detach().to(torch.float64)
+    times = torch.as_tensor(t_final, dtype=torch.float64)
+    record_all = times.ndim == 1
+    times = times.reshape(-1)
+    if times.numel() == 0 or not bool(torch.isfinite(times).all()):
+        raise ControlMDError(f"t_final must be finite, got {times.tolist()}")
+    if times.numel() > 1 and not bool((times[1:] > times[:-1]).all()):
+        raise ControlMDError(f"times must be strictly increasing, got {times.tolist()}")
+    if bool(times[0] < t0) or (not record_all and bool(times[0] <= t0)):
+        raise ControlMDError(f"t_final must be > state.t = {float(t0):g}, got {times.tolist()}")
+    grid = times if bool(times[0] == t0) else torch.cat([t0.reshape(1), times])
+    offset = grid.numel() - times.numel()
+
+    opts = dict(options or {})
+    if method in _ADAPTIVE and "jump_t" not in opts:
+        jumps = _breakpoints(integrator, float(grid[0]), float(grid[-1]))
+        if jumps:
+            opts["jump_t"] = torch.tensor(jumps, dtype=torch.float64)
+    elif method not in _ADAPTIVE and "step_size" not in opts and "grid_constructor" not in opts:
+        opts["step_size"] = integrator.dt
+
+    func = _VectorField(integrator)
+    y0 = integrator.ode_state(state)  # type: ignore[attr-defined]
+    grid = grid.to(state.R.device)
+    if adjoint:
+        params = tuple(p for p in integrator.parameters() if p.requires_grad)
+        ys = odeint_adjoint(
+            func, y0, grid, rtol=rtol, atol=atol, method=method, options=opts,
+            adjoint_options=adjoint_options, adjoint_params=params,
+        )
+    else:
+        ys = odeint(func, y0, grid, rtol=rtol, atol=atol, method=method, options=opts)
+    nfe = func.nfe
+
+    def state_at(i: int) -> State:
+        return integrator.from_ode_state(  # type: ignore[attr-defined]
+            tuple(y[i] for y in ys), grid[i], state
+        )
+
+    if observables is None:
+        observables = {"R": _positions} if record_all else {}
+    records: dict[str, Tensor] = {}
+    if observables:
+        frames = [state_at(i) for i in range(offset, grid.numel())]
+        records = {name: torch.stack([fn(s) for s in frames]) for name, fn in observables.items()}
+    final = state_at(grid.numel() - 1)
+    for y in ys:
+        if not bool(torch.isfinite(y[-1].detach()).all()):
+            raise SimulationDivergedError(
+                "the ODE solution became non-finite", step=final.step, time=float(grid[-1])
+            )
+    B = state.n_replicas
+    return Trajectory(
+        final=final, times=times, records=records, md_steps=B * nfe,
+        grad_steps=B * nfe if torch.is_grad_enabled() else 0,
+    )
+
+
+def _breakpoints(integrator: Integrator, t0: float, t1: float) -> list[float]:
+    """Sorted jump times of every protocol held by ``integrator`` strictly inside (t0, t1)."""
+    jumps: set[float] = set()
+    for module in integrator.modules():
+        bp = getattr(module, "breakpoints", None)
+        if callable(bp):
+            jumps.update(float(x) for x in bp() if t0 < float(x) < t1)
+    return sorted(jumps)
