@@ -14,15 +14,24 @@ from controlmd import ControlMDError, PiecewiseConstant, free, periodic
 from controlmd.potentials import (
     WCA,
     ConstantForce,
+    CosineDihedral,
     ExternalField,
+    FENEBond,
+    HarmonicAngle,
+    HarmonicBond,
     HarmonicTrap,
     LennardJones,
     Morse,
+    NeuralPair,
     ScaledPotential,
     SoftSphere,
+    TabulatedPair,
+    lennard_jones,
     validate_configuration,
 )
 from controlmd.potentials.base import Potential
+from controlmd.potentials.bonded import bond_angle, dihedral_angle
+from controlmd.potentials.neural import smooth_switch
 from controlmd.space import Space
 
 F64 = torch.float64
@@ -102,7 +111,7 @@ def test_cutoff_continuity(shift: str, cls: type) -> None:
     eps = 1e-7
     E_in, F_in = pot.energy_and_forces(_dimer(rc - eps))
     E_out, F_out = pot.energy_and_forces(_dimer(rc + eps))
-    assert float(E_out.detach()) == 0.0 and float(F_out.abs().max()) == 0.0
+    assert float(E_out.detach()) == 0.0 and float(F_out.detach().abs().max()) == 0.0
     assert abs(float(E_in)) < 1e-6  # energy continuous at rc
     if shift == "force":
         assert float(F_in.abs().max()) < 1e-6  # force continuous at rc too
@@ -147,16 +156,40 @@ def _all_potentials(space: Space, d: int) -> dict[str, Potential]:
         "force": ConstantForce(u1, [0, 4], weights=[-1.0, 1.0], direction=[1.0] + [0.0] * (d - 1)),
         "scaled": ScaledPotential(LennardJones(space, r_cut=2.0), u1),
         "field": ExternalField(lambda R, v: (v * R.sum(1)).sum(-1) ** 2 / 10, u),
+        "harmonic_bond": HarmonicBond([[0, 1], [1, 2], [2, 3]], k=[50.0, 80.0, 20.0], r0=1.1, space=space),
+        "fene": FENEBond([[0, 1], [1, 2], [2, 3]], k=30.0, R0=10.0, space=space),
+        "angle": HarmonicAngle([[0, 1, 2], [1, 2, 3], [3, 4, 5]], k=5.0, theta0=[1.9, 2.5, 1.0], space=space),
+        "tabulated_cubic": TabulatedPair.from_function(
+            lambda r: lennard_jones(r, 0.9, 1.0), torch.linspace(0.7, 2.2, 40), space),
+        "tabulated_linear": TabulatedPair.from_function(
+            lambda r: lennard_jones(r, 0.9, 1.0), torch.linspace(0.7, 2.2, 40), space,
+            interpolation="linear", shift="force"),
+        "neural": _trained_like_neural(space),
     }
+
+
+def _trained_like_neural(space: Space) -> NeuralPair:
+    """A NeuralPair with a non-zero MLP output (its last layer is zero at init)."""
+    pot = NeuralPair(space, r_cut=2.2, r_on=1.5, hidden=(16, 16), n_basis=12, seed=3)
+    with torch.no_grad():
+        pot.mlp[-1].weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    return pot
 
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("name", ["lj_energy", "lj_force", "wca", "soft", "morse", "lj_pairs", "trap",
-                                  "trap_k", "force", "scaled", "field"])
+                                  "trap_k", "force", "scaled", "field", "harmonic_bond", "fene", "angle",
+                                  "tabulated_cubic", "tabulated_linear", "neural", "dihedral"])
 def test_autograd_forces_match_finite_differences(name: str, d: int) -> None:
     L = 4.5
     space = periodic(L, dim=d) if name not in ("force", "field") else free()
-    pot = _all_potentials(space, d)[name]
+    if name == "dihedral":
+        if d == 2:
+            pytest.skip("torsions are 3-D only")
+        pot = CosineDihedral([[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]], k=[1.0, 2.0, 0.5], n=[1, 3, 2],
+                             phi0=[0.0, 0.4, -1.0], space=space)
+    else:
+        pot = _all_potentials(space, d)[name]
     R = _spread_config(2, 6, d, L, seed=d, r_min=0.85)
     t = 0.6
     E, F = pot.energy_and_forces(R, t)
@@ -284,3 +317,122 @@ def test_constant_force_energy_and_lj_value() -> None:
     _, F = cf.energy_and_forces(R)
     assert_close(F, [[[0.0, 0.0], [0.5, -1.0]]])
     assert math.isclose(float(LennardJones(r_cut=None, shift="none").energy(_dimer(1.0))), 0.0, abs_tol=1e-15)
+
+
+# --------------------------------------------------------------------------- bonded
+
+
+def test_bonded_values() -> None:
+    R = torch.tensor([[[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [1.2, 0.9, 0.0], [1.2, 0.9, 1.0]]], dtype=F64)
+    hb = HarmonicBond([[0, 1], [1, 2]], k=10.0, r0=1.0)
+    assert_close(hb.energy(R), [5 * 0.2**2 + 5 * 0.1**2])
+    fene = FENEBond([[0, 1]], k=30.0, R0=1.5)
+    assert_close(fene.energy(R), [-0.5 * 30 * 1.5**2 * math.log(1 - (1.2 / 1.5) ** 2)])
+    ang = HarmonicAngle([[0, 1, 2]], k=4.0, theta0=math.pi)
+    assert_close(ang.energy(R), [2.0 * (math.pi / 2 - math.pi) ** 2])
+    # torsion convention: far bond rotated by +phi about j->k (IUPAC), cis = 0, trans = pi
+    for phi in (0.0, 0.7, -2.0, math.pi):
+        X = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 1], [math.cos(phi), math.sin(phi), 1]], dtype=F64)
+        got = float(dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2]))
+        assert math.isclose(math.remainder(got - phi, 2 * math.pi), 0.0, abs_tol=1e-12)
+        dih = CosineDihedral([[0, 1, 2, 3]], k=2.0, n=3, phi0=0.5)
+        assert_close(dih.energy(X.unsqueeze(0)), [2.0 * (1 + math.cos(3 * phi - 0.5))])
+    assert_close(bond_angle(torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([-1.0, 1.0], dtype=F64)),
+                 3 * math.pi / 4)
+
+
+def test_bond_across_periodic_boundary_and_collinear_angle() -> None:
+    space = periodic(10.0)
+    R = torch.tensor([[[9.6, 5.0, 5.0], [0.4, 5.0, 5.0], [1.4, 5.0, 5.0]]], dtype=F64)
+    assert_close(HarmonicBond([[0, 1]], k=2.0, r0=1.0, space=space).energy(R), [0.5 * 2 * 0.2**2])
+    # a straight chain (theta = pi exactly) has finite forces for any rest angle
+    _, F = HarmonicAngle([[0, 1, 2]], k=3.0, theta0=2.0, space=space).energy_and_forces(R)
+    assert bool(torch.isfinite(F).all())
+
+
+def test_fene_beyond_R0_is_non_finite_and_named() -> None:
+    fene = FENEBond([[0, 1], [1, 2]], k=30.0, R0=1.5)
+    R = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]], [[0.0, 0, 0], [1.0, 0, 0], [2.7, 0, 0]]], dtype=F64)
+    E, F = fene.energy_and_forces(R)
+    assert bool(torch.isfinite(E[0])) and bool(torch.isfinite(F[0]).all())
+    assert not bool(torch.isfinite(E[1])) and not bool(torch.isfinite(F[1]).all())
+    assert fene.stretched(R) == [(1, 1, pytest.approx(1.7))]
+    with pytest.raises(ControlMDError, match=r"FENE bond 1 \(particles 1-2\) of replica 1 is stretched to r = 1\.7 >= R0 = 1\.5"):
+        validate_configuration(fene + HarmonicBond([[0, 1]]), R)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: HarmonicBond([[0, 1, 2]]), r"bonds must have shape \[M, 2\]"),
+        (lambda: HarmonicBond([[0, 0]]), r"bonds row 0 = \[0, 0\] repeats a particle"),
+        (lambda: HarmonicBond([[0.0, 1.0]]), "must hold integer particle indices"),
+        (lambda: HarmonicBond([[0, 1]], k=-1.0), "k must be > 0, got -1"),
+        (lambda: FENEBond([[0, 1], [1, 2]], R0=[1.5, 0.0]), r"R0 must be > 0, got \[1\.5, 0\.0\]"),
+        (lambda: HarmonicAngle([[0, 1]]), r"angles must have shape \[M, 3\]"),
+        (lambda: CosineDihedral([[0, 1, 2, 3]], n=0), r"n \(multiplicity\) must be >= 1, got 0"),
+        (lambda: CosineDihedral([[0, 1, 2, 3]], n=1.5), "must be a positive integer"),
+        (lambda: TabulatedPair(r=[1.0, 0.5, 2.0], u=[1.0, 0.0, 0.0]), "strictly increasing"),
+        (lambda: TabulatedPair(r=[0.5, 1.0, 2.0], u=[1.0, 0.0]), "u must have the grid's shape"),
+        (lambda: TabulatedPair(r=[0.5, 1.0, 2.0], u=[float("inf"), 0.0, 0.0]), "r and u must be finite"),
+        (lambda: NeuralPair(r_cut=2.0, r_on=2.5), "r_on must satisfy 0 < r_on < r_cut"),
+    ],
+)
+def test_bad_bonded_and_table_construction(make: Callable[[], object], match: str) -> None:
+    with pytest.raises(ControlMDError, match=match):
+        make()
+
+
+def test_bonded_index_out_of_range() -> None:
+    with pytest.raises(ControlMDError, match="bonds refers to particle 5 but R has only N = 3"):
+        HarmonicBond([[0, 5]]).energy(torch.zeros(1, 3, 3, dtype=F64))
+
+
+# --------------------------------------------------------------------------- tabulated / neural
+
+
+def test_tabulated_reproduces_function_and_nodes() -> None:
+    grid = torch.linspace(0.8, 2.5, 171, dtype=F64)
+    table = TabulatedPair.from_function(lambda r: lennard_jones(r), grid, shift="energy")
+    lj = LennardJones(r_cut=2.5, shift="energy")
+    r = torch.linspace(0.85, 2.45, 57, dtype=F64)
+    R = torch.zeros(57, 2, 3, dtype=F64)
+    R[:, 1, 0] = r
+    E_t, F_t = table.energy_and_forces(R)
+    E_l, F_l = lj.energy_and_forces(R)
+    # natural cubic spline: error ~ h^4 max|u^(4)| with h = 0.01
+    torch.testing.assert_close(E_t, E_l, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(F_t, F_l, rtol=1e-3, atol=1e-3)
+    # linear interpolation is exact at the nodes; beyond the table the energy is zero
+    lin = TabulatedPair(r=[0.5, 1.0, 1.5, 2.0], u=[3.0, -1.0, -0.5, 0.0], interpolation="linear", shift="none")
+    assert_close(lin.energy(_dimer(1.0)), [-1.0])
+    assert_close(lin.energy(_dimer(1.25)), [-0.75])
+    assert_close(lin.energy(_dimer(2.1)), [0.0])
+    # below the grid: linear continuation with the first slope (-8 per unit length)
+    assert_close(lin.energy(_dimer(0.4)), [3.8])
+
+
+def test_tabulated_learnable_table_gradient() -> None:
+    grid = torch.linspace(0.8, 2.0, 13, dtype=F64)
+    table = TabulatedPair(r=grid, u=torch.zeros(13), interpolation="linear", shift="none", learnable=True)
+    E = table.energy(_dimer(1.05))
+    (g,) = torch.autograd.grad(E.sum(), table.values)
+    expected = torch.zeros(13, dtype=F64)
+    expected[2], expected[3] = 0.5, 0.5  # r = 1.05 sits midway between nodes 1.0 and 1.1
+    assert_close(g, expected)
+    table.set_table(torch.ones(13))
+    assert_close(table.energy(_dimer(1.3)).detach(), [1.0])
+
+
+def test_neural_pair_starts_at_prior_and_is_smooth_at_cutoff() -> None:
+    pot = NeuralPair(r_cut=2.0, r_on=1.5, sigma_prior=0.9, epsilon_prior=1.0)
+    for r in (0.8, 1.2, 1.7):
+        expected = (0.9 / r) ** 12 * float(smooth_switch(torch.tensor(r, dtype=F64), 1.5, 2.0))
+        assert_close(pot.energy(_dimer(r)).detach(), [expected])
+    pot = _trained_like_neural(free())
+    E_in, F_in = pot.energy_and_forces(_dimer(2.2 - 1e-6))
+    assert abs(float(E_in.detach())) < 1e-12 and float(F_in.abs().max()) < 1e-8
+    assert sum(p.numel() for p in pot.parameters()) > 100
+    E = pot.energy(_dimer(1.0)).sum()
+    grads = torch.autograd.grad(E, list(pot.mlp.parameters()))
+    assert all(bool(torch.isfinite(gr).all()) for gr in grads) and float(grads[-1].abs().sum()) > 0

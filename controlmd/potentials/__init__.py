@@ -1,12 +1,14 @@
 """Energy terms: each an ``nn.Module`` with ``energy(R [B, N, d], t) -> [B]``."""
 
 from controlmd.potentials.base import Potential, SumPotential, energy_and_forces
+from controlmd.potentials.bonded import CosineDihedral, FENEBond, HarmonicAngle, HarmonicBond
 from controlmd.potentials.external import (
     ConstantForce,
     ExternalField,
     HarmonicTrap,
     ScaledPotential,
 )
+from controlmd.potentials.neural import NeuralPair
 from controlmd.potentials.pair import (
     WCA,
     LennardJones,
@@ -18,19 +20,26 @@ from controlmd.potentials.pair import (
     soft_sphere,
     validate_configuration,
 )
+from controlmd.potentials.tabulated import TabulatedPair
 
 __all__ = [
     "WCA",
     "ConstantForce",
+    "CosineDihedral",
     "ExternalField",
+    "FENEBond",
+    "HarmonicAngle",
+    "HarmonicBond",
     "HarmonicTrap",
     "LennardJones",
     "Morse",
+    "NeuralPair",
     "PairPotential",
     "Potential",
     "ScaledPotential",
     "SoftSphere",
     "SumPotential",
+    "TabulatedPair",
     "energy_and_forces",
     "lennard_jones",
     "morse",

@@ -296,6 +296,7 @@ class PairPotential(Potential):
         self.space = space if space is not None else free()
         check_choice("shift", shift, SHIFTS)
         self.shift = shift
+        self.param_names: tuple[str, ...] = ()
         self.selection = PairSelection(self.space, pairs=pairs, exclude=exclude, neighbor_list=neighbor_list)
         if r_cut is None:
             if neighbor_list is not None:
@@ -569,8 +570,11 @@ def validate_configuration(
     if not bool(bad.any()):
         return
     b = int(bad.nonzero()[0])
-    space = space if space is not None else _find_space(potential)
     msg = f"{name}: energy or forces of replica {b} are not finite (E = {float(E[b]):.6g})"
+    hints = [h for term in _leaf_terms(potential) if (h := _diagnose(term, R)) is not None]
+    if hints:
+        raise ControlMDError(msg + "; " + "; ".join(hints))
+    space = space if space is not None else _find_space(potential)
     N = R.shape[1]
     if N > 1:
         i, j = torch.triu_indices(N, N, offset=1)
@@ -585,10 +589,22 @@ def validate_configuration(
     raise ControlMDError(msg)
 
 
-def _find_space(potential: Potential) -> Space:
+def _leaf_terms(potential: Potential) -> list[Potential]:
+    """The terms of a sum, looking through wrappers that hold a ``base`` term."""
     if isinstance(potential, SumPotential):
-        for term in potential.terms:
-            if isinstance(getattr(term, "space", None), Space):
-                return term.space  # type: ignore[return-value]
-    s = getattr(potential, "space", None)
-    return s if isinstance(s, Space) else free()
+        return [leaf for term in potential.terms for leaf in _leaf_terms(term)]  # type: ignore[arg-type]
+    base = getattr(potential, "base", None)
+    return _leaf_terms(base) if isinstance(base, Potential) else [potential]
+
+
+def _diagnose(term: Potential, R: Tensor) -> str | None:
+    diagnose = getattr(term, "diagnose", None)
+    return diagnose(R) if callable(diagnose) else None
+
+
+def _find_space(potential: Potential) -> Space:
+    for term in _leaf_terms(potential):
+        s = getattr(term, "space", None)
+        if isinstance(s, Space) and s.periodic:
+            return s
+    return free()
