@@ -7,6 +7,7 @@ import torch
 from tolerances import assert_close
 
 from controlmd import ControlMDError, free, periodic
+from controlmd.lattice import lattice
 from controlmd.neighbors import NeighborList
 from controlmd.potentials import WCA, LennardJones, Morse, SoftSphere
 from controlmd.potentials.base import Potential
@@ -88,3 +89,38 @@ def test_bad_box_and_cutoff() -> None:
         periodic([10.0, 4.0]).check_cutoff("r_cut", 2.5)
     with pytest.raises(ControlMDError, match="a free space has no volume"):
         free().volume()
+
+
+# --------------------------------------------------------------------------- lattices
+
+
+@pytest.mark.parametrize(
+    "kind,n,coordination",
+    [("fcc", 108, 12), ("sc", 64, 6), ("bcc", 54, 8), ("square", 64, 4), ("hexagonal", 64, 6),
+     ("fcc", 100, None), ("hexagonal", 50, None)],
+)
+def test_lattice_density_and_neighbours(kind: str, n: int, coordination: int | None) -> None:
+    R, box = lattice(kind, n, density=0.8)
+    d = R.shape[1]
+    assert R.shape == (n, 3 if kind in ("fcc", "sc", "bcc") else 2)
+    assert_close(torch.prod(box), n / 0.8)  # exact density, vacancies or not
+    assert bool((R >= 0).all()) and bool((R < box).all())
+    space = periodic(box)
+    dR = space.displacement(R.unsqueeze(1), R.unsqueeze(0))
+    r = torch.linalg.vector_norm(dR, dim=-1) + torch.eye(n, dtype=F64) * 1e9
+    r_nn = float(r.min())
+    # nearest-neighbour distance of each lattice is >= rho^(-1/d) (sc/square: equal)
+    assert r_nn >= (1 - 1e-9) * 0.8 ** (-1 / d)
+    if coordination is not None:
+        # a complete lattice: every site has the same number of nearest neighbours
+        counts = (r < r_nn * 1.001).sum(1)
+        assert bool((counts == coordination).all()), counts
+
+
+def test_lattice_bad_input() -> None:
+    with pytest.raises(ControlMDError, match="unknown kind 'diamond'"):
+        lattice("diamond", 8, density=1.0)
+    with pytest.raises(ControlMDError, match="density must be > 0, got -1"):
+        lattice("fcc", 32, density=-1.0)
+    with pytest.raises(ControlMDError, match="n must be >= 1, got 0"):
+        lattice("sc", 0, density=1.0)
