@@ -255,7 +255,7 @@ class PairSelection(nn.Module):
         if self.neighbor_list is not None:
             nb = self.neighbor_list.update(R)
             Rf = R.reshape(B * N, d)
-            dR = self.space.displacement(Rf[nb.i], Rf[nb.j])
+            dR = self.space.displacement(Rf.index_select(0, nb.i), Rf.index_select(0, nb.j))
             return PairGeometry(dR, nb.replica, B)
         if self.pairs is not None:
             if self._max_index >= N:
