@@ -436,3 +436,14 @@ def test_neural_pair_starts_at_prior_and_is_smooth_at_cutoff() -> None:
     E = pot.energy(_dimer(1.0)).sum()
     grads = torch.autograd.grad(E, list(pot.mlp.parameters()))
     assert all(bool(torch.isfinite(gr).all()) for gr in grads) and float(grads[-1].abs().sum()) > 0
+
+
+def test_mismatched_box_dimension_and_neighbor_list_box() -> None:
+    from controlmd.neighbors import NeighborList
+
+    with pytest.raises(ControlMDError, match="R has spatial dimension 2 but the box has 3 sides"):
+        LennardJones(periodic(6.0)).energy(torch.rand(1, 4, 2, dtype=F64))
+    with pytest.raises(ControlMDError, match="neighbor list was built for a different box"):
+        LennardJones(periodic(6.0), neighbor_list=NeighborList(periodic(7.0), 2.5))
+    with pytest.raises(ControlMDError, match="particles selects particle 5 but R has only N = 3"):
+        HarmonicTrap(1.0, 0.0, particles=[0, 5]).energy(torch.zeros(1, 3, 3, dtype=F64))

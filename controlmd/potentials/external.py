@@ -58,15 +58,18 @@ def _particle_index(particles: Sequence[int] | Tensor | None) -> Tensor | None:
     return p.long()
 
 
-def _select(R: Tensor, index: Tensor | None, name: str) -> Tensor:
+def _select(R: Tensor, index: Tensor | None, bounds: tuple[int, int], name: str) -> Tensor:
+    """``R[:, index]``; ``bounds`` = (min, max) of the index, cached at construction."""
     if index is None:
         return R
     n = R.shape[1]
-    if int(index.max()) >= n or int(index.min()) < -n:
-        raise ControlMDError(
-            f"{name} selects particle {int(index.max())} but R has only N = {n} particles"
-        )
+    if bounds[1] >= n or bounds[0] < -n:
+        raise ControlMDError(f"{name} selects particle {bounds[1]} but R has only N = {n} particles")
     return R[:, index]
+
+
+def _bounds(index: Tensor | None) -> tuple[int, int]:
+    return (0, -1) if index is None else (int(index.min()), int(index.max()))
 
 
 class ExternalField(Potential):
@@ -151,6 +154,7 @@ class HarmonicTrap(Potential):
             self.register_buffer("center", c)
         idx = _particle_index(particles)
         self.register_buffer("particles", idx, persistent=False)
+        self._bounds = _bounds(idx)
 
     @property
     def time_dependent(self) -> bool:
@@ -182,7 +186,7 @@ class HarmonicTrap(Potential):
         return self.stiffness.to(like.dtype)
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
-        X = _select(R, self.particles, "particles")
+        X = _select(R, self.particles, self._bounds, "particles")
         dR = self.space.displacement(X, self.center_at(t, R))
         return 0.5 * self.stiffness_at(t, R) * (dR * dR).sum(dim=(-1, -2))
 
@@ -221,6 +225,7 @@ class ConstantForce(Potential):
             self.register_buffer("force", f)
         idx = _particle_index(particles)
         self.register_buffer("particles", idx, persistent=False)
+        self._bounds = _bounds(idx)
         if weights is not None:
             w = torch.as_tensor(weights, dtype=torch.float64)
             n = None if idx is None else idx.numel()
@@ -264,7 +269,7 @@ class ConstantForce(Potential):
         return f.reshape(-1, 1, d)
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
-        X = _select(R, self.particles, "particles")
+        X = _select(R, self.particles, self._bounds, "particles")
         e = (X * self.force_at(t, R)).sum(dim=-1)  # [B, n]
         if self.weights is not None:
             if self.weights.shape[0] != e.shape[1]:

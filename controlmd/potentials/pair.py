@@ -211,6 +211,8 @@ class PairSelection(nn.Module):
                 "exclude applies to the dense selection only: drop the excluded pairs from "
                 "`pairs`, or pass exclude to the NeighborList"
             )
+        if neighbor_list is not None and not _same_box(neighbor_list.space, space):
+            raise ConfigError("the neighbor list was built for a different box than this term's space")
         self.neighbor_list = neighbor_list
         self.n_pairs: int | None = None
         if pairs is not None:
@@ -252,6 +254,9 @@ class PairSelection(nn.Module):
     def geometry(self, R: Tensor) -> PairGeometry:
         """Displacements ``R_i - R_j`` (minimum image) of the selected pairs."""
         B, N, d = R.shape
+        box = self.space.box
+        if box is not None and box.shape[0] != d:
+            raise ControlMDError(f"R has spatial dimension {d} but the box has {box.shape[0]} sides")
         if self.neighbor_list is not None:
             nb = self.neighbor_list.update(R)
             Rf = R.reshape(B * N, d)
@@ -266,6 +271,12 @@ class PairSelection(nn.Module):
         else:
             i, j = self.dense_index(N, R.device)
         return PairGeometry(self.space.displacement(R[:, i], R[:, j]), None, B)
+
+
+def _same_box(a: Space, b: Space) -> bool:
+    if a.box is None or b.box is None:
+        return a.box is None and b.box is None
+    return a.box.shape == b.box.shape and bool(torch.equal(a.box, b.box))
 
 
 class PairPotential(Potential):
