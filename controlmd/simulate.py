@@ -43,6 +43,7 @@ Units: those of the integrator (reduced LJ units for classical tasks).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -143,6 +144,7 @@ def simulate(
     B = state.n_replicas
     context = torch.enable_grad() if graph else torch.no_grad()
     with context:
+        state = integrator.prepare(state)
         final, times, records = _run(
             integrator, state, n_steps, gradient if graph else "none", window,
             record_every, observables, list(reporters), check_every,
@@ -302,7 +304,8 @@ def _needs_graph(integrator: Integrator, state: State) -> bool:
         return False
     if any(p.requires_grad for p in integrator.parameters()):
         return True
-    tensors = [state.R, state.P, state.t, *state.aux.values()]
+    cached = integrator.cached_aux  # recomputed by prepare(), so their graphs do not count
+    tensors = [state.R, state.P, state.t, *(v for k, v in state.aux.items() if k not in cached)]
     return any(x is not None and x.requires_grad for x in tensors)
 
 
@@ -399,7 +402,9 @@ def simulate_ode(
     :param rtol, atol: tolerances of adaptive solvers (also used for the adjoint solve).
     :param options: solver options. For adaptive methods the breakpoints of every
         :class:`~controlmd.protocols.Protocol` inside the integrator are added as
-        ``jump_t`` unless given.
+        ``jump_t`` unless given; for fixed-grid methods with breakpoints ``perturb=True``
+        is set (one-sided evaluations at step ends), and a warning is given when a
+        breakpoint is off the grid.
     :param adjoint_options: options of the backward solve (default: ``options``).
     :param observables: name -> function of the state; recorded at each requested time
         (default positions when ``t_final`` is a tensor of times, nothing otherwise).
@@ -429,12 +434,18 @@ def simulate_ode(
     offset = grid.numel() - times.numel()
 
     opts = dict(options or {})
-    if method in _ADAPTIVE and "jump_t" not in opts:
-        jumps = _breakpoints(integrator, float(grid[0]), float(grid[-1]))
-        if jumps:
+    jumps = _breakpoints(integrator, float(grid[0]), float(grid[-1]))
+    if method in _ADAPTIVE:
+        if jumps and "jump_t" not in opts:
             opts["jump_t"] = torch.tensor(jumps, dtype=torch.float64)
-    elif method not in _ADAPTIVE and "step_size" not in opts and "grid_constructor" not in opts:
-        opts["step_size"] = integrator.dt
+    else:
+        if "step_size" not in opts and "grid_constructor" not in opts:
+            opts["step_size"] = integrator.dt
+        if jumps:
+            _check_grid(jumps, float(grid[0]), opts.get("step_size"))
+            # evaluate the field at one-sided limits at the ends of each step, so a step
+            # that ends on a jump uses the control of its own interval
+            opts.setdefault("perturb", True)
 
     func = _VectorField(integrator)
     y0 = integrator.ode_state(state)  # type: ignore[attr-defined]
@@ -471,6 +482,20 @@ def simulate_ode(
         final=final, times=times, records=records, md_steps=B * nfe,
         grad_steps=B * nfe if torch.is_grad_enabled() else 0,
     )
+
+
+def _check_grid(jumps: list[float], t0: float, step: float | None) -> None:
+    """Warn when a fixed-grid solver's steps straddle a protocol jump (error O(dt))."""
+    if step is None:
+        return
+    off = [t for t in jumps if abs((t - t0) / step - round((t - t0) / step)) > 1e-6]
+    if off:
+        warnings.warn(
+            f"protocol jumps at t = {off} are not on the solver grid (step_size = {step:g}); "
+            "the fixed-grid solution is then only first-order accurate near them: choose a "
+            "step that divides the protocol's piece length, or an adaptive method",
+            stacklevel=3,
+        )
 
 
 def _breakpoints(integrator: Integrator, t0: float, t1: float) -> list[float]:

@@ -1,5 +1,8 @@
 """Physics of the integrators: Brownian analytic limits, NVE energy conservation, seeding.
 
+NVE system: LJ fluid, N = 108 (fcc 3x3x3), rho = 0.8, float64, force-shifted LJ with
+r_c = 2.5, equilibrated at kT = 1 by Langevin dynamics before every NVE run.
+
 Statistical checks compare with the analytic value within 4 standard errors; the SE is
 computed from independent units (replicas, or particles that do not interact), so
 autocorrelation in time never shrinks it artificially.
@@ -7,17 +10,20 @@ autocorrelation in time never shrinks it artificially.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from controlmd.dynamics import Brownian
+from controlmd.dynamics import NVE, Brownian, Langevin, State
 from controlmd.errors import ControlMDError, SimulationDivergedError
-from controlmd.potentials import HarmonicTrap, Potential
+from controlmd.potentials import HarmonicTrap, LennardJones, Potential
+from controlmd.reporters import MemoryReporter
 from controlmd.rng import ReplicaRNG, replica_seed
 from controlmd.simulate import simulate
+from controlmd.space import Space, periodic
 
 F64 = torch.float64
 
@@ -212,3 +218,119 @@ def test_brownian_divergence_names_first_bad_step() -> None:
         simulate(bd, s0, 1000, gradient="none", check_every=100)
     assert info.value.step == s.step
     assert info.value.time == pytest.approx(s.step * 0.5)
+
+
+# ---------------------------------------------------------------- NVE (velocity Verlet)
+
+
+def _fcc(n: int, L: float) -> torch.Tensor:
+    """``4 n^3`` fcc sites in a cubic box of side L, ``[N, 3]``."""
+    basis = torch.tensor([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]], dtype=F64)
+    cells = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=F64)] * 3, indexing="ij"), -1)
+    return ((cells.reshape(-1, 1, 3) + basis + 0.25) * (L / n)).reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=2)
+def _equilibrated_lj(n_eq: int) -> tuple[LennardJones, Space, State]:
+    """LJ fluid (N = 108, rho = 0.8, force-shifted, r_c = 2.5) after ``n_eq`` Langevin steps
+    (dt = 0.005, gamma = 2, kT = 1) from an fcc lattice: the crystal melts at this state
+    point and the kinetic temperature settles at 1."""
+    N, rho = 108, 0.8
+    L = (N / rho) ** (1.0 / 3.0)
+    space = periodic(L)
+    lj = LennardJones(space, r_cut=2.5, shift="force")
+    lg = Langevin(lj, dt=0.005, kT=1.0, gamma=2.0, space=space)
+    s = lg.init(_fcc(3, L).unsqueeze(0), rng=ReplicaRNG(2024, 1))
+    return lj, space, simulate(lg, s, n_eq, gradient="none").final
+
+
+def _nve_energies(lj: LennardJones, space: Space, s: State, dt: float, n: int, every: int) -> torch.Tensor:
+    """Total energy every ``every`` steps of an NVE run of ``n`` steps from ``s``, ``[n/every + 1]``."""
+    nve = NVE(lj, dt=dt, space=space)
+    s0 = nve.init(s.R, P=s.P)
+    mem = MemoryReporter(every, ("total_energy",))
+    simulate(nve, s0, n, gradient="none", reporters=[mem])
+    with torch.no_grad():
+        return torch.cat([nve.energy(s0), mem.stacked("total_energy")[:, 0]])
+
+
+def _drift_and_spread(E: torch.Tensor) -> tuple[float, float]:
+    """(|linear-fit slope| * duration / |E0|, std(E) / |E0|)."""
+    t = torch.arange(E.shape[0], dtype=F64)
+    tc = t - t.mean()
+    slope = float((tc * (E - E.mean())).sum() / (tc * tc).sum())
+    E0 = abs(float(E[0]))
+    return abs(slope) * float(t[-1]) / E0, float(E.std()) / E0
+
+
+def _check_nve(n_eq: int, n: int, max_drift: float) -> None:
+    lj, space, s = _equilibrated_lj(n_eq)
+    E1 = _nve_energies(lj, space, s, 0.005, n, 10)
+    E2 = _nve_energies(lj, space, s, 0.0025, 2 * n, 20)
+    drift, spread = _drift_and_spread(E1)
+    assert drift < max_drift, drift
+    assert spread < 3e-4, spread
+    ratio = float(E1.std() / E2.std())
+    assert 3.0 < ratio < 5.0, ratio  # velocity Verlet: energy error ~ dt^2
+
+
+def test_nve_lj_energy_conservation_short() -> None:
+    """The long test's bounds over 1000 steps at dt = 0.005 (and 2000 at dt/2), from a
+    shorter equilibration."""
+    _check_nve(n_eq=600, n=1000, max_drift=1e-4)
+
+
+@pytest.mark.slow
+def test_nve_lj_energy_conservation_long() -> None:
+    """10,000 steps at dt = 0.005: relative linear-fit drift < 1e-4, std(E)/|E0| < 3e-4,
+    fluctuation ratio dt : dt/2 (20,000 steps) in (3, 5)."""
+    _check_nve(n_eq=4000, n=10_000, max_drift=1e-4)
+
+
+def test_nve_per_particle_mass_and_harmonic_period() -> None:
+    """Per-particle masses: independent oscillators in a trap of stiffness k return to their
+    start after one period 2 pi sqrt(m/k) (velocity Verlet phase error O(dt^2))."""
+    k = 2.0
+    m = torch.tensor([1.0, 4.0], dtype=F64)
+    dt = 0.001
+    nve = NVE(HarmonicTrap(k), dt=dt, mass=m)
+    R0 = torch.tensor([[[1.0, 0.0], [0.5, -0.5]]], dtype=F64)
+    s = nve.init(R0, P=torch.zeros_like(R0))
+    T_heavy = 2 * math.pi * math.sqrt(4.0 / k)
+    n = round(T_heavy / dt)
+    s = simulate(nve, s, n, gradient="none").final
+    torch.testing.assert_close(s.R[0, 1], R0[0, 1], rtol=0, atol=1e-5)
+    # the light particle has twice the frequency: also back after two of its periods
+    torch.testing.assert_close(s.R[0, 0], R0[0, 0], rtol=0, atol=1e-5)
+
+
+def test_nve_blow_up_names_step() -> None:
+    """A huge time step on the LJ fluid overlaps particles; the error names the first
+    non-finite step."""
+    lj, space, s = _equilibrated_lj(600)
+    nve = NVE(lj, dt=0.2, space=space)
+    s0 = nve.init(s.R, P=s.P)
+    with pytest.raises(SimulationDivergedError, match=r"simulation diverged at step \d+ \(t = ") as info:
+        simulate(nve, s0, 500, gradient="none", check_every=50)
+    first = info.value.step
+    probe = s0
+    with torch.no_grad():
+        for _ in range(first - 1):
+            probe = nve.step(probe)
+        assert bool(torch.isfinite(probe.R).all() and torch.isfinite(probe.P).all())
+        probe = nve.step(probe)
+    assert not bool(torch.isfinite(probe.R).all() and torch.isfinite(probe.P).all())
+
+
+def test_nve_bad_input() -> None:
+    trap = HarmonicTrap(1.0)
+    with pytest.raises(ControlMDError, match=r"mass must be > 0, got -1"):
+        NVE(trap, dt=0.01, mass=-1.0)
+    nve = NVE(trap, dt=0.01)
+    R = torch.zeros(2, 3, 3, dtype=F64)
+    with pytest.raises(ControlMDError, match=r"needs momenta: pass P=\.\.\., or kT"):
+        nve.init(R)
+    with pytest.raises(ControlMDError, match=r"P must be finite"):
+        nve.init(R, P=torch.full_like(R, float("inf")))
+    with pytest.raises(ControlMDError, match=r"kT must be > 0, got 0"):
+        nve.init(R, kT=0.0, rng=ReplicaRNG(0, 2))

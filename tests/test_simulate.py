@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from controlmd.dynamics import Brownian
+from controlmd.dynamics import NVE, Brownian
 from controlmd.errors import ControlMDError
 from controlmd.potentials import HarmonicTrap, Potential
 from controlmd.reporters import CallbackReporter, MemoryReporter, StateDataReporter, XYZReporter
@@ -121,6 +121,10 @@ def test_no_graph_when_nothing_requires_grad() -> None:
     traj = simulate(bd2, s1, 5)
     assert traj.final.R.requires_grad and traj.grad_steps == 15
     assert not simulate(bd2, s1, 5, gradient="none").final.R.requires_grad
+    # a force cached by init() under grad mode does not make simulate build a graph
+    nve = NVE(HarmonicTrap(1.0), dt=0.01)
+    s2 = nve.init(torch.ones(2, 3, 3, dtype=F64), kT=1.0, rng=ReplicaRNG(0, 2))
+    assert not simulate(nve, s2, 5).final.R.requires_grad
 
 
 def test_simulate_bad_input() -> None:

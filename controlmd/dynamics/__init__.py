@@ -3,17 +3,25 @@
 from controlmd.dynamics.base import (
     ControlSchedule,
     Integrator,
+    MomentumIntegrator,
     Schedule,
     State,
     kinetic_energy,
     maxwell_boltzmann,
 )
 from controlmd.dynamics.brownian import Brownian
+from controlmd.dynamics.langevin import Langevin
+from controlmd.dynamics.nose_hoover import NoseHooverChain
+from controlmd.dynamics.nve import NVE
 
 __all__ = [
+    "NVE",
     "Brownian",
     "ControlSchedule",
     "Integrator",
+    "Langevin",
+    "MomentumIntegrator",
+    "NoseHooverChain",
     "Schedule",
     "State",
     "kinetic_energy",

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from controlmd._validation import check_positive
+from controlmd._validation import check_finite, check_positions, check_positive
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.rng import ReplicaRNG
@@ -28,6 +28,7 @@ Schedule = float | Callable[[Tensor], Tensor]
 __all__ = [
     "ControlSchedule",
     "Integrator",
+    "MomentumIntegrator",
     "Schedule",
     "State",
     "check_schedule",
@@ -179,6 +180,9 @@ class Integrator(nn.Module, ABC):
     stochastic: ClassVar[bool] = False
     """Whether :meth:`step` draws noise from ``state.rng``."""
 
+    cached_aux: ClassVar[tuple[str, ...]] = ()
+    """Keys of ``state.aux`` that :meth:`prepare` recomputes from ``(R, t)``."""
+
     def __init__(
         self,
         potential: Potential,
@@ -204,6 +208,12 @@ class Integrator(nn.Module, ABC):
         """Potential energy ``E(R, t)`` of each replica ``[B]``."""
         return self.potential.energy(state.R, state.t)
 
+    def prepare(self, state: State) -> State:
+        """Refresh what the state caches from the potential (e.g. the force) so that it
+        matches this integrator; :func:`~controlmd.simulate.simulate` calls it once at the
+        start, since a state may come from a run under another control value."""
+        return state
+
     @abstractmethod
     def init(self, R: Tensor, *, kT: float | None = None, rng: ReplicaRNG | None = None,
              P: Tensor | None = None) -> State:
@@ -212,3 +222,95 @@ class Integrator(nn.Module, ABC):
     @abstractmethod
     def step(self, state: State) -> State:
         """Advance every replica by ``dt``."""
+
+
+class MomentumIntegrator(Integrator):
+    """Base of the inertial integrators (NVE, Nosé–Hoover chain, Langevin).
+
+    The state caches the force at ``(R, t)`` in ``aux["force"]`` ``[B, N, d]`` so that each
+    step costs one force evaluation.
+
+    Degrees of freedom: with ``remove_com`` (default: periodic boxes, where total momentum
+    is conserved) the momenta are drawn with zero total momentum and ``n_dof = d N - d``;
+    otherwise ``n_dof = d N`` (free space with external fields does not conserve it).
+    Integrators whose dynamics do not conserve total momentum (Langevin) override
+    :meth:`n_dof`.
+
+    Args:
+        potential, dt, mass, space: see :class:`Integrator`.
+        remove_com: remove the centre-of-mass momentum at init (default ``space.periodic``).
+    """
+
+    cached_aux = ("force",)
+
+    def __init__(
+        self,
+        potential: Potential,
+        *,
+        dt: float,
+        mass: float | Tensor = 1.0,
+        space: Space | None = None,
+        remove_com: bool | None = None,
+    ) -> None:
+        super().__init__(potential, dt=dt, mass=mass, space=space)
+        self.remove_com = self.space.periodic if remove_com is None else bool(remove_com)
+
+    def n_dof(self, R: Tensor) -> int:
+        """Momentum degrees of freedom of one replica: ``d N - d`` or ``d N``."""
+        N, d = R.shape[-2], R.shape[-1]
+        return d * N - d if self.remove_com else d * N
+
+    def kinetic_energy(self, state: State) -> Tensor:
+        """``sum p^2 / 2m`` per replica ``[B]``."""
+        assert state.P is not None
+        return kinetic_energy(state.P, self.mass_like(state.R))
+
+    def temperature(self, state: State) -> Tensor:
+        """Instantaneous kinetic temperature ``2 K / n_dof`` (energy units) ``[B]``."""
+        return 2.0 * self.kinetic_energy(state) / self.n_dof(state.R)
+
+    def energy(self, state: State) -> Tensor:
+        """Total energy ``K + E(R, t)`` per replica ``[B]``."""
+        return self.kinetic_energy(state) + self.potential_energy(state)
+
+    def force(self, R: Tensor, t: Tensor) -> Tensor:
+        """``F = -dE/dR`` at ``(R, t)``, ``[B, N, d]``."""
+        return self.potential.energy_and_forces(R, t)[1]
+
+    def prepare(self, state: State) -> State:
+        return state.replace(aux={**state.aux, "force": self.force(state.R, state.t)})
+
+    def _init_state(
+        self, R: Tensor, kT: Schedule | None, rng: ReplicaRNG | None, P: Tensor | None,
+        aux: dict[str, Tensor] | None = None,
+    ) -> State:
+        """Validated initial state at ``t = 0``; momenta given or drawn at ``kT``."""
+        check_positions("R", R)
+        B, N, _ = R.shape
+        if self._mass.ndim == 1 and self._mass.shape[0] != N:
+            raise ControlMDError(f"mass has {self._mass.shape[0]} entries but R has N = {N} particles")
+        if self._mass.ndim > 1:
+            raise ControlMDError(f"mass must be a scalar or [N], got shape {tuple(self._mass.shape)}")
+        if rng is not None and rng.n_replicas != B:
+            raise ControlMDError(f"rng has {rng.n_replicas} replicas but R has B = {B}")
+        t0 = torch.zeros((), dtype=torch.float64)
+        if P is not None:
+            if not isinstance(P, Tensor) or P.shape != R.shape:
+                raise ControlMDError(
+                    f"P must have the shape of R {tuple(R.shape)}, got "
+                    f"{tuple(P.shape) if isinstance(P, Tensor) else type(P).__name__}"
+                )
+            check_finite("P", P)
+            P = P.to(R)
+        else:
+            if kT is None or rng is None:
+                raise ControlMDError(
+                    f"{type(self).__name__}.init needs momenta: pass P=..., or kT=... and "
+                    "rng=ReplicaRNG(seed, B) to draw them from the Maxwell-Boltzmann distribution"
+                )
+            check_schedule("kT", kT)
+            kT0 = evaluate_schedule(kT, t0)
+            P = maxwell_boltzmann(R, self.mass_like(R), kT0, rng, remove_com=self.remove_com)
+        R = self.space.wrap(R)
+        state = State(R=R, P=P, t=t0, aux=dict(aux or {}), rng=rng)
+        return self.prepare(state)
