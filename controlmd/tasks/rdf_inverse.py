@@ -1,42 +1,197 @@
-"""Target radial distribution functions: the CSV format, its loader and writer.
+"""Learning a pair potential from a target radial distribution function (RDF).
 
-CSV format (``experiments/data/*.csv``)
----------------------------------------
-UTF-8 text with two comma-separated columns, the pair distance ``r`` (in sigma, reduced LJ
-units) and the radial distribution function ``g(r)`` (dimensionless)::
+The "learning" half of Wang, Axelrod & Gómez-Bombarelli (arXiv:2003.00868): the object
+optimized is the Hamiltonian itself, not a control protocol. The RDF of short Nosé–Hoover
+trajectories is differentiated, through the simulation, with respect to the parameters of
+a pair potential (Lennard-Jones epsilon and sigma, Morse, soft sphere, or a neural
+``u(r)``) so that it matches a target RDF.
 
-    # controlmd RDF target
-    # density = 0.83
-    # kT = 1.0
-    # smearing_width = 0
-    r,g
-    0.0050,0.0
-    0.0150,0.0
-    ...
+System
+    ``N`` identical particles of mass 1 in a cubic periodic box at number density
+    ``density``, started on a lattice (``fcc``), interacting through one pair potential
+    with cutoff ``r_cut`` (absolute, in the reference sigma). Dynamics: Nosé–Hoover chain
+    NVT (:class:`~controlmd.dynamics.nose_hoover.NoseHooverChain`) at ``kT``, time step
+    ``dt``. One rollout = ``n_burn`` steps without gradient (re-equilibration to the
+    current parameters) + ``n_sample`` sampled steps (gradient path chosen by the
+    trainer: ``truncated`` windows in the experiments), so ``n_steps = n_burn + n_sample``.
 
-- Lines starting with ``#`` are comments; ``# key = value`` comments are kept as metadata
-  (``density``, ``kT``, ``n_particles``, ``source``, ...). Blank lines are ignored.
-- One optional header line of non-numeric fields (``r,g``) may precede the data.
-- Every data line holds exactly two finite numbers; ``r`` is >= 0 and strictly increasing;
-  ``g`` is >= 0. At least three rows.
-- ``smearing_width``: 0 (or absent) means a histogram RDF (bin centres in ``r``), the
-  usual output of MD codes and of experiments; a positive value says the file already holds
-  an RDF Gaussian-smeared with that width.
+Control channels
+    None: this task learns the parameters of H0, which :meth:`RDFInverse.parameters`
+    exposes to the trainer; the protocol (``[protocol] kind = "none"``) is empty.
+
+Observation
+    None (the task has no gymnasium environment).
+
+Outcome
+    Surrogate loss (minimized): ``MSE(mean_b g_b, g*)`` over the ``n_bins`` bins of the
+    Gaussian-smeared RDF (:func:`controlmd.observables.rdf`, width ``smearing``), where
+    ``g_b`` is the frame average of replica ``b`` over the sampled part of the rollout and
+    ``g*`` the equally smeared target; the replica average is taken before the square, so
+    the loss carries no sampling-noise bias. ``loss = "js"`` uses the Jensen–Shannon
+    divergence of the pair-distance distributions ``p_k ~ g_k r_k^2`` instead.
+    Exact metric ``rdf_mse`` (reported, never the surrogate): per replica, the mean over
+    bins of ``(g_hist - g*_hist)^2`` with ``g_hist`` the exact histogram RDF
+    (:func:`controlmd.observables.rdf_histogram`, same bins) averaged over the frames of an
+    evaluation rollout (``eval_steps`` sampled steps); it includes a sampling-noise floor
+    that shrinks with ``eval_steps``.
+
+Target
+    ``target = "simulate"``: the reference potential (``reference``, default LJ with
+    epsilon = sigma = 1) is simulated with the same engine, ``target_frames`` (>= 4000)
+    frames pooled over ``target_replicas`` replicas; its smeared RDF and its histogram RDF
+    are the targets (computed lazily, on first use). ``target = "path/to/file.csv"``: a
+    histogram RDF in the CSV format below (paths relative to the working directory); the
+    same Gaussian smearing is applied to it by :func:`smear_rdf`, which computes the
+    expectation of :func:`controlmd.observables.rdf` for that g(r), so simulated and file
+    RDFs are compared consistently.
+
+Starting state
+    Lattice positions (identical for all replicas) with Maxwell–Boltzmann momenta at
+    ``kT`` drawn from ``replica_seed(seed, first_replica + i)``; rollouts first equilibrate
+    ``n_equilibrate`` steps without gradient. With ``states = "continue"`` (default) each
+    training rollout continues from the final states of the previous one (only the first
+    one equilibrates from the lattice; the seed then only matters for that one), so the
+    sampled states follow the parameters as they change; ``states = "restart"`` restarts
+    every training rollout from the states equilibrated once at the initial parameters.
+    Evaluation rollouts (``gradient = "none"``) always equilibrate fresh replicas from
+    their own seed.
+
+Episode end
+    Truncation after ``n_steps = n_burn + n_sample`` steps; no termination.
+
+Units
+    Reduced LJ units: lengths in sigma, energies in epsilon (of the reference LJ), mass 1,
+    time tau = sigma sqrt(m / epsilon); kT in epsilon; density in sigma^-3.
+
+Arguments
+    ================  =====  ===========  ====================================================
+    name              type   default      effect
+    ================  =====  ===========  ====================================================
+    n_particles       int    108          particles per replica
+    density           float  0.83         number density (sigma^-3)
+    kT                float  1.0          thermostat temperature (epsilon)
+    dt                float  0.005        time step (tau)
+    lattice           str    "fcc"        starting lattice (:data:`controlmd.lattice.LATTICES`)
+    potential         str    "lj"         learned family: lj, morse, soft_sphere, neural
+    init              table  {}           constructor values of that family (LJ: epsilon,
+                                          sigma; neural: hidden, n_basis, sigma_prior, ...)
+    learn             list   all          parameters learned (parametric families)
+    r_cut             float  2.5          pair cutoff (sigma), <= half the box
+    shift             str    "energy"     cutoff treatment of parametric families
+    target            str    "simulate"   "simulate" or a CSV file of a histogram RDF
+    reference         table  LJ(1, 1)     potential simulated for ``target = "simulate"``
+    target_replicas   int    16           replicas of the target simulation
+    target_frames     int    4000         frames of the target simulation (>= 4000)
+    target_every      int    10           steps between target frames
+    target_seed       int    2024         seed of the target simulation
+    r_max             float  2.4          RDF range; ``r_max + 4 smearing`` <= half the box
+    n_bins            int    120          RDF bins, centres ``(k + 1/2) r_max / n_bins``
+    smearing          float  bin width    Gaussian width of the smeared RDF (sigma)
+    loss              str    "mse"        "mse" or "js" (Jensen–Shannon)
+    n_equilibrate     int    1000         steps equilibrating fresh replicas
+    n_burn            int    50           steps without gradient at each rollout start
+    n_sample          int    100          sampled (differentiated) steps per rollout
+    record_every      int    5            steps between RDF frames
+    eval_steps        int    500          sampled steps of evaluation rollouts
+    final_replicas    int    8            replicas of the final pooled evaluation (artifacts)
+    final_frames      int    200          frames per replica of that evaluation
+    states            str    "continue"   "continue" or "restart" (Starting state)
+    chain_length      int    3            Nosé–Hoover chain length
+    tau               float  0.5          thermostat time scale (tau)
+    dtype             str    "float64"    "float64" or "float32"
+    average_last      int    20           reported parameters: mean of the last iterates
+    ================  =====  ===========  ====================================================
+
+CSV format of RDF targets (``experiments/data/*.csv``)
+    UTF-8 text with two comma-separated columns, the pair distance ``r`` (sigma) and
+    ``g(r)`` (dimensionless)::
+
+        # controlmd RDF target
+        # density = 0.83
+        # kT = 1.0
+        # smearing_width = 0
+        r,g
+        0.005000,0.000000
+        0.015000,0.000000
+        ...
+
+    Lines starting with ``#`` are comments; ``# key = value`` comments are metadata
+    (``density``, ``kT``, ``n_particles``, ``source``, ...; the task checks ``density`` and
+    ``kT`` against its own when present). Blank lines are ignored. One optional header
+    line of non-numeric fields (``r,g``) may precede the data. Every data line holds
+    exactly two finite numbers; ``r`` is >= 0 and strictly increasing; ``g`` is >= 0; at
+    least three rows. ``smearing_width`` 0 (or absent) marks a histogram RDF (bin centres
+    in ``r``), as MD codes and experiments give it; a positive value marks an RDF already
+    smeared with that width (loadable, but the task asks for the unsmeared histogram so
+    that it can smear it consistently). Make one with::
+
+        python -m controlmd.tasks.rdf_inverse --density 0.83 --kT 1.0 --out target.csv
+
+Version history
+    v0: initial version.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
+from controlmd._validation import check_choice, check_int, check_positive
+from controlmd.dynamics.base import Integrator, State
+from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.errors import ControlMDError
+from controlmd.lattice import LATTICES, lattice
+from controlmd.observables import rdf, rdf_histogram
+from controlmd.potentials.neural import NeuralPair
+from controlmd.potentials.pair import LennardJones, Morse, PairPotential, SoftSphere
+from controlmd.potentials.tabulated import TabulatedPair
+from controlmd.protocols import Protocol
+from controlmd.rng import ReplicaRNG
+from controlmd.simulate import simulate
+from controlmd.space import Space, periodic
+from controlmd.tasks.base import ControlChannels, Task, register_task
 
 Tensor = torch.Tensor
 
-__all__ = ["RDFTarget", "load_rdf_csv", "save_rdf_csv"]
+__all__ = [
+    "PAIR_FAMILIES",
+    "RDFInverse",
+    "RDFTarget",
+    "load_pair_potential",
+    "load_rdf_csv",
+    "make_pair_potential",
+    "rdf_loss",
+    "save_pair_potential",
+    "save_rdf_csv",
+    "smear_rdf",
+]
+
+PAIR_FAMILIES: dict[str, tuple[str, ...]] = {
+    "lj": ("epsilon", "sigma"),
+    "morse": ("epsilon", "sigma", "alpha"),
+    "soft_sphere": ("epsilon", "sigma", "alpha"),
+    "neural": (),
+    "tabulated": (),
+}
+"""Pair families a task can learn, with their scalar parameters (reported in metrics.json)."""
+
+LOSSES = ("mse", "js")
+STATE_MODES = ("continue", "restart")
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_CORE_G = 1e-2
+"""Below ``r[0]`` of a target file, g is taken as 0 if ``g(r[0])`` is at most this."""
+
+
+# --------------------------------------------------------------------------- target files
 
 
 @dataclass(frozen=True)
@@ -108,7 +263,10 @@ def load_rdf_csv(path: str | Path) -> RDFTarget:
         rows.append((r, g))
     if len(rows) < 3:
         raise ControlMDError(f"{path}: an RDF target needs at least 3 data rows, got {len(rows)}")
-    width = float(meta.get("smearing_width", "0") or 0)
+    try:
+        width = float(meta.get("smearing_width", "0") or 0)
+    except ValueError:
+        width = math.nan
     if not (math.isfinite(width) and width >= 0):
         raise ControlMDError(f"{path}: smearing_width must be >= 0, got {meta['smearing_width']!r}")
     data = torch.tensor(rows, dtype=torch.float64)
@@ -124,14 +282,826 @@ def save_rdf_csv(path: str | Path, r: Tensor, g: Tensor, *, meta: dict[str, obje
     :param meta: written as ``# key = value`` lines (e.g. density, kT, smearing_width).
     """
     path = Path(path)
-    r, g = torch.as_tensor(r).flatten().tolist(), torch.as_tensor(g).flatten().tolist()
-    if len(r) != len(g):
-        raise ControlMDError(f"r and g must have the same length, got {len(r)} and {len(g)}")
+    rs, gs = torch.as_tensor(r).flatten().tolist(), torch.as_tensor(g).flatten().tolist()
+    if len(rs) != len(gs):
+        raise ControlMDError(f"r and g must have the same length, got {len(rs)} and {len(gs)}")
     lines = ["# controlmd RDF target (format: controlmd/tasks/rdf_inverse.py)"]
     lines += [f"# {k} = {v}" for k, v in (meta or {}).items()]
     lines.append("r,g")
-    lines += [f"{ri:.6f},{gi:.6f}" for ri, gi in zip(r, g)]
+    lines += [f"{ri:.6f},{gi:.6f}" for ri, gi in zip(rs, gs)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def smear_rdf(r: Tensor, g: Tensor, centers: Tensor, width: float, *, n_quad: int = 401) -> Tensor:
+    """The Gaussian-smeared RDF that :func:`controlmd.observables.rdf` measures, on average,
+    in a 3-D fluid whose exact RDF is ``g(r)``.
+
+    ``observables.rdf`` divides the smeared pair count ``sum_ij G(r_k - r_ij)`` by its
+    ideal-gas value; the pair density is ``rho N / 2 * 4 pi s^2 g(s)``, so its expectation
+    is ``<g_s>(r_k) = int s^2 g(s) G(r_k - s) ds / int s^2 G(r_k - s) ds`` (over
+    ``s >= 0``, ``|s - r_k| <= 4 width``), computed here by quadrature with ``g`` linearly
+    interpolated between its points (left of ``r[0]``: 0 inside an empty core, else
+    ``g(r[0])`` over at most half a bin).
+
+    :param r: grid of the given RDF ``[M]`` (sigma), increasing (histogram bin centres).
+    :param g: its values ``[M]``.
+    :param centers: bin centres of the smeared RDF ``[K]``.
+    :param width: Gaussian width (sigma, > 0).
+    :param n_quad: quadrature points per centre.
+    :return: smeared RDF ``[K]`` (float64).
+    :raises ControlMDError: when ``r`` does not cover ``[r_1 - 4 width, r_K + 4 width]``.
+    """
+    check_positive("width", width)
+    r = torch.as_tensor(r, dtype=torch.float64)
+    g = torch.as_tensor(g, dtype=torch.float64)
+    centers = torch.as_tensor(centers, dtype=torch.float64)
+    reach = 4.0 * width
+    spacing = float((r[1:] - r[:-1]).max())
+    need_hi = float(centers[-1]) + reach
+    if float(r[-1]) + 0.5 * spacing < need_hi - 1e-9:
+        raise ControlMDError(
+            f"the target RDF covers r <= {float(r[-1]):g}, but smearing it on bins up to "
+            f"{float(centers[-1]):g} with width {width:g} needs g(r) up to {need_hi:g}; lower "
+            "r_max (or the smearing) or give a longer target"
+        )
+    need_lo = max(float(centers[0]) - reach, 0.0)
+    core = float(g[0]) <= _CORE_G
+    if not core and float(r[0]) > need_lo + 0.5 * float(r[1] - r[0]) + 1e-9:
+        raise ControlMDError(
+            f"the target RDF starts at r = {float(r[0]):g} with g = {float(g[0]):g} > {_CORE_G:g}, "
+            f"but the smeared RDF needs g(r) from {need_lo:g}; give the target down to its "
+            "empty core (g = 0)"
+        )
+    u = torch.linspace(-reach, reach, n_quad, dtype=torch.float64)
+    s = centers.unsqueeze(-1) + u
+    kernel = torch.exp(-0.5 * (u / width) ** 2)
+    weight = s.clamp(min=0.0) ** 2 * kernel
+    gs = _interp(s, r, g)  # constant below r[0] (half a histogram bin at most) ...
+    if core:  # ... or zero inside an empty core
+        gs = torch.where(s < r[0], torch.zeros_like(s), gs)
+    return torch.trapezoid(weight * gs, u, dim=-1) / torch.trapezoid(weight, u, dim=-1)
+
+
+def rdf_loss(g: Tensor, target: Tensor, *, kind: str = "mse", r: Tensor | None = None) -> Tensor:
+    """Discrepancy of RDFs ``g [..., K]`` from ``target [K]`` -> ``[...]``.
+
+    ``"mse"``: mean over bins of ``(g - target)^2``. ``"js"``: Jensen–Shannon divergence
+    (nats) of the pair-distance distributions ``p_k ~ g_k r_k^2`` and ``q_k ~ target_k
+    r_k^2`` (needs the bin centres ``r``).
+    """
+    check_choice("loss", kind, LOSSES)
+    target = target.to(g)
+    if kind == "mse":
+        return ((g - target) ** 2).mean(dim=-1)
+    if r is None:
+        raise ControlMDError("the Jensen-Shannon RDF loss needs the bin centres r")
+    w = r.to(g) ** 2
+    p = g * w
+    q = target * w
+    p = p / p.sum(dim=-1, keepdim=True)
+    q = q / q.sum(dim=-1, keepdim=True)
+    m = (0.5 * (p + q)).clamp_min(1e-300)
+    return 0.5 * (torch.xlogy(p, p / m).sum(dim=-1) + torch.xlogy(q, q / m).sum(dim=-1))
+
+
+# --------------------------------------------------------------------------- potentials
+
+
+def make_pair_potential(
+    kind: str,
+    space: Space,
+    *,
+    params: dict[str, Any] | None = None,
+    learn: Sequence[str] | bool = False,
+    r_cut: float = 2.5,
+    shift: str = "energy",
+) -> PairPotential:
+    """A pair term of family ``kind`` (see :data:`PAIR_FAMILIES`) in ``space``.
+
+    :param kind: ``lj``, ``morse``, ``soft_sphere``, ``neural`` or ``tabulated``.
+    :param params: constructor values: scalar parameters of the parametric families
+        (``epsilon``, ``sigma``, ``alpha``); :class:`~controlmd.potentials.neural.NeuralPair`
+        arguments for ``neural``; ``r``, ``u`` (and ``interpolation``) for ``tabulated``.
+    :param learn: names of the parameters to learn (``True``: all; the neural family's MLP
+        is always learnable, ``learn_prior`` in ``params`` adds its prior).
+    :param r_cut: cutoff (sigma); soft spheres and tables carry their own.
+    :param shift: cutoff treatment of ``lj`` and ``morse``.
+    """
+    check_choice("potential", kind, list(PAIR_FAMILIES))
+    params = dict(params or {})
+    names = PAIR_FAMILIES[kind]
+    if names:
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ControlMDError(
+                f"unknown parameter(s) {unknown} for potential {kind!r}; expected: {', '.join(names)}"
+            )
+        learnable: bool | list[str] = learn if isinstance(learn, bool) else list(learn)
+        if not isinstance(learnable, bool):
+            bad = sorted(set(learnable) - set(names))
+            if bad:
+                raise ControlMDError(f"learn names {bad}, which potential {kind!r} does not have; expected: {', '.join(names)}")
+        if kind == "lj":
+            return LennardJones(space, r_cut=r_cut, shift=shift, learnable=learnable, **params)
+        if kind == "morse":
+            return Morse(space, r_cut=r_cut, shift=shift, learnable=learnable, **params)
+        return SoftSphere(space, learnable=learnable, **params)
+    if kind == "neural":
+        return NeuralPair(space, r_cut=r_cut, **params)
+    if "r" not in params or "u" not in params:
+        raise ControlMDError("a tabulated potential needs params with the grid 'r' and the values 'u'")
+    return TabulatedPair(space, learnable=bool(learn), **params)
+
+
+PAIR_FILE_FORMAT = "controlmd.pair_potential/1"
+
+
+def save_pair_potential(path: str | Path, pair: PairPotential, spec: dict[str, Any]) -> None:
+    """Write a pair term with its rebuild recipe ``spec`` (see :func:`make_pair_potential`)
+    and its parameter values, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": PAIR_FILE_FORMAT, "spec": _plain(spec), "state_dict": pair.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def load_pair_potential(path: str | Path, space: Space) -> PairPotential:
+    """Rebuild a pair term written by :func:`save_pair_potential` in ``space`` (e.g. a box
+    at another density, for transfer checks)."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != PAIR_FILE_FORMAT:
+        raise ControlMDError(f"{path} is not a controlmd pair-potential file (format {PAIR_FILE_FORMAT})")
+    spec = dict(blob["spec"])
+    pair = make_pair_potential(spec["potential"], space, params=spec.get("params"), learn=spec.get("learn", False),
+                               r_cut=spec.get("r_cut", 2.5), shift=spec.get("shift", "energy"))
+    pair.load_state_dict(blob["state_dict"])
+    return pair
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation with constant extrapolation (like ``numpy.interp``)."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.numel() - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    return f0 + w * (f1 - f0)
+
+
+# --------------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Target RDFs on the task's bins: smeared ``[K]`` (loss) and histogram ``[K]`` (metric)."""
+
+    smeared: Tensor
+    hist: Tensor
+    source: str
+    md_steps: int = 0
+
+
+@register_task
+class RDFInverse(Task):
+    """Fit a pair potential so that the simulated RDF matches a target RDF.
+
+    See the module docstring for the system, outcome, target and arguments.
+
+    Example:
+        >>> import torch
+        >>> task = RDFInverse(n_particles=32, density=0.5, r_max=1.5, n_bins=30,
+        ...                   init={"epsilon": 1.0, "sigma": 0.9}, n_equilibrate=20,
+        ...                   target_replicas=2, target_frames=4000, target_every=1)
+        >>> [name for name, _ in task.named_parameters()]
+        ['sigma', 'epsilon']
+        >>> state = task.rollout(None, 2, seed=0, gradient="truncated", window=10)
+        >>> loss = task.loss(state)
+        >>> loss.backward()
+        >>> bool(task.pair.sigma.grad != 0)
+        True
+    """
+
+    name = "rdf_inverse"
+    metric_name = "rdf_mse"
+    higher_is_better = False
+    units = "reduced LJ units: sigma, epsilon, mass 1, tau = sigma sqrt(m/epsilon); kT in epsilon"
+    supports_adjoint = False
+
+    def __init__(
+        self,
+        *,
+        n_particles: int = 108,
+        density: float = 0.83,
+        kT: float = 1.0,
+        dt: float = 0.005,
+        lattice: str = "fcc",
+        potential: str = "lj",
+        init: dict[str, Any] | None = None,
+        learn: list[str] | None = None,
+        r_cut: float = 2.5,
+        shift: str = "energy",
+        target: str = "simulate",
+        reference: dict[str, Any] | None = None,
+        target_replicas: int = 16,
+        target_frames: int = 4000,
+        target_every: int = 10,
+        target_seed: int = 2024,
+        r_max: float = 2.4,
+        n_bins: int = 120,
+        smearing: float | None = None,
+        loss: str = "mse",
+        n_equilibrate: int = 1000,
+        n_burn: int = 50,
+        n_sample: int = 100,
+        record_every: int = 5,
+        eval_steps: int = 500,
+        final_replicas: int = 8,
+        final_frames: int = 200,
+        states: str = "continue",
+        chain_length: int = 3,
+        tau: float = 0.5,
+        dtype: str = "float64",
+        average_last: int = 20,
+    ) -> None:
+        check_int("n_particles", n_particles, minimum=2)
+        for name, value in (("density", density), ("kT", kT), ("dt", dt), ("r_cut", r_cut),
+                            ("r_max", r_max), ("tau", tau)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ControlMDError(f"{name} must be a number, got {value!r}")
+            check_positive(name, value)
+        check_choice("lattice", lattice, list(LATTICES))
+        check_choice("loss", loss, LOSSES)
+        check_choice("states", states, STATE_MODES)
+        check_choice("dtype", dtype, list(_DTYPES))
+        check_int("n_bins", n_bins, minimum=3)
+        check_int("n_equilibrate", n_equilibrate, minimum=0)
+        check_int("n_burn", n_burn, minimum=0)
+        for name, value in (("n_sample", n_sample), ("record_every", record_every),
+                            ("eval_steps", eval_steps), ("target_replicas", target_replicas),
+                            ("final_replicas", final_replicas), ("final_frames", final_frames),
+                            ("target_every", target_every), ("chain_length", chain_length),
+                            ("average_last", average_last)):
+            check_int(name, value)
+        check_int("target_frames", target_frames, minimum=4000)
+        check_int("target_seed", target_seed, minimum=0)
+        if n_sample < record_every or eval_steps < record_every:
+            raise ControlMDError(
+                f"n_sample = {n_sample} and eval_steps = {eval_steps} must be >= record_every = "
+                f"{record_every} (each rollout needs at least one RDF frame)"
+            )
+        if init is not None and not isinstance(init, dict):
+            raise ControlMDError(f"init must be a table of parameter values, got {init!r}")
+        if learn is not None and (not isinstance(learn, list) or not all(isinstance(x, str) for x in learn)):
+            raise ControlMDError(f"learn must be a list of parameter names, got {learn!r}")
+        self.n_particles = n_particles
+        self.density = float(density)
+        self.kT = float(kT)
+        self.dt = float(dt)
+        self.dtype = _DTYPES[dtype]
+        self.lattice_kind = lattice
+        self.loss_kind = loss
+        self.states = states
+        self.n_equilibrate = n_equilibrate
+        self.n_burn = n_burn
+        self.n_sample = n_sample
+        self.n_steps = n_burn + n_sample
+        self.record_every = record_every
+        self.eval_steps = eval_steps
+        self.final_replicas = final_replicas
+        self.final_frames = final_frames
+        self.average_last = average_last
+        self.r_max = float(r_max)
+        self.n_bins = n_bins
+        self.smearing = float(r_max) / n_bins if smearing is None else float(smearing)
+        check_positive("smearing", self.smearing)
+        self.controls = ControlChannels((), (), (), ())
+
+        R0, box = _lattice(lattice, n_particles, density)
+        self._R0 = R0
+        self.space = periodic(box)
+        self.space.check_cutoff("r_cut", float(r_cut))
+        self.space.check_cutoff("r_max + 4 smearing", self.r_max + 4.0 * self.smearing)
+        self.centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * (self.r_max / n_bins)
+        self.r_cut = float(r_cut)
+        self.shift = shift
+        self.potential_kind = potential
+        family = PAIR_FAMILIES.get(potential)
+        if family is None:
+            check_choice("potential", potential, list(PAIR_FAMILIES))
+        learn_names: Sequence[str] | bool = True if learn is None else learn
+        self.pair = make_pair_potential(potential, self.space, params=init, learn=learn_names,
+                                        r_cut=r_cut, shift=shift)
+        self.pair_spec: dict[str, Any] = {"potential": potential, "params": dict(init or {}),
+                                          "learn": learn_names, "r_cut": self.r_cut, "shift": shift}
+        reference = {"potential": "lj", "epsilon": 1.0, "sigma": 1.0} if reference is None else dict(reference)
+        ref_kind = reference.pop("potential", "lj")
+        self.reference_spec = {"potential": ref_kind, **reference}
+        self.reference = make_pair_potential(ref_kind, self.space, params=reference, r_cut=r_cut, shift=shift)
+        self.chain_length = chain_length
+        self.tau = float(tau)
+        self._dynamics = self._nose_hoover(self.pair)
+        self.target_spec = target
+        self.target_replicas = target_replicas
+        self.target_frames = target_frames
+        self.target_every = target_every
+        self.target_seed = target_seed
+        self._targets: _Targets | None = None
+        if target != "simulate":
+            self._targets = self._file_targets(Path(target))
+
+        self._initial_values = self._parameter_vector()
+        self._carry: State | None = None
+        self._pool: State | None = None
+        self.history: list[dict[str, float]] = []
+        self._iterates: list[Tensor] = []
+        self.budget = {"train": 0, "equilibrate": 0, "eval": 0, "target": 0}
+        self.final_evaluation: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _nose_hoover(self, pair: PairPotential) -> NoseHooverChain:
+        return NoseHooverChain(pair, dt=self.dt, kT=self.kT, space=self.space,
+                               chain_length=self.chain_length, tau=self.tau)
+
+    def _file_targets(self, path: Path) -> _Targets:
+        t = load_rdf_csv(path)
+        if t.smearing_width > 0:
+            raise ControlMDError(
+                f"{path}: the target is already smeared (smearing_width = {t.smearing_width:g}); "
+                "give the histogram RDF (smearing_width = 0): the task smears it itself"
+            )
+        for key, mine in (("density", self.density), ("kT", self.kT)):
+            if key in t.meta:
+                try:
+                    theirs = float(t.meta[key])
+                except ValueError:
+                    raise ControlMDError(f"{path}: metadata {key} = {t.meta[key]!r} is not a number") from None
+                if not math.isclose(theirs, mine, rel_tol=1e-6):
+                    raise ControlMDError(
+                        f"{path} was made at {key} = {theirs:g}, but the task simulates {key} = {mine:g}"
+                    )
+        smeared = smear_rdf(t.r, t.g, self.centers, self.smearing)
+        if float(t.r[-1]) + float((t.r[1:] - t.r[:-1]).max()) < float(self.centers[-1]):
+            raise ControlMDError(f"{path} covers r <= {float(t.r[-1]):g}, less than r_max = {self.r_max:g}")
+        hist = torch.where(self.centers < t.r[0], torch.zeros_like(self.centers), _interp(self.centers, t.r, t.g))
+        return _Targets(smeared, hist, str(path))
+
+    # ------------------------------------------------------------------ learnable parameters
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The learnable parameters of the pair potential (what the trainer optimizes)."""
+        return [p for p in self.pair.parameters() if p.requires_grad]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.pair.named_parameters() if p.requires_grad]
+
+    def set_potential(self, pair: PairPotential, spec: dict[str, Any]) -> None:
+        """Replace the pair potential (IBI's table, a transferred fit); resets the carried
+        states and the iterate history.
+
+        :param pair: the new pair term (in this task's space).
+        :param spec: how to rebuild it (the arguments of :func:`make_pair_potential`:
+            ``potential``, ``params``, ``learn``, ``r_cut``, ``shift``), saved with it.
+        """
+        if not isinstance(pair, PairPotential):
+            raise ControlMDError(f"pair must be a PairPotential, got {type(pair).__name__}")
+        self.pair = pair
+        self.pair_spec = dict(spec)
+        self.potential_kind = str(spec.get("potential", type(pair).__name__))
+        self._dynamics = self._nose_hoover(pair)
+        self._initial_values = self._parameter_vector()
+        self._carry = self._pool = None
+        self._iterates = []
+
+    def _parameter_vector(self) -> Tensor:
+        params = self.parameters()
+        if not params:
+            return torch.zeros(0, dtype=torch.float64)
+        return nn.utils.parameters_to_vector(params).detach().to(torch.float64).clone()
+
+    def averaged_parameters(self) -> Tensor:
+        """Mean of the last ``average_last`` training iterates (flat vector; the current
+        values when no training rollout was made)."""
+        if not self._iterates:
+            return self._parameter_vector()
+        return torch.stack(self._iterates[-self.average_last:]).mean(dim=0)
+
+    @contextlib.contextmanager
+    def using_parameters(self, vector: Tensor) -> Iterator[None]:
+        """Temporarily load a flat parameter vector into the pair potential."""
+        params = self.parameters()
+        saved = nn.utils.parameters_to_vector(params).detach().clone()
+        with torch.no_grad():
+            nn.utils.vector_to_parameters(vector.to(saved), params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                nn.utils.vector_to_parameters(saved, params)
+
+    def scalar_parameters(self, vector: Tensor | None = None) -> dict[str, float]:
+        """Named scalar parameters of a parametric family (``epsilon``, ``sigma``, ...):
+        learned ones from the flat ``vector`` (default: the current values), fixed ones from
+        the potential; empty for the neural and tabulated families."""
+        names = PAIR_FAMILIES.get(self.potential_kind, ())
+        if not names or not all(getattr(self.pair, n, None) is not None for n in names):
+            return {}
+        values = {n: float(getattr(self.pair, n).detach().reshape(-1)[0]) for n in names}
+        if vector is not None:
+            learned = [n for n, _ in self.named_parameters()]
+            values.update({n: float(x) for n, x in zip(learned, vector)})
+        return values
+
+    # ------------------------------------------------------------------ targets
+
+    @property
+    def targets(self) -> _Targets:
+        """Target RDFs on the task's bins (simulated on first use for ``target = "simulate"``)."""
+        if self._targets is None:
+            n_per = math.ceil(self.target_frames / self.target_replicas)
+            sample = self.sample_rdf(self.reference, n_replicas=self.target_replicas,
+                                     n_frames=n_per, every=self.target_every, seed=self.target_seed)
+            self.budget["target"] += sample["md_steps"]
+            source = (f"simulated: {self.reference_spec}, {n_per * self.target_replicas} frames "
+                      f"every {self.target_every} steps, seed {self.target_seed}")
+            self._targets = _Targets(sample["smeared"], sample["hist"], source, sample["md_steps"])
+        return self._targets
+
+    def sample_rdf(
+        self,
+        potential: PairPotential | None = None,
+        *,
+        n_replicas: int,
+        n_frames: int,
+        every: int,
+        seed: int,
+        r_max: float | None = None,
+        n_bins: int | None = None,
+    ) -> dict[str, Any]:
+        """Equilibrate fresh replicas and pool RDF frames (no gradient).
+
+        :param potential: the pair potential (default: the task's current one).
+        :param n_replicas: replicas.
+        :param n_frames: frames per replica, ``every`` steps apart, after ``n_equilibrate``.
+        :param seed: batch seed of the momenta.
+        :param r_max, n_bins: histogram grid (default: the task's).
+        :return: ``smeared [K]`` and ``hist`` (pooled), ``r_hist``, ``md_steps``.
+        """
+        dynamics = self._dynamics if potential is None else self._nose_hoover(potential)
+        r_max = self.r_max if r_max is None else r_max
+        n_bins = self.n_bins if n_bins is None else n_bins
+        observables = {
+            "smeared": self._smeared_rdf,
+            "hist": lambda s: rdf_histogram(s.R, self.space, r_max=r_max, n_bins=n_bins)[1],
+        }
+        with torch.no_grad():
+            state = self._fresh(dynamics, n_replicas, seed, 0)
+            traj = simulate(dynamics, state, n_frames * every, gradient="none",
+                            record_every=every, observables=observables)
+        return {
+            "smeared": traj.records["smeared"][1:].mean(dim=(0, 1)).to(torch.float64),
+            "hist": traj.records["hist"][1:].mean(dim=(0, 1)).to(torch.float64),
+            "r_hist": (torch.arange(n_bins, dtype=torch.float64) + 0.5) * (r_max / n_bins),
+            "md_steps": n_replicas * (self.n_equilibrate + n_frames * every),
+        }
+
+    # ------------------------------------------------------------------ Task interface
+
+    def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
+        """Lattice positions for every replica, Maxwell–Boltzmann momenta at kT (seeded)."""
+        return self._lattice_state(self._dynamics, n_replicas, seed, first_replica)
+
+    def integrator(self, protocol: Protocol | None = None) -> Integrator:
+        """Nosé–Hoover chain NVT with the task's (learnable) pair potential; no control."""
+        return self._dynamics
+
+    def rollout(
+        self, protocol: Protocol | None, n_replicas: int, seed: int, *, first_replica: int = 0,
+        **simulate_options: Any,
+    ) -> State:
+        """One rollout: start states (see *Starting state*), ``n_burn`` steps without
+        gradient, then the sampled steps with RDF frames every ``record_every`` steps.
+
+        Training rollouts (a gradient path other than ``"none"``, grad enabled) sample
+        ``n_sample`` steps and continue/restart as ``states`` says; evaluation rollouts
+        sample ``eval_steps`` steps from freshly equilibrated replicas. The final state's
+        ``aux`` holds the frame-averaged ``rdf`` ``[B, K]`` (smeared, differentiable) and
+        ``rdf_hist`` ``[B, K]`` (histogram).
+        """
+        training = simulate_options.get("gradient", "direct") != "none" and torch.is_grad_enabled()
+        return self.sample(n_replicas, seed, first_replica=first_replica, carry=training,
+                           n_sample=self.n_sample if training else self.eval_steps, **simulate_options)
+
+    def sample(
+        self, n_replicas: int, seed: int, *, first_replica: int = 0, carry: bool, n_sample: int,
+        **simulate_options: Any,
+    ) -> State:
+        """The rollout machinery: ``carry`` marks a training step (continue/restart states,
+        history and iterates recorded; IBI samples this way without gradient)."""
+        check_int("n_sample", n_sample, minimum=self.record_every)
+        start = self._start(n_replicas, seed, first_replica, carry)
+        if carry:
+            self._iterates.append(self._parameter_vector())
+        with torch.no_grad():
+            burned = simulate(self._dynamics, start, self.n_burn, gradient="none").final
+        traj = simulate(self._dynamics, burned, n_sample, record_every=self.record_every,
+                        observables={"rdf": self._smeared_rdf, "rdf_hist": self._hist_rdf},
+                        **simulate_options)
+        steps = n_replicas * (self.n_burn + n_sample)
+        self.budget["train" if carry else "eval"] += steps
+        final = traj.final
+        g = traj.records["rdf"][1:].mean(dim=0)
+        g_hist = traj.records["rdf_hist"][1:].mean(dim=0)
+        if carry:
+            self._carry = final.detach()
+            with torch.no_grad():
+                self.history.append({
+                    "iteration": len(self.history),
+                    "md_steps": self.budget["train"] + self.budget["equilibrate"],
+                    "rdf_mse": float(rdf_loss(g.mean(dim=0), self.targets.smeared)),
+                    "rdf_hist_mse": float(rdf_loss(g_hist.mean(dim=0), self.targets.hist)),
+                    **self.scalar_parameters(),
+                })
+        return final.replace(aux={**final.aux, "rdf": g, "rdf_hist": g_hist})
+
+    def loss(self, state: State) -> Tensor:
+        """``rdf_loss`` of the replica-averaged smeared RDF against the smeared target."""
+        return rdf_loss(state.aux["rdf"].mean(dim=0), self.targets.smeared, kind=self.loss_kind,
+                        r=self.centers)
+
+    def metric(self, state: State) -> Tensor:
+        """Per replica: mean squared error of the frame-averaged histogram RDF ``[B]``."""
+        g = state.aux["rdf_hist"].detach()
+        return ((g - self.targets.hist.to(g)) ** 2).mean(dim=-1).to(torch.float64)
+
+    def extras(self) -> dict[str, Any]:
+        """Learned parameters (mean of the last ``average_last`` iterates under the keys
+        ``epsilon``, ``sigma``, ... and in ``learned``), the target and the task's own MD
+        budget (equilibration, evaluation and target steps the trainer does not count)."""
+        averaged = self.averaged_parameters()
+        scalars = self.scalar_parameters(averaged)
+        learned: dict[str, Any] = {
+            "potential": self.potential_kind,
+            "average_last": min(self.average_last, len(self._iterates)),
+            "iterates": len(self._iterates),
+            "averaged": scalars,
+            "last": self.scalar_parameters(),
+            "initial": self.scalar_parameters(self._initial_values),
+            "n_parameters": int(averaged.numel()),
+        }
+        out: dict[str, Any] = {
+            **scalars,
+            "learned": learned,
+            "reference": self.reference_spec,
+            "target": self._targets.source if self._targets is not None else self.target_spec,
+            "state_point": {"n_particles": self.n_particles, "density": self.density, "kT": self.kT},
+            "task_md_steps": dict(self.budget),
+        }
+        if self.history:
+            out["rdf_mse_last_iterations"] = [h["rdf_mse"] for h in self.history[-self.average_last:]]
+        if self.final_evaluation is not None:
+            out["final_evaluation"] = self.final_evaluation
+        return out
+
+    # ------------------------------------------------------------------ evaluation, artifacts
+
+    def evaluate_rdf(self, *, n_replicas: int | None = None, n_frames: int | None = None, seed: int = 7,
+                     vector: Tensor | None = None) -> dict[str, Any]:
+        """Pooled RDF of fresh replicas (default ``final_replicas``, each ``final_frames``
+        frames ``record_every`` steps apart) under the current (or given) parameters, and
+        its errors against the targets: ``rdf_mse`` (smeared) and ``rdf_hist_mse``."""
+        n_replicas = self.final_replicas if n_replicas is None else n_replicas
+        n_frames = self.final_frames if n_frames is None else n_frames
+        context = self.using_parameters(vector) if vector is not None else contextlib.nullcontext()
+        with context:
+            sample = self.sample_rdf(n_replicas=n_replicas, n_frames=n_frames,
+                                     every=self.record_every, seed=seed)
+        self.budget["eval"] += sample["md_steps"]
+        return {
+            "rdf_mse": float(rdf_loss(sample["smeared"], self.targets.smeared)),
+            "rdf_hist_mse": float(rdf_loss(sample["hist"], self.targets.hist)),
+            "replicas": n_replicas,
+            "frames": n_frames * n_replicas,
+            "smeared": sample["smeared"],
+            "hist": sample["hist"],
+        }
+
+    def save_artifacts(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> dict[str, Any]:
+        """Evaluate the initial and the reported (averaged) parameters, load the averaged
+        values into the potential, and write ``rdf.png``, ``u_r.png``, ``loss.png``,
+        ``rdf.csv``, ``u_r.csv``, ``history.json`` and ``potential.pt`` into ``run_dir``
+        (figures also to ``logger`` under ``rdf/...``)."""
+        from controlmd.plotting import save_figure
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        averaged = self.averaged_parameters()
+        before = self.evaluate_rdf(vector=self._initial_values)
+        after = self.evaluate_rdf(vector=averaged)
+        if self.parameters():
+            with torch.no_grad():
+                nn.utils.vector_to_parameters(averaged.to(self.parameters()[0]), self.parameters())
+        self.final_evaluation = {
+            "rdf_mse_initial": before["rdf_mse"], "rdf_hist_mse_initial": before["rdf_hist_mse"],
+            "rdf_mse": after["rdf_mse"], "rdf_hist_mse": after["rdf_hist_mse"],
+            "frames": after["frames"],
+        }
+        r = self.centers
+        rdfs = {"target (smeared)": self.targets.smeared, "initial": before["smeared"], "fitted": after["smeared"]}
+        r_u = torch.linspace(0.8 * float(self.reference_spec.get("sigma", 1.0)), self.r_cut, 300, dtype=torch.float64)
+        with torch.no_grad(), self.using_parameters(self._initial_values):
+            u_initial = self.pair_energy(self.pair, r_u)
+        with torch.no_grad():
+            u_fit = self.pair_energy(self.pair, r_u)
+            u_ref = self.pair_energy(self.reference, r_u)
+        figures = {
+            "rdf": _plot_rdfs(r, rdfs, title=f"g(r) at density {self.density:g}, kT {self.kT:g}"),
+            "u_r": _plot_pair_potentials(r_u, {"reference": u_ref, "initial": u_initial, "fitted": u_fit}),
+            "loss": _plot_history(self.history),
+        }
+        for name, fig in figures.items():
+            save_figure(fig, run_dir / f"{name}.png")
+            if logger is not None:
+                logger.record_figure(f"rdf/{name}", fig, step)
+        _write_columns(run_dir / "rdf.csv", {"r": r, "target_smeared": self.targets.smeared,
+                                             "target_hist": self.targets.hist,
+                                             "initial_smeared": before["smeared"], "fitted_smeared": after["smeared"],
+                                             "fitted_hist": after["hist"]})
+        _write_columns(run_dir / "u_r.csv", {"r": r_u, "u_reference": u_ref, "u_initial": u_initial, "u_fitted": u_fit})
+        (run_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n", encoding="utf-8")
+        save_pair_potential(run_dir / "potential.pt", self.pair, self.pair_spec)
+        return self.final_evaluation
+
+    @staticmethod
+    def pair_energy(pair: PairPotential, r: Tensor) -> Tensor:
+        """``u(r)`` of a pair term, cut and shifted as in simulations, on distances ``r [M]``."""
+        dR = torch.zeros(r.shape[0], 3, dtype=torch.float64)
+        dR[:, 0] = r
+        return pair.pair_energies(dR)
+
+    # ------------------------------------------------------------------ internals
+
+    def _smeared_rdf(self, state: State) -> Tensor:
+        return rdf(state.R, self.space, r_max=self.r_max, n_bins=self.n_bins, sigma=self.smearing)[1]
+
+    def _hist_rdf(self, state: State) -> Tensor:
+        return rdf_histogram(state.R, self.space, r_max=self.r_max, n_bins=self.n_bins)[1]
+
+    def _lattice_state(self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int) -> State:
+        check_int("n_replicas", n_replicas)
+        R = self._R0.to(self.dtype).expand(n_replicas, -1, -1).clone()
+        rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
+        with torch.no_grad():
+            return dynamics.init(R, rng=rng)
+
+    def _fresh(self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int) -> State:
+        state = self._lattice_state(dynamics, n_replicas, seed, first_replica)
+        with torch.no_grad():
+            return simulate(dynamics, state, self.n_equilibrate, gradient="none").final
+
+    def _start(self, n_replicas: int, seed: int, first_replica: int, carry: bool) -> State:
+        if carry:
+            kept = self._carry if self.states == "continue" else self._pool
+            if kept is not None and kept.n_replicas == n_replicas:
+                return kept
+        state = self._fresh(self._dynamics, n_replicas, seed, first_replica)
+        if carry:
+            self.budget["equilibrate"] += n_replicas * self.n_equilibrate
+            self._pool = state
+        else:
+            self.budget["eval"] += n_replicas * self.n_equilibrate
+        return state
+
+
+def _lattice(kind: str, n: int, density: float) -> tuple[Tensor, Tensor]:
+    R, box = lattice(kind, n, density=density)
+    if R.shape[-1] != 3:
+        raise ControlMDError(f"rdf_inverse simulates 3-D fluids; lattice {kind!r} is {R.shape[-1]}-D")
+    return R, box
+
+
+def _write_columns(path: Path, columns: dict[str, Tensor]) -> None:
+    names = list(columns)
+    rows = torch.stack([columns[n].detach().to(torch.float64).flatten() for n in names], dim=1).tolist()
+    text = ",".join(names) + "\n" + "".join(",".join(f"{x:.6g}" for x in row) + "\n" for row in rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _figure(width: float = 6.0, height: float = 3.6) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_rdfs(r: Tensor, curves: dict[str, Tensor], *, title: str = "") -> Any:
+    """g(r) curves on the bin centres ``r``."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (label, g) in enumerate(curves.items()):
+        ax.plot(r.numpy(), g.detach().to(torch.float64).numpy(), ("-", "--", ":", "-.")[i % 4], label=label)
+    ax.axhline(1.0, color="0.7", lw=0.8)
+    ax.set_xlabel("r [sigma]")
+    ax.set_ylabel("g(r) (smeared)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_pair_potentials(r: Tensor, curves: dict[str, Tensor]) -> Any:
+    """u(r) curves, clipped to the interesting range."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (label, u) in enumerate(curves.items()):
+        ax.plot(r.numpy(), u.detach().to(torch.float64).numpy(), ("-", ":", "--", "-.")[i % 4], label=label)
+    ax.axhline(0.0, color="0.7", lw=0.8)
+    ax.set_ylim(-1.6, 2.0)
+    ax.set_xlabel("r [sigma]")
+    ax.set_ylabel("u(r) [epsilon]")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_history(history: list[dict[str, float]]) -> Any:
+    """RDF error of each training rollout against the MD replica-steps spent."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    if history:
+        steps = [h["md_steps"] for h in history]
+        ax.semilogy(steps, [max(h["rdf_mse"], 1e-12) for h in history], label="smeared RDF MSE (training batch)")
+    ax.set_xlabel("MD replica-steps")
+    ax.set_ylabel("RDF MSE")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return fig
+
+
+# --------------------------------------------------------------------------- target files CLI
+
+
+def make_target(
+    out: str | Path, *, n_particles: int = 108, density: float = 0.83, kT: float = 1.0,
+    frames: int = 8000, replicas: int = 16, every: int = 10, seed: int = 2024, bin_width: float = 0.01,
+    reference: dict[str, Any] | None = None, r_cut: float = 2.5, n_equilibrate: int = 1000,
+) -> RDFTarget:
+    """Simulate a reference potential and write its histogram RDF as a target CSV.
+
+    The histogram reaches the largest multiple of ``bin_width`` below half the box.
+    """
+    side = (n_particles / density) ** (1.0 / 3.0)
+    task = RDFInverse(n_particles=n_particles, density=density, kT=kT, reference=reference, r_cut=r_cut,
+                      n_equilibrate=n_equilibrate, r_max=min(2.4, 0.45 * side))
+    half = 0.5 * float(task.space.box.min())
+    n_bins = math.floor(half / bin_width + 1e-9)
+    n_per = math.ceil(frames / replicas)
+    sample = task.sample_rdf(task.reference, n_replicas=replicas, n_frames=n_per, every=every, seed=seed,
+                             r_max=n_bins * bin_width, n_bins=n_bins)
+    meta = {"density": density, "kT": kT, "n_particles": n_particles, "smearing_width": 0,
+            "reference": json.dumps(task.reference_spec), "r_cut": r_cut, "frames": n_per * replicas,
+            "frame_every_steps": every, "dt": task.dt, "seed": seed, "thermostat": "Nose-Hoover chain",
+            "source": "python -m controlmd.tasks.rdf_inverse"}
+    save_rdf_csv(out, sample["r_hist"], sample["hist"], meta=meta)
+    return load_rdf_csv(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m controlmd.tasks.rdf_inverse --density 0.83 --kT 1.0 --out FILE.csv``."""
+    parser = argparse.ArgumentParser(description="Write a target RDF (histogram CSV) by simulating reference LJ.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n-particles", type=int, default=108)
+    parser.add_argument("--density", type=float, default=0.83)
+    parser.add_argument("--kT", type=float, default=1.0)
+    parser.add_argument("--frames", type=int, default=8000)
+    parser.add_argument("--replicas", type=int, default=16)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--bin-width", type=float, default=0.01)
+    parser.add_argument("--epsilon", type=float, default=1.0)
+    parser.add_argument("--sigma", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    target = make_target(args.out, n_particles=args.n_particles, density=args.density, kT=args.kT,
+                         frames=args.frames, replicas=args.replicas, every=args.every, seed=args.seed,
+                         bin_width=args.bin_width,
+                         reference={"potential": "lj", "epsilon": args.epsilon, "sigma": args.sigma})
+    peak = int(torch.argmax(target.g))
+    print(f"wrote {args.out}: {target.r.numel()} bins up to r = {float(target.r[-1]):.3f}, "
+          f"first peak g({float(target.r[peak]):.3f}) = {float(target.g[peak]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
