@@ -442,6 +442,21 @@ class LennardJones(PairPotential):
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
         return lennard_jones(r, params["sigma"], params["epsilon"])
 
+    def energy_and_forces(
+        self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(E [B], F [B, N, d])`` from the fused analytic kernel
+        (:mod:`controlmd.potentials.lj_fused`) for scalar sigma/epsilon/r_cut, with an
+        analytic backward under ``create_graph``; autograd otherwise (per-pair parameters,
+        subclasses that change the energy)."""
+        from controlmd.potentials import lj_fused  # lj_fused imports this module
+
+        if lj_fused.fused_supported(self):
+            if R.ndim != 3:
+                check_positions("R", R)
+            return lj_fused.lj_energy_and_forces(self, R, create_graph=create_graph)
+        return super().energy_and_forces(R, t, create_graph=create_graph)
+
 
 class WCA(LennardJones):
     """Weeks–Chandler–Andersen repulsion: LJ cut at ``2^(1/6) sigma`` and shifted up by epsilon.
