@@ -22,13 +22,18 @@ Two ways to integrate, with the same :class:`Trajectory` result:
 
 * :func:`simulate_ode` integrates a deterministic integrator's vector field (Hamiltonian
   NVE, Nosé–Hoover chain) with torchdiffeq's ``odeint`` or ``odeint_adjoint`` (O(1)
-  memory in trajectory length); protocol breakpoints go to adaptive solvers as
-  ``jump_t``.
+  memory in trajectory length); the integration is split at protocol breakpoints
+  (what torchdiffeq's ``jump_t`` does for adaptive solvers, for every method).
 
 Budgets: ``Trajectory.md_steps`` counts forward replica-steps (``B * n_steps``; for the
 ODE path ``B *`` the number of vector-field evaluations, i.e. force evaluations) and
 ``Trajectory.grad_steps`` the replica-steps the backward pass goes through (0 when no
 graph is built).
+
+Controls: time-dependent terms are evaluated as one-sided limits inside each step
+(:data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`); at a step where a protocol held by
+the integrator has a breakpoint, ``simulate`` re-evaluates the cached force with the new
+control, and the state's time is recomputed from the step count at every segment end.
 
 Divergence: the positions and momenta are checked for NaN/inf at the end of every
 segment (at most ``check_every`` steps apart); on failure the steps since the last good
@@ -43,7 +48,8 @@ Units: those of the integrator (reduced LJ units for classical tasks).
 
 from __future__ import annotations
 
-import warnings
+import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -178,6 +184,8 @@ def _run(
         record(state)
     due = [_next_report(r, state) for r in reporters]
     good = _snapshot(state)
+    t_start, step0 = state.t, state.step
+    jumps = _jump_steps(integrator, float(t_start), n_steps)
     done = 0
     while done < n_steps:
         n = min(n_steps - done, check_every - done % check_every)
@@ -187,13 +195,19 @@ def _run(
             n = min(n, window - done % window)
         if due:
             n = min(n, *due)
+        if jumps:
+            n = min([n] + [k - done for k in jumps if k > done])
         if mode == "checkpoint":
             state = _checkpointed_segment(integrator, state, n)
         else:
             state = _segment(integrator, state, n)
         done += n
+        # times from the step count, so rounding does not accumulate over long runs
+        state = state.replace(t=t_start + done * integrator.dt)
+        if done in jumps:
+            state = integrator.prepare(state)  # the cached force must see the new control
         if not _is_finite(state):
-            _locate_divergence(integrator, good, state)
+            _locate_divergence(integrator, good, state, t_start, step0, jumps)
         if done % check_every == 0:
             good = _snapshot(state)
         if record_every and done % record_every == 0:
@@ -209,6 +223,17 @@ def _run(
     records = {name: torch.stack(v) for name, v in frames.items()} if record_every else {}
     t = torch.stack(times) if times else torch.zeros(0, dtype=torch.float64)
     return state, t, records
+
+
+def _jump_steps(integrator: Integrator, t0: float, n_steps: int) -> set[int]:
+    """Steps ``k`` (0 < k < n_steps) whose time ``t0 + k dt`` is a protocol breakpoint."""
+    dt = integrator.dt
+    steps = set()
+    for b in _breakpoints(integrator, t0, t0 + n_steps * dt):
+        k = round((b - t0) / dt)
+        if 0 < k < n_steps and abs(t0 + k * dt - b) <= 10 * integrator.t_eps:
+            steps.add(k)
+    return steps
 
 
 def _segment(integrator: Integrator, state: State, n: int) -> State:
@@ -263,15 +288,21 @@ def _is_finite(state: State) -> bool:
 
 
 def _locate_divergence(
-    integrator: Integrator, good: tuple[State, list[Tensor] | None], bad: State
+    integrator: Integrator, good: tuple[State, list[Tensor] | None], bad: State,
+    t_start: Tensor, step0: int, jumps: set[int],
 ) -> None:
-    """Replay from the last finite snapshot, step by step, and raise at the first bad step."""
+    """Replay from the last finite snapshot, step by step as :func:`_run` does, and raise
+    at the first bad step."""
     state, rng_states = good
     if rng_states is not None and state.rng is not None:
         state = state.replace(rng=_rng_copy(state.rng, rng_states))
     with torch.no_grad():
         while state.step < bad.step:
             state = integrator.step(state)
+            done = state.step - step0
+            state = state.replace(t=t_start + done * integrator.dt)
+            if done in jumps:
+                state = integrator.prepare(state)
             if not _is_finite(state):
                 break
         else:
@@ -363,16 +394,27 @@ def _check_simulate_inputs(
 
 
 class _VectorField(nn.Module):
-    """``f(t, y)`` for torchdiffeq, counting evaluations (each one force evaluation)."""
+    """``f(t, y)`` on one interval ``[a, b]`` between protocol jumps, for torchdiffeq.
 
-    def __init__(self, integrator: Integrator) -> None:
+    With ``clamp`` the time is kept in ``[a + eps, b - eps]`` (``eps = 1e-10 max(1, |t|)``,
+    far above a protocol's own rounding), so the field at the interval's ends sees the
+    interval's control. Counts evaluations (each one force evaluation).
+    """
+
+    def __init__(self, integrator: Integrator, a: float, b: float, *, clamp: bool) -> None:
         super().__init__()
         self.integrator = integrator
         self.nfe = 0
+        self.lo = a + 100 * _jump_tol(a) if clamp else -math.inf
+        self.hi = b - 100 * _jump_tol(b) if clamp else math.inf
 
     def forward(self, t: Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe += 1
-        return self.integrator.vector_field(t, y)  # type: ignore[operator]
+        if not torch.is_grad_enabled():
+            # odeint_adjoint's forward solve runs under no_grad on views of a tensor that
+            # requires grad; the autograd force needs plain tensors there
+            y = tuple(x.detach() for x in y)
+        return self.integrator.vector_field(t.clamp(self.lo, self.hi), y)  # type: ignore[operator]
 
 
 def simulate_ode(
@@ -400,11 +442,12 @@ def simulate_ode(
         and every parameter of the integrator: potential, protocol and schedules) instead
         of backprop through the solver.
     :param rtol, atol: tolerances of adaptive solvers (also used for the adjoint solve).
-    :param options: solver options. For adaptive methods the breakpoints of every
-        :class:`~controlmd.protocols.Protocol` inside the integrator are added as
-        ``jump_t`` unless given; for fixed-grid methods with breakpoints ``perturb=True``
-        is set (one-sided evaluations at step ends), and a warning is given when a
-        breakpoint is off the grid.
+    :param options: solver options (passed to every solve).
+        Where a :class:`~controlmd.protocols.Protocol` inside the integrator has
+        breakpoints, the integration is split there (one solve per piece, the field
+        evaluated strictly inside the piece): the role of torchdiffeq's ``jump_t``, for
+        fixed-grid methods too (their last step in a piece is shortened to end on the
+        jump).
     :param adjoint_options: options of the backward solve (default: ``options``).
     :param observables: name -> function of the state; recorded at each requested time
         (default positions when ``t_final`` is a tensor of times, nothing otherwise).
@@ -434,31 +477,39 @@ def simulate_ode(
     offset = grid.numel() - times.numel()
 
     opts = dict(options or {})
-    jumps = _breakpoints(integrator, float(grid[0]), float(grid[-1]))
-    if method in _ADAPTIVE:
-        if jumps and "jump_t" not in opts:
-            opts["jump_t"] = torch.tensor(jumps, dtype=torch.float64)
-    else:
-        if "step_size" not in opts and "grid_constructor" not in opts:
-            opts["step_size"] = integrator.dt
-        if jumps:
-            _check_grid(jumps, float(grid[0]), opts.get("step_size"))
-            # evaluate the field at one-sided limits at the ends of each step, so a step
-            # that ends on a jump uses the control of its own interval
-            opts.setdefault("perturb", True)
-
-    func = _VectorField(integrator)
-    y0 = integrator.ode_state(state)  # type: ignore[attr-defined]
+    if method not in _ADAPTIVE and "step_size" not in opts and "grid_constructor" not in opts:
+        opts["step_size"] = integrator.dt
     grid = grid.to(state.R.device)
-    if adjoint:
-        params = tuple(p for p in integrator.parameters() if p.requires_grad)
-        ys = odeint_adjoint(
-            func, y0, grid, rtol=rtol, atol=atol, method=method, options=opts,
-            adjoint_options=adjoint_options, adjoint_params=params,
+    params = tuple(p for p in integrator.parameters() if p.requires_grad)
+    jumps = _breakpoints(integrator, float(grid[0]), float(grid[-1]))
+    edges = [float(grid[0]), *jumps, float(grid[-1])]
+    y = integrator.ode_state(state)  # type: ignore[attr-defined]
+    frames: list[tuple[Tensor, ...]] = [y]  # the solution at each grid time
+    nfe = 0
+    # One solve per interval between protocol jumps, with the field evaluated strictly
+    # inside the interval, so each interval sees its own control whatever the rounding.
+    for a, b in itertools.pairwise(edges):
+        inner = grid[(grid > a + _jump_tol(a)) & (grid < b - _jump_tol(b))]
+        times = torch.cat([grid.new_tensor([a]), inner, grid.new_tensor([b])])
+        func = _VectorField(integrator, a, b, clamp=bool(jumps))
+        if adjoint:
+            sol = odeint_adjoint(
+                func, y, times, rtol=rtol, atol=atol, method=method, options=opts,
+                adjoint_options=adjoint_options, adjoint_params=params,
+            )
+        else:
+            sol = odeint(func, y, times, rtol=rtol, atol=atol, method=method, options=opts)
+        nfe += func.nfe
+        frames.extend(tuple(x[k] for x in sol) for k in range(1, times.numel() - 1))
+        y = tuple(x[-1] for x in sol)
+        if b == edges[-1] or bool((grid - b).abs().min() <= _jump_tol(b)):
+            frames.append(y)
+    if len(frames) != grid.numel():  # a requested time within rounding of a jump
+        raise ControlMDError(
+            f"could not place the requested times {grid.tolist()} around the protocol "
+            f"jumps {jumps}; avoid times within 1e-12 of a jump"
         )
-    else:
-        ys = odeint(func, y0, grid, rtol=rtol, atol=atol, method=method, options=opts)
-    nfe = func.nfe
+    ys = tuple(torch.stack([f[j] for f in frames]) for j in range(len(y)))
 
     def state_at(i: int) -> State:
         return integrator.from_ode_state(  # type: ignore[attr-defined]
@@ -484,18 +535,9 @@ def simulate_ode(
     )
 
 
-def _check_grid(jumps: list[float], t0: float, step: float | None) -> None:
-    """Warn when a fixed-grid solver's steps straddle a protocol jump (error O(dt))."""
-    if step is None:
-        return
-    off = [t for t in jumps if abs((t - t0) / step - round((t - t0) / step)) > 1e-6]
-    if off:
-        warnings.warn(
-            f"protocol jumps at t = {off} are not on the solver grid (step_size = {step:g}); "
-            "the fixed-grid solution is then only first-order accurate near them: choose a "
-            "step that divides the protocol's piece length, or an adaptive method",
-            stacklevel=3,
-        )
+def _jump_tol(t: float) -> float:
+    """Times closer than this to a protocol jump count as the jump (protocol rounding)."""
+    return 1e-12 * max(1.0, abs(t))
 
 
 def _breakpoints(integrator: Integrator, t0: float, t1: float) -> list[float]:

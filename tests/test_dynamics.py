@@ -145,8 +145,9 @@ def test_brownian_work_euler_maruyama_matches_energy_differences() -> None:
     bd = Brownian(trap, dt=0.02, kT=0.5, track_work=True)
     s = bd.init(torch.zeros(3, 2, 2, dtype=F64), rng=ReplicaRNG(4, 3))
     W = torch.zeros(3, dtype=F64)
+    eps = bd.t_eps  # controls are read as left limits u(t - eps)
     for _ in range(20):
-        W = W + trap.energy(s.R, s.t + 0.02) - trap.energy(s.R, s.t)
+        W = W + trap.energy(s.R, s.t + 0.02 - eps) - trap.energy(s.R, s.t - eps)
         s = bd.step(s)
     torch.testing.assert_close(s.aux["work"], W, rtol=1e-12, atol=1e-12)
 

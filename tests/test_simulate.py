@@ -143,3 +143,30 @@ def test_simulate_bad_input() -> None:
         simulate(bd, s0.replace(rng=None), 5)
     with pytest.raises(ControlMDError, match=r"reporters must provide describe_next_report"):
         simulate(bd, s0, 5, reporters=[object()])  # type: ignore[list-item]
+
+
+def test_protocol_jump_acts_on_its_own_steps() -> None:
+    """A piecewise-constant control that jumps on a step boundary acts exactly on the steps
+    of its interval: simulate with the K-piece protocol equals K runs with the control
+    held fixed (what the gymnasium env does), for inertial and overdamped dynamics."""
+    from controlmd.dynamics import Langevin
+    from controlmd.protocols import PiecewiseConstant
+
+    values = [[0.5, 0.0], [-0.3, 0.4], [0.2, -0.6]]
+    dt, per_piece = 0.01, 7
+    proto = PiecewiseConstant(dim=2, t_final=3 * per_piece * dt, n_pieces=3, init=values)
+    R0 = torch.linspace(-1.0, 1.0, 2 * 3 * 2, dtype=F64).reshape(2, 3, 2)
+    for make in (lambda pot: NVE(pot, dt=dt),
+                 lambda pot: Langevin(pot, dt=dt, kT=0.5, gamma=1.0),
+                 lambda pot: Brownian(pot, dt=dt, kT=0.5)):
+        integ = make(HarmonicTrap(2.0, proto))
+        s = integ.init(R0, P=None if isinstance(integ, Brownian) else torch.zeros_like(R0),
+                       rng=ReplicaRNG(6, 2))
+        a = simulate(integ, s, 3 * per_piece, gradient="none").final
+        s = integ.init(R0, P=None if isinstance(integ, Brownian) else torch.zeros_like(R0),
+                       rng=ReplicaRNG(6, 2))
+        for v in values:
+            held = make(HarmonicTrap(2.0, torch.tensor(v, dtype=F64)))
+            s = simulate(held, s, per_piece, gradient="none").final
+        torch.testing.assert_close(a.R, s.R, rtol=1e-12, atol=1e-12)
+        assert float(a.t) == pytest.approx(float(s.t)) == pytest.approx(3 * per_piece * dt)

@@ -26,6 +26,7 @@ Schedule = float | Callable[[Tensor], Tensor]
 """A constant, or a function of time returning a scalar (or ``[B]``) tensor, e.g. kT(t)."""
 
 __all__ = [
+    "CONTROL_TIME_OFFSET",
     "ControlSchedule",
     "Integrator",
     "MomentumIntegrator",
@@ -163,8 +164,19 @@ def maxwell_boltzmann(
     return P
 
 
+CONTROL_TIME_OFFSET = 1e-6
+"""One-sided control evaluation: inside step ``n`` the time-dependent terms are evaluated
+at ``t_{n+1} - eps`` (end of step) and, right after a protocol jump at ``t_n``, at
+``t_n + eps``, with ``eps = CONTROL_TIME_OFFSET * dt``. A control that jumps on a step
+boundary thus acts exactly on the steps of its own interval (as a held env action does)
+and velocity Verlet stays second order across the jump."""
+
+
 class Integrator(nn.Module, ABC):
     """One integration step of an equation of motion, batched over replicas.
+
+    Time-dependent terms (protocols, kT schedules) are evaluated as one-sided limits inside
+    each step; see :data:`CONTROL_TIME_OFFSET`.
 
     Subclasses implement :meth:`init` and :meth:`step`; deterministic Hamiltonian ones also
     provide ``vector_field`` for the torchdiffeq path and ``invariant`` (the conserved
@@ -198,6 +210,7 @@ class Integrator(nn.Module, ABC):
         self.dt = float(dt)
         self.register_buffer("_mass", torch.as_tensor(mass, dtype=torch.float64), persistent=False)
         self.space = space if space is not None else free()
+        self.t_eps = CONTROL_TIME_OFFSET * self.dt
 
     def mass_like(self, R: Tensor) -> Tensor:
         """Mass broadcastable against ``R`` ``[B, N, d]``: ``[]`` or ``[1, N, 1]``."""
@@ -278,7 +291,8 @@ class MomentumIntegrator(Integrator):
         return self.potential.energy_and_forces(R, t)[1]
 
     def prepare(self, state: State) -> State:
-        return state.replace(aux={**state.aux, "force": self.force(state.R, state.t)})
+        """Recompute the cached force at ``t + eps`` (the control of the step that starts)."""
+        return state.replace(aux={**state.aux, "force": self.force(state.R, state.t + self.t_eps)})
 
     def _init_state(
         self, R: Tensor, kT: Schedule | None, rng: ReplicaRNG | None, P: Tensor | None,

@@ -15,7 +15,11 @@ Two update rules:
   Particles the trap does not act on diffuse freely (exactly).
 
 Control convention (both rules): at each step the control is updated first, from
-``t_n`` to ``t_{n+1}``, and the particle then moves under the new control. With
+``t_n`` to ``t_{n+1}``, and the particle then moves under the new control. Controls are
+read as left limits, ``u(t_{n+1} - eps)`` (see
+:data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`), so a piecewise-constant control
+whose piece starts at ``t_k`` first moves the particle in the step from ``t_k`` to
+``t_k + dt``, exactly like a held env action. With
 ``track_work=True`` the state accumulates the protocol work
 ``W += E(x_n, t_{n+1}) - E(x_n, t_n)`` (``aux["work"]`` ``[B]``), the discrete Jarzynski /
 Crooks work of the control change made at fixed configuration, as used by
@@ -145,19 +149,20 @@ class Brownian(Integrator):
     def step(self, state: State) -> State:
         R, t = state.R, state.t
         t1 = t + self.dt
+        tc = t1 - self.t_eps  # the control of this step: u(t_{n+1}) as a left limit
         aux = dict(state.aux)
-        kT = per_replica(evaluate_schedule(self.kT, t1), R)
+        kT = per_replica(evaluate_schedule(self.kT, tc), R)
         mu = self.mobility_like(R)
         xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
         if self.method == "euler_maruyama":
-            E1, F = self.potential.energy_and_forces(R, t1)
+            E1, F = self.potential.energy_and_forces(R, tc)
             dR = mu * F * self.dt + torch.sqrt(2.0 * kT * mu * self.dt) * xi
         else:
             if self.track_work:
-                E1 = self.potential.energy(R, t1)
-            dR = self._ou_displacement(R, t1, kT, mu, xi)
+                E1 = self.potential.energy(R, tc)
+            dR = self._ou_displacement(R, tc, kT, mu, xi)
         if self.track_work:
-            aux["work"] = aux["work"] + E1 - self.potential.energy(R, t)
+            aux["work"] = aux["work"] + E1 - self.potential.energy(R, t - self.t_eps)
         return state.replace(R=self.space.shift(R, dR), t=t1, step=state.step + 1, aux=aux)
 
     def _ou_displacement(self, R: Tensor, t1: Tensor, kT: Tensor, mu: Tensor, xi: Tensor) -> Tensor:

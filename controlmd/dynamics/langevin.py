@@ -108,7 +108,7 @@ class Langevin(MomentumIntegrator):
         c = torch.exp(-(g.view(1, -1, 1) if g.ndim == 1 else g) * self.dt)
         F = state.aux.get("force")
         if F is None:
-            F = self.force(R, t)
+            F = self.force(R, t + self.t_eps)
         h = 0.5 * self.dt
         P = P + h * F
         R = self.space.shift(R, h * P / m)
@@ -117,6 +117,6 @@ class Langevin(MomentumIntegrator):
         P = c * P + torch.sqrt((1.0 - c * c) * m * kT) * xi
         R = self.space.shift(R, h * P / m)
         t1 = t + self.dt
-        F = self.force(R, t1)
+        F = self.force(R, t1 - self.t_eps)
         P = P + h * F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux={**state.aux, "force": F})

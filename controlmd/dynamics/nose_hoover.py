@@ -145,18 +145,19 @@ class NoseHooverChain(MomentumIntegrator):
         assert P is not None
         m = self.mass_like(R)
         n_dof = self.n_dof(R)
+        t0, t1 = t + self.t_eps, t + self.dt - self.t_eps  # one-sided, inside the step
         F = state.aux.get("force")
         if F is None:
-            F = self.force(R, t)
+            F = self.force(R, t0)
         Q = state.aux["Q"]
-        t1 = t + self.dt
         xi, p_xi = state.aux["xi"], state.aux["p_xi"]
-        P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t), n_dof)
+        P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t0), n_dof)
         P = P + 0.5 * self.dt * F
         R = self.space.shift(R, self.dt * P / m)
         F = self.force(R, t1)
         P = P + 0.5 * self.dt * F
         P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t1), n_dof)
+        t1 = t + self.dt
         aux = {**state.aux, "force": F, "xi": xi, "p_xi": p_xi}
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
 

@@ -6,6 +6,9 @@ One step (``F_n = F(q_n, t_n)`` cached from the previous step)::
     q_{n+1}   = q_n + dt p_{n+1/2} / m          (wrapped by space.shift)
     p_{n+1}   = p_{n+1/2} + dt/2 F(q_{n+1}, t_{n+1})
 
+(time-dependent terms as one-sided limits inside the step, see
+:data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`).
+
 Symplectic and time-reversible for time-independent E; the energy error is bounded and
 scales as dt^2. The same Hamiltonian vector field ``(dq/dt, dp/dt) = (p/m, F(q, t))`` is
 exposed for torchdiffeq (:func:`~controlmd.simulate.simulate_ode`).
@@ -68,11 +71,11 @@ class NVE(MomentumIntegrator):
         m = self.mass_like(R)
         F = state.aux.get("force")
         if F is None:
-            F = self.force(R, t)
+            F = self.force(R, t + self.t_eps)
         t1 = t + self.dt
         P = P + 0.5 * self.dt * F  # type: ignore[operator]
         R = self.space.shift(R, self.dt * P / m)
-        F = self.force(R, t1)
+        F = self.force(R, t1 - self.t_eps)
         P = P + 0.5 * self.dt * F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux={**state.aux, "force": F})
 
