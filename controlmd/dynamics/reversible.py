@@ -78,17 +78,17 @@ def simulate_reversible(integrator: Integrator, state: State, n_steps: int, *, w
         differentiable. The same values as ``simulate(integrator, state, n_steps)``.
     :raises ControlMDError: for an unsupported integrator (Langevin, Brownian).
 
-    Example::
+    Example (a Lennard-Jones dimer; d E_final / d epsilon through 1000 steps)::
 
         >>> import torch
         >>> from controlmd.dynamics import NVE
-        >>> from controlmd.potentials import HarmonicTrap
-        >>> trap = HarmonicTrap(torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64)), [0.0])
-        >>> nve = NVE(trap, dt=0.01)
-        >>> s0 = nve.init(torch.ones(1, 1, 1, dtype=torch.float64), P=torch.zeros(1, 1, 1, dtype=torch.float64))
-        >>> final = simulate_reversible(nve, s0, 1000, window=100)
-        >>> final.R.sum().backward()
-        >>> nve.potential.stiffness.grad is not None
+        >>> from controlmd.potentials import LennardJones
+        >>> lj = LennardJones(r_cut=None, shift="none", learnable=("epsilon",))
+        >>> nve = NVE(lj, dt=0.005)
+        >>> R = torch.tensor([[[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]]], dtype=torch.float64)
+        >>> final = simulate_reversible(nve, nve.init(R, P=torch.zeros_like(R)), 1000, window=100)
+        >>> lj.energy(final.R).sum().backward()
+        >>> bool(torch.isfinite(lj.epsilon.grad))
         True
     """
     if not isinstance(integrator, (NVE, NoseHooverChain)):
@@ -127,6 +127,9 @@ class _Meta:
         self.window = window
         self.chain = chain
         self.t_final: Tensor = state.t
+        from controlmd.simulate import _jump_steps  # simulate may import this module
+
+        self.jumps = _jump_steps(integrator, float(state.t), n_steps)
 
 
 class _Reversible(torch.autograd.Function):
@@ -138,13 +141,17 @@ class _Reversible(torch.autograd.Function):
         if meta.chain:
             aux.update(xi=tensors[2], p_xi=tensors[3], Q=tensors[4])
         aux.pop("force", None)
-        s = integ.prepare(meta.template.replace(R=R.detach(), P=P.detach(), aux=aux))
-        times = torch.empty(meta.n_steps + 1, dtype=torch.float64, device=s.t.device)
-        times[0] = s.t
+        s = meta.template.replace(R=R.detach(), P=P.detach(), aux=aux)
+        t_start = s.t.detach()
+        # as simulate(): times from the step count, forces refreshed at protocol jumps
+        times = t_start + torch.arange(meta.n_steps + 1, dtype=torch.float64, device=s.t.device) * integ.dt
+        jumps = meta.jumps
+        s = integ.prepare(s.replace(t=times[0]))
         checkpoints: dict[int, tuple[Tensor, ...]] = {0: _chain_state(s, meta.chain)}
         for n in range(meta.n_steps):
-            s = integ.step(s)
-            times[n + 1] = s.t
+            if n in jumps:
+                s = integ.prepare(s)
+            s = integ.step(s).replace(t=times[n + 1])
             if (n + 1) % meta.window == 0 and n + 1 < meta.n_steps:
                 checkpoints[n + 1] = _chain_state(s, meta.chain)
         meta.t_final = s.t
@@ -258,7 +265,8 @@ def _walk_back(
     # F(q_T) as cached by the last forward step (evaluated at t_T - eps); for T = 0 nothing runs.
     if T == 0:
         return [aR, aP] + ([a_xi, a_pxi] if meta.chain else []), a_params, a_Q  # type: ignore[list-item]
-    leaf, F = force_graph(R, times[T] - eps)
+    # forces at q_{n+1} were evaluated inside step n at (t_n + dt) - eps
+    leaf, F = force_graph(R, times[T - 1] + dt - eps)
     v = torch.zeros_like(R)
     for n in range(T - 1, -1, -1):
         t0 = times[n]
@@ -277,11 +285,18 @@ def _walk_back(
         ck = checkpoints.get(n)
         if ck is not None:
             R = ck[0]
-        # first half kick at q_n: F(q_n) as the forward used it (t_n - eps, or t_0 + eps at n = 0)
-        leaf, F = force_graph(R, step_start if n == 0 else t0 - eps)
+        # first half kick at q_n: F(q_n) as the forward used it (t_n - eps; t_n + eps at
+        # n = 0 and after a protocol jump, where the forward refreshed the cached force)
+        jump = n in meta.jumps
+        leaf, F = force_graph(R, step_start if n == 0 or jump else times[n - 1] + dt - eps)
         with torch.no_grad():
             P = P - h * F.detach()
         v = h * aP
+        if jump:
+            # the previous step's last kick used the force before the jump, F(q_n, t_n - eps)
+            vjp_force(leaf, F, v)
+            leaf, F = force_graph(R, times[n - 1] + dt - eps)
+            v = torch.zeros_like(v)
         if meta.chain:
             chain_back(step_start)
         if ck is not None:
