@@ -1,0 +1,370 @@
+"""Experiment files: one TOML schema shared by every task.
+
+::
+
+    [experiment]            name (required), seed = 0, notes = ""
+    [task]                  name (required) + the task's constructor arguments
+    [protocol]              kind (required) + the protocol's constructor arguments, and
+                            init (initial u(t): a number or values at equally spaced knots)
+    [train]                 optimizer, lr, iterations, replicas, gradient, window, clip,
+                            estimator, lr_schedule, ... (see TRAIN_KEYS)
+    [eval]                  replicas, every, final_replicas, seeds (optional section)
+    [logging]               tensorboard, plots, checkpoint_every, histogram_every,
+                            progress (optional section)
+
+Unknown sections and keys, wrong types and invalid values raise :class:`ConfigError`
+naming the section, key and value. ``[task]`` and ``[protocol]`` keys are checked against
+the constructor of the named task / protocol kind, and the objects are built once so that
+their own checks run before anything is written. ``protocol.dim``, ``t_final``, ``low``
+and ``high`` default to the task's control channels and horizon.
+
+Overrides ``section.key=value`` (the CLI's ``--set``) parse ``value`` as a TOML value
+(``0.01``, ``true``, ``[64, 64]``, ``"adam"``), falling back to a bare string (``adam``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from controlmd.checkpoint import atomic_write_text
+from controlmd.errors import ConfigError, ControlMDError
+from controlmd.protocols import Protocol, make_protocol, protocol_class, protocol_names
+from controlmd.tasks import Task, task_names
+from controlmd.tasks import base as _task_base
+
+__all__ = [
+    "EVAL_KEYS",
+    "LOGGING_KEYS",
+    "TRAIN_KEYS",
+    "Field",
+    "build_protocol",
+    "build_task",
+    "config_to_toml",
+    "load_config",
+    "parse_override",
+    "resolve_config",
+    "write_config",
+]
+
+Config = dict[str, dict[str, Any]]
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lbfgs")
+GRADIENTS = ("direct", "checkpoint", "truncated", "adjoint")
+ESTIMATORS = ("pathwise", "score", "forward")
+LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a fixed section: its type, default and allowed values."""
+
+    type: type | tuple[type, ...]
+    default: Any = _UNSET
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _at_least(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= n else f"must be >= {n}"
+
+
+EXPERIMENT_KEYS: dict[str, Field] = {
+    "name": Field(str, doc="experiment name; runs go to runs/<name>/"),
+    "seed": Field(int, 0, _non_negative, doc="seed of protocol init, training and evaluation streams"),
+    "notes": Field(str, "", doc="free text"),
+}
+
+TRAIN_KEYS: dict[str, Field] = {
+    "optimizer": Field(str, "adam", choices=OPTIMIZERS),
+    "lr": Field(float, 1e-2, _positive, doc="learning rate"),
+    "iterations": Field(int, 100, _non_negative, doc="optimizer iterations"),
+    "replicas": Field(int, 256, _at_least(1), doc="replicas per training rollout"),
+    "gradient": Field(str, "direct", choices=GRADIENTS, doc="gradient path through the simulation"),
+    "window": Field(int, 0, _non_negative, doc="steps per checkpoint/truncation window (0: none)"),
+    "clip": Field(float, 0.0, _non_negative, doc="max gradient norm (0: no clipping)"),
+    "estimator": Field(str, "pathwise", choices=ESTIMATORS),
+    "lr_schedule": Field(str, "constant", choices=LR_SCHEDULES),
+    "lr_min": Field(float, 0.0, _non_negative, doc="final lr of the cosine schedule"),
+    "lr_gamma": Field(float, 0.5, _positive, doc="decay factor (exponential: per iteration; step: per lr_step)"),
+    "lr_step": Field(int, 100, _at_least(1), doc="iterations between decays of the step schedule"),
+    "momentum": Field(float, 0.0, _non_negative, doc="sgd/rmsprop momentum"),
+    "weight_decay": Field(float, 0.0, _non_negative),
+    "lbfgs_max_iter": Field(int, 20, _at_least(1), doc="L-BFGS iterations per training iteration"),
+    "frozen_noise": Field(bool, False, doc="use the same training noise every iteration"),
+    "grad_groups": Field(int, 8, _at_least(2), doc="replica groups for the gradient variance"),
+    "variance_every": Field(int, 10, _non_negative, doc="iterations between gradient-variance estimates (0: never)"),
+}
+
+EVAL_KEYS: dict[str, Field] = {
+    "replicas": Field(int, 1000, _at_least(1), doc="replicas of the periodic held-out evaluation"),
+    "every": Field(int, 0, _non_negative, doc="iterations between evaluations (0: only before/after)"),
+    "final_replicas": Field(int, 10_000, _at_least(1), doc="fresh replicas scoring the initial and final protocol"),
+    "chunk": Field(int, 10_000, _at_least(1), doc="replicas simulated at once during evaluation"),
+}
+
+LOGGING_KEYS: dict[str, Field] = {
+    "tensorboard": Field(bool, True),
+    "plots": Field(bool, True),
+    "checkpoint_every": Field(int, 10, _non_negative, doc="iterations between checkpoints (0: only at the end)"),
+    "histogram_every": Field(int, 10, _non_negative, doc="iterations between parameter/gradient histograms (0: never)"),
+    "progress": Field(bool, True, doc="tqdm progress bar"),
+}
+
+FIXED_SECTIONS: dict[str, dict[str, Field]] = {
+    "experiment": EXPERIMENT_KEYS,
+    "train": TRAIN_KEYS,
+    "eval": EVAL_KEYS,
+    "logging": LOGGING_KEYS,
+}
+REQUIRED_SECTIONS = ("experiment", "task", "protocol", "train")
+SECTIONS = ("experiment", "task", "protocol", "train", "eval", "logging")
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = (), *, seed: int | None = None) -> Config:
+    """Read, override and validate an experiment file; returns the resolved config.
+
+    :param path: the TOML file.
+    :param overrides: ``"section.key=value"`` strings applied in order.
+    :param seed: if given, replaces ``experiment.seed``.
+    :raises ConfigError: naming the file, section, key and value at fault.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for item in overrides:
+        section, key, value = parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--set {item!r}: [{section}] is not a section")
+        raw[section][key] = value
+    if seed is not None:
+        raw.setdefault("experiment", {})["seed"] = seed
+    try:
+        return resolve_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``"train.lr=0.01"`` -> ``("train", "lr", 0.01)``."""
+    lhs, sep, rhs = item.partition("=")
+    section, dot, key = lhs.strip().partition(".")
+    if not sep or not dot or not section or not key or "." in key:
+        raise ConfigError(f"--set expects section.key=value (e.g. train.lr=0.01), got {item!r}")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {item!r}: unknown section [{section}]; expected one of: {', '.join(SECTIONS)}")
+    text = rhs.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return section, key.strip(), value
+
+
+def resolve_config(raw: dict[str, Any]) -> Config:
+    """Validate a config dict and fill in defaults (see the module docstring).
+
+    Builds the task and the protocol once, so that their constructors' checks run too.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a table of sections, got {type(raw).__name__}")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}]; expected: {', '.join(SECTIONS)}")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table, got {_show(raw[section])}")
+    missing = [s for s in REQUIRED_SECTIONS if s not in raw]
+    if missing:
+        raise ConfigError(f"missing section(s) {', '.join(f'[{s}]' for s in missing)}")
+    cfg: Config = {}
+    for section, fields in FIXED_SECTIONS.items():
+        cfg[section] = _resolve_fixed(section, raw.get(section, {}), fields)
+    train = cfg["train"]
+    if train["gradient"] in ("checkpoint", "truncated") and train["window"] < 1:
+        raise ConfigError(f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}")
+    if train["optimizer"] == "lbfgs" and train["estimator"] == "score":
+        raise ConfigError(
+            "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
+            "compare; estimator = 'score' gives a surrogate only. Use estimator = 'pathwise' or 'forward'"
+        )
+    cfg["task"] = _resolve_open("task", raw["task"], "name", task_names(), _task_constructor)
+    task = build_task(cfg)
+    cfg["protocol"] = _protocol_section(raw["protocol"], task)
+    build_protocol(cfg, task)
+    return cfg
+
+
+def _resolve_fixed(section: str, values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown key {key!r} in [{section}]; expected one of: {', '.join(fields)}")
+    for key, spec in fields.items():
+        if key not in values:
+            if spec.default is _UNSET:
+                raise ConfigError(f"[{section}] is missing the required key {key!r}")
+            out[key] = spec.default
+            continue
+        out[key] = _check_value(section, key, values[key], spec)
+    return out
+
+
+def _check_value(section: str, key: str, value: Any, spec: Field) -> Any:
+    where = f"[{section}] {key}"
+    if spec.type is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {_show(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value}")
+    elif spec.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {_show(value)}")
+    elif not isinstance(value, spec.type) or (spec.type is not bool and isinstance(value, bool)):
+        name = spec.type.__name__ if isinstance(spec.type, type) else "/".join(t.__name__ for t in spec.type)
+        raise ConfigError(f"{where} must be a {name}, got {_show(value)}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(f"{where}: unknown value {value!r}; expected one of: {', '.join(spec.choices)}")
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise ConfigError(f"{where} {problem}, got {value!r}")
+    return value
+
+
+def _task_constructor(name: str) -> Callable[..., Any]:
+    return _task_base._TASKS[name]
+
+
+def _resolve_open(
+    section: str,
+    values: dict[str, Any],
+    name_key: str,
+    names: list[str],
+    constructor: Callable[[str], Callable[..., Any]],
+    extra_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    if name_key not in values:
+        raise ConfigError(f"[{section}] is missing the required key {name_key!r}; expected one of: {', '.join(names)}")
+    name = values[name_key]
+    if not isinstance(name, str) or name not in names:
+        raise ConfigError(f"[{section}] {name_key}: unknown value {name!r}; expected one of: {', '.join(names)}")
+    accepted = _accepted_keys(constructor(name))
+    for key in values:
+        if key == name_key or key in extra_keys:
+            continue
+        if accepted is not None and key not in accepted:
+            raise ConfigError(
+                f"unknown key {key!r} in [{section}] for {name_key} = {name!r}; expected one of: "
+                f"{', '.join(sorted(accepted)) or '(none)'}"
+            )
+    return dict(values)
+
+
+def _accepted_keys(fn: Callable[..., Any]) -> set[str] | None:
+    """Keyword arguments ``fn`` accepts, following ``**kwargs`` up the class hierarchy."""
+    keys: set[str] = set()
+    classes = fn.__mro__ if isinstance(fn, type) else (fn,)
+    for cls in classes:
+        init = cls.__dict__.get("__init__") if isinstance(fn, type) else cls
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        keys |= {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return keys
+        if cls is Protocol:
+            return keys
+    return None
+
+
+def build_task(cfg: Config) -> Task:
+    """The task named in ``[task]``, built with the section's other keys."""
+    params = {k: v for k, v in cfg["task"].items() if k != "name"}
+    try:
+        return _task_constructor(cfg["task"]["name"])(**params)
+    except (ControlMDError, TypeError, ValueError) as exc:
+        raise ConfigError(f"[task] name = {cfg['task']['name']!r}: {exc}") from None
+
+
+def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
+    section = _resolve_open("protocol", values, "kind", protocol_names(), protocol_class, extra_keys=("init",))
+    cls = protocol_class(section["kind"])
+    accepted = _accepted_keys(cls) or set()
+    low, high = task.controls.low, task.controls.high
+    defaults: dict[str, Any] = {"dim": task.controls.dim, "t_final": task.horizon}
+    if "low" in accepted:
+        defaults["low"] = list(low) if len(low) > 1 else low[0]
+        defaults["high"] = list(high) if len(high) > 1 else high[0]
+    if "obs_dim" in accepted and "obs_dim" not in section:
+        n_obs = task.observe(task.initial_state(1, 0)).shape[1]
+        if n_obs == 0:
+            raise ConfigError(f"[protocol] kind = {section['kind']!r} needs observations, but task {task.name!r} has none")
+        defaults["obs_dim"] = n_obs
+    return {"kind": section["kind"], **{k: v for k, v in defaults.items() if k in accepted}, **section}
+
+
+def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:
+    """The protocol of ``[protocol]`` (fitted to ``init`` when given)."""
+    params = dict(cfg["protocol"])
+    kind = params.pop("kind")
+    try:
+        protocol = make_protocol(kind, **params)
+    except (ControlMDError, TypeError, ValueError) as exc:
+        raise ConfigError(f"[protocol] kind = {kind!r}: {exc}") from None
+    if task is not None:
+        if protocol.dim != task.controls.dim:
+            raise ConfigError(
+                f"[protocol] dim = {protocol.dim} but task {task.name!r} has {task.controls.dim} control channel(s)"
+            )
+        if not math.isclose(protocol.t_final, task.horizon, rel_tol=1e-9):
+            raise ConfigError(
+                f"[protocol] t_final = {protocol.t_final} differs from task {task.name!r}'s horizon {task.horizon}"
+            )
+    return protocol
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text (``None`` values are left out: TOML has no null)."""
+    clean = {s: {k: v for k, v in cfg[s].items() if v is not None} for s in SECTIONS if s in cfg}
+    return tomli_w.dumps(copy.deepcopy(clean))
+
+
+def write_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (atomically)."""
+    atomic_write_text(path, config_to_toml(cfg))
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The resolved config of a run directory, re-validated."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no config.toml")
+    return load_config(path)
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
