@@ -205,7 +205,9 @@ def _jax_md_worker(args: argparse.Namespace) -> None:
 
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    from jax_md import energy, partition, simulate as jsim, smap, space as jspace
+    from jax_md import energy, partition, smap
+    from jax_md import simulate as jsim
+    from jax_md import space as jspace
 
     data = torch.load(args.jax_md_worker, weights_only=False)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32

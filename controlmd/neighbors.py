@@ -149,9 +149,9 @@ class NeighborList:
 
     def allocate(self, R: Tensor) -> NeighborPairs:
         """Build the list from positions ``[B, N, d]`` (no gradient flows through it)."""
+        R = R.detach()  # also keeps the checks below out of autograd (checkpoint recompute)
         check_positions("R", R)
         with torch.no_grad():
-            R = R.detach()
             method = self._choose_method(R)
             if method == "cell":
                 pairs = self._build_cell(R)
