@@ -56,6 +56,8 @@ from controlmd.dynamics.base import Integrator, State, evaluate_schedule
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
 from controlmd.errors import ControlMDError
+from controlmd.potentials.lj_fused import fused_supported, lj_force_vjp
+from controlmd.potentials.pair import LennardJones
 
 Tensor = torch.Tensor
 
@@ -177,13 +179,77 @@ class _Reversible(torch.autograd.Function):
         adj = [torch.zeros_like(x) if g is None else g for x, g in zip(final, grads)]
         a_params = [torch.zeros_like(p) for p in params]
         a_Q = torch.zeros_like(inputs_Q) if inputs_Q is not None else None
-        with torch.enable_grad():
-            a_state, a_params, a_Q = _walk_back(meta, ctx.times, ctx.checkpoints, final, adj,
-                                                params, a_params, inputs_Q, a_Q)
+        if _fused_lj_only(meta, params):
+            a_state, a_params = _walk_back_lj(meta, ctx.checkpoints, final, adj, params)
+        else:
+            with torch.enable_grad():
+                a_state, a_params, a_Q = _walk_back(meta, ctx.times, ctx.checkpoints, final, adj,
+                                                    params, a_params, inputs_Q, a_Q)
         out: list[Tensor | None] = [None, None, a_state[0], a_state[1]]
         if meta.chain:
             out += [a_state[2], a_state[3], a_Q]
         return (*out, *a_params)
+
+
+def _fused_lj_only(meta: _Meta, params: list[Tensor]) -> bool:
+    """NVE with a single Lennard-Jones term on the fused kernel, differentiated only with
+    respect to its sigma/epsilon: the walk can use :func:`lj_force_vjp` (force and VJP in
+    one pass, no graph)."""
+    pot = meta.integrator.potential
+    if meta.chain or meta.jumps or not isinstance(pot, LennardJones) or not fused_supported(pot):
+        return False
+    return all(p is pot.sigma or p is pot.epsilon for p in params)
+
+
+def _walk_back_lj(
+    meta: _Meta,
+    checkpoints: dict[int, tuple[Tensor, ...]],
+    final: tuple[Tensor, ...],
+    adj: list[Tensor],
+    params: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`_walk_back` for NVE + fused LJ: the two half kicks sharing ``q_n`` pull the
+    adjoint back through ``F(q_n)`` with the same cotangent ``dt a_P`` (``dt/2`` at both
+    ends), known when ``F(q_n)`` is computed, so force and VJP come from one kernel call."""
+    integ = meta.integrator
+    pot = integ.potential
+    dt, h = integ.dt, 0.5 * integ.dt
+    space = integ.space
+    R, P = final[0], final[1]
+    aR, aP = adj[0], adj[1]
+    m = integ.mass_like(R)
+    want_sigma = any(p is pot.sigma for p in params)
+    want_eps = any(p is pot.epsilon for p in params)
+    g_sigma = torch.zeros((), dtype=R.dtype, device=R.device)
+    g_eps = torch.zeros((), dtype=R.dtype, device=R.device)
+
+    def pull(Rn: Tensor, v: Tensor) -> Tensor:
+        nonlocal aR, g_sigma, g_eps
+        F, gR, gs, ge = lj_force_vjp(pot, Rn, v, need_sigma=want_sigma, need_epsilon=want_eps)
+        aR = aR + gR
+        if gs is not None:
+            g_sigma = g_sigma + gs
+        if ge is not None:
+            g_eps = g_eps + ge
+        return F
+
+    T = meta.n_steps
+    if T > 0:
+        F = pull(R, h * aP)
+    for n in range(T - 1, -1, -1):
+        P = P - h * F
+        aP = aP + (dt / m) * aR
+        R = space.shift(R, -dt * P / m)
+        ck = checkpoints.get(n)
+        if ck is not None:
+            R = ck[0]
+        F = pull(R, (h if n == 0 else dt) * aP)
+        P = ck[1] if ck is not None else P - h * F
+    grads = []
+    for p in params:
+        g = g_sigma if p is pot.sigma else g_eps
+        grads.append(g.to(p.dtype).reshape(p.shape))
+    return [aR, aP], grads
 
 
 def _chain_state(s: State, chain: bool) -> tuple[Tensor, ...]:

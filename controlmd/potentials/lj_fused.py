@@ -58,6 +58,7 @@ __all__ = [
     "PairIndex",
     "fused_supported",
     "lj_energy_and_forces",
+    "lj_force_vjp",
     "lj_kernel",
 ]
 
@@ -389,3 +390,42 @@ def lj_energy_and_forces(
     with torch.no_grad():
         E, F, _ = lj_kernel(R.detach(), pairs, disp, sigma_f, eps_f, rc, potential.shift)
     return E, F
+
+
+def lj_force_vjp(
+    potential: LennardJones, R: Tensor, v: Tensor, *, need_sigma: bool, need_epsilon: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Forces at ``R`` and their vector-Jacobian product with ``v`` in one pass.
+
+    Returns ``(F, J_R^T v, d(v . F)/dsigma, d(v . F)/depsilon)`` (the last two ``None``
+    unless asked), without building a graph: the inner step of reversible
+    backpropagation (:mod:`controlmd.dynamics.reversible`), where each recomputed state
+    needs both its force and the adjoint's pull-back through that force.
+
+    Args:
+        potential: a term for which :func:`fused_supported` is true.
+        R: positions ``[B, N, d]``.
+        v: cotangent of the forces ``[B, N, d]``.
+        need_sigma, need_epsilon: also return the parameter derivatives.
+    """
+    sigma, eps, rc = _scalars(potential)
+    shift = potential.shift
+    with torch.no_grad():
+        R = R.detach()
+        pairs = _pair_index(potential, R)
+        dR = _displacements(R, pairs, potential.space.displacement)
+        g, _, inv, mask, s6 = _pair_terms(dR, sigma, eps, rc, shift, want_energy=False)
+        F = _scatter_pairs(dR * g, pairs, R.shape)
+        B, N, d = R.shape
+        w = _gather_pairs(v.reshape(B * N, d).t().contiguous(), pairs)
+        wd = (w * dR).sum(0)
+        gp = (-24.0 * eps) * inv * inv * s6 * (14.0 * s6 - 4.0)
+        if shift == "force":
+            _, du_c, _, _ = _cutoff_constants(sigma, eps, rc, shift)
+            gp = gp - (0.5 * du_c) * inv * torch.sqrt(inv)
+        grad_R = _scatter_pairs(dR * (2.0 * gp * wd) + w * g, pairs, R.shape)
+        g_eps = (wd * g).sum() / eps if need_epsilon else None
+        g_sigma = None
+        if need_sigma:
+            g_sigma = _sigma_derivative(dR, inv, mask, s6, sigma, eps, rc, shift, None, wd) / sigma
+    return F, grad_R, g_sigma, g_eps
