@@ -13,6 +13,12 @@ missing or broken fails at ``gym.make``, not at import)::
 id                             task                what is controlled
 =============================  ==================  ==========================================
 ``controlmd/TrapDrag-v0``      ``trap_drag``       trap centre dragging a Brownian particle
+``controlmd/PolymerFold-v0``   ``polymer_fold``    temperature (or attraction, tweezers,
+                                                   pair bias) folding a Go-model chain
+``controlmd/Assembly-v0``      ``assembly``        attraction (and/or temperature) of
+                                                   sticky disks forming a heptamer
+``controlmd/Isomerization-v0`` ``isomerization``   laser field driving retinal's
+                                                   photo-isomerization (quantum)
 =============================  ==================  ==========================================
 
 Each env is a :class:`~controlmd_envs.control_env.ControlEnv` (its docstring gives the
@@ -34,6 +40,9 @@ __all__ = ["ENV_IDS", "BatchedControlVecEnv", "ControlEnv", "ReplicaBatch"]
 
 _ENVS: dict[str, tuple[str, str]] = {
     "controlmd/TrapDrag-v0": ("trap_drag", "controlmd_envs.trap_drag:TrapDragEnv"),
+    "controlmd/PolymerFold-v0": ("polymer_fold", "controlmd_envs.polymer_fold:PolymerFoldEnv"),
+    "controlmd/Assembly-v0": ("assembly", "controlmd_envs.assembly:AssemblyEnv"),
+    "controlmd/Isomerization-v0": ("isomerization", "controlmd_envs.isomerization:IsomerizationEnv"),
 }
 ENV_IDS: dict[str, str] = {env_id: task for env_id, (task, _) in _ENVS.items()}
 """Registered env id -> controlmd task name."""

@@ -31,7 +31,8 @@ from gymnasium import spaces
 
 from controlmd.dynamics.base import State
 from controlmd.errors import ControlMDError
-from controlmd.protocols import PiecewiseConstant, Protocol
+from controlmd.protocols import Protocol
+from controlmd.search import actions_to_protocol, protocol_to_actions
 from controlmd.tasks.base import Task
 
 Tensor = torch.Tensor
@@ -81,34 +82,6 @@ def default_control_interval(n_steps: int, max_intervals: int = MAX_DEFAULT_INTE
         if n_steps % m == 0 and n_steps // m <= max_intervals:
             return m
     return n_steps
-
-
-def protocol_to_actions(protocol: PiecewiseConstant, task: Task) -> np.ndarray:
-    """Normalized actions ``[K, k]`` in ``[-1, 1]`` replaying a piecewise-constant protocol.
-
-    ``a = 2 (u - low) / (high - low) - 1`` with the task's physical bounds; a ``K``-step
-    episode with ``control_interval = n_steps / K`` then holds the same values.
-    """
-    t_mid = (torch.arange(protocol.n_pieces, dtype=torch.float64) + 0.5) * protocol.t_final / protocol.n_pieces
-    with torch.no_grad():
-        u = protocol(t_mid).to(torch.float64)
-    low, high = task.controls.low_tensor(), task.controls.high_tensor()
-    return (2.0 * (u - low) / (high - low) - 1.0).clamp(-1.0, 1.0).numpy()
-
-
-def actions_to_protocol(actions: np.ndarray | Sequence[Sequence[float]], task: Task) -> PiecewiseConstant:
-    """The ``K``-piece protocol holding normalized actions ``[K, k]`` (inverse of
-    :func:`protocol_to_actions`; values on a bound come within 1e-11 of it, as tanh
-    squashing never reaches the bounds)."""
-    a = torch.as_tensor(np.asarray(actions, dtype=np.float64))
-    if a.ndim != 2 or a.shape[1] != task.controls.dim:
-        raise ControlMDError(f"actions must have shape [K, {task.controls.dim}], got {tuple(a.shape)}")
-    low, high = task.controls.low_tensor(), task.controls.high_tensor()
-    u = low + (high - low) * 0.5 * (a.clamp(-1.0, 1.0) + 1.0)
-    return PiecewiseConstant(
-        dim=task.controls.dim, t_final=task.horizon, n_pieces=a.shape[0],
-        low=task.controls.low, high=task.controls.high, init=u,
-    )
 
 
 class EpisodeControl(Protocol):

@@ -1,0 +1,547 @@
+"""Equal-budget comparison of gradient-designed protocols with RL and derivative-free baselines.
+
+``controlmd compare EXPERIMENT.toml [--out DIR]`` runs every method of ``[compare]
+methods`` for ``seeds`` seeds on one task, each under the same total budget of forward
+MD replica-steps (training and evaluation alike) and a wall cap, and writes to ``DIR``
+(default ``runs/<experiment>/<YYYYmmdd-HHMMSS>/``):
+
+* ``comparison.json``: per method and seed the metric curve against MD steps and wall
+  time, the final metric, the MD steps and wall time to reach ``target_progress`` (0.9)
+  of the normalized progress ``(m - m0) / (m_best - m0)`` (``m0``: the common starting
+  protocol on the same evaluation replicas; ``m_best``: the best final metric of all
+  runs; works for minimized metrics too), gradient steps; per method the summary over
+  seeds. The starting protocol's scheduled evaluation is every run's first point (and
+  charged to each run's budget; it is computed once, so it takes no wall time).
+* ``comparison.png``: metric against MD steps and against wall time (log x), mean over
+  seeds and min-max band.
+* ``comparison.md``: the markdown table.
+* ``<method>/seed<k>/``: the run folder of each run (``tb/`` TensorBoard events,
+  ``progress.jsonl``, ``metrics.json``, ``protocol.pt`` / ``protocol.csv``, SB3's
+  ``model.zip``), as the trainer's run folders.
+
+Experiment file::
+
+    [experiment]   name, seed = 0, notes = ""
+    [task]         name + the task's arguments (as for `controlmd run`)
+    [compare]      methods, seeds, budget_md_steps, control_interval, eval_replicas,
+                   final_replicas, eval_points, eval_chunk, wall_cap_s, target_progress
+    [<method>]     one section per method (optional): ``algo`` (default: the method's
+                   name; one of gradient, ppo, sac, cma_es, random_search) and its
+                   settings: gradient -> the trainer's [train] keys; ppo / sac -> env keys
+                   (n_envs, observation, shaping, shaping_gamma, reward_scale,
+                   feature_scale) and stable-baselines3 constructor arguments;
+                   cma_es -> replicas, sigma0, popsize; random_search -> replicas, batch
+
+Seeds: run ``j`` uses seed ``experiment.seed + j``; every method and run is evaluated on
+the same held-out replicas (``experiment.seed + EVAL_SEED_OFFSET``, finally
+``experiment.seed + FINAL_SEED_OFFSET``), so curves differ by the protocols only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+import tomllib
+import warnings
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from controlmd_envs.baselines import (
+    ALGOS,
+    ENV_KEYS,
+    BudgetTracker,
+    run_gradient,
+    run_logger,
+    run_sb3,
+    run_search,
+)
+from controlmd_envs.control_env import OBSERVATIONS, default_control_interval
+
+from controlmd.checkpoint import atomic_write_json, atomic_write_text
+from controlmd.config import resolve_config, write_config
+from controlmd.errors import ConfigError, ControlMDError
+from controlmd.tasks.base import Task
+from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, evaluate
+
+__all__ = ["COMPARE_KEYS", "load_compare_config", "run_comparison", "summarize"]
+
+Config = dict[str, Any]
+
+COMPARE_KEYS: dict[str, tuple[type, Any, str]] = {
+    "methods": (list, list(ALGOS), "methods to run (section names)"),
+    "seeds": (int, 3, "runs per method (seeds experiment.seed + j)"),
+    "budget_md_steps": (int, 1_000_000, "forward replica-steps per run, evaluations included"),
+    "control_interval": (int, 0, "MD steps per piece / action (0: smallest divisor giving <= 20 pieces)"),
+    "eval_replicas": (int, 256, "replicas of each scheduled evaluation"),
+    "final_replicas": (int, 2048, "replicas of the final evaluation"),
+    "eval_points": (int, 10, "scheduled evaluations, log-spaced in spent MD steps (>= 2)"),
+    "eval_chunk": (int, 1024, "replicas simulated at once during evaluations"),
+    "wall_cap_s": (float, 1800.0, "wall-time cap of each run (s)"),
+    "target_progress": (float, 0.9, "normalized progress whose MD-step cost is reported"),
+}
+_MINIMUM = {"seeds": 1, "budget_md_steps": 1, "control_interval": 0, "eval_replicas": 2, "final_replicas": 2,
+            "eval_points": 2, "eval_chunk": 1}
+
+GRADIENT_DEFAULTS: dict[str, Any] = {"optimizer": "adam", "lr": 0.05, "replicas": 64, "variance_every": 0}
+SEARCH_KEYS: dict[str, dict[str, tuple[type, Any]]] = {
+    "cma_es": {"replicas": (int, 32), "sigma0": (float, 0.3), "popsize": (int, 0)},
+    "random_search": {"replicas": (int, 32), "batch": (int, 8)},
+}
+ENV_DEFAULTS: dict[str, Any] = {"n_envs": 32, "observation": "time", "shaping": 0.0, "shaping_gamma": 1.0,
+                                "reward_scale": 1.0, "feature_scale": 1.0}
+SB3_DEFAULTS: dict[str, dict[str, Any]] = {"ppo": {"gamma": 1.0}, "sac": {"gamma": 1.0}}
+_SB3_RESERVED = ("policy", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model")
+
+
+def load_compare_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read and validate a comparison experiment file.
+
+    :param overrides: ``section.key=value`` strings (value parsed as TOML, else a string).
+    :raises ConfigError: naming the file, section, key and value at fault.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for item in overrides:
+        lhs, sep, rhs = item.partition("=")
+        section, dot, key = lhs.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ConfigError(f"--set expects section.key=value (e.g. compare.seeds=2), got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = rhs.strip()
+        raw.setdefault(section, {})[key.strip()] = value
+    try:
+        return resolve_compare_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_compare_config(raw: dict[str, Any]) -> Config:
+    """Validate a comparison config dict and fill in the defaults (see the module docstring)."""
+    for section in ("experiment", "task"):
+        if not isinstance(raw.get(section), dict):
+            raise ConfigError(f"missing section [{section}]")
+    compare = _resolve_compare(raw.get("compare", {}))
+    methods = compare["methods"]
+    known = {"experiment", "task", "compare", *methods}
+    for section in raw:
+        if section not in known:
+            raise ConfigError(
+                f"unknown section [{section}]; expected experiment, task, compare or a method of "
+                f"[compare] methods ({', '.join(methods)})"
+            )
+    # The trainer's resolver checks [experiment], [task] (names, keys, values) and [train].
+    def trainer_config(train: dict[str, Any]) -> Config:
+        return resolve_config({
+            "experiment": raw["experiment"], "task": raw["task"],
+            "protocol": {"kind": "piecewise_constant", "n_pieces": 1}, "train": {**GRADIENT_DEFAULTS, **train},
+        })
+
+    base = trainer_config({})
+    from controlmd.config import build_task
+
+    task = build_task(base)
+    interval = compare["control_interval"] or default_control_interval(task.n_steps)
+    if task.n_steps % interval:
+        raise ConfigError(f"[compare] control_interval = {interval} must divide the task's n_steps = {task.n_steps}")
+    compare["control_interval"] = interval
+    cfg: Config = {"experiment": base["experiment"], "task": base["task"], "compare": compare, "methods": {}}
+    for method in methods:
+        algo = _algo(raw, method)
+        values = {k: v for k, v in raw.get(method, {}).items() if k != "algo"}
+        if algo == "gradient":
+            try:
+                values = trainer_config(values)["train"]
+            except ConfigError as exc:
+                raise ConfigError(f"[{method}] (trainer settings): {exc}") from None
+        elif algo in SEARCH_KEYS:
+            values = _resolve_simple(method, values, SEARCH_KEYS[algo])
+        else:
+            values = _resolve_sb3(method, algo, values)
+        cfg["methods"][method] = {"algo": algo, **values}
+    n_pieces = task.n_steps // interval
+    costs = (compare["eval_replicas"] + compare["final_replicas"]) * task.n_steps
+    if compare["budget_md_steps"] <= costs:
+        raise ConfigError(
+            f"[compare] budget_md_steps = {compare['budget_md_steps']} must exceed the evaluation costs "
+            f"(eval_replicas + final_replicas) x n_steps = {costs}"
+        )
+    cfg["compare"]["n_pieces"] = n_pieces
+    return cfg
+
+
+def _algo(raw: dict[str, Any], method: str) -> str:
+    section = raw.get(method, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{method}] must be a table, got {section!r}")
+    algo = section.get("algo", method)
+    if algo not in ALGOS:
+        raise ConfigError(
+            f"[{method}] algo: unknown value {algo!r}; expected one of: {', '.join(ALGOS)} "
+            "(a method named otherwise needs an algo key)"
+        )
+    return algo
+
+
+def _resolve_compare(values: Any) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[compare] must be a table, got {values!r}")
+    out: dict[str, Any] = {}
+    for key in values:
+        if key not in COMPARE_KEYS:
+            raise ConfigError(f"unknown key {key!r} in [compare]; expected one of: {', '.join(COMPARE_KEYS)}")
+    for key, (kind, default, _) in COMPARE_KEYS.items():
+        value = values.get(key, default)
+        out[key] = _check_type(f"[compare] {key}", value, kind)
+        if key in _MINIMUM and out[key] < _MINIMUM[key]:
+            raise ConfigError(f"[compare] {key} must be >= {_MINIMUM[key]}, got {out[key]}")
+    methods = out["methods"]
+    if not methods or not all(isinstance(m, str) for m in methods) or len(set(methods)) != len(methods):
+        raise ConfigError(f"[compare] methods must be a non-empty list of distinct names, got {methods!r}")
+    if not out["wall_cap_s"] > 0:
+        raise ConfigError(f"[compare] wall_cap_s must be > 0, got {out['wall_cap_s']}")
+    if not 0 < out["target_progress"] <= 1:
+        raise ConfigError(f"[compare] target_progress must be in (0, 1], got {out['target_progress']}")
+    return out
+
+
+def _check_type(where: str, value: Any, kind: type) -> Any:
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _resolve_simple(method: str, values: dict[str, Any], spec: dict[str, tuple[type, Any]]) -> dict[str, Any]:
+    for key in values:
+        if key not in spec:
+            raise ConfigError(f"unknown key {key!r} in [{method}]; expected one of: algo, {', '.join(spec)}")
+    out = {key: _check_type(f"[{method}] {key}", values.get(key, default), kind) for key, (kind, default) in spec.items()}
+    for key, value in out.items():
+        if (key != "popsize" and value <= 0) or value < 0:
+            raise ConfigError(f"[{method}] {key} must be > 0, got {value}")
+    return out
+
+
+def _resolve_sb3(method: str, algo: str, values: dict[str, Any]) -> dict[str, Any]:
+    from stable_baselines3 import PPO, SAC
+
+    cls = {"ppo": PPO, "sac": SAC}[algo]
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", *_SB3_RESERVED)]
+    env = dict(ENV_DEFAULTS)
+    params = dict(SB3_DEFAULTS[algo])
+    for key, value in values.items():
+        if key in ENV_KEYS:
+            env[key] = value
+        elif key in accepted:
+            params[key] = value
+        else:
+            raise ConfigError(
+                f"unknown key {key!r} in [{method}] (algo = {algo!r}); expected algo, env keys "
+                f"({', '.join(ENV_KEYS)}) or {cls.__name__} arguments ({', '.join(accepted)})"
+            )
+    if env["observation"] not in OBSERVATIONS:
+        raise ConfigError(f"[{method}] observation: unknown value {env['observation']!r}; expected one of: {', '.join(OBSERVATIONS)}")
+    env["n_envs"] = _check_type(f"[{method}] n_envs", env["n_envs"], int)
+    if env["n_envs"] < 1:
+        raise ConfigError(f"[{method}] n_envs must be >= 1, got {env['n_envs']}")
+    for key in ("shaping", "shaping_gamma", "reward_scale"):
+        env[key] = _check_type(f"[{method}] {key}", env[key], float)
+    return {"env": env, "params": params}
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def run_comparison(cfg: Config, *, out: str | Path | None = None, runs_root: str | Path = "runs",
+                   progress: bool = True) -> Path:
+    """Run every method and seed of a resolved comparison config; returns the output folder."""
+    from controlmd.config import build_task
+
+    task = build_task(cfg)
+    comp = cfg["compare"]
+    seed0 = cfg["experiment"]["seed"]
+    out_dir = Path(out) if out is not None else (
+        Path(runs_root) / cfg["experiment"]["name"] / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if (out_dir / "comparison.json").exists():
+        raise ConfigError(f"--out {out_dir} already holds a comparison; choose another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config({k: cfg[k] for k in ("experiment", "task")}, out_dir / "config.toml")
+    atomic_write_json(out_dir / "compare_config.json", _jsonable(cfg))
+    n_pieces, interval = comp["n_pieces"], comp["control_interval"]
+    eval_seed, final_seed = seed0 + EVAL_SEED_OFFSET, seed0 + FINAL_SEED_OFFSET
+    from controlmd.search import actions_to_protocol
+
+    start = actions_to_protocol(np.zeros((n_pieces, task.controls.dim)), task)
+    initial = evaluate(task, start, comp["eval_replicas"], eval_seed, chunk=comp["eval_chunk"])
+    start_final = evaluate(task, start, comp["final_replicas"], final_seed, chunk=comp["eval_chunk"])
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg["methods"]}
+    for j in range(comp["seeds"]):
+        for method, spec in cfg["methods"].items():
+            seed = seed0 + j
+            run_dir = out_dir / method / f"seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            logger = run_logger(run_dir)
+            # An RL policy's start is evaluated as it is (its mean action is zeroed, so it
+            # should equal the common start); the others start exactly from it.
+            tracker = BudgetTracker(
+                task, budget_md_steps=comp["budget_md_steps"], eval_replicas=comp["eval_replicas"],
+                final_replicas=comp["final_replicas"], eval_seed=eval_seed, final_seed=final_seed,
+                eval_points=comp["eval_points"], wall_cap_s=comp["wall_cap_s"], chunk=comp["eval_chunk"],
+                initial=None if spec["algo"] in ("ppo", "sac") else initial, logger=logger,
+            )
+            final = _run_method(method, spec, task, tracker, n_pieces=n_pieces, interval=interval, seed=seed,
+                                run_dir=run_dir)
+            point = tracker.finish(final)
+            logger.close()
+            record = {"method": method, "algo": spec["algo"], "seed": seed, **tracker.summary()}
+            atomic_write_json(run_dir / "metrics.json", _jsonable({**record, "task": task.name,
+                                                                     "metric_name": task.metric_name,
+                                                                     "settings": spec}))
+            runs[method].append(record)
+            if progress:
+                print(f"[{method} seed {seed}] {task.metric_name} = {point.metric:.6g} +- {point.se:.2g} after "
+                      f"{tracker.md_steps:.3g} MD steps, {tracker.wall_s:.1f} s ({tracker.stop_reason})",
+                      file=sys.stderr, flush=True)
+    result = summarize(cfg, task, runs, m0=initial.mean, m0_final=start_final.mean)
+    atomic_write_json(out_dir / "comparison.json", _jsonable(result))
+    atomic_write_text(out_dir / "comparison.md", markdown_table(result))
+    plot_comparison(result, out_dir / "comparison.png")
+    return out_dir
+
+
+def _run_method(method: str, spec: dict[str, Any], task: Task, tracker: BudgetTracker, *, n_pieces: int,
+                interval: int, seed: int, run_dir: Path) -> Any:
+    algo = spec["algo"]
+    settings = {k: v for k, v in spec.items() if k != "algo"}
+    try:
+        if algo == "gradient":
+            return run_gradient(task, tracker, train=settings, n_pieces=n_pieces, seed=seed, run_dir=run_dir)
+        if algo in SEARCH_KEYS:
+            return run_search(algo, task, tracker, params=settings, n_pieces=n_pieces, seed=seed, run_dir=run_dir)
+        return run_sb3(algo, task, tracker, env=settings["env"], params=settings["params"],
+                       control_interval=interval, seed=seed, run_dir=run_dir)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ControlMDError):
+            raise
+        raise ConfigError(f"[{method}] (algo = {algo!r}): {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------- summary
+
+
+def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *, m0: float,
+              m0_final: float) -> dict[str, Any]:
+    """The content of ``comparison.json``: runs with their progress, summaries per method.
+
+    :param m0: the starting protocol's metric on the scheduled-evaluation replicas.
+    :param m0_final: the same on the final-evaluation replicas (a reference, charged to no run).
+    """
+    comp = cfg["compare"]
+    finals = [r["final"]["metric"] for rs in runs.values() for r in rs if r["final"] is not None]
+    better = max if task.higher_is_better else min
+    m_best = better(finals) if finals else math.nan
+    target = comp["target_progress"]
+    methods: dict[str, Any] = {}
+    for method, rs in runs.items():
+        for r in rs:
+            r["progress"] = [_progress(p["metric"], m0, m_best) for p in r["curve"]]
+            r["final"]["progress"] = _progress(r["final"]["metric"], m0_final, m_best)
+            reached = [p for p, g in zip([*r["curve"], r["final"]], [*r["progress"], r["final"]["progress"]])
+                       if g is not None and g >= target]
+            r["md_steps_to_target"] = reached[0]["md_steps"] if reached else None
+            r["wall_s_to_target"] = reached[0]["wall_s"] if reached else None
+        f = np.array([r["final"]["metric"] for r in rs])
+        hit = [r["md_steps_to_target"] for r in rs if r["md_steps_to_target"] is not None]
+        methods[method] = {
+            "algo": cfg["methods"][method]["algo"],
+            "settings": cfg["methods"][method],
+            "runs": rs,
+            "summary": {
+                "final_mean": float(f.mean()),
+                "final_sd": float(f.std(ddof=1)) if f.size > 1 else 0.0,
+                "final_min": float(f.min()),
+                "final_max": float(f.max()),
+                "reached_target": len(hit),
+                "md_steps_to_target_median": float(np.median(hit)) if hit else None,
+                "md_steps_mean": float(np.mean([r["md_steps"] for r in rs])),
+                "grad_steps_mean": float(np.mean([r["grad_steps"] for r in rs])),
+                "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+                "stop_reasons": sorted({r["stop_reason"] for r in rs}),
+            },
+        }
+    extras = task.extras()
+    return {
+        "format": "controlmd.comparison/1",
+        "experiment": cfg["experiment"]["name"],
+        "task": task.name,
+        "task_settings": cfg["task"],
+        "metric_name": task.metric_name,
+        "higher_is_better": task.higher_is_better,
+        "units": task.units,
+        "budget_md_steps": comp["budget_md_steps"],
+        "control_interval": comp["control_interval"],
+        "n_pieces": comp["n_pieces"],
+        "eval_replicas": comp["eval_replicas"],
+        "final_replicas": comp["final_replicas"],
+        "wall_cap_s": comp["wall_cap_s"],
+        "seeds": [cfg["experiment"]["seed"] + j for j in range(comp["seeds"])],
+        "target_progress": target,
+        "m0": m0,
+        "m0_final": m0_final,
+        "m_best": m_best,
+        "progress_definition": "(m - m0) / (m_best - m0); m0: the common starting protocol (middle of the "
+                               "bounds) on the same replicas as m (m0 for the scheduled evaluations, m0_final "
+                               "for the final ones); m_best: the best final metric of all runs",
+        "task_extras": {k: v for k, v in extras.items() if isinstance(v, int | float | str | bool)},
+        "methods": methods,
+    }
+
+
+def _progress(m: float, m0: float, m_best: float) -> float | None:
+    if not math.isfinite(m_best) or m_best == m0:
+        return None
+    return (m - m0) / (m_best - m0)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The comparison as a markdown table (one row per method, mean over seeds)."""
+    name = result["metric_name"]
+    direction = "higher" if result["higher_is_better"] else "lower"
+    pct = round(100 * result["target_progress"])
+    lines = [
+        f"Task `{result['task']}`, metric `{name}` ({direction} is better), {result['n_pieces']} pieces of "
+        f"{result['control_interval']} MD steps, budget {result['budget_md_steps']:.3g} MD replica-steps per run, "
+        f"{len(result['seeds'])} seeds. Start (middle of the bounds): {result['m0_final']:.4g}; best final: "
+        f"{result['m_best']:.4g}.",
+        "",
+        f"| method | final {name} (mean ± sd) | best seed | MD steps to {pct}% (median) | reached | "
+        "MD steps used | grad steps | wall s (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    pick = max if result["higher_is_better"] else min
+    for method, data in result["methods"].items():
+        s = data["summary"]
+        finals = [r["final"]["metric"] for r in data["runs"]]
+        to = s["md_steps_to_target_median"]
+        lines.append(
+            f"| {method} | {s['final_mean']:.4g} ± {s['final_sd']:.2g} | {pick(finals):.4g} | "
+            f"{'—' if to is None else f'{to:.3g}'} | {s['reached_target']}/{len(finals)} | "
+            f"{s['md_steps_mean']:.3g} | {s['grad_steps_mean']:.3g} | {s['wall_s_mean']:.0f} |"
+        )
+    known = result["task_extras"].get("optimum")
+    if known is not None:
+        lines += ["", f"Known optimum (task extras): {known:.4g}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(result: dict[str, Any], path: Path) -> None:
+    """``comparison.png``: metric against MD steps and wall time, mean and min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, label in ((axes[0], "md_steps", "MD replica-steps spent"), (axes[1], "wall_s", "wall time (s)")):
+        for method, data in result["methods"].items():
+            curves = [([*r["curve"], r["final"]]) for r in data["runs"]]
+            xs = [np.array([p[key] for p in c], dtype=float) for c in curves]
+            lo = min(x[1] if x.size > 1 else x[0] for x in xs) / 2.0
+            hi = max(x[-1] for x in xs)
+            grid = np.geomspace(lo, hi, 200)
+            held = np.full((len(curves), grid.size), np.nan)
+            for i, (c, x) in enumerate(zip(curves, xs)):
+                idx = np.searchsorted(x, grid, side="right") - 1
+                ok = (idx >= 0) & (grid <= x[-1])
+                held[i, ok] = np.array([p["metric"] for p in c])[idx[ok]]
+            with warnings.catch_warnings():  # grid points before a run's first evaluation are NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(held, axis=0), np.nanmin(held, axis=0), np.nanmax(held, axis=0)
+            line = axis.plot(grid, mean, label=method)[0]
+            axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+        axis.axhline(result["m0"], color="grey", lw=0.8, ls=":", label="start")
+        known = result["task_extras"].get("optimum")
+        if isinstance(known, float):
+            axis.axhline(known, color="black", lw=0.8, ls="--", label="known optimum")
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.set_ylabel(f"{result['metric_name']} ({'higher' if result['higher_is_better'] else 'lower'} is better)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['task']}: equal budget {result['budget_md_steps']:.3g} MD steps, "
+                 f"{len(result['seeds'])} seeds (mean, min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, bool | int | float | str) or obj is None:
+        return obj
+    return str(obj)
+
+
+def main_compare(path: str | Path, *, out: str | Path | None = None, overrides: Iterable[str] = (),
+                 progress: bool = True) -> Path:
+    """What ``controlmd compare`` runs: load, run, report where the results went."""
+    cfg = load_compare_config(path, overrides)
+    t0 = time.perf_counter()
+    out_dir = run_comparison(cfg, out=out, progress=progress)
+    if progress:
+        print((out_dir / "comparison.md").read_text(), file=sys.stderr)
+        print(f"wrote {out_dir}/comparison.json, comparison.png, comparison.md in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
+    return out_dir
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m controlmd_envs.compare EXPERIMENT.toml [--out DIR] [--set K=V] [--quiet]``
+    (the same as ``controlmd compare``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m controlmd_envs.compare", description=__doc__.splitlines()[0])
+    add_compare_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        main_compare(args.experiment, out=args.out, overrides=args.overrides, progress=not args.quiet)
+    except ControlMDError as exc:
+        print(f"controlmd compare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_compare_arguments(parser: Any) -> None:
+    """The options of ``controlmd compare`` (shared with ``python -m controlmd_envs.compare``)."""
+    parser.add_argument("experiment", type=Path, help="comparison TOML file, e.g. experiments/trap_drag_compare.toml")
+    parser.add_argument("--out", type=Path, help="output folder (default: runs/<experiment>/<YYYYmmdd-HHMMSS>/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set compare.seeds=2 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,198 @@
+"""The equal-budget comparison harness and the derivative-free searches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from controlmd_envs.compare import load_compare_config, run_comparison, summarize
+
+from controlmd.errors import ConfigError
+from controlmd.search import CMAES, RandomSearch, actions_to_protocol
+from controlmd.tasks import get_task
+
+TINY = """
+[experiment]
+name = "tiny_compare"
+seed = 3
+
+[task]
+name = "trap_drag"
+n_steps = 20
+low = -2.5
+high = 12.5
+
+[compare]
+methods = ["gradient", "ppo", "sac", "cma_es", "random_search", "ppo_feedback"]
+seeds = 2
+budget_md_steps = 8_000
+control_interval = 5
+eval_replicas = 16
+final_replicas = 32
+eval_points = 4
+wall_cap_s = 60.0
+
+[gradient]
+lr = 0.2
+replicas = 16
+
+[ppo]
+n_envs = 8
+n_steps = 4
+batch_size = 32
+n_epochs = 2
+
+[sac]
+n_envs = 8
+learning_starts = 64
+batch_size = 32
+policy_kwargs = {net_arch = [16, 16]}
+
+[cma_es]
+replicas = 8
+popsize = 4
+
+[random_search]
+replicas = 8
+batch = 4
+
+[ppo_feedback]
+algo = "ppo"
+observation = "features"
+feature_scale = 5.0
+shaping = 1.0
+n_envs = 8
+n_steps = 4
+batch_size = 32
+n_epochs = 2
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_comparison_end_to_end(tmp_path: Path) -> None:
+    cfg = load_compare_config(_write(tmp_path, TINY))
+    out = run_comparison(cfg, out=tmp_path / "out", progress=False)
+    result = json.loads((out / "comparison.json").read_text())
+    assert (out / "comparison.png").stat().st_size > 0
+    table = (out / "comparison.md").read_text()
+    budget, n_steps = 8_000, 20
+    assert result["n_pieces"] == 4 and result["seeds"] == [3, 4]
+    assert set(result["methods"]) == {"gradient", "ppo", "sac", "cma_es", "random_search", "ppo_feedback"}
+    finals = []
+    for method, data in result["methods"].items():
+        assert f"| {method} |" in table
+        assert len(data["runs"]) == 2
+        for run in data["runs"]:
+            md = [p["md_steps"] for p in run["curve"]] + [run["final"]["md_steps"]]
+            walls = [p["wall_s"] for p in run["curve"]] + [run["final"]["wall_s"]]
+            assert md == sorted(md) and walls == sorted(walls)
+            # equal budget: never above it; within one unit of work plus one evaluation below it
+            assert run["md_steps"] == run["final"]["md_steps"] == run["train_md_steps"] + run["eval_md_steps"]
+            assert budget - 4 * 8 * n_steps - 16 * n_steps <= run["md_steps"] <= budget
+            assert run["stop_reason"] == "budget"
+            assert run["curve"][0]["metric"] == result["m0"]  # the common start
+            assert run["final"]["replicas"] == 32 and np.isfinite(run["final"]["metric"])
+            finals.append(run["final"]["metric"])
+            run_dir = out / method / f"seed{run['seed']}"
+            assert any((run_dir / "tb").glob("events.out.tfevents.*"))
+            assert json.loads((run_dir / "metrics.json").read_text())["method"] == method
+            has_protocol = method != "ppo_feedback"
+            assert (run_dir / "protocol.pt").exists() == has_protocol
+        if data["algo"] == "gradient":
+            assert data["summary"]["grad_steps_mean"] > 0
+    assert result["m_best"] == min(finals)
+    best = [r for d in result["methods"].values() for r in d["runs"] if r["final"]["metric"] == result["m_best"]]
+    assert best[0]["final"]["progress"] == pytest.approx(1.0)
+
+
+def _run(curve: list[tuple[int, float]], final: tuple[int, float]) -> dict:
+    return {
+        "curve": [{"md_steps": s, "wall_s": float(s), "metric": m, "se": 0.0, "replicas": 2} for s, m in curve],
+        "final": {"md_steps": final[0], "wall_s": float(final[0]), "metric": final[1], "se": 0.0, "replicas": 2},
+        "md_steps": final[0], "grad_steps": 0, "wall_s": 1.0, "stop_reason": "budget",
+    }
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_progress_to_target_for_either_direction(higher_is_better: bool) -> None:
+    sign = 1.0 if higher_is_better else -1.0
+    task = SimpleNamespace(higher_is_better=higher_is_better, name="t", metric_name="m", units="u",
+                           extras=lambda: {})
+    cfg = {"experiment": {"name": "x", "seed": 0}, "task": {"name": "t"},
+           "compare": {"target_progress": 0.9, "budget_md_steps": 100, "control_interval": 1, "n_pieces": 1,
+                       "eval_replicas": 2, "final_replicas": 2, "wall_cap_s": 1.0, "seeds": 2},
+           "methods": {"a": {"algo": "gradient"}, "b": {"algo": "cma_es"}}}
+    m0 = 1.0
+    runs = {
+        "a": [_run([(10, m0), (20, m0 + sign * 5.0), (40, m0 + sign * 9.5)], (80, m0 + sign * 10.0)),
+              _run([(10, m0), (20, m0 + sign * 9.0)], (80, m0 + sign * 9.0))],
+        "b": [_run([(10, m0), (20, m0 + sign * 1.0)], (80, m0 + sign * 2.0)),
+              _run([(10, m0)], (80, m0 - sign * 1.0))],
+    }
+    result = summarize(cfg, task, runs, m0=m0, m0_final=m0)
+    assert result["m_best"] == m0 + sign * 10.0
+    a, b = result["methods"]["a"], result["methods"]["b"]
+    assert [r["md_steps_to_target"] for r in a["runs"]] == [40, 20]
+    assert a["runs"][0]["progress"] == pytest.approx([0.0, 0.5, 0.95])
+    assert [r["md_steps_to_target"] for r in b["runs"]] == [None, None]
+    assert a["summary"]["reached_target"] == 2 and a["summary"]["md_steps_to_target_median"] == 30
+    assert b["summary"]["final_mean"] == pytest.approx(m0 + sign * 0.5)
+
+
+def test_cma_es_improves_the_exact_work_and_counts_its_steps() -> None:
+    task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
+    search = CMAES(task, n_pieces=4, replicas=32, seed=0, sigma0=0.2, popsize=6)
+    start = task.exact_metric(search.incumbent())
+    search.learn(12)
+    assert search.md_steps == 12 * 6 * 32 * 20
+    assert task.exact_metric(search.incumbent()) < start - 1.0  # 12.5 -> about 8.6 at the 4-piece optimum
+
+
+def test_random_search_keeps_its_best_candidate() -> None:
+    task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
+    search = RandomSearch(task, n_pieces=4, replicas=8, seed=1, batch=5)
+    start_score = search.score(np.zeros(4), search.seed)
+    search.md_steps = 0
+    search.learn(2)
+    assert search.candidates == 10 and search.md_steps == 10 * 8 * 20
+    assert search.best_score <= start_score
+    assert search.score(search.best_x, search.seed) == search.best_score
+    np.testing.assert_allclose(search.incumbent().values.detach(), actions_to_protocol(
+        search.best_x.reshape(4, 1), task).values.detach())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('[task]\nname = "nope"\n', r"\[task\] name: unknown value 'nope'; expected one of: .*trap_drag"),
+        ('[bogus]\nx = 1\n', r"unknown section \[bogus\]"),
+        ('[compare]\nmethods = ["gradient"]\nbudget = 3\n', r"unknown key 'budget' in \[compare\]"),
+        ('[compare]\nmethods = ["tabu"]\n', r"\[tabu\] algo: unknown value 'tabu'; expected one of: gradient, ppo"),
+        ('[compare]\nmethods = ["ppo"]\n[ppo]\nlearnig_rate = 0.1\n', r"unknown key 'learnig_rate' in \[ppo\].*learning_rate"),
+        ('[compare]\nmethods = ["cma_es"]\n[cma_es]\nsigma0 = "big"\n', r"\[cma_es\] sigma0 must be a finite number"),
+        ('[compare]\nmethods = ["gradient"]\n[gradient]\noptimizer = "newton"\n', r"\[train\] optimizer: unknown value 'newton'"),
+        ('[compare]\nmethods = ["gradient"]\ncontrol_interval = 7\n', r"control_interval = 7 must divide the task's n_steps = 100"),
+        ('[compare]\nmethods = ["gradient"]\nbudget_md_steps = 1000\n', r"budget_md_steps = 1000 must exceed"),
+        ('[compare]\nmethods = ["ppo"]\n[ppo]\nobservation = "pixels"\n', r"observation: unknown value 'pixels'"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path: Path, change: str, message: str) -> None:
+    base = '[experiment]\nname = "x"\n'
+    text = base + (change if change.startswith("[task]") else '[task]\nname = "trap_drag"\n' + change)
+    with pytest.raises(ConfigError, match=message):
+        load_compare_config(_write(tmp_path, text))
+
+
+def test_overrides_apply(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nmethods = ["gradient"]\n')
+    cfg = load_compare_config(path, ["compare.seeds=2", "gradient.lr=0.5", "task.lambda_f=3.0"])
+    assert cfg["compare"]["seeds"] == 2 and cfg["methods"]["gradient"]["lr"] == 0.5
+    assert cfg["task"]["lambda_f"] == 3.0 and cfg["compare"]["n_pieces"] == 20
