@@ -76,6 +76,10 @@ class Task(ABC):
         metric_name: name of the exact metric, e.g. ``"mean_work"``.
         higher_is_better: direction of the metric.
         units: one line stating the unit system.
+        replica_mean_loss: whether ``loss`` is the mean over replicas of a per-replica term
+            (default ``True``). The distributed trainer averages the ranks' losses, which
+            equals the loss of the whole batch only then; a task whose loss couples replicas
+            (a function of an ensemble average) sets it ``False`` and trains on one process.
 
     Instance attributes (set by subclasses' ``__init__``):
         controls: :class:`ControlChannels`.
@@ -87,6 +91,7 @@ class Task(ABC):
     metric_name: ClassVar[str]
     higher_is_better: ClassVar[bool]
     units: ClassVar[str]
+    replica_mean_loss: ClassVar[bool] = True
 
     controls: ControlChannels
     dt: float
