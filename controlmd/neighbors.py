@@ -109,7 +109,7 @@ class NeighborList:
         skin: float = 0.3,
         exclude: Tensor | Sequence[Sequence[int]] | None = None,
         method: str = "auto",
-        chunk_elements: int = 1 << 22,
+        chunk_elements: int = 1 << 18,
     ) -> None:
         if not isinstance(space, Space):
             raise ControlMDError(f"space must be a Space (free() or periodic(box)), got {type(space)}")
@@ -275,7 +275,7 @@ class NeighborList:
         return NeighborPairs(i, j, i // N, B, N)
 
 
-def brute_force_pairs(space: Space, R: Tensor, r_list: float, *, chunk_elements: int = 1 << 22) -> NeighborPairs:
+def brute_force_pairs(space: Space, R: Tensor, r_list: float, *, chunk_elements: int = 1 << 18) -> NeighborPairs:
     """All pairs ``i < j`` of each replica with ``|r_i - r_j| < r_list`` (``O(N^2)``, chunked).
 
     Rows are processed in blocks, each against the columns after the block start only (the
@@ -316,6 +316,7 @@ def brute_force_pairs(space: Space, R: Tensor, r_list: float, *, chunk_elements:
     b = torch.cat(out_b)
     i = torch.cat(out_i)
     j = torch.cat(out_j)
-    order = torch.argsort(b * N * N + i * N + j)
-    b, i, j = b[order], i[order], j[order]
+    if B > 1:  # row blocks hold every replica: restore the (replica, i, j) order
+        order = torch.argsort(b * N * N + i * N + j)
+        b, i, j = b[order], i[order], j[order]
     return NeighborPairs(b * N + i, b * N + j, b, B, N)
