@@ -1,0 +1,208 @@
+"""Train one experiment over several seeds, export artifacts and test the claim against the
+best constant control.
+
+Usage::
+
+    python benchmarks/classical_runs.py experiments/assembly.toml --seeds 0 1 2 \
+        --sweep experiments/results/assembly_sweep.json [--jobs 2] [--set train.iterations=5] \
+        [--out runs/assembly_study] [--table experiments/results/assembly_trained.md]
+
+For each seed it runs ``controlmd run EXPERIMENT --seed s --out OUT/seed<s>`` (in-process,
+``--jobs`` at a time, one torch thread each), then calls the task's
+``save_artifacts(protocol, run_dir)`` (extended XYZ of fresh final replicas and a snapshot
+figure). It writes ``OUT/summary.json``, ``OUT/metric_vs_iteration.png`` (held-out metric vs
+iteration and vs MD steps, every seed), ``OUT/protocols.png`` (trained u(t) of every seed
+with the best constant) and a markdown table (``--table``).
+
+Claim test: with ``m_s`` the final metric of seed ``s`` (each scored on the experiment's
+``final_replicas`` fresh replicas) and ``c +- se_c`` the best constant of the sweep, the
+difference ``mean_s(m_s) - c`` is divided by ``sqrt(se_seeds^2 + se_c^2)`` where
+``se_seeds`` is the standard error over seeds (or the pooled evaluation error when it is
+larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+
+def _train(args: tuple[str, list[str], int, str]) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from controlmd.config import build_task, load_config
+    from controlmd.protocols import load_protocol
+    from controlmd.train import run_experiment
+
+    path, overrides, seed, out = args
+    cfg = load_config(path, overrides, seed=seed)
+    t0 = time.perf_counter()
+    result = run_experiment(cfg, out=out, progress=False)
+    task = build_task(cfg)
+    saver = getattr(task, "save_artifacts", None)
+    artifacts = []
+    if callable(saver):
+        protocol = load_protocol(Path(out) / "protocol.pt")
+        artifacts = [str(p) for p in saver(protocol, out, seed=seed)]
+    return {"seed": seed, "run_dir": str(result.run_dir), "metrics": result.metrics,
+            "artifacts": artifacts, "wall_s": time.perf_counter() - t0}
+
+
+def _progress(run_dir: str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "progress.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--sweep", help="JSON written by benchmarks/constant_sweep.py (best constant)")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", help="folder of the seed runs (default: runs/<experiment>_study)")
+    parser.add_argument("--table", help="markdown table to write (default: OUT/summary.md)")
+    args = parser.parse_args(argv)
+
+    from controlmd.config import load_config
+
+    cfg = load_config(args.experiment, args.overrides)
+    name = cfg["experiment"]["name"]
+    out = Path(args.out) if args.out else Path("runs") / f"{name}_study"
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(args.experiment, args.overrides, s, str(out / f"seed{s}")) for s in args.seeds]
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            runs = list(pool.map(_train, jobs))
+    else:
+        runs = [_train(j) for j in jobs]
+    wall = time.perf_counter() - t0
+
+    finals = [r["metrics"]["metric_final"] for r in runs]
+    eval_se = [r["metrics"]["metric_final_se"] for r in runs]
+    n = len(finals)
+    mean = sum(finals) / n
+    se_seeds = math.sqrt(sum((f - mean) ** 2 for f in finals) / (n - 1) / n) if n > 1 else float("nan")
+    se_pooled = math.sqrt(sum(s * s for s in eval_se)) / n
+    se = max(se_seeds, se_pooled) if n > 1 else se_pooled
+    summary: dict[str, Any] = {
+        "experiment": name, "task": runs[0]["metrics"]["task"], "metric_name": runs[0]["metrics"]["metric_name"],
+        "protocol_kind": runs[0]["metrics"]["protocol_kind"], "estimator": runs[0]["metrics"]["estimator"],
+        "seeds": args.seeds, "metric_final_mean": mean, "metric_final_se": se, "se_over_seeds": se_seeds,
+        "se_pooled_eval": se_pooled,
+        "metric_initial_mean": sum(r["metrics"]["metric_initial"] for r in runs) / n,
+        "md_steps_per_seed": [r["metrics"]["md_steps"] for r in runs],
+        "wall_s_per_seed": [r["metrics"]["wall_s"] for r in runs], "wall_s_total": wall, "jobs": args.jobs,
+        "runs": [{k: r[k] for k in ("seed", "run_dir", "artifacts")} | {
+            "metric_initial": r["metrics"]["metric_initial"], "metric_final": r["metrics"]["metric_final"],
+            "metric_final_se": r["metrics"]["metric_final_se"], "md_steps": r["metrics"]["md_steps"],
+            "wall_s": r["metrics"]["wall_s"]} for r in runs],
+        "command": "python benchmarks/classical_runs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    if args.sweep:
+        sweep = json.loads(Path(args.sweep).read_text())
+        best = sweep["baselines"]["best_constant"]
+        z = (mean - best["mean"]) / math.hypot(se, best["se"])
+        summary["best_constant"] = {"value": best["value"], "mean": best["mean"], "se": best["se"]}
+        summary["z_vs_best_constant"] = z
+        summary["beats_best_constant_by_3se"] = bool(z >= 3)
+        summary["ratio_to_best_constant"] = mean / best["mean"] if best["mean"] > 0 else None
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = Path(args.table) if args.table else out / "summary.md"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(_markdown(summary))
+    _plot_progress(runs, out / "metric_vs_iteration.png", summary)
+    _plot_protocols(runs, out / "protocols.png", summary, cfg)
+    print(_markdown(summary))
+    return 0
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    lines = [
+        f"{s['task']}: {s['protocol_kind']} protocol, estimator {s['estimator']}, seeds {s['seeds']}",
+        "",
+        "| seed | metric before | metric after | SE | MD steps | wall s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in s["runs"]:
+        lines.append(f"| {r['seed']} | {r['metric_initial']:.4f} | {r['metric_final']:.4f} | "
+                     f"{r['metric_final_se']:.4f} | {r['md_steps']:.3g} | {r['wall_s']:.0f} |")
+    lines += ["", f"Mean over seeds: {s['metric_final_mean']:.4f} +- {s['metric_final_se']:.4f} "
+              f"(SE over seeds {s['se_over_seeds']:.4f}, pooled evaluation SE {s['se_pooled_eval']:.4f})."]
+    if "best_constant" in s:
+        b = s["best_constant"]
+        lines.append(f"Best constant ({b['value']:.4g}): {b['mean']:.4f} +- {b['se']:.4f}; difference "
+                     f"{s['z_vs_best_constant']:.1f} SE (claim >= 3 SE: {s['beats_best_constant_by_3se']}); "
+                     f"ratio {s['ratio_to_best_constant']:.2f}.")
+    lines += ["", f"Command: `{s['command']}` (total wall {s['wall_s_total']:.0f} s, {s['jobs']} job(s))", ""]
+    return "\n".join(lines)
+
+
+def _plot_progress(runs: list[dict[str, Any]], path: Path, s: dict[str, Any]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_it, ax_md = fig.subplots(1, 2)
+    for r in runs:
+        rows = [row for row in _progress(r["run_dir"]) if "outcome/metric" in row]
+        it = [row["step"] for row in rows]
+        m = [row["outcome/metric"] for row in rows]
+        e = [row.get("outcome/metric_se", 0.0) for row in rows]
+        md = [row["budget/md_steps"] for row in rows]
+        ax_it.errorbar(it, m, yerr=e, fmt="o-", ms=3, capsize=2, label=f"seed {r['seed']}")
+        ax_md.plot(md, m, "o-", ms=3, label=f"seed {r['seed']}")
+    if "best_constant" in s:
+        b = s["best_constant"]
+        for ax in (ax_it, ax_md):
+            ax.axhspan(b["mean"] - b["se"], b["mean"] + b["se"], color="0.85")
+            ax.axhline(b["mean"], color="0.4", ls="--", label="best constant")
+    ax_it.set_xlabel("iteration")
+    ax_md.set_xlabel("MD replica-steps")
+    ax_md.set_xscale("log")
+    for ax in (ax_it, ax_md):
+        ax.set_ylabel(f"{s['metric_name']} (held-out)")
+        ax.grid(alpha=0.3)
+    ax_it.legend(fontsize="small")
+    fig.suptitle(f"{s['task']}: {s['protocol_kind']} ({s['estimator']})", fontsize=9)
+    fig.savefig(path, dpi=120)
+
+
+def _plot_protocols(runs: list[dict[str, Any]], path: Path, s: dict[str, Any], cfg: dict[str, Any]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from controlmd.protocols import load_protocol
+
+    protocols = [load_protocol(Path(r["run_dir"]) / "protocol.pt") for r in runs]
+    k = protocols[0].dim
+    fig = Figure(figsize=(5.5, 2.4 * k + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(k, 1, squeeze=False)[:, 0]
+    for r, p in zip(runs, protocols):
+        t, u = p.sample(400)
+        for j, ax in enumerate(axes):
+            ax.plot(t.numpy(), u[:, j].numpy(), label=f"seed {r['seed']}")
+    if "best_constant" in s and k == 1:
+        axes[0].axhline(s["best_constant"]["value"], color="0.4", ls="--", label="best constant")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    axes[-1].set_xlabel("t")
+    fig.suptitle(f"{s['task']}: trained protocols", fontsize=9)
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

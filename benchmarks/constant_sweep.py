@@ -1,0 +1,197 @@
+"""The control gate and the baselines of a one-channel task: exact metric vs a constant
+control swept over its range, no control, and linear ramps, all by the same code.
+
+Usage::
+
+    python benchmarks/constant_sweep.py experiments/assembly.toml \
+        [--set task.n_steps=4000] [--n-values 9 | --values 2,4,6] [--replicas 512] \
+        [--chunk 256] [--seed 7] [--out experiments/results/assembly_sweep.json]
+
+The task is built from the experiment file's ``[task]`` section (``--set`` overrides as in
+``controlmd run``). Every protocol is scored on the same fresh replicas (seed ``--seed``,
+common random numbers), ``--replicas`` of them, with the task's exact metric; the table
+gives mean +- standard error. Protocols:
+
+* ``constant`` at each value of the sweep (``--n-values`` equally spaced over the channel's
+  bounds, or ``--values``);
+* ``no_control``: the task's ``default_control()`` (H0 as built: e.g. the bath
+  temperature, epsilon scale 1, zero force/bias), or the middle of the bounds;
+* ``ramp_up`` / ``ramp_down``: linear from the lower to the upper bound and back.
+
+The gate (printed and stored under ``gate``): the sweep's maximum is interior and exceeds
+both end values by more than 2 combined standard errors (non-monotone), and it lies
+below 1 by more than 3 standard errors. Writes ``--out`` (JSON), a markdown table and a
+plot next to it (same stem, ``.md`` and ``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from controlmd.config import build_task, load_config
+from controlmd.errors import ControlMDError
+from controlmd.protocols import Protocol, Tabulated
+from controlmd.tasks.base import Task
+
+
+def score(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int) -> dict[str, float]:
+    """Exact metric of ``protocol`` on ``replicas`` fresh replicas: mean, SE, MD steps, wall."""
+    t0 = time.perf_counter()
+    values = []
+    done = 0
+    with torch.no_grad():
+        while done < replicas:
+            b = min(chunk, replicas - done)
+            state = task.rollout(protocol, b, seed, first_replica=done, gradient="none")
+            values.append(task.metric(state).detach().to(torch.float64))
+            done += b
+    v = torch.cat(values)
+    se = float(v.std(unbiased=True)) / math.sqrt(v.numel()) if v.numel() > 1 else float("nan")
+    return {"mean": float(v.mean()), "se": se, "n": int(v.numel()),
+            "md_steps": int(v.numel()) * task.n_steps, "wall_s": time.perf_counter() - t0}
+
+
+def table_protocol(task: Task, start: float, end: float) -> Protocol:
+    """A linear ramp ``start -> end`` over the horizon (a constant when equal), unsquashed."""
+    return Tabulated(times=[0.0, task.horizon], values=[[start], [end]])
+
+
+def gate(sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    means = [s["mean"] for s in sweep]
+    k = max(range(len(means)), key=means.__getitem__)
+    best = sweep[k]
+    interior = 0 < k < len(sweep) - 1
+
+    def above(end: dict[str, Any]) -> float:
+        return (best["mean"] - end["mean"]) / math.hypot(best["se"], end["se"]) if best["se"] + end["se"] > 0 else math.inf
+
+    z_first, z_last = above(sweep[0]), above(sweep[-1])
+    z_below_one = (1.0 - best["mean"]) / best["se"] if best["se"] > 0 else math.inf
+    return {
+        "best_value": best["value"], "best_mean": best["mean"], "best_se": best["se"],
+        "interior_max": interior, "z_over_first": z_first, "z_over_last": z_last,
+        "non_monotone": bool(interior and z_first > 2 and z_last > 2),
+        "z_below_one": z_below_one, "max_clearly_below_1": bool(z_below_one > 3),
+        "max_below_half": bool(best["mean"] + 2 * best["se"] < 0.5),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", help="experiment TOML (its [task] section is used)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--values", help="comma-separated constant values (default: --n-values over the bounds)")
+    parser.add_argument("--n-values", type=int, default=9)
+    parser.add_argument("--replicas", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=7_000_000)
+    parser.add_argument("--out", help="JSON output path (default: experiments/results/<experiment>_sweep.json)")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.experiment, args.overrides)
+    task = build_task(cfg)
+    if task.controls.dim != 1:
+        raise ControlMDError(
+            f"the sweep needs a one-channel task; {task.name!r} has channels {task.controls.names}: "
+            "set [task] controls to a single channel"
+        )
+    lo, hi = task.controls.low[0], task.controls.high[0]
+    if args.values:
+        values = [float(v) for v in args.values.split(",")]
+    else:
+        values = [lo + (hi - lo) * i / (args.n_values - 1) for i in range(args.n_values)]
+    default = getattr(task, "default_control", None)
+    u0 = float(default()[0]) if callable(default) else 0.5 * (lo + hi)
+    opts = {"replicas": args.replicas, "chunk": args.chunk, "seed": args.seed}
+    t0 = time.perf_counter()
+
+    def run(label: str, protocol: Protocol) -> dict[str, float]:
+        result = score(task, protocol, **opts)
+        print(f"{label:>22s}: {result['mean']:.4f} +- {result['se']:.4f}  ({result['wall_s']:.0f} s)", flush=True)
+        return result
+
+    sweep = [{"value": v, **run(f"constant {v:.4g}", table_protocol(task, v, v))} for v in values]
+    baselines = {
+        "no_control": {"value": u0, **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))},
+        "ramp_up": {"start": lo, "end": hi, **run("ramp up", table_protocol(task, lo, hi))},
+        "ramp_down": {"start": hi, "end": lo, **run("ramp down", table_protocol(task, hi, lo))},
+    }
+    g = gate(sweep)
+    baselines["best_constant"] = next(s for s in sweep if s["value"] == g["best_value"])
+    out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "task": task.name, "task_params": {k: v for k, v in cfg["task"].items() if k != "name"},
+        "metric_name": task.metric_name, "channel": task.controls.names[0], "unit": task.controls.units[0],
+        "bounds": [lo, hi], "replicas": args.replicas, "seed": args.seed, "n_steps": task.n_steps,
+        "dt": task.dt, "sweep": sweep, "baselines": baselines, "gate": g,
+        "md_steps": sum(s["md_steps"] for s in sweep) + sum(b["md_steps"] for k, b in baselines.items() if k != "best_constant"),
+        "wall_s": time.perf_counter() - t0,
+        "command": "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(_markdown(result))
+    _plot(result, out.with_suffix(".png"))
+    print(json.dumps(g, indent=2))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return 0
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"Gate and baselines: {r['task']} ({r['metric_name']} vs constant {r['channel']} [{r['unit']}]), "
+        f"{r['replicas']} replicas each, {r['n_steps']} steps of dt = {r['dt']:g}",
+        "",
+        "| protocol | value | metric | SE | MD steps |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in r["sweep"]:
+        lines.append(f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {s['md_steps']:.3g} |")
+    for name, b in r["baselines"].items():
+        value = f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
+        lines.append(f"| {name} | {value} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |")
+    g = r["gate"]
+    lines += [
+        "",
+        f"Gate: max {g['best_mean']:.4f} +- {g['best_se']:.4f} at {g['best_value']:.4g}; interior: "
+        f"{g['interior_max']}; above the ends by {g['z_over_first']:.1f} and {g['z_over_last']:.1f} SE "
+        f"(non-monotone: {g['non_monotone']}); below 1 by {g['z_below_one']:.1f} SE.",
+        "",
+        f"Command: `{r['command']}` ({r['wall_s']:.0f} s)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(r: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = [s["value"] for s in r["sweep"]]
+    y = [s["mean"] for s in r["sweep"]]
+    e = [s["se"] for s in r["sweep"]]
+    ax.errorbar(x, y, yerr=e, fmt="o-", capsize=3, label="constant")
+    for name, style in (("ramp_up", "--"), ("ramp_down", ":"), ("no_control", "-.")):
+        b = r["baselines"][name]
+        ax.axhline(b["mean"], ls=style, color="0.4", label=f"{name} {b['mean']:.3f}")
+    ax.set_xlabel(f"constant {r['channel']} [{r['unit']}]")
+    ax.set_ylabel(r["metric_name"])
+    ax.set_title(f"{r['task']}: gate sweep ({r['replicas']} replicas)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

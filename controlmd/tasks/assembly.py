@@ -1,0 +1,432 @@
+"""Self-assembly of the compact hexagonal heptamer from sticky disks under a time-dependent
+interaction strength and/or temperature.
+
+System
+    ``n_particles`` = 7 disks (diameter sigma = 1) per replica in a periodic square box of
+    side ``L`` set by the area fraction ``phi = n pi sigma^2 / (4 L^2)`` (default 0.15:
+    ``L = 6.05``), ``R`` ``[B, 7, 2]``. Pair potential: short-range Morse
+    ``eps(t) [(1 - exp(-alpha (r - sigma)))^2 - 1]`` with ``alpha = 6`` (well width ~
+    0.17 sigma), minimum ``-eps`` at contact ``r = sigma``, truncated at ``r_cut = 2.5``
+    (no shift: the tail there is ``3e-4 eps``). Overdamped Brownian dynamics
+    (:class:`~controlmd.dynamics.brownian.Brownian`, Euler–Maruyama) with friction
+    ``gamma`` (free diffusion ``D = kT / gamma``), temperature ``kT``, time step ``dt``,
+    horizon ``T = n_steps dt`` (default 8000 x 3e-4 = 2.4 tau).
+
+    Why control matters: strong attraction sticks disks where they meet, locking open
+    7-clusters with 11 bonds (rigid chains of triangles) that only rearrange by breaking
+    bonds; weak attraction lets clusters rearrange but also evaporate into the dilute box.
+    The best constant strength trades the two off; a protocol can do both in sequence.
+
+Control channels (``controls``, in the order given)
+    ===========  ==================================  =============  =============  =======
+    name         coupling                            min            max            unit
+    ===========  ==================================  =============  =============  =======
+    epsilon      Morse well depth eps(t)             ``eps_min``    ``eps_max``    epsilon
+    temperature  bath kT(t) (noise and diffusion)    ``kT_min``     ``kT_max``     epsilon
+    ===========  ==================================  =============  =============  =======
+
+    Without the epsilon channel the depth is ``epsilon``; without the temperature channel
+    the bath is at ``kT``.
+
+Observation (feedback protocols, gymnasium env)
+    =====  ===========================================  ======  =====
+    index  quantity                                     range   unit
+    =====  ===========================================  ======  =====
+    0      bonds / 12 (exact bond graph)                [0, 2]  1
+    1      largest cluster size / n_particles           [0, 1]  1
+    2      largest coordination number / 6              [0, 1]  1
+    =====  ===========================================  ======  =====
+
+Outcome
+    Exact metric (reported): yield, the fraction of particles of each replica that belong
+    to a compact heptamer at ``T``: a connected component of the bond graph (bond: pair
+    distance < ``bond_cutoff`` = 1.25 sigma, minimum image) with exactly 7 particles, 12
+    bonds and one particle of coordination 6. With 7 disks per replica it is 1 or 0; the
+    reported value is the mean over replicas. 12 is the most bonds 7 disks can have, and
+    only the hexagon (one disk ringed by six) reaches it.
+    Surrogate loss (``surrogate = "bonds"``, minimized): ``mean_b [1 - n_b / n_max]`` with
+    ``n_b = sum_{i<j} sigmoid((bond_cutoff - r_ij) / bond_width)`` the smooth bond count
+    and ``n_max = 12 n_particles / 7``. It tracks the yield because every open 7-cluster
+    has at most 11 bonds and monomers or small clusters have fewer, so raising the bond
+    count can only move replicas toward the heptamer. ``surrogate = "yield"`` uses
+    ``1 - exact yield`` itself: no pathwise gradient, meant for the score-function
+    estimator (``[train] estimator = "score"``), which is unbiased for the exact metric.
+
+Starting state
+    Disks placed uniformly at random in the box, no two closer than 1.05 sigma (a quench
+    from a dilute gas); replica ``i`` draws from ``replica_seed(seed, first_replica + i)``.
+
+Episode end
+    Truncation at ``T`` (``n_steps`` steps); no termination.
+
+Units
+    Reduced units: length sigma (disk diameter), energy epsilon = kT at the default
+    temperature, time tau = gamma sigma^2 / epsilon (the time to diffuse ~sigma at kT = 1).
+
+Arguments
+    ==============  =========  ============  ==============================================
+    name            type       default       effect
+    ==============  =========  ============  ==============================================
+    n_particles     int        7             disks per replica
+    cluster_size    int        7             target cluster size (<= n_particles)
+    target_bonds    int        12            bonds of the target cluster
+    area_fraction   float      0.15          sets the box side L
+    controls        list[str]  ["epsilon"]   "epsilon" and/or "temperature"
+    epsilon         float      6.0           well depth when not controlled
+    kT              float      1.0           temperature when not controlled
+    eps_min         float      2.0           epsilon bounds
+    eps_max         float      10.0
+    kT_min          float      0.5           temperature bounds
+    kT_max          float      2.0
+    alpha           float      6.0           Morse inverse width (1/sigma)
+    r_cut           float      2.5           Morse cutoff (sigma)
+    gamma           float      1.0           friction
+    dt              float      3e-4          time step (tau)
+    n_steps         int        8000          steps per episode
+    bond_cutoff     float      1.25          bond graph cutoff (sigma)
+    bond_width      float      0.05          surrogate switch width (sigma)
+    surrogate       str        "bonds"       "bonds" or "yield"
+    ==============  =========  ============  ==============================================
+
+Version history
+    v0: initial version.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlmd._validation import check_choice, check_int, check_positive
+from controlmd.dynamics.base import Integrator, State
+from controlmd.dynamics.brownian import Brownian
+from controlmd.errors import ControlMDError
+from controlmd.potentials.base import Potential
+from controlmd.potentials.external import ScaledPotential
+from controlmd.potentials.pair import Morse
+from controlmd.protocols import Protocol
+from controlmd.rng import ReplicaRNG
+from controlmd.space import periodic
+from controlmd.structures import (
+    bond_graph,
+    cluster_labels,
+    smooth_bond_count,
+    target_cluster_fraction,
+)
+from controlmd.tasks.base import ControlChannels, Task, register_task
+
+Tensor = torch.Tensor
+
+__all__ = ["Assembly", "random_gas"]
+
+CHANNELS = ("epsilon", "temperature")
+SURROGATES = ("bonds", "yield")
+_MIN_START_DISTANCE = 1.05
+
+
+class _Channel(nn.Module):
+    """Channel ``c`` of a protocol as a scalar (or ``[B]``) schedule."""
+
+    def __init__(self, protocol: Protocol, channel: int) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.channel = channel
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.protocol(t)[..., self.channel]
+
+
+class _Constant(nn.Module):
+    """A constant control value ``[1]`` (the epsilon scale when it is not a channel)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.tensor([float(value)], dtype=torch.float64), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.value
+
+
+def random_gas(n_particles: int, box: float, rng: ReplicaRNG, *, min_distance: float = _MIN_START_DISTANCE,
+               max_tries: int = 10_000) -> Tensor:
+    """Uniform random positions in a periodic square box with no pair closer than
+    ``min_distance`` (minimum image), one configuration per replica of ``rng`` (random
+    sequential addition, each replica from its own generator).
+
+    :return: positions ``[B, n_particles, 2]`` float64 in ``[0, box)``.
+    """
+    out = []
+    for g in rng.generators:
+        pts: list[tuple[float, float]] = []
+        tries = 0
+        while len(pts) < n_particles:
+            tries += 1
+            if tries > max_tries:
+                raise ControlMDError(
+                    f"could not place {n_particles} disks {min_distance} apart in a box of side {box:g} "
+                    f"after {max_tries} tries: lower the area fraction"
+                )
+            x, y = (torch.rand(2, generator=g, dtype=torch.float64) * box).tolist()
+            if all(_min_image_sq(x - a, y - b, box) >= min_distance**2 for a, b in pts):
+                pts.append((x, y))
+        out.append(pts)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _min_image_sq(dx: float, dy: float, box: float) -> float:
+    dx -= box * round(dx / box)
+    dy -= box * round(dy / box)
+    return dx * dx + dy * dy
+
+
+@register_task
+class Assembly(Task):
+    """Maximize the yield of compact heptamers; see the module docstring.
+
+    Example:
+        >>> task = Assembly(n_steps=10)
+        >>> round(task.box, 3), task.controls.names
+        (6.051, ('epsilon',))
+        >>> from controlmd.protocols import PiecewiseConstant
+        >>> u = PiecewiseConstant(t_final=task.horizon, n_pieces=2, low=2.0, high=10.0, init=6.0)
+        >>> task.metric(task.rollout(u, 4, seed=0, gradient="none")).tolist()
+        [0.0, 0.0, 0.0, 0.0]
+    """
+
+    name = "assembly"
+    metric_name = "heptamer_yield"
+    higher_is_better = True
+    units = "reduced units: length sigma (disk diameter), energy epsilon (kT = 1 by default), time tau = gamma sigma^2 / epsilon"
+
+    def __init__(
+        self,
+        *,
+        n_particles: int = 7,
+        cluster_size: int = 7,
+        target_bonds: int = 12,
+        area_fraction: float = 0.15,
+        controls: Sequence[str] = ("epsilon",),
+        epsilon: float = 6.0,
+        kT: float = 1.0,
+        eps_min: float = 2.0,
+        eps_max: float = 10.0,
+        kT_min: float = 0.5,
+        kT_max: float = 2.0,
+        alpha: float = 6.0,
+        r_cut: float = 2.5,
+        gamma: float = 1.0,
+        dt: float = 3e-4,
+        n_steps: int = 8000,
+        bond_cutoff: float = 1.25,
+        bond_width: float = 0.05,
+        surrogate: str = "bonds",
+    ) -> None:
+        check_int("n_particles", n_particles, minimum=2)
+        check_int("cluster_size", cluster_size, minimum=2)
+        if cluster_size > n_particles:
+            raise ControlMDError(
+                f"cluster_size = {cluster_size} exceeds the particle count n_particles = {n_particles}"
+            )
+        check_int("target_bonds", target_bonds)
+        max_bonds = cluster_size * (cluster_size - 1) // 2
+        if target_bonds > max_bonds:
+            raise ControlMDError(
+                f"target_bonds = {target_bonds} exceeds the {max_bonds} pairs of a {cluster_size}-particle cluster"
+            )
+        if isinstance(controls, str) or len(controls) == 0:
+            raise ControlMDError(f"controls must be a non-empty list of channel names from {CHANNELS}, got {controls!r}")
+        for c in controls:
+            check_choice("controls entry", c, CHANNELS)
+        if len(set(controls)) != len(controls):
+            raise ControlMDError(f"controls lists a channel twice: {list(controls)}")
+        for name, value in (("area_fraction", area_fraction), ("epsilon", epsilon), ("kT", kT),
+                            ("eps_min", eps_min), ("eps_max", eps_max), ("kT_min", kT_min),
+                            ("kT_max", kT_max), ("alpha", alpha), ("r_cut", r_cut), ("gamma", gamma),
+                            ("dt", dt), ("bond_cutoff", bond_cutoff), ("bond_width", bond_width)):
+            check_positive(name, value)
+        if not eps_min < eps_max:
+            raise ControlMDError(f"epsilon bounds need eps_min < eps_max, got [{eps_min}, {eps_max}]")
+        if not kT_min < kT_max:
+            raise ControlMDError(f"temperature bounds need kT_min < kT_max, got [{kT_min}, {kT_max}]")
+        if area_fraction >= 0.5:
+            raise ControlMDError(
+                f"area_fraction = {area_fraction} is too dense for random placement (need < 0.5)"
+            )
+        if not 1.0 < bond_cutoff < math.sqrt(3.0):
+            raise ControlMDError(
+                f"bond_cutoff must lie between contact (1) and the second-neighbour distance "
+                f"sqrt(3) of a hexagonal cluster, got {bond_cutoff}"
+            )
+        check_int("n_steps", n_steps)
+        check_choice("surrogate", surrogate, SURROGATES)
+        self.n_particles = n_particles
+        self.cluster_size = cluster_size
+        self.target_bonds = target_bonds
+        self.area_fraction = float(area_fraction)
+        self.box = math.sqrt(n_particles * math.pi / 4.0 / area_fraction)
+        self.space = periodic(self.box, dim=2)
+        self.space.check_cutoff("r_cut", r_cut)
+        self.epsilon = float(epsilon)
+        self.kT = float(kT)
+        self.alpha = float(alpha)
+        self.r_cut = float(r_cut)
+        self.gamma = float(gamma)
+        self.dt = float(dt)
+        self.n_steps = n_steps
+        self.bond_cutoff = float(bond_cutoff)
+        self.bond_width = float(bond_width)
+        self.surrogate = surrogate
+        self.channel_kinds = tuple(controls)
+        self._slot = {kind: k for k, kind in enumerate(controls)}
+        bounds = {"epsilon": (eps_min, eps_max, "epsilon"), "temperature": (kT_min, kT_max, "epsilon")}
+        names = tuple("eps" if c == "epsilon" else "kT" for c in controls)
+        self.controls = ControlChannels(
+            names,
+            tuple(float(bounds[c][0]) for c in controls),
+            tuple(float(bounds[c][1]) for c in controls),
+            tuple(bounds[c][2] for c in controls),
+        )
+        # Morse with unit depth; the depth eps(t) enters through ScaledPotential.
+        self._morse = Morse(self.space, sigma=1.0, epsilon=1.0, alpha=self.alpha, r_cut=self.r_cut, shift="none")
+
+    # ------------------------------------------------------------------ Task interface
+
+    def potential(self, protocol: Protocol | None) -> Potential:
+        """``eps(t) * Morse`` (eps from the protocol's channel, or the constant ``epsilon``)."""
+        if protocol is not None and "epsilon" in self._slot:
+            return ScaledPotential(self._morse, protocol, channel=self._slot["epsilon"])
+        return ScaledPotential(self._morse, _Constant(self.epsilon), channel=0)
+
+    def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
+        rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
+        R = random_gas(self.n_particles, self.box, rng)
+        return self._dynamics(self.potential(None), self.kT).init(R, rng=rng)
+
+    def integrator(self, protocol: Protocol) -> Integrator:
+        kT: Any = self.kT
+        if "temperature" in self._slot:
+            kT = _Channel(protocol, self._slot["temperature"])
+        return self._dynamics(self.potential(protocol), kT)
+
+    def _dynamics(self, potential: Potential, kT: Any) -> Brownian:
+        return Brownian(potential, dt=self.dt, kT=kT, gamma=self.gamma, space=self.space)
+
+    def loss(self, state: State) -> Tensor:
+        if self.surrogate == "yield":
+            return 1.0 - self.metric(state).mean()
+        n_max = self.target_bonds * self.n_particles / self.cluster_size
+        bonds = smooth_bond_count(state.R, self.bond_cutoff, width=self.bond_width, space=self.space)
+        return (1.0 - bonds / n_max).mean()
+
+    def metric(self, state: State) -> Tensor:
+        with torch.no_grad():
+            return self.yield_(state.R)
+
+    def observe(self, state: State) -> Tensor:
+        with torch.no_grad():
+            A = bond_graph(state.R.detach(), self.bond_cutoff, self.space)
+            labels = cluster_labels(A)
+            largest = torch.stack([torch.bincount(row, minlength=self.n_particles).max() for row in labels])
+            bonds = A.sum(dim=(1, 2)) / 2
+            degree = A.sum(-1).amax(-1)
+            return torch.stack([bonds / self.target_bonds, largest / self.n_particles, degree / 6.0],
+                               dim=-1).to(torch.float64)
+
+    def default_control(self) -> Tensor:
+        """The uncontrolled value ``[k]``: the constant ``epsilon`` and ``kT``."""
+        return torch.tensor([self.epsilon if c == "epsilon" else self.kT for c in self.channel_kinds],
+                            dtype=torch.float64)
+
+    def extras(self) -> dict[str, Any]:
+        return {
+            "n_particles": self.n_particles,
+            "area_fraction": self.area_fraction,
+            "box": self.box,
+            "controls": list(self.channel_kinds),
+            "dt": self.dt,
+            "n_steps": self.n_steps,
+            "horizon": self.horizon,
+            "yield_rule": (f"connected cluster of {self.cluster_size} with {self.target_bonds} bonds "
+                           f"(r < {self.bond_cutoff} sigma)"
+                           + (" and a particle of coordination 6" if self._is_heptamer else "")),
+        }
+
+    # ------------------------------------------------------------------ structure measures
+
+    @property
+    def _is_heptamer(self) -> bool:
+        return (self.cluster_size, self.target_bonds) == (7, 12)
+
+    def yield_(self, R: Tensor) -> Tensor:
+        """Exact yield of each replica ``[B]`` (fraction of particles in target clusters)."""
+        A = bond_graph(R.detach(), self.bond_cutoff, self.space)
+        max_degree = 6 if self._is_heptamer else None
+        return target_cluster_fraction(A, size=self.cluster_size, n_bonds=self.target_bonds,
+                                       max_degree=max_degree).to(torch.float64)
+
+    # ------------------------------------------------------------------ artifacts
+
+    def save_artifacts(self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16,
+                       seed: int = 0) -> list[Path]:
+        """Roll out ``n_replicas`` fresh replicas under ``protocol`` and write their final
+        states: ``final_replicas.xyz`` (extended XYZ with the periodic box and a per-replica
+        yield) and ``final_snapshots.png``. Returns the written paths."""
+        from controlmd.io import write_xyz
+        from controlmd.plotting import save_figure
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            final = self.rollout(protocol, n_replicas, seed, gradient="none")
+        R = final.R.detach()
+        y = self.yield_(R)
+        A = bond_graph(R, self.bond_cutoff, self.space)
+        xyz = write_xyz(run_dir / "final_replicas.xyz", R, box=self.box, species="D",
+                        properties={"coordination": A.sum(-1).to(torch.int64)},
+                        info={"replica": torch.arange(R.shape[0]), "yield": y,
+                              "bonds": (A.sum(dim=(1, 2)) // 2).to(torch.int64)})
+        png = run_dir / "final_snapshots.png"
+        save_figure(_disk_figure(R, A, y, self.box, title=f"{self.name}: final replicas"), png)
+        return [xyz, png]
+
+
+def _disk_figure(R: Tensor, A: Tensor, y: Tensor, box: float, *, title: str, max_panels: int = 8) -> Any:
+    """Disks of each replica (unwrapped around the largest cluster), bonds as lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    n = min(max_panels, R.shape[0])
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        X = R[k]
+        # Unwrap every disk to the minimum image of disk 0's neighbourhood for drawing.
+        d = X - X[:1]
+        X = X[:1] + d - box * torch.round(d / box)
+        color = "tab:green" if float(y[k]) > 0 else "tab:orange"
+        for i in range(X.shape[0]):
+            ax.add_patch(Circle((float(X[i, 0]), float(X[i, 1])), 0.5, color=color, alpha=0.7))
+            for j in range(i + 1, X.shape[0]):
+                if bool(A[k, i, j]):
+                    ax.plot([float(X[i, 0]), float(X[j, 0])], [float(X[i, 1]), float(X[j, 1])], "k-", lw=0.8)
+        c = X.mean(0)
+        ax.set_xlim(float(c[0]) - box / 2, float(c[0]) + box / 2)
+        ax.set_ylim(float(c[1]) - box / 2, float(c[1]) + box / 2)
+        ax.set_aspect("equal")
+        ax.set_title(f"bonds={int(A[k].sum()) // 2} yield={float(y[k]):.0f}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig

@@ -1,0 +1,176 @@
+"""polymer_fold: exact metric on hand-built chains, H0 physics, control channels, the
+surrogate against the metric, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from controlmd.dynamics.base import State
+from controlmd.errors import ControlMDError
+from controlmd.protocols import PiecewiseConstant, Tabulated
+from controlmd.rng import replica_seed
+from controlmd.tasks import get_task
+from controlmd.tasks.polymer_fold import PairBias, PolymerFold
+
+
+def _state(R: torch.Tensor) -> State:
+    return State(R=R)
+
+
+def _constant(task: PolymerFold, values: list[float]) -> Tabulated:
+    v = torch.tensor([values, values], dtype=torch.float64)
+    return Tabulated(times=[0.0, task.horizon], values=v)
+
+
+@pytest.mark.parametrize("target, n_contacts", [("helix", 42), ("hairpin", 30)])
+def test_native_structure_is_folded(target: str, n_contacts: int) -> None:
+    task = PolymerFold(target=target, n_steps=10)
+    assert task.n_contacts == n_contacts
+    R = task.target[None]
+    torch.testing.assert_close(task.contact_fraction(R), torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(task.metric(_state(R)), torch.ones(1, dtype=torch.float64))
+
+
+def test_mirror_helix_has_every_contact_but_is_not_folded() -> None:
+    task = PolymerFold(n_steps=10)
+    R = task.target[None].repeat(2, 1, 1)
+    mirror = task.target * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    R[1] = mirror
+    q = task.contact_fraction(R)
+    torch.testing.assert_close(q, torch.ones(2, dtype=torch.float64))  # mirror keeps every distance
+    torch.testing.assert_close(task.metric(_state(R)), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    obs = task.observe(_state(R))
+    assert obs.shape == (2, 3) and float(obs[0, 1]) < 1e-10 and float(obs[1, 1]) > 1.0
+
+
+def test_unfolded_coils_are_not_folded_and_contact_rule_is_relative() -> None:
+    task = PolymerFold(n_steps=10)
+    coils = task.initial_state(16, seed=3).R
+    assert float(task.metric(_state(coils)).sum()) == 0.0
+    assert float(task.contact_fraction(coils).max()) < 0.5
+    # Stretching one native pair by 19% keeps it formed, by 21% breaks it (|r - d| < 0.2 d).
+    i, j = task.contacts[0].tolist()
+    d = float(task.d_native[0])
+    R = task.target[None].repeat(2, 1, 1)
+    axis = (R[0, j] - R[0, i]) / d
+    R[0, j] = R[0, i] + 1.19 * d * axis
+    R[1, j] = R[1, i] + 1.21 * d * axis
+    c, dn = task.contacts, task.d_native
+    r = (R[:, c[:, 0]] - R[:, c[:, 1]]).norm(dim=-1)
+    by_hand = ((r - dn).abs() < 0.2 * dn).to(torch.float64)
+    assert float(by_hand[0, 0]) == 1.0 and float(by_hand[1, 0]) == 0.0
+    torch.testing.assert_close(task.contact_fraction(R), by_hand.mean(-1))
+
+
+def test_native_structure_is_a_stationary_point_of_h0() -> None:
+    for target in ("helix", "hairpin"):
+        task = PolymerFold(target=target, n_steps=10)
+        H0 = task.potential(_constant(task, [task.kT]))
+        _, F = H0.energy_and_forces(task.target[None], torch.zeros((), dtype=torch.float64))
+        assert float(F.detach().abs().max()) < 1e-8
+
+
+def test_initial_states_are_replica_seeded_and_valid() -> None:
+    task = PolymerFold(n_steps=10)
+    batch = task.initial_state(4, seed=11)
+    single = task.initial_state(1, seed=replica_seed(11, 2))
+    torch.testing.assert_close(batch.R[2], single.R[0])
+    torch.testing.assert_close(batch.P[2], single.P[0])
+    bonds = (batch.R[:, 1:] - batch.R[:, :-1]).norm(dim=-1)
+    torch.testing.assert_close(bonds, task._b0.expand_as(bonds))
+    n = task.n_beads
+    i, j = torch.triu_indices(n, n, offset=2)
+    assert float((batch.R[:, i] - batch.R[:, j]).norm(dim=-1).min()) > 1.0
+
+
+def test_channels_enter_the_hamiltonian() -> None:
+    task = PolymerFold(controls=["temperature", "epsilon", "tweezers", "bias"], n_bias=3, n_steps=10)
+    assert task.controls.names == ("kT", "eps_scale", "force_0_21", "bias_0", "bias_1", "bias_2")
+    torch.testing.assert_close(task.default_control(), torch.tensor([0.5, 1.0, 0, 0, 0, 0], dtype=torch.float64))
+    R = task.initial_state(3, seed=0).R
+    t = torch.zeros((), dtype=torch.float64)
+    base = task.potential(_constant(task, [0.5, 1.0, 0.0, 0.0, 0.0, 0.0])).energy(R, t)
+    # epsilon: E(eps=2) - E(eps=1) = attraction energy
+    E2 = task.potential(_constant(task, [0.5, 2.0, 0.0, 0.0, 0.0, 0.0])).energy(R, t)
+    torch.testing.assert_close(E2 - base, task._h0_attraction.energy(R, t))
+    # tweezers: -f (x_21 - x_0)
+    Ef = task.potential(_constant(task, [0.5, 1.0, 1.5, 0.0, 0.0, 0.0])).energy(R, t)
+    torch.testing.assert_close(Ef - base, -1.5 * (R[:, 21, 0] - R[:, 0, 0]))
+    # bias: sum_m u_m sum_{|i-j|>=3} exp(-(r - c_m)^2 / 2 w^2)
+    Eb = task.potential(_constant(task, [0.5, 1.0, 0.0, 0.2, 0.0, -0.1])).energy(R, t)
+    n = task.n_beads
+    i, j = torch.triu_indices(n, n, offset=3)
+    r = (R[:, i] - R[:, j]).norm(dim=-1)
+    c = task.bias_centers
+    g = torch.exp(-0.5 * ((r[..., None] - c) / task.bias_width) ** 2).sum(1)
+    torch.testing.assert_close(Eb - base, 0.2 * g[:, 0] - 0.1 * g[:, 2])
+    # temperature: the Langevin bath reads the channel
+    integ = task.integrator(_constant(task, [0.9, 1.0, 0.0, 0.0, 0.0, 0.0]))
+    assert float(integ.kT(t)) == pytest.approx(0.9)
+
+
+def test_pair_bias_accepts_per_replica_controls() -> None:
+    pairs = torch.tensor([[0, 3], [1, 4]])
+    bias = PairBias(pairs, torch.tensor([1.0, 2.0], dtype=torch.float64), 0.3)
+    R = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = torch.tensor([[0.1, 0.2], [0.3, -0.4]], dtype=torch.float64)
+    torch.testing.assert_close(bias(R, u), torch.stack([bias(R[:1], u[0])[0], bias(R[1:], u[1])[0]]))
+
+
+def test_loss_gradient_reaches_the_protocol() -> None:
+    task = PolymerFold(controls=["temperature", "epsilon"], n_steps=20)
+    u = PiecewiseConstant(dim=2, t_final=task.horizon, n_pieces=2, low=list(task.controls.low),
+                          high=list(task.controls.high), init=[0.5, 1.0])
+    final = task.rollout(u, 4, seed=0, gradient="direct")
+    task.loss(final).backward()
+    assert u.values.grad is not None and bool(torch.isfinite(u.values.grad).all())
+    assert float(u.values.grad.abs().sum()) > 0
+
+
+def test_surrogate_and_metric_move_together() -> None:
+    """Native-like states (relaxed at low T from the native structure), mirror images and
+    random coils: the folded fraction falls and the surrogate loss rises in that order."""
+    task = PolymerFold(n_steps=150)
+    cold = _constant(task, [0.2])
+    start = task.initial_state(16, seed=0)
+    native = start.replace(R=task.target.expand(16, -1, -1).clone(), aux={})
+    mirror = start.replace(R=(task.target * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)).expand(16, -1, -1).clone(), aux={})
+    groups = {name: task.advance(s, cold, task.n_steps, gradient="none") for name, s in
+              (("native", native), ("mirror", mirror), ("coil", start))}
+    metric = {k: float(task.metric(s).mean()) for k, s in groups.items()}
+    loss = {k: float(task.loss(s)) for k, s in groups.items()}
+    assert metric["native"] > 0.9 and metric["mirror"] < 0.1 and metric["coil"] < 0.1
+    assert loss["native"] < loss["mirror"] and loss["native"] < loss["coil"]
+    # per replica: every folded replica has a lower loss than every unfolded one
+    per = {k: torch.stack([task.loss(s.replace(R=s.R[b:b + 1])) for b in range(16)]) for k, s in groups.items()}
+    folded_losses = torch.cat([per[k][task.metric(s) > 0] for k, s in groups.items()])
+    unfolded_losses = torch.cat([per[k][task.metric(s) == 0] for k, s in groups.items()])
+    assert float(folded_losses.max()) < float(unfolded_losses.min())
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"n_beads": 20}, "n_beads"),
+    ({"target": "sheet"}, "target"),
+    ({"eps_contact": -1.0}, "eps_contact"),
+    ({"eps_nonnative": -0.1}, "eps_nonnative"),
+    ({"kT_min": 1.0, "kT_max": 0.5}, "kT_min < kT_max"),
+    ({"eps_min": 2.0, "eps_max": 2.0}, "eps_min < eps_max"),
+    ({"controls": ["pressure"]}, "controls entry"),
+    ({"controls": []}, "controls"),
+    ({"tweezer_pairs": [[0, 40]], "controls": ["tweezers"]}, "tweezer_pairs"),
+    ({"n_bias": 3, "bias_centers": [1.0, 2.0]}, "bias_centers"),
+    ({"q_folded": 1.5}, "q_folded"),
+])
+def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ControlMDError, match=field):
+        PolymerFold(**kwargs)
+
+
+def test_registered_and_documented_units() -> None:
+    task = get_task("polymer_fold", n_steps=5)
+    assert isinstance(task, PolymerFold)
+    assert "sigma" in task.units and task.higher_is_better
+    assert math.isclose(task.horizon, 0.1)
