@@ -4,6 +4,9 @@
 
     controlmd run EXPERIMENT.toml [--set section.key=value ...] [--out DIR] [--resume DIR] [--seed N]
     controlmd eval RUN_DIR [--seeds N] [--replicas M]
+    controlmd sweep EXPERIMENT.toml --grid section.key=v1,v2,... [--seeds N] [--address auto] [--resume DIR]
+    torchrun --nproc_per_node N --no-python controlmd run EXPERIMENT.toml   (replicas sharded over N ranks)
+    controlmd compare EXPERIMENT.toml [--out DIR] [--set section.key=value ...]   (extra "rl")
 
 Subcommands live in one registry: a new one is a function ``handler(args) -> int``
 decorated with ``@command(name, help=..., arguments=add_arguments)``, where
@@ -88,6 +91,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 @command("run", help="train a protocol from an experiment file", arguments=_run_arguments)
 def _run(args: argparse.Namespace) -> int:
     from controlmd.config import load_config
+    from controlmd.distributed import init_distributed
     from controlmd.errors import ConfigError
     from controlmd.train import run_experiment
 
@@ -97,7 +101,14 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a run in its own folder; drop --out")
     source = args.experiment if args.experiment is not None else args.resume / "config.toml"
     cfg = load_config(source, args.overrides, seed=args.seed)
-    result = run_experiment(cfg, out=args.out, resume=args.resume, progress=False if args.quiet else None)
+    dist_ctx = init_distributed()  # scale-out: under torchrun, this rank of WORLD_SIZE; else one process
+    try:
+        result = run_experiment(cfg, out=args.out, resume=args.resume, progress=False if args.quiet else None,
+                                distributed=dist_ctx)
+    finally:
+        dist_ctx.close()
+    if not dist_ctx.is_main:
+        return 0
     m = result.metrics
     better = "higher" if m["higher_is_better"] else "lower"
     print(f"{m['metric_name']} ({better} is better), {m['eval_replicas']} fresh replicas:")
@@ -160,6 +171,48 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"all seeds: {task.metric_name} = {mean:.6g} +- {se:.2g}")
     atomic_write_json(args.run_dir / "eval.json", summary)
     return 0
+
+
+# ---------------------------------------------------------------------- compare
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", type=Path, help="comparison TOML file, e.g. experiments/trap_drag_compare.toml")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment>/<YYYYmmdd-HHMMSS>/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set compare.seeds=2 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+@command("compare", help="gradient vs PPO, SAC, CMA-ES and random search at equal MD-step budget",
+         arguments=_compare_arguments)
+def _compare(args: argparse.Namespace) -> int:
+    # gymnasium / stable-baselines3 are imported here only: the core never needs them.
+    try:
+        from controlmd_envs.compare import main_compare
+    except ImportError as exc:
+        raise ControlMDError(
+            f"controlmd compare needs the RL extra (pip install 'controlmd[rl]'): {exc}"
+        ) from None
+    main_compare(args.experiment, out=args.out, overrides=args.overrides, progress=not args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------- sweep (scale-out)
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    from controlmd.sweep import add_sweep_arguments
+
+    add_sweep_arguments(p)
+
+
+@command("sweep", help="train a grid of settings x seeds as independent jobs (Ray when installed)",
+         arguments=_sweep_arguments)
+def _sweep(args: argparse.Namespace) -> int:
+    from controlmd.sweep import sweep_command
+
+    return sweep_command(args)
 
 
 if __name__ == "__main__":

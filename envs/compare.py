@@ -519,28 +519,10 @@ def main_compare(path: str | Path, *, out: str | Path | None = None, overrides: 
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m controlmd_envs.compare EXPERIMENT.toml [--out DIR] [--set K=V] [--quiet]``
-    (the same as ``controlmd compare``)."""
-    import argparse
+    """``python -m controlmd_envs.compare ARGS`` is ``controlmd compare ARGS``."""
+    from controlmd.cli import main
 
-    parser = argparse.ArgumentParser(prog="python -m controlmd_envs.compare", description=__doc__.splitlines()[0])
-    add_compare_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        main_compare(args.experiment, out=args.out, overrides=args.overrides, progress=not args.quiet)
-    except ControlMDError as exc:
-        print(f"controlmd compare: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def add_compare_arguments(parser: Any) -> None:
-    """The options of ``controlmd compare`` (shared with ``python -m controlmd_envs.compare``)."""
-    parser.add_argument("experiment", type=Path, help="comparison TOML file, e.g. experiments/trap_drag_compare.toml")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/<experiment>/<YYYYmmdd-HHMMSS>/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set compare.seeds=2 (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return main(["compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

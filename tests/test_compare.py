@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from controlmd_envs.compare import load_compare_config, run_comparison, summarize
+from controlmd_envs.compare import load_compare_config, summarize
 
+from controlmd.cli import main
 from controlmd.errors import ConfigError
 from controlmd.search import CMAES, RandomSearch, actions_to_protocol
 from controlmd.tasks import get_task
@@ -78,8 +79,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_comparison_end_to_end(tmp_path: Path) -> None:
-    cfg = load_compare_config(_write(tmp_path, TINY))
-    out = run_comparison(cfg, out=tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert main(["compare", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
     result = json.loads((out / "comparison.json").read_text())
     assert (out / "comparison.png").stat().st_size > 0
     table = (out / "comparison.md").read_text()
@@ -189,6 +190,13 @@ def test_bad_configs_name_the_problem(tmp_path: Path, change: str, message: str)
     text = base + (change if change.startswith("[task]") else '[task]\nname = "trap_drag"\n' + change)
     with pytest.raises(ConfigError, match=message):
         load_compare_config(_write(tmp_path, text))
+
+
+def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nseeds = 0\n')
+    assert main(["compare", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "[compare] seeds must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_overrides_apply(tmp_path: Path) -> None:
