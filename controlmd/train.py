@@ -30,6 +30,13 @@ time including evaluations. Seeds: training iteration ``i`` uses the batch seed
 ``seed + EVAL_SEED_OFFSET``, the before/after scoring ``seed + FINAL_SEED_OFFSET`` (all
 with per-replica streams, see :mod:`controlmd.rng`). L-BFGS re-evaluates with the same
 seed inside an iteration (common random numbers across its line search).
+
+Scale-out (:mod:`controlmd.distributed`): with a ``distributed`` context (``torchrun``) each
+rank simulates an equal, contiguous share of the replicas (``first_replica``, so replica ``i``
+gets the same noise for any number of ranks); the loss, the gradient and the
+gradient-variance statistics are averaged over ranks (means over all ``replicas``),
+evaluations are split over ranks and their sums reduced, and only rank 0 writes files. The
+world size must divide ``replicas``.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from controlmd.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from controlmd.distributed import DistributedContext, local_groups
 from controlmd.dynamics.base import State
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.logging import JSONLinesSink, Logger, TensorBoardSink
@@ -102,19 +110,23 @@ class Evaluation:
 
 
 def evaluate(
-    task: Task, protocol: Protocol, n_replicas: int, seed: int, *, chunk: int = 10_000
+    task: Task, protocol: Protocol, n_replicas: int, seed: int, *, chunk: int = 10_000,
+    distributed: DistributedContext | None = None,
 ) -> Evaluation:
     """Score ``protocol`` with the task's exact metric on ``n_replicas`` fresh replicas.
 
     Replicas are simulated ``chunk`` at a time (per-replica streams make the result
-    independent of ``chunk``), without gradients.
+    independent of ``chunk``), without gradients. With ``distributed``, each rank scores a
+    contiguous block of the replicas and the sums are reduced over ranks (any
+    ``n_replicas``); every rank returns the same result.
     """
     check_int("n_replicas", n_replicas)
     check_int("chunk", chunk)
-    total, total_sq, done = 0.0, 0.0, 0
+    part = (distributed or DistributedContext()).split(n_replicas)
+    total, total_sq, done = 0.0, 0.0, part.first
     with torch.no_grad():
-        while done < n_replicas:
-            b = min(chunk, n_replicas - done)
+        while done < part.stop:
+            b = min(chunk, part.stop - done)
             state = task.rollout(protocol, b, seed, first_replica=done, gradient="none")
             values = task.metric(state).detach().to(torch.float64)
             if not bool(torch.isfinite(values).all()):
@@ -122,6 +134,9 @@ def evaluate(
             total += float(values.sum())
             total_sq += float((values * values).sum())
             done += b
+    if distributed is not None and distributed.enabled:  # scale-out: sums over ranks
+        sums = distributed.all_reduce_sum([torch.tensor([total, total_sq], dtype=torch.float64)])[0]
+        total, total_sq = float(sums[0]), float(sums[1])
     mean = total / n_replicas
     var = max(total_sq / n_replicas - mean * mean, 0.0) * n_replicas / max(n_replicas - 1, 1)
     return Evaluation(mean, math.sqrt(var / n_replicas), n_replicas, n_replicas * task.n_steps)
@@ -151,6 +166,8 @@ class Trainer:
     :param variance_every: iterations between variance estimates (0: never).
     :param seed: base seed of the training and evaluation streams.
     :param logger: where scalars go (default: a logger without sinks).
+    :param distributed: rank and world size (:func:`controlmd.distributed.init_distributed`);
+        the world size must divide ``replicas``. Default: one process.
     """
 
     def __init__(
@@ -178,6 +195,7 @@ class Trainer:
         variance_every: int = 10,
         seed: int = 0,
         logger: Logger | None = None,
+        distributed: DistributedContext | None = None,
     ) -> None:
         if not isinstance(task, Task):
             raise ControlMDError(f"task must be a controlmd Task, got {type(task).__name__}")
@@ -192,6 +210,15 @@ class Trainer:
         check_positive("lr_gamma", lr_gamma)
         check_int("lr_step", lr_step)
         check_int("replicas", replicas)
+        # scale-out: this rank's replicas (refuses a world size that does not divide them)
+        dist_ctx = distributed if distributed is not None else DistributedContext()
+        shard = dist_ctx.shard(replicas)
+        if dist_ctx.enabled and not task.replica_mean_loss:
+            raise ControlMDError(
+                f"task {task.name!r} cannot be trained on {dist_ctx.world_size} processes: its loss couples "
+                "replicas (replica_mean_loss is False), so the mean of the ranks' losses is not the "
+                "loss of the whole batch; run it on one process"
+            )
         check_int("lbfgs_max_iter", lbfgs_max_iter)
         check_int("grad_groups", grad_groups, minimum=2)
         check_int("variance_every", variance_every, minimum=0)
@@ -250,6 +277,8 @@ class Trainer:
         self.variance_every = variance_every if replicas >= 2 else 0
         self.seed = seed
         self.logger = logger if logger is not None else Logger()
+        self.dist = dist_ctx
+        self.shard = shard
         self.n_parameters = n_params
         self.iteration = 0
         self.md_steps = 0
@@ -261,7 +290,7 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: dict[str, dict[str, Any]], task: Task, protocol: Protocol,
-                    logger: Logger | None = None) -> Trainer:
+                    logger: Logger | None = None, distributed: DistributedContext | None = None) -> Trainer:
         """A trainer from a resolved experiment config's ``[train]`` section."""
         t = cfg["train"]
         try:
@@ -273,6 +302,7 @@ class Trainer:
                 momentum=t["momentum"], weight_decay=t["weight_decay"], lbfgs_max_iter=t["lbfgs_max_iter"],
                 frozen_noise=t["frozen_noise"], grad_groups=t["grad_groups"],
                 variance_every=t["variance_every"], seed=cfg["experiment"]["seed"], logger=logger,
+                distributed=distributed,
             )
         except ControlMDError as exc:
             if isinstance(exc, ConfigError):
@@ -281,6 +311,7 @@ class Trainer:
 
     def _setup(self) -> None:
         params = self.parameters()
+        self.dist.broadcast_(params)  # scale-out: every rank starts from rank 0's parameters
         if self.optimizer_name == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         elif self.optimizer_name == "adamw":
@@ -382,7 +413,9 @@ class Trainer:
     def _gradient(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor], dict[str, float]]:
         """``(objective value, task loss, gradient of the objective, variance stats)``."""
         if self.estimator == "forward":
-            return self._forward_gradient(seed)
+            objective_value, value, grads, stats = self._forward_gradient(seed)
+            objective_value, value, *grads = self.dist.all_reduce_mean([objective_value, value, *grads])
+            return objective_value, value, grads, stats
         objective, value, group_objectives = (
             self._score_objective(seed, with_variance) if self.estimator == "score"
             else self._pathwise_objective(seed, with_variance)
@@ -390,10 +423,17 @@ class Trainer:
         params = self.parameters()
         grads = _grad(objective, params, retain=bool(group_objectives))
         objective_value = value + self.protocol.penalty().detach()
+        # scale-out: means over ranks of the local means = means over all replicas
+        objective_value, value, *grads = self.dist.all_reduce_mean([objective_value, value, *grads])
         stats: dict[str, float] = {}
         if group_objectives:
-            per_group = [_grad(g, params, retain=j < len(group_objectives) - 1) for j, g in enumerate(group_objectives)]
+            last = max((j for j, g in enumerate(group_objectives) if g is not None), default=-1)
+            per_group = [
+                [torch.zeros_like(p) for p in params] if g is None else _grad(g, params, retain=j < last)
+                for j, g in enumerate(group_objectives)
+            ]
             flat = torch.stack([torch.cat([g.flatten() for g in gs]) for gs in per_group])
+            flat = self.dist.all_reduce_sum([flat])[0]  # scale-out: group members on every rank
             var = float(flat.var(dim=0, unbiased=True).sum()) / flat.shape[0]
             norm = _total_norm(grads)
             stats = {"grad_var": var, "grad_rel_std": math.sqrt(var) / norm if norm > 0 else math.inf}
@@ -410,19 +450,21 @@ class Trainer:
             options["window"] = self.window
         return options
 
-    def _pathwise_objective(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-        state = self.task.rollout(self.protocol, self.replicas, seed, **self._simulate_options())
+    def _pathwise_objective(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        state = self.task.rollout(self.protocol, self.shard.count, seed, first_replica=self.shard.first,
+                                  **self._simulate_options())
         self._count(self.replicas)
         loss = self.task.loss(state)
         penalty = self.protocol.penalty()
-        groups = []
+        groups: list[Tensor | None] = []
         if with_variance:
-            groups = [self.task.loss(_slice_state(state, idx)) + penalty for idx in self._groups()]
+            groups = [weight * (self.task.loss(_slice_state(state, idx)) + penalty) if idx else None
+                      for idx, weight in self._groups()]
         return loss + penalty, loss.detach(), groups
 
-    def _score_objective(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-        B = self.replicas
-        state = self.task.initial_state(B, seed)
+    def _score_objective(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        B = self.shard.count
+        state = self.task.initial_state(B, seed, first_replica=self.shard.first)
         integrator = self.task.integrator(self.protocol)
         log_p = torch.zeros(B, dtype=torch.float64)
         with torch.enable_grad():
@@ -431,27 +473,32 @@ class Trainer:
                 R_next = nxt.R.detach()
                 log_p = log_p + _transition_log_prob(integrator, state, R_next)
                 state = nxt.replace(R=R_next)
-        self._count(B)
+        self._count(self.replicas)
         explicit = self.task.loss(state)
         per_replica = torch.stack([self.task.loss(_slice_state(state, [i])).detach() for i in range(B)])
-        baseline = (per_replica.sum() - per_replica) / max(B - 1, 1)
+        everyone = self.dist.all_gather(per_replica)  # scale-out: the baseline uses all replicas
+        baseline = (everyone.sum() - per_replica) / max(self.replicas - 1, 1)
         weights = (per_replica - baseline).to(log_p)
         penalty = self.protocol.penalty()
         objective = explicit + (weights * log_p).mean() + penalty
-        groups = []
+        groups: list[Tensor | None] = []
         if with_variance:
-            for idx in self._groups():
+            for idx, weight in self._groups():
+                if not idx:
+                    groups.append(None)
+                    continue
                 ix = torch.as_tensor(idx)
-                groups.append(
+                groups.append(weight * (
                     self.task.loss(_slice_state(state, idx)) + (weights[ix] * log_p[ix]).mean() + penalty
-                )
+                ))
         return objective, explicit.detach(), groups
 
     def _forward_gradient(self, seed: int) -> tuple[Tensor, Tensor, list[Tensor], dict[str, float]]:
         names = [n for n, p in self.protocol.named_parameters() if p.requires_grad]
         params = self.parameters()
         grads = [torch.zeros_like(p) for p in params]
-        objective = _RolloutObjective(self.task, self.protocol, self.replicas, self._simulate_options())
+        objective = _RolloutObjective(self.task, self.protocol, self.shard.count, self._simulate_options(),
+                                      first_replica=self.shard.first)
         value = torch.zeros((), dtype=torch.float64)
         for k, (name, p) in enumerate(zip(names, params)):
             for j in range(p.numel()):
@@ -470,16 +517,17 @@ class Trainer:
                 self._count(self.replicas)
         return value, value - self.protocol.penalty().detach(), grads, {}
 
-    def _groups(self) -> list[list[int]]:
-        G = self.grad_groups
-        return [list(range(g, self.replicas, G)) for g in range(G)]
+    def _groups(self) -> list[tuple[list[int], float]]:
+        """Per replica group ``g, g+G, ...``: its members on this rank and their share of it."""
+        return local_groups(self.shard, self.grad_groups)
 
     # ------------------------------------------------------------------ evaluation, state
 
     def evaluate(self, n_replicas: int, seed: int | None = None, *, chunk: int = 10_000) -> Evaluation:
         """Exact metric of the current protocol on held-out replicas (counted in md_steps)."""
         result = evaluate(self.task, self.protocol, n_replicas,
-                          self.seed + EVAL_SEED_OFFSET if seed is None else seed, chunk=chunk)
+                          self.seed + EVAL_SEED_OFFSET if seed is None else seed, chunk=chunk,
+                          distributed=self.dist)
         self.md_steps += result.md_steps
         return result
 
@@ -517,16 +565,19 @@ class Trainer:
 class _RolloutObjective(nn.Module):
     """``loss(rollout(protocol))`` as a module, so ``functional_call`` can swap parameters."""
 
-    def __init__(self, task: Task, protocol: Protocol, replicas: int, options: dict[str, Any]) -> None:
+    def __init__(self, task: Task, protocol: Protocol, replicas: int, options: dict[str, Any], *,
+                 first_replica: int = 0) -> None:
         super().__init__()
         self.task = task
         self.protocol = protocol
         self.replicas = replicas
+        self.first_replica = first_replica
         self.options = options
 
     def forward(self, seed: int) -> Tensor:
         with torch.enable_grad():
-            state = self.task.rollout(self.protocol, self.replicas, seed, **self.options)
+            state = self.task.rollout(self.protocol, self.replicas, seed, first_replica=self.first_replica,
+                                      **self.options)
             return self.task.loss(state) + self.protocol.penalty()
 
 
@@ -611,6 +662,7 @@ def run_experiment(
     resume: str | Path | None = None,
     runs_root: str | Path = "runs",
     progress: bool | None = None,
+    distributed: DistributedContext | None = None,
 ) -> RunResult:
     """Train the protocol of a resolved config and write a run directory.
 
@@ -619,6 +671,10 @@ def run_experiment(
     ``runs_root/<experiment>/<YYYYmmdd-HHMMSS>_seed<k>/``. It receives ``config.toml``,
     ``metrics.json``, ``protocol.pt`` (+ ``protocol.csv``, ``protocol_initial.pt``),
     ``protocol.png``, ``progress.jsonl``, ``tb/`` (TensorBoard) and ``checkpoint.pt``.
+
+    With ``distributed`` (``torchrun``), every rank trains its share of the replicas and
+    returns the same result; only rank 0 writes the folder (whose name it chooses and sends
+    to the others). A resumed run reads its checkpoint on every rank (shared file system).
 
     :raises ConfigError: bad config, or a resume folder of another experiment / setup.
     """
@@ -643,7 +699,8 @@ def run_experiment(
     task = build_task(cfg)
     protocol = build_protocol(cfg, task)
     initial = copy.deepcopy(protocol)
-    trainer = Trainer.from_config(cfg, task, protocol)
+    dist_ctx = distributed if distributed is not None else DistributedContext()
+    trainer = Trainer.from_config(cfg, task, protocol, distributed=dist_ctx)
     abort_after = _abort_after()
     if checkpoint is not None:
         try:
@@ -653,15 +710,18 @@ def run_experiment(
             raise ConfigError(f"checkpoint in {resume} does not match its config: {exc}") from None
         set_rng_state(checkpoint["rng"])
     run_dir = resume if resume is not None else _new_run_dir(cfg, out, runs_root)
+    run_dir = Path(dist_ctx.broadcast_object(str(run_dir)))  # scale-out: rank 0's choice
+    writer = dist_ctx.is_main  # scale-out: only rank 0 writes files
     log_cfg, eval_cfg = cfg["logging"], cfg["eval"]
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None and writer:
         write_config(cfg, run_dir / "config.toml")
         initial.save(run_dir / "protocol_initial.pt")
     purge = trainer.iteration if checkpoint is not None else None
-    sinks: list[Any] = [JSONLinesSink(run_dir / "progress.jsonl", purge_step=purge)]
-    if log_cfg["tensorboard"]:
+    sinks: list[Any] = [JSONLinesSink(run_dir / "progress.jsonl", purge_step=purge)] if writer else []
+    if log_cfg["tensorboard"] and writer:
         sinks.append(TensorBoardSink(run_dir / "tb", purge_step=purge))
     logger = Logger(sinks)
     trainer.logger = logger
@@ -672,7 +732,7 @@ def run_experiment(
         before = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
         start = {"metric_initial": before.mean, "metric_initial_se": before.se,
                  "metric_exact_initial": trainer.exact_metric()}
-        if log_cfg["tensorboard"]:
+        if log_cfg["tensorboard"] and writer:
             logger.record_figure("protocol/u", _protocol_figure(task, {"initial": initial}), 0)
     else:
         start = checkpoint["start"]
@@ -682,11 +742,13 @@ def run_experiment(
 
     evaluator = EvalCallback(every=eval_cfg["every"], n_replicas=eval_cfg["replicas"], chunk=chunk)
     callbacks: list[Any] = [evaluator]
-    if log_cfg["histogram_every"] and log_cfg["tensorboard"]:
+    if log_cfg["histogram_every"] and log_cfg["tensorboard"] and writer:
         callbacks.append(HistogramCallback(log_cfg["histogram_every"]))
-    callbacks.append(CheckpointCallback(run_dir / "checkpoint.pt", every=log_cfg["checkpoint_every"], payload=payload))
+    if writer:
+        callbacks.append(CheckpointCallback(run_dir / "checkpoint.pt", every=log_cfg["checkpoint_every"],
+                                            payload=payload))
     show = log_cfg["progress"] if progress is None else progress
-    if show:
+    if show and writer:
         callbacks.append(ProgressBar(cfg["train"]["iterations"], evaluator))
     if abort_after is not None:
         callbacks.append(AbortAfter(abort_after))
@@ -716,12 +778,16 @@ def run_experiment(
         "gradient": trainer.gradient,
         "optimizer": trainer.optimizer_name,
         "replicas": trainer.replicas,
+        "world_size": dist_ctx.world_size,
     }
     exact_final = trainer.exact_metric()
     if exact_final is not None:
         metrics["metric_exact_initial"] = start["metric_exact_initial"]
         metrics["metric_exact_final"] = exact_final
     metrics = _json_clean({**task.extras(), **metrics})  # task extras never shadow the core keys
+    if not writer:  # scale-out: the other ranks are done
+        logger.close()
+        return RunResult(run_dir, metrics)
 
     protocol.save(run_dir / "protocol.pt")
     protocol.write_table(run_dir / "protocol.csv")
