@@ -300,6 +300,33 @@ def test_fluence_bound_penalizes_the_loss(cache: str) -> None:
     assert float(bounded.loss(state)) == pytest.approx(-float(bounded.metric(state)[0]) + 3.0, rel=1e-9)
 
 
+def test_excitation_floor_penalizes_the_loss(cache: str) -> None:
+    task = Isomerization(**SMALL, **SHORT, cache_dir=cache, min_excitation=0.9, excitation_penalty=2.0)
+    state = task.rollout(task.starting_protocol(), 1, 0, gradient="none")
+    pumped = 1.0 - float(state.psi[0, 0].abs().square())
+    assert 0.3 < pumped < 0.9
+    expected = -float(task.metric(state)[0]) + 2.0 * (1.0 - pumped / 0.9) ** 2
+    assert float(task.loss(state)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_envelope_mode_carries_the_same_starting_pulse(cache: str) -> None:
+    direct = Isomerization(**SMALL, **SHORT, cache_dir=cache)
+    for carrier in (2.4, 2.1):
+        envelope = Isomerization(**SMALL, **SHORT, cache_dir=cache, field_mode="envelope", carrier_ev=carrier)
+        assert envelope.controls.dim == 2
+        protocol = envelope.starting_protocol()
+        fields = envelope.step_fields(protocol, 0, envelope.n_steps)
+        torch.testing.assert_close(fields, direct.step_fields(direct.starting_protocol(), 0, direct.n_steps),
+                                   rtol=0, atol=1e-12)
+        a = envelope.metric(envelope.rollout(protocol, 1, 0, gradient="none"))
+        b = direct.metric(direct.rollout(direct.starting_protocol(), 1, 0, gradient="none"))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ControlMDError, match="dim"):
+        envelope.rollout(direct.starting_protocol(), 1, 0)
+    with pytest.raises(ControlMDError, match="field_mode"):
+        envelope.field_protocol(torch.zeros(envelope.n_steps))
+
+
 def test_few_adam_steps_improve_the_yield(cache: str) -> None:
     # Enough cos(k phi) functions for the torsion to reach trans (k ~ 90), few oscillator
     # functions; a 100 fs pulse and the yield averaged over 100 .. 300 fs.
@@ -340,6 +367,9 @@ def test_registered_and_built_by_name(cache: str) -> None:
         ({"e_max": 0.0}, "e_max"),
         ({"e_cut": 0.05}, "e_cut"),
         ({"yield_method": "fft"}, "yield_method"),
+        ({"field_mode": "phase"}, "field_mode"),
+        ({"min_excitation": 1.0}, "min_excitation"),
+        ({"carrier_ev": -2.4}, "carrier_ev"),
     ],
 )
 def test_bad_arguments_name_the_field(cache: str, kwargs: dict, name: str) -> None:

@@ -394,6 +394,7 @@ class QuantumState:
 # ---------------------------------------------------------------------------- the task
 
 _GRADIENTS = ("direct", "checkpoint", "adjoint", "none")
+_FIELD_MODES = ("direct", "envelope")
 _PROPAGATORS = ("split", "ode")
 
 
@@ -442,6 +443,10 @@ class Isomerization(Task):
         pulse_tp_fs: float = 30.0,
         fluence_max: float = 0.0,
         fluence_penalty: float = 10.0,
+        min_excitation: float = 0.0,
+        excitation_penalty: float = 10.0,
+        field_mode: str = "direct",
+        carrier_ev: float = 2.4,
         yield_method: str = "nufft",
         yield_chunk: int = 1024,
         cache_dir: str = "",
@@ -456,6 +461,11 @@ class Isomerization(Task):
         check_positive("pulse_tau_fs", pulse_tau_fs)
         check_positive("fluence_max", fluence_max, allow_zero=True)
         check_positive("fluence_penalty", fluence_penalty, allow_zero=True)
+        check_positive("excitation_penalty", excitation_penalty, allow_zero=True)
+        check_choice("field_mode", field_mode, _FIELD_MODES)
+        check_positive("carrier_ev", carrier_ev)
+        if not 0.0 <= min_excitation < 1.0:
+            raise ControlMDError(f"min_excitation must be in [0, 1), got {min_excitation}")
         check_int("yield_chunk", yield_chunk)
         check_choice("yield_method", yield_method, ("nufft", "matmul"))
         for name, value in (("pulse_omega", pulse_omega), ("pulse_tp_fs", pulse_tp_fs)):
@@ -470,7 +480,14 @@ class Isomerization(Task):
             n_cos=n_cos, n_osc=n_osc, e_cut=e_cut,
         )
         self.model = _cached_model(params, cache_dir)
-        self.controls = ControlChannels(names=("E",), low=(-e_max,), high=(e_max,), units=("eV",))
+        self.field_mode = field_mode
+        self.carrier = carrier_ev
+        if field_mode == "direct":
+            self.controls = ControlChannels(names=("E",), low=(-e_max,), high=(e_max,), units=("eV",))
+        else:
+            self.controls = ControlChannels(
+                names=("E_cos", "E_sin"), low=(-e_max, -e_max), high=(e_max, e_max), units=("eV", "eV")
+            )
         self.n_steps = n_steps
         self.t_pulse = t_pulse_fs * FS
         self.dt = self.t_pulse / n_steps
@@ -481,6 +498,8 @@ class Isomerization(Task):
         }
         self.fluence_max = fluence_max * FS  # eV^2 hbar/eV
         self.fluence_penalty = fluence_penalty
+        self.min_excitation = min_excitation
+        self.excitation_penalty = excitation_penalty
         self.yield_chunk = yield_chunk
         self.propagator = SplitOperator(self.model.energies, self.model.dipole, h=self.dt)
         # The yield window: grid times t_j = j t_end / (n_grid - 1), j >= n_grid - n_window.
@@ -512,44 +531,69 @@ class Isomerization(Task):
         s = t - p["tp"]
         return p["e0"] * torch.cos(p["omega"] * s) * torch.exp(-(s**2) / p["tau"] ** 2)
 
+    def starting_controls(self, t: Tensor) -> Tensor:
+        """The starting pulse in the task's control space ``[T, k]``: ``E(t)`` in ``direct``
+        mode; in ``envelope`` mode ``(Re, Im)`` of ``eps(t) = E0 exp(-(t - tp)^2 / tau^2)
+        exp(-i (w0 - w_c) t + i w0 tp)``, so that ``E = Re(eps exp(-i w_c t))``."""
+        if self.field_mode == "direct":
+            return self.starting_field(t).unsqueeze(-1)
+        p = self.pulse
+        s = t - p["tp"]
+        phase = -(p["omega"] - self.carrier) * t + p["omega"] * p["tp"]
+        amplitude = p["e0"] * torch.exp(-(s**2) / p["tau"] ** 2)
+        return torch.stack((amplitude * torch.cos(phase), amplitude * torch.sin(phase)), dim=-1)
+
     def starting_protocol(self, n_pieces: int | None = None) -> PiecewiseConstant:
-        """A piecewise-constant protocol holding the starting pulse at each piece's midpoint,
-        bounded by ``+-e_max`` (default: one piece per propagation step)."""
+        """A piecewise-constant protocol holding the starting pulse (see
+        :meth:`starting_controls`) at each piece's midpoint, bounded by ``+-e_max``
+        (default: one piece per propagation step)."""
         k = self.n_steps if n_pieces is None else n_pieces
         check_int("n_pieces", k)
         mid = (torch.arange(k, dtype=torch.float64) + 0.5) * (self.t_pulse / k)
         return PiecewiseConstant(
-            dim=1, t_final=self.t_pulse, n_pieces=k, low=self.controls.low[0], high=self.controls.high[0],
-            init=self.starting_field(mid).unsqueeze(-1),
+            dim=self.controls.dim, t_final=self.t_pulse, n_pieces=k, low=list(self.controls.low),
+            high=list(self.controls.high), init=self.starting_controls(mid),
         )
 
     def reference_protocol(self) -> tuple[Tensor, Tensor]:
-        """The starting pulse as a table ``(t [n], E [n, 1])`` (drawn beside trained protocols)."""
+        """The starting pulse as a table ``(t [n], u [n, k])`` (drawn beside trained protocols)."""
         t = torch.linspace(0.0, self.t_pulse, 4001, dtype=torch.float64)
-        return t, self.starting_field(t).unsqueeze(-1)
+        return t, self.starting_controls(t)
 
     def step_fields(self, protocol: Protocol, first_step: int, n_steps: int) -> Tensor:
         """Field of steps ``first_step .. first_step + n_steps - 1``, read at their midpoints.
 
+        In ``envelope`` mode ``E = u_0 cos(w_c t) + u_1 sin(w_c t)``.
+
         :return: ``[n_steps]`` (one field for all replicas) or ``[n_steps, B]`` (per-replica
             protocols such as the env's), eV.
         """
-        if protocol.dim != 1:
-            raise ControlMDError(f"the isomerization field has one channel; protocol has dim = {protocol.dim}")
+        if protocol.dim != self.controls.dim:
+            raise ControlMDError(
+                f"field_mode = {self.field_mode!r} has {self.controls.dim} control channel(s); "
+                f"protocol has dim = {protocol.dim}"
+            )
         if isinstance(protocol, PiecewiseConstant) and self.n_steps % protocol.n_pieces:
             raise ControlMDError(
                 f"protocol n_pieces = {protocol.n_pieces} must divide the task's n_steps = {self.n_steps} "
                 "so that no step straddles two pieces"
             )
         t_mid = (torch.arange(first_step, first_step + n_steps, dtype=torch.float64) + 0.5) * self.dt
-        u = protocol(t_mid)
-        return u.reshape(n_steps, -1) if u.ndim == 3 else u.reshape(n_steps)
+        u = protocol(t_mid)  # [K, k] or [K, B, k]
+        if self.field_mode == "direct":
+            field = u[..., 0]
+        else:
+            wt = (self.carrier * t_mid).reshape(-1, *([1] * (u.ndim - 2)))
+            field = u[..., 0] * torch.cos(wt) + u[..., 1] * torch.sin(wt)
+        return field.reshape(n_steps, -1) if u.ndim == 3 else field.reshape(n_steps)
 
     def field_protocol(self, values: Tensor) -> PiecewiseConstant:
         """A protocol holding a table of one field value per propagation step.
 
         :param values: ``[n_steps]``, eV, inside ``+-e_max``.
         """
+        if self.field_mode != "direct":
+            raise ControlMDError(f"field_protocol needs field_mode = 'direct', got {self.field_mode!r}")
         v = torch.as_tensor(values, dtype=torch.float64).detach()
         if v.ndim != 1 or v.numel() != self.n_steps:
             raise ControlMDError(
@@ -680,11 +724,18 @@ class Isomerization(Task):
                                     count=count, method=self.yield_method, chunk=self.yield_chunk)
 
     def loss(self, state: QuantumState) -> Tensor:  # type: ignore[override]
-        """``-mean(Y_window)`` plus the fluence-bound penalty when ``fluence_max > 0``."""
+        """``-mean(Y_window)``, plus ``fluence_penalty * relu(F / fluence_max - 1)^2`` when
+        ``fluence_max > 0`` and ``excitation_penalty * relu(1 - P / min_excitation)^2`` when
+        ``min_excitation > 0``, with ``F`` the fluence and ``P = 1 - |<0|psi(T)>|^2`` the
+        population pumped out of the ground state."""
         loss = -self.window_yield(state).mean()
         if self.fluence_max > 0 and self.fluence_penalty > 0:
             excess = torch.relu(state.aux["fluence"] / self.fluence_max - 1.0)
             loss = loss + self.fluence_penalty * (excess**2).mean()
+        if self.min_excitation > 0 and self.excitation_penalty > 0:
+            pumped = 1.0 - state.psi[:, 0].abs().square()
+            shortfall = torch.relu(1.0 - pumped / self.min_excitation)
+            loss = loss + self.excitation_penalty * (shortfall**2).mean()
         return loss
 
     def metric(self, state: QuantumState) -> Tensor:  # type: ignore[override]
@@ -756,3 +807,174 @@ class Isomerization(Task):
                 "paper_yields": {str(k): v for k, v in PAPER_YIELDS.items()},
             }
         return {**self._extras, "last_metric": dict(self._last)}
+
+
+# ---------------------------------------------------------------------------- run report
+
+
+def field_spectrum(times: Tensor, field: Tensor) -> tuple[Tensor, Tensor]:
+    """Power spectrum ``|FT E|^2`` of a field sampled on a uniform grid.
+
+    :param times: ``[T]`` uniform, hbar/eV.
+    :param field: ``[T]``, eV.
+    :return: ``(photon energies [F] in eV (>= 0), power [F] normalized to max 1)``.
+    """
+    n = field.numel()
+    pad = 1 << (4 * n - 1).bit_length()  # zero padding for a smooth curve
+    power = torch.fft.rfft(field, n=pad).abs().square()
+    energies = 2 * math.pi * torch.fft.rfftfreq(pad, d=float(times[1] - times[0]), dtype=torch.float64)
+    return energies, power / power.max().clamp_min(1e-300)
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Figures and numbers of a finished isomerization run (``controlmd isomerization-report``).
+
+    Writes into ``run_dir``: ``yield_per_iteration.png`` (the training yields against the
+    paper's logged ones), ``yield_vs_time.png`` (Y(t) of the starting and the trained
+    field), ``field.png`` (E(t) and its spectrum), ``field.csv`` (the trained field at every
+    step, fs and eV) and ``isomerization_report.json``; the figures and the yields per
+    iteration also go to the run's TensorBoard folder ``tb/``.
+
+    :return: the report's numbers.
+    """
+    from controlmd.checkpoint import atomic_write_json, atomic_write_text
+    from controlmd.config import build_task, read_run_config
+    from controlmd.logging import TensorBoardSink
+    from controlmd.plotting import save_figure
+    from controlmd.protocols import load_protocol
+
+    run = Path(run_dir)
+    cfg = read_run_config(run)
+    task = build_task(cfg)
+    if not isinstance(task, Isomerization):
+        raise ControlMDError(f"{run} is a run of task {task.name!r}, not isomerization")
+    for name in ("protocol_initial.pt", "protocol.pt", "progress.jsonl"):
+        if not (run / name).is_file():
+            raise ControlMDError(f"{run} has no {name} (did the run finish?)")
+    protocols = {"initial": load_protocol(run / "protocol_initial.pt"), "trained": load_protocol(run / "protocol.pt")}
+    losses: dict[int, float] = {}
+    for line in (run / "progress.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("train/loss") is not None:
+            losses[int(row["step"])] = float(row["train/loss"])
+    # The loss logged at step i is that of the field after i - 1 updates.
+    yields = [-losses[i] for i in sorted(losses)]
+    metrics_path = run / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if "metric_final" in metrics:
+        yields.append(float(metrics["metric_final"]))
+
+    curves, fields, summary = {}, {}, {}
+    t_steps = (torch.arange(task.n_steps, dtype=torch.float64) + 0.5) * task.dt
+    for label, protocol in protocols.items():
+        curves[label] = task.yield_curve(protocol)
+        with torch.no_grad():
+            fields[label] = task.step_fields(protocol, 0, task.n_steps).reshape(task.n_steps)
+            state = task.rollout(protocol, 1, 0, gradient="none")
+            summary[label] = {
+                "yield": float(task.metric(state)[0]),
+                "pumped_population": float(1.0 - state.psi[0, 0].abs().square()),
+                "fluence_eV2_fs": float(state.aux["fluence"][0]) / FS,
+                "peak_field_eV": float(fields[label].abs().max()),
+            }
+        energies, power = field_spectrum(t_steps, fields[label])
+        summary[label]["spectrum_peak_eV"] = float(energies[power.argmax()])
+        fields[label] = (fields[label], energies, power)
+
+    figures = {
+        "yield_per_iteration": _plot_yields(yields),
+        "yield_vs_time": _plot_curves(curves, task),
+        "field": _plot_fields(t_steps / FS, fields),
+    }
+    for name, fig in figures.items():
+        save_figure(fig, run / f"{name}.png")
+    rows = ["t_fs,E_eV", *(f"{t:.6f},{e:.12g}" for t, e in zip((t_steps / FS).tolist(), fields["trained"][0].tolist()))]
+    atomic_write_text(run / "field.csv", "\n".join(rows) + "\n")
+    sink = TensorBoardSink(run / "tb")
+    for i, y in enumerate(yields):
+        values = {"isomerization/yield": y}
+        if i in PAPER_YIELDS:
+            values["isomerization/paper_yield"] = PAPER_YIELDS[i]
+        sink.write(values, i)
+    for name, fig in figures.items():
+        sink.figure(f"isomerization/{name}", fig, len(yields) - 1)
+    sink.close()
+    report = {
+        "yields_per_iteration": yields,
+        "paper_yields": {str(k): v for k, v in PAPER_YIELDS.items()},
+        **{f"{label}_{k}": v for label, d in summary.items() for k, v in d.items()},
+        "vertical_excitation_yield": task.vertical_yield(),
+        "wall_s": metrics.get("wall_s"),
+    }
+    atomic_write_json(run / "isomerization_report.json", report)
+    return report
+
+
+def _figure(n_rows: int = 1, height: float = 3.0) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, height * n_rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(n_rows, 1, squeeze=False)[:, 0]
+
+
+def _plot_yields(yields: list[float]) -> Any:
+    fig, (ax,) = _figure()
+    ax.plot(range(len(yields)), yields, "o-", ms=3, label="controlmd")
+    ax.plot(list(PAPER_YIELDS), list(PAPER_YIELDS.values()), "s", color="black", label="paper (arXiv:2003.00868)")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("time-averaged yield")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_curves(curves: dict[str, tuple[Tensor, Tensor]], task: Isomerization) -> Any:
+    fig, (ax,) = _figure()
+    for label, (t, y) in curves.items():
+        ax.plot(t.numpy(), y.numpy(), lw=0.8, label=label)
+    ax.axvspan(task.window_start / FS, task.t_end / FS, color="grey", alpha=0.12, label="averaging window")
+    ax.axvline(task.t_pulse / FS, color="grey", lw=0.6, ls="--")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("t [fs]")
+    ax.set_ylabel("Y(t)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_fields(t_fs: Tensor, fields: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Any:
+    fig, (top, bottom) = _figure(2)
+    for label, (e, energies, power) in fields.items():
+        top.plot(t_fs.numpy(), e.numpy(), lw=0.5, label=label)
+        keep = energies < 6.0
+        bottom.plot(energies[keep].numpy(), power[keep].numpy(), lw=0.8, label=label)
+    top.set_xlabel("t [fs]")
+    top.set_ylabel("E(t) [eV]")
+    bottom.set_xlabel("photon energy [eV]")
+    bottom.set_ylabel("|E(w)|^2 (normalized)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _register_report_command() -> None:
+    import argparse
+
+    from controlmd.cli import command
+
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run_dir", type=Path, help="a run folder of an isomerization experiment")
+
+    @command("isomerization-report", help="figures and numbers of an isomerization run", arguments=arguments)
+    def _report(args: argparse.Namespace) -> int:
+        report = write_report(args.run_dir)
+        print(f"yield: {report['initial_yield']:.4f} (starting field) -> {report['trained_yield']:.4f} (trained)")
+        print(f"fluence: {report['initial_fluence_eV2_fs']:.4g} -> {report['trained_fluence_eV2_fs']:.4g} eV^2 fs")
+        print(f"figures and isomerization_report.json written to {args.run_dir}")
+        return 0
+
+
+_register_report_command()
