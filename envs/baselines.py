@@ -93,11 +93,7 @@ def evaluate_policy(task: Task, candidate: PolicyEvaluable, n_replicas: int, see
     done = 0
     while done < n_replicas:
         b = min(chunk, n_replicas - done)
-        with torch.no_grad():
-            batch.state = task.initial_state(b, seed, first_replica=done)
-        batch.control.start(b)
-        batch.interval = 0
-        obs = batch.observe()
+        obs = batch.reset(b, seed, first_replica=done)
         terms: dict[str, np.ndarray] = {}
         while not batch.done:
             actions = np.clip(np.asarray(candidate.policy(obs), dtype=np.float64).reshape(b, -1), -1.0, 1.0)

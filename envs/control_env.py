@@ -223,10 +223,11 @@ class ReplicaBatch:
         a = torch.as_tensor(np.asarray(actions, dtype=np.float64))
         return self.low + (self.high - self.low) * 0.5 * (a + 1.0)
 
-    def reset(self, n_replicas: int, seed: int) -> np.ndarray:
-        """Fresh replicas ``0 .. B-1`` of the batch seeded ``seed``; returns observations ``[B, n_obs]``."""
+    def reset(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> np.ndarray:
+        """Fresh replicas ``first_replica .. first_replica + B - 1`` of the batch seeded
+        ``seed``; returns observations ``[B, n_obs]``."""
         with torch.no_grad():
-            self.state = self.task.initial_state(n_replicas, int(seed))
+            self.state = self.task.initial_state(n_replicas, int(seed), first_replica=first_replica)
         self.control.start(n_replicas)
         self.interval = 0
         self._phi = self._potential() if self.shaping else np.zeros(n_replicas)
@@ -542,8 +543,7 @@ def _render_frame(batch: ReplicaBatch, history: list[tuple[float, np.ndarray]]) 
         if values:
             right.step(times, [values[0], *values], where="post", label=name)
     right.set_xlim(0.0, 1.0)
-    right.set_ylim(task.controls.low[0] if task.controls.dim == 1 else min(task.controls.low),
-                   task.controls.high[0] if task.controls.dim == 1 else max(task.controls.high))
+    right.set_ylim(min(task.controls.low), max(task.controls.high))
     right.set_xlabel("t / T")
     right.set_title(f"control ({', '.join(task.controls.units)})")
     fig.tight_layout()

@@ -204,3 +204,24 @@ def test_overrides_apply(tmp_path: Path) -> None:
     cfg = load_compare_config(path, ["compare.seeds=2", "gradient.lr=0.5", "task.lambda_f=3.0"])
     assert cfg["compare"]["seeds"] == 2 and cfg["methods"]["gradient"]["lr"] == 0.5
     assert cfg["task"]["lambda_f"] == 3.0 and cfg["compare"]["n_pieces"] == 20
+
+
+def test_policy_evaluation_equals_protocol_evaluation_and_ignores_chunks() -> None:
+    """A time-only policy evaluated by batched env rollouts scores exactly like the K-piece
+    protocol of its actions (the trainer's evaluation), whatever the chunk size."""
+    from controlmd_envs.baselines import PolicyEvaluable, evaluate_policy
+
+    from controlmd.train import evaluate
+
+    task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
+    actions = np.array([[-0.4], [-0.3], [-0.2], [0.1]])
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        return actions[np.round(obs[:, 0] * 4).astype(int)]
+
+    candidate = PolicyEvaluable(policy, control_interval=5, observation="time")
+    a = evaluate_policy(task, candidate, 10, 7, chunk=3)
+    b = evaluate_policy(task, candidate, 10, 7, chunk=100)
+    reference = evaluate(task, actions_to_protocol(actions, task), 10, 7)
+    assert a == b
+    assert a.mean == pytest.approx(reference.mean, rel=1e-12) and a.md_steps == reference.md_steps == 200
