@@ -10,8 +10,8 @@ Two ways to integrate, with the same :class:`Trajectory` result:
   ===============  ==========================================================  =============
   ``"direct"``     the whole trajectory (plain autograd)                       O(n_steps)
   ``"checkpoint"`` the whole trajectory; only window-start states are kept,    O(n_steps/W
-                   each window of ``W`` steps is recomputed in backward        + W)
-                   (``torch.utils.checkpoint``, non-reentrant); same gradient
+                   each window of ``W`` steps is rerun in backward; same       + W)
+                   gradient
   ``"truncated"``  each window of ``W`` steps alone: the state is detached     O(W)
                    every ``W`` steps (not the full gradient unless W >= n)
   ``"none"``       nothing (``torch.no_grad``)                                 O(1)
@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from controlmd._validation import check_choice, check_finite, check_int, check_positions
 from controlmd.dynamics.base import Integrator, State
@@ -243,22 +242,68 @@ def _segment(integrator: Integrator, state: State, n: int) -> State:
 
 
 def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State:
-    """``n`` steps whose intermediate activations are recomputed in backward.
+    """``n`` steps whose intermediate states are recomputed in the backward pass.
 
-    The noise of a stochastic integrator must be the same in the recomputation: each
-    (re)run draws from a copy of the generators restored to their window-start states.
+    The forward pass runs without a graph and keeps only the window's input state; the
+    backward pass reruns the window with a graph and backpropagates through it. Noise of a
+    stochastic integrator is the same in the rerun: each run draws from a copy of the
+    generators restored to their window-start states. (``torch.utils.checkpoint`` is not
+    used: its non-reentrant mode recomputes the window at each force-gradient call inside
+    it, O(W^2) steps.)
     """
+    keys = sorted(k for k, v in state.aux.items() if isinstance(v, Tensor) and v.is_floating_point())
+    names = ["R"] + (["P"] if state.P is not None else []) + [f"aux:{k}" for k in keys]
     rng = state.rng
-    if rng is None:
-        return checkpoint(_segment, integrator, state, n, use_reentrant=False)
-    start = rng.get_state()
+    start = None if rng is None else rng.get_state()
+    last: list[State] = []
 
-    def run(s: State) -> State:
-        return _segment(integrator, s.replace(rng=_rng_copy(rng, start)), n)
+    def run(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        values = dict(zip(names, tensors))
+        s = state.replace(
+            R=values["R"], P=values.get("P"),
+            aux={**state.aux, **{k: values[f"aux:{k}"] for k in keys}},
+            rng=None if rng is None else _rng_copy(rng, start),  # type: ignore[arg-type]
+        )
+        s = _segment(integrator, s, n)
+        last[:] = [s]
+        outs = [s.R] + ([s.P] if state.P is not None else []) + [s.aux[k] for k in keys]
+        return tuple(o.clone() if any(o is x for x in tensors) else o for o in outs)
 
-    out = checkpoint(run, state, use_reentrant=False)
-    rng.set_state(out.rng.get_state())
-    return out.replace(rng=rng)
+    inputs = [state.R] + ([state.P] if state.P is not None else []) + [state.aux[k] for k in keys]
+    params = [p for p in integrator.parameters() if p.requires_grad]
+    outs = _Window.apply(run, len(inputs), *inputs, *params)
+    end = last[0]
+    values = dict(zip(names, outs))
+    if rng is not None:
+        rng.set_state(end.rng.get_state())  # type: ignore[union-attr]
+    return end.replace(
+        R=values["R"], P=values.get("P"), aux={**end.aux, **{k: values[f"aux:{k}"] for k in keys}},
+        rng=rng,
+    )
+
+
+class _Window(torch.autograd.Function):
+    """A window of steps as one autograd node: forward without a graph, backward by rerun."""
+
+    @staticmethod
+    def forward(ctx, run, n_inputs, *args):  # type: ignore[no-untyped-def, override]
+        ctx.run, ctx.n_inputs = run, n_inputs
+        ctx.save_for_backward(*args)
+        with torch.no_grad():
+            return run(args[:n_inputs])
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):  # type: ignore[no-untyped-def, override]
+        saved = ctx.saved_tensors
+        inputs = [x.detach().requires_grad_(True) for x in saved[: ctx.n_inputs]]
+        params = list(saved[ctx.n_inputs :])
+        with torch.enable_grad():
+            outs = ctx.run(inputs)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], inputs + params, [g for _, g in pairs], allow_unused=True
+        ) if pairs else (None,) * (len(inputs) + len(params))
+        return (None, None, *grads)
 
 
 def _rng_copy(rng: ReplicaRNG, states: list[Tensor]) -> ReplicaRNG:

@@ -278,7 +278,7 @@ def _check_nve(n_eq: int, n: int, max_drift: float) -> None:
 def test_nve_lj_energy_conservation_short() -> None:
     """The long test's bounds over 1000 steps at dt = 0.005 (and 2000 at dt/2), from a
     shorter equilibration."""
-    _check_nve(n_eq=600, n=1000, max_drift=1e-4)
+    _check_nve(n_eq=1000, n=1000, max_drift=1e-4)
 
 
 @pytest.mark.slow
@@ -308,7 +308,7 @@ def test_nve_per_particle_mass_and_harmonic_period() -> None:
 def test_nve_blow_up_names_step() -> None:
     """A huge time step on the LJ fluid overlaps particles; the error names the first
     non-finite step."""
-    lj, space, s = _equilibrated_lj(600)
+    lj, space, s = _equilibrated_lj(1000)
     nve = NVE(lj, dt=0.2, space=space)
     s0 = nve.init(s.R, P=s.P)
     with pytest.raises(SimulationDivergedError, match=r"simulation diverged at step \d+ \(t = ") as info:

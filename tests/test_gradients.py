@@ -108,23 +108,27 @@ def _grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
 
 
+# Flat indices checked against finite differences: LJ epsilon, then one component of each
+# of the three protocol pieces (the gradient vector is [epsilon, values[0, :], values[1, :], ...]).
+FD_INDICES = (0, 1, 5, 9)
+
+
 def _finite_differences(build: Builder, h: float = 1e-5) -> torch.Tensor:
-    """Central differences of the loss in every parameter; each evaluation rebuilds the
-    integrator and state, so stochastic integrators reuse the same random numbers."""
+    """Central differences of the loss in the parameters at :data:`FD_INDICES`; each
+    evaluation rebuilds the integrator and state, so stochastic integrators reuse the same
+    random numbers."""
     grads = []
-    n_params = len(_potential()[1])
-    for k in range(n_params):
-        numel = _potential()[1][k].numel()
-        for i in range(numel):
-            values = []
-            for sign in (1.0, -1.0):
-                pot, params = _potential()
-                with torch.no_grad():
-                    params[k].view(-1)[i] += sign * h
-                integrator, state = build(pot)
-                final = simulate(integrator, state, N_STEPS, gradient="none").final
-                values.append(float(_loss(final)))
-            grads.append((values[0] - values[1]) / (2 * h))
+    for flat in FD_INDICES:
+        values = []
+        for sign in (1.0, -1.0):
+            pot, params = _potential()
+            with torch.no_grad():
+                k, i = (0, 0) if flat == 0 else (1, flat - 1)
+                params[k].view(-1)[i] += sign * h
+            integrator, state = build(pot)
+            final = simulate(integrator, state, N_STEPS, gradient="none").final
+            values.append(float(_loss(final)))
+        grads.append((values[0] - values[1]) / (2 * h))
     return torch.tensor(grads, dtype=F64)
 
 
@@ -137,8 +141,9 @@ def test_direct_and_checkpoint_match_finite_differences(build: Builder) -> None:
     fd = _finite_differences(build)
     direct = _gradient(build, gradient="direct")
     ckpt = _gradient(build, gradient="checkpoint", window=16)
-    assert _rel_err(direct, fd) < 1e-6
-    assert _rel_err(ckpt, fd) < 1e-6
+    idx = list(FD_INDICES)
+    assert _rel_err(direct[idx], fd) < 1e-6
+    assert _rel_err(ckpt[idx], fd) < 1e-6
     torch.testing.assert_close(ckpt, direct, rtol=1e-12, atol=1e-12)
 
 
@@ -157,7 +162,7 @@ def test_stochastic_direct_backprop_matches_common_random_number_fd(build: Build
     fd = _finite_differences(build)
     direct = _gradient(build, gradient="direct")
     ckpt = _gradient(build, gradient="checkpoint", window=16)
-    assert _rel_err(direct, fd) < 1e-6
+    assert _rel_err(direct[list(FD_INDICES)], fd) < 1e-6
     torch.testing.assert_close(ckpt, direct, rtol=1e-12, atol=1e-12)
 
 
