@@ -1,6 +1,7 @@
 """Equations of motion, batched over replicas."""
 
 from controlmd.dynamics.base import (
+    CONTROL_TIME_OFFSET,
     ControlSchedule,
     Integrator,
     MomentumIntegrator,
@@ -15,6 +16,7 @@ from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
 
 __all__ = [
+    "CONTROL_TIME_OFFSET",
     "NVE",
     "Brownian",
     "ControlSchedule",
