@@ -40,6 +40,7 @@ the same held-out replicas (``experiment.seed + EVAL_SEED_OFFSET``, finally
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import sys
 import time
@@ -291,6 +292,8 @@ def run_comparison(cfg: Config, *, out: str | Path | None = None, runs_root: str
     start = actions_to_protocol(np.zeros((n_pieces, task.controls.dim)), task)
     initial = evaluate(task, start, comp["eval_replicas"], eval_seed, chunk=comp["eval_chunk"])
     start_final = evaluate(task, start, comp["final_replicas"], final_seed, chunk=comp["eval_chunk"])
+    atomic_write_json(out_dir / "start.json", {"m0": initial.mean, "m0_se": initial.se, "m0_final": start_final.mean,
+                                               "m0_final_se": start_final.se})
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg["methods"]}
     for j in range(comp["seeds"]):
         for method, spec in cfg["methods"].items():
@@ -319,11 +322,52 @@ def run_comparison(cfg: Config, *, out: str | Path | None = None, runs_root: str
                 print(f"[{method} seed {seed}] {task.metric_name} = {point.metric:.6g} +- {point.se:.2g} after "
                       f"{tracker.md_steps:.3g} MD steps, {tracker.wall_s:.1f} s ({tracker.stop_reason})",
                       file=sys.stderr, flush=True)
-    result = summarize(cfg, task, runs, m0=initial.mean, m0_final=start_final.mean)
+        # after every round of seeds, so that an interrupted comparison leaves its results so far
+        _write_outputs(out_dir, summarize(cfg, task, runs, m0=initial.mean, m0_final=start_final.mean,
+                                          complete=j == comp["seeds"] - 1))
+    return out_dir
+
+
+def _write_outputs(out_dir: Path, result: dict[str, Any]) -> None:
     atomic_write_json(out_dir / "comparison.json", _jsonable(result))
     atomic_write_text(out_dir / "comparison.md", markdown_table(result))
     plot_comparison(result, out_dir / "comparison.png")
-    return out_dir
+
+
+def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
+    """Rebuild ``comparison.json/.md/.png`` of a comparison folder from its run folders
+    (e.g. of an interrupted comparison: only the runs that finished are summarized)."""
+    from controlmd.config import build_task
+    from controlmd.search import actions_to_protocol
+
+    out_dir = Path(out_dir)
+    try:
+        cfg = json.loads((out_dir / "compare_config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{out_dir} is not a comparison folder: it has no compare_config.json") from None
+    task = build_task(cfg)
+    comp = cfg["compare"]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for method in cfg["methods"]:
+        records = [json.loads(p.read_text()) for p in sorted((out_dir / method).glob("seed*/metrics.json"))]
+        if records:
+            runs[method] = sorted(records, key=lambda r: r["seed"])
+    if not runs:
+        raise ConfigError(f"{out_dir}: no finished run (no <method>/seed<k>/metrics.json)")
+    if (out_dir / "start.json").exists():
+        start = json.loads((out_dir / "start.json").read_text())
+        m0, m0_final = start["m0"], start["m0_final"]
+    else:  # folders written before start.json existed: the start is deterministic, re-evaluate it
+        protocol = actions_to_protocol(np.zeros((comp["n_pieces"], task.controls.dim)), task)
+        seed0 = cfg["experiment"]["seed"]
+        m0 = evaluate(task, protocol, comp["eval_replicas"], seed0 + EVAL_SEED_OFFSET, chunk=comp["eval_chunk"]).mean
+        m0_final = evaluate(task, protocol, comp["final_replicas"], seed0 + FINAL_SEED_OFFSET,
+                            chunk=comp["eval_chunk"]).mean
+    cfg = {**cfg, "methods": {m: cfg["methods"][m] for m in runs}}
+    complete = all(len(rs) == comp["seeds"] for rs in runs.values()) and len(runs) == len(comp["methods"])
+    result = summarize(cfg, task, runs, m0=m0, m0_final=m0_final, complete=complete)
+    _write_outputs(out_dir, result)
+    return result
 
 
 def _run_method(method: str, spec: dict[str, Any], task: Task, tracker: BudgetTracker, *, n_pieces: int,
@@ -347,7 +391,7 @@ def _run_method(method: str, spec: dict[str, Any], task: Task, tracker: BudgetTr
 
 
 def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *, m0: float,
-              m0_final: float) -> dict[str, Any]:
+              m0_final: float, complete: bool = True) -> dict[str, Any]:
     """The content of ``comparison.json``: runs with their progress, summaries per method.
 
     :param m0: the starting protocol's metric on the scheduled-evaluation replicas.
@@ -389,6 +433,7 @@ def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *,
     extras = task.extras()
     return {
         "format": "controlmd.comparison/1",
+        "complete": complete,
         "experiment": cfg["experiment"]["name"],
         "task": task.name,
         "task_settings": cfg["task"],
@@ -428,7 +473,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"Task `{result['task']}`, metric `{name}` ({direction} is better), {result['n_pieces']} pieces of "
         f"{result['control_interval']} MD steps, budget {result['budget_md_steps']:.3g} MD replica-steps per run, "
-        f"{len(result['seeds'])} seeds. Start (middle of the bounds): {result['m0_final']:.4g}; best final: "
+        f"{len(result['seeds'])} seeds{'' if result.get('complete', True) else ' (INCOMPLETE: runs so far)'}. "
+        f"Start (middle of the bounds): {result['m0_final']:.4g}; best final: "
         f"{result['m_best']:.4g}.",
         "",
         f"| method | final {name} (mean ± sd) | best seed | MD steps to {pct}% (median) | reached | "

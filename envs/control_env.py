@@ -204,10 +204,6 @@ class ReplicaBatch:
         self._phi = np.zeros(0)
 
     @property
-    def n_replicas(self) -> int:
-        return 0 if self.state is None else self.state.n_replicas
-
-    @property
     def done(self) -> bool:
         return self.interval >= self.n_intervals
 

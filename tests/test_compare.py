@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from controlmd_envs.compare import load_compare_config, summarize
+from controlmd_envs.compare import load_compare_config, summarize, summarize_folder
 
 from controlmd.cli import main
 from controlmd.errors import ConfigError
@@ -112,6 +112,11 @@ def test_comparison_end_to_end(tmp_path: Path) -> None:
     assert result["m_best"] == min(finals)
     best = [r for d in result["methods"].values() for r in d["runs"] if r["final"]["metric"] == result["m_best"]]
     assert best[0]["final"]["progress"] == pytest.approx(1.0)
+    assert result["complete"]
+    # the folder alone gives the same summary (what an interrupted comparison is rebuilt from)
+    rebuilt = summarize_folder(out)
+    assert rebuilt["complete"] and rebuilt["m0_final"] == result["m0_final"] and rebuilt["m_best"] == result["m_best"]
+    assert rebuilt["methods"]["cma_es"]["summary"] == result["methods"]["cma_es"]["summary"]
 
 
 def _run(curve: list[tuple[int, float]], final: tuple[int, float]) -> dict:
