@@ -199,15 +199,13 @@ class EarlyStopping(Callback):
 
     def on_step(self) -> bool:
         history = self.evaluator.history
-        if len(history) == self._seen:
-            return True
-        self._seen = len(history)
-        value = history[-1][1]
         sign = 1.0 if self.trainer.task.higher_is_better else -1.0
-        if math.isnan(self.best) or sign * (value - self.best) > self.min_delta:
-            self.best, self.bad = value, 0
-            return True
-        self.bad += 1
+        for _, value in history[self._seen:]:
+            if math.isnan(self.best) or sign * (value - self.best) > self.min_delta:
+                self.best, self.bad = value, 0
+            else:
+                self.bad += 1
+        self._seen = len(history)
         return self.bad < self.patience
 
 

@@ -48,8 +48,8 @@ class TensorBoardSink(Sink):
 
     Args:
         log_dir: folder of the event files (a run's ``tb/``).
-        purge_step: on resume, the checkpoint's iteration: events of the interrupted run
-            at steps >= it are discarded, so the curves have no duplicates.
+        purge_step: on resume, the first step not covered by the checkpoint: events of the
+            interrupted run at steps >= it are discarded, so the curves have no duplicates.
     """
 
     def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:

@@ -719,7 +719,8 @@ def run_experiment(
     if checkpoint is None and writer:
         write_config(cfg, run_dir / "config.toml")
         initial.save(run_dir / "protocol_initial.pt")
-    purge = trainer.iteration if checkpoint is not None else None
+    # the checkpoint of iteration i was written after every event of step i was flushed
+    purge = trainer.iteration + 1 if checkpoint is not None else None
     sinks: list[Any] = [JSONLinesSink(run_dir / "progress.jsonl", purge_step=purge)] if writer else []
     if log_cfg["tensorboard"] and writer:
         sinks.append(TensorBoardSink(run_dir / "tb", purge_step=purge))

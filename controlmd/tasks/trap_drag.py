@@ -257,18 +257,19 @@ class TrapDrag(Task):
         """
         if self._discrete_optimum is None:
             c0 = torch.zeros(self.n_steps, dtype=torch.float64)
-            H = torch.func.hessian(self.mean_work)(c0)
-            g = torch.func.grad(self.mean_work)(c0)
+            H = torch.autograd.functional.hessian(self.mean_work, c0)
+            (g,) = torch.autograd.grad(self.mean_work(c0.requires_grad_(True)), c0)
             c = torch.linalg.solve(H, -g)
-            self._discrete_optimum = (float(self.mean_work(c)), c)
+            with torch.no_grad():
+                self._discrete_optimum = (float(self.mean_work(c)), c)
         return self._discrete_optimum
 
 
 class _TrapCenter(nn.Module):
     """Trap centre seen by the dynamics at integrator time ``t``.
 
-    ``t < dt/2`` (the initial state): ``lambda(0-) = 0``; otherwise the protocol at the
-    current step's midpoint ``t - dt/2``. For feedback protocols the dynamics hold the
+    With ``n`` the step nearest to ``t / dt``: ``lambda(0-) = 0`` for ``n = 0``, otherwise
+    the protocol at the midpoint ``(n - 1/2) dt`` of the step ending at ``n dt``. For feedback protocols the dynamics hold the
     per-replica values of the current step (:meth:`hold`).
     """
 
@@ -287,9 +288,10 @@ class _TrapCenter(nn.Module):
         if self._held is not None:
             t_start, previous, current = self._held
             return previous if t_value < t_start + 0.5 * self.dt else current
-        if t_value < 0.5 * self.dt:
+        n = math.floor(t_value / self.dt + 0.5)  # the step ending at n dt (the dynamics read t_n -+ eps)
+        if n <= 0:
             return torch.zeros(1, dtype=torch.float64)
-        return self.protocol(t - 0.5 * self.dt)
+        return self.protocol(torch.tensor((n - 0.5) * self.dt, dtype=torch.float64))
 
 
 class _TrapDragDynamics(Integrator):
@@ -314,7 +316,9 @@ class _TrapDragDynamics(Integrator):
         if protocol.feedback:
             B = state.n_replicas
             previous = state.aux.get("trap_center", state.R.new_zeros(B, 1))
-            current = protocol(state.t + 0.5 * self.dt, obs=state.R[:, :, 0]).to(state.R)
+            n = round(float(state.t) / self.dt)
+            t_mid = torch.tensor((n + 0.5) * self.dt, dtype=torch.float64)
+            current = protocol(t_mid, obs=state.R[:, :, 0]).to(state.R)
             self.center.hold(state.t, previous, current)
             new = self.inner.step(state)
             new.aux["trap_center"] = current
