@@ -66,6 +66,7 @@ from controlmd_envs.control_env import OBSERVATIONS, default_control_interval
 from controlmd.checkpoint import atomic_write_json, atomic_write_text
 from controlmd.config import resolve_config, write_config
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.protocols import Protocol
 from controlmd.tasks.base import Task
 from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, evaluate
 
@@ -313,7 +314,8 @@ def run_comparison(cfg: Config, *, out: str | Path | None = None, runs_root: str
                                 run_dir=run_dir)
             point = tracker.finish(final)
             logger.close()
-            record = {"method": method, "algo": spec["algo"], "seed": seed, **tracker.summary()}
+            record = {"method": method, "algo": spec["algo"], "seed": seed, **tracker.summary(),
+                      "exact_final": _exact_metric(task, final)}
             atomic_write_json(run_dir / "metrics.json", _jsonable({**record, "task": task.name,
                                                                      "metric_name": task.metric_name,
                                                                      "settings": spec}))
@@ -354,6 +356,13 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
             runs[method] = sorted(records, key=lambda r: r["seed"])
     if not runs:
         raise ConfigError(f"{out_dir}: no finished run (no <method>/seed<k>/metrics.json)")
+    from controlmd.protocols import load_protocol
+
+    for method, records in runs.items():
+        for r in records:
+            path = out_dir / method / f"seed{r['seed']}" / "protocol.pt"
+            if "exact_final" not in r and path.exists():
+                r["exact_final"] = _exact_metric(task, load_protocol(path))
     if (out_dir / "start.json").exists():
         start = json.loads((out_dir / "start.json").read_text())
         m0, m0_final = start["m0"], start["m0_final"]
@@ -368,6 +377,16 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
     result = summarize(cfg, task, runs, m0=m0, m0_final=m0_final, complete=complete)
     _write_outputs(out_dir, result)
     return result
+
+
+def _exact_metric(task: Task, final: Any) -> float | None:
+    """The task's noise-free metric of an open-loop protocol, where the task has one
+    (``exact_metric``, as the trainer uses it)."""
+    exact = getattr(task, "exact_metric", None)
+    if exact is None or not isinstance(final, Protocol):
+        return None
+    value = exact(final)
+    return None if value is None else float(value)
 
 
 def _run_method(method: str, spec: dict[str, Any], task: Task, tracker: BudgetTracker, *, n_pieces: int,
@@ -422,6 +441,7 @@ def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *,
                 "final_sd": float(f.std(ddof=1)) if f.size > 1 else 0.0,
                 "final_min": float(f.min()),
                 "final_max": float(f.max()),
+                "exact_final_mean": _mean_or_none([r.get("exact_final") for r in rs]),
                 "reached_target": len(hit),
                 "md_steps_to_target_median": float(np.median(hit)) if hit else None,
                 "md_steps_mean": float(np.mean([r["md_steps"] for r in rs])),
@@ -459,6 +479,10 @@ def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *,
     }
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
 def _progress(m: float, m0: float, m_best: float) -> float | None:
     if not math.isfinite(m_best) or m_best == m0:
         return None
@@ -482,12 +506,18 @@ def markdown_table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     pick = max if result["higher_is_better"] else min
+    exact = any(d["summary"].get("exact_final_mean") is not None for d in result["methods"].values())
+    if exact:
+        lines[2] = lines[2].replace(" | best seed |", " | exact, noise-free (mean) | best seed |")
+        lines[3] += "---|"
     for method, data in result["methods"].items():
         s = data["summary"]
         finals = [r["final"]["metric"] for r in data["runs"]]
         to = s["md_steps_to_target_median"]
+        e = s.get("exact_final_mean")
+        exact_cell = ("—" if e is None else f"{e:.4g}") + " | " if exact else ""
         lines.append(
-            f"| {method} | {s['final_mean']:.4g} ± {s['final_sd']:.2g} | {pick(finals):.4g} | "
+            f"| {method} | {s['final_mean']:.4g} ± {s['final_sd']:.2g} | {exact_cell}{pick(finals):.4g} | "
             f"{'—' if to is None else f'{to:.3g}'} | {s['reached_target']}/{len(finals)} | "
             f"{s['md_steps_mean']:.3g} | {s['grad_steps_mean']:.3g} | {s['wall_s_mean']:.0f} |"
         )
