@@ -187,3 +187,18 @@ def test_parameter_update_is_seen() -> None:
         pot.epsilon.mul_(2.0)
         E2, _ = pot.energy_and_forces(R)
     assert_close(E2, 2.0 * E1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n_pairs", [0, 1])
+def test_tiny_pair_lists(n_pairs: int, dtype: torch.dtype) -> None:
+    """One pair (a [d, 1] layout) and no pair at all: exact zeros off the bond axis."""
+    pot = LennardJones(periodic(L), r_cut=2.0)
+    R = torch.zeros(1, 2, 3, dtype=dtype)
+    R[0, 1, 0] = 1.2 if n_pairs else 2.4
+    E, F = pot.energy_and_forces(R)
+    assert torch.equal(F[..., 1:], torch.zeros_like(F[..., 1:]))
+    E_ref, F_ref = Potential.energy_and_forces(pot, R, create_graph=False)
+    torch.testing.assert_close(F, F_ref, **tol(dtype).kwargs(scale=100))
+    torch.testing.assert_close(E, E_ref, **tol(dtype).kwargs(scale=100))
+    assert (float(F.abs().max()) > 0) == bool(n_pairs)

@@ -140,15 +140,19 @@ def _pair_terms(dR: Tensor, sigma: Scalar, eps: Scalar, rc: float, shift: str, w
     inv = torch.reciprocal(r2)
     if mask is not None:
         inv = inv * mask
-    x = (sigma * sigma) * inv
+    if isinstance(sigma, float) and sigma == 1.0:
+        x = inv
+    else:
+        x = (sigma * sigma) * inv
     s6 = x * x * x
-    g = (24.0 * eps) * inv * s6 * (2.0 * s6 - 1.0)
+    # 24 eps (2 s6 - 1) s6 / r2 in four operations
+    g = (s6 * (48.0 * eps) - 24.0 * eps) * s6 * inv
     u_c, du_c, _, _ = _cutoff_constants(sigma, eps, rc, shift)
     if shift == "force":
         g = g + du_c * torch.sqrt(inv)
     u = None
     if want_energy:
-        u = (4.0 * eps) * s6 * (s6 - 1.0)
+        u = (s6 - 1.0) * s6 * (4.0 * eps)
         if mask is not None and shift != "none":
             u = u - u_c * mask
             if shift == "force":
@@ -181,13 +185,20 @@ def _per_replica(u: Tensor, pairs: PairIndex) -> Tensor:
 
 
 def _displacements(R: Tensor, pairs: PairIndex, displacement: DisplacementFn) -> Tensor:
-    """Minimum-image pair displacements ``[d, M]`` (``space.displacement`` applied to the
-    raw differences, as ``displacement(R_i - R_j, 0)``)."""
+    """Minimum-image pair displacements ``displacement(R_i, R_j)`` ``[d, M]``.
+
+    ``space.displacement`` sees ``[M, d]`` views of component-major ``[d, M]`` storage, so
+    its elementwise operations stay contiguous."""
     B, N, d = R.shape
-    Rt = R.reshape(B * N, d).t().contiguous()
-    raw = _gather_pairs(Rt, pairs)
-    dR = displacement(raw.t(), torch.zeros((), dtype=R.dtype, device=R.device)).t()
-    return dR if dR.is_contiguous() else dR.contiguous()
+    flat = R.reshape(B * N, d).t().contiguous().view(-1)
+    Ri = flat.index_select(0, pairs.i3).view(d, -1)
+    Rj = flat.index_select(0, pairs.j3).view(d, -1)
+    dR = displacement(Ri.t(), Rj.t()).t()
+    if dR.stride() != (dR.shape[1], 1):
+        # canonical strides even for M = 1 (segment_reduce misreads a [d, 1] view with
+        # strides (1, d), which is_contiguous() accepts)
+        dR = dR.clone(memory_format=torch.contiguous_format)
+    return dR
 
 
 def lj_kernel(
