@@ -149,8 +149,9 @@ def run_controlmd(args: argparse.Namespace, space: Space, R: torch.Tensor, P: to
         out["peak_memory_forward_mib"] = _peak_mib(device)
         out["neighbor_rebuilds"] = nl.n_builds - builds
         out["pairs"] = len(nl.pairs)
-        out["energy_drift_per_particle"] = float(
-            (nve.energy(final) - nve.energy(nve.prepare(state))).abs().max()) / R.shape[1]
+        n = R.shape[1]
+        out["total_energy_per_particle_start_end"] = [
+            float(nve.energy(nve.prepare(state))) / n, float(nve.energy(final)) / n]
 
     # reversible first: freed heap stays resident, so the later (larger) direct phase's
     # peak is still its own (gradient_memory.py isolates paths in subprocesses)
