@@ -829,8 +829,9 @@ def field_spectrum(times: Tensor, field: Tensor) -> tuple[Tensor, Tensor]:
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """Figures and numbers of a finished isomerization run (``controlmd isomerization-report``).
 
-    Writes into ``run_dir``: ``yield_per_iteration.png`` (the training yields against the
-    paper's logged ones), ``yield_vs_time.png`` (Y(t) of the starting and the trained
+    Writes into ``run_dir``: ``yield_per_iteration.png`` (the yield after each update, from
+    ``-train/loss`` when the loss is the yield, else from the ``outcome/metric``
+    evaluations of ``[eval] every = 1``, against the paper's logged yields), ``yield_vs_time.png`` (Y(t) of the starting and the trained
     field), ``field.png`` (E(t) and its spectrum), ``field.csv`` (the trained field at every
     step, fs and eV) and ``isomerization_report.json``; the figures and the yields per
     iteration also go to the run's TensorBoard folder ``tb/``.
@@ -853,16 +854,26 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
             raise ControlMDError(f"{run} has no {name} (did the run finish?)")
     protocols = {"initial": load_protocol(run / "protocol_initial.pt"), "trained": load_protocol(run / "protocol.pt")}
     losses: dict[int, float] = {}
+    evaluated: dict[int, float] = {}
     for line in (run / "progress.jsonl").read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if row.get("train/loss") is not None:
             losses[int(row["step"])] = float(row["train/loss"])
-    # The loss logged at step i is that of the field after i - 1 updates.
-    yields = [-losses[i] for i in sorted(losses)]
+        if row.get("outcome/metric") is not None:
+            evaluated[int(row["step"])] = float(row["outcome/metric"])
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    if "metric_final" in metrics:
-        yields.append(float(metrics["metric_final"]))
+    penalized = task.fluence_max > 0 or task.min_excitation > 0
+    if len(evaluated) > 2 or penalized:
+        # outcome/metric at step i: the exact yield after i updates ([eval] every = 1)
+        source = "outcome/metric"
+        yields = [evaluated[i] for i in sorted(evaluated)]
+    else:
+        # the loss logged at step i is -Y of the field after i - 1 updates (no penalties)
+        source = "-train/loss"
+        yields = [-losses[i] for i in sorted(losses)]
+        if "metric_final" in metrics:
+            yields.append(float(metrics["metric_final"]))
 
     curves, fields, summary = {}, {}, {}
     t_steps = (torch.arange(task.n_steps, dtype=torch.float64) + 0.5) * task.dt
@@ -901,6 +912,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     sink.close()
     report = {
         "yields_per_iteration": yields,
+        "yields_source": source,
         "paper_yields": {str(k): v for k, v in PAPER_YIELDS.items()},
         **{f"{label}_{k}": v for label, d in summary.items() for k, v in d.items()},
         "vertical_excitation_yield": task.vertical_yield(),
