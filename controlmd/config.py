@@ -293,7 +293,8 @@ def _accepted_keys(fn: Callable[..., Any]) -> set[str] | None:
         if init is None:
             continue
         params = inspect.signature(init).parameters
-        keys |= {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
+        if not cls.__name__.startswith("_"):  # private bases get their arguments from subclasses
+            keys |= {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return keys
         if cls is Protocol:

@@ -56,12 +56,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from controlmd._validation import check_choice, check_int, check_positive
-from controlmd.checkpoint import (
-    atomic_write_json,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
+from controlmd.checkpoint import atomic_write_json, load_checkpoint, set_rng_state
 from controlmd.distributed import DistributedContext, local_groups
 from controlmd.dynamics.base import State
 from controlmd.errors import ConfigError, ControlMDError
@@ -80,6 +75,7 @@ __all__ = [
     "Trainer",
     "evaluate",
     "run_experiment",
+    "task_parameters",
 ]
 
 # torch's CPU generators keep only the low 32 bits of a seed, and replica i of a batch
@@ -240,9 +236,14 @@ class Trainer:
             check_int("schedule_iterations", schedule_iterations)
         elif lr_schedule == "cosine":
             raise ControlMDError("lr_schedule = 'cosine' needs schedule_iterations (its horizon)")
-        params = [p for p in protocol.parameters() if p.requires_grad]
+        params = [p for p in protocol.parameters() if p.requires_grad] + task_parameters(task)
         if not params:
-            raise ControlMDError(f"protocol {type(protocol).__name__} has no trainable parameters")
+            raise ControlMDError(
+                f"protocol {type(protocol).__name__} has no trainable parameters (and task {task.name!r} "
+                "exposes none through parameters())"
+            )
+        if estimator == "forward" and task_parameters(task):
+            raise ControlMDError("estimator = 'forward' differentiates protocol parameters only; use 'pathwise'")
         n_params = sum(p.numel() for p in params)
         if estimator == "forward" and n_params > MAX_FORWARD_PARAMETERS:
             raise ControlMDError(
@@ -326,7 +327,8 @@ class Trainer:
             )
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.protocol.parameters() if p.requires_grad]
+        """Trainable protocol parameters, then those of the task (see :func:`task_parameters`)."""
+        return [p for p in self.protocol.parameters() if p.requires_grad] + task_parameters(self.task)
 
     @property
     def wall_s(self) -> float:
@@ -549,10 +551,17 @@ class Trainer:
             "grad_steps": self.grad_steps,
             "wall_s": self.wall_s,
             "last": dict(self.last),
+            "task_parameters": [p.detach().clone() for p in task_parameters(self.task)],
+            "task_state": self.task.state_dict() if callable(getattr(self.task, "state_dict", None)) else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.protocol.load_state_dict(state["protocol"])
+        with torch.no_grad():
+            for p, saved in zip(task_parameters(self.task), state.get("task_parameters", [])):
+                p.copy_(saved)
+        if state.get("task_state") is not None:
+            self.task.load_state_dict(state["task_state"])  # type: ignore[attr-defined]
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
         self.md_steps = int(state["md_steps"])
@@ -579,6 +588,17 @@ class _RolloutObjective(nn.Module):
             state = self.task.rollout(self.protocol, self.replicas, seed, first_replica=self.first_replica,
                                       **self.options)
             return self.task.loss(state) + self.protocol.penalty()
+
+
+def task_parameters(task: Task) -> list[nn.Parameter]:
+    """Trainable parameters a task owns, through its optional ``parameters()`` hook: a
+    learning task's Hamiltonian (``rdf_inverse``'s pair potential), optimized together with
+    the protocol's (kind ``none`` when the task has no control channels). Tasks with such
+    parameters may also provide ``state_dict()`` / ``load_state_dict()`` (saved in the
+    checkpoint) and ``finish_run(run_dir, logger, step)`` (called after the final
+    evaluation, before ``extras()``, to write task-specific files and figures)."""
+    hook = getattr(task, "parameters", None)
+    return [p for p in hook() if p.requires_grad] if callable(hook) else []
 
 
 def _grad(output: Tensor, params: list[nn.Parameter], *, retain: bool) -> list[Tensor]:
@@ -733,7 +753,7 @@ def run_experiment(
         before = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
         start = {"metric_initial": before.mean, "metric_initial_se": before.se,
                  "metric_exact_initial": trainer.exact_metric()}
-        if log_cfg["tensorboard"] and writer:
+        if log_cfg["tensorboard"] and writer and protocol.dim > 0:
             logger.record_figure("protocol/u", _protocol_figure(task, {"initial": initial}), 0)
     else:
         start = checkpoint["start"]
@@ -756,6 +776,9 @@ def run_experiment(
     trainer.learn(cfg["train"]["iterations"], callbacks)
 
     after = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
+    finish = getattr(task, "finish_run", None)
+    if callable(finish) and writer:  # task-specific files and figures, before extras()
+        finish(run_dir, logger, trainer.iteration)
     metrics: dict[str, Any] = {
         "experiment": cfg["experiment"]["name"],
         "task": task.name,
@@ -792,7 +815,7 @@ def run_experiment(
 
     protocol.save(run_dir / "protocol.pt")
     protocol.write_table(run_dir / "protocol.csv")
-    if log_cfg["plots"] or log_cfg["tensorboard"]:
+    if (log_cfg["plots"] or log_cfg["tensorboard"]) and protocol.dim > 0:
         figure = _protocol_figure(task, {"initial": initial, "trained": protocol})
         if log_cfg["plots"]:
             from controlmd.plotting import save_figure
@@ -807,8 +830,9 @@ def run_experiment(
     logger.record("time/wall_s", trainer.wall_s)
     logger.dump(trainer.iteration)
     logger.close()
+    # checkpoint.pt stays the one written when training ended (before the final scoring),
+    # so resuming a finished run re-scores it to the same numbers
     atomic_write_json(run_dir / "metrics.json", metrics)
-    save_checkpoint(run_dir / "checkpoint.pt", {"trainer": trainer.state_dict(), **payload()})
     return RunResult(run_dir, metrics)
 
 

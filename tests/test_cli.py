@@ -189,3 +189,12 @@ def test_resume_after_a_kill_reaches_the_same_final_numbers(finished_run: tuple[
     losses_a = [(e.step, e.value) for e in _events(whole).Scalars("train/loss")]
     losses_b = [(e.step, e.value) for e in _events(killed).Scalars("train/loss")]
     assert losses_b == losses_a  # purged and re-logged, no duplicated steps
+
+
+def test_resuming_a_finished_run_rescores_to_the_same_numbers(finished_run: tuple[Path, str]) -> None:
+    out = finished_run[0]
+    first = json.loads((out / "metrics.json").read_text())
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    for key in ("metric_initial", "metric_final", "md_steps", "grad_steps", "iterations"):
+        assert again[key] == first[key], key
