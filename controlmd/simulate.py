@@ -14,6 +14,10 @@ Two ways to integrate, with the same :class:`Trajectory` result:
                    gradient
   ``"truncated"``  each window of ``W`` steps alone: the state is detached     O(W)
                    every ``W`` steps (not the full gradient unless W >= n)
+  ``"reversible"`` the whole trajectory, recomputing states backwards           O(n_steps/W)
+                   (NVE, Nosé–Hoover chain; final state only; exact states      small states
+                   kept every ``W`` steps, default 200; see
+                   :mod:`controlmd.dynamics.reversible`); same gradient
   ``"none"``       nothing (``torch.no_grad``)                                 O(1)
   ===============  ==========================================================  =============
 
@@ -67,7 +71,7 @@ Observable = Callable[[State], Tensor]
 
 __all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "simulate", "simulate_ode"]
 
-GRADIENT_MODES = ("direct", "checkpoint", "truncated", "none")
+GRADIENT_MODES = ("direct", "checkpoint", "truncated", "reversible", "none")
 ODE_METHODS = (
     "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun",
     "euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
@@ -113,10 +117,11 @@ def simulate(
     :param integrator: the equation of motion (holds the potential and any protocol).
     :param state: initial state (``integrator.init(...)`` or a previous ``final``).
     :param n_steps: number of steps (>= 0).
-    :param gradient: ``"direct"``, ``"checkpoint"``, ``"truncated"`` or ``"none"`` (see the
-        module docstring). With ``"direct"`` a graph is only built when something requires
+    :param gradient: ``"direct"``, ``"checkpoint"``, ``"truncated"``, ``"reversible"`` or
+        ``"none"`` (see the module docstring). With ``"direct"`` a graph is only built when something requires
         grad (an integrator parameter, or a tensor of the state), as plain autograd would.
-    :param window: ``W``, steps per checkpoint / truncation window (required for those).
+    :param window: ``W``, steps per checkpoint / truncation window (required for those; for
+        ``"reversible"`` the interval between stored exact states, default 200).
     :param record_every: record ``observables`` every this many steps, including the
         initial state (frames at steps 0, k, 2k, ... <= n_steps); 0 records nothing.
     :param observables: name -> function of the state returning ``[B, ...]``; default
@@ -143,6 +148,8 @@ def simulate(
     """
     _check_simulate_inputs(integrator, state, n_steps, gradient, window, record_every,
                            reporters, check_every)
+    if gradient == "reversible":
+        return _simulate_reversible(integrator, state, n_steps, window, record_every, reporters)
     if observables is None:
         observables = {"R": _positions}
     graph = gradient != "none" and _needs_graph(integrator, state)
@@ -323,6 +330,35 @@ def _rng_copy(rng: ReplicaRNG, states: list[Tensor]) -> ReplicaRNG:
 def _snapshot(state: State) -> tuple[State, list[Tensor] | None]:
     """A detached copy of ``state`` and its generator states, to replay from."""
     return state.detach(), None if state.rng is None else state.rng.get_state()
+
+
+def _simulate_reversible(
+    integrator: Integrator,
+    state: State,
+    n_steps: int,
+    window: int | None,
+    record_every: int,
+    reporters: Sequence[Reporter],
+) -> Trajectory:
+    """``gradient="reversible"``: :func:`~controlmd.dynamics.reversible.simulate_reversible`
+    when a graph is needed, else the plain no-gradient run."""
+    from controlmd.dynamics.reversible import simulate_reversible
+
+    if record_every or reporters:
+        raise ControlMDError(
+            "gradient='reversible' keeps only the final state: record_every and reporters are "
+            "not supported; use gradient='checkpoint' to record observables along the run"
+        )
+    if not _needs_graph(integrator, state):
+        return simulate(integrator, state, n_steps, gradient="none")
+    final = simulate_reversible(integrator, state, n_steps, window=200 if window is None else window)
+    if not _is_finite(final):
+        simulate(integrator, state.detach(), n_steps, gradient="none")  # raises at the first bad step
+        raise SimulationDivergedError("non-finite positions or momenta", step=final.step,
+                                      time=float(final.t))
+    B = state.n_replicas
+    return Trajectory(final=final, times=torch.zeros(0, dtype=torch.float64), records={},
+                      md_steps=B * n_steps, grad_steps=B * n_steps)
 
 
 def _is_finite(state: State) -> bool:

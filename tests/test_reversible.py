@@ -157,3 +157,23 @@ def test_edge_cases_and_errors() -> None:
     ls = lang.init(R, P=P, rng=ReplicaRNG(0, 1))
     with pytest.raises(ControlMDError, match="checkpoint"):
         simulate_reversible(lang, ls, 10)
+
+
+def test_simulate_gradient_reversible() -> None:
+    """``simulate(..., gradient="reversible")`` is the same path, with simulate's checks."""
+    space, R, P = _fluid(B=1, seed=4)
+
+    def make() -> NVE:
+        return NVE(LennardJones(space, r_cut=R_CUT, learnable=("epsilon",)), dt=0.005, space=space)
+
+    grads = []
+    for gradient in ("reversible", "direct"):
+        nve = make()
+        traj = simulate(nve, nve.init(R, P=P), 200, gradient=gradient, window=50)
+        assert traj.grad_steps == 200
+        (g,) = torch.autograd.grad(nve.potential.energy(traj.final.R).sum(), nve.potential.epsilon)
+        grads.append(g)
+    assert _rel(grads[0], grads[1]) <= 1e-8
+    nve = make()
+    with pytest.raises(ControlMDError, match="record_every"):
+        simulate(nve, nve.init(R, P=P), 10, gradient="reversible", record_every=5)
