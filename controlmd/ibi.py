@@ -232,7 +232,7 @@ def run_ibi(
     Replaces the task's pair potential by a table initialized with ``-kT ln g*`` and runs
     ``iterations`` sampling + update rounds (see the module docstring). The task keeps the
     final table (and records the iterate history, so its ``averaged_parameters`` and
-    ``save_artifacts`` work as after a gradient fit).
+    ``finish_run`` work as after a gradient fit).
 
     :param task: an ``rdf_inverse`` task.
     :param iterations: IBI updates.
@@ -388,7 +388,7 @@ def run_ibi_experiment(
     # the exact metric as the trainer reports it (fresh replicas, eval_steps sampled), same seeds
     initial = _with_table(task, result.u_initial, lambda: evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET))  # type: ignore[arg-type]
     final = evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET)  # type: ignore[arg-type]
-    final_eval = task.save_artifacts(run_dir, logger, step=ibi["iterations"]) if cfg["logging"]["plots"] else {}
+    final_eval = task.finish_run(run_dir, logger, step=ibi["iterations"])
     metrics = {
         **task.extras(),
         "experiment": cfg["experiment"]["name"],

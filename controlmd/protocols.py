@@ -14,6 +14,7 @@ Kinds (names of the registry used by ``[protocol] kind = ...`` in experiment fil
 ``piecewise_constant`` ``K`` equal pieces (the gymnasium env's K-step episode)
 ``table``            replay of a sampled table (linear interpolation or hold)
 ``feedback_mlp``     u(t, obs): MLP of time features and task observations
+``none``             no channels (tasks without control that learn their Hamiltonian)
 ==================== ===================================================================
 
 Every kind takes ``low``/``high`` (tanh squashing into the bounds), optional fixed
@@ -53,6 +54,7 @@ __all__ = [
     "FourierSeries",
     "HeldControl",
     "MLPProtocol",
+    "NoControl",
     "PiecewiseConstant",
     "Protocol",
     "Tabulated",
@@ -93,6 +95,8 @@ class Protocol(nn.Module):
 
     feedback: bool = False
     kind: str = ""
+    min_dim: int = 1
+    """Fewest channels a kind accepts (0 only for :class:`NoControl`)."""
     _spec: dict[str, Any]
 
     def __init__(
@@ -107,7 +111,7 @@ class Protocol(nn.Module):
         fluence_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        check_int("dim", dim)
+        check_int("dim", dim, minimum=self.min_dim)
         check_positive("t_final", t_final)
         check_positive("fluence_weight", fluence_weight, allow_zero=True)
         self.dim = dim
@@ -766,6 +770,31 @@ class Tabulated(Protocol):
         lines = Path(path).read_text().strip().splitlines()
         rows = torch.tensor([[float(x) for x in line.split(",")] for line in lines[1:]], dtype=torch.float64)
         return cls(times=rows[:, 0], values=rows[:, 1:], **kwargs)
+
+
+@register_protocol("none")
+class NoControl(Protocol):
+    """The empty protocol (``u(t)`` has no components, no parameters) of a task without
+    control channels, such as a learning task whose trainable object is its own
+    Hamiltonian (the optional ``Task.parameters()`` hook the trainer optimizes).
+
+    Args:
+        t_final: horizon.
+        dim: number of channels; must be 0 (the config fills in the task's).
+    """
+
+    min_dim = 0
+
+    def __init__(self, *, t_final: float, dim: int = 0) -> None:
+        if dim != 0:
+            raise ControlMDError(
+                f"protocol kind 'none' has no control channels, but dim = {dim}; this task has "
+                "control channels: choose another kind"
+            )
+        super().__init__(dim=0, t_final=t_final)
+
+    def raw(self, t: Tensor) -> Tensor:
+        return t.new_zeros(t.shape[0], 0)
 
 
 class HeldControl(Protocol):

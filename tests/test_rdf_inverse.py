@@ -207,9 +207,46 @@ def test_recovering_sigma_moves_toward_the_truth(tmp_path: Path) -> None:
     metric = task.metric(state)
     assert metric.shape == (4,) and bool((metric >= 0).all())
     # the learned potential round-trips through its file, also into a box at another density
-    task.save_artifacts(tmp_path, step=12)
+    task.finish_run(tmp_path, step=12)
     for name in ("rdf.png", "u_r.png", "loss.png", "rdf.csv", "u_r.csv", "history.json"):
         assert (tmp_path / name).is_file()
     other = periodic(torch.full((3,), 4.0, dtype=torch.float64))
     pair = load_pair_potential(tmp_path / "potential.pt", other)
     assert float(pair.sigma) == pytest.approx(averaged) and pair.space is other
+
+
+def test_trainer_learns_the_task_potential_with_an_empty_protocol(tmp_path: Path) -> None:
+    # The generic hooks: [protocol] kind = "none" for a task without control channels, the
+    # trainer optimizes task.parameters(), checkpoints the task's state and calls finish_run.
+    from controlmd.config import resolve_config
+    from controlmd.protocols import NoControl, make_protocol
+    from controlmd.train import run_experiment
+
+    task_cfg = {"name": "rdf_inverse", **SMALL, "init": {"epsilon": 1.0, "sigma": 0.9},
+                "learn": ["sigma"], "average_last": 2}
+    cfg = resolve_config({
+        "experiment": {"name": "rdf_hooks", "seed": 3},
+        "task": task_cfg,
+        "protocol": {"kind": "none"},
+        "train": {"optimizer": "adam", "lr": 0.02, "iterations": 3, "replicas": 2,
+                  "gradient": "truncated", "window": 20, "variance_every": 0},
+        "eval": {"replicas": 2, "final_replicas": 2, "chunk": 2},
+        "logging": {"tensorboard": False, "progress": False, "checkpoint_every": 0, "histogram_every": 0},
+    })
+    result = run_experiment(cfg, out=tmp_path / "run")
+    m = result.metrics
+    assert m["protocol_kind"] == "none" and m["protocol_parameters"] == 1
+    assert m["learned"]["iterates"] == 3 and m["epsilon"] == 1.0
+    assert m["sigma"] > 0.9  # three steps up from 0.9, toward the truth
+    assert m["task_md_steps"]["train"] == 3 * 2 * (SMALL["n_burn"] + SMALL["n_sample"])
+    for name in ("rdf.png", "u_r.png", "loss.png", "history.json", "potential.pt", "metrics.json"):
+        assert (tmp_path / "run" / name).is_file()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["trainer"]
+    assert float(saved["task_parameters"][0]) == pytest.approx(m["learned"]["last"]["sigma"])
+    assert len(saved["task_state"]["iterates"]) == 3
+
+    none = make_protocol("none", t_final=1.0)
+    assert isinstance(none, NoControl) and none(torch.tensor(0.5)).shape == (0,)
+    assert not list(none.parameters())
+    with pytest.raises(ControlMDError, match="kind 'none' has no control channels"):
+        make_protocol("none", t_final=1.0, dim=2)

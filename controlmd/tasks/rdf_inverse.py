@@ -27,8 +27,14 @@ Outcome
     Gaussian-smeared RDF (:func:`controlmd.observables.rdf`, width ``smearing``), where
     ``g_b`` is the frame average of replica ``b`` over the sampled part of the rollout and
     ``g*`` the equally smeared target; the replica average is taken before the square, so
-    the loss carries no sampling-noise bias. ``loss = "js"`` uses the Jensen–Shannon
-    divergence of the pair-distance distributions ``p_k ~ g_k r_k^2`` instead.
+    the sampling-noise bias of the loss shrinks as 1/B. ``loss = "js"`` uses the
+    Jensen–Shannon divergence of the pair-distance distributions ``p_k ~ g_k r_k^2``
+    instead. ``split_halves = true`` replaces the MSE by ``mean_k (g_A - g*)(g_B - g*)``
+    with ``g_A``, ``g_B`` the averages over two halves of the replicas: independent
+    trajectories, so its expectation is exactly the squared mismatch of the mean RDF and
+    its gradient carries no correlation between the noise of ``g`` and of ``dg/dtheta``
+    (which otherwise shifts the minimum along weakly determined directions such as epsilon
+    at high density); its value can be slightly negative.
     Exact metric ``rdf_mse`` (reported, never the surrogate): per replica, the mean over
     bins of ``(g_hist - g*_hist)^2`` with ``g_hist`` the exact histogram RDF
     (:func:`controlmd.observables.rdf_histogram`, same bins) averaged over the frames of an
@@ -88,6 +94,7 @@ Arguments
     n_bins            int    120          RDF bins, centres ``(k + 1/2) r_max / n_bins``
     smearing          float  bin width    Gaussian width of the smeared RDF (sigma)
     loss              str    "mse"        "mse" or "js" (Jensen–Shannon)
+    split_halves      bool   false        unbiased cross-product MSE over replica halves
     n_equilibrate     int    1000         steps equilibrating fresh replicas
     n_burn            int    50           steps without gradient at each rollout start
     n_sample          int    100          sampled (differentiated) steps per rollout
@@ -125,7 +132,7 @@ CSV format of RDF targets (``experiments/data/*.csv``)
     smeared with that width (loadable, but the task asks for the unsmeared histogram so
     that it can smear it consistently). Make one with::
 
-        python -m controlmd.tasks.rdf_inverse --density 0.83 --kT 1.0 --out target.csv
+        python experiments/data/make_target.py --density 0.83 --kT 1.0 --out target.csv
 
 Version history
     v0: initial version.
@@ -270,7 +277,7 @@ def load_rdf_csv(path: str | Path) -> RDFTarget:
     if not (math.isfinite(width) and width >= 0):
         raise ControlMDError(f"{path}: smearing_width must be >= 0, got {meta['smearing_width']!r}")
     data = torch.tensor(rows, dtype=torch.float64)
-    return RDFTarget(data[:, 0], data[:, 1], width, meta, str(path))
+    return RDFTarget(data[:, 0].contiguous(), data[:, 1].contiguous(), width, meta, str(path))
 
 
 def save_rdf_csv(path: str | Path, r: Tensor, g: Tensor, *, meta: dict[str, object] | None = None) -> None:
@@ -497,6 +504,7 @@ class RDFInverse(Task):
     higher_is_better = False
     units = "reduced LJ units: sigma, epsilon, mass 1, tau = sigma sqrt(m/epsilon); kT in epsilon"
     supports_adjoint = False
+    replica_mean_loss = False  # the loss is a function of the replica-averaged RDF
 
     def __init__(
         self,
@@ -521,6 +529,7 @@ class RDFInverse(Task):
         n_bins: int = 120,
         smearing: float | None = None,
         loss: str = "mse",
+        split_halves: bool = False,
         n_equilibrate: int = 1000,
         n_burn: int = 50,
         n_sample: int = 100,
@@ -560,6 +569,10 @@ class RDFInverse(Task):
                 f"n_sample = {n_sample} and eval_steps = {eval_steps} must be >= record_every = "
                 f"{record_every} (each rollout needs at least one RDF frame)"
             )
+        if not isinstance(split_halves, bool):
+            raise ControlMDError(f"split_halves must be true or false, got {split_halves!r}")
+        if split_halves and loss != "mse":
+            raise ControlMDError(f"split_halves applies to loss = 'mse' only, got loss = {loss!r}")
         if init is not None and not isinstance(init, dict):
             raise ControlMDError(f"init must be a table of parameter values, got {init!r}")
         if learn is not None and (not isinstance(learn, list) or not all(isinstance(x, str) for x in learn)):
@@ -571,6 +584,7 @@ class RDFInverse(Task):
         self.dtype = _DTYPES[dtype]
         self.lattice_kind = lattice
         self.loss_kind = loss
+        self.split_halves = split_halves
         self.states = states
         self.n_equilibrate = n_equilibrate
         self.n_burn = n_burn
@@ -701,6 +715,9 @@ class RDFInverse(Task):
     def using_parameters(self, vector: Tensor) -> Iterator[None]:
         """Temporarily load a flat parameter vector into the pair potential."""
         params = self.parameters()
+        if not params:
+            yield
+            return
         saved = nn.utils.parameters_to_vector(params).detach().clone()
         with torch.no_grad():
             nn.utils.vector_to_parameters(vector.to(saved), params)
@@ -748,6 +765,7 @@ class RDFInverse(Task):
         seed: int,
         r_max: float | None = None,
         n_bins: int | None = None,
+        smeared: bool = True,
     ) -> dict[str, Any]:
         """Equilibrate fresh replicas and pool RDF frames (no gradient).
 
@@ -756,22 +774,22 @@ class RDFInverse(Task):
         :param n_frames: frames per replica, ``every`` steps apart, after ``n_equilibrate``.
         :param seed: batch seed of the momenta.
         :param r_max, n_bins: histogram grid (default: the task's).
-        :return: ``smeared [K]`` and ``hist`` (pooled), ``r_hist``, ``md_steps``.
+        :param smeared: also pool the smeared RDF on the task's bins.
+        :return: ``smeared [K]`` (if asked) and ``hist`` (pooled), ``r_hist``, ``md_steps``.
         """
         dynamics = self._dynamics if potential is None else self._nose_hoover(potential)
         r_max = self.r_max if r_max is None else r_max
         n_bins = self.n_bins if n_bins is None else n_bins
-        observables = {
-            "smeared": self._smeared_rdf,
-            "hist": lambda s: rdf_histogram(s.R, self.space, r_max=r_max, n_bins=n_bins)[1],
-        }
+        observables = {"hist": lambda s: rdf_histogram(s.R, self.space, r_max=r_max, n_bins=n_bins)[1]}
+        if smeared:
+            observables["smeared"] = self._smeared_rdf
         with torch.no_grad():
             state = self._fresh(dynamics, n_replicas, seed, 0)
             traj = simulate(dynamics, state, n_frames * every, gradient="none",
                             record_every=every, observables=observables)
+        pooled = {name: v[1:].mean(dim=(0, 1)).to(torch.float64) for name, v in traj.records.items()}
         return {
-            "smeared": traj.records["smeared"][1:].mean(dim=(0, 1)).to(torch.float64),
-            "hist": traj.records["hist"][1:].mean(dim=(0, 1)).to(torch.float64),
+            **pooled,
             "r_hist": (torch.arange(n_bins, dtype=torch.float64) + 0.5) * (r_max / n_bins),
             "md_steps": n_replicas * (self.n_equilibrate + n_frames * every),
         }
@@ -836,9 +854,14 @@ class RDFInverse(Task):
         return final.replace(aux={**final.aux, "rdf": g, "rdf_hist": g_hist})
 
     def loss(self, state: State) -> Tensor:
-        """``rdf_loss`` of the replica-averaged smeared RDF against the smeared target."""
-        return rdf_loss(state.aux["rdf"].mean(dim=0), self.targets.smeared, kind=self.loss_kind,
-                        r=self.centers)
+        """``rdf_loss`` of the replica-averaged smeared RDF against the smeared target; with
+        ``split_halves``, ``mean_k (g_A - g*)(g_B - g*)`` over two halves A, B of the replicas."""
+        g = state.aux["rdf"]
+        target = self.targets.smeared.to(g)
+        if self.split_halves and g.shape[0] >= 2:
+            half = g.shape[0] // 2
+            return ((g[:half].mean(dim=0) - target) * (g[half:2 * half].mean(dim=0) - target)).mean()
+        return rdf_loss(g.mean(dim=0), target, kind=self.loss_kind, r=self.centers)
 
     def metric(self, state: State) -> Tensor:
         """Per replica: mean squared error of the frame-averaged histogram RDF ``[B]``."""
@@ -874,6 +897,27 @@ class RDFInverse(Task):
             out["final_evaluation"] = self.final_evaluation
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed training needs besides the parameters: carried states, iterates,
+        history, MD budget and (simulated) targets."""
+        return {
+            "carry": _state_to_dict(self._carry),
+            "pool": _state_to_dict(self._pool),
+            "iterates": [v.clone() for v in self._iterates],
+            "history": [dict(h) for h in self.history],
+            "budget": dict(self.budget),
+            "targets": None if self._targets is None else vars(self._targets).copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._carry = _state_from_dict(state["carry"])
+        self._pool = _state_from_dict(state["pool"])
+        self._iterates = list(state["iterates"])
+        self.history = [dict(h) for h in state["history"]]
+        self.budget = dict(state["budget"])
+        if state.get("targets") is not None:
+            self._targets = _Targets(**state["targets"])
+
     # ------------------------------------------------------------------ evaluation, artifacts
 
     def evaluate_rdf(self, *, n_replicas: int | None = None, n_frames: int | None = None, seed: int = 7,
@@ -897,11 +941,12 @@ class RDFInverse(Task):
             "hist": sample["hist"],
         }
 
-    def save_artifacts(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> dict[str, Any]:
-        """Evaluate the initial and the reported (averaged) parameters, load the averaged
-        values into the potential, and write ``rdf.png``, ``u_r.png``, ``loss.png``,
-        ``rdf.csv``, ``u_r.csv``, ``history.json`` and ``potential.pt`` into ``run_dir``
-        (figures also to ``logger`` under ``rdf/...``)."""
+    def finish_run(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> dict[str, Any]:
+        """Evaluate the initial and the reported (averaged) parameters and write
+        ``rdf.png``, ``u_r.png``, ``loss.png``, ``rdf.csv``, ``u_r.csv``, ``history.json``
+        and ``potential.pt`` (the averaged parameters) into ``run_dir`` (figures also to
+        ``logger`` under ``rdf/...``). The live parameters stay the last iterate, so a
+        resumed training continues from them."""
         from controlmd.plotting import save_figure
 
         run_dir = Path(run_dir)
@@ -909,9 +954,6 @@ class RDFInverse(Task):
         averaged = self.averaged_parameters()
         before = self.evaluate_rdf(vector=self._initial_values)
         after = self.evaluate_rdf(vector=averaged)
-        if self.parameters():
-            with torch.no_grad():
-                nn.utils.vector_to_parameters(averaged.to(self.parameters()[0]), self.parameters())
         self.final_evaluation = {
             "rdf_mse_initial": before["rdf_mse"], "rdf_hist_mse_initial": before["rdf_hist_mse"],
             "rdf_mse": after["rdf_mse"], "rdf_hist_mse": after["rdf_hist_mse"],
@@ -922,8 +964,10 @@ class RDFInverse(Task):
         r_u = torch.linspace(0.8 * float(self.reference_spec.get("sigma", 1.0)), self.r_cut, 300, dtype=torch.float64)
         with torch.no_grad(), self.using_parameters(self._initial_values):
             u_initial = self.pair_energy(self.pair, r_u)
-        with torch.no_grad():
+        with torch.no_grad(), self.using_parameters(averaged):
             u_fit = self.pair_energy(self.pair, r_u)
+            save_pair_potential(run_dir / "potential.pt", self.pair, self.pair_spec)
+        with torch.no_grad():
             u_ref = self.pair_energy(self.reference, r_u)
         figures = {
             "rdf": _plot_rdfs(r, rdfs, title=f"g(r) at density {self.density:g}, kT {self.kT:g}"),
@@ -940,7 +984,6 @@ class RDFInverse(Task):
                                              "fitted_hist": after["hist"]})
         _write_columns(run_dir / "u_r.csv", {"r": r_u, "u_reference": u_ref, "u_initial": u_initial, "u_fitted": u_fit})
         (run_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n", encoding="utf-8")
-        save_pair_potential(run_dir / "potential.pt", self.pair, self.pair_spec)
         return self.final_evaluation
 
     @staticmethod
@@ -982,6 +1025,16 @@ class RDFInverse(Task):
         else:
             self.budget["eval"] += n_replicas * self.n_equilibrate
         return state
+
+
+def _state_to_dict(state: State | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {"R": state.R, "P": state.P, "t": state.t, "step": state.step, "aux": dict(state.aux)}
+
+
+def _state_from_dict(d: dict[str, Any] | None) -> State | None:
+    return None if d is None else State(R=d["R"], P=d["P"], t=d["t"], step=d["step"], aux=dict(d["aux"]))
 
 
 def _lattice(kind: str, n: int, density: float) -> tuple[Tensor, Tensor]:
@@ -1056,7 +1109,7 @@ def _plot_history(history: list[dict[str, float]]) -> Any:
 
 def make_target(
     out: str | Path, *, n_particles: int = 108, density: float = 0.83, kT: float = 1.0,
-    frames: int = 8000, replicas: int = 16, every: int = 10, seed: int = 2024, bin_width: float = 0.01,
+    frames: int = 40000, replicas: int = 16, every: int = 10, seed: int = 2024, bin_width: float = 0.005,
     reference: dict[str, Any] | None = None, r_cut: float = 2.5, n_equilibrate: int = 1000,
 ) -> RDFTarget:
     """Simulate a reference potential and write its histogram RDF as a target CSV.
@@ -1070,27 +1123,27 @@ def make_target(
     n_bins = math.floor(half / bin_width + 1e-9)
     n_per = math.ceil(frames / replicas)
     sample = task.sample_rdf(task.reference, n_replicas=replicas, n_frames=n_per, every=every, seed=seed,
-                             r_max=n_bins * bin_width, n_bins=n_bins)
+                             r_max=n_bins * bin_width, n_bins=n_bins, smeared=False)
     meta = {"density": density, "kT": kT, "n_particles": n_particles, "smearing_width": 0,
             "reference": json.dumps(task.reference_spec), "r_cut": r_cut, "frames": n_per * replicas,
             "frame_every_steps": every, "dt": task.dt, "seed": seed, "thermostat": "Nose-Hoover chain",
-            "source": "python -m controlmd.tasks.rdf_inverse"}
+            "source": "python experiments/data/make_target.py"}
     save_rdf_csv(out, sample["r_hist"], sample["hist"], meta=meta)
     return load_rdf_csv(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m controlmd.tasks.rdf_inverse --density 0.83 --kT 1.0 --out FILE.csv``."""
+    """Command line of :func:`make_target` (``python experiments/data/make_target.py --help``)."""
     parser = argparse.ArgumentParser(description="Write a target RDF (histogram CSV) by simulating reference LJ.")
     parser.add_argument("--out", required=True)
     parser.add_argument("--n-particles", type=int, default=108)
     parser.add_argument("--density", type=float, default=0.83)
     parser.add_argument("--kT", type=float, default=1.0)
-    parser.add_argument("--frames", type=int, default=8000)
+    parser.add_argument("--frames", type=int, default=40000)
     parser.add_argument("--replicas", type=int, default=16)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--bin-width", type=float, default=0.01)
+    parser.add_argument("--bin-width", type=float, default=0.005)
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--sigma", type=float, default=1.0)
     args = parser.parse_args(argv)
@@ -1102,6 +1155,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {args.out}: {target.r.numel()} bins up to r = {float(target.r[-1]):.3f}, "
           f"first peak g({float(target.r[peak]):.3f}) = {float(target.g[peak]):.3f}")
 
-
-if __name__ == "__main__":
-    main()
