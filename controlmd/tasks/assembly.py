@@ -10,7 +10,7 @@ System
     (no shift: the tail there is ``3e-4 eps``). Overdamped Brownian dynamics
     (:class:`~controlmd.dynamics.brownian.Brownian`, Euler–Maruyama) with friction
     ``gamma`` (free diffusion ``D = kT / gamma``), temperature ``kT``, time step ``dt``,
-    horizon ``T = n_steps dt`` (default 8000 x 3e-4 = 2.4 tau).
+    horizon ``T = n_steps dt`` (default 6000 x 3e-4 = 1.8 tau).
 
     Why control matters: strong attraction sticks disks where they meet, locking open
     7-clusters with 11 bonds (rigid chains of triangles) that only rearrange by breaking
@@ -82,7 +82,7 @@ Arguments
     r_cut           float      2.5           Morse cutoff (sigma)
     gamma           float      1.0           friction
     dt              float      3e-4          time step (tau)
-    n_steps         int        8000          steps per episode
+    n_steps         int        6000          steps per episode
     bond_cutoff     float      1.25          bond graph cutoff (sigma)
     bond_width      float      0.05          surrogate switch width (sigma)
     surrogate       str        "bonds"       "bonds" or "yield"
@@ -221,7 +221,7 @@ class Assembly(Task):
         r_cut: float = 2.5,
         gamma: float = 1.0,
         dt: float = 3e-4,
-        n_steps: int = 8000,
+        n_steps: int = 6000,
         bond_cutoff: float = 1.25,
         bond_width: float = 0.05,
         surrogate: str = "bonds",
