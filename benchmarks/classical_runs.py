@@ -8,9 +8,8 @@ Usage::
         [--out runs/assembly_study] [--table experiments/results/assembly_trained.md]
 
 For each seed it runs ``controlmd run EXPERIMENT --seed s --out OUT/seed<s>`` (in-process,
-``--jobs`` at a time, one torch thread each), then calls the task's
-``save_artifacts(protocol, run_dir)`` (extended XYZ of fresh final replicas and a snapshot
-figure). It writes ``OUT/summary.json``, ``OUT/metric_vs_iteration.png`` (held-out metric vs
+``--jobs`` at a time, one torch thread each); the task's ``finish_run`` hook writes the
+extended XYZ of fresh final replicas and a snapshot figure into each run folder. It writes ``OUT/summary.json``, ``OUT/metric_vs_iteration.png`` (held-out metric vs
 iteration and vs MD steps, every seed), ``OUT/protocols.png`` (trained u(t) of every seed
 with the best constant) and a markdown table (``--table``).
 
@@ -39,20 +38,15 @@ def _train(args: tuple[str, list[str], int, str]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from controlmd.config import build_task, load_config
-    from controlmd.protocols import load_protocol
+    from controlmd.config import load_config
     from controlmd.train import run_experiment
 
     path, overrides, seed, out = args
     cfg = load_config(path, overrides, seed=seed)
     t0 = time.perf_counter()
     result = run_experiment(cfg, out=out, progress=False)
-    task = build_task(cfg)
-    saver = getattr(task, "save_artifacts", None)
-    artifacts = []
-    if callable(saver):
-        protocol = load_protocol(Path(out) / "protocol.pt")
-        artifacts = [str(p) for p in saver(protocol, out, seed=seed)]
+    # the task's finish_run hook wrote these during run_experiment
+    artifacts = [str(p) for p in (Path(out) / "final_replicas.xyz", Path(out) / "final_snapshots.png") if p.exists()]
     return {"seed": seed, "run_dir": str(result.run_dir), "metrics": result.metrics,
             "artifacts": artifacts, "wall_s": time.perf_counter() - t0}
 

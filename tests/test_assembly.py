@@ -162,3 +162,13 @@ def test_a_quick_training_run_improves_the_exact_metric(tmp_path) -> None:
     result = run_experiment(resolve_config(raw), out=tmp_path / "run", progress=False)
     m = result.metrics
     assert m["metric_final"] > m["metric_initial"] + 3 * math.hypot(m["metric_final_se"], m["metric_initial_se"])
+
+
+def test_finish_run_writes_xyz_with_the_box_and_snapshots(tmp_path) -> None:
+    task = Assembly(n_steps=10)
+    task.integrator(_constant(task, [6.0]))
+    paths = task.finish_run(tmp_path)
+    assert sorted(p.name for p in paths) == ["final_replicas.xyz", "final_snapshots.png"]
+    lines = (tmp_path / "final_replicas.xyz").read_text().splitlines()
+    assert len(lines) == 16 * (7 + 2)
+    assert "Lattice=" in lines[1] and 'pbc="T T' in lines[1] and "coordination" in lines[1]

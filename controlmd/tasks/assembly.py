@@ -126,6 +126,7 @@ __all__ = ["Assembly", "random_gas"]
 
 CHANNELS = ("epsilon", "temperature")
 SURROGATES = ("bonds", "yield")
+ARTIFACT_SEED = 12_345
 _MIN_START_DISTANCE = 1.05
 
 
@@ -308,6 +309,7 @@ class Assembly(Task):
         return self._dynamics(self.potential(None), self.kT).init(R, rng=rng)
 
     def integrator(self, protocol: Protocol) -> Integrator:
+        self._protocol = protocol
         kT: Any = self.kT
         if "temperature" in self._slot:
             kT = _Channel(protocol, self._slot["temperature"])
@@ -371,15 +373,29 @@ class Assembly(Task):
 
     # ------------------------------------------------------------------ artifacts
 
+    def finish_run(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> list[Path]:
+        """Trainer hook after the final evaluation: :meth:`save_artifacts` for the protocol
+        last passed to :meth:`integrator` (the trained one), with the snapshot figure also
+        sent to ``logger`` under ``outcome/final_snapshots``."""
+        protocol = getattr(self, "_protocol", None)
+        if protocol is None:
+            return []
+        paths, figure = self._artifacts(protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED)
+        if logger is not None:
+            logger.record_figure("outcome/final_snapshots", figure, step)
+        return paths
+
     def save_artifacts(self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16,
                        seed: int = 0) -> list[Path]:
         """Roll out ``n_replicas`` fresh replicas under ``protocol`` and write their final
         states: ``final_replicas.xyz`` (extended XYZ with the periodic box and a per-replica
         yield) and ``final_snapshots.png``. Returns the written paths."""
+        return self._artifacts(protocol, Path(run_dir), n_replicas=n_replicas, seed=seed)[0]
+
+    def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int) -> tuple[list[Path], Any]:
         from controlmd.io import write_xyz
         from controlmd.plotting import save_figure
 
-        run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             final = self.rollout(protocol, n_replicas, seed, gradient="none")
@@ -391,8 +407,9 @@ class Assembly(Task):
                         info={"replica": torch.arange(R.shape[0]), "yield": y,
                               "bonds": (A.sum(dim=(1, 2)) // 2).to(torch.int64)})
         png = run_dir / "final_snapshots.png"
-        save_figure(_disk_figure(R, A, y, self.box, title=f"{self.name}: final replicas"), png)
-        return [xyz, png]
+        fig = _disk_figure(R, A, y, self.box, title=f"{self.name}: final replicas")
+        save_figure(fig, png)
+        return [xyz, png], fig
 
 
 def _disk_figure(R: Tensor, A: Tensor, y: Tensor, box: float, *, title: str, max_panels: int = 8) -> Any:

@@ -157,6 +157,7 @@ __all__ = ["OneGraph", "PairBias", "PolymerFold", "random_coil"]
 
 TARGETS = ("helix", "hairpin")
 CHANNELS = ("temperature", "epsilon", "tweezers", "bias")
+ARTIFACT_SEED = 12_345
 
 
 class _Select(nn.Module):
@@ -507,6 +508,7 @@ class PolymerFold(Task):
         return self._dynamics(self._h0_fixed + self._h0_attraction, self.kT).init(R, kT=self.kT, rng=rng)
 
     def integrator(self, protocol: Protocol) -> Integrator:
+        self._protocol = protocol
         kT: Any = self.kT
         if "temperature" in self._slots:
             kT = _Temperature(protocol, self._slots["temperature"][0])
@@ -577,15 +579,29 @@ class PolymerFold(Task):
 
     # ------------------------------------------------------------------ artifacts
 
+    def finish_run(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> list[Path]:
+        """Trainer hook after the final evaluation: :meth:`save_artifacts` for the protocol
+        last passed to :meth:`integrator` (the trained one), with the snapshot figure also
+        sent to ``logger`` under ``outcome/final_snapshots``."""
+        protocol = getattr(self, "_protocol", None)
+        if protocol is None:
+            return []
+        paths, figure = self._artifacts(protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED)
+        if logger is not None:
+            logger.record_figure("outcome/final_snapshots", figure, step)
+        return paths
+
     def save_artifacts(self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16,
                        seed: int = 0) -> list[Path]:
         """Roll out ``n_replicas`` fresh replicas under ``protocol`` and write their final
         states: ``final_replicas.xyz`` (extended XYZ, with per-replica Q, RMSD and folded
         flag) and ``final_snapshots.png``. Returns the written paths."""
+        return self._artifacts(protocol, Path(run_dir), n_replicas=n_replicas, seed=seed)[0]
+
+    def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int) -> tuple[list[Path], Any]:
         from controlmd.io import write_xyz
         from controlmd.plotting import save_figure
 
-        run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             final = self.rollout(protocol, n_replicas, seed, gradient="none")
@@ -598,7 +614,7 @@ class PolymerFold(Task):
                             title=f"{self.name} ({self.target_name}): final replicas, aligned on the target")
         png = run_dir / "final_snapshots.png"
         save_figure(fig, png)
-        return [xyz, png]
+        return [xyz, png], fig
 
 
 def _chain_figure(R: Tensor, target: Tensor, q: Tensor, rmsd: Tensor, folded: Tensor, *,
