@@ -282,12 +282,29 @@ def test_yields_are_fractions_and_vertical_excitation_isomerizes(task: Isomeriza
 def test_observation_features(task: Isomerization) -> None:
     state = task.initial_state(2, 0)
     f = task.observe(state)
-    assert f.shape == (2, 5)
+    assert f.shape == (2, 4)
     torch.testing.assert_close(f[0, 0], torch.tensor(1.0, dtype=torch.float64))
     assert float(f[0, 1]) < 0.01 and float(f[0, 3]) > 0.99  # ground state: cis, ground diabat
     state = task.advance(state, task.starting_protocol(), 120, gradient="none")
     f = task.observe(state)
-    assert float(f[0, 0]) < 0.9 and float(f[0, 4]) == pytest.approx(0.5)
+    assert float(f[0, 0]) < 0.9 and float(f[0, 1]) > 0.1
+    assert bool(((f > -1e-12) & (f < 1 + 1e-12)).all())
+
+
+def test_gymnasium_episode_equals_the_piecewise_protocol(task: Isomerization) -> None:
+    from controlmd_envs.control_env import ControlEnv
+
+    env = ControlEnv(task, control_interval=24, observation="features")
+    obs, _ = env.reset(seed=3)
+    assert obs.shape == (5,)  # time fraction + 4 features
+    actions = np.random.default_rng(0).uniform(-0.2, 0.2, size=(10, 1))
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+    assert terminated and not truncated
+    protocol = PiecewiseConstant(t_final=task.horizon, n_pieces=10, low=-1.0, high=1.0, init=torch.tensor(actions))
+    expected = float(task.metric(task.rollout(protocol, 1, 0, gradient="none"))[0])
+    assert float(info["metric"]) == pytest.approx(expected, abs=1e-12)
+    assert reward == pytest.approx(expected, abs=1e-12)
 
 
 def test_fluence_bound_penalizes_the_loss(cache: str) -> None:

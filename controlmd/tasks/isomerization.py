@@ -48,7 +48,6 @@ Observation (feedback protocols, gymnasium env)
     1      excited-diabat population ``<P_1>``          [0, 1]  --
     2      ``<P_trans>``                                [0, 1]  --
     3      ``<P_cis>``                                  [0, 1]  --
-    4      time fraction ``t / t_pulse``                [0, 1]  --
     =====  ===========================================  ======  ====
 
 Outcome
@@ -752,15 +751,14 @@ class Isomerization(Task):
         return value
 
     def observe(self, state: QuantumState) -> Tensor:  # type: ignore[override]
-        """Features ``[B, 5]``: see the observation table of the module docstring."""
+        """Features ``[B, 4]``: see the observation table of the module docstring."""
         m = self.model
         psi = state.psi
         n = psi.shape[-1]
         flat = torch.stack((psi.real, psi.imag)).reshape(-1, n)
         q = flat @ torch.cat((m.p_excited, m.p_trans, m.p_cis), dim=1)
         expect = [(flat * q[:, j * n : (j + 1) * n]).reshape(2, -1, n).sum((0, 2)) for j in range(3)]
-        frac = torch.full_like(expect[0], state.step / self.n_steps)
-        return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect, frac], dim=1)
+        return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect], dim=1)
 
     # ------------------------------------------------------------------ reports
 
