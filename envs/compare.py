@@ -363,10 +363,11 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
             path = out_dir / method / f"seed{r['seed']}" / "protocol.pt"
             if "exact_final" not in r and path.exists():
                 r["exact_final"] = _exact_metric(task, load_protocol(path))
-    if (out_dir / "start.json").exists():
-        start = json.loads((out_dir / "start.json").read_text())
+    known = [out_dir / name for name in ("start.json", "comparison.json") if (out_dir / name).exists()]
+    if known:
+        start = json.loads(known[0].read_text())
         m0, m0_final = start["m0"], start["m0_final"]
-    else:  # folders written before start.json existed: the start is deterministic, re-evaluate it
+    else:  # the start is deterministic: evaluate it again
         protocol = actions_to_protocol(np.zeros((comp["n_pieces"], task.controls.dim)), task)
         seed0 = cfg["experiment"]["seed"]
         m0 = evaluate(task, protocol, comp["eval_replicas"], seed0 + EVAL_SEED_OFFSET, chunk=comp["eval_chunk"]).mean
