@@ -338,6 +338,17 @@ def test_envelope_mode_carries_the_same_starting_pulse(cache: str) -> None:
         a = envelope.metric(envelope.rollout(protocol, 1, 0, gradient="none"))
         b = direct.metric(direct.rollout(direct.starting_protocol(), 1, 0, gradient="none"))
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    several = Isomerization(**SMALL, **SHORT, cache_dir=cache, field_mode="envelope", carrier_ev=[2.4, 0.7, 0.0])
+    assert several.controls.names == ("E_cos_2.4eV", "E_sin_2.4eV", "E_cos_0.7eV", "E_sin_0.7eV", "E_cos_0eV",
+                                      "E_sin_0eV")
+    torch.testing.assert_close(several.step_fields(several.starting_protocol(), 0, several.n_steps),
+                               direct.step_fields(direct.starting_protocol(), 0, direct.n_steps), rtol=0, atol=1e-12)
+    values = torch.tensor([[0.01, 0.02, 0.03, 0.04, 0.05, 0.06]], dtype=torch.float64)
+    constant = PiecewiseConstant(dim=6, t_final=several.horizon, n_pieces=1, low=-1.0, high=1.0, init=values)
+    t = (torch.arange(several.n_steps, dtype=torch.float64) + 0.5) * several.dt
+    expected = 0.01 * torch.cos(2.4 * t) + 0.02 * torch.sin(2.4 * t) + 0.03 * torch.cos(0.7 * t) + 0.04 * torch.sin(
+        0.7 * t) + 0.05
+    torch.testing.assert_close(several.step_fields(constant, 0, several.n_steps), expected, rtol=0, atol=1e-12)
     with pytest.raises(ControlMDError, match="dim"):
         envelope.rollout(direct.starting_protocol(), 1, 0)
     with pytest.raises(ControlMDError, match="field_mode"):
@@ -387,6 +398,8 @@ def test_registered_and_built_by_name(cache: str) -> None:
         ({"field_mode": "phase"}, "field_mode"),
         ({"min_excitation": 1.0}, "min_excitation"),
         ({"carrier_ev": -2.4}, "carrier_ev"),
+        ({"carrier_ev": [2.4, -1.0]}, "carrier_ev"),
+        ({"carrier_ev": []}, "carrier_ev"),
     ],
 )
 def test_bad_arguments_name_the_field(cache: str, kwargs: dict, name: str) -> None:

@@ -30,11 +30,20 @@ System
     zero and the evolution is applied exactly as phases.
 
 Control channels
+    ``field_mode = "direct"`` (default): the field itself.
+
     =====  ======================  =======  ======  ====
     index  coupling                min      max     unit
     =====  ======================  =======  ======  ====
     0      field E(t), H -= mu E   -e_max   e_max   eV
     =====  ======================  =======  ======  ====
+
+    ``field_mode = "envelope"``: slowly varying quadratures on carriers ``w_j``
+    (``carrier_ev``, one or several, eV), ``E(t) = sum_j u_2j(t) cos(w_j t) +
+    u_2j+1(t) sin(w_j t)``; channels ``2j`` (``E_cos``) and ``2j+1`` (``E_sin``), each in
+    ``[-e_max, e_max]`` eV. Smooth protocols with a few hundred parameters then describe
+    fields with carriers in the visible (and, for an RL agent, actions need not follow an
+    optical cycle).
 
     ``e_max`` = 1 eV by default: wide enough that the starting pulse (peak 0.117 eV) is
     undistorted by tanh squashing, and near E = 0 one unit of the squashed protocol's
@@ -100,6 +109,12 @@ Arguments
     pulse_tp_fs      float  30.0       starting-pulse centre (fs)
     fluence_max      float  0.0        fluence bound of the loss (eV^2 fs; 0: none)
     fluence_penalty  float  10.0       weight of the fluence-bound penalty
+    min_excitation   float  0.0        excitation floor of the loss (pumped population)
+    excitation_pen.  float  10.0       weight of the excitation-floor penalty
+                                       (argument ``excitation_penalty``)
+    field_mode       str    "direct"   "direct" (E) or "envelope" (quadratures)
+    carrier_ev       float  2.4        envelope carrier(s), eV; a list for several
+                     /list
     yield_method     str    "nufft"    free-evolution yields: "nufft" (fast) or "matmul"
                                        (batched products; equal to ~1e-11)
     yield_chunk      int    1024       times per batched product ("matmul")
@@ -445,7 +460,7 @@ class Isomerization(Task):
         min_excitation: float = 0.0,
         excitation_penalty: float = 10.0,
         field_mode: str = "direct",
-        carrier_ev: float = 2.4,
+        carrier_ev: float | list[float] = 2.4,
         yield_method: str = "nufft",
         yield_chunk: int = 1024,
         cache_dir: str = "",
@@ -462,7 +477,10 @@ class Isomerization(Task):
         check_positive("fluence_penalty", fluence_penalty, allow_zero=True)
         check_positive("excitation_penalty", excitation_penalty, allow_zero=True)
         check_choice("field_mode", field_mode, _FIELD_MODES)
-        check_positive("carrier_ev", carrier_ev)
+        carriers = [carrier_ev] if isinstance(carrier_ev, int | float) else list(carrier_ev)
+        if not carriers:
+            raise ControlMDError("carrier_ev needs at least one carrier frequency")
+        check_positive("carrier_ev", torch.tensor(carriers, dtype=torch.float64), allow_zero=True)
         if not 0.0 <= min_excitation < 1.0:
             raise ControlMDError(f"min_excitation must be in [0, 1), got {min_excitation}")
         check_int("yield_chunk", yield_chunk)
@@ -480,13 +498,14 @@ class Isomerization(Task):
         )
         self.model = _cached_model(params, cache_dir)
         self.field_mode = field_mode
-        self.carrier = carrier_ev
+        self.carriers = torch.tensor(carriers, dtype=torch.float64)
         if field_mode == "direct":
             self.controls = ControlChannels(names=("E",), low=(-e_max,), high=(e_max,), units=("eV",))
         else:
-            self.controls = ControlChannels(
-                names=("E_cos", "E_sin"), low=(-e_max, -e_max), high=(e_max, e_max), units=("eV", "eV")
-            )
+            tags = [""] if len(carriers) == 1 else [f"_{w:g}eV" for w in carriers]
+            names = tuple(f"E_{q}{tag}" for tag in tags for q in ("cos", "sin"))
+            k = len(names)
+            self.controls = ControlChannels(names=names, low=(-e_max,) * k, high=(e_max,) * k, units=("eV",) * k)
         self.n_steps = n_steps
         self.t_pulse = t_pulse_fs * FS
         self.dt = self.t_pulse / n_steps
@@ -533,14 +552,18 @@ class Isomerization(Task):
     def starting_controls(self, t: Tensor) -> Tensor:
         """The starting pulse in the task's control space ``[T, k]``: ``E(t)`` in ``direct``
         mode; in ``envelope`` mode ``(Re, Im)`` of ``eps(t) = E0 exp(-(t - tp)^2 / tau^2)
-        exp(-i (w0 - w_c) t + i w0 tp)``, so that ``E = Re(eps exp(-i w_c t))``."""
+        exp(-i (w0 - w_c) t + i w0 tp)`` on the first carrier ``w_c`` (so that
+        ``E = Re(eps exp(-i w_c t))``) and zeros on the others."""
         if self.field_mode == "direct":
             return self.starting_field(t).unsqueeze(-1)
         p = self.pulse
         s = t - p["tp"]
-        phase = -(p["omega"] - self.carrier) * t + p["omega"] * p["tp"]
+        phase = -(p["omega"] - float(self.carriers[0])) * t + p["omega"] * p["tp"]
         amplitude = p["e0"] * torch.exp(-(s**2) / p["tau"] ** 2)
-        return torch.stack((amplitude * torch.cos(phase), amplitude * torch.sin(phase)), dim=-1)
+        u = torch.zeros(*t.shape, self.controls.dim, dtype=torch.float64)
+        u[..., 0] = amplitude * torch.cos(phase)
+        u[..., 1] = amplitude * torch.sin(phase)
+        return u
 
     def starting_protocol(self, n_pieces: int | None = None) -> PiecewiseConstant:
         """A piecewise-constant protocol holding the starting pulse (see
@@ -562,7 +585,8 @@ class Isomerization(Task):
     def step_fields(self, protocol: Protocol, first_step: int, n_steps: int) -> Tensor:
         """Field of steps ``first_step .. first_step + n_steps - 1``, read at their midpoints.
 
-        In ``envelope`` mode ``E = u_0 cos(w_c t) + u_1 sin(w_c t)``.
+        In ``envelope`` mode ``E = sum_j u_{2j} cos(w_j t) + u_{2j+1} sin(w_j t)`` over the
+        carriers ``w_j``.
 
         :return: ``[n_steps]`` (one field for all replicas) or ``[n_steps, B]`` (per-replica
             protocols such as the env's), eV.
@@ -579,12 +603,14 @@ class Isomerization(Task):
             )
         t_mid = (torch.arange(first_step, first_step + n_steps, dtype=torch.float64) + 0.5) * self.dt
         u = protocol(t_mid)  # [K, k] or [K, B, k]
+        per_replica = u.ndim == 3
         if self.field_mode == "direct":
             field = u[..., 0]
         else:
-            wt = (self.carrier * t_mid).reshape(-1, *([1] * (u.ndim - 2)))
-            field = u[..., 0] * torch.cos(wt) + u[..., 1] * torch.sin(wt)
-        return field.reshape(n_steps, -1) if u.ndim == 3 else field.reshape(n_steps)
+            u = u.reshape(*u.shape[:-1], -1, 2)  # [..., carriers, (cos, sin)]
+            wt = t_mid.reshape(-1, *([1] * (u.ndim - 3)), 1) * self.carriers
+            field = (u[..., 0] * torch.cos(wt) + u[..., 1] * torch.sin(wt)).sum(-1)
+        return field.reshape(n_steps, -1) if per_replica else field.reshape(n_steps)
 
     def field_protocol(self, values: Tensor) -> PiecewiseConstant:
         """A protocol holding a table of one field value per propagation step.
