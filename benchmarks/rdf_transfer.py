@@ -61,7 +61,8 @@ def main() -> None:
     for density in densities:
         t0 = time.perf_counter()
         task = RDFInverse(n_particles=args.n_particles, density=density, kT=kT,
-                          r_max=float(base.get("r_max", 2.4)), n_bins=int(base.get("n_bins", 120)),
+                          r_max=float(base.get("r_max", 2.3)), n_bins=int(base.get("n_bins", 46)),
+                          smearing=base.get("smearing"),
                           target_frames=args.target_frames, record_every=10, final_replicas=args.replicas,
                           final_frames=args.frames)
         curves[density] = {"r": task.centers, "target": task.targets.smeared}

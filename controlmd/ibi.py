@@ -21,9 +21,10 @@ damps the update. Three details make it work on short, noisy runs:
 - *Cutoff.* The potential is shifted after each update so that ``u(r_c) = 0``.
 
 Driver: :func:`run_ibi` runs IBI on the engine of the ``rdf_inverse`` task: the same box,
-Nosé–Hoover dynamics, continued states, target and RDF bins as the gradient fit, with a
+Nosé–Hoover dynamics, continued states and target as the gradient fit, with a
 :class:`~controlmd.potentials.tabulated.TabulatedPair` (natural cubic spline) on the knots
-``r_k`` = the RDF bin centres plus ``r_max`` (the table's cutoff). Each iteration samples
+``r_k`` = the centres of histogram bins of width ``bin_width`` up to the task's ``r_cut``,
+plus ``r_cut`` (the table's cutoff). Each iteration samples
 one rollout of ``n_burn + n_sample`` steps per replica (no gradient), pools the histogram
 RDF over replicas and frames, and updates the table. The task counts every MD step, so
 ``history`` gives the RDF error against the MD replica-steps spent, comparable with a
@@ -34,10 +35,11 @@ Experiment files (``python -m controlmd.ibi experiments/rdf_ibi.toml``)::
     [experiment]  name, seed = 0, notes = ""
     [task]        name = "rdf_inverse" + its arguments (state point, target, RDF bins,
                   rollout lengths; potential/init/learn are not used)
-    [ibi]         iterations, replicas, alpha, smooth, g_floor, min_core_force, interpolation
+    [ibi]         iterations, replicas, alpha, smooth, g_floor, min_core_force, interpolation,
+                  bin_width
     [eval]        replicas, frames (final pooled evaluation), final_replicas (the exact
                   metric on fresh replicas, as the trainer reports it)
-    [logging]     tensorboard, plots
+    [logging]     tensorboard
 
 The run folder ``runs/<name>/<YYYYmmdd-HHMMSS>_seed<k>/`` receives ``config.toml``,
 ``metrics.json`` (``method = "ibi"``), ``progress.jsonl``, ``tb/``, ``history.json``,
@@ -74,9 +76,10 @@ IBI_KEYS: dict[str, tuple[type, Any]] = {
     "g_floor": (float, 1e-3),
     "min_core_force": (float, 20.0),
     "interpolation": (str, "cubic"),
+    "bin_width": (float, 0.02),
 }
 EVAL_KEYS: dict[str, tuple[type, Any]] = {"replicas": (int, 8), "frames": (int, 200), "final_replicas": (int, 16)}
-LOGGING_KEYS: dict[str, tuple[type, Any]] = {"tensorboard": (bool, True), "plots": (bool, True)}
+LOGGING_KEYS: dict[str, tuple[type, Any]] = {"tensorboard": (bool, True)}
 EXPERIMENT_KEYS: dict[str, tuple[type, Any]] = {"name": (str, None), "seed": (int, 0), "notes": (str, "")}
 
 
@@ -225,6 +228,7 @@ def run_ibi(
     g_floor: float = 1e-3,
     min_core_force: float = 20.0,
     interpolation: str = "cubic",
+    bin_width: float = 0.02,
     logger: Any = None,
 ) -> IBIResult:
     """Iterative Boltzmann inversion on an :class:`~controlmd.tasks.rdf_inverse.RDFInverse` task.
@@ -240,9 +244,13 @@ def run_ibi(
     :param seed: seed of the first (equilibrating) sampling.
     :param alpha, smooth, g_floor, min_core_force: see :func:`ibi_update`.
     :param interpolation: ``"cubic"`` or ``"linear"`` table interpolation.
+    :param bin_width: spacing of the table knots and of the histogram RDF IBI samples
+        (sigma); the knots are the histogram bin centres up to the task's ``r_cut``, plus
+        ``r_cut`` itself.
     :param logger: optional :class:`controlmd.logging.Logger` (keys ``train/rdf_mse``,
         ``budget/md_steps``).
     """
+    from controlmd.observables import rdf_histogram
     from controlmd.tasks.rdf_inverse import RDFInverse, make_pair_potential
 
     if not isinstance(task, RDFInverse):
@@ -250,9 +258,14 @@ def run_ibi(
     check_int("iterations", iterations, minimum=0)
     check_int("replicas", replicas)
     check_choice("interpolation", interpolation, ["cubic", "linear"])
-    r = torch.cat([task.centers, torch.tensor([task.r_max], dtype=torch.float64)])
-    g_target = task.targets.hist
-    g_target = torch.cat([g_target, g_target[-1:]])
+    check_positive("bin_width", bin_width)
+    n_bins = math.floor(task.r_cut / bin_width + 1e-9)
+    r_hist = n_bins * bin_width
+    task.space.check_cutoff("IBI table range", r_hist)
+    centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * bin_width
+    r = torch.cat([centers, torch.tensor([task.r_cut], dtype=torch.float64)])
+    g_target = task.target_histogram(r)
+    observables = {"ibi_hist": lambda s: rdf_histogram(s.R, task.space, r_max=r_hist, n_bins=n_bins)[1]}
     u = ibi_initial_potential(r, g_target, kT=task.kT, g_floor=g_floor, min_core_force=min_core_force)
     spec = {"potential": "tabulated", "params": {"r": r, "u": u, "interpolation": interpolation},
             "learn": True, "r_cut": float(r[-1]), "shift": "energy"}
@@ -260,8 +273,9 @@ def run_ibi(
     task.set_potential(table, spec)
     u_initial = u.clone()
     for it in range(iterations):
-        state = task.sample(replicas, seed + it, carry=True, n_sample=task.n_sample, gradient="none")
-        g_sim = state.aux["rdf_hist"].mean(dim=0).to(torch.float64)
+        state = task.sample(replicas, seed + it, carry=True, n_sample=task.n_sample, gradient="none",
+                            observables=observables)
+        g_sim = state.aux["ibi_hist"].mean(dim=0).to(torch.float64)
         g_sim = torch.cat([g_sim, g_sim[-1:]])
         u = ibi_update(r, u, g_sim, g_target, kT=task.kT, alpha=alpha, g_floor=g_floor, smooth=smooth,
                        min_core_force=min_core_force)
@@ -348,6 +362,7 @@ def _check_ibi_section(ibi: dict[str, Any]) -> None:
     check_positive("[ibi] g_floor", ibi["g_floor"])
     check_positive("[ibi] min_core_force", ibi["min_core_force"])
     check_choice("[ibi] interpolation", ibi["interpolation"], ["cubic", "linear"])
+    check_positive("[ibi] bin_width", ibi["bin_width"])
 
 
 def run_ibi_experiment(
@@ -382,7 +397,8 @@ def run_ibi_experiment(
     ibi = cfg["ibi"]
     result = run_ibi(task, iterations=ibi["iterations"], replicas=ibi["replicas"], seed=seed,
                      alpha=ibi["alpha"], smooth=ibi["smooth"], g_floor=ibi["g_floor"],
-                     min_core_force=ibi["min_core_force"], interpolation=ibi["interpolation"], logger=logger)
+                     min_core_force=ibi["min_core_force"], interpolation=ibi["interpolation"],
+                     bin_width=ibi["bin_width"], logger=logger)
     train_steps = task.budget["train"] + task.budget["equilibrate"]
     ev = cfg["eval"]
     # the exact metric as the trainer reports it (fresh replicas, eval_steps sampled), same seeds

@@ -54,7 +54,8 @@ Target
 Starting state
     Lattice positions (identical for all replicas) with Maxwell–Boltzmann momenta at
     ``kT`` drawn from ``replica_seed(seed, first_replica + i)``; rollouts first equilibrate
-    ``n_equilibrate`` steps without gradient. With ``states = "continue"`` (default) each
+    ``n_equilibrate`` steps without gradient, the first half at ``2 kT`` so that the
+    lattice melts whatever the current potential, the second half at ``kT``. With ``states = "continue"`` (default) each
     training rollout continues from the final states of the previous one (only the first
     one equilibrates from the lattice; the seed then only matters for that one), so the
     sampled states follow the parameters as they change; ``states = "restart"`` restarts
@@ -90,9 +91,12 @@ Arguments
     target_frames     int    4000         frames of the target simulation (>= 4000)
     target_every      int    10           steps between target frames
     target_seed       int    2024         seed of the target simulation
-    r_max             float  2.4          RDF range; ``r_max + 4 smearing`` <= half the box
-    n_bins            int    120          RDF bins, centres ``(k + 1/2) r_max / n_bins``
-    smearing          float  bin width    Gaussian width of the smeared RDF (sigma)
+    r_max             float  2.3          RDF range; ``r_max + 4 smearing`` <= half the box
+    n_bins            int    46           RDF bins, centres ``(k + 1/2) r_max / n_bins``
+    smearing          float  bin width    Gaussian width of the smeared RDF (sigma); 0.05
+                                          overlaps the first peaks of a start as far off
+                                          as sigma = 0.8, so the gradient moves the peak
+                                          (0.02 gives a gradient that only lowers it)
     loss              str    "mse"        "mse" or "js" (Jensen–Shannon)
     split_halves      bool   false        unbiased cross-product MSE over replica halves
     n_equilibrate     int    1000         steps equilibrating fresh replicas
@@ -525,8 +529,8 @@ class RDFInverse(Task):
         target_frames: int = 4000,
         target_every: int = 10,
         target_seed: int = 2024,
-        r_max: float = 2.4,
-        n_bins: int = 120,
+        r_max: float = 2.3,
+        n_bins: int = 46,
         smearing: float | None = None,
         loss: str = "mse",
         split_halves: bool = False,
@@ -631,6 +635,7 @@ class RDFInverse(Task):
         self.target_every = target_every
         self.target_seed = target_seed
         self._targets: _Targets | None = None
+        self._target_file: RDFTarget | None = None
         if target != "simulate":
             self._targets = self._file_targets(Path(target))
 
@@ -648,8 +653,19 @@ class RDFInverse(Task):
         return NoseHooverChain(pair, dt=self.dt, kT=self.kT, space=self.space,
                                chain_length=self.chain_length, tau=self.tau)
 
+    def target_histogram(self, r: Tensor) -> Tensor:
+        """The target's histogram RDF at distances ``r [M]`` (linear interpolation of the
+        finest grid available: the file's, else the task's bins); 0 below that grid."""
+        if self._target_file is not None:
+            tr, tg = self._target_file.r, self._target_file.g
+        else:
+            tr, tg = self.centers, self.targets.hist
+        r = torch.as_tensor(r, dtype=torch.float64)
+        return torch.where(r < tr[0], torch.zeros_like(r), _interp(r, tr, tg))
+
     def _file_targets(self, path: Path) -> _Targets:
         t = load_rdf_csv(path)
+        self._target_file = t
         if t.smearing_width > 0:
             raise ControlMDError(
                 f"{path}: the target is already smeared (smearing_width = {t.smearing_width:g}); "
@@ -668,8 +684,7 @@ class RDFInverse(Task):
         smeared = smear_rdf(t.r, t.g, self.centers, self.smearing)
         if float(t.r[-1]) + float((t.r[1:] - t.r[:-1]).max()) < float(self.centers[-1]):
             raise ControlMDError(f"{path} covers r <= {float(t.r[-1]):g}, less than r_max = {self.r_max:g}")
-        hist = torch.where(self.centers < t.r[0], torch.zeros_like(self.centers), _interp(self.centers, t.r, t.g))
-        return _Targets(smeared, hist, str(path))
+        return _Targets(smeared, self.target_histogram(self.centers), str(path))
 
     # ------------------------------------------------------------------ learnable parameters
 
@@ -823,10 +838,11 @@ class RDFInverse(Task):
 
     def sample(
         self, n_replicas: int, seed: int, *, first_replica: int = 0, carry: bool, n_sample: int,
-        **simulate_options: Any,
+        observables: dict[str, Any] | None = None, **simulate_options: Any,
     ) -> State:
         """The rollout machinery: ``carry`` marks a training step (continue/restart states,
-        history and iterates recorded; IBI samples this way without gradient)."""
+        history and iterates recorded; IBI samples this way without gradient). Extra
+        ``observables`` (name -> function of the state) are frame-averaged into ``aux``."""
         check_int("n_sample", n_sample, minimum=self.record_every)
         start = self._start(n_replicas, seed, first_replica, carry)
         if carry:
@@ -834,7 +850,7 @@ class RDFInverse(Task):
         with torch.no_grad():
             burned = simulate(self._dynamics, start, self.n_burn, gradient="none").final
         traj = simulate(self._dynamics, burned, n_sample, record_every=self.record_every,
-                        observables={"rdf": self._smeared_rdf, "rdf_hist": self._hist_rdf},
+                        observables={"rdf": self._smeared_rdf, "rdf_hist": self._hist_rdf, **(observables or {})},
                         **simulate_options)
         steps = n_replicas * (self.n_burn + n_sample)
         self.budget["train" if carry else "eval"] += steps
@@ -851,7 +867,8 @@ class RDFInverse(Task):
                     "rdf_hist_mse": float(rdf_loss(g_hist.mean(dim=0), self.targets.hist)),
                     **self.scalar_parameters(),
                 })
-        return final.replace(aux={**final.aux, "rdf": g, "rdf_hist": g_hist})
+        averages = {name: traj.records[name][1:].mean(dim=0) for name in observables or {}}
+        return final.replace(aux={**final.aux, "rdf": g, "rdf_hist": g_hist, **averages})
 
     def loss(self, state: State) -> Tensor:
         """``rdf_loss`` of the replica-averaged smeared RDF against the smeared target; with
@@ -987,8 +1004,10 @@ class RDFInverse(Task):
         return self.final_evaluation
 
     @staticmethod
+    @torch.no_grad()
     def pair_energy(pair: PairPotential, r: Tensor) -> Tensor:
-        """``u(r)`` of a pair term, cut and shifted as in simulations, on distances ``r [M]``."""
+        """``u(r)`` of a pair term, cut and shifted as in simulations, on distances ``r [M]``
+        (no gradient; for tables and plots)."""
         dR = torch.zeros(r.shape[0], 3, dtype=torch.float64)
         dR[:, 0] = r
         return pair.pair_energies(dR)
@@ -1009,9 +1028,16 @@ class RDFInverse(Task):
             return dynamics.init(R, rng=rng)
 
     def _fresh(self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int) -> State:
-        state = self._lattice_state(dynamics, n_replicas, seed, first_replica)
+        """Lattice -> half of ``n_equilibrate`` steps at ``2 kT`` (melts the lattice even
+        under a potential that would keep a superheated crystal) -> the other half at kT."""
+        hot = NoseHooverChain(dynamics.potential, dt=self.dt, kT=2.0 * self.kT, space=self.space,
+                              chain_length=self.chain_length, tau=self.tau)
+        state = self._lattice_state(hot, n_replicas, seed, first_replica)
+        melt = self.n_equilibrate // 2
         with torch.no_grad():
-            return simulate(dynamics, state, self.n_equilibrate, gradient="none").final
+            state = simulate(hot, state, melt, gradient="none").final
+            state = dynamics.init(state.R, P=state.P * math.sqrt(0.5))
+            return simulate(dynamics, state, self.n_equilibrate - melt, gradient="none").final
 
     def _start(self, n_replicas: int, seed: int, first_replica: int, carry: bool) -> State:
         if carry:
@@ -1118,7 +1144,7 @@ def make_target(
     """
     side = (n_particles / density) ** (1.0 / 3.0)
     task = RDFInverse(n_particles=n_particles, density=density, kT=kT, reference=reference, r_cut=r_cut,
-                      n_equilibrate=n_equilibrate, r_max=min(2.4, 0.45 * side))
+                      n_equilibrate=n_equilibrate, r_max=min(2.3, 0.5 * side - 0.2))
     half = 0.5 * float(task.space.box.min())
     n_bins = math.floor(half / bin_width + 1e-9)
     n_per = math.ceil(frames / replicas)
