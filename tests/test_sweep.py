@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.sweep import Job, parse_grid, ray_available, run_jobs, run_sweep, run_sweep_job
@@ -103,6 +104,17 @@ def test_bad_grid_is_named_and_nothing_is_written(experiment: Path, tmp_path: Pa
 
 
 def test_killed_sweep_resumes_only_the_unfinished_job(experiment: Path, tmp_path: Path) -> None:
+    # Bit-exact resume needs the same intra-op thread count in the killed subprocess and here
+    # (reductions are summed in a thread-count-dependent order).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _killed_sweep_resumes(experiment, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_sweep_resumes(experiment: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     # Job 000 trains 2 iterations and finishes; job 001 (4 iterations) is hard-killed after its
     # 3rd iteration, leaving a checkpoint but no metrics.json (and no summary: the process died).
