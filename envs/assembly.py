@@ -13,7 +13,7 @@ class AssemblyEnv(TaskEnv):
     ## Description
     The ``assembly`` task (:mod:`controlmd.tasks.assembly`, reduced units: sigma, epsilon,
     tau): 7 Morse disks per replica in a periodic box (area fraction 0.15), overdamped
-    Brownian dynamics (``dt = 3e-4`` tau, 8000 steps = 2.4 tau by default). Strong
+    Brownian dynamics (``dt = 3e-4`` tau, 6000 steps = 1.8 tau by default). Strong
     attraction locks open clusters, weak attraction lets them evaporate; the agent sets
     the well depth (and/or the temperature, per the task's ``controls``) for each
     control interval.
@@ -42,7 +42,7 @@ class AssemblyEnv(TaskEnv):
     Disks uniform in the box, no two closer than 1.05 sigma, from the replica's seed.
 
     ## Episode End
-    Terminated after ``n_steps / control_interval`` steps (default 8000 / 400 = 20);
+    Terminated after ``n_steps / control_interval`` steps (default 6000 / 300 = 20);
     never truncated.
 
     ## Arguments

@@ -24,7 +24,7 @@ class IsomerizationEnv(TaskEnv):
     ## Observation Space
     ``"time"`` (default): ``[t / T]`` in [0, 1]. ``"features"``: adds
     ``tanh(f / feature_scale)`` of the task's features (ground-state population,
-    excited-diabat population, trans and cis populations, time fraction; all in [0, 1]).
+    excited-diabat population, trans and cis populations; all in [0, 1]).
 
     ## Rewards
     The exact yield at the last step: ``Y(t)`` averaged over the window 516 .. 1500 fs
