@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from controlmd_envs.control_env import ReplicaBatch
 
 from controlmd.callbacks import Callback
 from controlmd.errors import ControlMDError
@@ -45,6 +44,7 @@ from controlmd.protocols import PiecewiseConstant, Protocol
 from controlmd.search import CMAES, ProtocolSearch, RandomSearch, actions_to_protocol
 from controlmd.tasks.base import Task
 from controlmd.train import Evaluation, Trainer, evaluate
+from controlmd_envs.control_env import ReplicaBatch
 
 __all__ = [
     "ALGOS",
@@ -338,11 +338,12 @@ def run_sb3(algo: str, task: Task, tracker: BudgetTracker, *, env: dict[str, Any
     :return: the trained policy as a ``K``-piece protocol (time-only observations) or a
         :class:`PolicyEvaluable`.
     """
-    from controlmd_envs.vec_env import BatchedControlVecEnv
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.vec_env import VecMonitor
+
+    from controlmd_envs.vec_env import BatchedControlVecEnv
 
     venv = BatchedControlVecEnv(
         task, env["n_envs"], control_interval=control_interval, observation=env["observation"],

@@ -52,6 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from controlmd.checkpoint import atomic_write_json, atomic_write_text
+from controlmd.config import resolve_config, write_config
+from controlmd.errors import ConfigError, ControlMDError
+from controlmd.protocols import Protocol
+from controlmd.tasks.base import Task
+from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, evaluate
 from controlmd_envs.baselines import (
     ALGOS,
     ENV_KEYS,
@@ -62,13 +69,6 @@ from controlmd_envs.baselines import (
     run_search,
 )
 from controlmd_envs.control_env import OBSERVATIONS, default_control_interval
-
-from controlmd.checkpoint import atomic_write_json, atomic_write_text
-from controlmd.config import resolve_config, write_config
-from controlmd.errors import ConfigError, ControlMDError
-from controlmd.protocols import Protocol
-from controlmd.tasks.base import Task
-from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, evaluate
 
 __all__ = ["COMPARE_KEYS", "load_compare_config", "run_comparison", "summarize"]
 

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from controlmd_envs.control_env import ReplicaBatch, check_actions, make_task
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from controlmd.errors import ControlMDError
 from controlmd.rng import replica_seed
 from controlmd.tasks.base import Task
+from controlmd_envs.control_env import ReplicaBatch, check_actions, make_task
 
 __all__ = ["BatchedControlVecEnv"]
 

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from controlmd_envs.compare import load_compare_config, summarize, summarize_folder
 
 from controlmd.cli import main
 from controlmd.errors import ConfigError
 from controlmd.search import CMAES, RandomSearch, actions_to_protocol
 from controlmd.tasks import get_task
+from controlmd_envs.compare import load_compare_config, summarize, summarize_folder
 
 TINY = """
 [experiment]
@@ -214,9 +214,8 @@ def test_overrides_apply(tmp_path: Path) -> None:
 def test_policy_evaluation_equals_protocol_evaluation_and_ignores_chunks() -> None:
     """A time-only policy evaluated by batched env rollouts scores exactly like the K-piece
     protocol of its actions (the trainer's evaluation), whatever the chunk size."""
-    from controlmd_envs.baselines import PolicyEvaluable, evaluate_policy
-
     from controlmd.train import evaluate
+    from controlmd_envs.baselines import PolicyEvaluable, evaluate_policy
 
     task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
     actions = np.array([[-0.4], [-0.3], [-0.2], [0.1]])
@@ -236,9 +235,8 @@ def test_policy_evaluation_equals_protocol_evaluation_and_ignores_chunks() -> No
 def test_ppo_learns_trap_drag_toward_the_optimum(tmp_path: Path) -> None:
     """PPO on the time-only env improves the exact mean work of its deterministic protocol
     from the start (12.5, an instantaneous jump) to near the 4-piece optimum (about 8.6)."""
-    from controlmd_envs.baselines import BudgetTracker, run_sb3
-
     from controlmd.logging import Logger
+    from controlmd_envs.baselines import BudgetTracker, run_sb3
 
     task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
     tracker = BudgetTracker(task, budget_md_steps=300_000, eval_replicas=64, final_replicas=64, eval_seed=1,

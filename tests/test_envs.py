@@ -7,21 +7,21 @@ import subprocess
 import sys
 import warnings
 
-import controlmd_envs
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from controlmd_envs.control_env import ControlEnv, actions_to_protocol, protocol_to_actions
-from controlmd_envs.vec_env import BatchedControlVecEnv
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+import controlmd_envs
 from controlmd.errors import ControlMDError
 from controlmd.protocols import PiecewiseConstant
 from controlmd.rng import replica_seed
 from controlmd.tasks import get_task
 from controlmd.train import Trainer, evaluate
+from controlmd_envs.control_env import ControlEnv, actions_to_protocol, protocol_to_actions
+from controlmd_envs.vec_env import BatchedControlVecEnv
 
 ENV_IDS = sorted(controlmd_envs.ENV_IDS)
 # Shorter episodes keep the checkers fast; the spaces and the contract do not change.
