@@ -148,18 +148,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), *, seed: int | 
     :raises ConfigError: naming the file, section, key and value at fault.
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    for item in overrides:
-        section, key, value = parse_override(item)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"--set {item!r}: [{section}] is not a section")
-        raw[section][key] = value
+    raw = apply_overrides(read_toml(path), overrides)
     if seed is not None:
         raw.setdefault("experiment", {})["seed"] = seed
     try:
@@ -168,14 +157,39 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), *, seed: int | 
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def parse_override(item: str) -> tuple[str, str, Any]:
-    """``"train.lr=0.01"`` -> ``("train", "lr", 0.01)``."""
+def read_toml(path: Path) -> dict[str, Any]:
+    """The raw tables of an experiment file; a missing file or bad TOML is a ConfigError."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: Iterable[str], *, sections: Iterable[str] | None = SECTIONS
+) -> dict[str, Any]:
+    """Apply ``"section.key=value"`` overrides to ``raw`` in place (and return it)."""
+    for item in overrides:
+        section, key, value = parse_override(item, sections=sections)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--set {item!r}: [{section}] is not a section")
+        raw[section][key] = value
+    return raw
+
+
+def parse_override(item: str, *, sections: Iterable[str] | None = SECTIONS) -> tuple[str, str, Any]:
+    """``"train.lr=0.01"`` -> ``("train", "lr", 0.01)``; the value is parsed as TOML, else
+    kept as a string. ``sections`` lists the valid section names (default: the trainer's;
+    ``None`` accepts any)."""
     lhs, sep, rhs = item.partition("=")
     section, dot, key = lhs.strip().partition(".")
     if not sep or not dot or not section or not key or "." in key:
         raise ConfigError(f"--set expects section.key=value (e.g. train.lr=0.01), got {item!r}")
-    if section not in SECTIONS:
-        raise ConfigError(f"--set {item!r}: unknown section [{section}]; expected one of: {', '.join(SECTIONS)}")
+    if sections is not None and section not in sections:
+        raise ConfigError(f"--set {item!r}: unknown section [{section}]; expected one of: {', '.join(sections)}")
     text = rhs.strip()
     try:
         value = tomllib.loads(f"v = {text}")["v"]

@@ -553,18 +553,10 @@ def run_sweep(
 
 
 def _new_spec(experiment: str | Path, grid_items: list[str], seeds: int, overrides: list[str]) -> dict[str, Any]:
-    from controlmd.config import parse_override
+    from controlmd.config import apply_overrides, read_toml
 
     path = Path(experiment)
-    try:
-        base = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    for item in overrides:
-        section, key, value = parse_override(item)
-        base.setdefault(section, {})[key] = value
+    base = apply_overrides(read_toml(path), overrides)
     grid = parse_grid(grid_items)
     base = json.loads(json.dumps(base))  # the plan must survive a JSON round trip
     jobs = _plan(base, grid, seeds)

@@ -44,7 +44,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 import warnings
 from collections.abc import Iterable
 from datetime import datetime
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from controlmd.checkpoint import atomic_write_json, atomic_write_text
-from controlmd.config import resolve_config, write_config
+from controlmd.config import apply_overrides, read_toml, resolve_config, write_config
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.protocols import Protocol
 from controlmd.tasks.base import Task
@@ -107,22 +106,7 @@ def load_compare_config(path: str | Path, overrides: Iterable[str] = ()) -> Conf
     :raises ConfigError: naming the file, section, key and value at fault.
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    for item in overrides:
-        lhs, sep, rhs = item.partition("=")
-        section, dot, key = lhs.strip().partition(".")
-        if not sep or not dot or not section or not key:
-            raise ConfigError(f"--set expects section.key=value (e.g. compare.seeds=2), got {item!r}")
-        try:
-            value = tomllib.loads(f"v = {rhs.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = rhs.strip()
-        raw.setdefault(section, {})[key.strip()] = value
+    raw = apply_overrides(read_toml(path), overrides, sections=None)
     try:
         return resolve_compare_config(raw)
     except ConfigError as exc:
