@@ -5,6 +5,10 @@ Replica ``i`` of a batch seeded ``s`` draws from its own ``torch.Generator`` see
 ``i`` of a batch seeded ``s`` is bit-identical to a one-replica run seeded
 ``replica_seed(s, i)``, whatever the batch size (the gymnasium envs and the distributed
 trainer rely on this).
+
+torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds that agree
+modulo 2**32 give the same stream: keep ``seed + B * SEED_STRIDE`` below 2**32 (about 4,000
+replicas per unit of seed range up to seed ~ 4e9) when streams must be distinct.
 """
 
 from __future__ import annotations
