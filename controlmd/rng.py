@@ -7,8 +7,8 @@ Replica ``i`` of a batch seeded ``s`` draws from its own ``torch.Generator`` see
 trainer rely on this).
 
 torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds that agree
-modulo 2**32 give the same stream: keep ``seed + B * SEED_STRIDE`` below 2**32 (about 4,000
-replicas per unit of seed range up to seed ~ 4e9) when streams must be distinct.
+modulo 2**32 give the same stream: keep ``seed + B * SEED_STRIDE`` below 2**32 (B < 4294
+replicas for seed 0) when every replica's stream must be distinct.
 """
 
 from __future__ import annotations
