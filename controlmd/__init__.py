@@ -4,6 +4,8 @@ The public API: spaces, potentials, integrators, ``simulate``, observables, prot
 tasks and the trainer. Everything else lives in submodules and may change.
 """
 
+from controlmd.callbacks import Callback, CheckpointCallback, EarlyStopping, EvalCallback
+from controlmd.config import load_config
 from controlmd.dynamics import (
     NVE,
     Brownian,
@@ -49,11 +51,27 @@ from controlmd.potentials import (
     energy_and_forces,
     validate_configuration,
 )
-from controlmd.protocols import HeldControl, PiecewiseConstant, Protocol
+from controlmd.protocols import (
+    ChebyshevSeries,
+    CubicSpline,
+    FeedbackMLP,
+    FourierSeries,
+    HeldControl,
+    MLPProtocol,
+    PiecewiseConstant,
+    Protocol,
+    Tabulated,
+    load_protocol,
+    make_protocol,
+    protocol_names,
+    register_protocol,
+)
+from controlmd.reporters import IntervalReporter, MemoryReporter, StateDataReporter, XYZReporter
 from controlmd.rng import ReplicaRNG, replica_seed
 from controlmd.simulate import Trajectory, simulate, simulate_ode
 from controlmd.space import Space, free, periodic
 from controlmd.tasks import ControlChannels, Task, get_task, register_task, task_names
+from controlmd.train import Trainer, evaluate, run_experiment
 
 __version__ = "0.1.0"
 
@@ -61,21 +79,32 @@ __all__ = [
     "NVE",
     "WCA",
     "Brownian",
+    "Callback",
+    "ChebyshevSeries",
+    "CheckpointCallback",
     "ConfigError",
     "ConstantForce",
     "ControlChannels",
     "ControlMDError",
     "ControlSchedule",
     "CosineDihedral",
+    "CubicSpline",
+    "EarlyStopping",
+    "EvalCallback",
     "ExternalField",
     "FENEBond",
+    "FeedbackMLP",
+    "FourierSeries",
     "HarmonicAngle",
     "HarmonicBond",
     "HarmonicTrap",
     "HeldControl",
     "Integrator",
+    "IntervalReporter",
     "Langevin",
     "LennardJones",
+    "MLPProtocol",
+    "MemoryReporter",
     "Morse",
     "NeighborList",
     "NeuralPair",
@@ -89,26 +118,37 @@ __all__ = [
     "SoftSphere",
     "Space",
     "State",
+    "StateDataReporter",
     "SumPotential",
+    "Tabulated",
     "TabulatedPair",
     "Task",
+    "Trainer",
     "Trajectory",
+    "XYZReporter",
     "degrees_of_freedom",
     "end_to_end_distance",
     "energy_and_forces",
+    "evaluate",
     "free",
     "get_task",
     "kinetic_energy",
     "lattice",
+    "load_config",
+    "load_protocol",
+    "make_protocol",
     "native_contact_fraction",
     "native_contacts",
     "periodic",
     "pressure",
+    "protocol_names",
     "radius_of_gyration",
     "rdf",
     "rdf_histogram",
+    "register_protocol",
     "register_task",
     "replica_seed",
+    "run_experiment",
     "simulate",
     "simulate_ode",
     "task_names",
