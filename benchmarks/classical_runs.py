@@ -51,6 +51,13 @@ def _train(args: tuple[str, list[str], int, str]) -> dict[str, Any]:
             "artifacts": artifacts, "wall_s": time.perf_counter() - t0}
 
 
+def _finished(run_dir: str) -> dict[str, Any]:
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    artifacts = [str(p) for p in (Path(run_dir) / "final_replicas.xyz", Path(run_dir) / "final_snapshots.png") if p.exists()]
+    return {"seed": metrics["seed"], "run_dir": run_dir, "metrics": metrics, "artifacts": artifacts,
+            "wall_s": metrics["wall_s"]}
+
+
 def _progress(run_dir: str) -> list[dict[str, Any]]:
     path = Path(run_dir) / "progress.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", help="folder of the seed runs (default: runs/<experiment>_study)")
     parser.add_argument("--table", help="markdown table to write (default: OUT/summary.md)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="summarize seeds whose OUT/seed<s>/metrics.json exists instead of retraining them")
     args = parser.parse_args(argv)
 
     from controlmd.config import load_config
@@ -74,13 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{name}_study"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.experiment, args.overrides, s, str(out / f"seed{s}")) for s in args.seeds]
+    done = {j[2]: _finished(j[3]) for j in jobs if args.reuse and (Path(j[3]) / "metrics.json").exists()}
+    todo = [j for j in jobs if j[2] not in done]
     t0 = time.perf_counter()
-    if args.jobs > 1:
+    if args.jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            runs = list(pool.map(_train, jobs))
+            fresh = list(pool.map(_train, todo))
     else:
-        runs = [_train(j) for j in jobs]
-    wall = time.perf_counter() - t0
+        fresh = [_train(j) for j in todo]
+    runs = sorted([*done.values(), *fresh], key=lambda r: r["seed"])
+    wall = time.perf_counter() - t0 if fresh else float("nan")
 
     finals = [r["metrics"]["metric_final"] for r in runs]
     eval_se = [r["metrics"]["metric_final_se"] for r in runs]
@@ -103,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": r["metrics"]["wall_s"]} for r in runs],
         "command": "python benchmarks/classical_runs.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    if args.sweep:
+    if args.sweep and not Path(args.sweep).exists():
+        print(f"warning: --sweep {args.sweep} does not exist; no comparison with the best constant")
+    elif args.sweep:
         sweep = json.loads(Path(args.sweep).read_text())
         best = sweep["baselines"]["best_constant"]
         z = (mean - best["mean"]) / math.hypot(se, best["se"])
