@@ -66,7 +66,15 @@ from controlmd.errors import ConfigError, ControlMDError
 
 Tensor = torch.Tensor
 
-__all__ = ["IBIResult", "ibi_initial_potential", "ibi_update", "load_ibi_config", "run_ibi", "run_ibi_experiment"]
+__all__ = [
+    "IBIResult",
+    "compare_runs",
+    "ibi_initial_potential",
+    "ibi_update",
+    "load_ibi_config",
+    "run_ibi",
+    "run_ibi_experiment",
+]
 
 IBI_KEYS: dict[str, tuple[type, Any]] = {
     "iterations": (int, 40),
@@ -456,14 +464,75 @@ def _json_clean(obj: Any) -> Any:
     return obj
 
 
+def compare_runs(run_dirs: Sequence[str | Path], *, png: str | Path | None = None) -> list[dict[str, Any]]:
+    """RDF error against MD steps for finished ``rdf_inverse`` runs (gradient or IBI).
+
+    Reads each run's ``history.json`` (per training rollout or IBI round: cumulative MD
+    replica-steps and the smeared-RDF MSE of that rollout's own sampling) and
+    ``metrics.json``. Returns one summary per run: method, final pooled error, MD steps,
+    wall time, and the MD steps after which the running minimum of the error first falls
+    below 2x and 1.2x the run's final pooled error. Writes a log-log figure to ``png``.
+    """
+    import json
+
+    out: list[dict[str, Any]] = []
+    curves = []
+    for d in map(Path, run_dirs):
+        history = json.loads((d / "history.json").read_text(encoding="utf-8"))
+        m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        steps = [h["md_steps"] for h in history]
+        err = [h["rdf_mse"] for h in history]
+        final = (m.get("final_evaluation") or {}).get("rdf_mse", float("nan"))
+        row: dict[str, Any] = {"run": str(d), "method": m.get("method"), "experiment": m.get("experiment"),
+                               "final_rdf_mse": final, "md_steps": steps[-1] if steps else 0,
+                               "wall_s": m.get("wall_s")}
+        for factor in (2.0, 1.2):
+            best, reached = math.inf, None
+            for st, e in zip(steps, err):
+                best = min(best, e)
+                if best <= factor * final:
+                    reached = st
+                    break
+            row[f"md_steps_to_{factor:g}x_final"] = reached
+        out.append(row)
+        curves.append((f"{m.get('experiment')} ({m.get('method')})", steps, err))
+    if png is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, steps, err in curves:
+            ax.loglog(steps, err, label=label)
+        ax.set_xlabel("MD replica-steps (training, equilibration included)")
+        ax.set_ylabel("smeared RDF MSE of the rollout")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+        fig.savefig(png, dpi=120)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m controlmd.ibi EXPERIMENT.toml [--set section.key=value ...] [--out DIR]``."""
+    """``python -m controlmd.ibi EXPERIMENT.toml [--set section.key=value ...] [--out DIR]``;
+    ``python -m controlmd.ibi compare RUN_DIR ... [--png FILE]`` (see :func:`compare_runs`)."""
+    import json
+    import sys
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["compare"]:
+        cmp = argparse.ArgumentParser(description="RDF error vs MD steps of rdf_inverse runs.")
+        cmp.add_argument("runs", nargs="+")
+        cmp.add_argument("--png", default=None)
+        ns = cmp.parse_args(args_list[1:])
+        print(json.dumps(compare_runs(ns.runs, png=ns.png), indent=1))
+        return
     parser = argparse.ArgumentParser(description="Iterative Boltzmann inversion on the rdf_inverse task.")
     parser.add_argument("experiment")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     overrides = list(args.set) + ([f"experiment.seed={args.seed}"] if args.seed is not None else [])
     cfg = load_ibi_config(args.experiment, overrides)
     run_dir, metrics = run_ibi_experiment(cfg, out=args.out)

@@ -130,3 +130,21 @@ tensorboard = false
     with pytest.raises(ControlMDError, match=r"unknown key 'alhpa' in \[ibi\]"):
         path.write_text(text.replace("alpha = 0.7", "alhpa = 0.7"), encoding="utf-8")
         load_ibi_config(path)
+
+
+def test_compare_runs_reads_histories(tmp_path) -> None:
+    import json
+
+    from controlmd.ibi import compare_runs
+
+    for name, errs in (("a", [1.0, 0.5, 0.1, 0.12, 0.1]), ("b", [1.0, 0.9, 0.8, 0.3, 0.2])):
+        d = tmp_path / name
+        d.mkdir()
+        history = [{"md_steps": 100 * (i + 1), "rdf_mse": e} for i, e in enumerate(errs)]
+        (d / "history.json").write_text(json.dumps(history))
+        (d / "metrics.json").write_text(json.dumps({"method": name, "experiment": name, "wall_s": 1.0,
+                                                    "final_evaluation": {"rdf_mse": 0.1}}))
+    rows = compare_runs([tmp_path / "a", tmp_path / "b"], png=tmp_path / "cmp.png")
+    assert rows[0]["md_steps_to_2x_final"] == 300 and rows[0]["md_steps_to_1.2x_final"] == 300
+    assert rows[1]["md_steps_to_2x_final"] == 500 and rows[1]["md_steps_to_1.2x_final"] is None
+    assert (tmp_path / "cmp.png").is_file()

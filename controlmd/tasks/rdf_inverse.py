@@ -491,9 +491,9 @@ class RDFInverse(Task):
 
     Example:
         >>> import torch
-        >>> task = RDFInverse(n_particles=32, density=0.5, r_max=1.5, n_bins=30,
+        >>> task = RDFInverse(n_particles=32, density=0.5, r_cut=1.9, r_max=1.5, n_bins=30,
         ...                   init={"epsilon": 1.0, "sigma": 0.9}, n_equilibrate=20,
-        ...                   target_replicas=2, target_frames=4000, target_every=1)
+        ...                   target_replicas=40, target_frames=4000, target_every=1)
         >>> [name for name, _ in task.named_parameters()]
         ['sigma', 'epsilon']
         >>> state = task.rollout(None, 2, seed=0, gradient="truncated", window=10)
