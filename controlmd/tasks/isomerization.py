@@ -853,12 +853,13 @@ def field_spectrum(times: Tensor, field: Tensor) -> tuple[Tensor, Tensor]:
 def write_report(run_dir: str | Path) -> dict[str, Any]:
     """Figures and numbers of a finished isomerization run (``controlmd isomerization-report``).
 
-    Writes into ``run_dir``: ``yield_per_iteration.png`` (the yield after each update, from
-    ``-train/loss`` when the loss is the yield, else from the ``outcome/metric``
-    evaluations of ``[eval] every = 1``, against the paper's logged yields), ``yield_vs_time.png`` (Y(t) of the starting and the trained
-    field), ``field.png`` (E(t) and its spectrum), ``field.csv`` (the trained field at every
-    step, fs and eV) and ``isomerization_report.json``; the figures and the yields per
-    iteration also go to the run's TensorBoard folder ``tb/``.
+    Writes into ``run_dir``: ``yield_per_iteration.png`` (the yield after each optimizer
+    step, against the paper's logged yields: ``-train/loss`` when the loss is the yield,
+    else the ``outcome/metric`` evaluations, e.g. of ``[eval] every = 1``),
+    ``yield_vs_time.png`` (Y(t) of the starting and the trained field), ``field.png``
+    (E(t) and its spectrum), ``field.csv`` (the trained field at every step, fs and eV)
+    and ``isomerization_report.json``; the figures and the yields per iteration also go
+    to the run's TensorBoard folder ``tb/``.
 
     :return: the report's numbers.
     """
@@ -887,17 +888,15 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
             evaluated[int(row["step"])] = float(row["outcome/metric"])
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    penalized = task.fluence_max > 0 or task.min_excitation > 0
-    if len(evaluated) > 2 or penalized:
-        # outcome/metric at step i: the exact yield after i updates ([eval] every = 1)
-        source = "outcome/metric"
-        yields = [evaluated[i] for i in sorted(evaluated)]
+    if task.fluence_max > 0 or task.min_excitation > 0:
+        # the loss has penalties: outcome/metric at step i is the exact yield after i updates
+        source, points = "outcome/metric", sorted(evaluated.items())
     else:
-        # the loss logged at step i is -Y of the field after i - 1 updates (no penalties)
-        source = "-train/loss"
-        yields = [-losses[i] for i in sorted(losses)]
+        # the loss logged at step i is -Y of the field after i - 1 updates
+        source, points = "-train/loss", [(i - 1, -loss) for i, loss in sorted(losses.items())]
         if "metric_final" in metrics:
-            yields.append(float(metrics["metric_final"]))
+            points.append((int(metrics.get("iterations", len(points))), float(metrics["metric_final"])))
+    yields = [y for _, y in points]
 
     curves, fields, summary = {}, {}, {}
     t_steps = (torch.arange(task.n_steps, dtype=torch.float64) + 0.5) * task.dt
@@ -917,7 +916,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         fields[label] = (fields[label], energies, power)
 
     figures = {
-        "yield_per_iteration": _plot_yields(yields),
+        "yield_per_iteration": _plot_yields(points),
         "yield_vs_time": _plot_curves(curves, task),
         "field": _plot_fields(t_steps / FS, fields),
     }
@@ -926,15 +925,16 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     rows = ["t_fs,E_eV", *(f"{t:.6f},{e:.12g}" for t, e in zip((t_steps / FS).tolist(), fields["trained"][0].tolist()))]
     atomic_write_text(run / "field.csv", "\n".join(rows) + "\n")
     sink = TensorBoardSink(run / "tb")
-    for i, y in enumerate(yields):
+    for i, y in points:
         values = {"isomerization/yield": y}
         if i in PAPER_YIELDS:
             values["isomerization/paper_yield"] = PAPER_YIELDS[i]
         sink.write(values, i)
     for name, fig in figures.items():
-        sink.figure(f"isomerization/{name}", fig, len(yields) - 1)
+        sink.figure(f"isomerization/{name}", fig, points[-1][0] if points else 0)
     sink.close()
     report = {
+        "optimizer_steps": [i for i, _ in points],
         "yields_per_iteration": yields,
         "yields_source": source,
         "paper_yields": {str(k): v for k, v in PAPER_YIELDS.items()},
@@ -955,9 +955,9 @@ def _figure(n_rows: int = 1, height: float = 3.0) -> tuple[Any, Any]:
     return fig, fig.subplots(n_rows, 1, squeeze=False)[:, 0]
 
 
-def _plot_yields(yields: list[float]) -> Any:
+def _plot_yields(points: list[tuple[int, float]]) -> Any:
     fig, (ax,) = _figure()
-    ax.plot(range(len(yields)), yields, "o-", ms=3, label="controlmd")
+    ax.plot([i for i, _ in points], [y for _, y in points], "o-", ms=3, label="controlmd")
     ax.plot(list(PAPER_YIELDS), list(PAPER_YIELDS.values()), "s", color="black", label="paper (arXiv:2003.00868)")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("time-averaged yield")
