@@ -430,8 +430,8 @@ def test_bad_fields_and_steps(task: Isomerization) -> None:
 
 
 @pytest.mark.slow
-def test_paper_model_keeps_716_symmetric_states() -> None:
-    model = build_retinal_model(RetinalParameters())
+def test_paper_model_keeps_716_symmetric_states(tmp_path) -> None:
+    model = build_retinal_model(RetinalParameters(), cache_dir=tmp_path)  # a fresh build
     assert model.basis_size == 7260
     assert model.n_states == 716
     assert float(model.energies[0]) == pytest.approx(0.1027, abs=1e-4)
