@@ -164,6 +164,9 @@ __all__ = [
     "RetinalModel",
     "RetinalParameters",
     "build_retinal_model",
+    "default_cache_dir",
+    "field_spectrum",
+    "write_report",
 ]
 
 FS = 1.0 / 0.6582119569
