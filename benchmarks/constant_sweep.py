@@ -16,7 +16,9 @@ gives mean +- standard error. Protocols:
   bounds, or ``--values``);
 * ``no_control``: the task's ``default_control()`` (H0 as built: e.g. the bath
   temperature, epsilon scale 1, zero force/bias), or the middle of the bounds;
-* ``ramp_up`` / ``ramp_down``: linear from the lower to the upper bound and back.
+* ``ramp_up`` / ``ramp_down``: linear from the lower to the upper bound and back;
+* ``--hold LABEL=F0:V0,F1:V1,...`` (repeatable): a hand-made piecewise-constant protocol
+  holding value ``Vi`` from time fraction ``Fi`` of the horizon (``F0 = 0``) on.
 
 The gate (printed and stored under ``gate``): the sweep's maximum is interior and exceeds
 both end values by more than 2 combined standard errors (non-monotone), and it lies
@@ -64,6 +66,22 @@ def table_protocol(task: Task, start: float, end: float) -> Protocol:
     return Tabulated(times=[0.0, task.horizon], values=[[start], [end]])
 
 
+def hold_protocol(task: Task, spec: str) -> tuple[str, Protocol]:
+    """``"LABEL=F0:V0,F1:V1,..."`` -> a protocol holding ``Vi`` from ``Fi * T`` on."""
+    label, sep, rows = spec.partition("=")
+    try:
+        pairs = [tuple(float(x) for x in row.split(":")) for row in rows.split(",")]
+        if not sep or any(len(p) != 2 for p in pairs) or pairs[0][0] != 0.0:
+            raise ValueError
+    except ValueError:
+        raise ControlMDError(f"--hold expects LABEL=0:V0,F1:V1,... (fractions of the horizon), got {spec!r}") from None
+    times = [f * task.horizon for f, _ in pairs] + [task.horizon]
+    values = [[v] for _, v in pairs] + [[pairs[-1][1]]]
+    if times[-2] >= task.horizon:
+        times, values = times[:-1], values[:-1]
+    return label, Tabulated(times=times, values=values, interpolation="hold")
+
+
 def gate(sweep: list[dict[str, Any]]) -> dict[str, Any]:
     means = [s["mean"] for s in sweep]
     k = max(range(len(means)), key=means.__getitem__)
@@ -93,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--seed", type=int, default=7_000_000)
+    parser.add_argument("--hold", action="append", default=[], metavar="LABEL=F0:V0,F1:V1,...",
+                        help="extra piecewise-constant protocol (time fractions and values)")
+    parser.add_argument("--holds-only", action="store_true",
+                        help="score only the no-control value and the --hold protocols (no sweep, no gate)")
     parser.add_argument("--out", help="JSON output path (default: experiments/results/<experiment>_sweep.json)")
     args = parser.parse_args(argv)
 
@@ -118,6 +140,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:>22s}: {result['mean']:.4f} +- {result['se']:.4f}  ({result['wall_s']:.0f} s)", flush=True)
         return result
 
+    if args.holds_only:
+        results = {"no_control": {"value": u0, **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))}}
+        for spec in args.hold:
+            label, protocol = hold_protocol(task, spec)
+            results[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
+        out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_holds.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"task": task.name, "metric_name": task.metric_name, "channel": task.controls.names[0],
+               "replicas": args.replicas, "seed": args.seed, "n_steps": task.n_steps, "protocols": results,
+               "wall_s": time.perf_counter() - t0,
+               "command": "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        out.write_text(json.dumps(doc, indent=2))
+        lines = [f"| protocol | {doc['channel']} (from time fraction: value) | metric | SE |", "| --- | --- | --- | --- |"]
+        for name, b in results.items():
+            value = b["spec"].partition("=")[2] if "spec" in b else f"{b['value']:.4g}"
+            lines.append(f"| {name} | {value} | {b['mean']:.4f} | {b['se']:.4f} |")
+        lines += ["", f"Command: `{doc['command']}` ({doc['wall_s']:.0f} s)", ""]
+        out.with_suffix(".md").write_text("\n".join(lines))
+        print("\n".join(lines))
+        return 0
+
     sweep = [{"value": v, **run(f"constant {v:.4g}", table_protocol(task, v, v))} for v in values]
     same = [s for s in sweep if math.isclose(s["value"], u0)]  # same replicas: same result
     baselines = {
@@ -125,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "ramp_up": {"start": lo, "end": hi, **run("ramp up", table_protocol(task, lo, hi))},
         "ramp_down": {"start": hi, "end": lo, **run("ramp down", table_protocol(task, hi, lo))},
     }
+    for spec in args.hold:
+        label, protocol = hold_protocol(task, spec)
+        baselines[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
     g = gate(sweep)
     baselines["best_constant"] = next(s for s in sweep if s["value"] == g["best_value"])
     out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_sweep.json"
@@ -134,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "metric_name": task.metric_name, "channel": task.controls.names[0], "unit": task.controls.units[0],
         "bounds": [lo, hi], "replicas": args.replicas, "seed": args.seed, "n_steps": task.n_steps,
         "dt": task.dt, "sweep": sweep, "baselines": baselines, "gate": g,
-        "md_steps": sum(s["md_steps"] for s in sweep) + sum(b["md_steps"] for k, b in baselines.items() if k != "best_constant"),
+        "md_steps": sum(s["md_steps"] for s in sweep) + sum(
+            b["md_steps"] for k, b in baselines.items() if k not in ("best_constant", "no_control")),
         "wall_s": time.perf_counter() - t0,
         "command": "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
@@ -157,7 +204,10 @@ def _markdown(r: dict[str, Any]) -> str:
     for s in r["sweep"]:
         lines.append(f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {s['md_steps']:.3g} |")
     for name, b in r["baselines"].items():
-        value = f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
+        if "spec" in b:
+            value = b["spec"].partition("=")[2]
+        else:
+            value = f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
         lines.append(f"| {name} | {value} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |")
     g = r["gate"]
     lines += [
