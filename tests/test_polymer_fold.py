@@ -86,6 +86,20 @@ def test_initial_states_are_replica_seeded_and_valid() -> None:
     assert float((batch.R[:, i] - batch.R[:, j]).norm(dim=-1).min()) > 1.0
 
 
+def test_coils_keep_native_pairs_out_of_their_morse_walls() -> None:
+    """A native pair started well inside its native distance sits on a wall of ~1e3
+    epsilon/sigma and blows the chain apart; coils keep those pairs >= 0.85 d*."""
+    task = PolymerFold(n_steps=100)
+    start = task.initial_state(64, seed=12_345)
+    c, d = task.contacts, task.d_native
+    r = (start.R[:, c[:, 0]] - start.R[:, c[:, 1]]).norm(dim=-1)
+    assert float((r / d).min()) >= 0.85
+    final = task.advance(start, _constant(task, [1.2]), task.n_steps, gradient="none")
+    extent = (final.R - final.R.mean(1, keepdim=True)).norm(dim=-1).amax(-1)
+    bonds = (final.R[:, 1:] - final.R[:, :-1]).norm(dim=-1)
+    assert float(extent.max()) < 15.0 and float(bonds.max()) < 1.3
+
+
 def test_channels_enter_the_hamiltonian() -> None:
     task = PolymerFold(controls=["temperature", "epsilon", "tweezers", "bias"], n_bias=3, n_steps=10)
     assert task.controls.names == ("kT", "eps_scale", "force_0_21", "bias_0", "bias_1", "bias_2")

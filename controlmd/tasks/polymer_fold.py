@@ -72,8 +72,10 @@ Outcome
 
 Starting state
     Random coils: self-avoiding walks with the native bond lengths and angles and uniform
-    random torsions (beads kept >= 1 sigma apart), momenta from Maxwell-Boltzmann at
-    ``kT``; replica ``i`` draws from ``replica_seed(seed, first_replica + i)``.
+    random torsions (beads kept >= 1 sigma apart, native-contact pairs >= 0.85 of their
+    native distance, inside which their Morse wells are steep walls), momenta from
+    Maxwell-Boltzmann at ``kT``; replica ``i`` draws from ``replica_seed(seed,
+    first_replica + i)``.
 
 Episode end
     Truncation at ``T`` (``n_steps`` steps); no termination.
@@ -229,12 +231,18 @@ class PairBias(nn.Module):
 
 
 def random_coil(target: Tensor, rng: ReplicaRNG, *, min_distance: float = 1.0,
-                max_tries: int = 200) -> Tensor:
+                contacts: Tensor | None = None, d_native: Tensor | None = None,
+                native_fraction: float = 0.85, max_tries: int = 200) -> Tensor:
     """Self-avoiding random walks with the target's bond lengths and angles and uniform
     random torsions, one per replica of ``rng``.
 
-    Each replica uses only its own generator (so it is independent of the batch size);
-    a walk that cannot place a bead after ``max_tries`` proposals restarts.
+    Non-bonded beads stay at least ``min_distance`` apart, and native-contact pairs
+    (``contacts`` ``[C, 2]`` with native distances ``d_native``) at least
+    ``native_fraction * d_native``: the Morse well of a native pair rises steeply inside
+    its native distance (about 4000 epsilon/sigma at 0.6 d* for alpha = 4), and a coil
+    that starts there would be blown apart in the first steps. Each replica uses only its
+    own generator (independent of the batch size); a walk that cannot place a bead after
+    ``max_tries`` proposals restarts.
 
     :param target: native positions ``[N, 3]``.
     :return: positions ``[B, N, 3]`` float64, centred at the origin.
@@ -244,16 +252,18 @@ def random_coil(target: Tensor, rng: ReplicaRNG, *, min_distance: float = 1.0,
     angles = (
         bond_angle(target[:-2] - target[1:-1], target[2:] - target[1:-1]).tolist() if n > 2 else []
     )
-    chains = []
-    for g in rng.generators:
-        chains.append(_one_coil(n, bonds, angles, g, min_distance, max_tries))
+    min_sq = [[min_distance**2] * n for _ in range(n)]
+    if contacts is not None and d_native is not None:
+        for (i, j), d in zip(contacts.tolist(), d_native.tolist()):
+            m = max(min_distance, native_fraction * d) ** 2
+            min_sq[i][j] = min_sq[j][i] = m
+    chains = [_one_coil(n, bonds, angles, g, min_sq, max_tries) for g in rng.generators]
     R = torch.tensor(chains, dtype=torch.float64)
     return R - R.mean(dim=1, keepdim=True)
 
 
 def _one_coil(n: int, bonds: list[float], angles: list[float], g: torch.Generator,
-              min_distance: float, max_tries: int) -> list[list[float]]:
-    d2 = min_distance * min_distance
+              min_sq: list[list[float]], max_tries: int) -> list[list[float]]:
     while True:
         pts = [[0.0, 0.0, 0.0], [bonds[0], 0.0, 0.0]] if n > 1 else [[0.0, 0.0, 0.0]]
         ok = True
@@ -274,7 +284,7 @@ def _one_coil(n: int, bonds: list[float], angles: list[float], g: torch.Generato
                 # new bond direction at bond angle theta to the previous bond
                 c, s = -math.cos(theta), math.sin(theta)
                 p = [b[i] + bonds[k - 1] * (c * u[i] + s * v[i]) for i in range(3)]
-                if all(sum((p[i] - q[i]) ** 2 for i in range(3)) > d2 for q in pts[: k - 1]):
+                if all(sum((p[i] - q[i]) ** 2 for i in range(3)) > min_sq[k][m] for m, q in enumerate(pts[: k - 1])):
                     pts.append(p)
                     break
             else:
@@ -504,7 +514,7 @@ class PolymerFold(Task):
 
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
         rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
-        R = random_coil(self.target, rng)
+        R = random_coil(self.target, rng, contacts=self.contacts, d_native=self.d_native)
         return self._dynamics(self._h0_fixed + self._h0_attraction, self.kT).init(R, kT=self.kT, rng=rng)
 
     def integrator(self, protocol: Protocol) -> Integrator:
