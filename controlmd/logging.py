@@ -55,6 +55,8 @@ class TensorBoardSink(Sink):
     def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        if purge_step is not None:
+            _wait_past_existing_event_files(Path(log_dir))
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=30)
 
     def write(self, values: dict[str, float], step: int) -> None:
@@ -84,6 +86,27 @@ class TensorBoardSink(Sink):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _wait_past_existing_event_files(log_dir: Path) -> None:
+    """Sleep until the clock's whole second exceeds every event file's in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and the name is
+    ``events.out.tfevents.<whole seconds>.<host>.<pid>...``: a resumed writer created in
+    the same second as the interrupted one could sort before it (by pid), and the reader
+    would then replay the old steps after the purge.
+    """
+    import time
+
+    stamps = []
+    for f in log_dir.glob("events.out.tfevents.*"):
+        part = f.name.split(".")[3]
+        if part.isdigit():
+            stamps.append(int(part))
+    if stamps:
+        delay = max(stamps) + 1 - time.time()
+        if delay > 0:
+            time.sleep(delay)
 
 
 class JSONLinesSink(Sink):

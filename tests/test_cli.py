@@ -168,7 +168,9 @@ def test_resume_after_a_kill_reaches_the_same_final_numbers(finished_run: tuple[
     experiment = _experiment(tmp_path)
     killed = tmp_path / "killed"
 
-    env = {**os.environ, ABORT_ENV: "5", "OMP_NUM_THREADS": "1"}
+    # Same thread count as the uninterrupted in-process run: reductions split differently
+    # across threads and the comparison below is bitwise.
+    env = {**os.environ, ABORT_ENV: "5", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(
         [sys.executable, "-m", "controlmd.cli", "run", str(experiment), "--out", str(killed), "--quiet"],
         env=env, capture_output=True, text=True, timeout=600,
