@@ -144,7 +144,10 @@ def test_compare_runs_reads_histories(tmp_path) -> None:
         (d / "history.json").write_text(json.dumps(history))
         (d / "metrics.json").write_text(json.dumps({"method": name, "experiment": name, "wall_s": 1.0,
                                                     "final_evaluation": {"rdf_mse": 0.1}}))
-    rows = compare_runs([tmp_path / "a", tmp_path / "b"], png=tmp_path / "cmp.png")
-    assert rows[0]["md_steps_to_2x_final"] == 300 and rows[0]["md_steps_to_1.2x_final"] == 300
-    assert rows[1]["md_steps_to_2x_final"] == 500 and rows[1]["md_steps_to_1.2x_final"] is None
+    rows = compare_runs([tmp_path / "a", tmp_path / "b"], levels=(0.5, 0.15), window=1, png=tmp_path / "cmp.png")
+    assert rows[0]["md_steps_to_0.5"] == 200 and rows[0]["md_steps_to_0.15"] == 300
+    assert rows[1]["md_steps_to_0.5"] == 400 and rows[1]["md_steps_to_0.15"] is None
+    assert rows[1]["final_rdf_mse"] == 0.1 and rows[1]["smoothed_rdf_mse_end"] == 0.2
+    smoothed = compare_runs([tmp_path / "a"], levels=(0.15,), window=3)[0]
+    assert smoothed["md_steps_to_0.15"] == 400  # running median of (0.5, 0.1, 0.12) is 0.12
     assert (tmp_path / "cmp.png").is_file()
