@@ -118,6 +118,7 @@ from controlmd.structures import (
     smooth_bond_count,
     target_cluster_fraction,
 )
+from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts
 from controlmd.tasks.base import ControlChannels, Task, register_task
 
 Tensor = torch.Tensor
@@ -126,20 +127,7 @@ __all__ = ["Assembly", "random_gas"]
 
 CHANNELS = ("epsilon", "temperature")
 SURROGATES = ("bonds", "yield")
-ARTIFACT_SEED = 12_345
 _MIN_START_DISTANCE = 1.05
-
-
-class _Channel(nn.Module):
-    """Channel ``c`` of a protocol as a scalar (or ``[B]``) schedule."""
-
-    def __init__(self, protocol: Protocol, channel: int) -> None:
-        super().__init__()
-        self.protocol = protocol
-        self.channel = channel
-
-    def forward(self, t: Tensor) -> Tensor:
-        return self.protocol(t)[..., self.channel]
 
 
 class _Constant(nn.Module):
@@ -186,7 +174,7 @@ def _min_image_sq(dx: float, dy: float, box: float) -> float:
 
 
 @register_task
-class Assembly(Task):
+class Assembly(RunArtifacts, Task):
     """Maximize the yield of compact heptamers; see the module docstring.
 
     Example:
@@ -312,7 +300,7 @@ class Assembly(Task):
         self._protocol = protocol
         kT: Any = self.kT
         if "temperature" in self._slot:
-            kT = _Channel(protocol, self._slot["temperature"])
+            kT = ChannelSchedule(protocol, self._slot["temperature"])
         return self._dynamics(self.potential(protocol), kT)
 
     def _dynamics(self, potential: Potential, kT: Any) -> Brownian:
@@ -372,25 +360,6 @@ class Assembly(Task):
                                        max_degree=max_degree).to(torch.float64)
 
     # ------------------------------------------------------------------ artifacts
-
-    def finish_run(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> list[Path]:
-        """Trainer hook after the final evaluation: :meth:`save_artifacts` for the protocol
-        last passed to :meth:`integrator` (the trained one), with the snapshot figure also
-        sent to ``logger`` under ``outcome/final_snapshots``."""
-        protocol = getattr(self, "_protocol", None)
-        if protocol is None:
-            return []
-        paths, figure = self._artifacts(protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED)
-        if logger is not None:
-            logger.record_figure("outcome/final_snapshots", figure, step)
-        return paths
-
-    def save_artifacts(self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16,
-                       seed: int = 0) -> list[Path]:
-        """Roll out ``n_replicas`` fresh replicas under ``protocol`` and write their final
-        states: ``final_replicas.xyz`` (extended XYZ with the periodic box and a per-replica
-        yield) and ``final_snapshots.png``. Returns the written paths."""
-        return self._artifacts(protocol, Path(run_dir), n_replicas=n_replicas, seed=seed)[0]
 
     def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int) -> tuple[list[Path], Any]:
         from controlmd.io import write_xyz

@@ -151,6 +151,7 @@ from controlmd.potentials.pair import WCA, LennardJones, Morse
 from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.structures import hairpin, helix, kabsch_align, kabsch_rmsd
+from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts
 from controlmd.tasks.base import ControlChannels, Task, register_task
 
 Tensor = torch.Tensor
@@ -159,7 +160,6 @@ __all__ = ["OneGraph", "PairBias", "PolymerFold", "random_coil"]
 
 TARGETS = ("helix", "hairpin")
 CHANNELS = ("temperature", "epsilon", "tweezers", "bias")
-ARTIFACT_SEED = 12_345
 
 
 class _Select(nn.Module):
@@ -172,18 +172,6 @@ class _Select(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.protocol(t)[..., self.index]
-
-
-class _Temperature(nn.Module):
-    """kT(t) = channel ``c`` of the protocol (a Langevin ``kT`` schedule)."""
-
-    def __init__(self, protocol: Protocol, channel: int) -> None:
-        super().__init__()
-        self.protocol = protocol
-        self.channel = channel
-
-    def forward(self, t: Tensor) -> Tensor:
-        return self.protocol(t)[..., self.channel]
 
 
 class OneGraph(Potential):
@@ -295,7 +283,7 @@ def _one_coil(n: int, bonds: list[float], angles: list[float], g: torch.Generato
 
 
 @register_task
-class PolymerFold(Task):
+class PolymerFold(RunArtifacts, Task):
     """Fold a Go-like chain into its target (helix or hairpin); see the module docstring.
 
     Example:
@@ -521,7 +509,7 @@ class PolymerFold(Task):
         self._protocol = protocol
         kT: Any = self.kT
         if "temperature" in self._slots:
-            kT = _Temperature(protocol, self._slots["temperature"][0])
+            kT = ChannelSchedule(protocol, self._slots["temperature"][0])
         return self._dynamics(self.potential(protocol), kT)
 
     def _dynamics(self, potential: Potential, kT: Any) -> Langevin:
@@ -588,25 +576,6 @@ class PolymerFold(Task):
         return (self.contact_fraction(R) >= self.q_folded) & (kabsch_rmsd(R, self.target) < self.rmsd_folded)
 
     # ------------------------------------------------------------------ artifacts
-
-    def finish_run(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> list[Path]:
-        """Trainer hook after the final evaluation: :meth:`save_artifacts` for the protocol
-        last passed to :meth:`integrator` (the trained one), with the snapshot figure also
-        sent to ``logger`` under ``outcome/final_snapshots``."""
-        protocol = getattr(self, "_protocol", None)
-        if protocol is None:
-            return []
-        paths, figure = self._artifacts(protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED)
-        if logger is not None:
-            logger.record_figure("outcome/final_snapshots", figure, step)
-        return paths
-
-    def save_artifacts(self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16,
-                       seed: int = 0) -> list[Path]:
-        """Roll out ``n_replicas`` fresh replicas under ``protocol`` and write their final
-        states: ``final_replicas.xyz`` (extended XYZ, with per-replica Q, RMSD and folded
-        flag) and ``final_snapshots.png``. Returns the written paths."""
-        return self._artifacts(protocol, Path(run_dir), n_replicas=n_replicas, seed=seed)[0]
 
     def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int) -> tuple[list[Path], Any]:
         from controlmd.io import write_xyz
