@@ -6,7 +6,8 @@
     controlmd eval RUN_DIR [--seeds N] [--replicas M]
     controlmd sweep EXPERIMENT.toml --grid section.key=v1,v2,... [--seeds N] [--address auto] [--resume DIR]
     torchrun --nproc_per_node N --no-python controlmd run EXPERIMENT.toml   (replicas sharded over N ranks)
-    controlmd compare EXPERIMENT.toml [--out DIR] [--set section.key=value ...]   (extra "rl")
+    controlmd compare EXPERIMENT.toml [--out DIR] [--set section.key=value ...] [--address auto] [--resume DIR]
+                                                                                    (extra "rl")
 
 Subcommands live in one registry: a new one is a function ``handler(args) -> int``
 decorated with ``@command(name, help=..., arguments=add_arguments)``, where
@@ -177,11 +178,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", type=Path, help="comparison TOML file, e.g. experiments/trap_drag_compare.toml")
+    from controlmd.sweep import add_runner_arguments
+
+    p.add_argument("experiment", nargs="?", type=Path,
+                   help="comparison TOML file, e.g. experiments/trap_drag_compare.toml (not with --resume)")
     p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment>/<YYYYmmdd-HHMMSS>/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set compare.seeds=2 (repeatable)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="re-run the runs of the comparison in DIR not done")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_runner_arguments(p)
 
 
 @command("compare", help="gradient vs PPO, SAC, CMA-ES and random search at equal MD-step budget",
@@ -194,8 +200,10 @@ def _compare(args: argparse.Namespace) -> int:
         raise ControlMDError(
             f"controlmd compare needs the RL extra (pip install 'controlmd[rl]'): {exc}"
         ) from None
-    main_compare(args.experiment, out=args.out, overrides=args.overrides, progress=not args.quiet)
-    return 0
+    from controlmd.sweep import runner_options
+
+    return main_compare(args.experiment, out=args.out, overrides=args.overrides, resume=args.resume,
+                        progress=not args.quiet, **runner_options(args))
 
 
 # ---------------------------------------------------------------------- sweep (scale-out)

@@ -64,12 +64,15 @@ __all__ = [
     "JobResult",
     "SweepResult",
     "add_runner_arguments",
+    "new_output_dir",
     "parse_grid",
     "ray_available",
     "ray_session",
+    "read_result",
     "run_jobs",
     "run_sweep",
     "runner_options",
+    "runner_session",
     "summarize_sweep",
 ]
 
@@ -186,6 +189,22 @@ def _check_runner(*, address: str | None, backend: str, num_cpus: int | None, cp
     if address is not None and num_cpus is not None:
         raise ControlMDError(f"num_cpus sizes a local Ray instance; the cluster at {address!r} has its own CPUs")
     return True
+
+
+@contextmanager
+def runner_session(
+    *, address: str | None, backend: str, num_cpus: int | None, cpus_per_job: int, needed: bool = True
+) -> Iterator[bool]:
+    """Validate :func:`run_jobs`' options and, for Ray, connect before the block runs.
+
+    A command that writes an output folder creates it inside this block, so a bad option or
+    an unreachable cluster fails before anything is written. Yields whether jobs go to Ray.
+
+    :param needed: whether there are jobs to run (no Ray session is started otherwise).
+    """
+    use_ray = _check_runner(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job)
+    with ray_session(address, num_cpus) if use_ray and needed else nullcontext():
+        yield use_ray
 
 
 @contextmanager
@@ -438,7 +457,7 @@ def run_sweep_job(cfg: dict[str, dict[str, Any]], job_dir: str) -> dict[str, Any
     from controlmd.train import run_experiment
 
     path = Path(job_dir)
-    done = _read_metrics(path)
+    done = read_result(path)
     if done is not None:
         return done
     if (path / "checkpoint.pt").is_file() and (path / "config.toml").is_file():
@@ -448,9 +467,10 @@ def run_sweep_job(cfg: dict[str, dict[str, Any]], job_dir: str) -> dict[str, Any
     return run_experiment(cfg, out=path, progress=False).metrics
 
 
-def _read_metrics(job_dir: Path) -> dict[str, Any] | None:
+def read_result(job_dir: Path, name: str = "metrics.json") -> dict[str, Any] | None:
+    """A job's result file (written atomically, last), or ``None`` while the job is not done."""
     try:
-        return json.loads((job_dir / "metrics.json").read_text(encoding="utf-8"))
+        return json.loads((job_dir / name).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -511,8 +531,7 @@ def run_sweep(
     configs = _resolve_jobs(spec["base"], spec["grid"], jobs)
     if resume is None:
         sweep_dir = _new_sweep_dir(spec, out, runs_root)
-    use_ray = _check_runner(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job)
-    todo = [job for job in jobs if _read_metrics(sweep_dir / "jobs" / job.name) is None]
+    todo = [job for job in jobs if read_result(sweep_dir / "jobs" / job.name) is None]
     say = echo or (lambda _line: None)
     errors: dict[str, str] = {}
     count = [len(jobs) - len(todo)]
@@ -529,7 +548,8 @@ def run_sweep(
             say(f"[{count[0]}/{len(jobs)}] {result.name}: FAILED: {last}")
 
     # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
-    with ray_session(address, num_cpus) if use_ray and todo else nullcontext():
+    with runner_session(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,
+                        needed=bool(todo)) as use_ray:
         if resume is None:
             sweep_dir.mkdir(parents=True, exist_ok=False)
             atomic_write_json(sweep_dir / SPEC_FILE, spec)
@@ -578,21 +598,32 @@ def _read_spec(sweep_dir: Path) -> dict[str, Any]:
 
 
 def _new_sweep_dir(spec: dict[str, Any], out: str | Path | None, runs_root: str | Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return new_output_dir(out, Path(runs_root) / spec["base"]["experiment"]["name"] / f"sweep-{stamp}",
+                          plan_file=SPEC_FILE)
+
+
+def new_output_dir(out: str | Path | None, default: Path, *, plan_file: str) -> Path:
+    """The folder a new multi-job command writes to (not created here).
+
+    :param out: the ``--out`` folder: it may exist only if empty.
+    :param default: the folder used without ``--out`` (``_2``, ``_3``, ... appended if taken).
+    :param plan_file: the file that marks a folder of this command (the error then hints at
+        ``--resume``).
+    :raises ConfigError: ``out`` exists and is not empty.
+    """
     if out is not None:
         path = Path(out)
         if path.exists() and any(path.iterdir()):
-            hint = f"; continue it with --resume {path}" if (path / SPEC_FILE).exists() else ""
+            hint = f"; continue it with --resume {path}" if (path / plan_file).exists() else ""
             raise ConfigError(f"--out {path} exists and is not empty{hint}")
         if path.exists():
             path.rmdir()
         return path
-    name = spec["base"]["experiment"]["name"]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_root) / name / f"sweep-{stamp}"
-    path, n = base, 1
+    path, n = default, 1
     while path.exists():
         n += 1
-        path = base.with_name(f"{base.name}_{n}")
+        path = default.with_name(f"{default.name}_{n}")
     return path
 
 
@@ -617,7 +648,7 @@ def summarize_sweep(sweep_dir: str | Path, *, errors: dict[str, str] | None = No
     meta: dict[str, Any] = {}
     for job in spec["jobs"]:
         job_dir = sweep_dir / "jobs" / job["name"]
-        metrics = _read_metrics(job_dir)
+        metrics = read_result(job_dir)
         row: dict[str, Any] = {"name": job["name"], "setting": job["setting"], "seed": job["seed"],
                                "run_dir": str(Path("jobs") / job["name"])}
         if metrics is not None:

@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from controlmd.callbacks import Callback
+from controlmd.callbacks import AbortAfter, Callback
 from controlmd.errors import ControlMDError
 from controlmd.logging import JSONLinesSink, Logger, TensorBoardSink
 from controlmd.protocols import PiecewiseConstant, Protocol
 from controlmd.search import CMAES, ProtocolSearch, RandomSearch, actions_to_protocol
 from controlmd.tasks.base import Task
-from controlmd.train import Evaluation, Trainer, evaluate
+from controlmd.train import Evaluation, Trainer, _abort_after, evaluate
 from controlmd_envs.control_env import ReplicaBatch
 
 __all__ = [
@@ -289,9 +289,13 @@ def run_gradient(task: Task, tracker: BudgetTracker, *, train: dict[str, Any], n
         frozen_noise=train["frozen_noise"], grad_groups=train["grad_groups"], variance_every=train["variance_every"],
         seed=seed, logger=logger,
     )
+    callbacks: list[Callback] = [_TrackerCallback(tracker)]
+    abort_after = _abort_after()  # CONTROLMD_ABORT_AFTER: a hard exit, for resume tests
+    if abort_after is not None:
+        callbacks.append(AbortAfter(abort_after))
     tracker.start(protocol)
     if not tracker.exhausted():
-        trainer.learn(2**62, [_TrackerCallback(tracker)])
+        trainer.learn(2**62, callbacks)
     logger.close()
     protocol.save(run_dir / "protocol.pt")
     protocol.write_table(run_dir / "protocol.csv")

@@ -1,9 +1,14 @@
 """Equal-budget comparison of gradient-designed protocols with RL and derivative-free baselines.
 
-``controlmd compare EXPERIMENT.toml [--out DIR]`` runs every method of ``[compare]
-methods`` for ``seeds`` seeds on one task, each under the same total budget of forward
-MD replica-steps (training and evaluation alike) and a wall cap, and writes to ``DIR``
-(default ``runs/<experiment>/<YYYYmmdd-HHMMSS>/``):
+``controlmd compare EXPERIMENT.toml [--out DIR] [--address auto] [--local]`` runs every
+method of ``[compare] methods`` for ``seeds`` seeds on one task, each under the same total
+budget of forward MD replica-steps (training and evaluation alike) and a wall cap. Every
+(method, seed) run is an independent job (:func:`run_compare_job`) run by
+:func:`controlmd.sweep.run_jobs`: a Ray task when Ray is installed (a local instance, or
+the cluster at ``--address``), else one after another in this process; results are the
+same either way. ``controlmd compare --resume DIR`` re-runs only the runs without a
+``metrics.json`` (killed, failed or never started). It writes to ``DIR`` (default
+``runs/<experiment>/<YYYYmmdd-HHMMSS>/``):
 
 * ``comparison.json``: per method and seed the metric curve against MD steps and wall
   time, the final metric, the MD steps and wall time to reach ``target_progress`` (0.9)
@@ -15,9 +20,13 @@ MD replica-steps (training and evaluation alike) and a wall cap, and writes to `
 * ``comparison.png``: metric against MD steps and against wall time (log x), mean over
   seeds and min-max band.
 * ``comparison.md``: the markdown table.
+* ``compare_config.json`` (the resolved config: the plan ``--resume`` reads),
+  ``config.toml``, ``start.json`` (the common start's evaluations).
 * ``<method>/seed<k>/``: the run folder of each run (``tb/`` TensorBoard events,
   ``progress.jsonl``, ``metrics.json``, ``protocol.pt`` / ``protocol.csv``, SB3's
-  ``model.zip``), as the trainer's run folders.
+  ``model.zip``), as the trainer's run folders; ``metrics.json`` is written last and marks
+  the run done. The comparison files are assembled from these folders
+  (:func:`summarize_folder`) after the runs, also when some failed or were interrupted.
 
 Experiment file::
 
@@ -46,6 +55,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,8 +66,9 @@ from controlmd.checkpoint import atomic_write_json, atomic_write_text
 from controlmd.config import apply_overrides, read_toml, resolve_config, write_config
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.protocols import Protocol
+from controlmd.sweep import Job, JobResult, new_output_dir, read_result, run_jobs, runner_session
 from controlmd.tasks.base import Task
-from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, evaluate
+from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, Evaluation, evaluate
 from controlmd_envs.baselines import (
     ALGOS,
     ENV_KEYS,
@@ -69,7 +80,8 @@ from controlmd_envs.baselines import (
 )
 from controlmd_envs.control_env import OBSERVATIONS, default_control_interval
 
-__all__ = ["COMPARE_KEYS", "load_compare_config", "run_comparison", "summarize"]
+__all__ = ["COMPARE_KEYS", "ComparisonRun", "load_compare_config", "run_compare_job", "run_comparison", "summarize",
+           "summarize_folder"]
 
 Config = dict[str, Any]
 
@@ -96,6 +108,8 @@ SEARCH_KEYS: dict[str, dict[str, tuple[type, Any]]] = {
 ENV_DEFAULTS: dict[str, Any] = {"n_envs": 32, "observation": "time", "shaping": 0.0, "shaping_gamma": 1.0,
                                 "reward_scale": 1.0, "feature_scale": 1.0}
 SB3_DEFAULTS: dict[str, dict[str, Any]] = {"ppo": {"gamma": 1.0}, "sac": {"gamma": 1.0}}
+_RUN_ONLY_KEYS = ("task", "metric_name", "settings")
+"""Keys of a run's ``metrics.json`` that ``comparison.json`` keeps once, not per run."""
 _SB3_RESERVED = ("policy", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model")
 
 
@@ -255,63 +269,176 @@ def _resolve_sb3(method: str, algo: str, values: dict[str, Any]) -> dict[str, An
 # ---------------------------------------------------------------------------------- running
 
 
-def run_comparison(cfg: Config, *, out: str | Path | None = None, runs_root: str | Path = "runs",
-                   progress: bool = True) -> Path:
-    """Run every method and seed of a resolved comparison config; returns the output folder."""
+PLAN_FILE = "compare_config.json"
+RESULT_FILE = "metrics.json"
+
+
+@dataclass
+class ComparisonRun:
+    """Outcome of :func:`run_comparison`: the folder, ``comparison.json`` (``None`` while no
+    run has finished) and the ``<method>/seed<k>`` runs not done."""
+
+    out_dir: Path
+    result: dict[str, Any] | None
+    failed: list[str] = field(default_factory=list)
+
+
+def run_comparison(cfg: Config | None, *, out: str | Path | None = None, runs_root: str | Path = "runs",
+                   resume: str | Path | None = None, progress: bool = True, address: str | None = None,
+                   backend: str = "auto", num_cpus: int | None = None, cpus_per_job: int = 1) -> ComparisonRun:
+    """Run (or resume) every (method, seed) run of a resolved comparison config.
+
+    Each run is an independent job (:func:`run_compare_job`, through
+    :func:`controlmd.sweep.run_jobs`: a Ray task when Ray is installed, else in this
+    process) writing ``<method>/seed<k>/``; ``comparison.json/.md/.png`` are then assembled
+    from those folders (:func:`summarize_folder`), also when some runs failed.
+
+    :param cfg: the config (:func:`load_compare_config`); with ``resume`` it may be ``None``
+        and must otherwise equal the folder's ``compare_config.json``.
+    :param out: the output folder (default ``runs_root/<experiment>/<YYYYmmdd-HHMMSS>/``);
+        it must not exist or be empty.
+    :param resume: a comparison folder: run only the runs without ``metrics.json`` (a killed
+        run's folder is cleared and the run starts over; finished runs are not redone).
+    :param address, backend, num_cpus, cpus_per_job: where the runs go
+        (:func:`controlmd.sweep.run_jobs`; ``address="auto"`` joins a running Ray cluster).
+    :raises ConfigError: bad ``out`` / ``resume`` folder; :class:`ControlMDError`: a Ray
+        address that cannot be reached. Nothing is written then.
+    """
+    if resume is not None:
+        out_dir = Path(resume)
+        saved = _read_plan(out_dir)
+        if cfg is not None and _plain(cfg) != saved:
+            raise ConfigError(f"--resume {out_dir}: the experiment and --set given differ from its {PLAN_FILE}; "
+                              f"resume with `controlmd compare --resume {out_dir}` alone")
+        cfg = saved
+    elif cfg is None:
+        raise ConfigError("give a comparison experiment file, or --resume DIR")
+    else:
+        cfg = _plain(cfg)  # fresh and resumed runs use the same (JSON round-tripped) config
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = new_output_dir(out, Path(runs_root) / cfg["experiment"]["name"] / stamp, plan_file=PLAN_FILE)
+    comp = cfg["compare"]
+    seed0 = cfg["experiment"]["seed"]
+    runs = [(method, seed0 + j) for j in range(comp["seeds"]) for method in cfg["methods"]]
+    todo = [(m, s) for m, s in runs if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None]
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda _line: None)
+    count = [len(runs) - len(todo)]
+
+    def report(result: JobResult) -> None:
+        count[0] += 1
+        if result.ok:
+            r = result.value
+            say(f"[{count[0]}/{len(runs)}] {result.name}: {r['metric_name']} = {r['final']['metric']:.6g} +- "
+                f"{r['final']['se']:.2g} after {r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})")
+        else:
+            last = (result.error or "failed").strip().splitlines()[-1]
+            say(f"[{count[0]}/{len(runs)}] {result.name}: FAILED: {last}")
+
+    # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
+    with runner_session(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,
+                        needed=bool(todo)) as use_ray:
+        if resume is None:
+            out_dir.mkdir(parents=True)
+            write_config({k: cfg[k] for k in ("experiment", "task")}, out_dir / "config.toml")
+            atomic_write_json(out_dir / PLAN_FILE, cfg)
+        start = _start_evaluations(cfg, out_dir)
+        say(f"comparison {out_dir}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
+            f"{'on Ray' if use_ray else 'in this process'}")
+        jobs = [Job(f"{m}/seed{s}", run_compare_job, (cfg, m, s, str((out_dir / m / f"seed{s}").resolve()),
+                                                      start["initial"])) for m, s in todo]
+        try:
+            if jobs:
+                run_jobs(jobs, address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,
+                         on_result=report)
+        finally:  # also after Ctrl-C: summarize the runs finished so far
+            missing = [f"{m}/seed{s}" for m, s in runs if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None]
+            result = summarize_folder(out_dir) if len(missing) < len(runs) else None
+    if missing:
+        say(f"{len(missing)} of {len(runs)} runs not done ({', '.join(missing)}); re-run them with: "
+            f"controlmd compare --resume {out_dir}")
+    return ComparisonRun(out_dir, result, missing)
+
+
+def run_compare_job(cfg: Config, method: str, seed: int, run_dir: str, initial: dict[str, Any]) -> dict[str, Any]:
+    """One (method, seed) run of a comparison into ``run_dir``; returns its ``metrics.json``.
+
+    A module-level function of picklable arguments (a Ray task). The result depends on
+    ``cfg``, ``method`` and ``seed`` only: the global torch generator is seeded with
+    ``seed`` first, and a folder left by a killed attempt (no ``metrics.json``) is cleared.
+
+    :param initial: the common starting protocol's scheduled evaluation (fields of
+        :class:`controlmd.train.Evaluation`): charged to the run, not recomputed (RL
+        policies are evaluated as they are).
+    """
+    import shutil
+
+    import torch
+
     from controlmd.config import build_task
 
+    path = Path(run_dir)
+    done = read_result(path, RESULT_FILE)
+    if done is not None:
+        return done
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    torch.manual_seed(seed)
+    task = build_task(cfg)
+    comp = cfg["compare"]
+    spec = cfg["methods"][method]
+    seed0 = cfg["experiment"]["seed"]
+    logger = run_logger(path)
+    tracker = BudgetTracker(
+        task, budget_md_steps=comp["budget_md_steps"], eval_replicas=comp["eval_replicas"],
+        final_replicas=comp["final_replicas"], eval_seed=seed0 + EVAL_SEED_OFFSET,
+        final_seed=seed0 + FINAL_SEED_OFFSET, eval_points=comp["eval_points"], wall_cap_s=comp["wall_cap_s"],
+        chunk=comp["eval_chunk"], initial=None if spec["algo"] in ("ppo", "sac") else Evaluation(**initial),
+        logger=logger,
+    )
+    final = _run_method(method, spec, task, tracker, n_pieces=comp["n_pieces"], interval=comp["control_interval"],
+                        seed=seed, run_dir=path)
+    tracker.finish(final)
+    logger.close()
+    record = _jsonable({"method": method, "algo": spec["algo"], "seed": seed, **tracker.summary(),
+                        "exact_final": _exact_metric(task, final), "task": task.name,
+                        "metric_name": task.metric_name, "settings": spec})
+    atomic_write_json(path / RESULT_FILE, record)  # last: marks the run done
+    return record
+
+
+def _plain(cfg: Config) -> Config:
+    return json.loads(json.dumps(_jsonable(cfg)))
+
+
+def _read_plan(out_dir: Path) -> Config:
+    try:
+        return json.loads((out_dir / PLAN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{out_dir} is not a comparison folder: it has no {PLAN_FILE}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{out_dir}/{PLAN_FILE} is not valid JSON: {exc}") from None
+
+
+def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """``start.json``: the common starting protocol on the scheduled- and final-evaluation
+    replicas (deterministic; computed once per folder, read back on resume)."""
+    from controlmd.config import build_task
+    from controlmd.search import actions_to_protocol
+
+    start = read_result(out_dir, "start.json")
+    if start is not None and "initial" in start:
+        return start
     task = build_task(cfg)
     comp = cfg["compare"]
     seed0 = cfg["experiment"]["seed"]
-    out_dir = Path(out) if out is not None else (
-        Path(runs_root) / cfg["experiment"]["name"] / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if (out_dir / "comparison.json").exists():
-        raise ConfigError(f"--out {out_dir} already holds a comparison; choose another folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_config({k: cfg[k] for k in ("experiment", "task")}, out_dir / "config.toml")
-    atomic_write_json(out_dir / "compare_config.json", _jsonable(cfg))
-    n_pieces, interval = comp["n_pieces"], comp["control_interval"]
-    eval_seed, final_seed = seed0 + EVAL_SEED_OFFSET, seed0 + FINAL_SEED_OFFSET
-    from controlmd.search import actions_to_protocol
-
-    start = actions_to_protocol(np.zeros((n_pieces, task.controls.dim)), task)
-    initial = evaluate(task, start, comp["eval_replicas"], eval_seed, chunk=comp["eval_chunk"])
-    start_final = evaluate(task, start, comp["final_replicas"], final_seed, chunk=comp["eval_chunk"])
-    atomic_write_json(out_dir / "start.json", {"m0": initial.mean, "m0_se": initial.se, "m0_final": start_final.mean,
-                                               "m0_final_se": start_final.se})
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg["methods"]}
-    for j in range(comp["seeds"]):
-        for method, spec in cfg["methods"].items():
-            seed = seed0 + j
-            run_dir = out_dir / method / f"seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            logger = run_logger(run_dir)
-            # An RL policy's start is evaluated as it is (its mean action is zeroed, so it
-            # should equal the common start); the others start exactly from it.
-            tracker = BudgetTracker(
-                task, budget_md_steps=comp["budget_md_steps"], eval_replicas=comp["eval_replicas"],
-                final_replicas=comp["final_replicas"], eval_seed=eval_seed, final_seed=final_seed,
-                eval_points=comp["eval_points"], wall_cap_s=comp["wall_cap_s"], chunk=comp["eval_chunk"],
-                initial=None if spec["algo"] in ("ppo", "sac") else initial, logger=logger,
-            )
-            final = _run_method(method, spec, task, tracker, n_pieces=n_pieces, interval=interval, seed=seed,
-                                run_dir=run_dir)
-            point = tracker.finish(final)
-            logger.close()
-            record = {"method": method, "algo": spec["algo"], "seed": seed, **tracker.summary(),
-                      "exact_final": _exact_metric(task, final)}
-            atomic_write_json(run_dir / "metrics.json", _jsonable({**record, "task": task.name,
-                                                                     "metric_name": task.metric_name,
-                                                                     "settings": spec}))
-            runs[method].append(record)
-            if progress:
-                print(f"[{method} seed {seed}] {task.metric_name} = {point.metric:.6g} +- {point.se:.2g} after "
-                      f"{tracker.md_steps:.3g} MD steps, {tracker.wall_s:.1f} s ({tracker.stop_reason})",
-                      file=sys.stderr, flush=True)
-        # after every round of seeds, so that an interrupted comparison leaves its results so far
-        _write_outputs(out_dir, summarize(cfg, task, runs, m0=initial.mean, m0_final=start_final.mean,
-                                          complete=j == comp["seeds"] - 1))
-    return out_dir
+    protocol = actions_to_protocol(np.zeros((comp["n_pieces"], task.controls.dim)), task)
+    initial = evaluate(task, protocol, comp["eval_replicas"], seed0 + EVAL_SEED_OFFSET, chunk=comp["eval_chunk"])
+    final = evaluate(task, protocol, comp["final_replicas"], seed0 + FINAL_SEED_OFFSET, chunk=comp["eval_chunk"])
+    start = {"m0": initial.mean, "m0_se": initial.se, "m0_final": final.mean, "m0_final_se": final.se,
+             "initial": asdict(initial)}
+    atomic_write_json(out_dir / "start.json", start)
+    return start
 
 
 def _write_outputs(out_dir: Path, result: dict[str, Any]) -> None:
@@ -321,45 +448,32 @@ def _write_outputs(out_dir: Path, result: dict[str, Any]) -> None:
 
 
 def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
-    """Rebuild ``comparison.json/.md/.png`` of a comparison folder from its run folders
-    (e.g. of an interrupted comparison: only the runs that finished are summarized)."""
+    """Assemble ``comparison.json/.md/.png`` of a comparison folder from its run folders
+    (``<method>/seed<k>/metrics.json``; of an interrupted comparison, the runs finished)."""
     from controlmd.config import build_task
-    from controlmd.search import actions_to_protocol
+    from controlmd.protocols import load_protocol
 
     out_dir = Path(out_dir)
-    try:
-        cfg = json.loads((out_dir / "compare_config.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{out_dir} is not a comparison folder: it has no compare_config.json") from None
+    cfg = _read_plan(out_dir)
     task = build_task(cfg)
     comp = cfg["compare"]
     runs: dict[str, list[dict[str, Any]]] = {}
     for method in cfg["methods"]:
-        records = [json.loads(p.read_text()) for p in sorted((out_dir / method).glob("seed*/metrics.json"))]
+        records = [json.loads(p.read_text()) for p in sorted((out_dir / method).glob(f"seed*/{RESULT_FILE}"))]
         if records:
-            runs[method] = sorted(records, key=lambda r: r["seed"])
+            runs[method] = sorted(({k: v for k, v in r.items() if k not in _RUN_ONLY_KEYS} for r in records),
+                                  key=lambda r: r["seed"])
     if not runs:
-        raise ConfigError(f"{out_dir}: no finished run (no <method>/seed<k>/metrics.json)")
-    from controlmd.protocols import load_protocol
-
+        raise ConfigError(f"{out_dir}: no finished run (no <method>/seed<k>/{RESULT_FILE})")
     for method, records in runs.items():
         for r in records:
             path = out_dir / method / f"seed{r['seed']}" / "protocol.pt"
             if "exact_final" not in r and path.exists():
                 r["exact_final"] = _exact_metric(task, load_protocol(path))
-    known = [out_dir / name for name in ("start.json", "comparison.json") if (out_dir / name).exists()]
-    if known:
-        start = json.loads(known[0].read_text())
-        m0, m0_final = start["m0"], start["m0_final"]
-    else:  # the start is deterministic: evaluate it again
-        protocol = actions_to_protocol(np.zeros((comp["n_pieces"], task.controls.dim)), task)
-        seed0 = cfg["experiment"]["seed"]
-        m0 = evaluate(task, protocol, comp["eval_replicas"], seed0 + EVAL_SEED_OFFSET, chunk=comp["eval_chunk"]).mean
-        m0_final = evaluate(task, protocol, comp["final_replicas"], seed0 + FINAL_SEED_OFFSET,
-                            chunk=comp["eval_chunk"]).mean
+    start = _start_evaluations(cfg, out_dir)
     cfg = {**cfg, "methods": {m: cfg["methods"][m] for m in runs}}
     complete = all(len(rs) == comp["seeds"] for rs in runs.values()) and len(runs) == len(comp["methods"])
-    result = summarize(cfg, task, runs, m0=m0, m0_final=m0_final, complete=complete)
+    result = summarize(cfg, task, runs, m0=start["m0"], m0_final=start["m0_final"], complete=complete)
     _write_outputs(out_dir, result)
     return result
 
@@ -566,17 +680,25 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def main_compare(path: str | Path, *, out: str | Path | None = None, overrides: Iterable[str] = (),
-                 progress: bool = True) -> Path:
-    """What ``controlmd compare`` runs: load, run, report where the results went."""
-    cfg = load_compare_config(path, overrides)
+def main_compare(path: str | Path | None, *, out: str | Path | None = None, overrides: Iterable[str] = (),
+                 resume: str | Path | None = None, progress: bool = True, **runner: Any) -> int:
+    """What ``controlmd compare`` runs: load, run (or resume), report where the results went.
+
+    :param runner: ``address``, ``backend``, ``num_cpus``, ``cpus_per_job`` of
+        :func:`controlmd.sweep.run_jobs`.
+    :return: exit status: 0 when every run is done, 1 otherwise (``--resume`` re-runs them).
+    """
+    overrides = list(overrides)
+    if path is None and overrides:
+        raise ConfigError("--set needs the experiment file; `controlmd compare --resume DIR` takes none")
+    cfg = load_compare_config(path, overrides) if path is not None else None
     t0 = time.perf_counter()
-    out_dir = run_comparison(cfg, out=out, progress=progress)
-    if progress:
-        print((out_dir / "comparison.md").read_text(), file=sys.stderr)
-        print(f"wrote {out_dir}/comparison.json, comparison.png, comparison.md in {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
-    return out_dir
+    run = run_comparison(cfg, out=out, resume=resume, progress=progress, **runner)
+    if progress and run.result is not None:
+        print((run.out_dir / "comparison.md").read_text(), file=sys.stderr)
+        print(f"wrote {run.out_dir}/comparison.json, comparison.png, comparison.md in "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 1 if run.failed else 0
 
 
 def _main(argv: list[str] | None = None) -> int:

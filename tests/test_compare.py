@@ -80,7 +80,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_comparison_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main(["compare", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"]) == 0
+    assert main(["compare", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet", "--local"]) == 0
     result = json.loads((out / "comparison.json").read_text())
     assert (out / "comparison.png").stat().st_size > 0
     table = (out / "comparison.md").read_text()
