@@ -6,6 +6,7 @@ algo               what is optimized
 ``gradient``       a ``K``-piece protocol by :class:`controlmd.train.Trainer` (gradients
                    through the simulation)
 ``ppo``, ``sac``   a stable-baselines3 policy on :class:`~controlmd_envs.vec_env.BatchedControlVecEnv`
+                   (``vec_env = "batched"``, the default) or ``SubprocVecEnv`` / ``DummyVecEnv``
 ``cma_es``         the ``K x k`` normalized piece values by CMA-ES (:class:`controlmd.search.CMAES`)
 ``random_search``  the same values by uniform random search (:class:`controlmd.search.RandomSearch`)
 =================  ==========================================================================
@@ -48,17 +49,27 @@ from controlmd_envs.control_env import ReplicaBatch
 
 __all__ = [
     "ALGOS",
+    "VEC_ENVS",
     "BudgetTracker",
     "CurvePoint",
     "PolicyEvaluable",
+    "make_vec_env",
     "run_gradient",
     "run_sb3",
     "run_search",
 ]
 
 ALGOS = ("gradient", "ppo", "sac", "cma_es", "random_search")
-ENV_KEYS = ("n_envs", "observation", "shaping", "shaping_gamma", "reward_scale", "feature_scale")
+ENV_KEYS = ("n_envs", "vec_env", "observation", "shaping", "shaping_gamma", "reward_scale", "feature_scale")
 """Keys of an RL method's section that configure the env rather than the algorithm."""
+VEC_ENVS = ("batched", "subproc", "dummy")
+"""How an RL method's ``n_envs`` environments are stepped (``vec_env``): ``batched``, all
+replicas as one batched simulation in this process
+(:class:`~controlmd_envs.vec_env.BatchedControlVecEnv`, one simulation call per control
+interval); ``subproc``, one :class:`~controlmd_envs.control_env.ControlEnv` per worker
+process (stable-baselines3's ``SubprocVecEnv``: the simulations run in parallel, for tasks
+whose single replica is expensive); ``dummy``, the same envs one after another in this
+process (``DummyVecEnv``, for debugging)."""
 
 
 @dataclass
@@ -333,11 +344,51 @@ def _zero_mean_action(model: Any) -> None:
         layer.bias.zero_()
 
 
+class _ControlEnvFactory:
+    """Picklable ``() -> ControlEnv`` of one sub-environment (built in its worker process)."""
+
+    def __init__(self, task: Task, settings: dict[str, Any], threads: int | None) -> None:
+        self.task, self.settings, self.threads = task, settings, threads
+
+    def __call__(self) -> Any:
+        from controlmd_envs.control_env import ControlEnv
+
+        if self.threads is not None:  # a SubprocVecEnv worker: one core's worth of torch threads
+            torch.set_num_threads(self.threads)
+        return ControlEnv(self.task, **self.settings)
+
+
+def make_vec_env(task: Task, env: dict[str, Any], *, control_interval: int, seed: int) -> Any:
+    """The stable-baselines3 ``VecEnv`` of an RL method's env settings.
+
+    :param env: :data:`ENV_KEYS` settings; ``vec_env`` (default ``batched``) picks one of
+        :data:`VEC_ENVS`, ``n_envs`` the number of environments.
+    :param seed: the batched env's first batch seed (replica ``i``: ``replica_seed(seed, i)``);
+        ``subproc`` / ``dummy`` envs are seeded by stable-baselines3 (env ``i``: ``seed + i``)
+        when the algorithm is built with ``seed``.
+    """
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from controlmd_envs.vec_env import BatchedControlVecEnv
+
+    kind = env.get("vec_env", "batched")
+    settings = {"control_interval": control_interval, "observation": env["observation"], "shaping": env["shaping"],
+                "shaping_gamma": env["shaping_gamma"], "reward_scale": env["reward_scale"],
+                "feature_scale": env["feature_scale"]}
+    if kind == "batched":
+        return BatchedControlVecEnv(task, env["n_envs"], seed=seed, **settings)
+    if kind == "subproc":
+        return SubprocVecEnv([_ControlEnvFactory(task, settings, 1) for _ in range(env["n_envs"])])
+    if kind == "dummy":
+        return DummyVecEnv([_ControlEnvFactory(task, settings, None) for _ in range(env["n_envs"])])
+    raise ControlMDError(f"vec_env: unknown value {kind!r}; expected one of: {', '.join(VEC_ENVS)}")
+
+
 def run_sb3(algo: str, task: Task, tracker: BudgetTracker, *, env: dict[str, Any], params: dict[str, Any],
             control_interval: int, seed: int, run_dir: Path) -> Evaluable:
-    """PPO or SAC (stable-baselines3, ``MlpPolicy``) on the batched vector env.
+    """PPO or SAC (stable-baselines3, ``MlpPolicy``) on the vector env :func:`make_vec_env`.
 
-    :param env: :data:`ENV_KEYS` settings (``n_envs`` replicas stepped together).
+    :param env: :data:`ENV_KEYS` settings (``n_envs`` replicas; ``vec_env`` how they are stepped).
     :param params: keyword arguments of the SB3 algorithm.
     :return: the trained policy as a ``K``-piece protocol (time-only observations) or a
         :class:`PolicyEvaluable`.
@@ -347,38 +398,35 @@ def run_sb3(algo: str, task: Task, tracker: BudgetTracker, *, env: dict[str, Any
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from controlmd_envs.vec_env import BatchedControlVecEnv
+    venv = make_vec_env(task, env, control_interval=control_interval, seed=seed)
+    try:
+        cls = {"ppo": PPO, "sac": SAC}[algo]
+        model = cls("MlpPolicy", VecMonitor(venv), seed=seed, device="cpu", verbose=0, **params)
+        model.set_logger(configure(str(run_dir / "tb"), ["tensorboard"]))
+        _zero_mean_action(model)
+        K = task.n_steps // control_interval
 
-    venv = BatchedControlVecEnv(
-        task, env["n_envs"], control_interval=control_interval, observation=env["observation"],
-        shaping=env["shaping"], shaping_gamma=env["shaping_gamma"], reward_scale=env["reward_scale"],
-        feature_scale=env["feature_scale"], seed=seed,
-    )
-    cls = {"ppo": PPO, "sac": SAC}[algo]
-    model = cls("MlpPolicy", VecMonitor(venv), seed=seed, device="cpu", verbose=0, **params)
-    model.set_logger(configure(str(run_dir / "tb"), ["tensorboard"]))
-    _zero_mean_action(model)
-    K = venv.n_intervals
+        def current() -> Evaluable:
+            if env["observation"] == "time":
+                grid = (np.arange(K, dtype=np.float32) / K).reshape(K, 1)
+                actions, _ = model.predict(grid, deterministic=True)
+                return actions_to_protocol(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), task)
+            return PolicyEvaluable(lambda obs: model.predict(obs.astype(np.float32), deterministic=True)[0],
+                                   control_interval, env["observation"], env["feature_scale"])
 
-    def current() -> Evaluable:
-        if env["observation"] == "time":
-            grid = (np.arange(K, dtype=np.float32) / K).reshape(K, 1)
-            actions, _ = model.predict(grid, deterministic=True)
-            return actions_to_protocol(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), task)
-        return PolicyEvaluable(lambda obs: model.predict(obs.astype(np.float32), deterministic=True)[0],
-                               control_interval, env["observation"], env["feature_scale"])
+        class _Budget(BaseCallback):
+            # every env step of every env simulates control_interval MD steps of one replica
+            def _on_step(self) -> bool:
+                return tracker.step(self.num_timesteps * control_interval, current)
 
-    class _Budget(BaseCallback):
-        def _on_step(self) -> bool:
-            return tracker.step(venv.md_steps, current)
-
-    tracker.start(current())
-    if not tracker.exhausted():
-        model.learn(total_timesteps=max(tracker.budget // control_interval, 1), callback=_Budget())
-    model.save(run_dir / "model.zip")
-    result = current()
+        tracker.start(current())
+        if not tracker.exhausted():
+            model.learn(total_timesteps=max(tracker.budget // control_interval, 1), callback=_Budget())
+        model.save(run_dir / "model.zip")
+        result = current()
+    finally:
+        venv.close()
     if isinstance(result, Protocol):
         result.save(run_dir / "protocol.pt")
         result.write_table(run_dir / "protocol.csv")
-    venv.close()
     return result

@@ -37,8 +37,9 @@ Experiment file::
     [<method>]     one section per method (optional): ``algo`` (default: the method's
                    name; one of gradient, ppo, sac, cma_es, random_search) and its
                    settings: gradient -> the trainer's [train] keys; ppo / sac -> env keys
-                   (n_envs, observation, shaping, shaping_gamma, reward_scale,
-                   feature_scale) and stable-baselines3 constructor arguments;
+                   (n_envs, vec_env = "batched" | "subproc" | "dummy", observation, shaping,
+                   shaping_gamma, reward_scale, feature_scale) and stable-baselines3
+                   constructor arguments;
                    cma_es -> replicas, sigma0, popsize; random_search -> replicas, batch
 
 Seeds: run ``j`` uses seed ``experiment.seed + j``; every method and run is evaluated on
@@ -72,6 +73,7 @@ from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, Evaluation, eva
 from controlmd_envs.baselines import (
     ALGOS,
     ENV_KEYS,
+    VEC_ENVS,
     BudgetTracker,
     run_gradient,
     run_logger,
@@ -105,7 +107,7 @@ SEARCH_KEYS: dict[str, dict[str, tuple[type, Any]]] = {
     "cma_es": {"replicas": (int, 32), "sigma0": (float, 0.3), "popsize": (int, 0)},
     "random_search": {"replicas": (int, 32), "batch": (int, 8)},
 }
-ENV_DEFAULTS: dict[str, Any] = {"n_envs": 32, "observation": "time", "shaping": 0.0, "shaping_gamma": 1.0,
+ENV_DEFAULTS: dict[str, Any] = {"n_envs": 32, "vec_env": "batched", "observation": "time", "shaping": 0.0, "shaping_gamma": 1.0,
                                 "reward_scale": 1.0, "feature_scale": 1.0}
 SB3_DEFAULTS: dict[str, dict[str, Any]] = {"ppo": {"gamma": 1.0}, "sac": {"gamma": 1.0}}
 _RUN_ONLY_KEYS = ("task", "metric_name", "settings")
@@ -258,6 +260,8 @@ def _resolve_sb3(method: str, algo: str, values: dict[str, Any]) -> dict[str, An
             )
     if env["observation"] not in OBSERVATIONS:
         raise ConfigError(f"[{method}] observation: unknown value {env['observation']!r}; expected one of: {', '.join(OBSERVATIONS)}")
+    if env["vec_env"] not in VEC_ENVS:
+        raise ConfigError(f"[{method}] vec_env: unknown value {env['vec_env']!r}; expected one of: {', '.join(VEC_ENVS)}")
     env["n_envs"] = _check_type(f"[{method}] n_envs", env["n_envs"], int)
     if env["n_envs"] < 1:
         raise ConfigError(f"[{method}] n_envs must be >= 1, got {env['n_envs']}")

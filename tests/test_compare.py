@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from controlmd.cli import main
 from controlmd.errors import ConfigError
 from controlmd.search import CMAES, RandomSearch, actions_to_protocol
+from controlmd.sweep import ray_available
 from controlmd.tasks import get_task
-from controlmd_envs.compare import load_compare_config, summarize, summarize_folder
+from controlmd_envs.compare import (
+    load_compare_config,
+    main_compare,
+    run_comparison,
+    summarize,
+    summarize_folder,
+)
 
 TINY = """
 [experiment]
@@ -248,3 +259,120 @@ def test_ppo_learns_trap_drag_toward_the_optimum(tmp_path: Path) -> None:
                        control_interval=5, seed=0, run_dir=tmp_path)
     assert tracker.md_steps <= 300_000
     assert task.exact_metric(protocol) < 9.5
+
+
+# ---------------------------------------------------------------------- runs as jobs (Ray / resume)
+
+# Two methods x 1 seed, each run a second or two: gradient (the trainer), PPO (stable-baselines3), CMA-ES.
+JOBS = """
+[experiment]
+name = "tiny_compare_jobs"
+seed = 5
+
+[task]
+name = "trap_drag"
+n_steps = 20
+low = -2.5
+high = 12.5
+
+[compare]
+methods = {methods}
+seeds = 1
+budget_md_steps = 4_000
+control_interval = 5
+eval_replicas = 16
+final_replicas = 32
+eval_points = 3
+wall_cap_s = 60.0
+"""
+METHOD_SECTIONS = {
+    "gradient": "[gradient]\nlr = 0.2\nreplicas = 16\n",
+    "ppo": "[ppo]\nn_envs = 8\nn_steps = 4\nbatch_size = 32\nn_epochs = 1\n",
+    "cma_es": "[cma_es]\nreplicas = 8\npopsize = 4\n",
+}
+
+needs_ray = pytest.mark.skipif(
+    not ray_available(), reason="ray is not installed (pip install 'controlmd[dist]'); CI installs it"
+)
+
+
+def _jobs_experiment(tmp_path: Path, methods: list[str]) -> Path:
+    return _write(tmp_path, JOBS.format(methods=json.dumps(methods)) + "".join(METHOD_SECTIONS[m] for m in methods))
+
+
+def _without_wall_times(obj: object) -> object:
+    """A comparison.json without its wall-clock fields (they differ between any two runs)."""
+    if isinstance(obj, dict):
+        return {k: _without_wall_times(v) for k, v in obj.items() if "wall_s" not in k}
+    if isinstance(obj, list):
+        return [_without_wall_times(v) for v in obj]
+    return obj
+
+
+@pytest.fixture
+def one_thread() -> object:
+    # Ray tasks run with cpus_per_job = 1 torch thread (and the killed subprocess with
+    # OMP_NUM_THREADS=1); bit-equal results need the same thread count here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_runs_on_local_ray_match_in_process_runs(tmp_path: Path, one_thread: object) -> None:
+    """The runs of a comparison as Ray tasks (a local instance) give the in-process results.
+
+    Slow (about 20 s on 2 loaded cores) for Ray alone: starting the instance takes ~7 s and
+    each fresh worker imports torch and stable-baselines3 (~8 s); the runs take 0.3 s. The
+    default suite runs Ray through tests/test_sweep.py (the same run_jobs)."""
+    path = _jobs_experiment(tmp_path, ["ppo", "gradient"])
+    cfg = load_compare_config(path)
+    on_ray = run_comparison(cfg, out=tmp_path / "ray", progress=False, num_cpus=2, cpus_per_job=1)
+    here = run_comparison(cfg, out=tmp_path / "here", progress=False, backend="local")
+    assert on_ray.failed == here.failed == []
+    assert on_ray.result["complete"] and set(on_ray.result["methods"]) == {"ppo", "gradient"}
+    assert _without_wall_times(on_ray.result) == _without_wall_times(here.result)
+    for run in ("ppo/seed5", "gradient/seed5"):
+        ray_metrics = json.loads((tmp_path / "ray" / run / "metrics.json").read_text())
+        assert _without_wall_times(ray_metrics) == _without_wall_times(
+            json.loads((tmp_path / "here" / run / "metrics.json").read_text()))
+
+
+@needs_ray
+def test_unreachable_ray_address_is_named_and_nothing_is_written(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = _jobs_experiment(tmp_path, ["cma_es", "gradient"])
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out), "--address", "127.0.0.1:1", "--quiet"]) == 2
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_killed_comparison_resumes_only_the_unfinished_run(tmp_path: Path, one_thread: object) -> None:
+    path = _jobs_experiment(tmp_path, ["cma_es", "gradient"])
+    out = tmp_path / "out"
+    # cma_es/seed5 finishes; gradient/seed5 is hard-killed after 2 trainer iterations (like
+    # kill -9: no metrics.json, no comparison.json).
+    env = {**os.environ, "CONTROLMD_ABORT_AFTER": "2", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "controlmd_envs.compare", str(path), "--out", str(out), "--local", "--quiet"]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 75, killed.stderr
+    done, cut = out / "cma_es" / "seed5" / "metrics.json", out / "gradient" / "seed5"
+    assert done.is_file() and (cut / "progress.jsonl").is_file() and not (cut / "metrics.json").exists()
+    assert not (out / "comparison.json").exists()
+    before = done.stat().st_mtime_ns, done.read_bytes()
+
+    assert main(["compare", "--resume", str(out), "--local", "--quiet"]) == 0
+    assert (done.stat().st_mtime_ns, done.read_bytes()) == before  # not redone
+    resumed = json.loads((out / "comparison.json").read_text())
+    assert resumed["complete"] and (out / "comparison.png").stat().st_size > 0
+    # the same as a comparison that was never interrupted
+    clean = run_comparison(load_compare_config(path), out=tmp_path / "clean", progress=False, backend="local")
+    assert _without_wall_times(resumed) == _without_wall_times(clean.result)
+    # a resumed folder keeps its plan
+    with pytest.raises(ConfigError, match=r"differ from its compare_config\.json"):
+        main_compare(path, resume=out, overrides=["compare.seeds=2"], progress=False, backend="local")
+    with pytest.raises(ConfigError, match="exists and is not empty; continue it with --resume"):
+        run_comparison(load_compare_config(path), out=out, progress=False, backend="local")
