@@ -64,6 +64,7 @@ __all__ = [
     "JobResult",
     "SweepResult",
     "add_runner_arguments",
+    "job_reporter",
     "new_output_dir",
     "parse_grid",
     "ray_available",
@@ -294,6 +295,32 @@ def _run_ray(
         for ref in pending:  # interrupted: do not leave tasks running on a shared cluster
             ray.cancel(ref, force=True)
     return [done[job.name] for job in jobs]
+
+
+def job_reporter(
+    total: int, done: int, say: Callable[[str], None], describe: Callable[[JobResult], str],
+    errors: dict[str, str] | None = None,
+) -> Callable[[JobResult], None]:
+    """An ``on_result`` callback for :func:`run_jobs`: one line ``[k/total] name: ...`` per job.
+
+    :param total: jobs in all (done before included); :param done: jobs already done.
+    :param say: where the lines go.
+    :param describe: the text after the name for a job that succeeded.
+    :param errors: filled with name -> traceback of the jobs that failed.
+    """
+    count = [done]
+
+    def report(result: JobResult) -> None:
+        count[0] += 1
+        if result.ok:
+            say(f"[{count[0]}/{total}] {result.name}: {describe(result)}")
+            return
+        if errors is not None:
+            errors[result.name] = result.error or "failed"
+        last = (result.error or "failed").strip().splitlines()[-1]
+        say(f"[{count[0]}/{total}] {result.name}: FAILED: {last}")
+
+    return report
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -534,18 +561,10 @@ def run_sweep(
     todo = [job for job in jobs if read_result(sweep_dir / "jobs" / job.name) is None]
     say = echo or (lambda _line: None)
     errors: dict[str, str] = {}
-    count = [len(jobs) - len(todo)]
-
-    def report(result: JobResult) -> None:
-        count[0] += 1
-        if result.ok:
-            m = result.value
-            say(f"[{count[0]}/{len(jobs)}] {result.name}: {m['metric_name']} = {m['metric_final']:.6g} "
-                f"({result.wall_s:.1f} s)")
-        else:
-            errors[result.name] = result.error or "failed"
-            last = (result.error or "failed").strip().splitlines()[-1]
-            say(f"[{count[0]}/{len(jobs)}] {result.name}: FAILED: {last}")
+    report = job_reporter(
+        len(jobs), len(jobs) - len(todo), say,
+        lambda r: f"{r.value['metric_name']} = {r.value['metric_final']:.6g} ({r.wall_s:.1f} s)", errors,
+    )
 
     # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
     with runner_session(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,

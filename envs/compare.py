@@ -67,7 +67,15 @@ from controlmd.checkpoint import atomic_write_json, atomic_write_text
 from controlmd.config import apply_overrides, read_toml, resolve_config, write_config
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.protocols import Protocol
-from controlmd.sweep import Job, JobResult, new_output_dir, read_result, run_jobs, runner_session
+from controlmd.sweep import (
+    Job,
+    JobResult,
+    job_reporter,
+    new_output_dir,
+    read_result,
+    run_jobs,
+    runner_session,
+)
 from controlmd.tasks.base import Task
 from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, Evaluation, evaluate
 from controlmd_envs.baselines import (
@@ -326,17 +334,13 @@ def run_comparison(cfg: Config | None, *, out: str | Path | None = None, runs_ro
     runs = [(method, seed0 + j) for j in range(comp["seeds"]) for method in cfg["methods"]]
     todo = [(m, s) for m, s in runs if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None]
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda _line: None)
-    count = [len(runs) - len(todo)]
 
-    def report(result: JobResult) -> None:
-        count[0] += 1
-        if result.ok:
-            r = result.value
-            say(f"[{count[0]}/{len(runs)}] {result.name}: {r['metric_name']} = {r['final']['metric']:.6g} +- "
-                f"{r['final']['se']:.2g} after {r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})")
-        else:
-            last = (result.error or "failed").strip().splitlines()[-1]
-            say(f"[{count[0]}/{len(runs)}] {result.name}: FAILED: {last}")
+    def describe(result: JobResult) -> str:
+        r = result.value
+        return (f"{r['metric_name']} = {r['final']['metric']:.6g} +- {r['final']['se']:.2g} after "
+                f"{r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})")
+
+    report = job_reporter(len(runs), len(runs) - len(todo), say, describe)
 
     # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
     with runner_session(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,

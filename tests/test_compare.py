@@ -264,18 +264,7 @@ def test_ppo_learns_trap_drag_toward_the_optimum(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- runs as jobs (Ray / resume)
 
 # Two methods x 1 seed, each run a second or two: gradient (the trainer), PPO (stable-baselines3), CMA-ES.
-JOBS = """
-[experiment]
-name = "tiny_compare_jobs"
-seed = 5
-
-[task]
-name = "trap_drag"
-n_steps = 20
-low = -2.5
-high = 12.5
-
-[compare]
+JOBS = TINY.split("[compare]")[0] + """[compare]
 methods = {methods}
 seeds = 1
 budget_md_steps = 4_000
@@ -334,7 +323,7 @@ def test_runs_on_local_ray_match_in_process_runs(tmp_path: Path, one_thread: obj
     assert on_ray.failed == here.failed == []
     assert on_ray.result["complete"] and set(on_ray.result["methods"]) == {"ppo", "gradient"}
     assert _without_wall_times(on_ray.result) == _without_wall_times(here.result)
-    for run in ("ppo/seed5", "gradient/seed5"):
+    for run in ("ppo/seed3", "gradient/seed3"):
         ray_metrics = json.loads((tmp_path / "ray" / run / "metrics.json").read_text())
         assert _without_wall_times(ray_metrics) == _without_wall_times(
             json.loads((tmp_path / "here" / run / "metrics.json").read_text()))
@@ -353,13 +342,13 @@ def test_unreachable_ray_address_is_named_and_nothing_is_written(tmp_path: Path,
 def test_killed_comparison_resumes_only_the_unfinished_run(tmp_path: Path, one_thread: object) -> None:
     path = _jobs_experiment(tmp_path, ["cma_es", "gradient"])
     out = tmp_path / "out"
-    # cma_es/seed5 finishes; gradient/seed5 is hard-killed after 2 trainer iterations (like
+    # cma_es/seed3 finishes; gradient/seed3 is hard-killed after 2 trainer iterations (like
     # kill -9: no metrics.json, no comparison.json).
     env = {**os.environ, "CONTROLMD_ABORT_AFTER": "2", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "controlmd_envs.compare", str(path), "--out", str(out), "--local", "--quiet"]
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 75, killed.stderr
-    done, cut = out / "cma_es" / "seed5" / "metrics.json", out / "gradient" / "seed5"
+    done, cut = out / "cma_es" / "seed3" / "metrics.json", out / "gradient" / "seed3"
     assert done.is_file() and (cut / "progress.jsonl").is_file() and not (cut / "metrics.json").exists()
     assert not (out / "comparison.json").exists()
     before = done.stat().st_mtime_ns, done.read_bytes()
@@ -376,3 +365,14 @@ def test_killed_comparison_resumes_only_the_unfinished_run(tmp_path: Path, one_t
         main_compare(path, resume=out, overrides=["compare.seeds=2"], progress=False, backend="local")
     with pytest.raises(ConfigError, match="exists and is not empty; continue it with --resume"):
         run_comparison(load_compare_config(path), out=out, progress=False, backend="local")
+
+
+def test_cli_needs_an_experiment_or_a_comparison_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--local"]) == 2
+    assert "give a comparison experiment file, or --resume DIR" in capsys.readouterr().err
+    assert main(["compare", "--resume", str(tmp_path), "--local"]) == 2
+    assert f"{tmp_path} is not a comparison folder: it has no compare_config.json" in capsys.readouterr().err
+    path = _jobs_experiment(tmp_path, ["cma_es"])
+    assert main(["compare", str(path), "--local", "--address", "auto", "--out", str(tmp_path / "o")]) == 2
+    assert "--local runs in this process; it cannot be combined with --address" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
