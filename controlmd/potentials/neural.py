@@ -13,6 +13,13 @@ Units: reduced LJ units (lengths sigma, energies epsilon).
 
 The prior dominates at short range, where an MLP trained on RDFs has no data and could
 otherwise let particles overlap.
+
+``grid_points = K`` evaluates the MLP term on ``K`` uniform nodes of ``[0, r_cut]`` (values
+and exact slopes, by autograd) at each call and interpolates it to the pair distances with
+a cubic Hermite spline (C^1, error O(h^4) for node spacing h), as MD codes tabulate pair
+potentials. The potential is then exactly that spline of the MLP (the prior and the switch
+stay analytic), and its cost per pair is a few elementwise operations instead of an MLP
+pass, which also drops the per-pair activations that backprop through a trajectory stores.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ class NeuralPair(PairPotential):
             ``epsilon_prior (sigma_prior / r)^prior_power`` (epsilon_prior = 0 disables it).
         learn_prior: also learn ``sigma_prior`` and ``epsilon_prior``.
         seed: initial MLP weights (``torch.Generator`` seed) for reproducibility.
+        grid_points: if set (>= 2), interpolate the MLP term from that many nodes (see the
+            module docstring); ``None`` evaluates the MLP at every pair distance.
         pairs, exclude, neighbor_list: pair selection.
     """
 
@@ -71,6 +80,7 @@ class NeuralPair(PairPotential):
         prior_power: float = 12.0,
         learn_prior: bool = False,
         seed: int = 0,
+        grid_points: int | None = None,
         pairs: Tensor | Sequence[Sequence[int]] | None = None,
         exclude: Tensor | Sequence[Sequence[int]] | None = None,
         neighbor_list: NeighborList | None = None,
@@ -86,6 +96,9 @@ class NeuralPair(PairPotential):
         check_positive("prior_power", prior_power)
         for w in hidden:
             check_int("hidden width", w)
+        if grid_points is not None:
+            check_int("grid_points", grid_points, minimum=2)
+        self.grid_points = grid_points
         self.r_on = float(r_on)
         self.r_cut_value = float(r_cut)
         self.prior_power = float(prior_power)
@@ -112,10 +125,29 @@ class NeuralPair(PairPotential):
 
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
         prior = params["epsilon_prior"] * (params["sigma_prior"] / r) ** self.prior_power
+        learned = self.mlp_term(r) if self.grid_points is None else self._interpolated_mlp_term(r)
+        return (prior + learned) * smooth_switch(r, self.r_on, self.r_cut_value)
+
+    def mlp_term(self, r: Tensor) -> Tensor:
+        """The MLP's contribution ``MLP(phi(r))`` (energy; same shape as ``r``)."""
         w = self.mlp[0].weight
         phi = torch.exp(-0.5 * ((r.to(w.dtype).unsqueeze(-1) - self.centers.to(w.dtype)) / self.basis_width) ** 2)
-        learned = self.mlp(phi).squeeze(-1).to(r.dtype)
-        return (prior + learned) * smooth_switch(r, self.r_on, self.r_cut_value)
+        return self.mlp(phi).squeeze(-1).to(r.dtype)
+
+    def _interpolated_mlp_term(self, r: Tensor) -> Tensor:
+        K = int(self.grid_points)  # type: ignore[arg-type]
+        h = self.r_cut_value / (K - 1)
+        with torch.enable_grad():
+            nodes = torch.linspace(0.0, self.r_cut_value, K, dtype=self.mlp[0].weight.dtype).requires_grad_(True)
+            values = self.mlp_term(nodes)
+            (slopes,) = torch.autograd.grad(values.sum(), nodes, create_graph=True)
+        values, slopes = values.to(r.dtype), slopes.to(r.dtype)
+        x = torch.clamp(r / h, 0.0, K - 1.0)
+        k = torch.clamp(x.detach().floor().long(), max=K - 2)
+        t = x - k.to(r.dtype)
+        t2, t3 = t * t, t * t * t
+        return ((2 * t3 - 3 * t2 + 1) * values[k] + (t3 - 2 * t2 + t) * h * slopes[k]
+                + (-2 * t3 + 3 * t2) * values[k + 1] + (t3 - t2) * h * slopes[k + 1])
 
 
 def _init_linear(layer: nn.Linear, g: torch.Generator) -> None:
