@@ -473,9 +473,10 @@ def compare_runs(
     Reads each run's ``history.json`` (per training rollout or IBI round: cumulative MD
     replica-steps, equilibration included, and the smeared-RDF MSE of that rollout's own
     sampling; the same replicas and frames per rollout give both methods the same noise
-    floor) and ``metrics.json``. The error is smoothed by a running median over ``window``
-    rollouts. Returns one summary per run: method, MD steps at which the smoothed error
-    first falls below each of ``levels``, the smoothed error at the end, the final pooled
+    floor) and ``metrics.json``. The error is smoothed by a running mean over ``window``
+    rollouts (a mean, not a median: an optimizer that alternates between a good and a bad
+    iterate must not be credited with the good one alone). Returns one summary per run:
+    method, MD steps at which the smoothed error first falls below each of ``levels``, the smoothed error at the end, the final pooled
     error (``final_evaluation``), total MD steps and wall time. Writes a log-log figure of
     the smoothed curves to ``png``.
     """
@@ -489,7 +490,7 @@ def compare_runs(
         m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
         steps = [h["md_steps"] for h in history]
         raw = torch.tensor([h["rdf_mse"] for h in history], dtype=torch.float64)
-        smooth = [float(raw[max(0, i - window + 1):i + 1].median()) for i in range(raw.numel())]
+        smooth = [float(raw[max(0, i - window + 1):i + 1].mean()) for i in range(raw.numel())]
         row: dict[str, Any] = {"run": str(d), "method": m.get("method"), "experiment": m.get("experiment"),
                                "md_steps": steps[-1] if steps else 0, "wall_s": m.get("wall_s"),
                                "smoothed_rdf_mse_end": smooth[-1] if smooth else None,
@@ -508,7 +509,7 @@ def compare_runs(
         for label, steps, err in curves:
             ax.loglog(steps, err, label=label)
         ax.set_xlabel("MD replica-steps (training, equilibration included)")
-        ax.set_ylabel(f"smeared RDF MSE per rollout (running median of {window})")
+        ax.set_ylabel(f"smeared RDF MSE per rollout (running mean of {window})")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="x-small")
         fig.savefig(png, dpi=120)

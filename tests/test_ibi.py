@@ -148,6 +148,6 @@ def test_compare_runs_reads_histories(tmp_path) -> None:
     assert rows[0]["md_steps_to_0.5"] == 200 and rows[0]["md_steps_to_0.15"] == 300
     assert rows[1]["md_steps_to_0.5"] == 400 and rows[1]["md_steps_to_0.15"] is None
     assert rows[1]["final_rdf_mse"] == 0.1 and rows[1]["smoothed_rdf_mse_end"] == 0.2
-    smoothed = compare_runs([tmp_path / "a"], levels=(0.15,), window=3)[0]
-    assert smoothed["md_steps_to_0.15"] == 400  # running median of (0.5, 0.1, 0.12) is 0.12
+    smoothed = compare_runs([tmp_path / "a"], levels=(0.25,), window=3)[0]
+    assert smoothed["md_steps_to_0.25"] == 400  # running mean of (0.5, 0.1, 0.12) is 0.24
     assert (tmp_path / "cmp.png").is_file()
