@@ -376,3 +376,15 @@ def test_cli_needs_an_experiment_or_a_comparison_folder(tmp_path: Path, capsys: 
     assert main(["compare", str(path), "--local", "--address", "auto", "--out", str(tmp_path / "o")]) == 2
     assert "--local runs in this process; it cannot be combined with --address" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _jobs_experiment(tmp_path, ["cma_es", "ppo"])
+    path.write_text(path.read_text().replace("batch_size = 32\n", "batch_size = 1\n"))  # SB3 refuses it
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out), "--local"]) == 1
+    err = capsys.readouterr().err
+    assert "ppo/seed3: FAILED: " in err and f"re-run them with: controlmd compare --resume {out}" in err
+    result = json.loads((out / "comparison.json").read_text())
+    assert not result["complete"] and list(result["methods"]) == ["cma_es"]
+    assert "| cma_es |" in (out / "comparison.md").read_text() and "INCOMPLETE" in (out / "comparison.md").read_text()
