@@ -70,6 +70,16 @@ def test_shard_refuses_world_size_not_dividing_replicas() -> None:
         Shard(0, 3, 8), Shard(3, 3, 8), Shard(6, 2, 8)]
 
 
+def test_run_with_a_world_size_not_dividing_replicas_writes_nothing(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 controlmd run` of 13 replicas: refused before the run
+    folder exists (rank 1's view; the trainer fails before its first collective)."""
+    cfg = resolve_config({**TINY, "train": {**TINY["train"], "replicas": 13}})
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"replicas = 13 cannot be split over 2 processes.*e\.g\. 12 or 14"):
+        run_experiment(cfg, out=out, distributed=DistributedContext(1, 2, backend="gloo"))
+    assert not out.exists()
+
+
 def test_local_groups_partition_the_global_groups() -> None:
     n, G, W = 12, 5, 3
     shards = [DistributedContext(r, W, backend="gloo").shard(n) for r in range(W)]
