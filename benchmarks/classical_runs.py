@@ -13,6 +13,10 @@ extended XYZ of fresh final replicas and a snapshot figure into each run folder.
 iteration and vs MD steps, every seed), ``OUT/protocols.png`` (trained u(t) of every seed
 with the best constant) and a markdown table (``--table``).
 
+Paired change: every seed scores its initial and its final protocol on the same fresh
+replicas, so ``mean_s(m_s - m0_s)`` with its standard error over seeds measures what training
+changed (the gain over the best constant when the protocol starts there).
+
 Claim test: with ``m_s`` the final metric of seed ``s`` (each scored on the experiment's
 ``final_replicas`` fresh replicas) and ``c +- se_c`` the best constant of the sweep, the
 difference ``mean_s(m_s) - c`` is divided by ``sqrt(se_seeds^2 + se_c^2)`` where
@@ -43,19 +47,20 @@ def _train(args: tuple[str, list[str], int, str]) -> dict[str, Any]:
 
     path, overrides, seed, out = args
     cfg = load_config(path, overrides, seed=seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run_experiment(cfg, out=out, progress=False)
     # the task's finish_run hook wrote these during run_experiment
     artifacts = [str(p) for p in (Path(out) / "final_replicas.xyz", Path(out) / "final_snapshots.png") if p.exists()]
     return {"seed": seed, "run_dir": str(result.run_dir), "metrics": result.metrics,
-            "artifacts": artifacts, "wall_s": time.perf_counter() - t0}
+            "artifacts": artifacts, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "load_avg": os.getloadavg()}
 
 
 def _finished(run_dir: str) -> dict[str, Any]:
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     artifacts = [str(p) for p in (Path(run_dir) / "final_replicas.xyz", Path(run_dir) / "final_snapshots.png") if p.exists()]
     return {"seed": metrics["seed"], "run_dir": run_dir, "metrics": metrics, "artifacts": artifacts,
-            "wall_s": metrics["wall_s"]}
+            "wall_s": metrics["wall_s"], "cpu_s": float("nan"), "load_avg": None}
 
 
 def _progress(run_dir: str) -> list[dict[str, Any]]:
@@ -112,9 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [{k: r[k] for k in ("seed", "run_dir", "artifacts")} | {
             "metric_initial": r["metrics"]["metric_initial"], "metric_final": r["metrics"]["metric_final"],
             "metric_final_se": r["metrics"]["metric_final_se"], "md_steps": r["metrics"]["md_steps"],
-            "wall_s": r["metrics"]["wall_s"]} for r in runs],
+            "wall_s": r["metrics"]["wall_s"], "cpu_s": r["cpu_s"], "load_avg_after": r["load_avg"]}
+            for r in runs],
         "command": "python benchmarks/classical_runs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "load_avg_end": list(os.getloadavg()),
     }
+    # Paired test: the initial and the final protocol of a seed are scored on the same
+    # fresh replicas (common random numbers), so final - initial is a low-noise estimate of
+    # what training changed (the gain over the best constant when training starts there).
+    gains = [r["metrics"]["metric_final"] - r["metrics"]["metric_initial"] for r in runs]
+    gain = sum(gains) / n
+    gain_se = math.sqrt(sum((g - gain) ** 2 for g in gains) / (n - 1) / n) if n > 1 else float("nan")
+    summary["paired_gain_mean"] = gain
+    summary["paired_gain_se"] = gain_se
+    summary["paired_gain_z"] = gain / gain_se if gain_se > 0 else float("nan")
     if args.sweep and not Path(args.sweep).exists():
         print(f"warning: --sweep {args.sweep} does not exist; no comparison with the best constant")
     elif args.sweep:
@@ -139,20 +155,24 @@ def _markdown(s: dict[str, Any]) -> str:
     lines = [
         f"{s['task']}: {s['protocol_kind']} protocol, estimator {s['estimator']}, seeds {s['seeds']}",
         "",
-        "| seed | metric before | metric after | SE | MD steps | wall s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| seed | metric before | metric after | SE | MD steps | wall s | CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in s["runs"]:
         lines.append(f"| {r['seed']} | {r['metric_initial']:.4f} | {r['metric_final']:.4f} | "
-                     f"{r['metric_final_se']:.4f} | {r['md_steps']:.3g} | {r['wall_s']:.0f} |")
+                     f"{r['metric_final_se']:.4f} | {r['md_steps']:.3g} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
     lines += ["", f"Mean over seeds: {s['metric_final_mean']:.4f} +- {s['metric_final_se']:.4f} "
               f"(SE over seeds {s['se_over_seeds']:.4f}, pooled evaluation SE {s['se_pooled_eval']:.4f})."]
+    lines.append(f"Paired change final - initial (same replicas per seed): {s['paired_gain_mean']:+.4f} "
+                 f"+- {s['paired_gain_se']:.4f} over seeds ({s['paired_gain_z']:+.1f} SE).")
     if "best_constant" in s:
         b = s["best_constant"]
         lines.append(f"Best constant ({b['value']:.4g}): {b['mean']:.4f} +- {b['se']:.4f}; difference "
                      f"{s['z_vs_best_constant']:.1f} SE (claim >= 3 SE: {s['beats_best_constant_by_3se']}); "
                      f"ratio {s['ratio_to_best_constant']:.2f}.")
-    lines += ["", f"Command: `{s['command']}` (total wall {s['wall_s_total']:.0f} s, {s['jobs']} job(s))", ""]
+    lines += ["", f"Command: `{s['command']}` (total wall {s['wall_s_total']:.0f} s, "
+              f"{s['jobs']} job(s); load average at the end {s['load_avg_end'][0]:.1f}, "
+              f"{s['load_avg_end'][1]:.1f}, {s['load_avg_end'][2]:.1f} on 2 cores)", ""]
     return "\n".join(lines)
 
 

@@ -239,14 +239,7 @@ class Protocol(nn.Module):
         """
         t = torch.linspace(0.0, self.t_final, n, dtype=self._dtype())
         target = self._target_values(init, t)
-        if self.low is not None:
-            margin = 1e-6 * (self.high - self.low).to(target)
-            inside = (target > self.low.to(target) + margin) & (target < self.high.to(target) - margin)
-            if not bool(inside.all()):
-                raise ControlMDError(
-                    f"init values span [{target.min().item():.6g}, {target.max().item():.6g}], "
-                    f"outside the bounds [{self.low.tolist()}, {self.high.tolist()}]"
-                )
+        self._check_inside_bounds(target)
         with torch.no_grad():
             self._fit_raw(t, self.unsquash(target))
         return self
@@ -267,6 +260,19 @@ class Protocol(nn.Module):
                 return loss
 
             lbfgs.step(closure)
+
+    def _check_inside_bounds(self, target: Tensor) -> None:
+        """Raise unless the init values ``target`` ``[n, k]`` lie strictly inside the bounds
+        (tanh squashing never reaches a bound, and a value at one would have no gradient)."""
+        if self.low is None:
+            return
+        margin = 1e-6 * (self.high - self.low).to(target)
+        inside = (target > self.low.to(target) + margin) & (target < self.high.to(target) - margin)
+        if not bool(inside.all()):
+            raise ControlMDError(
+                f"init values span [{target.min().item():.6g}, {target.max().item():.6g}], "
+                f"outside the bounds [{self.low.tolist()}, {self.high.tolist()}]"
+            )
 
     def _target_values(self, init: InitSpec, t: Tensor) -> Tensor:
         if callable(init):
@@ -675,7 +681,9 @@ class PiecewiseConstant(Protocol):
         self.n_pieces = n_pieces
         values = torch.zeros(n_pieces, dim, dtype=torch.float64)
         if init is not None:
-            values = self.unsquash(self._piece_values(init))
+            target = self._piece_values(init)
+            self._check_inside_bounds(target)
+            values = self.unsquash(target)
         elif self.low is not None:
             values = self.unsquash(0.5 * (self.low + self.high).expand(n_pieces, dim))
         self.values = nn.Parameter(values)

@@ -137,6 +137,19 @@ def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:
         Assembly(**kwargs)
 
 
+@pytest.mark.parametrize("kind, init", [("piecewise_constant", 12.0), ("piecewise_constant", 2.0), ("mlp", 1.0)])
+def test_protocol_init_that_the_bounds_cannot_meet_is_rejected(kind: str, init: float) -> None:
+    """eps bounds [2, 10]: an init outside or on a bound (where tanh squashing would stick
+    with zero gradient) is a config error naming init and the bounds."""
+    from controlmd.config import resolve_config
+    from controlmd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"init values span .* outside the bounds \[\[2\.0\], \[10\.0\]\]"):
+        resolve_config({"experiment": {"name": "x", "seed": 0}, "task": {"name": "assembly", "n_steps": 10},
+                              "protocol": {"kind": kind, "init": init, **({"n_pieces": 3} if kind != "mlp" else {})},
+                              "train": {"optimizer": "adam", "lr": 0.1, "iterations": 1, "replicas": 2}})
+
+
 def test_registered() -> None:
     task = get_task("assembly", n_steps=5)
     assert isinstance(task, Assembly) and task.higher_is_better and "sigma" in task.units

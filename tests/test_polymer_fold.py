@@ -183,6 +183,17 @@ def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:
         PolymerFold(**kwargs)
 
 
+def test_protocol_init_that_the_bounds_cannot_meet_is_rejected() -> None:
+    """kT bounds [0.1, 1.2]: a piecewise init above kT_max is a config error naming init."""
+    from controlmd.config import resolve_config
+    from controlmd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"init values span \[0\.5, 1\.5\], outside the bounds"):
+        resolve_config({"experiment": {"name": "x", "seed": 0}, "task": {"name": "polymer_fold", "n_steps": 10},
+                              "protocol": {"kind": "piecewise_constant", "n_pieces": 4, "init": [0.5, 0.5, 0.5, 1.5]},
+                              "train": {"optimizer": "adam", "lr": 0.1, "iterations": 1, "replicas": 2}})
+
+
 def test_registered_and_documented_units() -> None:
     task = get_task("polymer_fold", n_steps=5)
     assert isinstance(task, PolymerFold)
