@@ -28,6 +28,9 @@ a Ray task with ``cpus_per_job`` CPUs; ``--address auto`` (or ``host:port``, ``r
 joins a running cluster, the default starts a local one sized to the machine (or to
 ``--num-cpus``). Without ``ray``, or with ``--local``, jobs run one after another in this
 process. Results do not depend on where a job ran: each is seeded by its config alone.
+``controlmd compare`` (:mod:`controlmd_envs.compare`) runs its (method, seed) runs through
+the same :func:`run_jobs`, :func:`runner_session`, :func:`read_result` and
+:func:`new_output_dir`.
 
 Everything is validated before the sweep folder is created: grid keys must be keys of the
 experiment schema (``[train]``/``[eval]``/``[logging]`` fields, or arguments of the task /
