@@ -22,7 +22,6 @@ the RDFs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import tomllib
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from controlmd.checkpoint import atomic_write_json
 from controlmd.tasks.rdf_inverse import RDFInverse, load_pair_potential
 
 
@@ -77,7 +77,7 @@ def main() -> None:
             print(f"density {density:5.3f}  {label:45s} rdf_mse {mse:.3e}  hist {hist:.3e}", flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps({"n_particles": args.n_particles, "kT": kT, "rows": rows}, indent=1) + "\n")
+        atomic_write_json(args.json, {"n_particles": args.n_particles, "kT": kT, "rows": rows})
     if args.png is not None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -2,7 +2,7 @@
 
 Keys are slash-namespaced: ``train/loss``, ``train/grad_norm``, ``train/grad_var``,
 ``train/lr``, ``outcome/metric``, ``budget/md_steps``, ``budget/grad_steps``,
-``time/wall_s`` (keys with units say so). :meth:`Logger.record` collects scalars and
+``time/wall_s``, ``time/cpu_s`` (keys with units say so). :meth:`Logger.record` collects scalars and
 :meth:`Logger.dump` hands them to every sink at a step; histograms, figures and hparams go
 straight to the sinks that can show them.
 """

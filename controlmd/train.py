@@ -286,7 +286,9 @@ class Trainer:
         self.grad_steps = 0
         self.last: dict[str, float] = {}
         self._wall_offset = 0.0
+        self._cpu_offset = 0.0
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
         self._setup()
 
     @classmethod
@@ -335,6 +337,12 @@ class Trainer:
         """Wall time of this training (across resumes), evaluations included."""
         return self._wall_offset + time.perf_counter() - self._t0
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU time of this process (all its threads) spent on this training, across resumes:
+        on a shared machine, where wall time is inflated by other jobs, the honest cost."""
+        return self._cpu_offset + time.process_time() - self._c0
+
     def train_seed(self, iteration: int) -> int:
         return self.seed if self.frozen_noise else self.seed + iteration
 
@@ -375,6 +383,7 @@ class Trainer:
             log.record("budget/md_steps", self.md_steps)
             log.record("budget/grad_steps", self.grad_steps)
             log.record("time/wall_s", self.wall_s)
+            log.record("time/cpu_s", self.cpu_s)
             go_on = callback.on_step()
             log.dump(self.iteration)
             if go_on is False:
@@ -550,6 +559,7 @@ class Trainer:
             "md_steps": self.md_steps,
             "grad_steps": self.grad_steps,
             "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
             "last": dict(self.last),
             "task_parameters": [p.detach().clone() for p in task_parameters(self.task)],
             "task_state": self.task.state_dict() if callable(getattr(self.task, "state_dict", None)) else None,
@@ -568,7 +578,9 @@ class Trainer:
         self.grad_steps = int(state["grad_steps"])
         self.last = dict(state.get("last", {}))
         self._wall_offset = float(state["wall_s"])
+        self._cpu_offset = float(state.get("cpu_s", 0.0))
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
 
 
 class _RolloutObjective(nn.Module):
@@ -794,6 +806,7 @@ def run_experiment(
         "md_steps": trainer.md_steps,
         "grad_steps": trainer.grad_steps,
         "wall_s": trainer.wall_s,
+        "cpu_s": trainer.cpu_s,
         "seed": seed,
         "iterations": trainer.iteration,
         "protocol_kind": protocol.kind,
