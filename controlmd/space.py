@@ -104,14 +104,23 @@ def periodic(box: float | Tensor | list[float], *, dim: int | None = None) -> Sp
     elif dim is not None and b.shape[0] != dim:
         raise ControlMDError(f"box has {b.shape[0]} side lengths but dim = {dim}")
     check_positive("box", b)
+    like: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def box_like(x: Tensor) -> Tensor:
+        """``b`` in ``x``'s dtype and device, converted once (not at every step)."""
+        key = (x.dtype, x.device)
+        L = like.get(key)
+        if L is None:
+            L = like[key] = b.to(x)
+        return L
 
     def displacement(Ra: Tensor, Rb: Tensor) -> Tensor:
-        L = b.to(Ra)
+        L = box_like(Ra)
         dR = Ra - Rb
         return dR - L * torch.round(dR / L)
 
     def shift(R: Tensor, dR: Tensor) -> Tensor:
-        L = b.to(R)
+        L = box_like(R)
         Rn = R + dR
         return Rn - torch.floor(Rn / L) * L
 

@@ -202,3 +202,33 @@ def test_tiny_pair_lists(n_pairs: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(F, F_ref, **tol(dtype).kwargs(scale=100))
     torch.testing.assert_close(E, E_ref, **tol(dtype).kwargs(scale=100))
     assert (float(F.abs().max()) > 0) == bool(n_pairs)
+
+
+def test_pair_index_incidence_matrix() -> None:
+    """A pair list given in any order (and with ``i > j`` pairs): the CSR incidence matrix
+    is valid (sorted columns per row) with one +1 and one -1 per pair, and gather +
+    scatter of an odd pair function ``h(X_i - X_j)`` equals an explicit loop over pairs."""
+    from controlmd.potentials.lj_fused import PairIndex, _gather_pairs, _scatter_pairs
+
+    g = torch.Generator().manual_seed(3)
+    B, N, d = 2, 7, 3
+    pairs = [(b * N + i, b * N + j) for b in range(B) for i in range(N) for j in range(N)
+             if i != j and float(torch.rand(1, generator=g)) < 0.4]
+    ij = torch.tensor(pairs)[torch.randperm(len(pairs), generator=g)]
+    index = PairIndex.from_flat(ij[:, 0], ij[:, 1], B, N, d, F64)
+    A = index.incidence
+    with torch.sparse.check_sparse_tensor_invariants():
+        dense = torch.sparse_csr_tensor(A.crow_indices(), A.col_indices(), A.values(), A.shape).to_dense()
+    assert dense.shape == (B * N, len(pairs))
+    assert torch.equal(dense.sum(0), torch.zeros(len(pairs), dtype=F64))
+    assert torch.equal(dense.abs().sum(0), torch.full((len(pairs),), 2.0, dtype=F64))
+    X = torch.randn(B, N, d, generator=g, dtype=F64)
+    dX = _gather_pairs(X, index)
+    F = _scatter_pairs(dX * (dX * dX).sum(-1, keepdim=True), index, X.shape)
+    ref = torch.zeros(B * N, d, dtype=F64)
+    Xf = X.reshape(B * N, d)
+    for i, j in pairs:
+        h = (Xf[i] - Xf[j]) * float(((Xf[i] - Xf[j]) ** 2).sum())
+        ref[i] += h
+        ref[j] -= h
+    torch.testing.assert_close(F.reshape(B * N, d), ref)

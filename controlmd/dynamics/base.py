@@ -213,9 +213,24 @@ class Integrator(nn.Module, ABC):
         self.t_eps = CONTROL_TIME_OFFSET * self.dt
 
     def mass_like(self, R: Tensor) -> Tensor:
-        """Mass broadcastable against ``R`` ``[B, N, d]``: ``[]`` or ``[1, N, 1]``."""
-        m = self._mass.to(R)
-        return m if m.ndim == 0 else m.view(1, -1, 1)
+        """Mass broadcastable against ``R`` ``[B, N, d]``: ``[]`` or ``[1, N, 1]`` (converted
+        to ``R``'s dtype and device once, not at every step; read-only)."""
+        return self._cached_like("_mass_like", R, lambda m: m)
+
+    def drift_factor(self, R: Tensor) -> Tensor:
+        """``dt / m`` broadcastable against ``R`` (read-only, cached like :meth:`mass_like`):
+        a drift is ``q += P * drift_factor`` (one operation per step)."""
+        return self._cached_like("_drift_factor", R, lambda m: self.dt / m)
+
+    def _cached_like(self, name: str, R: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        m = self._mass
+        key = (R.dtype, R.device, self.dt, m.data_ptr(), m._version)
+        hit = self.__dict__.get(name)
+        if hit is None or hit[0] != key:
+            v = fn(m.to(R))
+            hit = (key, v if v.ndim == 0 else v.view(1, -1, 1))
+            self.__dict__[name] = hit
+        return hit[1]
 
     def potential_energy(self, state: State) -> Tensor:
         """Potential energy ``E(R, t)`` of each replica ``[B]``."""

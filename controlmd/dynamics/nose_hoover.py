@@ -152,10 +152,10 @@ class NoseHooverChain(MomentumIntegrator):
         Q = state.aux["Q"]
         xi, p_xi = state.aux["xi"], state.aux["p_xi"]
         P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t0), n_dof)
-        P = P + 0.5 * self.dt * F
-        R = self.space.shift(R, self.dt * P / m)
+        P = torch.add(P, F, alpha=0.5 * self.dt)
+        R = self.space.shift(R, P * self.drift_factor(R))
         F = self.force(R, t1)
-        P = P + 0.5 * self.dt * F
+        P = torch.add(P, F, alpha=0.5 * self.dt)
         P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t1), n_dof)
         t1 = t + self.dt
         aux = {**state.aux, "force": F, "xi": xi, "p_xi": p_xi}

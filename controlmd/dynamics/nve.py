@@ -68,15 +68,15 @@ class NVE(MomentumIntegrator):
 
     def step(self, state: State) -> State:
         R, P, t = state.R, state.P, state.t
-        m = self.mass_like(R)
         F = state.aux.get("force")
         if F is None:
             F = self.force(R, t + self.t_eps)
         t1 = t + self.dt
-        P = P + 0.5 * self.dt * F  # type: ignore[operator]
-        R = self.space.shift(R, self.dt * P / m)
+        h = 0.5 * self.dt
+        P = torch.add(P, F, alpha=h)  # type: ignore[arg-type]
+        R = self.space.shift(R, P * self.drift_factor(R))
         F = self.force(R, t1 - self.t_eps)
-        P = P + 0.5 * self.dt * F
+        P = torch.add(P, F, alpha=h)
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux={**state.aux, "force": F})
 
     def invariant(self, state: State) -> Tensor:

@@ -217,7 +217,7 @@ def _walk_back_lj(
     space = integ.space
     R, P = final[0], final[1]
     aR, aP = adj[0], adj[1]
-    m = integ.mass_like(R)
+    drift = integ.drift_factor(R)  # dt / m
     want_sigma = any(p is pot.sigma for p in params)
     want_eps = any(p is pot.epsilon for p in params)
     g_sigma = torch.zeros((), dtype=R.dtype, device=R.device)
@@ -237,14 +237,14 @@ def _walk_back_lj(
     if T > 0:
         F = pull(R, h * aP)
     for n in range(T - 1, -1, -1):
-        P = P - h * F
-        aP = aP + (dt / m) * aR
-        R = space.shift(R, -dt * P / m)
+        P = torch.sub(P, F, alpha=h)
+        aP = torch.addcmul(aP, aR, drift)
+        R = space.shift(R, torch.mul(P, drift).neg_())
         ck = checkpoints.get(n)
         if ck is not None:
             R = ck[0]
         F = pull(R, (h if n == 0 else dt) * aP)
-        P = ck[1] if ck is not None else P - h * F
+        P = ck[1] if ck is not None else torch.sub(P, F, alpha=h)
     grads = []
     for p in params:
         g = g_sigma if p is pot.sigma else g_eps
@@ -297,6 +297,7 @@ def _walk_back(
     aR, aP = adj[0], adj[1]
     a_xi, a_pxi = (adj[2], adj[3]) if meta.chain else (None, None)
     m = integ.mass_like(R)
+    drift = integ.drift_factor(R)  # dt / m
     n_dof = integ.n_dof(R) if meta.chain else 0
     T = meta.n_steps
 
@@ -342,12 +343,12 @@ def _walk_back(
         # second half kick at q_{n+1}: its VJP completes the one pending at q_{n+1}
         v = v + h * aP
         with torch.no_grad():
-            P = P - h * F.detach()
+            P = torch.sub(P, F.detach(), alpha=h)
         vjp_force(leaf, F, v)
         # drift
-        aP = aP + (dt / m) * aR
+        aP = torch.addcmul(aP, aR, drift)
         with torch.no_grad():
-            R = space.shift(R, -dt * P / m)
+            R = space.shift(R, torch.mul(P, drift).neg_())
         ck = checkpoints.get(n)
         if ck is not None:
             R = ck[0]
@@ -356,7 +357,7 @@ def _walk_back(
         jump = n in meta.jumps
         leaf, F = force_graph(R, step_start if n == 0 or jump else times[n - 1] + dt - eps)
         with torch.no_grad():
-            P = P - h * F.detach()
+            P = torch.sub(P, F.detach(), alpha=h)
         v = h * aP
         if jump:
             # the previous step's last kick used the force before the jump, F(q_n, t_n - eps)
