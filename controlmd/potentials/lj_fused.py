@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -116,7 +117,7 @@ class PairIndex:
         crow = torch.zeros(BN + 1, dtype=torch.long, device=dev)
         torch.add(cum_i, cum_j, out=crow[1:])
         pair = torch.arange(M, device=dev)
-        perm_j = torch.argsort(j, stable=True)
+        perm_j = _stable_argsort(j, BN)
         # row r starts at crow[r] = (pairs with i < r) + (pairs with j < r): the entry of
         # pair p (p-th by i) lands at p + (pairs with j <= i_p), the q-th pair by j at
         # q + (pairs with i < j_q) (index_select: several times faster than t[index] on CPU)
@@ -132,6 +133,16 @@ class PairIndex:
             incidence = torch.sparse_csr_tensor(crow, cols, values, (BN, M))
         replica = None if B == 1 else torch.bincount(i // N, minlength=B)
         return PairIndex(ip, jp, incidence, replica, B)
+
+
+def _stable_argsort(x: Tensor, bound: int) -> Tensor:
+    """``torch.argsort(x, stable=True)`` of integers in ``[0, bound)``; on CPU with
+    ``bound <= 2**16`` by NumPy's radix sort of ``uint16`` keys (about 20x faster for the
+    ~1e4-1e5 keys of a pair list; same permutation)."""
+    if x.device.type == "cpu" and bound <= 1 << 16:
+        keys = x.numpy().astype(np.uint16)
+        return torch.from_numpy(np.argsort(keys, kind="stable").astype(np.int64))
+    return torch.argsort(x, stable=True)
 
 
 # --------------------------------------------------------------------------- pair scalars
