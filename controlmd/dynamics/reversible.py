@@ -49,10 +49,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from controlmd._validation import check_int
-from controlmd.dynamics.base import Integrator, State, evaluate_schedule
+from controlmd.dynamics.base import Integrator, State, evaluate_schedule, kinetic_energy
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
 from controlmd.errors import ControlMDError
@@ -315,19 +316,15 @@ def _walk_back(
     def chain_back(t: Tensor) -> None:
         """Undo one chain half step at time ``t`` and pull the adjoint through it."""
         nonlocal P, xi, p_xi, aP, a_xi, a_pxi, a_Q
-        with torch.no_grad(), _negated_dt(integ):
+        with torch.enable_grad() if params else contextlib.nullcontext():
             kT = evaluate_schedule(integ.kT, t)  # type: ignore[attr-defined]
-            P, xi, p_xi = integ._half_step_chain(P, m, xi, p_xi, Q, kT, n_dof)  # type: ignore[attr-defined]
-        leaves = [x.detach().requires_grad_(True) for x in (P, xi, p_xi, Q)]  # type: ignore[union-attr]
-        kT = evaluate_schedule(integ.kT, t)  # type: ignore[attr-defined]
-        out = integ._half_step_chain(leaves[0], m, leaves[1], leaves[2], leaves[3], kT, n_dof)  # type: ignore[attr-defined]
-        g = torch.autograd.grad(out, [*leaves, *params], grad_outputs=(aP, a_xi, a_pxi), allow_unused=True)
-        aP = g[0] if g[0] is not None else torch.zeros_like(aP)
-        a_xi = g[1] if g[1] is not None else torch.zeros_like(a_xi)  # type: ignore[arg-type]
-        a_pxi = g[2] if g[2] is not None else torch.zeros_like(a_pxi)  # type: ignore[arg-type]
-        if g[3] is not None:
-            a_Q = a_Q + g[3]  # type: ignore[operator]
-        _accumulate(a_params, g[4:])
+        P, xi, p_xi, aP, a_xi, a_pxi, da_Q, a_kT = _chain_reverse(
+            integ, P, xi, p_xi, Q, kT.detach(), n_dof, m, aP, a_xi, a_pxi)  # type: ignore[arg-type]
+        if a_Q is not None:
+            a_Q = a_Q + da_Q
+        if kT.requires_grad:
+            a_kT = a_kT.sum() if kT.ndim == 0 else a_kT.reshape(kT.shape)
+            _accumulate(a_params, torch.autograd.grad(kT, params, a_kT, allow_unused=True))
 
     # F(q_T) as cached by the last forward step (evaluated at t_T - eps); for T = 0 nothing runs.
     if T == 0:
@@ -373,3 +370,110 @@ def _walk_back(
     vjp_force(leaf, F, v)
     state_adj = [aR, aP] + ([a_xi, a_pxi] if meta.chain else [])
     return state_adj, a_params, a_Q  # type: ignore[return-value]
+
+
+def _chain_reverse(
+    integ: NoseHooverChain, P: Tensor, xi: Tensor, p_xi: Tensor, Q: Tensor, kT: Tensor,
+    n_dof: int, m: Tensor, aP: Tensor, a_xi: Tensor, a_pxi: Tensor,
+) -> tuple[Tensor, ...]:
+    """Undo one chain half step ``NoseHooverChain._half_step_chain`` and pull the adjoint
+    through it, update by update in reverse order, analytically (no autograd graph).
+
+    The half step is a sequence of invertible updates of ``v_j = p_xi_j / Q_j``, ``xi_j``,
+    the accumulated momentum scale ``S`` and ``K2 = 2 K``: each is inverted in closed
+    form, which gives the state before it, where its partial derivatives are evaluated.
+    With ``c = sum(aP' * P')`` per replica the scale's adjoint needs no forward pass:
+    ``a_S S`` is invariant along the chain of ``S <- S s0`` updates.
+
+    Returns ``(P, xi, p_xi, aP, a_xi, a_pxi, a_Q, a_kT)`` at the start of the half step
+    (``a_kT`` per replica ``[B]``).
+    """
+    M = integ.chain_length
+    h = 0.5 * integ.dt
+    kT_t = kT.to(P).reshape(-1) if kT.ndim else kT.to(P)
+    K2_t = 2.0 * kinetic_energy(P, m)
+    c_t = (aP * P).sum(dim=(-2, -1))
+    # The chain itself is a few hundred operations on [B] vectors: on CPU they run in
+    # NumPy (several times less overhead per operation than torch), elsewhere in torch.
+    xp: Any = np if P.device.type == "cpu" else torch
+
+    def arr(t: Tensor) -> Any:
+        return t.detach().numpy() if xp is np else t
+
+    Qa = arr(Q)
+    Qs = [Qa[:, j] for j in range(M)]
+    v = [arr(p_xi)[:, j] / Qs[j] for j in range(M)]
+    x = [arr(xi)[:, j] for j in range(M)]
+    K2, c, kT = arr(K2_t), arr(c_t), arr(kT_t)
+    # adjoints of the outputs p_xi' = v Q, xi' = x
+    av = [arr(a_pxi)[:, j] * Qs[j] for j in range(M)]
+    aQ = [arr(a_pxi)[:, j] * v[j] for j in range(M)]
+    ax = [arr(a_xi)[:, j] for j in range(M)]
+    aK2 = K2 * 0.0
+    akT = K2 * 0.0
+    log_S = K2 * 0.0
+
+    def G(j: int) -> Any:
+        if j == 0:
+            return (K2 - n_dof * kT) / Qs[0]
+        return (Qs[j - 1] * v[j - 1] * v[j - 1] - kT) / Qs[j]
+
+    def pull_G(j: int, g: Any, a: Any) -> None:
+        """Add ``a dG_j/d(.)`` to the adjoints (``g`` = G_j)."""
+        nonlocal aK2, akT
+        if j == 0:
+            aK2 = aK2 + a / Qs[0]
+            akT = akT - (n_dof * a) / Qs[0]
+        else:
+            av[j - 1] = av[j - 1] + a * 2.0 * Qs[j - 1] * v[j - 1] / Qs[j]
+            aQ[j - 1] = aQ[j - 1] + a * v[j - 1] * v[j - 1] / Qs[j]
+            akT = akT - a / Qs[j]
+        aQ[j] = aQ[j] - a * g / Qs[j]
+
+    def undo_end(d2: float) -> None:  # v_{M-1} += d2 G_{M-1}
+        g = G(M - 1)
+        v[M - 1] = v[M - 1] - d2 * g
+        pull_G(M - 1, g, d2 * av[M - 1])
+
+    def undo_inner(j: int, d2: float, d4: float) -> None:  # v_j = (v_j s + d2 G_j) s
+        s = xp.exp(-d4 * v[j + 1])
+        g = G(j)
+        v[j] = (v[j] / s - d2 * g) / s
+        a = av[j]
+        av[j] = a * s * s
+        pull_G(j, g, a * d2 * s)
+        av[j + 1] = av[j + 1] - a * (2.0 * v[j] * s + d2 * g) * d4 * s
+
+    for w in reversed(integ._substeps):
+        d = w * h
+        d2, d4 = 0.5 * d, 0.25 * d
+        undo_end(d2)
+        for j in range(M - 2, -1, -1):
+            undo_inner(j, d2, d4)
+        # S <- S s0, K2 <- K2 s0^2 with s0 = exp(-d v_0)
+        s0 = xp.exp(-d * v[0])
+        K2 = K2 / (s0 * s0)
+        log_S = log_S - d * v[0]
+        a_s0 = c / s0 + 2.0 * aK2 * K2 * s0
+        aK2 = aK2 * s0 * s0
+        av[0] = av[0] - d * s0 * a_s0
+        for j in range(M):  # x_j += d v_j
+            x[j] = x[j] - d * v[j]
+            av[j] = av[j] + d * ax[j]
+        for j in range(M - 1):
+            undo_inner(j, d2, d4)
+        undo_end(d2)
+    def tensor(a: Any) -> Tensor:
+        return torch.from_numpy(a) if xp is np else a
+
+    def stack(parts: list[Any]) -> Tensor:
+        return tensor(xp.stack(parts, 1) if xp is np else torch.stack(parts, dim=1))
+
+    S = torch.exp(tensor(log_S)).view(-1, 1, 1)
+    P_prev = P / S
+    aP_prev = aP * S + (2.0 * tensor(aK2)).view(-1, 1, 1) * P_prev / m
+    # inputs v = p_xi / Q
+    a_pxi_prev = stack([av[j] / Qs[j] for j in range(M)])
+    a_Q = stack([aQ[j] - av[j] * v[j] / Qs[j] for j in range(M)])
+    p_xi_prev = stack([v[j] * Qs[j] for j in range(M)])
+    return (P_prev, stack(x), p_xi_prev, aP_prev, stack(ax), a_pxi_prev, a_Q, tensor(akT))
