@@ -13,9 +13,11 @@ Per backward step: one force evaluation with a graph at the recomputed ``q_n`` (
 undoes the kick and is the force whose vector-Jacobian product is needed) and one VJP of
 that force (a Hessian-vector product and the parameter derivatives; analytic for the
 fused Lennard-Jones kernel, :mod:`controlmd.potentials.lj_fused`). The two half kicks
-that share ``q_n`` are merged into one VJP. The chain's half steps are differentiated
-locally with autograd (no forces; cheap). Memory: the current state, one force graph,
-and the checkpoints below.
+that share ``q_n`` are merged into one VJP. Each Nose-Hoover chain half step is undone
+and differentiated analytically, update by update (:func:`_chain_reverse`; no autograd
+graph: the chain is a few hundred operations on ``[B]`` vectors, which autograd made 3x
+dearer than the forces at N = 64). Memory: the current state, one force graph, and the
+checkpoints below.
 
 Round-off: floating-point Verlet is not bit-reversible, and in a chaotic system the
 reconstruction error grows like ``e^{lambda t}`` (lambda ~ 4 per time unit for the LJ
