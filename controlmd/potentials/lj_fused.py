@@ -8,10 +8,17 @@ term from closed forms (``LennardJones.energy_and_forces`` calls it), sharing th
 building an autograd graph of the energy and differentiating it.
 
 Layout: the pair list (a neighbor list's flat half list, or all pairs ``i < j``) is held
-as flat indices into the *component-major* positions ``R^T [d, B N]``, so every per-pair
-quantity is a contiguous ``[M]`` or ``[d, M]`` array: two gathers (``take``), about fifteen
-elementwise operations and two ``index_add`` scatters per call, with no reduction or
-broadcast over a trailing dimension of size ``d`` (which is slow on CPU).
+as flat indices into ``R.reshape(-1)``, so the pair displacements are gathered into a
+contiguous *pair-major* ``[M, d]`` array (two ``index_select``), and the forces are
+scattered back by one sparse-dense product with the ``[B N, M]`` CSR incidence matrix
+(+1 at ``(i_p, p)``, -1 at ``(j_p, p)``), built once per neighbor-list rebuild: on CPU
+this is about 4x faster than segment sums or ``index_add`` over the pairs. In between,
+about fifteen elementwise operations, with the cutoff applied as one in-place
+``threshold_`` on ``1/r2``, sums over the ``d`` components as matrix-vector products,
+and numeric constants as cached 0-d tensors (a Python float in a float32 operation is
+converted at every call, ~1 us each on CPU). The periodic minimum image is computed with
+``1/L`` precomputed and in-place operations (:func:`_min_image`); nothing in the kernel
+is differentiated by autograd.
 
 Gradients through a trajectory (``create_graph``) go through :class:`LJEnergyForces`, a
 ``torch.autograd.Function`` whose backward is analytic as well: given cotangents ``gE
