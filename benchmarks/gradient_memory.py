@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--equilibrate", type=int, default=300)
     p.add_argument("--max-memory-gib", type=float, default=20.0, help="address-space cap per run")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="run the workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: a fixed mmap "
+                        "threshold, so freed large arrays go back to the system; e.g. 131072)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -116,8 +119,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "--window", str(args.window), "--skin", str(args.skin), "--threads", str(args.threads),
                        "--max-memory-gib", str(args.max_memory_gib)]
                 load = os.getloadavg()
+                env = dict(os.environ)
+                if args.malloc_mmap_threshold is not None:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
                 try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                     if proc.returncode == 0:
                         row = json.loads(proc.stdout.strip().splitlines()[-1])
                     else:
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except subprocess.TimeoutExpired:
                     row = {"path": path, "T": T, "n": args.n, "error": f"timeout after {args.timeout:g} s"}
                 row["load_average_before"] = load
+                row["malloc_mmap_threshold"] = env.get("MALLOC_MMAP_THRESHOLD_")
                 results.append(row)
                 print(json.dumps(row) if args.json else row, flush=True)
     ref = {r["T"]: r["grad_epsilon"] for r in results if r.get("path") == "reversible" and "grad_epsilon" in r}
