@@ -1,24 +1,58 @@
-"""Shared pieces of the classical control tasks (``polymer_fold``, ``assembly``): one
-protocol channel as a schedule, and the end-of-run artifacts (extended XYZ of fresh final
-replicas and a snapshot figure)."""
+"""Shared pieces of the classical control tasks (``polymer_fold``, ``assembly``): the
+``controls`` list check, one protocol channel as a schedule, and the end-of-run artifacts
+(extended XYZ of fresh final replicas and a snapshot figure)."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from controlmd._validation import check_choice
+from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol
 
 Tensor = torch.Tensor
 
-__all__ = ["ARTIFACT_SEED", "ChannelSchedule", "RunArtifacts"]
+__all__ = ["ARTIFACT_SEED", "ChannelSchedule", "RunArtifacts", "check_controls", "panel_grid"]
 
 ARTIFACT_SEED = 12_345
 """Batch seed of the replicas that :meth:`RunArtifacts.finish_run` rolls out."""
+
+
+def check_controls(controls: Sequence[str], channels: Sequence[str]) -> None:
+    """``controls`` must be a non-empty list of distinct names from ``channels``."""
+    if isinstance(controls, str) or len(controls) == 0:
+        raise ControlMDError(f"controls must be a non-empty list of channel names from {tuple(channels)}, "
+                             f"got {controls!r}")
+    for c in controls:
+        check_choice("controls entry", c, list(channels))
+    if len(set(controls)) != len(controls):
+        raise ControlMDError(f"controls lists a channel twice: {list(controls)}")
+
+
+def panel_grid(n_replicas: int, *, max_panels: int = 8) -> tuple[Any, list[Any]]:
+    """A matplotlib figure of up to ``max_panels`` tick-less panels (4 per row) for the
+    first replicas; returns ``(figure, axes)`` with one axis per shown replica."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = min(max_panels, n_replicas)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for k, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.set_axis_off()
+    return fig, axes[:n]
 
 
 class ChannelSchedule(nn.Module):
@@ -38,8 +72,8 @@ class RunArtifacts:
     """Mixin for tasks that write final-replica artifacts into a run folder.
 
     The task records the protocol last passed to its ``integrator`` in ``self._protocol``
-    and implements :meth:`_artifacts`; the trainer calls :meth:`finish_run` after the
-    final evaluation, so that protocol is the trained one.
+    and implements :meth:`_write_artifacts`; the trainer calls :meth:`finish_run` after
+    the final evaluation, so that protocol is the trained one.
     """
 
     _protocol: Protocol | None = None
@@ -63,7 +97,15 @@ class RunArtifacts:
         and ``final_snapshots.png``. Returns the written paths."""
         return self._artifacts(protocol, Path(run_dir), n_replicas=n_replicas, seed=seed)[0]
 
-    @abstractmethod
     def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int,
                    seed: int) -> tuple[list[Path], Any]:
-        """Write the artifacts of ``n_replicas`` fresh replicas; ``(paths, figure)``."""
+        """Roll out ``n_replicas`` fresh replicas and write their artifacts; ``(paths, figure)``."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            R = self.rollout(protocol, n_replicas, seed, gradient="none").R.detach()  # type: ignore[attr-defined]
+        return self._write_artifacts(R, run_dir)
+
+    @abstractmethod
+    def _write_artifacts(self, R: Tensor, run_dir: Path) -> tuple[list[Path], Any]:
+        """Write ``final_replicas.xyz`` and ``final_snapshots.png`` for final positions
+        ``R`` ``[B, N, d]``; ``(paths, figure)``."""

@@ -118,7 +118,7 @@ from controlmd.structures import (
     smooth_bond_count,
     target_cluster_fraction,
 )
-from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts
+from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
 from controlmd.tasks.base import ControlChannels, Task, register_task
 
 Tensor = torch.Tensor
@@ -227,12 +227,7 @@ class Assembly(RunArtifacts, Task):
             raise ControlMDError(
                 f"target_bonds = {target_bonds} exceeds the {max_bonds} pairs of a {cluster_size}-particle cluster"
             )
-        if isinstance(controls, str) or len(controls) == 0:
-            raise ControlMDError(f"controls must be a non-empty list of channel names from {CHANNELS}, got {controls!r}")
-        for c in controls:
-            check_choice("controls entry", c, CHANNELS)
-        if len(set(controls)) != len(controls):
-            raise ControlMDError(f"controls lists a channel twice: {list(controls)}")
+        check_controls(controls, CHANNELS)
         for name, value in (("area_fraction", area_fraction), ("epsilon", epsilon), ("kT", kT),
                             ("eps_min", eps_min), ("eps_max", eps_max), ("kT_min", kT_min),
                             ("kT_max", kT_max), ("alpha", alpha), ("r_cut", r_cut), ("gamma", gamma),
@@ -361,14 +356,10 @@ class Assembly(RunArtifacts, Task):
 
     # ------------------------------------------------------------------ artifacts
 
-    def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int) -> tuple[list[Path], Any]:
+    def _write_artifacts(self, R: Tensor, run_dir: Path) -> tuple[list[Path], Any]:
         from controlmd.io import write_xyz
         from controlmd.plotting import save_figure
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            final = self.rollout(protocol, n_replicas, seed, gradient="none")
-        R = final.R.detach()
         y = self.yield_(R)
         A = bond_graph(R, self.bond_cutoff, self.space)
         xyz = write_xyz(run_dir / "final_replicas.xyz", R, box=self.box, species="D",
@@ -383,22 +374,10 @@ class Assembly(RunArtifacts, Task):
 
 def _disk_figure(R: Tensor, A: Tensor, y: Tensor, box: float, *, title: str, max_panels: int = 8) -> Any:
     """Disks of each replica (unwrapped around the largest cluster), bonds as lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Circle
 
-    n = min(max_panels, R.shape[0])
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.set_axis_off()
-            continue
+    fig, axes = panel_grid(R.shape[0], max_panels=max_panels)
+    for k, ax in enumerate(axes):
         X = R[k]
         # Unwrap every disk to the minimum image of disk 0's neighbourhood for drawing.
         d = X - X[:1]

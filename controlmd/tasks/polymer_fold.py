@@ -151,7 +151,7 @@ from controlmd.potentials.pair import WCA, LennardJones, Morse
 from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.structures import hairpin, helix, kabsch_align, kabsch_rmsd
-from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts
+from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
 from controlmd.tasks.base import ControlChannels, Task, register_task
 
 Tensor = torch.Tensor
@@ -346,12 +346,7 @@ class PolymerFold(RunArtifacts, Task):
                 raise ControlMDError(
                     f"n_beads = {n_beads} does not match the target {target!r}, which has {n} beads"
                 )
-        if isinstance(controls, str) or len(controls) == 0:
-            raise ControlMDError(f"controls must be a non-empty list of channel names from {CHANNELS}, got {controls!r}")
-        for c in controls:
-            check_choice("controls entry", c, CHANNELS)
-        if len(set(controls)) != len(controls):
-            raise ControlMDError(f"controls lists a channel twice: {list(controls)}")
+        check_controls(controls, CHANNELS)
         for name, value in (("kT", kT), ("kT_min", kT_min), ("kT_max", kT_max), ("eps_min", eps_min),
                             ("eps_max", eps_max), ("force_max", force_max), ("bias_width", bias_width),
                             ("bias_max", bias_max), ("gamma", gamma), ("dt", dt), ("k_bond", k_bond),
@@ -577,14 +572,10 @@ class PolymerFold(RunArtifacts, Task):
 
     # ------------------------------------------------------------------ artifacts
 
-    def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int) -> tuple[list[Path], Any]:
+    def _write_artifacts(self, R: Tensor, run_dir: Path) -> tuple[list[Path], Any]:
         from controlmd.io import write_xyz
         from controlmd.plotting import save_figure
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            final = self.rollout(protocol, n_replicas, seed, gradient="none")
-        R = final.R.detach()
         q, rmsd, folded = self.contact_fraction(R), kabsch_rmsd(R, self.target), self.folded(R)
         xyz = write_xyz(run_dir / "final_replicas.xyz", R, species="C",
                         info={"replica": torch.arange(R.shape[0]), "Q": q, "rmsd": rmsd,
@@ -599,22 +590,9 @@ class PolymerFold(RunArtifacts, Task):
 def _chain_figure(R: Tensor, target: Tensor, q: Tensor, rmsd: Tensor, folded: Tensor, *,
                   title: str, max_panels: int = 8) -> Any:
     """Chains (aligned on the target) projected on the x-z plane, the target in grey."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = min(max_panels, R.shape[0])
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = panel_grid(R.shape[0], max_panels=max_panels)
     T = target.numpy()
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.set_axis_off()
-            continue
+    for k, ax in enumerate(axes):
         X = R[k].numpy()
         ax.plot(T[:, 0], T[:, 2], "-", color="0.8", lw=3)
         color = "tab:green" if bool(folded[k]) else "tab:red"
