@@ -44,9 +44,9 @@ from controlmd.protocols import Protocol, Tabulated
 from controlmd.tasks.base import Task
 
 
-def score(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int) -> dict[str, float]:
-    """Exact metric of ``protocol`` on ``replicas`` fresh replicas: mean, SE, MD steps, wall."""
-    t0 = time.perf_counter()
+def per_replica_metric(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int) -> torch.Tensor:
+    """Exact metric of ``protocol`` on each of ``replicas`` fresh replicas ``[replicas]``
+    (replica ``i`` gets the same noise stream for any protocol and any ``chunk``)."""
     values = []
     done = 0
     with torch.no_grad():
@@ -55,7 +55,13 @@ def score(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: in
             state = task.rollout(protocol, b, seed, first_replica=done, gradient="none")
             values.append(task.metric(state).detach().to(torch.float64))
             done += b
-    v = torch.cat(values)
+    return torch.cat(values)
+
+
+def score(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int) -> dict[str, float]:
+    """Exact metric of ``protocol`` on ``replicas`` fresh replicas: mean, SE, MD steps, wall."""
+    t0 = time.perf_counter()
+    v = per_replica_metric(task, protocol, replicas=replicas, chunk=chunk, seed=seed)
     se = float(v.std(unbiased=True)) / math.sqrt(v.numel()) if v.numel() > 1 else float("nan")
     return {"mean": float(v.mean()), "se": se, "n": int(v.numel()),
             "md_steps": int(v.numel()) * task.n_steps, "wall_s": time.perf_counter() - t0}
