@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, load_config
 from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol, Tabulated
@@ -146,24 +147,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:>22s}: {result['mean']:.4f} +- {result['se']:.4f}  ({result['wall_s']:.0f} s)", flush=True)
         return result
 
-    if args.holds_only:
-        results = {"no_control": {"value": u0, **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))}}
+    def score_holds(into: dict[str, dict[str, Any]]) -> None:
         for spec in args.hold:
             label, protocol = hold_protocol(task, spec)
-            results[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
+            into[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
+
+    command = "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.holds_only:
+        results = {"no_control": {"value": u0, **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))}}
+        score_holds(results)
         out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_holds.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"task": task.name, "metric_name": task.metric_name, "channel": task.controls.names[0],
                "replicas": args.replicas, "seed": args.seed, "n_steps": task.n_steps, "protocols": results,
-               "wall_s": time.perf_counter() - t0,
-               "command": "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-        out.write_text(json.dumps(doc, indent=2))
+               "wall_s": time.perf_counter() - t0, "command": command}
+        atomic_write_text(out, json.dumps(doc, indent=2))
         lines = [f"| protocol | {doc['channel']} (from time fraction: value) | metric | SE |", "| --- | --- | --- | --- |"]
-        for name, b in results.items():
-            value = b["spec"].partition("=")[2] if "spec" in b else f"{b['value']:.4g}"
-            lines.append(f"| {name} | {value} | {b['mean']:.4f} | {b['se']:.4f} |")
-        lines += ["", f"Command: `{doc['command']}` ({doc['wall_s']:.0f} s)", ""]
-        out.with_suffix(".md").write_text("\n".join(lines))
+        lines += [f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} |" for name, b in results.items()]
+        lines += ["", f"Command: `{command}` ({doc['wall_s']:.0f} s)", ""]
+        atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
         print("\n".join(lines))
         return 0
 
@@ -174,13 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         "ramp_up": {"start": lo, "end": hi, **run("ramp up", table_protocol(task, lo, hi))},
         "ramp_down": {"start": hi, "end": lo, **run("ramp down", table_protocol(task, hi, lo))},
     }
-    for spec in args.hold:
-        label, protocol = hold_protocol(task, spec)
-        baselines[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
+    score_holds(baselines)
     g = gate(sweep)
     baselines["best_constant"] = next(s for s in sweep if s["value"] == g["best_value"])
     out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_sweep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "task": task.name, "task_params": {k: v for k, v in cfg["task"].items() if k != "name"},
         "metric_name": task.metric_name, "channel": task.controls.names[0], "unit": task.controls.units[0],
@@ -189,14 +187,21 @@ def main(argv: list[str] | None = None) -> int:
         "md_steps": sum(s["md_steps"] for s in sweep) + sum(
             b["md_steps"] for k, b in baselines.items() if k not in ("best_constant", "no_control")),
         "wall_s": time.perf_counter() - t0,
-        "command": "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
     }
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(_markdown(result))
+    atomic_write_text(out, json.dumps(result, indent=2))
+    atomic_write_text(out.with_suffix(".md"), _markdown(result))
     _plot(result, out.with_suffix(".png"))
     print(json.dumps(g, indent=2))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0
+
+
+def _value_cell(b: dict[str, Any]) -> str:
+    """The control value column of a scored protocol: hold spec, constant, or ramp."""
+    if "spec" in b:
+        return b["spec"].partition("=")[2]
+    return f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -210,11 +215,7 @@ def _markdown(r: dict[str, Any]) -> str:
     for s in r["sweep"]:
         lines.append(f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {s['md_steps']:.3g} |")
     for name, b in r["baselines"].items():
-        if "spec" in b:
-            value = b["spec"].partition("=")[2]
-        else:
-            value = f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
-        lines.append(f"| {name} | {value} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |")
+        lines.append(f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |")
     g = r["gate"]
     lines += [
         "",
