@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlmd._validation import check_int, check_positive
 from controlmd.checkpoint import save_checkpoint
+from controlmd.errors import ConfigError
 
 if TYPE_CHECKING:
     from controlmd.train import Evaluation, Trainer
@@ -236,6 +237,10 @@ class ProgressBar(Callback):
             self.bar.close()
 
 
+ABORT_ENV = "CONTROLMD_ABORT_AFTER"
+"""Environment variable: hard-exit (like a kill) after this many iterations; for resume tests."""
+
+
 class AbortAfter(Callback):
     """Hard-exit the process after ``iterations`` iterations, like a kill (no cleanup).
 
@@ -247,6 +252,18 @@ class AbortAfter(Callback):
     def __init__(self, iterations: int) -> None:
         check_int("iterations", iterations)
         self.iterations = iterations
+
+    @classmethod
+    def from_env(cls) -> AbortAfter | None:
+        """The callback :data:`ABORT_ENV` asks for, or ``None`` when it is unset or empty."""
+        value = os.environ.get(ABORT_ENV)
+        if not value:
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigError(f"{ABORT_ENV} must be an integer number of iterations, got {value!r}") from None
+        return cls(n)
 
     def on_step(self) -> bool:
         if self.trainer.iteration >= self.iterations:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,8 +85,6 @@ EVAL_SEED_OFFSET = 828_979_348
 FINAL_SEED_OFFSET = 1_877_134_342
 RESCORE_SEED_OFFSET = 573_356_475
 MAX_FORWARD_PARAMETERS = 64
-ABORT_ENV = "CONTROLMD_ABORT_AFTER"
-"""Environment variable: hard-exit (like a kill) after this many iterations; for resume tests."""
 
 _OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lbfgs")
 _GRADIENTS = ("direct", "checkpoint", "truncated", "adjoint")
@@ -733,7 +730,7 @@ def run_experiment(
     initial = copy.deepcopy(protocol)
     dist_ctx = distributed if distributed is not None else DistributedContext()
     trainer = Trainer.from_config(cfg, task, protocol, distributed=dist_ctx)
-    abort_after = _abort_after()
+    abort_after = AbortAfter.from_env()
     if checkpoint is not None:
         try:
             trainer.load_state_dict(checkpoint["trainer"])
@@ -784,7 +781,7 @@ def run_experiment(
     if show and writer:
         callbacks.append(ProgressBar(cfg["train"]["iterations"], evaluator))
     if abort_after is not None:
-        callbacks.append(AbortAfter(abort_after))
+        callbacks.append(abort_after)
     trainer.learn(cfg["train"]["iterations"], callbacks)
 
     after = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
@@ -880,17 +877,6 @@ def _new_run_dir(cfg: dict[str, dict[str, Any]], out: str | Path | None, runs_ro
         n += 1
         path = base.with_name(f"{base.name}_{n}")
     return path
-
-
-def _abort_after() -> int | None:
-    value = os.environ.get(ABORT_ENV)
-    if not value:
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise ConfigError(f"{ABORT_ENV} must be an integer number of iterations, got {value!r}") from None
-    return n
 
 
 def _protocol_figure(task: Task, protocols: dict[str, Protocol]) -> Any:

@@ -44,7 +44,7 @@ from controlmd.logging import JSONLinesSink, Logger, TensorBoardSink
 from controlmd.protocols import PiecewiseConstant, Protocol
 from controlmd.search import CMAES, ProtocolSearch, RandomSearch, actions_to_protocol
 from controlmd.tasks.base import Task
-from controlmd.train import Evaluation, Trainer, _abort_after, evaluate
+from controlmd.train import Evaluation, Trainer, evaluate
 from controlmd_envs.control_env import ReplicaBatch
 
 __all__ = [
@@ -301,9 +301,9 @@ def run_gradient(task: Task, tracker: BudgetTracker, *, train: dict[str, Any], n
         seed=seed, logger=logger,
     )
     callbacks: list[Callback] = [_TrackerCallback(tracker)]
-    abort_after = _abort_after()  # CONTROLMD_ABORT_AFTER: a hard exit, for resume tests
+    abort_after = AbortAfter.from_env()  # CONTROLMD_ABORT_AFTER: a hard exit, for resume tests
     if abort_after is not None:
-        callbacks.append(AbortAfter(abort_after))
+        callbacks.append(abort_after)
     tracker.start(protocol)
     if not tracker.exhausted():
         trainer.learn(2**62, callbacks)

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from controlmd.callbacks import AbortAfter
+from controlmd.callbacks import ABORT_ENV, AbortAfter
 from controlmd.cli import main
-from controlmd.train import ABORT_ENV
 
 TINY = """
 [experiment]
