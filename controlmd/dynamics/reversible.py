@@ -48,7 +48,6 @@ Units: those of the integrator (reduced LJ units for classical tasks).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -262,17 +261,6 @@ def _chain_state(s: State, chain: bool) -> tuple[Tensor, ...]:
     return (s.R.detach(), s.P.detach())
 
 
-@contextlib.contextmanager
-def _negated_dt(integrator: Integrator) -> Iterator[None]:
-    """Run the integrator's chain half step backwards (``dt -> -dt``)."""
-    dt = integrator.dt
-    integrator.dt = -dt
-    try:
-        yield
-    finally:
-        integrator.dt = dt
-
-
 def _accumulate(acc: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
     for k, g in enumerate(grads):
         if g is not None:
@@ -465,6 +453,7 @@ def _chain_reverse(
         for j in range(M - 1):
             undo_inner(j, d2, d4)
         undo_end(d2)
+
     def tensor(a: Any) -> Tensor:
         return torch.from_numpy(a) if xp is np else a
 
