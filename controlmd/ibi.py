@@ -49,6 +49,7 @@ The run folder ``runs/<name>/<YYYYmmdd-HHMMSS>_seed<k>/`` receives ``config.toml
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 import tomllib
@@ -476,12 +477,10 @@ def compare_runs(
     floor) and ``metrics.json``. The error is smoothed by a running mean over ``window``
     rollouts (a mean, not a median: an optimizer that alternates between a good and a bad
     iterate must not be credited with the good one alone). Returns one summary per run:
-    method, MD steps at which the smoothed error first falls below each of ``levels``, the smoothed error at the end, the final pooled
-    error (``final_evaluation``), total MD steps and wall time. Writes a log-log figure of
-    the smoothed curves to ``png``.
+    method, MD steps at which the smoothed error first falls below each of ``levels``, the
+    smoothed error at the end, the final pooled error (``final_evaluation``), total MD
+    steps and wall time. Writes a log-log figure of the smoothed curves to ``png``.
     """
-    import json
-
     check_int("window", window)
     out: list[dict[str, Any]] = []
     curves = []
@@ -519,7 +518,6 @@ def compare_runs(
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m controlmd.ibi EXPERIMENT.toml [--set section.key=value ...] [--out DIR]``;
     ``python -m controlmd.ibi compare RUN_DIR ... [--png FILE]`` (see :func:`compare_runs`)."""
-    import json
     import sys
 
     args_list = list(sys.argv[1:] if argv is None else argv)
