@@ -55,11 +55,12 @@ Starting state
     Lattice positions (identical for all replicas) with Maxwell–Boltzmann momenta at
     ``kT`` drawn from ``replica_seed(seed, first_replica + i)``; rollouts first equilibrate
     ``n_equilibrate`` steps without gradient, the first half at ``2 kT`` so that the
-    lattice melts whatever the current potential, the second half at ``kT``. With ``states = "continue"`` (default) each
-    training rollout continues from the final states of the previous one (only the first
-    one equilibrates from the lattice; the seed then only matters for that one), so the
-    sampled states follow the parameters as they change; ``states = "restart"`` restarts
-    every training rollout from the states equilibrated once at the initial parameters.
+    lattice melts whatever the current potential, the second half at ``kT``. With
+    ``states = "continue"`` (default) each training rollout continues from the final
+    states of the previous one (only the first one equilibrates from the lattice; the seed
+    then only matters for that one), so the sampled states follow the parameters as they
+    change; ``states = "restart"`` restarts every training rollout from the states
+    equilibrated once at the initial parameters.
     Evaluation rollouts (``gradient = "none"``) always equilibrate fresh replicas from
     their own seed.
 
@@ -649,8 +650,9 @@ class RDFInverse(Task):
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _nose_hoover(self, pair: PairPotential) -> NoseHooverChain:
-        return NoseHooverChain(pair, dt=self.dt, kT=self.kT, space=self.space,
+    def _nose_hoover(self, pair: PairPotential, kT: float | None = None) -> NoseHooverChain:
+        """The task's Nose-Hoover chain on ``pair``, at the task's ``kT`` unless given."""
+        return NoseHooverChain(pair, dt=self.dt, kT=self.kT if kT is None else kT, space=self.space,
                                chain_length=self.chain_length, tau=self.tau)
 
     def target_histogram(self, r: Tensor) -> Tensor:
@@ -1030,8 +1032,7 @@ class RDFInverse(Task):
     def _fresh(self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int) -> State:
         """Lattice -> half of ``n_equilibrate`` steps at ``2 kT`` (melts the lattice even
         under a potential that would keep a superheated crystal) -> the other half at kT."""
-        hot = NoseHooverChain(dynamics.potential, dt=self.dt, kT=2.0 * self.kT, space=self.space,
-                              chain_length=self.chain_length, tau=self.tau)
+        hot = self._nose_hoover(dynamics.potential, kT=2.0 * self.kT)
         state = self._lattice_state(hot, n_replicas, seed, first_replica)
         melt = self.n_equilibrate // 2
         with torch.no_grad():
