@@ -182,14 +182,22 @@ def test_resume_after_a_kill_reaches_the_same_final_numbers(finished_run: tuple[
     assert main(["run", "--resume", str(killed), "--quiet"]) == 0
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
-    for key in ("metric_initial", "metric_final", "metric_exact_final", "md_steps", "grad_steps", "iterations"):
+    # Two processes evaluating the same thing occasionally differ in the last 1-2 bits (seen
+    # about once in 20 runs, even for the initial protocol's exact metric; cause not found),
+    # so floats are compared to 1e-12 relative: a wrong resume (other noise, optimizer
+    # state or iteration count) differs by far more. Counts are compared exactly.
+    for key in ("md_steps", "grad_steps", "iterations"):
         assert a[key] == b[key], key
+    for key in ("metric_initial", "metric_final", "metric_exact_final"):
+        assert b[key] == pytest.approx(a[key], rel=1e-12, abs=0.0), key
     p_a = torch.load(whole / "protocol.pt", weights_only=False)["state_dict"]
     p_b = torch.load(killed / "protocol.pt", weights_only=False)["state_dict"]
-    assert all(torch.equal(p_a[k], p_b[k]) for k in p_a)
+    for k in p_a:
+        torch.testing.assert_close(p_b[k], p_a[k], rtol=1e-12, atol=1e-15)
     losses_a = [(e.step, e.value) for e in _events(whole).Scalars("train/loss")]
     losses_b = [(e.step, e.value) for e in _events(killed).Scalars("train/loss")]
-    assert losses_b == losses_a  # purged and re-logged, no duplicated steps
+    assert [s for s, _ in losses_b] == [s for s, _ in losses_a]  # purged and re-logged, no duplicated steps
+    assert [v for _, v in losses_b] == pytest.approx([v for _, v in losses_a], rel=1e-6)  # float32 events
 
 
 def test_resuming_a_finished_run_rescores_to_the_same_numbers(finished_run: tuple[Path, str]) -> None:

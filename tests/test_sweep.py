@@ -143,8 +143,12 @@ def _killed_sweep_resumes(experiment: Path, tmp_path: Path) -> None:
     from controlmd.config import read_run_config
 
     clean = run_sweep_job(read_run_config(second), str(tmp_path / "clean"))
-    for key in ("metric_final", "metric_initial", "md_steps", "grad_steps"):
+    # floats to 1e-12 relative: two processes occasionally differ in the last 1-2 bits (see
+    # tests/test_cli.py::test_resume_after_a_kill_reaches_the_same_final_numbers)
+    for key in ("md_steps", "grad_steps"):
         assert resumed[key] == clean[key], key
+    for key in ("metric_final", "metric_initial"):
+        assert resumed[key] == pytest.approx(clean[key], rel=1e-12, abs=0.0), key
     with pytest.raises(ConfigError, match="differ from the sweep's plan"):
         run_sweep(experiment, ["train.iterations=2,5"], resume=out, backend="local", echo=None)
 
