@@ -50,17 +50,38 @@ def _train(args: tuple[str, list[str], int, str]) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     result = run_experiment(cfg, out=out, progress=False)
     # the task's finish_run hook wrote these during run_experiment
-    artifacts = [str(p) for p in (Path(out) / "final_replicas.xyz", Path(out) / "final_snapshots.png") if p.exists()]
-    return {"seed": seed, "run_dir": str(result.run_dir), "metrics": result.metrics,
-            "artifacts": artifacts, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "load_avg": os.getloadavg()}
+    artifacts = [
+        str(p)
+        for p in (Path(out) / "final_replicas.xyz", Path(out) / "final_snapshots.png")
+        if p.exists()
+    ]
+    return {
+        "seed": seed,
+        "run_dir": str(result.run_dir),
+        "metrics": result.metrics,
+        "artifacts": artifacts,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "load_avg": os.getloadavg(),
+    }
 
 
 def _finished(run_dir: str) -> dict[str, Any]:
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    artifacts = [str(p) for p in (Path(run_dir) / "final_replicas.xyz", Path(run_dir) / "final_snapshots.png") if p.exists()]
-    return {"seed": metrics["seed"], "run_dir": run_dir, "metrics": metrics, "artifacts": artifacts,
-            "wall_s": metrics["wall_s"], "cpu_s": float("nan"), "load_avg": None}
+    artifacts = [
+        str(p)
+        for p in (Path(run_dir) / "final_replicas.xyz", Path(run_dir) / "final_snapshots.png")
+        if p.exists()
+    ]
+    return {
+        "seed": metrics["seed"],
+        "run_dir": run_dir,
+        "metrics": metrics,
+        "artifacts": artifacts,
+        "wall_s": metrics["wall_s"],
+        "cpu_s": float("nan"),
+        "load_avg": None,
+    }
 
 
 def _progress(run_dir: str) -> list[dict[str, Any]]:
@@ -72,13 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--sweep", help="JSON written by benchmarks/constant_sweep.py (best constant)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    parser.add_argument(
+        "--sweep", help="JSON written by benchmarks/constant_sweep.py (best constant)"
+    )
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", help="folder of the seed runs (default: runs/<experiment>_study)")
     parser.add_argument("--table", help="markdown table to write (default: OUT/summary.md)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="summarize seeds whose OUT/seed<s>/metrics.json exists instead of retraining them")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="summarize seeds whose OUT/seed<s>/metrics.json exists instead of retraining them",
+    )
     args = parser.parse_args(argv)
 
     from controlmd.config import load_config
@@ -88,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{name}_study"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.experiment, args.overrides, s, str(out / f"seed{s}")) for s in args.seeds]
-    done = {j[2]: _finished(j[3]) for j in jobs if args.reuse and (Path(j[3]) / "metrics.json").exists()}
+    done = {
+        j[2]: _finished(j[3]) for j in jobs if args.reuse and (Path(j[3]) / "metrics.json").exists()
+    }
     todo = [j for j in jobs if j[2] not in done]
     t0 = time.perf_counter()
     if args.jobs > 1 and len(todo) > 1:
@@ -103,23 +133,42 @@ def main(argv: list[str] | None = None) -> int:
     eval_se = [r["metrics"]["metric_final_se"] for r in runs]
     n = len(finals)
     mean = sum(finals) / n
-    se_seeds = math.sqrt(sum((f - mean) ** 2 for f in finals) / (n - 1) / n) if n > 1 else float("nan")
+    se_seeds = (
+        math.sqrt(sum((f - mean) ** 2 for f in finals) / (n - 1) / n) if n > 1 else float("nan")
+    )
     se_pooled = math.sqrt(sum(s * s for s in eval_se)) / n
     se = max(se_seeds, se_pooled) if n > 1 else se_pooled
     summary: dict[str, Any] = {
-        "experiment": name, "task": runs[0]["metrics"]["task"], "metric_name": runs[0]["metrics"]["metric_name"],
-        "protocol_kind": runs[0]["metrics"]["protocol_kind"], "estimator": runs[0]["metrics"]["estimator"],
-        "seeds": args.seeds, "metric_final_mean": mean, "metric_final_se": se, "se_over_seeds": se_seeds,
+        "experiment": name,
+        "task": runs[0]["metrics"]["task"],
+        "metric_name": runs[0]["metrics"]["metric_name"],
+        "protocol_kind": runs[0]["metrics"]["protocol_kind"],
+        "estimator": runs[0]["metrics"]["estimator"],
+        "seeds": args.seeds,
+        "metric_final_mean": mean,
+        "metric_final_se": se,
+        "se_over_seeds": se_seeds,
         "se_pooled_eval": se_pooled,
         "metric_initial_mean": sum(r["metrics"]["metric_initial"] for r in runs) / n,
         "md_steps_per_seed": [r["metrics"]["md_steps"] for r in runs],
-        "wall_s_per_seed": [r["metrics"]["wall_s"] for r in runs], "wall_s_total": wall, "jobs": args.jobs,
-        "runs": [{k: r[k] for k in ("seed", "run_dir", "artifacts")} | {
-            "metric_initial": r["metrics"]["metric_initial"], "metric_final": r["metrics"]["metric_final"],
-            "metric_final_se": r["metrics"]["metric_final_se"], "md_steps": r["metrics"]["md_steps"],
-            "wall_s": r["metrics"]["wall_s"], "cpu_s": r["cpu_s"], "load_avg_after": r["load_avg"]}
-            for r in runs],
-        "command": "python benchmarks/classical_runs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_s_per_seed": [r["metrics"]["wall_s"] for r in runs],
+        "wall_s_total": wall,
+        "jobs": args.jobs,
+        "runs": [
+            {k: r[k] for k in ("seed", "run_dir", "artifacts")}
+            | {
+                "metric_initial": r["metrics"]["metric_initial"],
+                "metric_final": r["metrics"]["metric_final"],
+                "metric_final_se": r["metrics"]["metric_final_se"],
+                "md_steps": r["metrics"]["md_steps"],
+                "wall_s": r["metrics"]["wall_s"],
+                "cpu_s": r["cpu_s"],
+                "load_avg_after": r["load_avg"],
+            }
+            for r in runs
+        ],
+        "command": "python benchmarks/classical_runs.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "load_avg_end": list(os.getloadavg()),
     }
     # Paired test: the initial and the final protocol of a seed are scored on the same
@@ -127,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     # what training changed (the gain over the best constant when training starts there).
     gains = [r["metrics"]["metric_final"] - r["metrics"]["metric_initial"] for r in runs]
     gain = sum(gains) / n
-    gain_se = math.sqrt(sum((g - gain) ** 2 for g in gains) / (n - 1) / n) if n > 1 else float("nan")
+    gain_se = (
+        math.sqrt(sum((g - gain) ** 2 for g in gains) / (n - 1) / n) if n > 1 else float("nan")
+    )
     summary["paired_gain_mean"] = gain
     summary["paired_gain_se"] = gain_se
     summary["paired_gain_z"] = gain / gain_se if gain_se > 0 else float("nan")
@@ -159,20 +210,33 @@ def _markdown(s: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in s["runs"]:
-        lines.append(f"| {r['seed']} | {r['metric_initial']:.4f} | {r['metric_final']:.4f} | "
-                     f"{r['metric_final_se']:.4f} | {r['md_steps']:.3g} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
-    lines += ["", f"Mean over seeds: {s['metric_final_mean']:.4f} +- {s['metric_final_se']:.4f} "
-              f"(SE over seeds {s['se_over_seeds']:.4f}, pooled evaluation SE {s['se_pooled_eval']:.4f})."]
-    lines.append(f"Paired change final - initial (same replicas per seed): {s['paired_gain_mean']:+.4f} "
-                 f"+- {s['paired_gain_se']:.4f} over seeds ({s['paired_gain_z']:+.1f} SE).")
+        lines.append(
+            f"| {r['seed']} | {r['metric_initial']:.4f} | {r['metric_final']:.4f} | "
+            f"{r['metric_final_se']:.4f} | {r['md_steps']:.3g} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Mean over seeds: {s['metric_final_mean']:.4f} +- {s['metric_final_se']:.4f} "
+        f"(SE over seeds {s['se_over_seeds']:.4f}, pooled evaluation SE {s['se_pooled_eval']:.4f}).",
+    ]
+    lines.append(
+        f"Paired change final - initial (same replicas per seed): {s['paired_gain_mean']:+.4f} "
+        f"+- {s['paired_gain_se']:.4f} over seeds ({s['paired_gain_z']:+.1f} SE)."
+    )
     if "best_constant" in s:
         b = s["best_constant"]
-        lines.append(f"Best constant ({b['value']:.4g}): {b['mean']:.4f} +- {b['se']:.4f}; difference "
-                     f"{s['z_vs_best_constant']:.1f} SE (claim >= 3 SE: {s['beats_best_constant_by_3se']}); "
-                     f"ratio {s['ratio_to_best_constant']:.2f}.")
-    lines += ["", f"Command: `{s['command']}` (total wall {s['wall_s_total']:.0f} s, "
-              f"{s['jobs']} job(s); load average at the end {s['load_avg_end'][0]:.1f}, "
-              f"{s['load_avg_end'][1]:.1f}, {s['load_avg_end'][2]:.1f} on 2 cores)", ""]
+        lines.append(
+            f"Best constant ({b['value']:.4g}): {b['mean']:.4f} +- {b['se']:.4f}; difference "
+            f"{s['z_vs_best_constant']:.1f} SE (claim >= 3 SE: {s['beats_best_constant_by_3se']}); "
+            f"ratio {s['ratio_to_best_constant']:.2f}."
+        )
+    lines += [
+        "",
+        f"Command: `{s['command']}` (total wall {s['wall_s_total']:.0f} s, "
+        f"{s['jobs']} job(s); load average at the end {s['load_avg_end'][0]:.1f}, "
+        f"{s['load_avg_end'][1]:.1f}, {s['load_avg_end'][2]:.1f} on 2 cores)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -207,7 +271,9 @@ def _plot_progress(runs: list[dict[str, Any]], path: Path, s: dict[str, Any]) ->
     fig.savefig(path, dpi=120)
 
 
-def _plot_protocols(runs: list[dict[str, Any]], path: Path, s: dict[str, Any], cfg: dict[str, Any]) -> None:
+def _plot_protocols(
+    runs: list[dict[str, Any]], path: Path, s: dict[str, Any], cfg: dict[str, Any]
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -45,7 +45,9 @@ from controlmd.protocols import Protocol, Tabulated
 from controlmd.tasks.base import Task
 
 
-def per_replica_metric(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int) -> torch.Tensor:
+def per_replica_metric(
+    task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int
+) -> torch.Tensor:
     """Exact metric of ``protocol`` on each of ``replicas`` fresh replicas ``[replicas]``
     (replica ``i`` gets the same noise stream for any protocol and any ``chunk``)."""
     values = []
@@ -59,13 +61,20 @@ def per_replica_metric(task: Task, protocol: Protocol, *, replicas: int, chunk: 
     return torch.cat(values)
 
 
-def score(task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int) -> dict[str, float]:
+def score(
+    task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int
+) -> dict[str, float]:
     """Exact metric of ``protocol`` on ``replicas`` fresh replicas: mean, SE, MD steps, wall."""
     t0 = time.perf_counter()
     v = per_replica_metric(task, protocol, replicas=replicas, chunk=chunk, seed=seed)
     se = float(v.std(unbiased=True)) / math.sqrt(v.numel()) if v.numel() > 1 else float("nan")
-    return {"mean": float(v.mean()), "se": se, "n": int(v.numel()),
-            "md_steps": int(v.numel()) * task.n_steps, "wall_s": time.perf_counter() - t0}
+    return {
+        "mean": float(v.mean()),
+        "se": se,
+        "n": int(v.numel()),
+        "md_steps": int(v.numel()) * task.n_steps,
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def table_protocol(task: Task, start: float, end: float) -> Protocol:
@@ -81,7 +90,9 @@ def hold_protocol(task: Task, spec: str) -> tuple[str, Protocol]:
         if not sep or any(len(p) != 2 for p in pairs) or pairs[0][0] != 0.0:
             raise ValueError
     except ValueError:
-        raise ControlMDError(f"--hold expects LABEL=0:V0,F1:V1,... (fractions of the horizon), got {spec!r}") from None
+        raise ControlMDError(
+            f"--hold expects LABEL=0:V0,F1:V1,... (fractions of the horizon), got {spec!r}"
+        ) from None
     times = [f * task.horizon for f, _ in pairs] + [task.horizon]
     values = [[v] for _, v in pairs] + [[pairs[-1][1]]]
     if times[-2] >= task.horizon:
@@ -96,15 +107,24 @@ def gate(sweep: list[dict[str, Any]]) -> dict[str, Any]:
     interior = 0 < k < len(sweep) - 1
 
     def above(end: dict[str, Any]) -> float:
-        return (best["mean"] - end["mean"]) / math.hypot(best["se"], end["se"]) if best["se"] + end["se"] > 0 else math.inf
+        return (
+            (best["mean"] - end["mean"]) / math.hypot(best["se"], end["se"])
+            if best["se"] + end["se"] > 0
+            else math.inf
+        )
 
     z_first, z_last = above(sweep[0]), above(sweep[-1])
     z_below_one = (1.0 - best["mean"]) / best["se"] if best["se"] > 0 else math.inf
     return {
-        "best_value": best["value"], "best_mean": best["mean"], "best_se": best["se"],
-        "interior_max": interior, "z_over_first": z_first, "z_over_last": z_last,
+        "best_value": best["value"],
+        "best_mean": best["mean"],
+        "best_se": best["se"],
+        "interior_max": interior,
+        "z_over_first": z_first,
+        "z_over_last": z_last,
         "non_monotone": bool(interior and z_first > 2 and z_last > 2),
-        "z_below_one": z_below_one, "max_clearly_below_1": bool(z_below_one > 3),
+        "z_below_one": z_below_one,
+        "max_clearly_below_1": bool(z_below_one > 3),
         "max_below_half": bool(best["mean"] + 2 * best["se"] < 0.5),
     }
 
@@ -112,17 +132,31 @@ def gate(sweep: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", help="experiment TOML (its [task] section is used)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--values", help="comma-separated constant values (default: --n-values over the bounds)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    parser.add_argument(
+        "--values", help="comma-separated constant values (default: --n-values over the bounds)"
+    )
     parser.add_argument("--n-values", type=int, default=9)
     parser.add_argument("--replicas", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--seed", type=int, default=7_000_000)
-    parser.add_argument("--hold", action="append", default=[], metavar="LABEL=F0:V0,F1:V1,...",
-                        help="extra piecewise-constant protocol (time fractions and values)")
-    parser.add_argument("--holds-only", action="store_true",
-                        help="score only the no-control value and the --hold protocols (no sweep, no gate)")
-    parser.add_argument("--out", help="JSON output path (default: experiments/results/<experiment>_sweep.json)")
+    parser.add_argument(
+        "--hold",
+        action="append",
+        default=[],
+        metavar="LABEL=F0:V0,F1:V1,...",
+        help="extra piecewise-constant protocol (time fractions and values)",
+    )
+    parser.add_argument(
+        "--holds-only",
+        action="store_true",
+        help="score only the no-control value and the --hold protocols (no sweep, no gate)",
+    )
+    parser.add_argument(
+        "--out", help="JSON output path (default: experiments/results/<experiment>_sweep.json)"
+    )
     args = parser.parse_args(argv)
 
     cfg = load_config(args.experiment, args.overrides)
@@ -144,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(label: str, protocol: Protocol) -> dict[str, float]:
         result = score(task, protocol, **opts)
-        print(f"{label:>22s}: {result['mean']:.4f} +- {result['se']:.4f}  ({result['wall_s']:.0f} s)", flush=True)
+        print(
+            f"{label:>22s}: {result['mean']:.4f} +- {result['se']:.4f}  ({result['wall_s']:.0f} s)",
+            flush=True,
+        )
         return result
 
     def score_holds(into: dict[str, dict[str, Any]]) -> None:
@@ -152,17 +189,42 @@ def main(argv: list[str] | None = None) -> int:
             label, protocol = hold_protocol(task, spec)
             into[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
 
-    command = "python benchmarks/constant_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/constant_sweep.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     if args.holds_only:
-        results = {"no_control": {"value": u0, **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))}}
+        results = {
+            "no_control": {
+                "value": u0,
+                **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0)),
+            }
+        }
         score_holds(results)
-        out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_holds.json"
-        doc = {"task": task.name, "metric_name": task.metric_name, "channel": task.controls.names[0],
-               "replicas": args.replicas, "seed": args.seed, "n_steps": task.n_steps, "protocols": results,
-               "wall_s": time.perf_counter() - t0, "command": command}
+        out = (
+            Path(args.out)
+            if args.out
+            else Path("experiments/results") / f"{cfg['experiment']['name']}_holds.json"
+        )
+        doc = {
+            "task": task.name,
+            "metric_name": task.metric_name,
+            "channel": task.controls.names[0],
+            "replicas": args.replicas,
+            "seed": args.seed,
+            "n_steps": task.n_steps,
+            "protocols": results,
+            "wall_s": time.perf_counter() - t0,
+            "command": command,
+        }
         atomic_write_text(out, json.dumps(doc, indent=2))
-        lines = [f"| protocol | {doc['channel']} (from time fraction: value) | metric | SE |", "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} |" for name, b in results.items()]
+        lines = [
+            f"| protocol | {doc['channel']} (from time fraction: value) | metric | SE |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} |"
+            for name, b in results.items()
+        ]
         lines += ["", f"Command: `{command}` ({doc['wall_s']:.0f} s)", ""]
         atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
         print("\n".join(lines))
@@ -171,21 +233,39 @@ def main(argv: list[str] | None = None) -> int:
     sweep = [{"value": v, **run(f"constant {v:.4g}", table_protocol(task, v, v))} for v in values]
     same = [s for s in sweep if math.isclose(s["value"], u0)]  # same replicas: same result
     baselines = {
-        "no_control": {"value": u0, **(same[0] if same else run(f"no control ({u0:.4g})", table_protocol(task, u0, u0)))},
+        "no_control": {
+            "value": u0,
+            **(same[0] if same else run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))),
+        },
         "ramp_up": {"start": lo, "end": hi, **run("ramp up", table_protocol(task, lo, hi))},
         "ramp_down": {"start": hi, "end": lo, **run("ramp down", table_protocol(task, hi, lo))},
     }
     score_holds(baselines)
     g = gate(sweep)
     baselines["best_constant"] = next(s for s in sweep if s["value"] == g["best_value"])
-    out = Path(args.out) if args.out else Path("experiments/results") / f"{cfg['experiment']['name']}_sweep.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("experiments/results") / f"{cfg['experiment']['name']}_sweep.json"
+    )
     result = {
-        "task": task.name, "task_params": {k: v for k, v in cfg["task"].items() if k != "name"},
-        "metric_name": task.metric_name, "channel": task.controls.names[0], "unit": task.controls.units[0],
-        "bounds": [lo, hi], "replicas": args.replicas, "seed": args.seed, "n_steps": task.n_steps,
-        "dt": task.dt, "sweep": sweep, "baselines": baselines, "gate": g,
-        "md_steps": sum(s["md_steps"] for s in sweep) + sum(
-            b["md_steps"] for k, b in baselines.items() if k not in ("best_constant", "no_control")),
+        "task": task.name,
+        "task_params": {k: v for k, v in cfg["task"].items() if k != "name"},
+        "metric_name": task.metric_name,
+        "channel": task.controls.names[0],
+        "unit": task.controls.units[0],
+        "bounds": [lo, hi],
+        "replicas": args.replicas,
+        "seed": args.seed,
+        "n_steps": task.n_steps,
+        "dt": task.dt,
+        "sweep": sweep,
+        "baselines": baselines,
+        "gate": g,
+        "md_steps": sum(s["md_steps"] for s in sweep)
+        + sum(
+            b["md_steps"] for k, b in baselines.items() if k not in ("best_constant", "no_control")
+        ),
         "wall_s": time.perf_counter() - t0,
         "command": command,
     }
@@ -213,9 +293,13 @@ def _markdown(r: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for s in r["sweep"]:
-        lines.append(f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {s['md_steps']:.3g} |")
+        lines.append(
+            f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {s['md_steps']:.3g} |"
+        )
     for name, b in r["baselines"].items():
-        lines.append(f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |")
+        lines.append(
+            f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |"
+        )
     g = r["gate"]
     lines += [
         "",

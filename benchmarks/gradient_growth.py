@@ -31,26 +31,37 @@ from controlmd.protocols import PiecewiseConstant
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--pieces", type=int, default=8)
     parser.add_argument("--replicas", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--gradient", default="direct", choices=["direct", "checkpoint"])
     parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON line instead of a table"
+    )
     args = parser.parse_args(argv)
 
     cfg = load_config(args.experiment, [*args.overrides, f"task.n_steps={args.steps}"])
     cfg["task"] = {k: v for k, v in cfg["task"].items() if k != "surrogate"}  # the smooth loss
     task = build_task(cfg)
-    u0 = task.default_control() if hasattr(task, "default_control") else 0.5 * (
-        task.controls.low_tensor() + task.controls.high_tensor())
+    u0 = (
+        task.default_control()
+        if hasattr(task, "default_control")
+        else 0.5 * (task.controls.low_tensor() + task.controls.high_tensor())
+    )
     grads = []
     t0 = time.perf_counter()
     for s in range(args.seeds):
-        protocol = PiecewiseConstant(dim=task.controls.dim, t_final=task.horizon, n_pieces=args.pieces,
-                                     init=u0.expand(args.pieces, -1).clone())
+        protocol = PiecewiseConstant(
+            dim=task.controls.dim,
+            t_final=task.horizon,
+            n_pieces=args.pieces,
+            init=u0.expand(args.pieces, -1).clone(),
+        )
         options = {"gradient": args.gradient}
         if args.gradient == "checkpoint":
             options["window"] = args.window
@@ -64,23 +75,37 @@ def main(argv: list[str] | None = None) -> int:
     agree = (torch.sign(G) == torch.sign(mean)).to(torch.float64).mean(0)
     piece_steps = args.steps / args.pieces
     result = {
-        "task": task.name, "steps": args.steps, "dt": task.dt, "pieces": args.pieces,
-        "replicas": args.replicas, "seeds": args.seeds, "gradient": args.gradient,
-        "mean_abs_grad": mag.tolist(), "sign_agreement": agree.tolist(),
-        "growth_per_piece": (math.exp(math.log(float(mag[0]) / float(mag[-1])) / (args.pieces - 1))
-                             if float(mag[-1]) > 0 and float(mag[0]) > 0 else None),
+        "task": task.name,
+        "steps": args.steps,
+        "dt": task.dt,
+        "pieces": args.pieces,
+        "replicas": args.replicas,
+        "seeds": args.seeds,
+        "gradient": args.gradient,
+        "mean_abs_grad": mag.tolist(),
+        "sign_agreement": agree.tolist(),
+        "growth_per_piece": (
+            math.exp(math.log(float(mag[0]) / float(mag[-1])) / (args.pieces - 1))
+            if float(mag[-1]) > 0 and float(mag[0]) > 0
+            else None
+        ),
         "wall_s": time.perf_counter() - t0,
-        "command": "python benchmarks/gradient_growth.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/gradient_growth.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{task.name}: {args.steps} steps (dt = {task.dt:g}), {args.pieces} pieces of {piece_steps:g} steps, "
-          f"{args.replicas} replicas x {args.seeds} seeds, {args.gradient} backprop")
+    print(
+        f"{task.name}: {args.steps} steps (dt = {task.dt:g}), {args.pieces} pieces of {piece_steps:g} steps, "
+        f"{args.replicas} replicas x {args.seeds} seeds, {args.gradient} backprop"
+    )
     print("| piece | steps before the end | mean abs dL/du | sign agreement |")
     print("| --- | --- | --- | --- |")
     for k in range(args.pieces):
-        print(f"| {k} | {int((args.pieces - k) * piece_steps)} | {float(mag[k]):.3g} | {float(agree[k]):.2f} |")
+        print(
+            f"| {k} | {int((args.pieces - k) * piece_steps)} | {float(mag[k]):.3g} | {float(agree[k]):.2f} |"
+        )
     print(f"geometric growth per piece (first vs last): {result['growth_per_piece']}")
     print(f"Command: `{result['command']}` ({result['wall_s']:.0f} s)")
     return 0

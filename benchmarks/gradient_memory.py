@@ -71,18 +71,30 @@ def _worker(args: argparse.Namespace) -> None:
     elif path == "reversible":
         final = simulate_reversible(nve, state, T, window=args.window)
     else:
-        final = simulate_ode(nve, state, T * nve.dt, method="rk4", adjoint=True,
-                             options={"step_size": nve.dt}).final
+        final = simulate_ode(
+            nve, state, T * nve.dt, method="rk4", adjoint=True, options={"step_size": nve.dt}
+        ).final
     t1 = time.perf_counter()
     loss = nve.potential.energy(final.R, final.t).sum() / n
     loss.backward()
     t2 = time.perf_counter()
-    print(json.dumps({
-        "path": path, "T": T, "n": n, "forward_s": t1 - t0, "backward_s": t2 - t1,
-        "total_s": t2 - t0, "backward_over_forward": (t2 - t1) / (t1 - t0),
-        "peak_rss_mib": _peak_mib(torch.device("cpu")), "baseline_rss_mib": baseline,
-        "grad_epsilon": float(nve.potential.epsilon.grad), "loss": float(loss),
-    }))
+    print(
+        json.dumps(
+            {
+                "path": path,
+                "T": T,
+                "n": n,
+                "forward_s": t1 - t0,
+                "backward_s": t2 - t1,
+                "total_s": t2 - t0,
+                "backward_over_forward": (t2 - t1) / (t1 - t0),
+                "peak_rss_mib": _peak_mib(torch.device("cpu")),
+                "baseline_rss_mib": baseline,
+                "grad_epsilon": float(nve.potential.epsilon.grad),
+                "loss": float(loss),
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -90,15 +102,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--steps", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    p.add_argument("--window", type=int, default=200, help="W of the checkpoint and reversible paths")
+    p.add_argument(
+        "--window", type=int, default=200, help="W of the checkpoint and reversible paths"
+    )
     p.add_argument("--skin", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--equilibrate", type=int, default=300)
     p.add_argument("--max-memory-gib", type=float, default=20.0, help="address-space cap per run")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
-                   help="run the workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: a fixed mmap "
-                        "threshold, so freed large arrays go back to the system; e.g. 131072)")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="run the workers with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: a fixed mmap "
+        "threshold, so freed large arrays go back to the system; e.g. 131072)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -115,31 +134,64 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.save({"box": space.box, "R": R, "P": P}, state_file)
         for T in args.steps:
             for path in args.paths:
-                cmd = [sys.executable, __file__, "--worker", str(state_file), "--path", path, "--T", str(T),
-                       "--window", str(args.window), "--skin", str(args.skin), "--threads", str(args.threads),
-                       "--max-memory-gib", str(args.max_memory_gib)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    str(state_file),
+                    "--path",
+                    path,
+                    "--T",
+                    str(T),
+                    "--window",
+                    str(args.window),
+                    "--skin",
+                    str(args.skin),
+                    "--threads",
+                    str(args.threads),
+                    "--max-memory-gib",
+                    str(args.max_memory_gib),
+                ]
                 load = os.getloadavg()
                 env = dict(os.environ)
                 if args.malloc_mmap_threshold is not None:
                     env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
                 try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                    proc = subprocess.run(
+                        cmd, capture_output=True, text=True, timeout=args.timeout, env=env
+                    )
                     if proc.returncode == 0:
                         row = json.loads(proc.stdout.strip().splitlines()[-1])
                     else:
                         err = proc.stderr.strip().splitlines()
                         oom = any("memory" in line.lower() for line in err[-5:])
-                        row = {"path": path, "T": T, "n": args.n,
-                               "error": ("out of memory (cap "
-                                         f"{args.max_memory_gib:g} GiB)" if oom else f"exit {proc.returncode}"),
-                               "detail": err[-1] if err else ""}
+                        row = {
+                            "path": path,
+                            "T": T,
+                            "n": args.n,
+                            "error": (
+                                f"out of memory (cap {args.max_memory_gib:g} GiB)"
+                                if oom
+                                else f"exit {proc.returncode}"
+                            ),
+                            "detail": err[-1] if err else "",
+                        }
                 except subprocess.TimeoutExpired:
-                    row = {"path": path, "T": T, "n": args.n, "error": f"timeout after {args.timeout:g} s"}
+                    row = {
+                        "path": path,
+                        "T": T,
+                        "n": args.n,
+                        "error": f"timeout after {args.timeout:g} s",
+                    }
                 row["load_average_before"] = load
                 row["malloc_mmap_threshold"] = env.get("MALLOC_MMAP_THRESHOLD_")
                 results.append(row)
                 print(json.dumps(row) if args.json else row, flush=True)
-    ref = {r["T"]: r["grad_epsilon"] for r in results if r.get("path") == "reversible" and "grad_epsilon" in r}
+    ref = {
+        r["T"]: r["grad_epsilon"]
+        for r in results
+        if r.get("path") == "reversible" and "grad_epsilon" in r
+    }
     for r in results:
         if "grad_epsilon" in r and r["T"] in ref and r["path"] != "reversible":
             r["rel_diff_vs_reversible"] = abs(r["grad_epsilon"] - ref[r["T"]]) / abs(ref[r["T"]])

@@ -82,8 +82,13 @@ def lj_fluid(
 
 def _nve(space: Space, skin: float, *, learnable: bool) -> NVE:
     nl = NeighborList(space, R_CUT, skin=skin)
-    lj = LennardJones(space, r_cut=R_CUT, shift="energy", neighbor_list=nl,
-                      learnable=("epsilon",) if learnable else False)
+    lj = LennardJones(
+        space,
+        r_cut=R_CUT,
+        shift="energy",
+        neighbor_list=nl,
+        learnable=("epsilon",) if learnable else False,
+    )
     return NVE(lj, dt=DT, space=space)
 
 
@@ -151,7 +156,9 @@ def run_controlmd(args: argparse.Namespace, space: Space, R: torch.Tensor, P: to
         out["pairs"] = len(nl.pairs)
         n = R.shape[1]
         out["total_energy_per_particle_start_end"] = [
-            float(nve.energy(nve.prepare(state))) / n, float(nve.energy(final)) / n]
+            float(nve.energy(nve.prepare(state))) / n,
+            float(nve.energy(final)) / n,
+        ]
 
     # reversible first: freed heap stays resident, so the later (larger) direct phase's
     # peak is still its own (gradient_memory.py isolates paths in subprocesses)
@@ -177,7 +184,11 @@ def run_controlmd(args: argparse.Namespace, space: Space, R: torch.Tensor, P: to
             best = min(best, time.perf_counter() - t0)
             best_cpu = min(best_cpu, time.process_time() - c0)
             grad = float(nve.potential.epsilon.grad)
-        key = "forward_grad_steps_per_s" if path == "direct" else "forward_grad_reversible_steps_per_s"
+        key = (
+            "forward_grad_steps_per_s"
+            if path == "direct"
+            else "forward_grad_reversible_steps_per_s"
+        )
         out[key] = args.steps / best
         out[key.replace("_per_s", "_per_cpu_s")] = args.steps / best_cpu
         out[f"peak_memory_grad_{path}_mib"] = _peak_mib(device)
@@ -193,16 +204,35 @@ def run_jax_md(args: argparse.Namespace, space: Space, R: torch.Tensor, P: torch
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.pt"
         torch.save({"R": R[0].numpy(), "P": P[0].numpy(), "box": float(space.box[0])}, path)
-        cmd = [sys.executable, __file__, "--jax-md-worker", str(path), "--steps", str(args.steps),
-               "--dtype", args.dtype, "--skin", str(args.skin), "--repeats", str(args.repeats),
-               "--jax-md-format", args.jax_md_format, "--n", str(args.n)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--jax-md-worker",
+            str(path),
+            "--steps",
+            str(args.steps),
+            "--dtype",
+            args.dtype,
+            "--skin",
+            str(args.skin),
+            "--repeats",
+            str(args.repeats),
+            "--jax-md-format",
+            args.jax_md_format,
+            "--n",
+            str(args.n),
+        ]
         if args.jax_md_grad_steps is not None:
             cmd += ["--jax-md-grad-steps", str(args.jax_md_grad_steps)]
         env = dict(os.environ)
         if args.threads == 1:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                " intra_op_parallelism_threads=1").strip()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.jax_md_timeout, env=env)
+            env["XLA_FLAGS"] = (
+                env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                " intra_op_parallelism_threads=1"
+            ).strip()
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.jax_md_timeout, env=env
+        )
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -315,7 +345,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="MD steps per timed run")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--skin", type=float, default=0.5, help="neighbor-list skin (JAX MD dr_threshold)")
+    p.add_argument(
+        "--skin", type=float, default=0.5, help="neighbor-list skin (JAX MD dr_threshold)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
     p.add_argument("--equilibrate", type=int, default=300, help="equilibration steps (float64)")
@@ -323,9 +355,15 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=200, help="reversible checkpoint interval W")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--jax-md", action="store_true", help="run the same system in JAX MD too")
-    p.add_argument("--jax-md-format", default="OrderedSparse", choices=("Dense", "Sparse", "OrderedSparse"))
-    p.add_argument("--jax-md-grad-steps", type=int, default=None,
-                   help="steps of the JAX MD gradient run (default --steps; lower it when it runs out of memory)")
+    p.add_argument(
+        "--jax-md-format", default="OrderedSparse", choices=("Dense", "Sparse", "OrderedSparse")
+    )
+    p.add_argument(
+        "--jax-md-grad-steps",
+        type=int,
+        default=None,
+        help="steps of the JAX MD gradient run (default --steps; lower it when it runs out of memory)",
+    )
     p.add_argument("--jax-md-timeout", type=float, default=1800.0)
     p.add_argument("--jax-md-worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -340,12 +378,19 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     space, R, P = lj_fluid(args.n, equilibrate=args.equilibrate, skin=args.skin)
     result = {
-        "n": args.n, "steps": args.steps, "device": args.device, "dtype": args.dtype,
-        "skin": args.skin, "threads": args.threads, "repeats": args.repeats,
+        "n": args.n,
+        "steps": args.steps,
+        "device": args.device,
+        "dtype": args.dtype,
+        "skin": args.skin,
+        "threads": args.threads,
+        "repeats": args.repeats,
         "jax_md_format": args.jax_md_format if args.jax_md else None,
         "equilibration_s": time.perf_counter() - t0,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
     }
     if args.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
@@ -354,8 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
         jm = run_jax_md(args, space, R, P)
         result["jax_md"] = jm
         if "forward_steps_per_s" in jm:
-            for key in ("forward_steps_per_s", "forward_grad_steps_per_s",
-                        "forward_steps_per_cpu_s", "forward_grad_steps_per_cpu_s"):
+            for key in (
+                "forward_steps_per_s",
+                "forward_grad_steps_per_s",
+                "forward_steps_per_cpu_s",
+                "forward_grad_steps_per_cpu_s",
+            ):
                 result["ratio_" + key] = result[key] / jm[key]
     result["load_average_after"] = os.getloadavg()
     if args.json:

@@ -37,8 +37,14 @@ from constant_sweep import per_replica_metric, table_protocol
 def _summary(d: torch.Tensor) -> dict[str, float]:
     se = float(d.std(unbiased=True)) / math.sqrt(d.numel())
     mean = float(d.mean())
-    return {"mean_difference": mean, "se": se, "z": mean / se if se > 0 else math.inf, "n": int(d.numel()),
-            "gained": int((d > 0).sum()), "lost": int((d < 0).sum())}
+    return {
+        "mean_difference": mean,
+        "se": se,
+        "z": mean / se if se > 0 else math.inf,
+        "n": int(d.numel()),
+        "gained": int((d > 0).sum()),
+        "lost": int((d < 0).sum()),
+    }
 
 
 def main() -> None:
@@ -58,23 +64,45 @@ def main() -> None:
         trained = load_protocol(run / "protocol.pt")
         constant = table_protocol(task, args.constant, args.constant)
         seed = args.seed + r
-        m_trained = per_replica_metric(task, trained, replicas=args.replicas, chunk=args.chunk, seed=seed)
-        m_constant = per_replica_metric(task, constant, replicas=args.replicas, chunk=args.chunk, seed=seed)
+        m_trained = per_replica_metric(
+            task, trained, replicas=args.replicas, chunk=args.chunk, seed=seed
+        )
+        m_constant = per_replica_metric(
+            task, constant, replicas=args.replicas, chunk=args.chunk, seed=seed
+        )
         d = m_trained - m_constant
         diffs.append(d)
-        row = {"run": str(run), "seed": seed, "trained": float(m_trained.mean()),
-               "constant": float(m_constant.mean()), **_summary(d)}
+        row = {
+            "run": str(run),
+            "seed": seed,
+            "trained": float(m_trained.mean()),
+            "constant": float(m_constant.mean()),
+            **_summary(d),
+        }
         rows.append(row)
-        print(f"{run}: trained {row['trained']:.4f}, constant {row['constant']:.4f}, difference "
-              f"{row['mean_difference']:+.4f} +- {row['se']:.4f} (z = {row['z']:.1f}; "
-              f"+{row['gained']} / -{row['lost']} of {row['n']})", flush=True)
+        print(
+            f"{run}: trained {row['trained']:.4f}, constant {row['constant']:.4f}, difference "
+            f"{row['mean_difference']:+.4f} +- {row['se']:.4f} (z = {row['z']:.1f}; "
+            f"+{row['gained']} / -{row['lost']} of {row['n']})",
+            flush=True,
+        )
     pooled = _summary(torch.cat(diffs))
-    print(f"pooled over {len(rows)} runs: difference {pooled['mean_difference']:+.4f} +- {pooled['se']:.4f} "
-          f"(z = {pooled['z']:.1f}; +{pooled['gained']} / -{pooled['lost']} of {pooled['n']}) "
-          f"[{time.perf_counter() - t0:.0f} s]")
+    print(
+        f"pooled over {len(rows)} runs: difference {pooled['mean_difference']:+.4f} +- {pooled['se']:.4f} "
+        f"(z = {pooled['z']:.1f}; +{pooled['gained']} / -{pooled['lost']} of {pooled['n']}) "
+        f"[{time.perf_counter() - t0:.0f} s]"
+    )
     if args.json is not None:
-        atomic_write_json(args.json, {"constant": args.constant, "replicas": args.replicas, "runs": rows,
-                                      "pooled": pooled, "command": " ".join(["python", *sys.argv])})
+        atomic_write_json(
+            args.json,
+            {
+                "constant": args.constant,
+                "replicas": args.replicas,
+                "runs": rows,
+                "pooled": pooled,
+                "command": " ".join(["python", *sys.argv]),
+            },
+        )
 
 
 if __name__ == "__main__":

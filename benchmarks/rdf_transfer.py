@@ -41,11 +41,15 @@ def _fit_info(run_dir: Path) -> tuple[str, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fit", action="append", required=True, type=Path, help="run folder holding potential.pt")
+    parser.add_argument(
+        "--fit", action="append", required=True, type=Path, help="run folder holding potential.pt"
+    )
     parser.add_argument("--densities", type=float, nargs="+", default=[0.7, 0.9])
     parser.add_argument("--n-particles", type=int, default=256)
     parser.add_argument("--replicas", type=int, default=8)
-    parser.add_argument("--frames", type=int, default=200, help="frames per replica of each evaluation")
+    parser.add_argument(
+        "--frames", type=int, default=200, help="frames per replica of each evaluation"
+    )
     parser.add_argument("--target-frames", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None)
@@ -60,21 +64,37 @@ def main() -> None:
     curves: dict[float, dict[str, torch.Tensor]] = {}
     for density in densities:
         t0 = time.perf_counter()
-        task = RDFInverse(n_particles=args.n_particles, density=density, kT=kT,
-                          r_max=float(base.get("r_max", 2.3)), n_bins=int(base.get("n_bins", 46)),
-                          smearing=base.get("smearing"),
-                          target_frames=args.target_frames, record_every=10, final_replicas=args.replicas,
-                          final_frames=args.frames)
+        task = RDFInverse(
+            n_particles=args.n_particles,
+            density=density,
+            kT=kT,
+            r_max=float(base.get("r_max", 2.3)),
+            n_bins=int(base.get("n_bins", 46)),
+            smearing=base.get("smearing"),
+            target_frames=args.target_frames,
+            record_every=10,
+            final_replicas=args.replicas,
+            final_frames=args.frames,
+        )
         curves[density] = {"r": task.centers, "target": task.targets.smeared}
         entries = [("reference LJ (noise floor)", task.reference)]
-        entries += [(label, load_pair_potential(run / "potential.pt", task.space)) for label, _, run in fits]
+        entries += [
+            (label, load_pair_potential(run / "potential.pt", task.space)) for label, _, run in fits
+        ]
         for label, pair in entries:
-            sample = task.sample_rdf(pair, n_replicas=args.replicas, n_frames=args.frames, every=10, seed=args.seed)
+            sample = task.sample_rdf(
+                pair, n_replicas=args.replicas, n_frames=args.frames, every=10, seed=args.seed
+            )
             mse = float(((sample["smeared"] - task.targets.smeared) ** 2).mean())
             hist = float(((sample["hist"] - task.targets.hist) ** 2).mean())
-            rows.append({"density": density, "potential": label, "rdf_mse": mse, "rdf_hist_mse": hist})
+            rows.append(
+                {"density": density, "potential": label, "rdf_mse": mse, "rdf_hist_mse": hist}
+            )
             curves[density][label] = sample["smeared"]
-            print(f"density {density:5.3f}  {label:45s} rdf_mse {mse:.3e}  hist {hist:.3e}", flush=True)
+            print(
+                f"density {density:5.3f}  {label:45s} rdf_mse {mse:.3e}  hist {hist:.3e}",
+                flush=True,
+            )
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json is not None:
         atomic_write_json(args.json, {"n_particles": args.n_particles, "kT": kT, "rows": rows})

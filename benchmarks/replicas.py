@@ -32,11 +32,15 @@ from controlmd.simulate import simulate
 from controlmd.space import periodic
 
 
-def _system(n: int, r_cut: float, skin: float, B: int, dtype: torch.dtype, device: str, learnable: bool):
+def _system(
+    n: int, r_cut: float, skin: float, B: int, dtype: torch.dtype, device: str, learnable: bool
+):
     R0, box = lattice("fcc", n, density=0.8)
     space = periodic(box)
     nl = NeighborList(space, r_cut, skin=skin) if skin > 0 else None
-    lj = LennardJones(space, r_cut=r_cut, neighbor_list=nl, learnable=("epsilon",) if learnable else False)
+    lj = LennardJones(
+        space, r_cut=r_cut, neighbor_list=nl, learnable=("epsilon",) if learnable else False
+    )
     nve = NVE(lj, dt=0.005, space=space).to(device)
     R = R0.to(device, dtype).expand(B, n, 3).contiguous()
     return nve, nve.init(R, kT=1.0, rng=ReplicaRNG(0, B, device=device))
@@ -46,7 +50,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--r-cut", type=float, default=1.5)
-    p.add_argument("--skin", type=float, default=0.0, help="neighbor-list skin; 0: all pairs (dense)")
+    p.add_argument(
+        "--skin", type=float, default=0.0, help="neighbor-list skin; 0: all pairs (dense)"
+    )
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--device", default="cpu")
@@ -70,10 +76,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 best = min(best, time.perf_counter() - t0)
-        row = {"B": B, "n": args.n, "steps": args.steps, "dtype": args.dtype, "threads": args.threads,
-               "skin": args.skin,
-               "replica_steps_per_s": B * args.steps / best, "steps_per_s": args.steps / best,
-               "load_average": os.getloadavg()}
+        row = {
+            "B": B,
+            "n": args.n,
+            "steps": args.steps,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "skin": args.skin,
+            "replica_steps_per_s": B * args.steps / best,
+            "steps_per_s": args.steps / best,
+            "load_average": os.getloadavg(),
+        }
         if args.grad:
             nve_g, _ = _system(args.n, args.r_cut, args.skin, B, dtype, args.device, learnable=True)
             best = math.inf

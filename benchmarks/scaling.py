@@ -42,8 +42,12 @@ def _worker(args: argparse.Namespace) -> None:
     from controlmd.distributed import init_distributed
     from controlmd.train import Trainer
 
-    overrides = [*args.set, f"train.replicas={args.replicas}", f"task.n_steps={args.steps}",
-                 "train.variance_every=0"]
+    overrides = [
+        *args.set,
+        f"train.replicas={args.replicas}",
+        f"task.n_steps={args.steps}",
+        "train.variance_every=0",
+    ]
     cfg = load_config(args.config, overrides)
     torch.manual_seed(cfg["experiment"]["seed"])
     ctx = init_distributed()
@@ -59,25 +63,55 @@ def _worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     # an iteration ends when its slowest rank ends
-    per_rank = ctx.all_gather(torch.tensor([times, cpu], dtype=torch.float64)[None])  # [W, 2, iterations]
+    per_rank = ctx.all_gather(
+        torch.tensor([times, cpu], dtype=torch.float64)[None]
+    )  # [W, 2, iterations]
     worst = per_rank[:, 0].max(dim=0).values.tolist()
     worst_cpu = per_rank[:, 1].max(dim=0).values.tolist()
     if ctx.is_main:
         median = statistics.median(worst)
-        print(json.dumps({
-            "nproc": ctx.world_size, "replicas": args.replicas, "replicas_per_rank": trainer.shard.count,
-            "md_steps_per_rollout": task.n_steps, "task": task.name, "threads_per_rank": torch.get_num_threads(),
-            "s_per_iteration_median": median, "s_per_iteration_min": min(worst),
-            "replica_steps_per_s": args.replicas * task.n_steps / median, "iterations": args.iterations,
-            "cpu_s_per_iteration_per_rank_median": statistics.median(worst_cpu),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "nproc": ctx.world_size,
+                    "replicas": args.replicas,
+                    "replicas_per_rank": trainer.shard.count,
+                    "md_steps_per_rollout": task.n_steps,
+                    "task": task.name,
+                    "threads_per_rank": torch.get_num_threads(),
+                    "s_per_iteration_median": median,
+                    "s_per_iteration_min": min(worst),
+                    "replica_steps_per_s": args.replicas * task.n_steps / median,
+                    "iterations": args.iterations,
+                    "cpu_s_per_iteration_per_rank_median": statistics.median(worst_cpu),
+                }
+            ),
+            flush=True,
+        )
     ctx.close()
 
 
 def _launch(args: argparse.Namespace, nproc: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           __file__, "--worker", "--config", str(args.config), "--replicas", str(args.replicas),
-           "--steps", str(args.steps), "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        __file__,
+        "--worker",
+        "--config",
+        str(args.config),
+        "--replicas",
+        str(args.replicas),
+        "--steps",
+        str(args.steps),
+        "--iterations",
+        str(args.iterations),
+        "--warmup",
+        str(args.warmup),
+    ]
     for item in args.set:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -91,9 +125,18 @@ def _launch(args: argparse.Namespace, nproc: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="experiment TOML (default: polymer_fold_quick)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
-    p.add_argument("--replicas", type=int, default=32, help="total replicas (sharded over the processes)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="experiment TOML (default: polymer_fold_quick)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override"
+    )
+    p.add_argument(
+        "--replicas", type=int, default=32, help="total replicas (sharded over the processes)"
+    )
     p.add_argument("--steps", type=int, default=400, help="MD steps per rollout (task.n_steps)")
     p.add_argument("--iterations", type=int, default=5, help="timed iterations")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
@@ -112,19 +155,29 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_first"] = rows[0]["s_per_iteration_median"] / row["s_per_iteration_median"]
         row["efficiency"] = base / (row["s_per_iteration_median"] * row["nproc"])
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "backend": "gloo", "config": str(args.config), "overrides": args.set}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "backend": "gloo",
+        "config": str(args.config),
+        "overrides": args.set,
+    }
     if args.json:
         print(json.dumps({"meta": meta, "results": rows}, indent=2))
         return
     print(f"{meta}")
-    print("nproc  replicas/rank  s/iteration (median, min)  CPU s/iteration/rank  replica-steps/s  speedup  "
-          "efficiency  load")
+    print(
+        "nproc  replicas/rank  s/iteration (median, min)  CPU s/iteration/rank  replica-steps/s  speedup  "
+        "efficiency  load"
+    )
     for r in rows:
-        print(f"{r['nproc']:>5}  {r['replicas_per_rank']:>13}  {r['s_per_iteration_median']:>9.3f}, "
-              f"{r['s_per_iteration_min']:.3f}        {r['cpu_s_per_iteration_per_rank_median']:>20.3f}  "
-              f"{r['replica_steps_per_s']:>15.4g}  {r['speedup_vs_first']:>7.2f}  "
-              f"{r['efficiency']:>10.2f}  {r['load_average_1min_before']:.1f}")
+        print(
+            f"{r['nproc']:>5}  {r['replicas_per_rank']:>13}  {r['s_per_iteration_median']:>9.3f}, "
+            f"{r['s_per_iteration_min']:.3f}        {r['cpu_s_per_iteration_per_rank_median']:>20.3f}  "
+            f"{r['replica_steps_per_s']:>15.4g}  {r['speedup_vs_first']:>7.2f}  "
+            f"{r['efficiency']:>10.2f}  {r['load_average_1min_before']:.1f}"
+        )
 
 
 if __name__ == "__main__":

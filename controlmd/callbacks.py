@@ -96,7 +96,9 @@ class EvalCallback(Callback):
         chunk: replicas simulated at once.
     """
 
-    def __init__(self, every: int, n_replicas: int, *, seed: int | None = None, chunk: int = 10_000) -> None:
+    def __init__(
+        self, every: int, n_replicas: int, *, seed: int | None = None, chunk: int = 10_000
+    ) -> None:
         check_int("every", every, minimum=0)
         check_int("n_replicas", n_replicas)
         self.every = every
@@ -141,7 +143,9 @@ class CheckpointCallback(Callback):
         payload: extra entries to store (called at save time).
     """
 
-    def __init__(self, path: str | Path, *, every: int, payload: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, every: int, payload: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         check_int("every", every, minimum=0)
         self.path = Path(path)
         self.every = every
@@ -151,7 +155,9 @@ class CheckpointCallback(Callback):
         t = self.trainer
         t.logger.dump(t.iteration)
         t.logger.flush()
-        save_checkpoint(self.path, {"trainer": t.state_dict(), **(self.payload() if self.payload else {})})
+        save_checkpoint(
+            self.path, {"trainer": t.state_dict(), **(self.payload() if self.payload else {})}
+        )
 
     def on_step(self) -> bool:
         if self.every and self.trainer.iteration % self.every == 0:
@@ -188,7 +194,9 @@ class EarlyStopping(Callback):
         min_delta: smallest change counted as an improvement (>= 0).
     """
 
-    def __init__(self, evaluator: EvalCallback, *, patience: int = 5, min_delta: float = 0.0) -> None:
+    def __init__(
+        self, evaluator: EvalCallback, *, patience: int = 5, min_delta: float = 0.0
+    ) -> None:
         check_int("patience", patience)
         check_positive("min_delta", min_delta, allow_zero=True)
         self.evaluator = evaluator
@@ -201,7 +209,7 @@ class EarlyStopping(Callback):
     def on_step(self) -> bool:
         history = self.evaluator.history
         sign = 1.0 if self.trainer.task.higher_is_better else -1.0
-        for _, value in history[self._seen:]:
+        for _, value in history[self._seen :]:
             if math.isnan(self.best) or sign * (value - self.best) > self.min_delta:
                 self.best, self.bad = value, 0
             else:
@@ -221,7 +229,9 @@ class ProgressBar(Callback):
     def on_training_start(self) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, initial=self.trainer.iteration, unit="it", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.total, initial=self.trainer.iteration, unit="it", dynamic_ncols=True
+        )
 
     def on_step(self) -> bool:
         t = self.trainer
@@ -262,7 +272,9 @@ class AbortAfter(Callback):
         try:
             n = int(value)
         except ValueError:
-            raise ConfigError(f"{ABORT_ENV} must be an integer number of iterations, got {value!r}") from None
+            raise ConfigError(
+                f"{ABORT_ENV} must be an integer number of iterations, got {value!r}"
+            ) from None
         return cls(n)
 
     def on_step(self) -> bool:

@@ -73,7 +73,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def rng_state() -> dict[str, Any]:
     """States of the global generators (torch, numpy, random)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -84,7 +88,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Atomically write a training checkpoint (``payload`` plus format and global RNG state)."""
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "resume": "exact", "rng": rng_state(), **payload}, path)
+    atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "resume": "exact", "rng": rng_state(), **payload}, path
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

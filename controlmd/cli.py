@@ -41,7 +41,9 @@ class _Command:
 _COMMANDS: dict[str, _Command] = {}
 
 
-def command(name: str, *, help: str, arguments: Arguments | None = None) -> Callable[[Handler], Handler]:
+def command(
+    name: str, *, help: str, arguments: Arguments | None = None
+) -> Callable[[Handler], Handler]:
     """Register ``handler(args) -> exit status`` as the subcommand ``name``."""
 
     def register(handler: Handler) -> Handler:
@@ -79,12 +81,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", nargs="?", type=Path,
-                   help="experiment TOML file (optional with --resume: the run's config.toml is used)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
-    p.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>/<time>_seed<k>/)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        type=Path,
+        help="experiment TOML file (optional with --resume: the run's config.toml is used)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.01 (repeatable)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="run folder (default: runs/<experiment>/<time>_seed<k>/)"
+    )
+    p.add_argument(
+        "--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint"
+    )
     p.add_argument("--seed", type=int, help="replace [experiment] seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -102,10 +118,17 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a run in its own folder; drop --out")
     source = args.experiment if args.experiment is not None else args.resume / "config.toml"
     cfg = load_config(source, args.overrides, seed=args.seed)
-    dist_ctx = init_distributed()  # scale-out: under torchrun, this rank of WORLD_SIZE; else one process
+    dist_ctx = (
+        init_distributed()
+    )  # scale-out: under torchrun, this rank of WORLD_SIZE; else one process
     try:
-        result = run_experiment(cfg, out=args.out, resume=args.resume, progress=False if args.quiet else None,
-                                distributed=dist_ctx)
+        result = run_experiment(
+            cfg,
+            out=args.out,
+            resume=args.resume,
+            progress=False if args.quiet else None,
+            distributed=dist_ctx,
+        )
     finally:
         dist_ctx.close()
     if not dist_ctx.is_main:
@@ -119,7 +142,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  exact:  {m['metric_exact_initial']:.6g} -> {m['metric_exact_final']:.6g}")
     if "optimum" in m:
         print(f"  known optimum: {m['optimum']:.6g}")
-    print(f"budget: {m['md_steps']} MD replica-steps, {m['grad_steps']} differentiated, {m['wall_s']:.1f} s")
+    print(
+        f"budget: {m['md_steps']} MD replica-steps, {m['grad_steps']} differentiated, {m['wall_s']:.1f} s"
+    )
     print(f"run folder: {result.run_dir}")
     print(f"view it:    tensorboard --logdir {result.run_dir / 'tb'}")
     return 0
@@ -131,7 +156,9 @@ def _run(args: argparse.Namespace) -> int:
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="a run folder written by `controlmd run`")
     p.add_argument("--seeds", type=int, default=1, help="number of fresh seeds (default 1)")
-    p.add_argument("--replicas", type=int, help="replicas per seed (default: [eval] final_replicas)")
+    p.add_argument(
+        "--replicas", type=int, help="replicas per seed (default: [eval] final_replicas)"
+    )
     p.add_argument("--protocol", default="protocol.pt", help="protocol file in the run folder")
 
 
@@ -150,7 +177,9 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = read_run_config(args.run_dir)
     path = args.run_dir / args.protocol
     if not path.is_file():
-        raise ConfigError(f"{args.run_dir} has no trained protocol {args.protocol!r} (did the run finish?)")
+        raise ConfigError(
+            f"{args.run_dir} has no trained protocol {args.protocol!r} (did the run finish?)"
+        )
     replicas = cfg["eval"]["final_replicas"] if args.replicas is None else args.replicas
     check_int("--replicas", replicas)
     task = build_task(cfg)
@@ -160,11 +189,20 @@ def _eval(args: argparse.Namespace) -> int:
     for j in range(args.seeds):
         result = evaluate(task, protocol, replicas, base + j, chunk=cfg["eval"]["chunk"])
         rows.append({"seed": base + j, "mean": result.mean, "se": result.se, "replicas": result.n})
-        print(f"seed {base + j}: {task.metric_name} = {result.mean:.6g} +- {result.se:.2g} ({result.n} replicas)")
+        print(
+            f"seed {base + j}: {task.metric_name} = {result.mean:.6g} +- {result.se:.2g} ({result.n} replicas)"
+        )
     mean = sum(r["mean"] for r in rows) / len(rows)
     se = math.sqrt(sum(r["se"] ** 2 for r in rows)) / len(rows)
-    summary = {"task": task.name, "metric_name": task.metric_name, "higher_is_better": task.higher_is_better,
-               "mean": mean, "se": se, "seeds": rows, "protocol": args.protocol}
+    summary = {
+        "task": task.name,
+        "metric_name": task.metric_name,
+        "higher_is_better": task.higher_is_better,
+        "mean": mean,
+        "se": se,
+        "seeds": rows,
+        "protocol": args.protocol,
+    }
     exact = getattr(task, "exact_metric", None)
     if exact is not None and (value := exact(protocol)) is not None:
         summary["exact"] = value
@@ -180,18 +218,38 @@ def _eval(args: argparse.Namespace) -> int:
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
     from controlmd.sweep import add_runner_arguments
 
-    p.add_argument("experiment", nargs="?", type=Path,
-                   help="comparison TOML file, e.g. experiments/trap_drag_compare.toml (not with --resume)")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/<experiment>/<YYYYmmdd-HHMMSS>/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set compare.seeds=2 (repeatable)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="re-run the runs of the comparison in DIR not done")
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        type=Path,
+        help="comparison TOML file, e.g. experiments/trap_drag_compare.toml (not with --resume)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: runs/<experiment>/<YYYYmmdd-HHMMSS>/)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set compare.seeds=2 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="re-run the runs of the comparison in DIR not done",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_runner_arguments(p)
 
 
-@command("compare", help="gradient vs PPO, SAC, CMA-ES and random search at equal MD-step budget",
-         arguments=_compare_arguments)
+@command(
+    "compare",
+    help="gradient vs PPO, SAC, CMA-ES and random search at equal MD-step budget",
+    arguments=_compare_arguments,
+)
 def _compare(args: argparse.Namespace) -> int:
     # gymnasium / stable-baselines3 are imported here only: the core never needs them.
     try:
@@ -202,8 +260,14 @@ def _compare(args: argparse.Namespace) -> int:
         ) from None
     from controlmd.sweep import runner_options
 
-    return main_compare(args.experiment, out=args.out, overrides=args.overrides, resume=args.resume,
-                        progress=not args.quiet, **runner_options(args))
+    return main_compare(
+        args.experiment,
+        out=args.out,
+        overrides=args.overrides,
+        resume=args.resume,
+        progress=not args.quiet,
+        **runner_options(args),
+    )
 
 
 # ---------------------------------------------------------------------- sweep (scale-out)
@@ -215,8 +279,11 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     add_sweep_arguments(p)
 
 
-@command("sweep", help="train a grid of settings x seeds as independent jobs (Ray when installed)",
-         arguments=_sweep_arguments)
+@command(
+    "sweep",
+    help="train a grid of settings x seeds as independent jobs (Ray when installed)",
+    arguments=_sweep_arguments,
+)
 def _sweep(args: argparse.Namespace) -> int:
     from controlmd.sweep import sweep_command
 

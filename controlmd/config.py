@@ -89,7 +89,9 @@ def _at_least(n: int) -> Callable[[Any], str | None]:
 
 EXPERIMENT_KEYS: dict[str, Field] = {
     "name": Field(str, doc="experiment name; runs go to runs/<name>/"),
-    "seed": Field(int, 0, _non_negative, doc="seed of protocol init, training and evaluation streams"),
+    "seed": Field(
+        int, 0, _non_negative, doc="seed of protocol init, training and evaluation streams"
+    ),
     "notes": Field(str, "", doc="free text"),
 }
 
@@ -104,28 +106,40 @@ TRAIN_KEYS: dict[str, Field] = {
     "estimator": Field(str, "pathwise", choices=ESTIMATORS),
     "lr_schedule": Field(str, "constant", choices=LR_SCHEDULES),
     "lr_min": Field(float, 0.0, _non_negative, doc="final lr of the cosine schedule"),
-    "lr_gamma": Field(float, 0.5, _positive, doc="decay factor (exponential: per iteration; step: per lr_step)"),
+    "lr_gamma": Field(
+        float, 0.5, _positive, doc="decay factor (exponential: per iteration; step: per lr_step)"
+    ),
     "lr_step": Field(int, 100, _at_least(1), doc="iterations between decays of the step schedule"),
     "momentum": Field(float, 0.0, _non_negative, doc="sgd/rmsprop momentum"),
     "weight_decay": Field(float, 0.0, _non_negative),
     "lbfgs_max_iter": Field(int, 20, _at_least(1), doc="L-BFGS iterations per training iteration"),
     "frozen_noise": Field(bool, False, doc="use the same training noise every iteration"),
     "grad_groups": Field(int, 8, _at_least(2), doc="replica groups for the gradient variance"),
-    "variance_every": Field(int, 10, _non_negative, doc="iterations between gradient-variance estimates (0: never)"),
+    "variance_every": Field(
+        int, 10, _non_negative, doc="iterations between gradient-variance estimates (0: never)"
+    ),
 }
 
 EVAL_KEYS: dict[str, Field] = {
     "replicas": Field(int, 1000, _at_least(1), doc="replicas of the periodic held-out evaluation"),
-    "every": Field(int, 0, _non_negative, doc="iterations between evaluations (0: only before/after)"),
-    "final_replicas": Field(int, 10_000, _at_least(1), doc="fresh replicas scoring the initial and final protocol"),
+    "every": Field(
+        int, 0, _non_negative, doc="iterations between evaluations (0: only before/after)"
+    ),
+    "final_replicas": Field(
+        int, 10_000, _at_least(1), doc="fresh replicas scoring the initial and final protocol"
+    ),
     "chunk": Field(int, 10_000, _at_least(1), doc="replicas simulated at once during evaluation"),
 }
 
 LOGGING_KEYS: dict[str, Field] = {
     "tensorboard": Field(bool, True),
     "plots": Field(bool, True),
-    "checkpoint_every": Field(int, 10, _non_negative, doc="iterations between checkpoints (0: only at the end)"),
-    "histogram_every": Field(int, 10, _non_negative, doc="iterations between parameter/gradient histograms (0: never)"),
+    "checkpoint_every": Field(
+        int, 10, _non_negative, doc="iterations between checkpoints (0: only at the end)"
+    ),
+    "histogram_every": Field(
+        int, 10, _non_negative, doc="iterations between parameter/gradient histograms (0: never)"
+    ),
     "progress": Field(bool, True, doc="tqdm progress bar"),
 }
 
@@ -139,7 +153,9 @@ REQUIRED_SECTIONS = ("experiment", "task", "protocol", "train")
 SECTIONS = ("experiment", "task", "protocol", "train", "eval", "logging")
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), *, seed: int | None = None) -> Config:
+def load_config(
+    path: str | Path, overrides: Iterable[str] = (), *, seed: int | None = None
+) -> Config:
     """Read, override and validate an experiment file; returns the resolved config.
 
     :param path: the TOML file.
@@ -189,7 +205,9 @@ def parse_override(item: str, *, sections: Iterable[str] | None = SECTIONS) -> t
     if not sep or not dot or not section or not key or "." in key:
         raise ConfigError(f"--set expects section.key=value (e.g. train.lr=0.01), got {item!r}")
     if sections is not None and section not in sections:
-        raise ConfigError(f"--set {item!r}: unknown section [{section}]; expected one of: {', '.join(sections)}")
+        raise ConfigError(
+            f"--set {item!r}: unknown section [{section}]; expected one of: {', '.join(sections)}"
+        )
     text = rhs.strip()
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -218,7 +236,9 @@ def resolve_config(raw: dict[str, Any]) -> Config:
         cfg[section] = _resolve_fixed(section, raw.get(section, {}), fields)
     train = cfg["train"]
     if train["gradient"] in ("checkpoint", "truncated") and train["window"] < 1:
-        raise ConfigError(f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}")
+        raise ConfigError(
+            f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"
+        )
     if train["optimizer"] == "lbfgs" and train["estimator"] == "score":
         raise ConfigError(
             "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
@@ -231,11 +251,15 @@ def resolve_config(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def _resolve_fixed(section: str, values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
+def _resolve_fixed(
+    section: str, values: dict[str, Any], fields: dict[str, Field]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in values:
         if key not in fields:
-            raise ConfigError(f"unknown key {key!r} in [{section}]; expected one of: {', '.join(fields)}")
+            raise ConfigError(
+                f"unknown key {key!r} in [{section}]; expected one of: {', '.join(fields)}"
+            )
     for key, spec in fields.items():
         if key not in values:
             if spec.default is _UNSET:
@@ -258,10 +282,16 @@ def _check_value(section: str, key: str, value: Any, spec: Field) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {_show(value)}")
     elif not isinstance(value, spec.type) or (spec.type is not bool and isinstance(value, bool)):
-        name = spec.type.__name__ if isinstance(spec.type, type) else "/".join(t.__name__ for t in spec.type)
+        name = (
+            spec.type.__name__
+            if isinstance(spec.type, type)
+            else "/".join(t.__name__ for t in spec.type)
+        )
         raise ConfigError(f"{where} must be a {name}, got {_show(value)}")
     if spec.choices is not None and value not in spec.choices:
-        raise ConfigError(f"{where}: unknown value {value!r}; expected one of: {', '.join(spec.choices)}")
+        raise ConfigError(
+            f"{where}: unknown value {value!r}; expected one of: {', '.join(spec.choices)}"
+        )
     if spec.check is not None:
         problem = spec.check(value)
         if problem:
@@ -282,10 +312,14 @@ def _resolve_open(
     extra_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     if name_key not in values:
-        raise ConfigError(f"[{section}] is missing the required key {name_key!r}; expected one of: {', '.join(names)}")
+        raise ConfigError(
+            f"[{section}] is missing the required key {name_key!r}; expected one of: {', '.join(names)}"
+        )
     name = values[name_key]
     if not isinstance(name, str) or name not in names:
-        raise ConfigError(f"[{section}] {name_key}: unknown value {name!r}; expected one of: {', '.join(names)}")
+        raise ConfigError(
+            f"[{section}] {name_key}: unknown value {name!r}; expected one of: {', '.join(names)}"
+        )
     accepted = _accepted_keys(constructor(name))
     for key in values:
         if key == name_key or key in extra_keys:
@@ -308,7 +342,11 @@ def _accepted_keys(fn: Callable[..., Any]) -> set[str] | None:
             continue
         params = inspect.signature(init).parameters
         if not cls.__name__.startswith("_"):  # private bases get their arguments from subclasses
-            keys |= {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
+            keys |= {
+                n
+                for n, p in params.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"
+            }
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return keys
         if cls is Protocol:
@@ -326,7 +364,9 @@ def build_task(cfg: Config) -> Task:
 
 
 def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
-    section = _resolve_open("protocol", values, "kind", protocol_names(), protocol_class, extra_keys=("init",))
+    section = _resolve_open(
+        "protocol", values, "kind", protocol_names(), protocol_class, extra_keys=("init",)
+    )
     cls = protocol_class(section["kind"])
     accepted = _accepted_keys(cls) or set()
     low, high = task.controls.low, task.controls.high
@@ -337,9 +377,15 @@ def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
     if "obs_dim" in accepted and "obs_dim" not in section:
         n_obs = task.observe(task.initial_state(1, 0)).shape[1]
         if n_obs == 0:
-            raise ConfigError(f"[protocol] kind = {section['kind']!r} needs observations, but task {task.name!r} has none")
+            raise ConfigError(
+                f"[protocol] kind = {section['kind']!r} needs observations, but task {task.name!r} has none"
+            )
         defaults["obs_dim"] = n_obs
-    return {"kind": section["kind"], **{k: v for k, v in defaults.items() if k in accepted}, **section}
+    return {
+        "kind": section["kind"],
+        **{k: v for k, v in defaults.items() if k in accepted},
+        **section,
+    }
 
 
 def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:

@@ -102,7 +102,9 @@ class DistributedContext:
         owns_group: bool = False,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ControlMDError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+            raise ControlMDError(
+                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+            )
         if world_size > 1 and backend is None:
             raise ControlMDError(f"world_size = {world_size} needs a backend ('gloo' or 'nccl')")
         self.rank = rank
@@ -113,8 +115,10 @@ class DistributedContext:
         self._owns_group = owns_group
 
     def __repr__(self) -> str:
-        return (f"DistributedContext(rank={self.rank}, world_size={self.world_size}, "
-                f"backend={self.backend!r}, device={str(self.device)!r})")
+        return (
+            f"DistributedContext(rank={self.rank}, world_size={self.world_size}, "
+            f"backend={self.backend!r}, device={str(self.device)!r})"
+        )
 
     @property
     def is_main(self) -> bool:
@@ -173,7 +177,7 @@ class DistributedContext:
         out, offset = [], 0
         for t in tensors:
             n = t.numel()
-            out.append(total[offset:offset + n].reshape(t.shape).to(t.device, t.dtype))
+            out.append(total[offset : offset + n].reshape(t.shape).to(t.device, t.dtype))
             offset += n
         return out
 
@@ -210,7 +214,9 @@ class DistributedContext:
         if not self.enabled:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, device=self.device if self.backend == "nccl" else None)
+        dist.broadcast_object_list(
+            box, src=src, device=self.device if self.backend == "nccl" else None
+        )
         return box[0]
 
     def barrier(self) -> None:
@@ -259,8 +265,13 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = 1800.0) -> Dis
         chosen = dist.get_backend()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank) if chosen == "nccl" else torch.device("cpu")
-        return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank=local_rank,
-                                  backend=chosen, device=device)
+        return DistributedContext(
+            dist.get_rank(),
+            dist.get_world_size(),
+            local_rank=local_rank,
+            backend=chosen,
+            device=device,
+        )
     world = os.environ.get("WORLD_SIZE")
     if world is None or int(world) == 1:
         return DistributedContext()
@@ -283,8 +294,13 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = 1800.0) -> Dis
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return DistributedContext(rank, world_size, local_rank=local_rank, backend=backend, device=device,
-                              owns_group=True)
-
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return DistributedContext(
+        rank, world_size, local_rank=local_rank, backend=backend, device=device, owns_group=True
+    )

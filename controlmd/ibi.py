@@ -87,9 +87,17 @@ IBI_KEYS: dict[str, tuple[type, Any]] = {
     "interpolation": (str, "cubic"),
     "bin_width": (float, 0.02),
 }
-EVAL_KEYS: dict[str, tuple[type, Any]] = {"replicas": (int, 8), "frames": (int, 200), "final_replicas": (int, 16)}
+EVAL_KEYS: dict[str, tuple[type, Any]] = {
+    "replicas": (int, 8),
+    "frames": (int, 200),
+    "final_replicas": (int, 16),
+}
 LOGGING_KEYS: dict[str, tuple[type, Any]] = {"tensorboard": (bool, True)}
-EXPERIMENT_KEYS: dict[str, tuple[type, Any]] = {"name": (str, None), "seed": (int, 0), "notes": (str, "")}
+EXPERIMENT_KEYS: dict[str, tuple[type, Any]] = {
+    "name": (str, None),
+    "seed": (int, 0),
+    "notes": (str, ""),
+}
 
 
 def ibi_initial_potential(
@@ -199,7 +207,9 @@ def _check_grid(r: Tensor, values: Tensor, name: str) -> None:
     if r.ndim != 1 or r.numel() < 3:
         raise ControlMDError(f"r must be a 1-D grid of >= 3 knots, got shape {tuple(r.shape)}")
     if values.shape != r.shape:
-        raise ControlMDError(f"{name} must have the grid's shape {tuple(r.shape)}, got {tuple(values.shape)}")
+        raise ControlMDError(
+            f"{name} must have the grid's shape {tuple(r.shape)}, got {tuple(values.shape)}"
+        )
     if not bool(torch.isfinite(values).all()):
         raise ControlMDError(f"{name} must be finite")
 
@@ -274,20 +284,44 @@ def run_ibi(
     centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * bin_width
     r = torch.cat([centers, torch.tensor([task.r_cut], dtype=torch.float64)])
     g_target = task.target_histogram(r)
-    observables = {"ibi_hist": lambda s: rdf_histogram(s.R, task.space, r_max=r_hist, n_bins=n_bins)[1]}
-    u = ibi_initial_potential(r, g_target, kT=task.kT, g_floor=g_floor, min_core_force=min_core_force)
-    spec = {"potential": "tabulated", "params": {"r": r, "u": u, "interpolation": interpolation},
-            "learn": True, "r_cut": float(r[-1]), "shift": "energy"}
+    observables = {
+        "ibi_hist": lambda s: rdf_histogram(s.R, task.space, r_max=r_hist, n_bins=n_bins)[1]
+    }
+    u = ibi_initial_potential(
+        r, g_target, kT=task.kT, g_floor=g_floor, min_core_force=min_core_force
+    )
+    spec = {
+        "potential": "tabulated",
+        "params": {"r": r, "u": u, "interpolation": interpolation},
+        "learn": True,
+        "r_cut": float(r[-1]),
+        "shift": "energy",
+    }
     table = make_pair_potential("tabulated", task.space, params=spec["params"], learn=True)
     task.set_potential(table, spec)
     u_initial = u.clone()
     for it in range(iterations):
-        state = task.sample(replicas, seed + it, carry=True, n_sample=task.n_sample, gradient="none",
-                            observables=observables)
+        state = task.sample(
+            replicas,
+            seed + it,
+            carry=True,
+            n_sample=task.n_sample,
+            gradient="none",
+            observables=observables,
+        )
         g_sim = state.aux["ibi_hist"].mean(dim=0).to(torch.float64)
         g_sim = torch.cat([g_sim, g_sim[-1:]])
-        u = ibi_update(r, u, g_sim, g_target, kT=task.kT, alpha=alpha, g_floor=g_floor, smooth=smooth,
-                       min_core_force=min_core_force)
+        u = ibi_update(
+            r,
+            u,
+            g_sim,
+            g_target,
+            kT=task.kT,
+            alpha=alpha,
+            g_floor=g_floor,
+            smooth=smooth,
+            min_core_force=min_core_force,
+        )
         table.set_table(u)
         if logger is not None:
             last = task.history[-1]
@@ -323,10 +357,17 @@ def load_ibi_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
         except tomllib.TOMLDecodeError:
             value = rhs.strip()
         raw.setdefault(section, {})[key.strip()] = value
-    sections = {"experiment": EXPERIMENT_KEYS, "ibi": IBI_KEYS, "eval": EVAL_KEYS, "logging": LOGGING_KEYS}
+    sections = {
+        "experiment": EXPERIMENT_KEYS,
+        "ibi": IBI_KEYS,
+        "eval": EVAL_KEYS,
+        "logging": LOGGING_KEYS,
+    }
     for section in raw:
         if section not in (*sections, "task"):
-            raise ConfigError(f"{path}: unknown section [{section}]; expected: experiment, task, ibi, eval, logging")
+            raise ConfigError(
+                f"{path}: unknown section [{section}]; expected: experiment, task, ibi, eval, logging"
+            )
     cfg: dict[str, dict[str, Any]] = {}
     for section, keys in sections.items():
         values = raw.get(section, {})
@@ -335,7 +376,9 @@ def load_ibi_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
         cfg[section] = {}
         for key in values:
             if key not in keys:
-                raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; expected one of: {', '.join(keys)}")
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} in [{section}]; expected one of: {', '.join(keys)}"
+                )
         for key, (kind, default) in keys.items():
             if key not in values:
                 if default is None:
@@ -346,11 +389,15 @@ def load_ibi_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ConfigError(f"{path}: [{section}] {key} must be a {kind.__name__}, got {value!r}")
+                raise ConfigError(
+                    f"{path}: [{section}] {key} must be a {kind.__name__}, got {value!r}"
+                )
             cfg[section][key] = value
     task = dict(raw.get("task", {}))
     if task.get("name") != "rdf_inverse":
-        raise ConfigError(f"{path}: [task] name must be 'rdf_inverse' for IBI, got {task.get('name')!r}")
+        raise ConfigError(
+            f"{path}: [task] name must be 'rdf_inverse' for IBI, got {task.get('name')!r}"
+        )
     cfg["task"] = task
     try:
         get_task("rdf_inverse", **{k: v for k, v in task.items() if k != "name"})
@@ -404,14 +451,27 @@ def run_ibi_experiment(
     logger = Logger(sinks)
     t0 = time.perf_counter()
     ibi = cfg["ibi"]
-    result = run_ibi(task, iterations=ibi["iterations"], replicas=ibi["replicas"], seed=seed,
-                     alpha=ibi["alpha"], smooth=ibi["smooth"], g_floor=ibi["g_floor"],
-                     min_core_force=ibi["min_core_force"], interpolation=ibi["interpolation"],
-                     bin_width=ibi["bin_width"], logger=logger)
+    result = run_ibi(
+        task,
+        iterations=ibi["iterations"],
+        replicas=ibi["replicas"],
+        seed=seed,
+        alpha=ibi["alpha"],
+        smooth=ibi["smooth"],
+        g_floor=ibi["g_floor"],
+        min_core_force=ibi["min_core_force"],
+        interpolation=ibi["interpolation"],
+        bin_width=ibi["bin_width"],
+        logger=logger,
+    )
     train_steps = task.budget["train"] + task.budget["equilibrate"]
     ev = cfg["eval"]
     # the exact metric as the trainer reports it (fresh replicas, eval_steps sampled), same seeds
-    initial = _with_table(task, result.u_initial, lambda: evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET))  # type: ignore[arg-type]
+    initial = _with_table(
+        task,
+        result.u_initial,
+        lambda: evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET),
+    )  # type: ignore[arg-type]
     final = evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET)  # type: ignore[arg-type]
     final_eval = task.finish_run(run_dir, logger, step=ibi["iterations"])
     metrics = {
@@ -466,7 +526,10 @@ def _json_clean(obj: Any) -> Any:
 
 
 def compare_runs(
-    run_dirs: Sequence[str | Path], *, levels: Sequence[float] = (1e-3, 3e-4), window: int = 5,
+    run_dirs: Sequence[str | Path],
+    *,
+    levels: Sequence[float] = (1e-3, 3e-4),
+    window: int = 5,
     png: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """RDF error against MD steps for finished ``rdf_inverse`` runs (gradient or IBI).
@@ -489,13 +552,20 @@ def compare_runs(
         m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
         steps = [h["md_steps"] for h in history]
         raw = torch.tensor([h["rdf_mse"] for h in history], dtype=torch.float64)
-        smooth = [float(raw[max(0, i - window + 1):i + 1].mean()) for i in range(raw.numel())]
-        row: dict[str, Any] = {"run": str(d), "method": m.get("method"), "experiment": m.get("experiment"),
-                               "md_steps": steps[-1] if steps else 0, "wall_s": m.get("wall_s"),
-                               "smoothed_rdf_mse_end": smooth[-1] if smooth else None,
-                               "final_rdf_mse": (m.get("final_evaluation") or {}).get("rdf_mse")}
+        smooth = [float(raw[max(0, i - window + 1) : i + 1].mean()) for i in range(raw.numel())]
+        row: dict[str, Any] = {
+            "run": str(d),
+            "method": m.get("method"),
+            "experiment": m.get("experiment"),
+            "md_steps": steps[-1] if steps else 0,
+            "wall_s": m.get("wall_s"),
+            "smoothed_rdf_mse_end": smooth[-1] if smooth else None,
+            "final_rdf_mse": (m.get("final_evaluation") or {}).get("rdf_mse"),
+        }
         for level in levels:
-            row[f"md_steps_to_{level:g}"] = next((st for st, e in zip(steps, smooth) if e <= level), None)
+            row[f"md_steps_to_{level:g}"] = next(
+                (st for st, e in zip(steps, smooth) if e <= level), None
+            )
         out.append(row)
         curves.append((f"{m.get('experiment')} ({m.get('method')}, {d.name})", steps, smooth))
     if png is not None:
@@ -528,9 +598,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         cmp.add_argument("--window", type=int, default=5)
         cmp.add_argument("--png", default=None)
         ns = cmp.parse_args(args_list[1:])
-        print(json.dumps(compare_runs(ns.runs, levels=ns.levels, window=ns.window, png=ns.png), indent=1))
+        print(
+            json.dumps(
+                compare_runs(ns.runs, levels=ns.levels, window=ns.window, png=ns.png), indent=1
+            )
+        )
         return
-    parser = argparse.ArgumentParser(description="Iterative Boltzmann inversion on the rdf_inverse task.")
+    parser = argparse.ArgumentParser(
+        description="Iterative Boltzmann inversion on the rdf_inverse task."
+    )
     parser.add_argument("experiment")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--out", default=None)
@@ -540,9 +616,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_ibi_config(args.experiment, overrides)
     run_dir, metrics = run_ibi_experiment(cfg, out=args.out)
     fe = metrics.get("final_evaluation") or {}
-    print(f"IBI: rdf_mse {fe.get('rdf_mse_initial', float('nan')):.3g} -> {fe.get('rdf_mse', float('nan')):.3g} "
-          f"(smeared, pooled), metric {metrics['metric_initial']:.3g} -> {metrics['metric_final']:.3g}, "
-          f"{metrics['md_steps']} MD replica-steps, {metrics['wall_s']:.0f} s")
+    print(
+        f"IBI: rdf_mse {fe.get('rdf_mse_initial', float('nan')):.3g} -> {fe.get('rdf_mse', float('nan')):.3g} "
+        f"(smeared, pooled), metric {metrics['metric_initial']:.3g} -> {metrics['metric_final']:.3g}, "
+        f"{metrics['md_steps']} MD replica-steps, {metrics['wall_s']:.0f} s"
+    )
     print(f"run folder: {run_dir}")
 
 

@@ -102,7 +102,11 @@ def _frames(R: Tensor) -> Tensor:
     if R.ndim == 2:
         R = R.unsqueeze(0)
     if R.ndim != 3:
-        hint = "; for recorded trajectories [T, B, N, d] write one replica: R[:, b]" if R.ndim == 4 else ""
+        hint = (
+            "; for recorded trajectories [T, B, N, d] write one replica: R[:, b]"
+            if R.ndim == 4
+            else ""
+        )
         raise ControlMDError(f"R must have shape [N, d] or [F, N, d], got {tuple(R.shape)}{hint}")
     if R.shape[-1] not in (2, 3):
         raise ControlMDError(f"R must have d = 2 or 3 spatial dimensions, got {R.shape[-1]}")
@@ -112,7 +116,9 @@ def _frames(R: Tensor) -> Tensor:
     return R
 
 
-def _species(species: str | Sequence[str] | Tensor, names: Sequence[str] | None, N: int) -> list[str]:
+def _species(
+    species: str | Sequence[str] | Tensor, names: Sequence[str] | None, N: int
+) -> list[str]:
     if isinstance(species, str):
         labels = [species] * N
     elif isinstance(species, Tensor) and not species.is_floating_point():
@@ -121,7 +127,9 @@ def _species(species: str | Sequence[str] | Tensor, names: Sequence[str] | None,
             raise ControlMDError(f"species has {len(ids)} entries for N = {N} particles")
         table = list(names) if names is not None else [chr(ord("A") + k) for k in range(26)]
         if ids and (min(ids) < 0 or max(ids) >= len(table)):
-            raise ControlMDError(f"species ids must lie in [0, {len(table)}) (give names=), got {min(ids)}..{max(ids)}")
+            raise ControlMDError(
+                f"species ids must lie in [0, {len(table)}) (give names=), got {min(ids)}..{max(ids)}"
+            )
         labels = [table[k] for k in ids]
     else:
         labels = [str(s) for s in species]
@@ -129,15 +137,21 @@ def _species(species: str | Sequence[str] | Tensor, names: Sequence[str] | None,
             raise ControlMDError(f"species has {len(labels)} entries for N = {N} particles")
     for s in set(labels):
         if not s or any(c.isspace() for c in s) or '"' in s:
-            raise ControlMDError(f"species names must be non-empty without spaces or quotes, got {s!r}")
+            raise ControlMDError(
+                f"species names must be non-empty without spaces or quotes, got {s!r}"
+            )
     return labels
 
 
-def _columns(properties: Mapping[str, Tensor], F: int, N: int) -> dict[str, tuple[str, int, Tensor]]:
+def _columns(
+    properties: Mapping[str, Tensor], F: int, N: int
+) -> dict[str, tuple[str, int, Tensor]]:
     cols: dict[str, tuple[str, int, Tensor]] = {}
     for name, value in properties.items():
         if not _NAME.match(name) or name in ("species", "pos"):
-            raise ControlMDError(f"property name {name!r} must be an identifier other than species/pos")
+            raise ControlMDError(
+                f"property name {name!r} must be an identifier other than species/pos"
+            )
         v = torch.as_tensor(value).detach().cpu()
         if v.shape[:1] == (N,) and v.ndim in (1, 2):
             v = v.unsqueeze(0).expand(F, *v.shape)
@@ -163,7 +177,9 @@ def _info(info: Mapping[str, object], F: int) -> dict[str, list[object]]:
     out: dict[str, list[object]] = {}
     for key, value in info.items():
         if not _NAME.match(key) or key in ("Lattice", "Properties", "pbc"):
-            raise ControlMDError(f"info key {key!r} must be an identifier other than Lattice/Properties/pbc")
+            raise ControlMDError(
+                f"info key {key!r} must be an identifier other than Lattice/Properties/pbc"
+            )
         if isinstance(value, str):
             out[key] = [value] * F
             continue
@@ -173,7 +189,9 @@ def _info(info: Mapping[str, object], F: int) -> dict[str, list[object]]:
         elif t.ndim == 1 and t.shape[0] == F:
             out[key] = t.tolist()
         else:
-            raise ControlMDError(f"info {key!r} must be a scalar or have one value per frame ({F}), got shape {tuple(t.shape)}")
+            raise ControlMDError(
+                f"info {key!r} must be a scalar or have one value per frame ({F}), got shape {tuple(t.shape)}"
+            )
     return out
 
 

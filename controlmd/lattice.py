@@ -36,7 +36,9 @@ LATTICES = ("bcc", "fcc", "hexagonal", "sc", "square")
 """Known lattice kinds: 3-D ``sc``, ``bcc``, ``fcc``; 2-D ``square``, ``hexagonal`` (triangular)."""
 
 
-def lattice(kind: str, n: int, *, density: float, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+def lattice(
+    kind: str, n: int, *, density: float, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
     """``n`` lattice sites in a periodic box at number density ``density``.
 
     Args:
@@ -60,7 +62,9 @@ def lattice(kind: str, n: int, *, density: float, dtype: torch.dtype = torch.flo
         d = basis.shape[1]
         m = math.ceil((n / basis.shape[0]) ** (1.0 / d) - 1e-9)
         side = (n / density) ** (1.0 / d)
-        cells = torch.stack(torch.meshgrid(*[torch.arange(m, dtype=torch.float64)] * d, indexing="ij"), -1)
+        cells = torch.stack(
+            torch.meshgrid(*[torch.arange(m, dtype=torch.float64)] * d, indexing="ij"), -1
+        )
         sites = ((cells.reshape(-1, 1, d) + basis) * (side / m)).reshape(-1, d)
         box = torch.full((d,), side, dtype=torch.float64)
     if sites.shape[0] > n:
@@ -75,7 +79,9 @@ def _hexagonal(n: int, density: float) -> tuple[Tensor, Tensor]:
     ny = math.ceil(n / nx)
     ny += ny % 2  # an even number of rows keeps the lattice periodic in y
     a = math.sqrt(n / (density * nx * ny * math.sqrt(3) / 2))
-    j, i = torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij")
+    j, i = torch.meshgrid(
+        torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij"
+    )
     x = (i + 0.5 * (j % 2)) * a
     y = j * a * math.sqrt(3) / 2
     sites = torch.stack([x.reshape(-1), y.reshape(-1)], -1)

@@ -119,8 +119,11 @@ class JSONLinesSink(Sink):
         self.path = Path(path)
         if purge_step is not None and self.path.exists():
             kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and _complete_step(line) is not None and _complete_step(line) < purge_step  # type: ignore[operator]
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip()
+                and _complete_step(line) is not None
+                and _complete_step(line) < purge_step  # type: ignore[operator]
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a", encoding="utf-8")
@@ -178,7 +181,10 @@ class Logger:
 
     def record_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Hyperparameters (scalars/strings) with the final metrics, for TensorBoard's HParams tab."""
-        clean = {k: (v if isinstance(v, bool | int | float | str) else str(v)) for k, v in hparams.items()}
+        clean = {
+            k: (v if isinstance(v, bool | int | float | str) else str(v))
+            for k, v in hparams.items()
+        }
         for sink in self.sinks:
             sink.hparams(clean, metrics)
 

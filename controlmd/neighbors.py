@@ -112,7 +112,9 @@ class NeighborList:
         chunk_elements: int = 1 << 18,
     ) -> None:
         if not isinstance(space, Space):
-            raise ControlMDError(f"space must be a Space (free() or periodic(box)), got {type(space)}")
+            raise ControlMDError(
+                f"space must be a Space (free() or periodic(box)), got {type(space)}"
+            )
         check_positive("r_cut", r_cut)
         check_positive("skin", skin, allow_zero=True)
         check_choice("method", method, METHODS)
@@ -156,9 +158,13 @@ class NeighborList:
             if method == "cell":
                 pairs = self._build_cell(R)
             else:
-                pairs = brute_force_pairs(self.space, R, self.r_list, chunk_elements=self.chunk_elements)
+                pairs = brute_force_pairs(
+                    self.space, R, self.r_list, chunk_elements=self.chunk_elements
+                )
             pairs = self._apply_exclusions(pairs)
-            counts = torch.bincount(torch.cat([pairs.i, pairs.j]), minlength=R.shape[0] * R.shape[1])
+            counts = torch.bincount(
+                torch.cat([pairs.i, pairs.j]), minlength=R.shape[0] * R.shape[1]
+            )
             self.max_neighbors = max(self.max_neighbors, int(counts.max()) if counts.numel() else 0)
         self._pairs = pairs
         self._reference = R.clone()
@@ -213,7 +219,9 @@ class NeighborList:
         N = pairs.n_particles
         ex = self._exclude.to(pairs.i.device)
         if int(ex.max()) >= N:
-            raise ControlMDError(f"exclude refers to particle {int(ex.max())} but R has only N = {N}")
+            raise ControlMDError(
+                f"exclude refers to particle {int(ex.max())} but R has only N = {N}"
+            )
         _, il, jl = pairs.local()
         keep = ~torch.isin(il * N + jl, ex[:, 0] * N + ex[:, 1])
         return NeighborPairs(pairs.i[keep], pairs.j[keep], pairs.replica[keep], pairs.n_replicas, N)
@@ -246,7 +254,9 @@ class NeighborList:
         table = torch.full((B * n_cells, cap), -1, dtype=torch.long, device=R.device)
         table[sorted_cell, rank] = order
 
-        offsets = torch.tensor(list(itertools.product((-1, 0, 1), repeat=d)), device=R.device)  # [S, d]
+        offsets = torch.tensor(
+            list(itertools.product((-1, 0, 1), repeat=d)), device=R.device
+        )  # [S, d]
         S = offsets.shape[0]
         axes = [Rw[..., a].reshape(-1) for a in range(d)]  # d x [B*N], wrapped
         sides = box_r.tolist()
@@ -256,7 +266,7 @@ class NeighborList:
         chunk = max(1, self.chunk_elements // (S * cap))
         out_i, out_j = [], []
         for start in range(0, B * N, chunk):
-            p = flat[start:start + chunk]
+            p = flat[start : start + chunk]
             nb = torch.remainder(coord_f[p].unsqueeze(1) + offsets, nc)  # [C, S, d]
             nb_cell = (nb * strides).sum(-1) + (replica_f[p] * n_cells).unsqueeze(1)  # [C, S]
             cand = table[nb_cell].reshape(p.shape[0], S * cap)  # [C, S*cap], -1 = empty slot
@@ -275,7 +285,9 @@ class NeighborList:
         return NeighborPairs(i, j, i // N, B, N)
 
 
-def brute_force_pairs(space: Space, R: Tensor, r_list: float, *, chunk_elements: int = 1 << 18) -> NeighborPairs:
+def brute_force_pairs(
+    space: Space, R: Tensor, r_list: float, *, chunk_elements: int = 1 << 18
+) -> NeighborPairs:
     """All pairs ``i < j`` of each replica with ``|r_i - r_j| < r_list`` (``O(N^2)``, chunked).
 
     Rows are processed in blocks, each against the columns after the block start only (the
@@ -304,7 +316,9 @@ def brute_force_pairs(space: Space, R: Tensor, r_list: float, *, chunk_elements:
         r2 = torch.zeros(B, stop - start, N - start, dtype=X.dtype, device=X.device)
         for a in range(d):
             dx = (axes[a][:, start:stop, None] - axes[a][:, None, start:]).abs_()
-            if box is not None:  # wrapped coordinates: |dx| < L, the image distance is min(|dx|, L - |dx|)
+            if (
+                box is not None
+            ):  # wrapped coordinates: |dx| < L, the image distance is min(|dx|, L - |dx|)
                 dx = torch.minimum(dx, box[a] - dx)
             r2 += dx * dx
         i_loc = torch.arange(start, stop, device=X.device).view(1, -1, 1)

@@ -54,7 +54,9 @@ def _mass_like(mass: float | Tensor, X: Tensor) -> Tensor:
         return m
     if m.ndim == 1 and m.shape[0] == X.shape[1]:
         return m.view(1, -1, 1)
-    raise ControlMDError(f"mass must be a scalar or [N] = [{X.shape[1]}], got shape {tuple(m.shape)}")
+    raise ControlMDError(
+        f"mass must be a scalar or [N] = [{X.shape[1]}], got shape {tuple(m.shape)}"
+    )
 
 
 def kinetic_energy(P: Tensor, mass: float | Tensor = 1.0) -> Tensor:
@@ -67,16 +69,19 @@ def kinetic_energy(P: Tensor, mass: float | Tensor = 1.0) -> Tensor:
     return (P * P / (2.0 * _mass_like(mass, P))).sum(dim=(-1, -2))
 
 
-def degrees_of_freedom(n_particles: int, dim: int, *, momentum_conserved: bool = True,
-                       n_constraints: int = 0) -> int:
+def degrees_of_freedom(
+    n_particles: int, dim: int, *, momentum_conserved: bool = True, n_constraints: int = 0
+) -> int:
     """``d N - d`` (momentum conserved) or ``d N`` (e.g. Langevin), minus constraints."""
     check_int("n_particles", n_particles)
     check_int("dim", dim)
     check_int("n_constraints", n_constraints, minimum=0)
     n = dim * n_particles - (dim if momentum_conserved else 0) - n_constraints
     if n < 1:
-        raise ControlMDError(f"no degrees of freedom left: d N = {dim * n_particles}, "
-                             f"momentum_conserved = {momentum_conserved}, n_constraints = {n_constraints}")
+        raise ControlMDError(
+            f"no degrees of freedom left: d N = {dim * n_particles}, "
+            f"momentum_conserved = {momentum_conserved}, n_constraints = {n_constraints}"
+        )
     return n
 
 
@@ -158,7 +163,9 @@ def _ball_volume(r: Tensor, d: int) -> Tensor:
     return {1: 2.0 * r, 2: math.pi * r * r, 3: 4.0 / 3.0 * math.pi * r**3}[d]
 
 
-def _rdf_inputs(R: Tensor, space: Space, r_max: float, n_bins: int, volume: float | None) -> tuple[float, float]:
+def _rdf_inputs(
+    R: Tensor, space: Space, r_max: float, n_bins: int, volume: float | None
+) -> tuple[float, float]:
     check_positions("R", R)
     check_positive("r_max", r_max)
     check_int("n_bins", n_bins)
@@ -174,7 +181,9 @@ def _rdf_inputs(R: Tensor, space: Space, r_max: float, n_bins: int, volume: floa
     return float(volume), r_max / n_bins
 
 
-def _pair_distances(R: Tensor, space: Space, r_list: float, neighbor_list: NeighborList | None) -> tuple[Tensor, Tensor]:
+def _pair_distances(
+    R: Tensor, space: Space, r_list: float, neighbor_list: NeighborList | None
+) -> tuple[Tensor, Tensor]:
     """Differentiable distances ``[M]`` of the pairs within ``r_list``, and their replicas."""
     if neighbor_list is not None:
         if neighbor_list.r_list < r_list:
@@ -293,7 +302,9 @@ def radius_of_gyration(R: Tensor, mass: float | Tensor | None = None) -> Tensor:
     return torch.sqrt((m[..., 0] * ((R - c) ** 2).sum(-1)).sum(-1) / m[..., 0].sum(-1))
 
 
-def end_to_end_distance(R: Tensor, first: int = 0, last: int = -1, *, space: Space | None = None) -> Tensor:
+def end_to_end_distance(
+    R: Tensor, first: int = 0, last: int = -1, *, space: Space | None = None
+) -> Tensor:
     """``|r_last - r_first|`` per replica ``[B]`` (minimum image if a periodic ``space`` is given)."""
     space = space if space is not None else free()
     dR = space.displacement(R[:, last], R[:, first])
@@ -317,7 +328,9 @@ def native_contacts(
     space = space if space is not None else free()
     N = R_native.shape[0]
     i, j = torch.triu_indices(N, N, offset=min_separation)
-    r = torch.linalg.vector_norm(space.displacement(R_native[i], R_native[j]), dim=-1).to(torch.float64)
+    r = torch.linalg.vector_norm(space.displacement(R_native[i], R_native[j]), dim=-1).to(
+        torch.float64
+    )
     keep = r < cutoff
     return torch.stack([i[keep], j[keep]], dim=1), r[keep]
 
@@ -364,4 +377,7 @@ def native_contact_fraction(
     if not smooth:
         with torch.no_grad():
             return (x.abs() < 1.0).to(R.dtype).mean(-1)
-    return (torch.sigmoid(sharpness * (1.0 - x * x)) / torch.sigmoid(torch.tensor(sharpness, dtype=R.dtype))).mean(-1)
+    return (
+        torch.sigmoid(sharpness * (1.0 - x * x))
+        / torch.sigmoid(torch.tensor(sharpness, dtype=R.dtype))
+    ).mean(-1)

@@ -121,12 +121,19 @@ class Protocol(nn.Module):
         if (lo is None) != (hi is None):
             raise ControlMDError("give both low and high bounds, or neither")
         if lo is not None and hi is not None and bool((lo >= hi).any()):
-            raise ControlMDError(f"bounds need low < high, got low = {lo.tolist()}, high = {hi.tolist()}")
+            raise ControlMDError(
+                f"bounds need low < high, got low = {lo.tolist()}, high = {hi.tolist()}"
+            )
         self.register_buffer("low", lo)
         self.register_buffer("high", hi)
         u0, uT = _as_bounds("start", start, dim), _as_bounds("end", end, dim)
         for name, u in (("start", u0), ("end", uT)):
-            if u is not None and lo is not None and hi is not None and bool(((u <= lo) | (u >= hi)).any()):
+            if (
+                u is not None
+                and lo is not None
+                and hi is not None
+                and bool(((u <= lo) | (u >= hi)).any())
+            ):
                 raise ControlMDError(
                     f"{name} = {u.tolist()} must lie strictly inside the bounds "
                     f"[{lo.tolist()}, {hi.tolist()}] (tanh squashing never reaches them)"
@@ -247,10 +254,16 @@ class Protocol(nn.Module):
     def _fit_raw(self, t: Tensor, raw_target: Tensor) -> None:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ControlMDError(f"protocol kind {self.kind or type(self).__name__!r} has no parameters to fit")
+            raise ControlMDError(
+                f"protocol kind {self.kind or type(self).__name__!r} has no parameters to fit"
+            )
         with torch.enable_grad():
             lbfgs = torch.optim.LBFGS(
-                params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+                params,
+                max_iter=500,
+                tolerance_grad=1e-12,
+                tolerance_change=1e-14,
+                line_search_fn="strong_wolfe",
             )
 
             def closure() -> Tensor:
@@ -297,7 +310,9 @@ class Protocol(nn.Module):
         from controlmd.checkpoint import atomic_torch_save
 
         if not self.kind:
-            raise ControlMDError(f"{type(self).__name__} is not a registered protocol kind and cannot be saved")
+            raise ControlMDError(
+                f"{type(self).__name__} is not a registered protocol kind and cannot be saved"
+            )
         atomic_torch_save(
             {
                 "format": PROTOCOL_FILE_FORMAT,
@@ -318,7 +333,9 @@ class Protocol(nn.Module):
 
 def _interp(t: Tensor, knots: Tensor, values: Tensor) -> Tensor:
     """Piecewise-linear interpolation of ``values [K, k]`` at ``knots [K]`` to ``t [T]``."""
-    idx = torch.searchsorted(knots.contiguous(), t.contiguous(), right=True).clamp(1, knots.shape[0] - 1)
+    idx = torch.searchsorted(knots.contiguous(), t.contiguous(), right=True).clamp(
+        1, knots.shape[0] - 1
+    )
     t0, t1 = knots[idx - 1], knots[idx]
     w = ((t - t0) / (t1 - t0)).clamp(0.0, 1.0).unsqueeze(-1)
     return values[idx - 1] * (1.0 - w) + values[idx] * w
@@ -376,7 +393,9 @@ def load_protocol(path: str | Path) -> Protocol:
     """Rebuild a protocol written by :meth:`Protocol.save`."""
     blob = torch.load(Path(path), map_location="cpu", weights_only=False)
     if not isinstance(blob, dict) or blob.get("format") != PROTOCOL_FILE_FORMAT:
-        raise ControlMDError(f"{path} is not a controlmd protocol file (format {PROTOCOL_FILE_FORMAT})")
+        raise ControlMDError(
+            f"{path} is not a controlmd protocol file (format {PROTOCOL_FILE_FORMAT})"
+        )
     protocol = protocol_class(blob["kind"])(**blob["params"])
     protocol.load_state_dict(blob["state_dict"])
     return protocol
@@ -442,7 +461,9 @@ class FourierSeries(_LinearBasisProtocol):
     def basis(self, s: Tensor) -> Tensor:
         j = torch.arange(1, self.n_terms + 1, dtype=s.dtype, device=s.device)
         phase = 2.0 * math.pi * s.unsqueeze(-1) * j
-        return torch.cat([torch.ones_like(s)[:, None], s[:, None], torch.cos(phase), torch.sin(phase)], -1)
+        return torch.cat(
+            [torch.ones_like(s)[:, None], s[:, None], torch.cos(phase), torch.sin(phase)], -1
+        )
 
 
 @register_protocol("spline")
@@ -486,7 +507,9 @@ def _natural_spline_moments(K: int) -> Tensor:
     h = 1.0 / (K - 1)
     n = K - 2
     tri = 4.0 * torch.eye(n, dtype=torch.float64)
-    tri += torch.diag(torch.ones(n - 1, dtype=torch.float64), 1) + torch.diag(torch.ones(n - 1, dtype=torch.float64), -1)
+    tri += torch.diag(torch.ones(n - 1, dtype=torch.float64), 1) + torch.diag(
+        torch.ones(n - 1, dtype=torch.float64), -1
+    )
     second_diff = torch.zeros(n, K, dtype=torch.float64)
     for i in range(n):
         second_diff[i, i : i + 3] = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64)
@@ -534,7 +557,12 @@ class _MLPWithSkip(nn.Module):
 
 
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: str) -> nn.Sequential:
-    acts: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
+    acts: dict[str, Callable[[], nn.Module]] = {
+        "tanh": nn.Tanh,
+        "silu": nn.SiLU,
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+    }
     check_choice("activation", activation, list(acts))
     layers: list[nn.Module] = []
     for width in hidden:
@@ -630,7 +658,9 @@ class FeedbackMLP(Protocol):
         return self.net(torch.cat([features, obs.to(features) / self.obs_scale], dim=-1))
 
     def raw(self, t: Tensor) -> Tensor:
-        return self.raw_feedback(t, torch.zeros(t.shape[0], self.obs_dim, dtype=t.dtype, device=t.device))
+        return self.raw_feedback(
+            t, torch.zeros(t.shape[0], self.obs_dim, dtype=t.dtype, device=t.device)
+        )
 
     def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
         if obs is None:
@@ -645,8 +675,13 @@ class FeedbackMLP(Protocol):
 
     def _fit_raw(self, t: Tensor, raw_target: Tensor) -> None:
         # Fit the open-loop part (obs = 0); the weights on obs keep their random init.
-        inputs = torch.cat([_time_features(t / self.t_final, self.n_frequencies),
-                            torch.zeros(t.shape[0], self.obs_dim, dtype=t.dtype)], dim=-1)
+        inputs = torch.cat(
+            [
+                _time_features(t / self.t_final, self.n_frequencies),
+                torch.zeros(t.shape[0], self.obs_dim, dtype=t.dtype),
+            ],
+            dim=-1,
+        )
         self.net.fit_readout(inputs, raw_target)
         super()._fit_raw(t, raw_target)
 
@@ -676,7 +711,9 @@ class PiecewiseConstant(Protocol):
         init: InitSpec | None = None,
         fluence_weight: float = 0.0,
     ) -> None:
-        super().__init__(dim=dim, t_final=t_final, low=low, high=high, fluence_weight=fluence_weight)
+        super().__init__(
+            dim=dim, t_final=t_final, low=low, high=high, fluence_weight=fluence_weight
+        )
         check_int("n_pieces", n_pieces)
         self.n_pieces = n_pieces
         values = torch.zeros(n_pieces, dim, dtype=torch.float64)
@@ -695,7 +732,9 @@ class PiecewiseConstant(Protocol):
                 return v.reshape(self.n_pieces, self.dim).clone()
             if v.numel() in (1, self.dim):
                 return v.reshape(1, -1).expand(self.n_pieces, self.dim).clone()
-        mid = (torch.arange(self.n_pieces, dtype=torch.float64) + 0.5) * self.t_final / self.n_pieces
+        mid = (
+            (torch.arange(self.n_pieces, dtype=torch.float64) + 0.5) * self.t_final / self.n_pieces
+        )
         return self._target_values(init, mid)
 
     def piece_index(self, t: Tensor) -> Tensor:
@@ -747,12 +786,17 @@ class Tabulated(Protocol):
         vs = torch.as_tensor(values, dtype=torch.float64)
         vs = vs.unsqueeze(-1) if vs.ndim == 1 else vs
         if ts.numel() < 1 or vs.ndim != 2 or vs.shape[0] != ts.numel():
-            raise ControlMDError(f"table needs times [n] and values [n, k], got {tuple(ts.shape)} and {tuple(vs.shape)}")
+            raise ControlMDError(
+                f"table needs times [n] and values [n, k], got {tuple(ts.shape)} and {tuple(vs.shape)}"
+            )
         if ts.numel() > 1 and not bool((ts[1:] > ts[:-1]).all()):
             raise ControlMDError("table times must be strictly increasing")
         super().__init__(
-            dim=vs.shape[1], t_final=float(ts[-1]) if t_final is None else t_final,
-            low=low, high=high, fluence_weight=fluence_weight,
+            dim=vs.shape[1],
+            t_final=float(ts[-1]) if t_final is None else t_final,
+            low=low,
+            high=high,
+            fluence_weight=fluence_weight,
         )
         self.interpolation = interpolation
         self.register_buffer("times", ts)
@@ -763,7 +807,9 @@ class Tabulated(Protocol):
             return self.values.expand(t.shape[0], self.dim)
         if self.interpolation == "linear":
             return _interp(t, self.times.to(t), self.values)
-        idx = (torch.searchsorted(self.times.to(t).contiguous(), t.contiguous(), right=True) - 1).clamp(0, self.times.numel() - 1)
+        idx = (
+            torch.searchsorted(self.times.to(t).contiguous(), t.contiguous(), right=True) - 1
+        ).clamp(0, self.times.numel() - 1)
         return self.values[idx]
 
     def breakpoints(self) -> list[float]:
@@ -776,7 +822,9 @@ class Tabulated(Protocol):
     def from_csv(cls, path: str | Path, **kwargs: Any) -> Tabulated:
         """Read a table written by :meth:`Protocol.write_table`."""
         lines = Path(path).read_text().strip().splitlines()
-        rows = torch.tensor([[float(x) for x in line.split(",")] for line in lines[1:]], dtype=torch.float64)
+        rows = torch.tensor(
+            [[float(x) for x in line.split(",")] for line in lines[1:]], dtype=torch.float64
+        )
         return cls(times=rows[:, 0], values=rows[:, 1:], **kwargs)
 
 
@@ -814,11 +862,15 @@ class HeldControl(Protocol):
 
     def __init__(self, *, dim: int, t_final: float, value: Tensor | None = None) -> None:
         super().__init__(dim=dim, t_final=t_final)
-        self.register_buffer("value", torch.zeros(dim, dtype=torch.float64) if value is None else value)
+        self.register_buffer(
+            "value", torch.zeros(dim, dtype=torch.float64) if value is None else value
+        )
 
     def set(self, u: Tensor) -> None:
         if u.shape[-1] != self.dim:
-            raise ControlMDError(f"control value has last dimension {u.shape[-1]}, expected {self.dim}")
+            raise ControlMDError(
+                f"control value has last dimension {u.shape[-1]}, expected {self.dim}"
+            )
         self.value = u.detach().to(torch.float64)
 
     def raw(self, t: Tensor) -> Tensor:

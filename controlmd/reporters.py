@@ -38,11 +38,21 @@ __all__ = [
 ]
 
 QUANTITIES = (
-    "potential_energy", "kinetic_energy", "total_energy", "temperature", "invariant", "work",
+    "potential_energy",
+    "kinetic_energy",
+    "total_energy",
+    "temperature",
+    "invariant",
+    "work",
 )
 _UNITS = {
-    "step": "", "time": "tau", "potential_energy": "epsilon", "kinetic_energy": "epsilon",
-    "total_energy": "epsilon", "temperature": "kT, epsilon", "invariant": "epsilon",
+    "step": "",
+    "time": "tau",
+    "potential_energy": "epsilon",
+    "kinetic_energy": "epsilon",
+    "total_energy": "epsilon",
+    "temperature": "kT, epsilon",
+    "invariant": "epsilon",
     "work": "epsilon",
 }
 
@@ -141,7 +151,9 @@ class MemoryReporter(IntervalReporter):
     def stacked(self, name: str) -> Tensor:
         """``[n_reports, B]`` values of ``name``."""
         if name not in self.data:
-            raise ControlMDError(f"no data for {name!r}; recorded: {', '.join(self.data) or 'none'}")
+            raise ControlMDError(
+                f"no data for {name!r}; recorded: {', '.join(self.data) or 'none'}"
+            )
         return torch.stack(self.data[name])
 
 
@@ -157,14 +169,23 @@ class StateDataReporter(IntervalReporter):
     """
 
     def __init__(
-        self, file: str | os.PathLike | IO[str], every: int,
-        quantities: Sequence[str] = ("potential_energy", "kinetic_energy", "total_energy", "temperature"),
+        self,
+        file: str | os.PathLike | IO[str],
+        every: int,
+        quantities: Sequence[str] = (
+            "potential_energy",
+            "kinetic_energy",
+            "total_energy",
+            "temperature",
+        ),
     ) -> None:
         super().__init__(every)
         for q in quantities:
             check_choice("quantity", q, QUANTITIES)
         self.quantities = tuple(quantities)
-        self._path = None if isinstance(file, io.TextIOBase) or hasattr(file, "write") else Path(file)  # type: ignore[arg-type]
+        self._path = (
+            None if isinstance(file, io.TextIOBase) or hasattr(file, "write") else Path(file)
+        )  # type: ignore[arg-type]
         self._stream: IO[str] | None = None if self._path is not None else file  # type: ignore[assignment]
         self._columns: list[str] | None = None
 
@@ -176,7 +197,9 @@ class StateDataReporter(IntervalReporter):
         if self._columns is None:
             self._columns = [q for q in self.quantities if q in values]
             header = ["step", "time", *self._columns]
-            self._stream.write(",".join(f"{h} ({_UNITS[h]})" if _UNITS[h] else h for h in header) + "\n")
+            self._stream.write(
+                ",".join(f"{h} ({_UNITS[h]})" if _UNITS[h] else h for h in header) + "\n"
+            )
         row = [str(state.step), f"{float(state.t):.6g}"]
         row += [f"{float(values[c].mean()):.10g}" for c in self._columns]
         self._stream.write(",".join(row) + "\n")
@@ -203,7 +226,11 @@ class XYZReporter(IntervalReporter):
     """
 
     def __init__(
-        self, path: str | os.PathLike, every: int, *, replica: int = 0,
+        self,
+        path: str | os.PathLike,
+        every: int,
+        *,
+        replica: int = 0,
         species: str | Sequence[str] = "X",
     ) -> None:
         super().__init__(every)
@@ -215,7 +242,9 @@ class XYZReporter(IntervalReporter):
 
     def report(self, state: State, integrator: Integrator) -> None:
         if self.replica >= state.n_replicas:
-            raise ControlMDError(f"replica = {self.replica} but the state has B = {state.n_replicas}")
+            raise ControlMDError(
+                f"replica = {self.replica} but the state has B = {state.n_replicas}"
+            )
         if self._stream is None:
             self._stream = open(self.path, "w")  # closed in close()
         R = _pad3(state.R[self.replica])
@@ -229,7 +258,7 @@ class XYZReporter(IntervalReporter):
             props += ":momenta:R:3"
             P = _pad3(state.P[self.replica])
         box = integrator.space.box
-        comment = f'Properties={props} Time={float(state.t):.10g} Step={state.step}'
+        comment = f"Properties={props} Time={float(state.t):.10g} Step={state.step}"
         if box is not None:
             L = [float(x) for x in box] + [0.0] * (3 - box.shape[0])
             L = [x if x > 0 else 1.0 for x in L]

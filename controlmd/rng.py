@@ -69,13 +69,19 @@ class ReplicaRNG:
     def randn(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """Standard normal draws of shape ``[B, *shape]``."""
         return torch.stack(
-            [torch.randn(shape, generator=g, dtype=dtype, device=self.device) for g in self.generators]
+            [
+                torch.randn(shape, generator=g, dtype=dtype, device=self.device)
+                for g in self.generators
+            ]
         )
 
     def rand(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """Uniform [0, 1) draws of shape ``[B, *shape]``."""
         return torch.stack(
-            [torch.rand(shape, generator=g, dtype=dtype, device=self.device) for g in self.generators]
+            [
+                torch.rand(shape, generator=g, dtype=dtype, device=self.device)
+                for g in self.generators
+            ]
         )
 
     def get_state(self) -> list[Tensor]:

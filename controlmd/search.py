@@ -40,25 +40,37 @@ __all__ = ["CMAES", "ProtocolSearch", "RandomSearch", "actions_to_protocol", "pr
 def protocol_to_actions(protocol: PiecewiseConstant, task: Task) -> np.ndarray:
     """Normalized piece values ``[K, k]`` in ``[-1, 1]`` of a piecewise-constant protocol:
     ``a = 2 (u - low) / (high - low) - 1`` with the task's physical bounds."""
-    t_mid = (torch.arange(protocol.n_pieces, dtype=torch.float64) + 0.5) * protocol.t_final / protocol.n_pieces
+    t_mid = (
+        (torch.arange(protocol.n_pieces, dtype=torch.float64) + 0.5)
+        * protocol.t_final
+        / protocol.n_pieces
+    )
     with torch.no_grad():
         u = protocol(t_mid).to(torch.float64)
     low, high = task.controls.low_tensor(), task.controls.high_tensor()
     return (2.0 * (u - low) / (high - low) - 1.0).clamp(-1.0, 1.0).numpy()
 
 
-def actions_to_protocol(actions: np.ndarray | Sequence[Sequence[float]], task: Task) -> PiecewiseConstant:
+def actions_to_protocol(
+    actions: np.ndarray | Sequence[Sequence[float]], task: Task
+) -> PiecewiseConstant:
     """The ``K``-piece protocol holding normalized values ``[K, k]`` (inverse of
     :func:`protocol_to_actions`; a value on a bound comes within 1e-11 of it, since the
     protocol's tanh squashing never reaches its bounds)."""
     a = torch.as_tensor(np.asarray(actions, dtype=np.float64))
     if a.ndim != 2 or a.shape[1] != task.controls.dim:
-        raise ControlMDError(f"actions must have shape [K, {task.controls.dim}], got {tuple(a.shape)}")
+        raise ControlMDError(
+            f"actions must have shape [K, {task.controls.dim}], got {tuple(a.shape)}"
+        )
     low, high = task.controls.low_tensor(), task.controls.high_tensor()
     u = low + (high - low) * 0.5 * (a.clamp(-1.0, 1.0) + 1.0)
     return PiecewiseConstant(
-        dim=task.controls.dim, t_final=task.horizon, n_pieces=a.shape[0],
-        low=list(task.controls.low), high=list(task.controls.high), init=u,
+        dim=task.controls.dim,
+        t_final=task.horizon,
+        n_pieces=a.shape[0],
+        low=list(task.controls.low),
+        high=list(task.controls.high),
+        init=u,
     )
 
 
@@ -96,7 +108,9 @@ class ProtocolSearch(ABC):
 
     def protocol(self, x: np.ndarray) -> PiecewiseConstant:
         """The protocol of a flat candidate ``x`` ``[K k]``."""
-        return actions_to_protocol(np.asarray(x).reshape(self.n_pieces, self.task.controls.dim), self.task)
+        return actions_to_protocol(
+            np.asarray(x).reshape(self.n_pieces, self.task.controls.dim), self.task
+        )
 
     def score(self, x: np.ndarray, seed: int) -> float:
         """Minimized objective ``-sign * mean metric`` of candidate ``x`` on the batch ``seed``."""
@@ -105,7 +119,9 @@ class ProtocolSearch(ABC):
             values = self.task.metric(state).detach().to(torch.float64)
         self.md_steps += self.replicas * self.task.n_steps
         if not bool(torch.isfinite(values).all()):
-            raise ControlMDError(f"task {self.task.name!r}: the metric is not finite for some replicas")
+            raise ControlMDError(
+                f"task {self.task.name!r}: the metric is not finite for some replicas"
+            )
         return -self.sign * float(values.mean())
 
     @abstractmethod
@@ -116,7 +132,9 @@ class ProtocolSearch(ABC):
     def step(self) -> None:
         """One generation."""
 
-    def learn(self, generations: int, callback: Callable[[ProtocolSearch], bool | None] | None = None) -> ProtocolSearch:
+    def learn(
+        self, generations: int, callback: Callable[[ProtocolSearch], bool | None] | None = None
+    ) -> ProtocolSearch:
         """Run up to ``generations`` generations; ``callback(self)`` after each, ``False`` stops."""
         check_int("generations", generations, minimum=0)
         while self.generation < generations:
@@ -139,13 +157,21 @@ class CMAES(ProtocolSearch):
     """
 
     def __init__(
-        self, task: Task, *, n_pieces: int, replicas: int, seed: int = 0, sigma0: float = 0.3,
+        self,
+        task: Task,
+        *,
+        n_pieces: int,
+        replicas: int,
+        seed: int = 0,
+        sigma0: float = 0.3,
         popsize: int | None = None,
     ) -> None:
         super().__init__(task, n_pieces=n_pieces, replicas=replicas, seed=seed)
         check_positive("sigma0", sigma0)
         if sigma0 > 1.0:
-            raise ControlMDError(f"sigma0 must be <= 1 (normalized units, bounds [-1, 1]), got {sigma0}")
+            raise ControlMDError(
+                f"sigma0 must be <= 1 (normalized units, bounds [-1, 1]), got {sigma0}"
+            )
         if popsize is not None:
             check_int("popsize", popsize, minimum=2)
         import cma
@@ -180,7 +206,9 @@ class RandomSearch(ProtocolSearch):
     :param task, n_pieces, replicas, seed: see :class:`ProtocolSearch`.
     """
 
-    def __init__(self, task: Task, *, n_pieces: int, replicas: int, seed: int = 0, batch: int = 8) -> None:
+    def __init__(
+        self, task: Task, *, n_pieces: int, replicas: int, seed: int = 0, batch: int = 8
+    ) -> None:
         super().__init__(task, n_pieces=n_pieces, replicas=replicas, seed=seed)
         check_int("batch", batch)
         self.batch = batch
@@ -189,7 +217,11 @@ class RandomSearch(ProtocolSearch):
 
     def step(self) -> None:
         for _ in range(self.batch):
-            x = np.zeros(self.dim) if self.candidates == 0 else self.rng.uniform(-1.0, 1.0, self.dim)
+            x = (
+                np.zeros(self.dim)
+                if self.candidates == 0
+                else self.rng.uniform(-1.0, 1.0, self.dim)
+            )
             self.candidates += 1
             s = self.score(x, self.seed)
             if s < self.best_score:

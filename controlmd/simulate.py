@@ -73,8 +73,18 @@ __all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "simulate", "simulate_
 
 GRADIENT_MODES = ("direct", "checkpoint", "truncated", "reversible", "none")
 ODE_METHODS = (
-    "dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun",
-    "euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams",
+    "dopri5",
+    "dopri8",
+    "bosh3",
+    "fehlberg2",
+    "adaptive_heun",
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
 )
 _ADAPTIVE = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"})
 
@@ -146,8 +156,9 @@ def simulate(
         >>> traj.records["R"].shape, traj.md_steps
         (torch.Size([3, 2, 1, 1]), 200)
     """
-    _check_simulate_inputs(integrator, state, n_steps, gradient, window, record_every,
-                           reporters, check_every)
+    _check_simulate_inputs(
+        integrator, state, n_steps, gradient, window, record_every, reporters, check_every
+    )
     if gradient == "reversible":
         return _simulate_reversible(integrator, state, n_steps, window, record_every, reporters)
     if observables is None:
@@ -158,11 +169,21 @@ def simulate(
     with context:
         state = integrator.prepare(state)
         final, times, records = _run(
-            integrator, state, n_steps, gradient if graph else "none", window,
-            record_every, observables, list(reporters), check_every,
+            integrator,
+            state,
+            n_steps,
+            gradient if graph else "none",
+            window,
+            record_every,
+            observables,
+            list(reporters),
+            check_every,
         )
     return Trajectory(
-        final=final, times=times, records=records, md_steps=B * n_steps,
+        final=final,
+        times=times,
+        records=records,
+        md_steps=B * n_steps,
         grad_steps=B * n_steps if graph else 0,
     )
 
@@ -258,7 +279,9 @@ def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State
     used: its non-reentrant mode recomputes the window at each force-gradient call inside
     it, O(W^2) steps.)
     """
-    keys = sorted(k for k, v in state.aux.items() if isinstance(v, Tensor) and v.is_floating_point())
+    keys = sorted(
+        k for k, v in state.aux.items() if isinstance(v, Tensor) and v.is_floating_point()
+    )
     names = ["R"] + (["P"] if state.P is not None else []) + [f"aux:{k}" for k in keys]
     rng = state.rng
     start = None if rng is None else rng.get_state()
@@ -267,7 +290,8 @@ def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State
     def run(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
         values = dict(zip(names, tensors))
         s = state.replace(
-            R=values["R"], P=values.get("P"),
+            R=values["R"],
+            P=values.get("P"),
             aux={**state.aux, **{k: values[f"aux:{k}"] for k in keys}},
             rng=None if rng is None else _rng_copy(rng, start),  # type: ignore[arg-type]
         )
@@ -284,7 +308,9 @@ def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State
     if rng is not None:
         rng.set_state(end.rng.get_state())  # type: ignore[union-attr]
     return end.replace(
-        R=values["R"], P=values.get("P"), aux={**end.aux, **{k: values[f"aux:{k}"] for k in keys}},
+        R=values["R"],
+        P=values.get("P"),
+        aux={**end.aux, **{k: values[f"aux:{k}"] for k in keys}},
         rng=rng,
     )
 
@@ -307,9 +333,13 @@ class _Window(torch.autograd.Function):
         with torch.enable_grad():
             outs = ctx.run(inputs)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], inputs + params, [g for _, g in pairs], allow_unused=True
-        ) if pairs else (None,) * (len(inputs) + len(params))
+        grads = (
+            torch.autograd.grad(
+                [o for o, _ in pairs], inputs + params, [g for _, g in pairs], allow_unused=True
+            )
+            if pairs
+            else (None,) * (len(inputs) + len(params))
+        )
         return (None, None, *grads)
 
 
@@ -351,14 +381,24 @@ def _simulate_reversible(
         )
     if not _needs_graph(integrator, state):
         return simulate(integrator, state, n_steps, gradient="none")
-    final = simulate_reversible(integrator, state, n_steps, window=200 if window is None else window)
+    final = simulate_reversible(
+        integrator, state, n_steps, window=200 if window is None else window
+    )
     if not _is_finite(final):
-        simulate(integrator, state.detach(), n_steps, gradient="none")  # raises at the first bad step
-        raise SimulationDivergedError("non-finite positions or momenta", step=final.step,
-                                      time=float(final.t))
+        simulate(
+            integrator, state.detach(), n_steps, gradient="none"
+        )  # raises at the first bad step
+        raise SimulationDivergedError(
+            "non-finite positions or momenta", step=final.step, time=float(final.t)
+        )
     B = state.n_replicas
-    return Trajectory(final=final, times=torch.zeros(0, dtype=torch.float64), records={},
-                      md_steps=B * n_steps, grad_steps=B * n_steps)
+    return Trajectory(
+        final=final,
+        times=torch.zeros(0, dtype=torch.float64),
+        records={},
+        md_steps=B * n_steps,
+        grad_steps=B * n_steps,
+    )
 
 
 def _is_finite(state: State) -> bool:
@@ -369,8 +409,12 @@ def _is_finite(state: State) -> bool:
 
 
 def _locate_divergence(
-    integrator: Integrator, good: tuple[State, list[Tensor] | None], bad: State,
-    t_start: Tensor, step0: int, jumps: set[int],
+    integrator: Integrator,
+    good: tuple[State, list[Tensor] | None],
+    bad: State,
+    t_start: Tensor,
+    step0: int,
+    jumps: set[int],
 ) -> None:
     """Replay from the last finite snapshot, step by step as :func:`_run` does, and raise
     at the first bad step."""
@@ -423,7 +467,9 @@ def _needs_graph(integrator: Integrator, state: State) -> bool:
 
 def _check_state(integrator: Integrator, state: State) -> None:
     if not isinstance(integrator, Integrator):
-        raise ControlMDError(f"integrator must be a controlmd Integrator, got {type(integrator).__name__}")
+        raise ControlMDError(
+            f"integrator must be a controlmd Integrator, got {type(integrator).__name__}"
+        )
     if not isinstance(state, State):
         raise ControlMDError(f"state must be a controlmd State, got {type(state).__name__}")
     check_positions("state.R", state.R)
@@ -460,7 +506,9 @@ def _check_simulate_inputs(
     check_choice("gradient", gradient, GRADIENT_MODES)
     if gradient in ("checkpoint", "truncated"):
         if window is None:
-            raise ControlMDError(f"gradient={gradient!r} needs window=W (steps per window), got None")
+            raise ControlMDError(
+                f"gradient={gradient!r} needs window=W (steps per window), got None"
+            )
         check_int("window", window)
     elif window is not None:
         check_int("window", window)
@@ -575,8 +623,15 @@ def simulate_ode(
         func = _VectorField(integrator, a, b, clamp=bool(jumps))
         if adjoint:
             sol = odeint_adjoint(
-                func, y, times, rtol=rtol, atol=atol, method=method, options=opts,
-                adjoint_options=adjoint_options, adjoint_params=params,
+                func,
+                y,
+                times,
+                rtol=rtol,
+                atol=atol,
+                method=method,
+                options=opts,
+                adjoint_options=adjoint_options,
+                adjoint_params=params,
             )
         else:
             sol = odeint(func, y, times, rtol=rtol, atol=atol, method=method, options=opts)
@@ -611,7 +666,10 @@ def simulate_ode(
             )
     B = state.n_replicas
     return Trajectory(
-        final=final, times=times, records=records, md_steps=B * nfe,
+        final=final,
+        times=times,
+        records=records,
+        md_steps=B * nfe,
         grad_steps=B * nfe if torch.is_grad_enabled() else 0,
     )
 

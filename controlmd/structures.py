@@ -66,8 +66,12 @@ def helix(
     :return: positions ``[n_beads, 3]`` float64, centred at the origin.
     """
     check_int("n_beads", n_beads, minimum=2)
-    for name, value in (("radius", radius), ("rise", rise), ("n_half_turns", n_half_turns),
-                        ("bond_length", bond_length)):
+    for name, value in (
+        ("radius", radius),
+        ("rise", rise),
+        ("n_half_turns", n_half_turns),
+        ("bond_length", bond_length),
+    ):
         check_positive(name, value)
     i = torch.arange(n_beads, dtype=torch.float64)
     phi = i * math.pi * n_half_turns / (n_beads - 1)
@@ -240,7 +244,9 @@ def target_cluster_fraction(
         raise ControlMDError(f"cluster size must be <= the particle count {n}, got {size}")
     check_int("n_bonds", n_bonds, minimum=0)
     labels = cluster_labels(adjacency)
-    onehot = (labels[:, :, None] == torch.arange(n, device=labels.device)).to(torch.float64)  # [B, i, c]
+    onehot = (labels[:, :, None] == torch.arange(n, device=labels.device)).to(
+        torch.float64
+    )  # [B, i, c]
     A = adjacency.to(torch.float64)
     degree = A.sum(-1)  # [B, i]
     comp_size = onehot.sum(1)  # [B, c]

@@ -87,8 +87,15 @@ _RESERVED_GRID_KEYS = {
     "experiment.name": "all jobs of a sweep belong to one experiment",
     "experiment.seed": "use --seeds N (seeds experiment.seed + 0 ... N-1)",
 }
-_SUMMARY_KEYS = ("metric_final", "metric_final_se", "metric_initial", "md_steps", "grad_steps", "wall_s",
-                 "iterations")
+_SUMMARY_KEYS = (
+    "metric_final",
+    "metric_final_se",
+    "metric_initial",
+    "md_steps",
+    "grad_steps",
+    "wall_s",
+    "iterations",
+)
 
 
 # ---------------------------------------------------------------------- generic job runner
@@ -168,14 +175,18 @@ def run_jobs(
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ControlMDError(f"job names must be unique; repeated: {', '.join(dup)}")
-    use_ray = _check_runner(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job)
+    use_ray = _check_runner(
+        address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job
+    )
     if not use_ray:
         return _run_local(jobs, on_result)
     with ray_session(address, num_cpus):
         return _run_ray(jobs, cpus_per_job=cpus_per_job, on_result=on_result)
 
 
-def _check_runner(*, address: str | None, backend: str, num_cpus: int | None, cpus_per_job: int) -> bool:
+def _check_runner(
+    *, address: str | None, backend: str, num_cpus: int | None, cpus_per_job: int
+) -> bool:
     """Validate :func:`run_jobs`' placement options; returns whether jobs go to Ray."""
     check_choice("backend", backend, RUNNER_BACKENDS)
     check_int("cpus_per_job", cpus_per_job)
@@ -183,21 +194,32 @@ def _check_runner(*, address: str | None, backend: str, num_cpus: int | None, cp
         check_int("num_cpus", num_cpus)
     if backend == "local":
         if address is not None:
-            raise ControlMDError(f"address {address!r} needs Ray; backend 'local' runs in this process")
+            raise ControlMDError(
+                f"address {address!r} needs Ray; backend 'local' runs in this process"
+            )
         return False
     if not ray_available():
         if backend == "ray" or address is not None:
             why = f"address {address!r}" if address is not None else "backend 'ray'"
-            raise ControlMDError(f"{why} needs Ray, which is not installed: pip install 'controlmd[dist]'")
+            raise ControlMDError(
+                f"{why} needs Ray, which is not installed: pip install 'controlmd[dist]'"
+            )
         return False
     if address is not None and num_cpus is not None:
-        raise ControlMDError(f"num_cpus sizes a local Ray instance; the cluster at {address!r} has its own CPUs")
+        raise ControlMDError(
+            f"num_cpus sizes a local Ray instance; the cluster at {address!r} has its own CPUs"
+        )
     return True
 
 
 @contextmanager
 def runner_session(
-    *, address: str | None, backend: str, num_cpus: int | None, cpus_per_job: int, needed: bool = True
+    *,
+    address: str | None,
+    backend: str,
+    num_cpus: int | None,
+    cpus_per_job: int,
+    needed: bool = True,
 ) -> Iterator[bool]:
     """Validate :func:`run_jobs`' options and, for Ray, connect before the block runs.
 
@@ -206,7 +228,9 @@ def runner_session(
 
     :param needed: whether there are jobs to run (no Ray session is started otherwise).
     """
-    use_ray = _check_runner(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job)
+    use_ray = _check_runner(
+        address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job
+    )
     with ray_session(address, num_cpus) if use_ray and needed else nullcontext():
         yield use_ray
 
@@ -238,7 +262,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         where = "a local Ray instance" if address is None else f"the Ray cluster at {address!r}"
-        hint = " (start one with `ray start --head`, or drop --address to start a local one)" if address else ""
+        hint = (
+            " (start one with `ray start --head`, or drop --address to start a local one)"
+            if address
+            else ""
+        )
         raise ControlMDError(f"cannot connect to {where}: {exc}{hint}") from None
     try:
         yield
@@ -255,7 +283,9 @@ def _call(job: Job) -> tuple[bool, Any, str | None, float]:
     return True, value, None, time.perf_counter() - t0
 
 
-def _run_local(jobs: Sequence[Job], on_result: Callable[[JobResult], None] | None) -> list[JobResult]:
+def _run_local(
+    jobs: Sequence[Job], on_result: Callable[[JobResult], None] | None
+) -> list[JobResult]:
     results = []
     for job in jobs:
         ok, value, error, wall = _call(job)
@@ -290,7 +320,9 @@ def _run_ray(
                 ok, value, error, wall = ray.get(ref)
                 result = JobResult(job.name, ok, value, error, wall)
             except ray.exceptions.RayError as exc:
-                result = JobResult(job.name, False, None, f"Ray worker died: {type(exc).__name__}: {exc}")
+                result = JobResult(
+                    job.name, False, None, f"Ray worker died: {type(exc).__name__}: {exc}"
+                )
             done[job.name] = result
             if on_result is not None:
                 on_result(result)
@@ -301,7 +333,10 @@ def _run_ray(
 
 
 def job_reporter(
-    total: int, done: int, say: Callable[[str], None], describe: Callable[[JobResult], str],
+    total: int,
+    done: int,
+    say: Callable[[str], None],
+    describe: Callable[[JobResult], str],
     errors: dict[str, str] | None = None,
 ) -> Callable[[JobResult], None]:
     """An ``on_result`` callback for :func:`run_jobs`: one line ``[k/total] name: ...`` per job.
@@ -331,7 +366,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     target = address.removeprefix("ray://")
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ControlMDError(f"Ray address must be 'auto', 'host:port' or 'ray://host:port', got {address!r}")
+        raise ControlMDError(
+            f"Ray address must be 'auto', 'host:port' or 'ray://host:port', got {address!r}"
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
@@ -344,22 +381,38 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def add_runner_arguments(p: argparse.ArgumentParser) -> None:
     """The options of :func:`run_jobs` for a subcommand (``sweep``, ``compare``)."""
-    p.add_argument("--address", metavar="ADDR",
-                   help="join a Ray cluster: 'auto' (the one `ray start` runs here), host:port or "
-                        "ray://host:port (default: start a local Ray instance)")
-    p.add_argument("--num-cpus", type=int, metavar="N",
-                   help="CPUs of the local Ray instance (default: all of this machine's)")
-    p.add_argument("--cpus-per-job", type=int, default=1, metavar="N", help="CPUs per job (default 1)")
-    p.add_argument("--local", action="store_true",
-                   help="run the jobs one after another in this process, even if Ray is installed")
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="join a Ray cluster: 'auto' (the one `ray start` runs here), host:port or "
+        "ray://host:port (default: start a local Ray instance)",
+    )
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        metavar="N",
+        help="CPUs of the local Ray instance (default: all of this machine's)",
+    )
+    p.add_argument(
+        "--cpus-per-job", type=int, default=1, metavar="N", help="CPUs per job (default 1)"
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run the jobs one after another in this process, even if Ray is installed",
+    )
 
 
 def runner_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`run_jobs` from :func:`add_runner_arguments`' options."""
     if args.local and args.address is not None:
         raise ConfigError("--local runs in this process; it cannot be combined with --address")
-    return {"address": args.address, "backend": "local" if args.local else "auto",
-            "num_cpus": args.num_cpus, "cpus_per_job": args.cpus_per_job}
+    return {
+        "address": args.address,
+        "backend": "local" if args.local else "auto",
+        "num_cpus": args.num_cpus,
+        "cpus_per_job": args.cpus_per_job,
+    }
 
 
 # ---------------------------------------------------------------------- sweep plan
@@ -392,9 +445,13 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
         key = lhs.strip()
         section, dot, name = key.partition(".")
         if not sep or not dot or not section or not name or "." in name or not rhs.strip():
-            raise ConfigError(f"--grid expects section.key=v1,v2,... (e.g. train.lr=0.01,0.1), got {item!r}")
+            raise ConfigError(
+                f"--grid expects section.key=v1,v2,... (e.g. train.lr=0.01,0.1), got {item!r}"
+            )
         if key in grid:
-            raise ConfigError(f"--grid {key} is given twice; list all its values once: {key}=v1,v2,...")
+            raise ConfigError(
+                f"--grid {key} is given twice; list all its values once: {key}=v1,v2,..."
+            )
         if key in _RESERVED_GRID_KEYS:
             raise ConfigError(f"--grid {key}: not a sweep axis ({_RESERVED_GRID_KEYS[key]})")
         values = _parse_values(rhs.strip())
@@ -429,7 +486,11 @@ def _plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: int) -> list[
         for j in range(seeds):
             index = len(jobs)
             label = "_".join(f"{k}={_label(v)}" for k, v in setting.items())
-            name = f"{index:03d}_{label}_seed{base_seed + j}" if label else f"{index:03d}_seed{base_seed + j}"
+            name = (
+                f"{index:03d}_{label}_seed{base_seed + j}"
+                if label
+                else f"{index:03d}_seed{base_seed + j}"
+            )
             jobs.append(_SweepJob(_safe_name(name), setting, base_seed + j))
     return jobs
 
@@ -451,14 +512,18 @@ def _job_raw(base: dict[str, Any], job: _SweepJob) -> dict[str, Any]:
     return raw
 
 
-def _resolve_jobs(base: dict[str, Any], grid: dict[str, list[Any]], jobs: list[_SweepJob]) -> dict[str, Any]:
+def _resolve_jobs(
+    base: dict[str, Any], grid: dict[str, list[Any]], jobs: list[_SweepJob]
+) -> dict[str, Any]:
     """Resolve every job's config (the trainer's checks), naming the grid key or job at fault."""
     from controlmd.config import SECTIONS, resolve_config
 
     for key, values in grid.items():
         section, name = key.split(".")
         if section not in SECTIONS:
-            raise ConfigError(f"--grid {key}: unknown section [{section}]; expected one of: {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"--grid {key}: unknown section [{section}]; expected one of: {', '.join(SECTIONS)}"
+            )
         probe = json.loads(json.dumps(base))
         probe.setdefault(section, {})[name] = values[0]
         try:
@@ -470,7 +535,9 @@ def _resolve_jobs(base: dict[str, Any], grid: dict[str, list[Any]], jobs: list[_
         try:
             configs[job.name] = resolve_config(_job_raw(base, job))
         except ConfigError as exc:
-            shown = ", ".join(f"{k}={_label(v)}" for k, v in job.setting.items()) or "the base config"
+            shown = (
+                ", ".join(f"{k}={_label(v)}" for k, v in job.setting.items()) or "the base config"
+            )
             raise ConfigError(f"--grid setting {shown} (seed {job.seed}): {exc}") from None
     return configs
 
@@ -545,8 +612,11 @@ def run_sweep(
         sweep_dir = Path(resume)
         spec = _read_spec(sweep_dir)
         if experiment is not None or grid_items or override_items or seeds is not None:
-            asked = (_new_spec(experiment, grid_items, seeds or 1, override_items)
-                     if experiment is not None else None)
+            asked = (
+                _new_spec(experiment, grid_items, seeds or 1, override_items)
+                if experiment is not None
+                else None
+            )
             plan = ("base", "grid", "seeds")
             if asked is None or {k: asked[k] for k in plan} != {k: spec[k] for k in plan}:
                 raise ConfigError(
@@ -565,36 +635,60 @@ def run_sweep(
     say = echo or (lambda _line: None)
     errors: dict[str, str] = {}
     report = job_reporter(
-        len(jobs), len(jobs) - len(todo), say,
-        lambda r: f"{r.value['metric_name']} = {r.value['metric_final']:.6g} ({r.wall_s:.1f} s)", errors,
+        len(jobs),
+        len(jobs) - len(todo),
+        say,
+        lambda r: f"{r.value['metric_name']} = {r.value['metric_final']:.6g} ({r.wall_s:.1f} s)",
+        errors,
     )
 
     # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
-    with runner_session(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,
-                        needed=bool(todo)) as use_ray:
+    with runner_session(
+        address=address,
+        backend=backend,
+        num_cpus=num_cpus,
+        cpus_per_job=cpus_per_job,
+        needed=bool(todo),
+    ) as use_ray:
         if resume is None:
             sweep_dir.mkdir(parents=True, exist_ok=False)
             atomic_write_json(sweep_dir / SPEC_FILE, spec)
         where = "on Ray" if use_ray else "in this process"
-        say(f"sweep {sweep_dir}: {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run {where}")
+        say(
+            f"sweep {sweep_dir}: {len(jobs)} jobs, {len(jobs) - len(todo)} done, {len(todo)} to run {where}"
+        )
         work = [
-            Job(job.name, run_sweep_job, (configs[job.name], str((sweep_dir / "jobs" / job.name).resolve())))
+            Job(
+                job.name,
+                run_sweep_job,
+                (configs[job.name], str((sweep_dir / "jobs" / job.name).resolve())),
+            )
             for job in todo
         ]
         try:
             if work:
-                run_jobs(work, address=address, backend=backend, num_cpus=num_cpus,
-                         cpus_per_job=cpus_per_job, on_result=report)
+                run_jobs(
+                    work,
+                    address=address,
+                    backend=backend,
+                    num_cpus=num_cpus,
+                    cpus_per_job=cpus_per_job,
+                    on_result=report,
+                )
         finally:
             summary = summarize_sweep(sweep_dir, errors=errors)
     failed = [j["name"] for j in summary["jobs"] if j["status"] != "done"]
     say(f"summary: {sweep_dir / 'summary.json'}, {sweep_dir / 'summary.md'}")
     if failed:
-        say(f"{len(failed)} of {len(jobs)} jobs not done; re-run them with: controlmd sweep --resume {sweep_dir}")
+        say(
+            f"{len(failed)} of {len(jobs)} jobs not done; re-run them with: controlmd sweep --resume {sweep_dir}"
+        )
     return SweepResult(sweep_dir, summary, failed)
 
 
-def _new_spec(experiment: str | Path, grid_items: list[str], seeds: int, overrides: list[str]) -> dict[str, Any]:
+def _new_spec(
+    experiment: str | Path, grid_items: list[str], seeds: int, overrides: list[str]
+) -> dict[str, Any]:
     from controlmd.config import apply_overrides, read_toml
 
     path = Path(experiment)
@@ -602,8 +696,14 @@ def _new_spec(experiment: str | Path, grid_items: list[str], seeds: int, overrid
     grid = parse_grid(grid_items)
     base = json.loads(json.dumps(base))  # the plan must survive a JSON round trip
     jobs = _plan(base, grid, seeds)
-    return {"format": SPEC_FORMAT, "experiment_file": str(path), "base": base, "grid": grid, "seeds": seeds,
-            "jobs": [{"name": j.name, "setting": j.setting, "seed": j.seed} for j in jobs]}
+    return {
+        "format": SPEC_FORMAT,
+        "experiment_file": str(path),
+        "base": base,
+        "grid": grid,
+        "seeds": seeds,
+        "jobs": [{"name": j.name, "setting": j.setting, "seed": j.seed} for j in jobs],
+    }
 
 
 def _read_spec(sweep_dir: Path) -> dict[str, Any]:
@@ -611,18 +711,25 @@ def _read_spec(sweep_dir: Path) -> dict[str, Any]:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"--resume {sweep_dir}: not a sweep folder (it has no {SPEC_FILE})") from None
+        raise ConfigError(
+            f"--resume {sweep_dir}: not a sweep folder (it has no {SPEC_FILE})"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--resume {sweep_dir}: {SPEC_FILE} is not valid JSON: {exc}") from None
     if spec.get("format") != SPEC_FORMAT:
-        raise ConfigError(f"--resume {sweep_dir}: {SPEC_FILE} has format {spec.get('format')!r}, expected {SPEC_FORMAT!r}")
+        raise ConfigError(
+            f"--resume {sweep_dir}: {SPEC_FILE} has format {spec.get('format')!r}, expected {SPEC_FORMAT!r}"
+        )
     return spec
 
 
 def _new_sweep_dir(spec: dict[str, Any], out: str | Path | None, runs_root: str | Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return new_output_dir(out, Path(runs_root) / spec["base"]["experiment"]["name"] / f"sweep-{stamp}",
-                          plan_file=SPEC_FILE)
+    return new_output_dir(
+        out,
+        Path(runs_root) / spec["base"]["experiment"]["name"] / f"sweep-{stamp}",
+        plan_file=SPEC_FILE,
+    )
 
 
 def new_output_dir(out: str | Path | None, default: Path, *, plan_file: str) -> Path:
@@ -652,7 +759,9 @@ def new_output_dir(out: str | Path | None, default: Path, *, plan_file: str) -> 
 # ---------------------------------------------------------------------- summary
 
 
-def summarize_sweep(sweep_dir: str | Path, *, errors: dict[str, str] | None = None) -> dict[str, Any]:
+def summarize_sweep(
+    sweep_dir: str | Path, *, errors: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Assemble ``summary.json`` and ``summary.md`` from the jobs' run directories.
 
     Per job: its setting, seed, status (``done``: ``metrics.json`` present; ``incomplete``:
@@ -671,12 +780,18 @@ def summarize_sweep(sweep_dir: str | Path, *, errors: dict[str, str] | None = No
     for job in spec["jobs"]:
         job_dir = sweep_dir / "jobs" / job["name"]
         metrics = read_result(job_dir)
-        row: dict[str, Any] = {"name": job["name"], "setting": job["setting"], "seed": job["seed"],
-                               "run_dir": str(Path("jobs") / job["name"])}
+        row: dict[str, Any] = {
+            "name": job["name"],
+            "setting": job["setting"],
+            "seed": job["seed"],
+            "run_dir": str(Path("jobs") / job["name"]),
+        }
         if metrics is not None:
             row["status"] = "done"
             row.update({k: metrics.get(k) for k in _SUMMARY_KEYS})
-            meta = meta or {k: metrics.get(k) for k in ("task", "metric_name", "higher_is_better", "units")}
+            meta = meta or {
+                k: metrics.get(k) for k in ("task", "metric_name", "higher_is_better", "units")
+            }
         else:
             row["status"] = "incomplete" if job_dir.exists() else "missing"
         if job["name"] in errors:
@@ -686,7 +801,11 @@ def summarize_sweep(sweep_dir: str | Path, *, errors: dict[str, str] | None = No
     for key in dict.fromkeys(json.dumps(r["setting"], sort_keys=True) for r in rows):
         group = [r for r in rows if json.dumps(r["setting"], sort_keys=True) == key]
         done = [r for r in group if r["status"] == "done"]
-        entry: dict[str, Any] = {"setting": group[0]["setting"], "seeds": len(group), "done": len(done)}
+        entry: dict[str, Any] = {
+            "setting": group[0]["setting"],
+            "seeds": len(group),
+            "done": len(done),
+        }
         for k in _SUMMARY_KEYS:
             values = [float(r[k]) for r in done if isinstance(r.get(k), int | float)]
             if values:
@@ -730,13 +849,17 @@ def _markdown(summary: dict[str, Any]) -> str:
         final = _fmt(s.get("metric_final"))
         if "metric_final_seed_se" in s:
             final += f" +- {s['metric_final_seed_se']:.2g}"
-        lines.append(f"| {shown} | {s['done']}/{s['seeds']} | {final} | {_fmt(s.get('metric_initial'))} | "
-                     f"{_fmt(s.get('md_steps'), '.4g')} | {_fmt(s.get('wall_s'), '.3g')} |")
+        lines.append(
+            f"| {shown} | {s['done']}/{s['seeds']} | {final} | {_fmt(s.get('metric_initial'))} | "
+            f"{_fmt(s.get('md_steps'), '.4g')} | {_fmt(s.get('wall_s'), '.3g')} |"
+        )
     missing = [j for j in summary["jobs"] if j["status"] != "done"]
     if missing:
         lines += ["", "Not done (re-run with `controlmd sweep --resume DIR`):", ""]
         for j in missing:
-            lines.append(f"- {j['name']}: {j['status']}" + (f" ({j['error']})" if "error" in j else ""))
+            lines.append(
+                f"- {j['name']}: {j['status']}" + (f" ({j['error']})" if "error" in j else "")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -749,29 +872,58 @@ def _fmt(value: Any, spec: str = ".6g") -> str:
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``controlmd sweep``."""
-    p.add_argument("experiment", nargs="?", type=Path, help="experiment TOML file (not needed with --resume)")
-    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
-                   help="a sweep axis, e.g. --grid train.lr=0.003,0.01 (repeatable: Cartesian product)")
-    p.add_argument("--seeds", type=int, help="seeds per setting: experiment.seed + 0 ... N-1 (default 1)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a value of the base config (repeatable)")
-    p.add_argument("--out", type=Path, help="sweep folder (default: runs/<experiment>/sweep-<time>/)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="re-run the jobs of the sweep in DIR that are not done")
+    p.add_argument(
+        "experiment", nargs="?", type=Path, help="experiment TOML file (not needed with --resume)"
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2,...",
+        help="a sweep axis, e.g. --grid train.lr=0.003,0.01 (repeatable: Cartesian product)",
+    )
+    p.add_argument(
+        "--seeds", type=int, help="seeds per setting: experiment.seed + 0 ... N-1 (default 1)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of the base config (repeatable)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="sweep folder (default: runs/<experiment>/sweep-<time>/)"
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="re-run the jobs of the sweep in DIR that are not done",
+    )
     add_runner_arguments(p)
 
 
 def sweep_command(args: argparse.Namespace) -> int:
     """``controlmd sweep``: exit status 0 when every job is done, 1 otherwise."""
     result = run_sweep(
-        args.experiment, args.grid, seeds=args.seeds, overrides=args.overrides, out=args.out,
-        resume=args.resume, **runner_options(args),
+        args.experiment,
+        args.grid,
+        seeds=args.seeds,
+        overrides=args.overrides,
+        out=args.out,
+        resume=args.resume,
+        **runner_options(args),
     )
     return 0 if not result.failed else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m controlmd.sweep ...`` (the same as ``controlmd sweep ...``)."""
-    parser = argparse.ArgumentParser(prog="controlmd sweep", description="run a grid of experiments")
+    parser = argparse.ArgumentParser(
+        prog="controlmd sweep", description="run a grid of experiments"
+    )
     add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     try:

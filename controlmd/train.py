@@ -103,7 +103,12 @@ class Evaluation:
 
 
 def evaluate(
-    task: Task, protocol: Protocol, n_replicas: int, seed: int, *, chunk: int = 10_000,
+    task: Task,
+    protocol: Protocol,
+    n_replicas: int,
+    seed: int,
+    *,
+    chunk: int = 10_000,
     distributed: DistributedContext | None = None,
 ) -> Evaluation:
     """Score ``protocol`` with the task's exact metric on ``n_replicas`` fresh replicas.
@@ -193,7 +198,9 @@ class Trainer:
         if not isinstance(task, Task):
             raise ControlMDError(f"task must be a controlmd Task, got {type(task).__name__}")
         if not isinstance(protocol, Protocol):
-            raise ControlMDError(f"protocol must be a controlmd Protocol, got {type(protocol).__name__}")
+            raise ControlMDError(
+                f"protocol must be a controlmd Protocol, got {type(protocol).__name__}"
+            )
         check_choice("optimizer", optimizer, _OPTIMIZERS)
         check_choice("gradient", gradient, _GRADIENTS)
         check_choice("estimator", estimator, _ESTIMATORS)
@@ -240,7 +247,9 @@ class Trainer:
                 "exposes none through parameters())"
             )
         if estimator == "forward" and task_parameters(task):
-            raise ControlMDError("estimator = 'forward' differentiates protocol parameters only; use 'pathwise'")
+            raise ControlMDError(
+                "estimator = 'forward' differentiates protocol parameters only; use 'pathwise'"
+            )
         n_params = sum(p.numel() for p in params)
         if estimator == "forward" and n_params > MAX_FORWARD_PARAMETERS:
             raise ControlMDError(
@@ -250,7 +259,9 @@ class Trainer:
         if estimator == "score":
             _check_score_dynamics(task, protocol)
         if optimizer == "lbfgs" and estimator == "score":
-            raise ControlMDError("optimizer = 'lbfgs' cannot use estimator = 'score' (a surrogate, not the objective)")
+            raise ControlMDError(
+                "optimizer = 'lbfgs' cannot use estimator = 'score' (a surrogate, not the objective)"
+            )
         if protocol.feedback and estimator == "forward":
             raise ControlMDError("estimator = 'forward' supports open-loop protocols only")
         self.task = task
@@ -289,19 +300,40 @@ class Trainer:
         self._setup()
 
     @classmethod
-    def from_config(cls, cfg: dict[str, dict[str, Any]], task: Task, protocol: Protocol,
-                    logger: Logger | None = None, distributed: DistributedContext | None = None) -> Trainer:
+    def from_config(
+        cls,
+        cfg: dict[str, dict[str, Any]],
+        task: Task,
+        protocol: Protocol,
+        logger: Logger | None = None,
+        distributed: DistributedContext | None = None,
+    ) -> Trainer:
         """A trainer from a resolved experiment config's ``[train]`` section."""
         t = cfg["train"]
         try:
             return cls(
-                task, protocol, optimizer=t["optimizer"], lr=t["lr"], replicas=t["replicas"],
-                gradient=t["gradient"], window=t["window"] or None, clip=t["clip"] or None,
-                estimator=t["estimator"], lr_schedule=t["lr_schedule"], lr_min=t["lr_min"],
-                lr_gamma=t["lr_gamma"], lr_step=t["lr_step"], schedule_iterations=max(t["iterations"], 1),
-                momentum=t["momentum"], weight_decay=t["weight_decay"], lbfgs_max_iter=t["lbfgs_max_iter"],
-                frozen_noise=t["frozen_noise"], grad_groups=t["grad_groups"],
-                variance_every=t["variance_every"], seed=cfg["experiment"]["seed"], logger=logger,
+                task,
+                protocol,
+                optimizer=t["optimizer"],
+                lr=t["lr"],
+                replicas=t["replicas"],
+                gradient=t["gradient"],
+                window=t["window"] or None,
+                clip=t["clip"] or None,
+                estimator=t["estimator"],
+                lr_schedule=t["lr_schedule"],
+                lr_min=t["lr_min"],
+                lr_gamma=t["lr_gamma"],
+                lr_step=t["lr_step"],
+                schedule_iterations=max(t["iterations"], 1),
+                momentum=t["momentum"],
+                weight_decay=t["weight_decay"],
+                lbfgs_max_iter=t["lbfgs_max_iter"],
+                frozen_noise=t["frozen_noise"],
+                grad_groups=t["grad_groups"],
+                variance_every=t["variance_every"],
+                seed=cfg["experiment"]["seed"],
+                logger=logger,
                 distributed=distributed,
             )
         except ControlMDError as exc:
@@ -313,13 +345,19 @@ class Trainer:
         params = self.parameters()
         self.dist.broadcast_(params)  # scale-out: every rank starts from rank 0's parameters
         if self.optimizer_name == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=self.lr, weight_decay=self.weight_decay
+            )
         elif self.optimizer_name == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         elif self.optimizer_name == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            self.optimizer = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
         elif self.optimizer_name == "rmsprop":
-            self.optimizer = torch.optim.RMSprop(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            self.optimizer = torch.optim.RMSprop(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
         else:
             self.optimizer = torch.optim.LBFGS(
                 params, lr=self.lr, max_iter=self.lbfgs_max_iter, line_search_fn="strong_wolfe"
@@ -327,7 +365,9 @@ class Trainer:
 
     def parameters(self) -> list[nn.Parameter]:
         """Trainable protocol parameters, then those of the task (see :func:`task_parameters`)."""
-        return [p for p in self.protocol.parameters() if p.requires_grad] + task_parameters(self.task)
+        return [p for p in self.protocol.parameters() if p.requires_grad] + task_parameters(
+            self.task
+        )
 
     @property
     def wall_s(self) -> float:
@@ -351,7 +391,9 @@ class Trainer:
         if self.lr_schedule == "step":
             return self.lr * self.lr_gamma ** (iteration // self.lr_step)
         T = self.schedule_iterations or 1
-        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * min(iteration, T) / T))
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (
+            1.0 + math.cos(math.pi * min(iteration, T) / T)
+        )
 
     # ------------------------------------------------------------------ training loop
 
@@ -395,7 +437,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         seed = self.train_seed(i)
-        with_variance = self.variance_every > 0 and i % self.variance_every == 0 and self.estimator != "forward"
+        with_variance = (
+            self.variance_every > 0 and i % self.variance_every == 0 and self.estimator != "forward"
+        )
         info: dict[str, float] = {}
 
         def closure() -> Tensor:
@@ -406,7 +450,9 @@ class Trainer:
             if self.clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip)
             if not info:
-                info.update(loss=float(loss), objective=float(objective), grad_norm=norm, lr=lr, **stats)
+                info.update(
+                    loss=float(loss), objective=float(objective), grad_norm=norm, lr=lr, **stats
+                )
             return objective
 
         if self.optimizer_name == "lbfgs":
@@ -418,14 +464,19 @@ class Trainer:
         self.last = info
         return info
 
-    def _gradient(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor], dict[str, float]]:
+    def _gradient(
+        self, seed: int, with_variance: bool
+    ) -> tuple[Tensor, Tensor, list[Tensor], dict[str, float]]:
         """``(objective value, task loss, gradient of the objective, variance stats)``."""
         if self.estimator == "forward":
             objective_value, value, grads, stats = self._forward_gradient(seed)
-            objective_value, value, *grads = self.dist.all_reduce_mean([objective_value, value, *grads])
+            objective_value, value, *grads = self.dist.all_reduce_mean(
+                [objective_value, value, *grads]
+            )
             return objective_value, value, grads, stats
         objective, value, group_objectives = (
-            self._score_objective(seed, with_variance) if self.estimator == "score"
+            self._score_objective(seed, with_variance)
+            if self.estimator == "score"
             else self._pathwise_objective(seed, with_variance)
         )
         params = self.parameters()
@@ -437,14 +488,19 @@ class Trainer:
         if group_objectives:
             last = max((j for j, g in enumerate(group_objectives) if g is not None), default=-1)
             per_group = [
-                [torch.zeros_like(p) for p in params] if g is None else _grad(g, params, retain=j < last)
+                [torch.zeros_like(p) for p in params]
+                if g is None
+                else _grad(g, params, retain=j < last)
                 for j, g in enumerate(group_objectives)
             ]
             flat = torch.stack([torch.cat([g.flatten() for g in gs]) for gs in per_group])
             flat = self.dist.all_reduce_sum([flat])[0]  # scale-out: group members on every rank
             var = float(flat.var(dim=0, unbiased=True).sum()) / flat.shape[0]
             norm = _total_norm(grads)
-            stats = {"grad_var": var, "grad_rel_std": math.sqrt(var) / norm if norm > 0 else math.inf}
+            stats = {
+                "grad_var": var,
+                "grad_rel_std": math.sqrt(var) / norm if norm > 0 else math.inf,
+            }
         return objective_value, value, grads, stats
 
     def _count(self, replicas: int, rollouts: int = 1) -> None:
@@ -458,19 +514,30 @@ class Trainer:
             options["window"] = self.window
         return options
 
-    def _pathwise_objective(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-        state = self.task.rollout(self.protocol, self.shard.count, seed, first_replica=self.shard.first,
-                                  **self._simulate_options())
+    def _pathwise_objective(
+        self, seed: int, with_variance: bool
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+        state = self.task.rollout(
+            self.protocol,
+            self.shard.count,
+            seed,
+            first_replica=self.shard.first,
+            **self._simulate_options(),
+        )
         self._count(self.replicas)
         loss = self.task.loss(state)
         penalty = self.protocol.penalty()
         groups: list[Tensor | None] = []
         if with_variance:
-            groups = [weight * (self.task.loss(_slice_state(state, idx)) + penalty) if idx else None
-                      for idx, weight in self._groups()]
+            groups = [
+                weight * (self.task.loss(_slice_state(state, idx)) + penalty) if idx else None
+                for idx, weight in self._groups()
+            ]
         return loss + penalty, loss.detach(), groups
 
-    def _score_objective(self, seed: int, with_variance: bool) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    def _score_objective(
+        self, seed: int, with_variance: bool
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
         B = self.shard.count
         state = self.task.initial_state(B, seed, first_replica=self.shard.first)
         integrator = self.task.integrator(self.protocol)
@@ -483,7 +550,9 @@ class Trainer:
                 state = nxt.replace(R=R_next)
         self._count(self.replicas)
         explicit = self.task.loss(state)
-        per_replica = torch.stack([self.task.loss(_slice_state(state, [i])).detach() for i in range(B)])
+        per_replica = torch.stack(
+            [self.task.loss(_slice_state(state, [i])).detach() for i in range(B)]
+        )
         everyone = self.dist.all_gather(per_replica)  # scale-out: the baseline uses all replicas
         baseline = (everyone.sum() - per_replica) / max(self.replicas - 1, 1)
         weights = (per_replica - baseline).to(log_p)
@@ -496,17 +565,27 @@ class Trainer:
                     groups.append(None)
                     continue
                 ix = torch.as_tensor(idx)
-                groups.append(weight * (
-                    self.task.loss(_slice_state(state, idx)) + (weights[ix] * log_p[ix]).mean() + penalty
-                ))
+                groups.append(
+                    weight
+                    * (
+                        self.task.loss(_slice_state(state, idx))
+                        + (weights[ix] * log_p[ix]).mean()
+                        + penalty
+                    )
+                )
         return objective, explicit.detach(), groups
 
     def _forward_gradient(self, seed: int) -> tuple[Tensor, Tensor, list[Tensor], dict[str, float]]:
         names = [n for n, p in self.protocol.named_parameters() if p.requires_grad]
         params = self.parameters()
         grads = [torch.zeros_like(p) for p in params]
-        objective = _RolloutObjective(self.task, self.protocol, self.shard.count, self._simulate_options(),
-                                      first_replica=self.shard.first)
+        objective = _RolloutObjective(
+            self.task,
+            self.protocol,
+            self.shard.count,
+            self._simulate_options(),
+            first_replica=self.shard.first,
+        )
         value = torch.zeros((), dtype=torch.float64)
         for k, (name, p) in enumerate(zip(names, params)):
             for j in range(p.numel()):
@@ -514,8 +593,11 @@ class Trainer:
                 tangent.view(-1)[j] = 1.0
                 with fwAD.dual_level():
                     swapped = {
-                        f"protocol.{n}": (fwAD.make_dual(q.detach().requires_grad_(True), tangent) if n == name
-                                          else q.detach().requires_grad_(True))
+                        f"protocol.{n}": (
+                            fwAD.make_dual(q.detach().requires_grad_(True), tangent)
+                            if n == name
+                            else q.detach().requires_grad_(True)
+                        )
                         for n, q in zip(names, params)
                     }
                     out = torch.func.functional_call(objective, swapped, (seed,))
@@ -531,11 +613,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, state
 
-    def evaluate(self, n_replicas: int, seed: int | None = None, *, chunk: int = 10_000) -> Evaluation:
+    def evaluate(
+        self, n_replicas: int, seed: int | None = None, *, chunk: int = 10_000
+    ) -> Evaluation:
         """Exact metric of the current protocol on held-out replicas (counted in md_steps)."""
-        result = evaluate(self.task, self.protocol, n_replicas,
-                          self.seed + EVAL_SEED_OFFSET if seed is None else seed, chunk=chunk,
-                          distributed=self.dist)
+        result = evaluate(
+            self.task,
+            self.protocol,
+            n_replicas,
+            self.seed + EVAL_SEED_OFFSET if seed is None else seed,
+            chunk=chunk,
+            distributed=self.dist,
+        )
         self.md_steps += result.md_steps
         return result
 
@@ -559,7 +648,9 @@ class Trainer:
             "cpu_s": self.cpu_s,
             "last": dict(self.last),
             "task_parameters": [p.detach().clone() for p in task_parameters(self.task)],
-            "task_state": self.task.state_dict() if callable(getattr(self.task, "state_dict", None)) else None,
+            "task_state": self.task.state_dict()
+            if callable(getattr(self.task, "state_dict", None))
+            else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -583,8 +674,15 @@ class Trainer:
 class _RolloutObjective(nn.Module):
     """``loss(rollout(protocol))`` as a module, so ``functional_call`` can swap parameters."""
 
-    def __init__(self, task: Task, protocol: Protocol, replicas: int, options: dict[str, Any], *,
-                 first_replica: int = 0) -> None:
+    def __init__(
+        self,
+        task: Task,
+        protocol: Protocol,
+        replicas: int,
+        options: dict[str, Any],
+        *,
+        first_replica: int = 0,
+    ) -> None:
         super().__init__()
         self.task = task
         self.protocol = protocol
@@ -594,8 +692,9 @@ class _RolloutObjective(nn.Module):
 
     def forward(self, seed: int) -> Tensor:
         with torch.enable_grad():
-            state = self.task.rollout(self.protocol, self.replicas, seed, first_replica=self.first_replica,
-                                      **self.options)
+            state = self.task.rollout(
+                self.protocol, self.replicas, seed, first_replica=self.first_replica, **self.options
+            )
             return self.task.loss(state) + self.protocol.penalty()
 
 
@@ -629,7 +728,9 @@ def _slice_state(state: State, index: Sequence[int]) -> State:
             return x
         return x[ix]
 
-    return state.replace(R=state.R[ix], P=take(state.P), aux={k: take(v) for k, v in state.aux.items()}, rng=None)
+    return state.replace(
+        R=state.R[ix], P=take(state.P), aux={k: take(v) for k, v in state.aux.items()}, rng=None
+    )
 
 
 class _ConstantNoise:
@@ -721,7 +822,11 @@ def run_experiment(
         resume = Path(resume)
         saved = read_run_config(resume)
         _check_resumable(saved, cfg, resume)
-        cfg = {**saved, "logging": cfg["logging"], "train": {**saved["train"], "iterations": cfg["train"]["iterations"]}}
+        cfg = {
+            **saved,
+            "logging": cfg["logging"],
+            "train": {**saved["train"], "iterations": cfg["train"]["iterations"]},
+        }
         checkpoint = load_checkpoint(resume / "checkpoint.pt")
     seed = cfg["experiment"]["seed"]
     torch.manual_seed(seed)
@@ -750,7 +855,9 @@ def run_experiment(
         initial.save(run_dir / "protocol_initial.pt")
     # the checkpoint of iteration i was written after every event of step i was flushed
     purge = trainer.iteration + 1 if checkpoint is not None else None
-    sinks: list[Any] = [JSONLinesSink(run_dir / "progress.jsonl", purge_step=purge)] if writer else []
+    sinks: list[Any] = (
+        [JSONLinesSink(run_dir / "progress.jsonl", purge_step=purge)] if writer else []
+    )
     if log_cfg["tensorboard"] and writer:
         sinks.append(TensorBoardSink(run_dir / "tb", purge_step=purge))
     logger = Logger(sinks)
@@ -760,8 +867,11 @@ def run_experiment(
 
     if checkpoint is None:
         before = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
-        start = {"metric_initial": before.mean, "metric_initial_se": before.se,
-                 "metric_exact_initial": trainer.exact_metric()}
+        start = {
+            "metric_initial": before.mean,
+            "metric_initial_se": before.se,
+            "metric_exact_initial": trainer.exact_metric(),
+        }
         if log_cfg["tensorboard"] and writer and protocol.dim > 0:
             logger.record_figure("protocol/u", _protocol_figure(task, {"initial": initial}), 0)
     else:
@@ -775,8 +885,11 @@ def run_experiment(
     if log_cfg["histogram_every"] and log_cfg["tensorboard"] and writer:
         callbacks.append(HistogramCallback(log_cfg["histogram_every"]))
     if writer:
-        callbacks.append(CheckpointCallback(run_dir / "checkpoint.pt", every=log_cfg["checkpoint_every"],
-                                            payload=payload))
+        callbacks.append(
+            CheckpointCallback(
+                run_dir / "checkpoint.pt", every=log_cfg["checkpoint_every"], payload=payload
+            )
+        )
     show = log_cfg["progress"] if progress is None else progress
     if show and writer:
         callbacks.append(ProgressBar(cfg["train"]["iterations"], evaluator))
@@ -833,7 +946,10 @@ def run_experiment(
             save_figure(figure, run_dir / "protocol.png")
         if log_cfg["tensorboard"]:
             logger.record_figure("protocol/u", figure, trainer.iteration)
-    final_scalars = {"outcome/metric_final": after.mean, "outcome/metric_initial": start["metric_initial"]}
+    final_scalars = {
+        "outcome/metric_final": after.mean,
+        "outcome/metric_initial": start["metric_initial"],
+    }
     logger.record_hparams(_hparams(cfg), final_scalars)
     logger.record("outcome/metric", after.mean)
     logger.record("budget/md_steps", trainer.md_steps)
@@ -846,7 +962,9 @@ def run_experiment(
     return RunResult(run_dir, metrics)
 
 
-def _check_resumable(saved: dict[str, dict[str, Any]], cfg: dict[str, dict[str, Any]], run_dir: Path) -> None:
+def _check_resumable(
+    saved: dict[str, dict[str, Any]], cfg: dict[str, dict[str, Any]], run_dir: Path
+) -> None:
     if saved["experiment"]["name"] != cfg["experiment"]["name"]:
         raise ConfigError(
             f"--resume {run_dir}: that run belongs to experiment {saved['experiment']['name']!r}, "
@@ -864,11 +982,15 @@ def _check_resumable(saved: dict[str, dict[str, Any]], cfg: dict[str, dict[str, 
                 )
 
 
-def _new_run_dir(cfg: dict[str, dict[str, Any]], out: str | Path | None, runs_root: str | Path) -> Path:
+def _new_run_dir(
+    cfg: dict[str, dict[str, Any]], out: str | Path | None, runs_root: str | Path
+) -> Path:
     if out is not None:
         path = Path(out)
         if (path / "config.toml").exists() or (path / "checkpoint.pt").exists():
-            raise ConfigError(f"--out {path} already holds a run; use --resume {path} to continue it")
+            raise ConfigError(
+                f"--out {path} already holds a run; use --resume {path} to continue it"
+            )
         return path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(runs_root) / cfg["experiment"]["name"] / f"{stamp}_seed{cfg['experiment']['seed']}"
@@ -889,7 +1011,9 @@ def _protocol_figure(task: Task, protocols: dict[str, Protocol]) -> Any:
         if ref is not None:
             tables["reference"] = ref
     return plot_protocols(
-        tables, channel_names=task.controls.names, units=task.controls.units,
+        tables,
+        channel_names=task.controls.names,
+        units=task.controls.units,
         title=f"{task.name}: u(t)",
     )
 

@@ -42,7 +42,10 @@ _ENVS: dict[str, tuple[str, str]] = {
     "controlmd/TrapDrag-v0": ("trap_drag", "controlmd_envs.trap_drag:TrapDragEnv"),
     "controlmd/PolymerFold-v0": ("polymer_fold", "controlmd_envs.polymer_fold:PolymerFoldEnv"),
     "controlmd/Assembly-v0": ("assembly", "controlmd_envs.assembly:AssemblyEnv"),
-    "controlmd/Isomerization-v0": ("isomerization", "controlmd_envs.isomerization:IsomerizationEnv"),
+    "controlmd/Isomerization-v0": (
+        "isomerization",
+        "controlmd_envs.isomerization:IsomerizationEnv",
+    ),
 }
 ENV_IDS: dict[str, str] = {env_id: task for env_id, (task, _) in _ENVS.items()}
 """Registered env id -> controlmd task name."""

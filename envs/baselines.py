@@ -60,7 +60,15 @@ __all__ = [
 ]
 
 ALGOS = ("gradient", "ppo", "sac", "cma_es", "random_search")
-ENV_KEYS = ("n_envs", "vec_env", "observation", "shaping", "shaping_gamma", "reward_scale", "feature_scale")
+ENV_KEYS = (
+    "n_envs",
+    "vec_env",
+    "observation",
+    "shaping",
+    "shaping_gamma",
+    "reward_scale",
+    "feature_scale",
+)
 """Keys of an RL method's section that configure the env rather than the algorithm."""
 VEC_ENVS = ("batched", "subproc", "dummy")
 """How an RL method's ``n_envs`` environments are stepped (``vec_env``): ``batched``, all
@@ -96,10 +104,16 @@ class PolicyEvaluable:
 Evaluable = Protocol | PolicyEvaluable
 
 
-def evaluate_policy(task: Task, candidate: PolicyEvaluable, n_replicas: int, seed: int, *, chunk: int) -> Evaluation:
+def evaluate_policy(
+    task: Task, candidate: PolicyEvaluable, n_replicas: int, seed: int, *, chunk: int
+) -> Evaluation:
     """Exact metric of a policy over ``n_replicas`` env episodes (replica ``i`` of batch ``seed``)."""
-    batch = ReplicaBatch(task, control_interval=candidate.control_interval, observation=candidate.observation,
-                         feature_scale=candidate.feature_scale)
+    batch = ReplicaBatch(
+        task,
+        control_interval=candidate.control_interval,
+        observation=candidate.observation,
+        feature_scale=candidate.feature_scale,
+    )
     values: list[np.ndarray] = []
     done = 0
     while done < n_replicas:
@@ -107,7 +121,9 @@ def evaluate_policy(task: Task, candidate: PolicyEvaluable, n_replicas: int, see
         obs = batch.reset(b, seed, first_replica=done)
         terms: dict[str, np.ndarray] = {}
         while not batch.done:
-            actions = np.clip(np.asarray(candidate.policy(obs), dtype=np.float64).reshape(b, -1), -1.0, 1.0)
+            actions = np.clip(
+                np.asarray(candidate.policy(obs), dtype=np.float64).reshape(b, -1), -1.0, 1.0
+            )
             obs, _, _, terms = batch.step(actions)
         values.append(terms["metric"])
         done += b
@@ -167,7 +183,9 @@ class BudgetTracker:
                 f"budget_md_steps = {self.budget} leaves nothing to train after the initial evaluation "
                 f"({eval_replicas} x {task.n_steps}) and the final one ({final_replicas} x {task.n_steps})"
             )
-        self.thresholds = [int(trainable * 2.0 ** -(eval_points - 1 - j)) for j in range(1, eval_points - 1)]
+        self.thresholds = [
+            int(trainable * 2.0 ** -(eval_points - 1 - j)) for j in range(1, eval_points - 1)
+        ]
         self.eval_cost = eval_replicas * task.n_steps
         self.unit = 0
         self.train_md_steps = 0
@@ -205,7 +223,9 @@ class BudgetTracker:
             self.stop_reason = "wall_cap"
         return self.stop_reason is not None
 
-    def step(self, train_md_steps: int, current: Callable[[], Evaluable], grad_steps: int = 0) -> bool:
+    def step(
+        self, train_md_steps: int, current: Callable[[], Evaluable], grad_steps: int = 0
+    ) -> bool:
         """Report the method's training steps so far; evaluate ``current()`` when due (and
         when it fits in the budget).
 
@@ -222,7 +242,11 @@ class BudgetTracker:
         return not self.exhausted()
 
     def evaluate(self, candidate: Evaluable, *, final: bool = False) -> Evaluation:
-        n, seed = (self.final_replicas, self.final_seed) if final else (self.eval_replicas, self.eval_seed)
+        n, seed = (
+            (self.final_replicas, self.final_seed)
+            if final
+            else (self.eval_replicas, self.eval_seed)
+        )
         if isinstance(candidate, PolicyEvaluable):
             result = evaluate_policy(self.task, candidate, n, seed, chunk=self.chunk)
         else:
@@ -282,8 +306,15 @@ class _TrackerCallback(Callback):
         return self.tracker.step(t.md_steps, lambda: t.protocol, grad_steps=t.grad_steps)
 
 
-def run_gradient(task: Task, tracker: BudgetTracker, *, train: dict[str, Any], n_pieces: int, seed: int,
-                 run_dir: Path) -> Protocol:
+def run_gradient(
+    task: Task,
+    tracker: BudgetTracker,
+    *,
+    train: dict[str, Any],
+    n_pieces: int,
+    seed: int,
+    run_dir: Path,
+) -> Protocol:
     """Gradient-based training of a ``K``-piece protocol until the tracker stops it.
 
     :param train: resolved ``[train]`` keys of the trainer (``iterations`` only sets the
@@ -292,13 +323,28 @@ def run_gradient(task: Task, tracker: BudgetTracker, *, train: dict[str, Any], n
     protocol = _midpoint_protocol(task, n_pieces)
     logger = Logger([TensorBoardSink(run_dir / "tb")])
     trainer = Trainer(
-        task, protocol, optimizer=train["optimizer"], lr=train["lr"], replicas=train["replicas"],
-        gradient=train["gradient"], window=train["window"] or None, clip=train["clip"] or None,
-        estimator=train["estimator"], lr_schedule=train["lr_schedule"], lr_min=train["lr_min"],
-        lr_gamma=train["lr_gamma"], lr_step=train["lr_step"], schedule_iterations=max(train["iterations"], 1),
-        momentum=train["momentum"], weight_decay=train["weight_decay"], lbfgs_max_iter=train["lbfgs_max_iter"],
-        frozen_noise=train["frozen_noise"], grad_groups=train["grad_groups"], variance_every=train["variance_every"],
-        seed=seed, logger=logger,
+        task,
+        protocol,
+        optimizer=train["optimizer"],
+        lr=train["lr"],
+        replicas=train["replicas"],
+        gradient=train["gradient"],
+        window=train["window"] or None,
+        clip=train["clip"] or None,
+        estimator=train["estimator"],
+        lr_schedule=train["lr_schedule"],
+        lr_min=train["lr_min"],
+        lr_gamma=train["lr_gamma"],
+        lr_step=train["lr_step"],
+        schedule_iterations=max(train["iterations"], 1),
+        momentum=train["momentum"],
+        weight_decay=train["weight_decay"],
+        lbfgs_max_iter=train["lbfgs_max_iter"],
+        frozen_noise=train["frozen_noise"],
+        grad_groups=train["grad_groups"],
+        variance_every=train["variance_every"],
+        seed=seed,
+        logger=logger,
     )
     callbacks: list[Callback] = [_TrackerCallback(tracker)]
     abort_after = AbortAfter.from_env()  # CONTROLMD_ABORT_AFTER: a hard exit, for resume tests
@@ -313,16 +359,32 @@ def run_gradient(task: Task, tracker: BudgetTracker, *, train: dict[str, Any], n
     return protocol
 
 
-def run_search(algo: str, task: Task, tracker: BudgetTracker, *, params: dict[str, Any], n_pieces: int, seed: int,
-               run_dir: Path) -> Protocol:
+def run_search(
+    algo: str,
+    task: Task,
+    tracker: BudgetTracker,
+    *,
+    params: dict[str, Any],
+    n_pieces: int,
+    seed: int,
+    run_dir: Path,
+) -> Protocol:
     """CMA-ES (``cma_es``: ``replicas``, ``sigma0``, ``popsize``) or random search
     (``random_search``: ``replicas``, ``batch``) until the tracker stops it."""
     search: ProtocolSearch
     if algo == "cma_es":
-        search = CMAES(task, n_pieces=n_pieces, replicas=params["replicas"], seed=seed, sigma0=params["sigma0"],
-                       popsize=params["popsize"] or None)
+        search = CMAES(
+            task,
+            n_pieces=n_pieces,
+            replicas=params["replicas"],
+            seed=seed,
+            sigma0=params["sigma0"],
+            popsize=params["popsize"] or None,
+        )
     elif algo == "random_search":
-        search = RandomSearch(task, n_pieces=n_pieces, replicas=params["replicas"], seed=seed, batch=params["batch"])
+        search = RandomSearch(
+            task, n_pieces=n_pieces, replicas=params["replicas"], seed=seed, batch=params["batch"]
+        )
     else:
         raise ControlMDError(f"unknown search algo {algo!r}; expected cma_es or random_search")
     tracker.start(_midpoint_protocol(task, n_pieces))
@@ -372,9 +434,14 @@ def make_vec_env(task: Task, env: dict[str, Any], *, control_interval: int, seed
     from controlmd_envs.vec_env import BatchedControlVecEnv
 
     kind = env.get("vec_env", "batched")
-    settings = {"control_interval": control_interval, "observation": env["observation"], "shaping": env["shaping"],
-                "shaping_gamma": env["shaping_gamma"], "reward_scale": env["reward_scale"],
-                "feature_scale": env["feature_scale"]}
+    settings = {
+        "control_interval": control_interval,
+        "observation": env["observation"],
+        "shaping": env["shaping"],
+        "shaping_gamma": env["shaping_gamma"],
+        "reward_scale": env["reward_scale"],
+        "feature_scale": env["feature_scale"],
+    }
     if kind == "batched":
         return BatchedControlVecEnv(task, env["n_envs"], seed=seed, **settings)
     if kind == "subproc":
@@ -384,8 +451,17 @@ def make_vec_env(task: Task, env: dict[str, Any], *, control_interval: int, seed
     raise ControlMDError(f"vec_env: unknown value {kind!r}; expected one of: {', '.join(VEC_ENVS)}")
 
 
-def run_sb3(algo: str, task: Task, tracker: BudgetTracker, *, env: dict[str, Any], params: dict[str, Any],
-            control_interval: int, seed: int, run_dir: Path) -> Evaluable:
+def run_sb3(
+    algo: str,
+    task: Task,
+    tracker: BudgetTracker,
+    *,
+    env: dict[str, Any],
+    params: dict[str, Any],
+    control_interval: int,
+    seed: int,
+    run_dir: Path,
+) -> Evaluable:
     """PPO or SAC (stable-baselines3, ``MlpPolicy``) on the vector env :func:`make_vec_env`.
 
     :param env: :data:`ENV_KEYS` settings (``n_envs`` replicas; ``vec_env`` how they are stepped).
@@ -410,9 +486,15 @@ def run_sb3(algo: str, task: Task, tracker: BudgetTracker, *, env: dict[str, Any
             if env["observation"] == "time":
                 grid = (np.arange(K, dtype=np.float32) / K).reshape(K, 1)
                 actions, _ = model.predict(grid, deterministic=True)
-                return actions_to_protocol(np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), task)
-            return PolicyEvaluable(lambda obs: model.predict(obs.astype(np.float32), deterministic=True)[0],
-                                   control_interval, env["observation"], env["feature_scale"])
+                return actions_to_protocol(
+                    np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0), task
+                )
+            return PolicyEvaluable(
+                lambda obs: model.predict(obs.astype(np.float32), deterministic=True)[0],
+                control_interval,
+                env["observation"],
+                env["feature_scale"],
+            )
 
         class _Budget(BaseCallback):
             # every env step of every env simulates control_interval MD steps of one replica
@@ -421,7 +503,9 @@ def run_sb3(algo: str, task: Task, tracker: BudgetTracker, *, env: dict[str, Any
 
         tracker.start(current())
         if not tracker.exhausted():
-            model.learn(total_timesteps=max(tracker.budget // control_interval, 1), callback=_Budget())
+            model.learn(
+                total_timesteps=max(tracker.budget // control_interval, 1), callback=_Budget()
+            )
         model.save(run_dir / "model.zip")
         result = current()
     finally:

@@ -90,8 +90,15 @@ from controlmd_envs.baselines import (
 )
 from controlmd_envs.control_env import OBSERVATIONS, default_control_interval
 
-__all__ = ["COMPARE_KEYS", "ComparisonRun", "load_compare_config", "run_compare_job", "run_comparison", "summarize",
-           "summarize_folder"]
+__all__ = [
+    "COMPARE_KEYS",
+    "ComparisonRun",
+    "load_compare_config",
+    "run_compare_job",
+    "run_comparison",
+    "summarize",
+    "summarize_folder",
+]
 
 Config = dict[str, Any]
 
@@ -99,7 +106,11 @@ COMPARE_KEYS: dict[str, tuple[type, Any, str]] = {
     "methods": (list, list(ALGOS), "methods to run (section names)"),
     "seeds": (int, 3, "runs per method (seeds experiment.seed + j)"),
     "budget_md_steps": (int, 1_000_000, "forward replica-steps per run, evaluations included"),
-    "control_interval": (int, 0, "MD steps per piece / action (0: smallest divisor giving <= 20 pieces)"),
+    "control_interval": (
+        int,
+        0,
+        "MD steps per piece / action (0: smallest divisor giving <= 20 pieces)",
+    ),
     "eval_replicas": (int, 256, "replicas of each scheduled evaluation"),
     "final_replicas": (int, 2048, "replicas of the final evaluation"),
     "eval_points": (int, 10, "scheduled evaluations, log-spaced in spent MD steps (>= 2)"),
@@ -107,20 +118,47 @@ COMPARE_KEYS: dict[str, tuple[type, Any, str]] = {
     "wall_cap_s": (float, 1800.0, "wall-time cap of each run (s)"),
     "target_progress": (float, 0.9, "normalized progress whose MD-step cost is reported"),
 }
-_MINIMUM = {"seeds": 1, "budget_md_steps": 1, "control_interval": 0, "eval_replicas": 2, "final_replicas": 2,
-            "eval_points": 2, "eval_chunk": 1}
+_MINIMUM = {
+    "seeds": 1,
+    "budget_md_steps": 1,
+    "control_interval": 0,
+    "eval_replicas": 2,
+    "final_replicas": 2,
+    "eval_points": 2,
+    "eval_chunk": 1,
+}
 
-GRADIENT_DEFAULTS: dict[str, Any] = {"optimizer": "adam", "lr": 0.05, "replicas": 64, "variance_every": 0}
+GRADIENT_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adam",
+    "lr": 0.05,
+    "replicas": 64,
+    "variance_every": 0,
+}
 SEARCH_KEYS: dict[str, dict[str, tuple[type, Any]]] = {
     "cma_es": {"replicas": (int, 32), "sigma0": (float, 0.3), "popsize": (int, 0)},
     "random_search": {"replicas": (int, 32), "batch": (int, 8)},
 }
-ENV_DEFAULTS: dict[str, Any] = {"n_envs": 32, "vec_env": "batched", "observation": "time", "shaping": 0.0, "shaping_gamma": 1.0,
-                                "reward_scale": 1.0, "feature_scale": 1.0}
+ENV_DEFAULTS: dict[str, Any] = {
+    "n_envs": 32,
+    "vec_env": "batched",
+    "observation": "time",
+    "shaping": 0.0,
+    "shaping_gamma": 1.0,
+    "reward_scale": 1.0,
+    "feature_scale": 1.0,
+}
 SB3_DEFAULTS: dict[str, dict[str, Any]] = {"ppo": {"gamma": 1.0}, "sac": {"gamma": 1.0}}
 _RUN_ONLY_KEYS = ("task", "metric_name", "settings")
 """Keys of a run's ``metrics.json`` that ``comparison.json`` keeps once, not per run."""
-_SB3_RESERVED = ("policy", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model")
+_SB3_RESERVED = (
+    "policy",
+    "env",
+    "seed",
+    "device",
+    "verbose",
+    "tensorboard_log",
+    "_init_setup_model",
+)
 
 
 def load_compare_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
@@ -151,12 +189,17 @@ def resolve_compare_config(raw: dict[str, Any]) -> Config:
                 f"unknown section [{section}]; expected experiment, task, compare or a method of "
                 f"[compare] methods ({', '.join(methods)})"
             )
+
     # The trainer's resolver checks [experiment], [task] (names, keys, values) and [train].
     def trainer_config(train: dict[str, Any]) -> Config:
-        return resolve_config({
-            "experiment": raw["experiment"], "task": raw["task"],
-            "protocol": {"kind": "piecewise_constant", "n_pieces": 1}, "train": {**GRADIENT_DEFAULTS, **train},
-        })
+        return resolve_config(
+            {
+                "experiment": raw["experiment"],
+                "task": raw["task"],
+                "protocol": {"kind": "piecewise_constant", "n_pieces": 1},
+                "train": {**GRADIENT_DEFAULTS, **train},
+            }
+        )
 
     base = trainer_config({})
     from controlmd.config import build_task
@@ -164,9 +207,16 @@ def resolve_compare_config(raw: dict[str, Any]) -> Config:
     task = build_task(base)
     interval = compare["control_interval"] or default_control_interval(task.n_steps)
     if task.n_steps % interval:
-        raise ConfigError(f"[compare] control_interval = {interval} must divide the task's n_steps = {task.n_steps}")
+        raise ConfigError(
+            f"[compare] control_interval = {interval} must divide the task's n_steps = {task.n_steps}"
+        )
     compare["control_interval"] = interval
-    cfg: Config = {"experiment": base["experiment"], "task": base["task"], "compare": compare, "methods": {}}
+    cfg: Config = {
+        "experiment": base["experiment"],
+        "task": base["task"],
+        "compare": compare,
+        "methods": {},
+    }
     for method in methods:
         algo = _algo(raw, method)
         values = {k: v for k, v in raw.get(method, {}).items() if k != "algo"}
@@ -210,25 +260,39 @@ def _resolve_compare(values: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in values:
         if key not in COMPARE_KEYS:
-            raise ConfigError(f"unknown key {key!r} in [compare]; expected one of: {', '.join(COMPARE_KEYS)}")
+            raise ConfigError(
+                f"unknown key {key!r} in [compare]; expected one of: {', '.join(COMPARE_KEYS)}"
+            )
     for key, (kind, default, _) in COMPARE_KEYS.items():
         value = values.get(key, default)
         out[key] = _check_type(f"[compare] {key}", value, kind)
         if key in _MINIMUM and out[key] < _MINIMUM[key]:
             raise ConfigError(f"[compare] {key} must be >= {_MINIMUM[key]}, got {out[key]}")
     methods = out["methods"]
-    if not methods or not all(isinstance(m, str) for m in methods) or len(set(methods)) != len(methods):
-        raise ConfigError(f"[compare] methods must be a non-empty list of distinct names, got {methods!r}")
+    if (
+        not methods
+        or not all(isinstance(m, str) for m in methods)
+        or len(set(methods)) != len(methods)
+    ):
+        raise ConfigError(
+            f"[compare] methods must be a non-empty list of distinct names, got {methods!r}"
+        )
     if not out["wall_cap_s"] > 0:
         raise ConfigError(f"[compare] wall_cap_s must be > 0, got {out['wall_cap_s']}")
     if not 0 < out["target_progress"] <= 1:
-        raise ConfigError(f"[compare] target_progress must be in (0, 1], got {out['target_progress']}")
+        raise ConfigError(
+            f"[compare] target_progress must be in (0, 1], got {out['target_progress']}"
+        )
     return out
 
 
 def _check_type(where: str, value: Any, kind: type) -> Any:
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -238,11 +302,18 @@ def _check_type(where: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _resolve_simple(method: str, values: dict[str, Any], spec: dict[str, tuple[type, Any]]) -> dict[str, Any]:
+def _resolve_simple(
+    method: str, values: dict[str, Any], spec: dict[str, tuple[type, Any]]
+) -> dict[str, Any]:
     for key in values:
         if key not in spec:
-            raise ConfigError(f"unknown key {key!r} in [{method}]; expected one of: algo, {', '.join(spec)}")
-    out = {key: _check_type(f"[{method}] {key}", values.get(key, default), kind) for key, (kind, default) in spec.items()}
+            raise ConfigError(
+                f"unknown key {key!r} in [{method}]; expected one of: algo, {', '.join(spec)}"
+            )
+    out = {
+        key: _check_type(f"[{method}] {key}", values.get(key, default), kind)
+        for key, (kind, default) in spec.items()
+    }
     for key, value in out.items():
         if (key != "popsize" and value <= 0) or value < 0:
             raise ConfigError(f"[{method}] {key} must be > 0, got {value}")
@@ -253,7 +324,9 @@ def _resolve_sb3(method: str, algo: str, values: dict[str, Any]) -> dict[str, An
     from stable_baselines3 import PPO, SAC
 
     cls = {"ppo": PPO, "sac": SAC}[algo]
-    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", *_SB3_RESERVED)]
+    accepted = [
+        n for n in inspect.signature(cls.__init__).parameters if n not in ("self", *_SB3_RESERVED)
+    ]
     env = dict(ENV_DEFAULTS)
     params = dict(SB3_DEFAULTS[algo])
     for key, value in values.items():
@@ -267,9 +340,13 @@ def _resolve_sb3(method: str, algo: str, values: dict[str, Any]) -> dict[str, An
                 f"({', '.join(ENV_KEYS)}) or {cls.__name__} arguments ({', '.join(accepted)})"
             )
     if env["observation"] not in OBSERVATIONS:
-        raise ConfigError(f"[{method}] observation: unknown value {env['observation']!r}; expected one of: {', '.join(OBSERVATIONS)}")
+        raise ConfigError(
+            f"[{method}] observation: unknown value {env['observation']!r}; expected one of: {', '.join(OBSERVATIONS)}"
+        )
     if env["vec_env"] not in VEC_ENVS:
-        raise ConfigError(f"[{method}] vec_env: unknown value {env['vec_env']!r}; expected one of: {', '.join(VEC_ENVS)}")
+        raise ConfigError(
+            f"[{method}] vec_env: unknown value {env['vec_env']!r}; expected one of: {', '.join(VEC_ENVS)}"
+        )
     env["n_envs"] = _check_type(f"[{method}] n_envs", env["n_envs"], int)
     if env["n_envs"] < 1:
         raise ConfigError(f"[{method}] n_envs must be >= 1, got {env['n_envs']}")
@@ -295,9 +372,18 @@ class ComparisonRun:
     failed: list[str] = field(default_factory=list)
 
 
-def run_comparison(cfg: Config | None, *, out: str | Path | None = None, runs_root: str | Path = "runs",
-                   resume: str | Path | None = None, progress: bool = True, address: str | None = None,
-                   backend: str = "auto", num_cpus: int | None = None, cpus_per_job: int = 1) -> ComparisonRun:
+def run_comparison(
+    cfg: Config | None,
+    *,
+    out: str | Path | None = None,
+    runs_root: str | Path = "runs",
+    resume: str | Path | None = None,
+    progress: bool = True,
+    address: str | None = None,
+    backend: str = "auto",
+    num_cpus: int | None = None,
+    cpus_per_job: int = 1,
+) -> ComparisonRun:
     """Run (or resume) every (method, seed) run of a resolved comparison config.
 
     Each run is an independent job (:func:`run_compare_job`, through
@@ -320,54 +406,91 @@ def run_comparison(cfg: Config | None, *, out: str | Path | None = None, runs_ro
         out_dir = Path(resume)
         saved = _read_plan(out_dir)
         if cfg is not None and _plain(cfg) != saved:
-            raise ConfigError(f"--resume {out_dir}: the experiment and --set given differ from its {PLAN_FILE}; "
-                              f"resume with `controlmd compare --resume {out_dir}` alone")
+            raise ConfigError(
+                f"--resume {out_dir}: the experiment and --set given differ from its {PLAN_FILE}; "
+                f"resume with `controlmd compare --resume {out_dir}` alone"
+            )
         cfg = saved
     elif cfg is None:
         raise ConfigError("give a comparison experiment file, or --resume DIR")
     else:
         cfg = _plain(cfg)  # fresh and resumed runs use the same (JSON round-tripped) config
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = new_output_dir(out, Path(runs_root) / cfg["experiment"]["name"] / stamp, plan_file=PLAN_FILE)
+        out_dir = new_output_dir(
+            out, Path(runs_root) / cfg["experiment"]["name"] / stamp, plan_file=PLAN_FILE
+        )
     comp = cfg["compare"]
     seed0 = cfg["experiment"]["seed"]
     runs = [(method, seed0 + j) for j in range(comp["seeds"]) for method in cfg["methods"]]
     todo = [(m, s) for m, s in runs if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None]
-    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda _line: None)
+    say = (
+        (lambda line: print(line, file=sys.stderr, flush=True))
+        if progress
+        else (lambda _line: None)
+    )
 
     def describe(result: JobResult) -> str:
         r = result.value
-        return (f"{r['metric_name']} = {r['final']['metric']:.6g} +- {r['final']['se']:.2g} after "
-                f"{r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})")
+        return (
+            f"{r['metric_name']} = {r['final']['metric']:.6g} +- {r['final']['se']:.2g} after "
+            f"{r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})"
+        )
 
     report = job_reporter(len(runs), len(runs) - len(todo), say, describe)
 
     # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
-    with runner_session(address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,
-                        needed=bool(todo)) as use_ray:
+    with runner_session(
+        address=address,
+        backend=backend,
+        num_cpus=num_cpus,
+        cpus_per_job=cpus_per_job,
+        needed=bool(todo),
+    ) as use_ray:
         if resume is None:
             out_dir.mkdir(parents=True)
             write_config({k: cfg[k] for k in ("experiment", "task")}, out_dir / "config.toml")
             atomic_write_json(out_dir / PLAN_FILE, cfg)
         start = _start_evaluations(cfg, out_dir)
-        say(f"comparison {out_dir}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
-            f"{'on Ray' if use_ray else 'in this process'}")
-        jobs = [Job(f"{m}/seed{s}", run_compare_job, (cfg, m, s, str((out_dir / m / f"seed{s}").resolve()),
-                                                      start["initial"])) for m, s in todo]
+        say(
+            f"comparison {out_dir}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
+            f"{'on Ray' if use_ray else 'in this process'}"
+        )
+        jobs = [
+            Job(
+                f"{m}/seed{s}",
+                run_compare_job,
+                (cfg, m, s, str((out_dir / m / f"seed{s}").resolve()), start["initial"]),
+            )
+            for m, s in todo
+        ]
         try:
             if jobs:
-                run_jobs(jobs, address=address, backend=backend, num_cpus=num_cpus, cpus_per_job=cpus_per_job,
-                         on_result=report)
+                run_jobs(
+                    jobs,
+                    address=address,
+                    backend=backend,
+                    num_cpus=num_cpus,
+                    cpus_per_job=cpus_per_job,
+                    on_result=report,
+                )
         finally:  # also after Ctrl-C: summarize the runs finished so far
-            missing = [f"{m}/seed{s}" for m, s in runs if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None]
+            missing = [
+                f"{m}/seed{s}"
+                for m, s in runs
+                if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None
+            ]
             result = summarize_folder(out_dir) if len(missing) < len(runs) else None
     if missing:
-        say(f"{len(missing)} of {len(runs)} runs not done ({', '.join(missing)}); re-run them with: "
-            f"controlmd compare --resume {out_dir}")
+        say(
+            f"{len(missing)} of {len(runs)} runs not done ({', '.join(missing)}); re-run them with: "
+            f"controlmd compare --resume {out_dir}"
+        )
     return ComparisonRun(out_dir, result, missing)
 
 
-def run_compare_job(cfg: Config, method: str, seed: int, run_dir: str, initial: dict[str, Any]) -> dict[str, Any]:
+def run_compare_job(
+    cfg: Config, method: str, seed: int, run_dir: str, initial: dict[str, Any]
+) -> dict[str, Any]:
     """One (method, seed) run of a comparison into ``run_dir``; returns its ``metrics.json``.
 
     A module-level function of picklable arguments (a Ray task). The result depends on
@@ -398,19 +521,42 @@ def run_compare_job(cfg: Config, method: str, seed: int, run_dir: str, initial: 
     seed0 = cfg["experiment"]["seed"]
     logger = run_logger(path)
     tracker = BudgetTracker(
-        task, budget_md_steps=comp["budget_md_steps"], eval_replicas=comp["eval_replicas"],
-        final_replicas=comp["final_replicas"], eval_seed=seed0 + EVAL_SEED_OFFSET,
-        final_seed=seed0 + FINAL_SEED_OFFSET, eval_points=comp["eval_points"], wall_cap_s=comp["wall_cap_s"],
-        chunk=comp["eval_chunk"], initial=None if spec["algo"] in ("ppo", "sac") else Evaluation(**initial),
+        task,
+        budget_md_steps=comp["budget_md_steps"],
+        eval_replicas=comp["eval_replicas"],
+        final_replicas=comp["final_replicas"],
+        eval_seed=seed0 + EVAL_SEED_OFFSET,
+        final_seed=seed0 + FINAL_SEED_OFFSET,
+        eval_points=comp["eval_points"],
+        wall_cap_s=comp["wall_cap_s"],
+        chunk=comp["eval_chunk"],
+        initial=None if spec["algo"] in ("ppo", "sac") else Evaluation(**initial),
         logger=logger,
     )
-    final = _run_method(method, spec, task, tracker, n_pieces=comp["n_pieces"], interval=comp["control_interval"],
-                        seed=seed, run_dir=path)
+    final = _run_method(
+        method,
+        spec,
+        task,
+        tracker,
+        n_pieces=comp["n_pieces"],
+        interval=comp["control_interval"],
+        seed=seed,
+        run_dir=path,
+    )
     tracker.finish(final)
     logger.close()
-    record = _jsonable({"method": method, "algo": spec["algo"], "seed": seed, **tracker.summary(),
-                        "exact_final": _exact_metric(task, final), "task": task.name,
-                        "metric_name": task.metric_name, "settings": spec})
+    record = _jsonable(
+        {
+            "method": method,
+            "algo": spec["algo"],
+            "seed": seed,
+            **tracker.summary(),
+            "exact_final": _exact_metric(task, final),
+            "task": task.name,
+            "metric_name": task.metric_name,
+            "settings": spec,
+        }
+    )
     atomic_write_json(path / RESULT_FILE, record)  # last: marks the run done
     return record
 
@@ -441,10 +587,19 @@ def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
     comp = cfg["compare"]
     seed0 = cfg["experiment"]["seed"]
     protocol = actions_to_protocol(np.zeros((comp["n_pieces"], task.controls.dim)), task)
-    initial = evaluate(task, protocol, comp["eval_replicas"], seed0 + EVAL_SEED_OFFSET, chunk=comp["eval_chunk"])
-    final = evaluate(task, protocol, comp["final_replicas"], seed0 + FINAL_SEED_OFFSET, chunk=comp["eval_chunk"])
-    start = {"m0": initial.mean, "m0_se": initial.se, "m0_final": final.mean, "m0_final_se": final.se,
-             "initial": asdict(initial)}
+    initial = evaluate(
+        task, protocol, comp["eval_replicas"], seed0 + EVAL_SEED_OFFSET, chunk=comp["eval_chunk"]
+    )
+    final = evaluate(
+        task, protocol, comp["final_replicas"], seed0 + FINAL_SEED_OFFSET, chunk=comp["eval_chunk"]
+    )
+    start = {
+        "m0": initial.mean,
+        "m0_se": initial.se,
+        "m0_final": final.mean,
+        "m0_final_se": final.se,
+        "initial": asdict(initial),
+    }
     atomic_write_json(out_dir / "start.json", start)
     return start
 
@@ -467,10 +622,15 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
     comp = cfg["compare"]
     runs: dict[str, list[dict[str, Any]]] = {}
     for method in cfg["methods"]:
-        records = [json.loads(p.read_text()) for p in sorted((out_dir / method).glob(f"seed*/{RESULT_FILE}"))]
+        records = [
+            json.loads(p.read_text())
+            for p in sorted((out_dir / method).glob(f"seed*/{RESULT_FILE}"))
+        ]
         if records:
-            runs[method] = sorted(({k: v for k, v in r.items() if k not in _RUN_ONLY_KEYS} for r in records),
-                                  key=lambda r: r["seed"])
+            runs[method] = sorted(
+                ({k: v for k, v in r.items() if k not in _RUN_ONLY_KEYS} for r in records),
+                key=lambda r: r["seed"],
+            )
     if not runs:
         raise ConfigError(f"{out_dir}: no finished run (no <method>/seed<k>/{RESULT_FILE})")
     for method, records in runs.items():
@@ -480,8 +640,12 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
                 r["exact_final"] = _exact_metric(task, load_protocol(path))
     start = _start_evaluations(cfg, out_dir)
     cfg = {**cfg, "methods": {m: cfg["methods"][m] for m in runs}}
-    complete = all(len(rs) == comp["seeds"] for rs in runs.values()) and len(runs) == len(comp["methods"])
-    result = summarize(cfg, task, runs, m0=start["m0"], m0_final=start["m0_final"], complete=complete)
+    complete = all(len(rs) == comp["seeds"] for rs in runs.values()) and len(runs) == len(
+        comp["methods"]
+    )
+    result = summarize(
+        cfg, task, runs, m0=start["m0"], m0_final=start["m0_final"], complete=complete
+    )
     _write_outputs(out_dir, result)
     return result
 
@@ -496,17 +660,38 @@ def _exact_metric(task: Task, final: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _run_method(method: str, spec: dict[str, Any], task: Task, tracker: BudgetTracker, *, n_pieces: int,
-                interval: int, seed: int, run_dir: Path) -> Any:
+def _run_method(
+    method: str,
+    spec: dict[str, Any],
+    task: Task,
+    tracker: BudgetTracker,
+    *,
+    n_pieces: int,
+    interval: int,
+    seed: int,
+    run_dir: Path,
+) -> Any:
     algo = spec["algo"]
     settings = {k: v for k, v in spec.items() if k != "algo"}
     try:
         if algo == "gradient":
-            return run_gradient(task, tracker, train=settings, n_pieces=n_pieces, seed=seed, run_dir=run_dir)
+            return run_gradient(
+                task, tracker, train=settings, n_pieces=n_pieces, seed=seed, run_dir=run_dir
+            )
         if algo in SEARCH_KEYS:
-            return run_search(algo, task, tracker, params=settings, n_pieces=n_pieces, seed=seed, run_dir=run_dir)
-        return run_sb3(algo, task, tracker, env=settings["env"], params=settings["params"],
-                       control_interval=interval, seed=seed, run_dir=run_dir)
+            return run_search(
+                algo, task, tracker, params=settings, n_pieces=n_pieces, seed=seed, run_dir=run_dir
+            )
+        return run_sb3(
+            algo,
+            task,
+            tracker,
+            env=settings["env"],
+            params=settings["params"],
+            control_interval=interval,
+            seed=seed,
+            run_dir=run_dir,
+        )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ControlMDError):
             raise
@@ -516,8 +701,15 @@ def _run_method(method: str, spec: dict[str, Any], task: Task, tracker: BudgetTr
 # ---------------------------------------------------------------------------------- summary
 
 
-def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *, m0: float,
-              m0_final: float, complete: bool = True) -> dict[str, Any]:
+def summarize(
+    cfg: Config,
+    task: Task,
+    runs: dict[str, list[dict[str, Any]]],
+    *,
+    m0: float,
+    m0_final: float,
+    complete: bool = True,
+) -> dict[str, Any]:
     """The content of ``comparison.json``: runs with their progress, summaries per method.
 
     :param m0: the starting protocol's metric on the scheduled-evaluation replicas.
@@ -533,8 +725,11 @@ def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *,
         for r in rs:
             r["progress"] = [_progress(p["metric"], m0, m_best) for p in r["curve"]]
             r["final"]["progress"] = _progress(r["final"]["metric"], m0_final, m_best)
-            reached = [p for p, g in zip([*r["curve"], r["final"]], [*r["progress"], r["final"]["progress"]])
-                       if g is not None and g >= target]
+            reached = [
+                p
+                for p, g in zip([*r["curve"], r["final"]], [*r["progress"], r["final"]["progress"]])
+                if g is not None and g >= target
+            ]
             r["md_steps_to_target"] = reached[0]["md_steps"] if reached else None
             r["wall_s_to_target"] = reached[0]["wall_s"] if reached else None
         f = np.array([r["final"]["metric"] for r in rs])
@@ -579,8 +774,8 @@ def summarize(cfg: Config, task: Task, runs: dict[str, list[dict[str, Any]]], *,
         "m0_final": m0_final,
         "m_best": m_best,
         "progress_definition": "(m - m0) / (m_best - m0); m0: the common starting protocol (middle of the "
-                               "bounds) on the same replicas as m (m0 for the scheduled evaluations, m0_final "
-                               "for the final ones); m_best: the best final metric of all runs",
+        "bounds) on the same replicas as m (m0 for the scheduled evaluations, m0_final "
+        "for the final ones); m_best: the best final metric of all runs",
         "task_extras": {k: v for k, v in extras.items() if isinstance(v, int | float | str | bool)},
         "methods": methods,
     }
@@ -613,7 +808,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     pick = max if result["higher_is_better"] else min
-    exact = any(d["summary"].get("exact_final_mean") is not None for d in result["methods"].values())
+    exact = any(
+        d["summary"].get("exact_final_mean") is not None for d in result["methods"].values()
+    )
     if exact:
         lines[2] = lines[2].replace(" | best seed |", " | exact, noise-free (mean) | best seed |")
         lines[3] += "---|"
@@ -642,7 +839,10 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, key, label in ((axes[0], "md_steps", "MD replica-steps spent"), (axes[1], "wall_s", "wall time (s)")):
+    for axis, key, label in (
+        (axes[0], "md_steps", "MD replica-steps spent"),
+        (axes[1], "wall_s", "wall time (s)"),
+    ):
         for method, data in result["methods"].items():
             curves = [([*r["curve"], r["final"]]) for r in data["runs"]]
             xs = [np.array([p[key] for p in c], dtype=float) for c in curves]
@@ -656,7 +856,11 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
                 held[i, ok] = np.array([p["metric"] for p in c])[idx[ok]]
             with warnings.catch_warnings():  # grid points before a run's first evaluation are NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
-                mean, low, high = np.nanmean(held, axis=0), np.nanmin(held, axis=0), np.nanmax(held, axis=0)
+                mean, low, high = (
+                    np.nanmean(held, axis=0),
+                    np.nanmin(held, axis=0),
+                    np.nanmax(held, axis=0),
+                )
             line = axis.plot(grid, mean, label=method)[0]
             axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
         axis.axhline(result["m0"], color="grey", lw=0.8, ls=":", label="start")
@@ -665,10 +869,14 @@ def plot_comparison(result: dict[str, Any], path: Path) -> None:
             axis.axhline(known, color="black", lw=0.8, ls="--", label="known optimum")
         axis.set_xscale("log")
         axis.set_xlabel(label)
-        axis.set_ylabel(f"{result['metric_name']} ({'higher' if result['higher_is_better'] else 'lower'} is better)")
+        axis.set_ylabel(
+            f"{result['metric_name']} ({'higher' if result['higher_is_better'] else 'lower'} is better)"
+        )
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{result['task']}: equal budget {result['budget_md_steps']:.3g} MD steps, "
-                 f"{len(result['seeds'])} seeds (mean, min-max)")
+    fig.suptitle(
+        f"{result['task']}: equal budget {result['budget_md_steps']:.3g} MD steps, "
+        f"{len(result['seeds'])} seeds (mean, min-max)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -688,8 +896,15 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def main_compare(path: str | Path | None, *, out: str | Path | None = None, overrides: Iterable[str] = (),
-                 resume: str | Path | None = None, progress: bool = True, **runner: Any) -> int:
+def main_compare(
+    path: str | Path | None,
+    *,
+    out: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    resume: str | Path | None = None,
+    progress: bool = True,
+    **runner: Any,
+) -> int:
     """What ``controlmd compare`` runs: load, run (or resume), report where the results went.
 
     :param runner: ``address``, ``backend``, ``num_cpus``, ``cpus_per_job`` of
@@ -698,14 +913,19 @@ def main_compare(path: str | Path | None, *, out: str | Path | None = None, over
     """
     overrides = list(overrides)
     if path is None and overrides:
-        raise ConfigError("--set needs the experiment file; `controlmd compare --resume DIR` takes none")
+        raise ConfigError(
+            "--set needs the experiment file; `controlmd compare --resume DIR` takes none"
+        )
     cfg = load_compare_config(path, overrides) if path is not None else None
     t0 = time.perf_counter()
     run = run_comparison(cfg, out=out, resume=resume, progress=progress, **runner)
     if progress and run.result is not None:
         print((run.out_dir / "comparison.md").read_text(), file=sys.stderr)
-        print(f"wrote {run.out_dir}/comparison.json, comparison.png, comparison.md in "
-              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(
+            f"wrote {run.out_dir}/comparison.json, comparison.png, comparison.md in "
+            f"{time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
     return 1 if run.failed else 0
 
 

@@ -67,10 +67,14 @@ def make_task(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> Ta
     """
     if isinstance(task, Task):
         if task_kwargs:
-            raise ControlMDError("task_kwargs are only used with a task name, not with a Task object")
+            raise ControlMDError(
+                "task_kwargs are only used with a task name, not with a Task object"
+            )
         return task
     if not isinstance(task, str):
-        raise ControlMDError(f"task must be a controlmd Task or a registered task name, got {task!r}")
+        raise ControlMDError(
+            f"task must be a controlmd Task or a registered task name, got {task!r}"
+        )
     from controlmd.tasks import get_task
 
     return get_task(task, **(task_kwargs or {}))
@@ -168,19 +172,32 @@ class ReplicaBatch:
         if not isinstance(task, Task):
             raise ControlMDError(f"task must be a controlmd Task, got {type(task).__name__}")
         if observation not in OBSERVATIONS:
-            raise ControlMDError(f"unknown observation {observation!r}; expected one of: {', '.join(OBSERVATIONS)}")
+            raise ControlMDError(
+                f"unknown observation {observation!r}; expected one of: {', '.join(OBSERVATIONS)}"
+            )
         if control_interval is None:
             control_interval = default_control_interval(task.n_steps)
-        if isinstance(control_interval, bool) or not isinstance(control_interval, int) or control_interval < 1:
-            raise ControlMDError(f"control_interval must be a positive integer, got {control_interval!r}")
+        if (
+            isinstance(control_interval, bool)
+            or not isinstance(control_interval, int)
+            or control_interval < 1
+        ):
+            raise ControlMDError(
+                f"control_interval must be a positive integer, got {control_interval!r}"
+            )
         if task.n_steps % control_interval:
             raise ControlMDError(
                 f"control_interval = {control_interval} must divide the task's n_steps = {task.n_steps} "
                 f"(an episode is n_steps / control_interval agent steps)"
             )
-        for name, value, allow_zero in (("shaping", shaping, True), ("reward_scale", reward_scale, False)):
+        for name, value, allow_zero in (
+            ("shaping", shaping, True),
+            ("reward_scale", reward_scale, False),
+        ):
             if not _finite_number(value) or value < 0 or (value == 0 and not allow_zero):
-                raise ControlMDError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+                raise ControlMDError(
+                    f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+                )
         if not _finite_number(shaping_gamma) or not 0.0 < shaping_gamma <= 1.0:
             raise ControlMDError(f"shaping_gamma must be in (0, 1], got {shaping_gamma!r}")
         self.task = task
@@ -194,7 +211,9 @@ class ReplicaBatch:
         self.action_dim = task.controls.dim
         self.low = task.controls.low_tensor()
         self.high = task.controls.high_tensor()
-        self.control = EpisodeControl(dim=self.action_dim, t_final=task.horizon, n_pieces=self.n_intervals)
+        self.control = EpisodeControl(
+            dim=self.action_dim, t_final=task.horizon, n_pieces=self.n_intervals
+        )
         self.n_features = 0 if observation == "time" else self._probe_features()
         self.feature_scale = self._feature_scales(feature_scale)
         self.obs_dim = 1 + self.n_features
@@ -229,7 +248,9 @@ class ReplicaBatch:
         self._phi = self._potential() if self.shaping else np.zeros(n_replicas)
         return self.observe()
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool, dict[str, np.ndarray]]:
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, bool, dict[str, np.ndarray]]:
         """Hold ``actions`` ``[B, k]`` for one control interval.
 
         :return: ``(obs [B, n_obs], reward [B], terminated, terms)``; ``terms`` holds
@@ -240,7 +261,9 @@ class ReplicaBatch:
         u = self.to_physical(actions)
         self.control.set(self.interval, u)
         with torch.no_grad():
-            self.state = self.task.advance(self.state, self.control, self.control_interval, gradient="none")
+            self.state = self.task.advance(
+                self.state, self.control, self.control_interval, gradient="none"
+            )
         self.interval += 1
         self.md_steps += self.state.n_replicas * self.control_interval
         terminated = self.done
@@ -265,9 +288,13 @@ class ReplicaBatch:
         """The task's exact metric of the current states ``[B]`` (float64)."""
         assert self.state is not None
         with torch.no_grad():
-            values = self.task.metric(self.state).detach().to(torch.float64).cpu().numpy().reshape(-1)
+            values = (
+                self.task.metric(self.state).detach().to(torch.float64).cpu().numpy().reshape(-1)
+            )
         if not np.all(np.isfinite(values)):
-            raise ControlMDError(f"task {self.task.name!r}: the metric is not finite for some replicas: {values}")
+            raise ControlMDError(
+                f"task {self.task.name!r}: the metric is not finite for some replicas: {values}"
+            )
         return values
 
     def observe(self) -> np.ndarray:
@@ -312,7 +339,11 @@ class ReplicaBatch:
 
     def _feature_scales(self, scale: float | Sequence[float]) -> np.ndarray:
         s = np.asarray(scale, dtype=np.float64).reshape(-1)
-        if s.size not in (1, max(self.n_features, 1)) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        if (
+            s.size not in (1, max(self.n_features, 1))
+            or not np.all(np.isfinite(s))
+            or np.any(s <= 0)
+        ):
             raise ControlMDError(
                 f"feature_scale must be > 0, one value or one per observed quantity "
                 f"({self.n_features}), got {scale!r}"
@@ -332,9 +363,13 @@ def check_actions(actions: Any, shape: tuple[int, ...]) -> np.ndarray:
     try:
         a = np.asarray(actions, dtype=np.float64)
     except (TypeError, ValueError):
-        raise gym.error.InvalidAction(f"action must be an array of shape {shape} in [-1, 1], got {actions!r}") from None
+        raise gym.error.InvalidAction(
+            f"action must be an array of shape {shape} in [-1, 1], got {actions!r}"
+        ) from None
     if a.shape != shape:
-        raise gym.error.InvalidAction(f"action must have shape {shape}, got shape {a.shape}: {actions!r}")
+        raise gym.error.InvalidAction(
+            f"action must have shape {shape}, got shape {a.shape}: {actions!r}"
+        )
     if not np.all(np.isfinite(a)):
         raise gym.error.InvalidAction(f"action must be finite, got {actions!r}")
     if np.any(a < -1.0) or np.any(a > 1.0):
@@ -445,11 +480,18 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ControlMDError(f"unknown render_mode {render_mode!r}; expected None or one of: rgb_array")
+            raise ControlMDError(
+                f"unknown render_mode {render_mode!r}; expected None or one of: rgb_array"
+            )
         self.task = make_task(task, task_kwargs)
         self.batch = ReplicaBatch(
-            self.task, control_interval=control_interval, observation=observation, shaping=shaping,
-            shaping_gamma=shaping_gamma, reward_scale=reward_scale, feature_scale=feature_scale,
+            self.task,
+            control_interval=control_interval,
+            observation=observation,
+            shaping=shaping,
+            shaping_gamma=shaping_gamma,
+            reward_scale=reward_scale,
+            feature_scale=feature_scale,
         )
         self.render_mode = render_mode
         self.action_space = spaces.Box(-1.0, 1.0, (self.batch.action_dim,), dtype=np.float32)
@@ -472,7 +514,9 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         """MD steps simulated by this env since it was made."""
         return self.batch.md_steps
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         task_seed = seed if seed is not None else int(self.np_random.integers(0, _SEED_BOUND))
         obs = self.batch.reset(1, task_seed)
@@ -480,7 +524,9 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         self._history = []
         return obs[0], {"md_steps": 0, "time": 0.0, "task_seed": int(task_seed)}
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+    def step(
+        self, action: np.ndarray
+    ) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         if self._needs_reset:
             raise gym.error.ResetNeeded(
                 "cannot call step() before reset() or after the episode ended (terminated = True); call reset()"
@@ -504,7 +550,9 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         """``rgb_array``: ``[H, W, 3]`` uint8 picture of the particles (or the observed
         features) and the control held so far."""
         if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
+            gym.logger.warn(
+                "render() called without a render_mode; make the env with render_mode='rgb_array'"
+            )
             return None
         if self.batch.state is None:
             raise gym.error.ResetNeeded("call reset() before render()")

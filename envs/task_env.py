@@ -29,8 +29,15 @@ class TaskEnv(ControlEnv):
         render_mode: str | None = None,
     ) -> None:
         super().__init__(
-            self.task_name, task_kwargs=task_kwargs,
-            control_interval=self.default_control_interval if control_interval is None else control_interval,
-            observation=observation, shaping=shaping, shaping_gamma=shaping_gamma, reward_scale=reward_scale,
-            feature_scale=feature_scale, render_mode=render_mode,
+            self.task_name,
+            task_kwargs=task_kwargs,
+            control_interval=self.default_control_interval
+            if control_interval is None
+            else control_interval,
+            observation=observation,
+            shaping=shaping,
+            shaping_gamma=shaping_gamma,
+            reward_scale=reward_scale,
+            feature_scale=feature_scale,
+            render_mode=render_mode,
         )

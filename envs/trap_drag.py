@@ -86,7 +86,13 @@ class TrapDragEnv(ControlEnv):
         render_mode: str | None = None,
     ) -> None:
         super().__init__(
-            "trap_drag", task_kwargs=task_kwargs, control_interval=control_interval, observation=observation,
-            shaping=shaping, shaping_gamma=shaping_gamma, reward_scale=reward_scale,
-            feature_scale=feature_scale, render_mode=render_mode,
+            "trap_drag",
+            task_kwargs=task_kwargs,
+            control_interval=control_interval,
+            observation=observation,
+            shaping=shaping,
+            shaping_gamma=shaping_gamma,
+            reward_scale=reward_scale,
+            feature_scale=feature_scale,
+            render_mode=render_mode,
         )

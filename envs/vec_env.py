@@ -70,8 +70,13 @@ class BatchedControlVecEnv(VecEnv):
             raise ControlMDError(f"n_envs must be a positive integer, got {n_envs!r}")
         self.task = make_task(task, task_kwargs)
         self.batch = ReplicaBatch(
-            self.task, control_interval=control_interval, observation=observation, shaping=shaping,
-            shaping_gamma=shaping_gamma, reward_scale=reward_scale, feature_scale=feature_scale,
+            self.task,
+            control_interval=control_interval,
+            observation=observation,
+            shaping=shaping,
+            shaping_gamma=shaping_gamma,
+            reward_scale=reward_scale,
+            feature_scale=feature_scale,
         )
         self.render_mode = None
         low, high = self.batch.observation_bounds()
@@ -157,10 +162,18 @@ class BatchedControlVecEnv(VecEnv):
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         if indices is not None and len(self._get_indices(indices)) != self.num_envs:
-            raise ControlMDError("BatchedControlVecEnv: attributes are shared by all replicas; set them for all")
+            raise ControlMDError(
+                "BatchedControlVecEnv: attributes are shared by all replicas; set them for all"
+            )
         setattr(self, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self,
+        method_name: str,
+        *method_args: Any,
+        indices: VecEnvIndices = None,
+        **method_kwargs: Any,
+    ) -> list[Any]:
         result = getattr(self, method_name)(*method_args, **method_kwargs)
         return [result] * len(self._get_indices(indices))
 

@@ -18,7 +18,9 @@ from controlmd.tasks.assembly import Assembly
 
 
 def _constant(task: Assembly, values: list[float]) -> Tabulated:
-    return Tabulated(times=[0.0, task.horizon], values=torch.tensor([values, values], dtype=torch.float64))
+    return Tabulated(
+        times=[0.0, task.horizon], values=torch.tensor([values, values], dtype=torch.float64)
+    )
 
 
 def _chain() -> torch.Tensor:
@@ -29,18 +31,27 @@ def _chain() -> torch.Tensor:
 
 def _two_rows() -> torch.Tensor:
     h = math.sqrt(3) / 2
-    return torch.tensor([(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (0.5, h), (1.5, h), (2.5, h)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (0.5, h), (1.5, h), (2.5, h)],
+        dtype=torch.float64,
+    )
 
 
 def test_exact_yield_on_hand_built_clusters() -> None:
     task = Assembly(n_steps=10)
     centre = torch.tensor([3.0, 3.0], dtype=torch.float64)
-    R = torch.stack([hexagonal_cluster(), _chain(), _two_rows(), hexagonal_cluster() * 1.3]) + centre
+    R = (
+        torch.stack([hexagonal_cluster(), _chain(), _two_rows(), hexagonal_cluster() * 1.3])
+        + centre
+    )
     R = R % task.box
-    torch.testing.assert_close(task.metric(State(R=R)), torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        task.metric(State(R=R)), torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    )
     obs = task.observe(State(R=R))
-    torch.testing.assert_close(obs[:, 0], torch.tensor([1.0, 0.5, 11 / 12, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        obs[:, 0], torch.tensor([1.0, 0.5, 11 / 12, 0.0], dtype=torch.float64)
+    )
     torch.testing.assert_close(obs[:, 1], torch.tensor([1.0, 1.0, 1.0, 1 / 7], dtype=torch.float64))
 
 
@@ -66,7 +77,9 @@ def test_initial_gas_is_dilute_valid_and_replica_seeded() -> None:
 def test_channels_scale_the_attraction_and_the_bath() -> None:
     task = Assembly(controls=["epsilon", "temperature"], n_steps=10)
     assert task.controls.names == ("eps", "kT")
-    torch.testing.assert_close(task.default_control(), torch.tensor([6.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        task.default_control(), torch.tensor([6.0, 1.0], dtype=torch.float64)
+    )
     R = (hexagonal_cluster() + 3.0)[None]
     t = torch.zeros((), dtype=torch.float64)
     E4 = task.potential(_constant(task, [4.0, 1.0])).energy(R, t)
@@ -98,12 +111,16 @@ def test_surrogate_tracks_the_yield_on_sampled_states() -> None:
     hexagon = ((hexagonal_cluster() + 3.0) % task.box).expand(16, -1, -1).clone()
     states = [
         task.advance(gas, _constant(task, [7.0]), task.n_steps, gradient="none"),
-        task.advance(task.initial_state(16, seed=9).replace(R=hexagon), _constant(task, [7.0]),
-                     task.n_steps, gradient="none"),
+        task.advance(
+            task.initial_state(16, seed=9).replace(R=hexagon),
+            _constant(task, [7.0]),
+            task.n_steps,
+            gradient="none",
+        ),
     ]
     R = torch.cat([s.R for s in states])
     y = task.metric(State(R=R))
-    per_replica = torch.stack([task.loss(State(R=R[b:b + 1])) for b in range(R.shape[0])])
+    per_replica = torch.stack([task.loss(State(R=R[b : b + 1])) for b in range(R.shape[0])])
     assert 0 < float(y.mean()) < 1
     # every heptamer has (almost) all 12 bonds; any other 7 disks have at most 11
     assert float(per_replica[y == 1].mean()) < float(per_replica[y == 0].mean())
@@ -112,42 +129,64 @@ def test_surrogate_tracks_the_yield_on_sampled_states() -> None:
 
 def test_loss_gradient_reaches_the_protocol() -> None:
     task = Assembly(controls=["epsilon", "temperature"], n_steps=40)
-    u = PiecewiseConstant(dim=2, t_final=task.horizon, n_pieces=2, low=list(task.controls.low),
-                          high=list(task.controls.high), init=[6.0, 1.0])
+    u = PiecewiseConstant(
+        dim=2,
+        t_final=task.horizon,
+        n_pieces=2,
+        low=list(task.controls.low),
+        high=list(task.controls.high),
+        init=[6.0, 1.0],
+    )
     final = task.rollout(u, 8, seed=0, gradient="direct")
     task.loss(final).backward()
     assert u.values.grad is not None and bool(torch.isfinite(u.values.grad).all())
     assert float(u.values.grad.abs().sum()) > 0
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"cluster_size": 8}, "cluster_size"),
-    ({"target_bonds": 30}, "target_bonds"),
-    ({"epsilon": -1.0}, "epsilon"),
-    ({"eps_min": 5.0, "eps_max": 4.0}, "eps_min < eps_max"),
-    ({"kT_min": 0.0}, "kT_min"),
-    ({"area_fraction": 0.6}, "area_fraction"),
-    ({"r_cut": 3.5}, "r_cut"),
-    ({"bond_cutoff": 2.0}, "bond_cutoff"),
-    ({"controls": ["pressure"]}, "controls entry"),
-    ({"surrogate": "energy"}, "surrogate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"cluster_size": 8}, "cluster_size"),
+        ({"target_bonds": 30}, "target_bonds"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"eps_min": 5.0, "eps_max": 4.0}, "eps_min < eps_max"),
+        ({"kT_min": 0.0}, "kT_min"),
+        ({"area_fraction": 0.6}, "area_fraction"),
+        ({"r_cut": 3.5}, "r_cut"),
+        ({"bond_cutoff": 2.0}, "bond_cutoff"),
+        ({"controls": ["pressure"]}, "controls entry"),
+        ({"surrogate": "energy"}, "surrogate"),
+    ],
+)
 def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ControlMDError, match=field):
         Assembly(**kwargs)
 
 
-@pytest.mark.parametrize("kind, init", [("piecewise_constant", 12.0), ("piecewise_constant", 2.0), ("mlp", 1.0)])
+@pytest.mark.parametrize(
+    "kind, init", [("piecewise_constant", 12.0), ("piecewise_constant", 2.0), ("mlp", 1.0)]
+)
 def test_protocol_init_that_the_bounds_cannot_meet_is_rejected(kind: str, init: float) -> None:
     """eps bounds [2, 10]: an init outside or on a bound (where tanh squashing would stick
     with zero gradient) is a config error naming init and the bounds."""
     from controlmd.config import resolve_config
     from controlmd.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"init values span .* outside the bounds \[\[2\.0\], \[10\.0\]\]"):
-        resolve_config({"experiment": {"name": "x", "seed": 0}, "task": {"name": "assembly", "n_steps": 10},
-                              "protocol": {"kind": kind, "init": init, **({"n_pieces": 3} if kind != "mlp" else {})},
-                              "train": {"optimizer": "adam", "lr": 0.1, "iterations": 1, "replicas": 2}})
+    with pytest.raises(
+        ConfigError, match=r"init values span .* outside the bounds \[\[2\.0\], \[10\.0\]\]"
+    ):
+        resolve_config(
+            {
+                "experiment": {"name": "x", "seed": 0},
+                "task": {"name": "assembly", "n_steps": 10},
+                "protocol": {
+                    "kind": kind,
+                    "init": init,
+                    **({"n_pieces": 3} if kind != "mlp" else {}),
+                },
+                "train": {"optimizer": "adam", "lr": 0.1, "iterations": 1, "replicas": 2},
+            }
+        )
 
 
 def test_registered() -> None:
@@ -163,18 +202,40 @@ def test_a_quick_training_run_improves_the_exact_metric(tmp_path) -> None:
 
     raw = {
         "experiment": {"name": "assembly_dimer_test", "seed": 0},
-        "task": {"name": "assembly", "n_particles": 2, "cluster_size": 2, "target_bonds": 1,
-                 "r_cut": 1.6, "alpha": 4.0, "dt": 1e-3, "n_steps": 300, "eps_min": 0.5},
+        "task": {
+            "name": "assembly",
+            "n_particles": 2,
+            "cluster_size": 2,
+            "target_bonds": 1,
+            "r_cut": 1.6,
+            "alpha": 4.0,
+            "dt": 1e-3,
+            "n_steps": 300,
+            "eps_min": 0.5,
+        },
         "protocol": {"kind": "piecewise_constant", "n_pieces": 2, "init": 1.0},
-        "train": {"optimizer": "adam", "lr": 0.5, "iterations": 4, "replicas": 32, "gradient": "direct",
-                  "variance_every": 0},
+        "train": {
+            "optimizer": "adam",
+            "lr": 0.5,
+            "iterations": 4,
+            "replicas": 32,
+            "gradient": "direct",
+            "variance_every": 0,
+        },
         "eval": {"replicas": 32, "every": 0, "final_replicas": 256, "chunk": 256},
-        "logging": {"tensorboard": False, "plots": False, "checkpoint_every": 0, "histogram_every": 0,
-                    "progress": False},
+        "logging": {
+            "tensorboard": False,
+            "plots": False,
+            "checkpoint_every": 0,
+            "histogram_every": 0,
+            "progress": False,
+        },
     }
     result = run_experiment(resolve_config(raw), out=tmp_path / "run", progress=False)
     m = result.metrics
-    assert m["metric_final"] > m["metric_initial"] + 3 * math.hypot(m["metric_final_se"], m["metric_initial_se"])
+    assert m["metric_final"] > m["metric_initial"] + 3 * math.hypot(
+        m["metric_final_se"], m["metric_initial_se"]
+    )
 
 
 def test_finish_run_writes_xyz_with_the_box_and_snapshots(tmp_path) -> None:

@@ -14,18 +14,41 @@ from controlmd.tasks import get_task
 from controlmd_envs.baselines import BudgetTracker, make_vec_env, run_sb3
 from controlmd_envs.compare import load_compare_config
 
-ENV = {"n_envs": 2, "observation": "time", "shaping": 1.0, "shaping_gamma": 1.0, "reward_scale": 0.1,
-       "feature_scale": 1.0}
+ENV = {
+    "n_envs": 2,
+    "observation": "time",
+    "shaping": 1.0,
+    "shaping_gamma": 1.0,
+    "reward_scale": 0.1,
+    "feature_scale": 1.0,
+}
 PPO = {"gamma": 1.0, "n_steps": 8, "batch_size": 16, "n_epochs": 1}
 
 
 def _ppo(vec_env: str, run_dir: Path) -> tuple[BudgetTracker, object]:
     """PPO on 2 envs of a 20-step trap drag (4 actions of 5 MD steps) for 800 env steps."""
     task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
-    tracker = BudgetTracker(task, budget_md_steps=4_000 + 8 * 20 + 16 * 20, eval_replicas=8, final_replicas=16,
-                            eval_seed=1, final_seed=2, eval_points=3, wall_cap_s=120.0, logger=Logger())
-    final = run_sb3("ppo", task, tracker, env={**ENV, "vec_env": vec_env}, params=PPO, control_interval=5, seed=0,
-                    run_dir=run_dir)
+    tracker = BudgetTracker(
+        task,
+        budget_md_steps=4_000 + 8 * 20 + 16 * 20,
+        eval_replicas=8,
+        final_replicas=16,
+        eval_seed=1,
+        final_seed=2,
+        eval_points=3,
+        wall_cap_s=120.0,
+        logger=Logger(),
+    )
+    final = run_sb3(
+        "ppo",
+        task,
+        tracker,
+        env={**ENV, "vec_env": vec_env},
+        params=PPO,
+        control_interval=5,
+        seed=0,
+        run_dir=run_dir,
+    )
     tracker.finish(final)
     return tracker, final
 
@@ -67,8 +90,11 @@ def test_vec_env_setting_is_validated(tmp_path: Path) -> None:
     path = tmp_path / "exp.toml"
     text = '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nmethods = ["ppo"]\n[ppo]\n'
     path.write_text(text + 'vec_env = "threads"\n')
-    with pytest.raises(ConfigError, match=r"\[ppo\] vec_env: unknown value 'threads'; expected one of: batched, "
-                                          r"subproc, dummy"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[ppo\] vec_env: unknown value 'threads'; expected one of: batched, "
+        r"subproc, dummy",
+    ):
         load_compare_config(path)
     path.write_text(text + 'vec_env = "subproc"\nn_envs = 4\n')
     env = load_compare_config(path)["methods"]["ppo"]["env"]

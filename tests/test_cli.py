@@ -47,12 +47,29 @@ histogram_every = 3
 progress = false
 """
 
-SCALARS = ("train/loss", "outcome/metric", "train/grad_norm", "train/lr", "budget/md_steps", "time/wall_s",
-           "train/grad_var", "budget/grad_steps")
+SCALARS = (
+    "train/loss",
+    "outcome/metric",
+    "train/grad_norm",
+    "train/lr",
+    "budget/md_steps",
+    "time/wall_s",
+    "train/grad_var",
+    "budget/grad_steps",
+)
 METRICS_SCHEMA = {
-    "task": str, "method": str, "metric_name": str, "higher_is_better": bool, "metric_initial": float,
-    "metric_final": float, "md_steps": int, "grad_steps": int, "wall_s": float, "seed": int,
-    "optimum": float, "metric_exact_final": float,
+    "task": str,
+    "method": str,
+    "metric_name": str,
+    "higher_is_better": bool,
+    "metric_initial": float,
+    "metric_final": float,
+    "md_steps": int,
+    "grad_steps": int,
+    "wall_s": float,
+    "seed": int,
+    "optimum": float,
+    "metric_exact_final": float,
 }
 
 
@@ -65,8 +82,10 @@ def _experiment(tmp_path: Path, name: str = "tiny", extra: str = "") -> Path:
 def _events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0,
-                                                                 "tensors": 0})
+    acc = EventAccumulator(
+        str(run_dir / "tb"),
+        size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0},
+    )
     acc.Reload()
     return acc
 
@@ -84,13 +103,23 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, buffer.getvalue()
 
 
-def test_run_prints_before_after_folder_and_tensorboard_command(finished_run: tuple[Path, str]) -> None:
+def test_run_prints_before_after_folder_and_tensorboard_command(
+    finished_run: tuple[Path, str],
+) -> None:
     out, stdout = finished_run
     assert "before:" in stdout and "after:" in stdout
     assert f"run folder: {out}" in stdout
     assert f"tensorboard --logdir {out / 'tb'}" in stdout
-    for name in ("config.toml", "metrics.json", "protocol.png", "protocol.pt", "protocol.csv",
-                 "protocol_initial.pt", "checkpoint.pt", "progress.jsonl"):
+    for name in (
+        "config.toml",
+        "metrics.json",
+        "protocol.png",
+        "protocol.pt",
+        "protocol.csv",
+        "protocol_initial.pt",
+        "checkpoint.pt",
+        "progress.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob(".*.tmp"))  # no temporary files left by the atomic writes
 
@@ -105,7 +134,9 @@ def test_metrics_json_schema(finished_run: tuple[Path, str]) -> None:
     assert metrics["optimum"] == pytest.approx(25.0 / 3.0)
     train = 6 * 16 * 10
     assert metrics["grad_steps"] == train
-    assert metrics["md_steps"] == train + 3 * 20 * 10 + 2 * 100 * 10  # + evaluations at 0, 3, 6 + before/after
+    assert (
+        metrics["md_steps"] == train + 3 * 20 * 10 + 2 * 100 * 10
+    )  # + evaluations at 0, 3, 6 + before/after
     assert metrics["metric_exact_final"] < metrics["metric_exact_initial"]
 
 
@@ -121,7 +152,9 @@ def test_tensorboard_events_hold_the_documented_tags(finished_run: tuple[Path, s
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
 
 
-def test_eval_rescores_on_fresh_seeds(finished_run: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+def test_eval_rescores_on_fresh_seeds(
+    finished_run: tuple[Path, str], capsys: pytest.CaptureFixture
+) -> None:
     out = finished_run[0]
     assert main(["eval", str(out), "--seeds", "2", "--replicas", "50"]) == 0
     summary = json.loads((out / "eval.json").read_text())
@@ -155,14 +188,19 @@ def test_resume_refuses_another_experiment_or_changed_settings(
     before = sorted(p.name for p in out.iterdir())
     assert main(["run", str(_experiment(tmp_path, name="other")), "--resume", str(out)]) == 2
     assert "belongs to experiment 'tiny', not 'other'" in capsys.readouterr().err
-    assert main(["run", str(_experiment(tmp_path)), "--set", "train.lr=0.1", "--resume", str(out)]) == 2
+    assert (
+        main(["run", str(_experiment(tmp_path)), "--set", "train.lr=0.1", "--resume", str(out)])
+        == 2
+    )
     assert "[train] lr = 0.1 differs from the run's 0.05" in capsys.readouterr().err
     assert main(["run", str(_experiment(tmp_path)), "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_resume_after_a_kill_reaches_the_same_final_numbers(finished_run: tuple[Path, str], tmp_path: Path) -> None:
+def test_resume_after_a_kill_reaches_the_same_final_numbers(
+    finished_run: tuple[Path, str], tmp_path: Path
+) -> None:
     whole = finished_run[0]  # the same experiment, uninterrupted
     experiment = _experiment(tmp_path)
     killed = tmp_path / "killed"
@@ -171,8 +209,20 @@ def test_resume_after_a_kill_reaches_the_same_final_numbers(finished_run: tuple[
     # across threads and the comparison below is bitwise.
     env = {**os.environ, ABORT_ENV: "5", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(
-        [sys.executable, "-m", "controlmd.cli", "run", str(experiment), "--out", str(killed), "--quiet"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "controlmd.cli",
+            "run",
+            str(experiment),
+            "--out",
+            str(killed),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == AbortAfter.EXIT_CODE, proc.stderr
     assert not (killed / "metrics.json").exists()
@@ -196,11 +246,17 @@ def test_resume_after_a_kill_reaches_the_same_final_numbers(finished_run: tuple[
         torch.testing.assert_close(p_b[k], p_a[k], rtol=1e-12, atol=1e-15)
     losses_a = [(e.step, e.value) for e in _events(whole).Scalars("train/loss")]
     losses_b = [(e.step, e.value) for e in _events(killed).Scalars("train/loss")]
-    assert [s for s, _ in losses_b] == [s for s, _ in losses_a]  # purged and re-logged, no duplicated steps
-    assert [v for _, v in losses_b] == pytest.approx([v for _, v in losses_a], rel=1e-6)  # float32 events
+    assert [s for s, _ in losses_b] == [
+        s for s, _ in losses_a
+    ]  # purged and re-logged, no duplicated steps
+    assert [v for _, v in losses_b] == pytest.approx(
+        [v for _, v in losses_a], rel=1e-6
+    )  # float32 events
 
 
-def test_resuming_a_finished_run_rescores_to_the_same_numbers(finished_run: tuple[Path, str]) -> None:
+def test_resuming_a_finished_run_rescores_to_the_same_numbers(
+    finished_run: tuple[Path, str],
+) -> None:
     out = finished_run[0]
     first = json.loads((out / "metrics.json").read_text())
     assert main(["run", "--resume", str(out), "--quiet"]) == 0

@@ -91,13 +91,22 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_comparison_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert main(["compare", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet", "--local"]) == 0
+    assert (
+        main(["compare", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet", "--local"]) == 0
+    )
     result = json.loads((out / "comparison.json").read_text())
     assert (out / "comparison.png").stat().st_size > 0
     table = (out / "comparison.md").read_text()
     budget, n_steps = 8_000, 20
     assert result["n_pieces"] == 4 and result["seeds"] == [3, 4]
-    assert set(result["methods"]) == {"gradient", "ppo", "sac", "cma_es", "random_search", "ppo_feedback"}
+    assert set(result["methods"]) == {
+        "gradient",
+        "ppo",
+        "sac",
+        "cma_es",
+        "random_search",
+        "ppo_feedback",
+    }
     finals = []
     for method, data in result["methods"].items():
         assert f"| {method} |" in table
@@ -107,7 +116,11 @@ def test_comparison_end_to_end(tmp_path: Path) -> None:
             walls = [p["wall_s"] for p in run["curve"]] + [run["final"]["wall_s"]]
             assert md == sorted(md) and walls == sorted(walls)
             # equal budget: never above it; within one unit of work plus one evaluation below it
-            assert run["md_steps"] == run["final"]["md_steps"] == run["train_md_steps"] + run["eval_md_steps"]
+            assert (
+                run["md_steps"]
+                == run["final"]["md_steps"]
+                == run["train_md_steps"] + run["eval_md_steps"]
+            )
             assert budget - 4 * 8 * n_steps - 16 * n_steps <= run["md_steps"] <= budget
             assert run["stop_reason"] == "budget"
             assert run["curve"][0]["metric"] == result["m0"]  # the common start
@@ -121,38 +134,75 @@ def test_comparison_end_to_end(tmp_path: Path) -> None:
         if data["algo"] == "gradient":
             assert data["summary"]["grad_steps_mean"] > 0
     assert result["m_best"] == min(finals)
-    best = [r for d in result["methods"].values() for r in d["runs"] if r["final"]["metric"] == result["m_best"]]
+    best = [
+        r
+        for d in result["methods"].values()
+        for r in d["runs"]
+        if r["final"]["metric"] == result["m_best"]
+    ]
     assert best[0]["final"]["progress"] == pytest.approx(1.0)
     assert result["complete"]
     # the folder alone gives the same summary (what an interrupted comparison is rebuilt from)
     rebuilt = summarize_folder(out)
-    assert rebuilt["complete"] and rebuilt["m0_final"] == result["m0_final"] and rebuilt["m_best"] == result["m_best"]
+    assert (
+        rebuilt["complete"]
+        and rebuilt["m0_final"] == result["m0_final"]
+        and rebuilt["m_best"] == result["m_best"]
+    )
     assert rebuilt["methods"]["cma_es"]["summary"] == result["methods"]["cma_es"]["summary"]
 
 
 def _run(curve: list[tuple[int, float]], final: tuple[int, float]) -> dict:
     return {
-        "curve": [{"md_steps": s, "wall_s": float(s), "metric": m, "se": 0.0, "replicas": 2} for s, m in curve],
-        "final": {"md_steps": final[0], "wall_s": float(final[0]), "metric": final[1], "se": 0.0, "replicas": 2},
-        "md_steps": final[0], "grad_steps": 0, "wall_s": 1.0, "stop_reason": "budget",
+        "curve": [
+            {"md_steps": s, "wall_s": float(s), "metric": m, "se": 0.0, "replicas": 2}
+            for s, m in curve
+        ],
+        "final": {
+            "md_steps": final[0],
+            "wall_s": float(final[0]),
+            "metric": final[1],
+            "se": 0.0,
+            "replicas": 2,
+        },
+        "md_steps": final[0],
+        "grad_steps": 0,
+        "wall_s": 1.0,
+        "stop_reason": "budget",
     }
 
 
 @pytest.mark.parametrize("higher_is_better", [True, False])
 def test_progress_to_target_for_either_direction(higher_is_better: bool) -> None:
     sign = 1.0 if higher_is_better else -1.0
-    task = SimpleNamespace(higher_is_better=higher_is_better, name="t", metric_name="m", units="u",
-                           extras=lambda: {})
-    cfg = {"experiment": {"name": "x", "seed": 0}, "task": {"name": "t"},
-           "compare": {"target_progress": 0.9, "budget_md_steps": 100, "control_interval": 1, "n_pieces": 1,
-                       "eval_replicas": 2, "final_replicas": 2, "wall_cap_s": 1.0, "seeds": 2},
-           "methods": {"a": {"algo": "gradient"}, "b": {"algo": "cma_es"}}}
+    task = SimpleNamespace(
+        higher_is_better=higher_is_better, name="t", metric_name="m", units="u", extras=lambda: {}
+    )
+    cfg = {
+        "experiment": {"name": "x", "seed": 0},
+        "task": {"name": "t"},
+        "compare": {
+            "target_progress": 0.9,
+            "budget_md_steps": 100,
+            "control_interval": 1,
+            "n_pieces": 1,
+            "eval_replicas": 2,
+            "final_replicas": 2,
+            "wall_cap_s": 1.0,
+            "seeds": 2,
+        },
+        "methods": {"a": {"algo": "gradient"}, "b": {"algo": "cma_es"}},
+    }
     m0 = 1.0
     runs = {
-        "a": [_run([(10, m0), (20, m0 + sign * 5.0), (40, m0 + sign * 9.5)], (80, m0 + sign * 10.0)),
-              _run([(10, m0), (20, m0 + sign * 9.0)], (80, m0 + sign * 9.0))],
-        "b": [_run([(10, m0), (20, m0 + sign * 1.0)], (80, m0 + sign * 2.0)),
-              _run([(10, m0)], (80, m0 - sign * 1.0))],
+        "a": [
+            _run([(10, m0), (20, m0 + sign * 5.0), (40, m0 + sign * 9.5)], (80, m0 + sign * 10.0)),
+            _run([(10, m0), (20, m0 + sign * 9.0)], (80, m0 + sign * 9.0)),
+        ],
+        "b": [
+            _run([(10, m0), (20, m0 + sign * 1.0)], (80, m0 + sign * 2.0)),
+            _run([(10, m0)], (80, m0 - sign * 1.0)),
+        ],
     }
     result = summarize(cfg, task, runs, m0=m0, m0_final=m0)
     assert result["m_best"] == m0 + sign * 10.0
@@ -170,7 +220,9 @@ def test_cma_es_improves_the_exact_work_and_counts_its_steps() -> None:
     start = task.exact_metric(search.incumbent())
     search.learn(12)
     assert search.md_steps == 12 * 6 * 32 * 20
-    assert task.exact_metric(search.incumbent()) < start - 1.0  # 12.5 -> about 8.6 at the 4-piece optimum
+    assert (
+        task.exact_metric(search.incumbent()) < start - 1.0
+    )  # 12.5 -> about 8.6 at the 4-piece optimum
 
 
 def test_random_search_keeps_its_best_candidate() -> None:
@@ -182,41 +234,74 @@ def test_random_search_keeps_its_best_candidate() -> None:
     assert search.candidates == 10 and search.md_steps == 10 * 8 * 20
     assert search.best_score <= start_score
     assert search.score(search.best_x, search.seed) == search.best_score
-    np.testing.assert_allclose(search.incumbent().values.detach(), actions_to_protocol(
-        search.best_x.reshape(4, 1), task).values.detach())
+    np.testing.assert_allclose(
+        search.incumbent().values.detach(),
+        actions_to_protocol(search.best_x.reshape(4, 1), task).values.detach(),
+    )
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ('[task]\nname = "nope"\n', r"\[task\] name: unknown value 'nope'; expected one of: .*trap_drag"),
-        ('[bogus]\nx = 1\n', r"unknown section \[bogus\]"),
+        (
+            '[task]\nname = "nope"\n',
+            r"\[task\] name: unknown value 'nope'; expected one of: .*trap_drag",
+        ),
+        ("[bogus]\nx = 1\n", r"unknown section \[bogus\]"),
         ('[compare]\nmethods = ["gradient"]\nbudget = 3\n', r"unknown key 'budget' in \[compare\]"),
-        ('[compare]\nmethods = ["tabu"]\n', r"\[tabu\] algo: unknown value 'tabu'; expected one of: gradient, ppo"),
-        ('[compare]\nmethods = ["ppo"]\n[ppo]\nlearnig_rate = 0.1\n', r"unknown key 'learnig_rate' in \[ppo\].*learning_rate"),
-        ('[compare]\nmethods = ["cma_es"]\n[cma_es]\nsigma0 = "big"\n', r"\[cma_es\] sigma0 must be a finite number"),
-        ('[compare]\nmethods = ["gradient"]\n[gradient]\noptimizer = "newton"\n', r"\[train\] optimizer: unknown value 'newton'"),
-        ('[compare]\nmethods = ["gradient"]\ncontrol_interval = 7\n', r"control_interval = 7 must divide the task's n_steps = 100"),
-        ('[compare]\nmethods = ["gradient"]\nbudget_md_steps = 1000\n', r"budget_md_steps = 1000 must exceed"),
-        ('[compare]\nmethods = ["ppo"]\n[ppo]\nobservation = "pixels"\n', r"observation: unknown value 'pixels'"),
+        (
+            '[compare]\nmethods = ["tabu"]\n',
+            r"\[tabu\] algo: unknown value 'tabu'; expected one of: gradient, ppo",
+        ),
+        (
+            '[compare]\nmethods = ["ppo"]\n[ppo]\nlearnig_rate = 0.1\n',
+            r"unknown key 'learnig_rate' in \[ppo\].*learning_rate",
+        ),
+        (
+            '[compare]\nmethods = ["cma_es"]\n[cma_es]\nsigma0 = "big"\n',
+            r"\[cma_es\] sigma0 must be a finite number",
+        ),
+        (
+            '[compare]\nmethods = ["gradient"]\n[gradient]\noptimizer = "newton"\n',
+            r"\[train\] optimizer: unknown value 'newton'",
+        ),
+        (
+            '[compare]\nmethods = ["gradient"]\ncontrol_interval = 7\n',
+            r"control_interval = 7 must divide the task's n_steps = 100",
+        ),
+        (
+            '[compare]\nmethods = ["gradient"]\nbudget_md_steps = 1000\n',
+            r"budget_md_steps = 1000 must exceed",
+        ),
+        (
+            '[compare]\nmethods = ["ppo"]\n[ppo]\nobservation = "pixels"\n',
+            r"observation: unknown value 'pixels'",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path: Path, change: str, message: str) -> None:
     base = '[experiment]\nname = "x"\n'
-    text = base + (change if change.startswith("[task]") else '[task]\nname = "trap_drag"\n' + change)
+    text = base + (
+        change if change.startswith("[task]") else '[task]\nname = "trap_drag"\n' + change
+    )
     with pytest.raises(ConfigError, match=message):
         load_compare_config(_write(tmp_path, text))
 
 
 def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path, '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nseeds = 0\n')
+    path = _write(
+        tmp_path, '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nseeds = 0\n'
+    )
     assert main(["compare", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "[compare] seeds must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_overrides_apply(tmp_path: Path) -> None:
-    path = _write(tmp_path, '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nmethods = ["gradient"]\n')
+    path = _write(
+        tmp_path,
+        '[experiment]\nname = "x"\n[task]\nname = "trap_drag"\n[compare]\nmethods = ["gradient"]\n',
+    )
     cfg = load_compare_config(path, ["compare.seeds=2", "gradient.lr=0.5", "task.lambda_f=3.0"])
     assert cfg["compare"]["seeds"] == 2 and cfg["methods"]["gradient"]["lr"] == 0.5
     assert cfg["task"]["lambda_f"] == 3.0 and cfg["compare"]["n_pieces"] == 20
@@ -239,7 +324,10 @@ def test_policy_evaluation_equals_protocol_evaluation_and_ignores_chunks() -> No
     b = evaluate_policy(task, candidate, 10, 7, chunk=100)
     reference = evaluate(task, actions_to_protocol(actions, task), 10, 7)
     assert a == b
-    assert a.mean == pytest.approx(reference.mean, rel=1e-12) and a.md_steps == reference.md_steps == 200
+    assert (
+        a.mean == pytest.approx(reference.mean, rel=1e-12)
+        and a.md_steps == reference.md_steps == 200
+    )
 
 
 @pytest.mark.slow
@@ -250,13 +338,35 @@ def test_ppo_learns_trap_drag_toward_the_optimum(tmp_path: Path) -> None:
     from controlmd_envs.baselines import BudgetTracker, run_sb3
 
     task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)
-    tracker = BudgetTracker(task, budget_md_steps=300_000, eval_replicas=64, final_replicas=64, eval_seed=1,
-                            final_seed=2, eval_points=4, wall_cap_s=600.0, logger=Logger())
-    env = {"n_envs": 32, "observation": "time", "shaping": 0.0, "shaping_gamma": 1.0, "reward_scale": 0.1,
-           "feature_scale": 1.0}
-    protocol = run_sb3("ppo", task, tracker, env=env, params={"gamma": 1.0, "n_steps": 8, "batch_size": 64,
-                                                              "learning_rate": 1e-3},
-                       control_interval=5, seed=0, run_dir=tmp_path)
+    tracker = BudgetTracker(
+        task,
+        budget_md_steps=300_000,
+        eval_replicas=64,
+        final_replicas=64,
+        eval_seed=1,
+        final_seed=2,
+        eval_points=4,
+        wall_cap_s=600.0,
+        logger=Logger(),
+    )
+    env = {
+        "n_envs": 32,
+        "observation": "time",
+        "shaping": 0.0,
+        "shaping_gamma": 1.0,
+        "reward_scale": 0.1,
+        "feature_scale": 1.0,
+    }
+    protocol = run_sb3(
+        "ppo",
+        task,
+        tracker,
+        env=env,
+        params={"gamma": 1.0, "n_steps": 8, "batch_size": 64, "learning_rate": 1e-3},
+        control_interval=5,
+        seed=0,
+        run_dir=tmp_path,
+    )
     assert tracker.md_steps <= 300_000
     assert task.exact_metric(protocol) < 9.5
 
@@ -264,7 +374,9 @@ def test_ppo_learns_trap_drag_toward_the_optimum(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- runs as jobs (Ray / resume)
 
 # Two methods x 1 seed, each run a second or two: gradient (the trainer), PPO (stable-baselines3), CMA-ES.
-JOBS = TINY.split("[compare]")[0] + """[compare]
+JOBS = (
+    TINY.split("[compare]")[0]
+    + """[compare]
 methods = {methods}
 seeds = 1
 budget_md_steps = 4_000
@@ -274,6 +386,7 @@ final_replicas = 32
 eval_points = 3
 wall_cap_s = 60.0
 """
+)
 METHOD_SECTIONS = {
     "gradient": "[gradient]\nlr = 0.2\nreplicas = 16\n",
     "ppo": "[ppo]\nn_envs = 8\nn_steps = 4\nbatch_size = 32\nn_epochs = 1\n",
@@ -281,12 +394,16 @@ METHOD_SECTIONS = {
 }
 
 needs_ray = pytest.mark.skipif(
-    not ray_available(), reason="ray is not installed (pip install 'controlmd[dist]'); CI installs it"
+    not ray_available(),
+    reason="ray is not installed (pip install 'controlmd[dist]'); CI installs it",
 )
 
 
 def _jobs_experiment(tmp_path: Path, methods: list[str]) -> Path:
-    return _write(tmp_path, JOBS.format(methods=json.dumps(methods)) + "".join(METHOD_SECTIONS[m] for m in methods))
+    return _write(
+        tmp_path,
+        JOBS.format(methods=json.dumps(methods)) + "".join(METHOD_SECTIONS[m] for m in methods),
+    )
 
 
 def _without_wall_times(obj: object) -> object:
@@ -326,30 +443,49 @@ def test_runs_on_local_ray_match_in_process_runs(tmp_path: Path, one_thread: obj
     for run in ("ppo/seed3", "gradient/seed3"):
         ray_metrics = json.loads((tmp_path / "ray" / run / "metrics.json").read_text())
         assert _without_wall_times(ray_metrics) == _without_wall_times(
-            json.loads((tmp_path / "here" / run / "metrics.json").read_text()))
+            json.loads((tmp_path / "here" / run / "metrics.json").read_text())
+        )
 
 
 @needs_ray
-def test_unreachable_ray_address_is_named_and_nothing_is_written(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_ray_address_is_named_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _jobs_experiment(tmp_path, ["cma_es", "gradient"])
     out = tmp_path / "out"
-    assert main(["compare", str(path), "--out", str(out), "--address", "127.0.0.1:1", "--quiet"]) == 2
+    assert (
+        main(["compare", str(path), "--out", str(out), "--address", "127.0.0.1:1", "--quiet"]) == 2
+    )
     assert "cannot reach the Ray cluster at '127.0.0.1:1'" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_killed_comparison_resumes_only_the_unfinished_run(tmp_path: Path, one_thread: object) -> None:
+def test_killed_comparison_resumes_only_the_unfinished_run(
+    tmp_path: Path, one_thread: object
+) -> None:
     path = _jobs_experiment(tmp_path, ["cma_es", "gradient"])
     out = tmp_path / "out"
     # cma_es/seed3 finishes; gradient/seed3 is hard-killed after 2 trainer iterations (like
     # kill -9: no metrics.json, no comparison.json).
     env = {**os.environ, "CONTROLMD_ABORT_AFTER": "2", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "controlmd_envs.compare", str(path), "--out", str(out), "--local", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "controlmd_envs.compare",
+        str(path),
+        "--out",
+        str(out),
+        "--local",
+        "--quiet",
+    ]
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 75, killed.stderr
     done, cut = out / "cma_es" / "seed3" / "metrics.json", out / "gradient" / "seed3"
-    assert done.is_file() and (cut / "progress.jsonl").is_file() and not (cut / "metrics.json").exists()
+    assert (
+        done.is_file()
+        and (cut / "progress.jsonl").is_file()
+        and not (cut / "metrics.json").exists()
+    )
     assert not (out / "comparison.json").exists()
     before = done.stat().st_mtime_ns, done.read_bytes()
 
@@ -358,33 +494,58 @@ def test_killed_comparison_resumes_only_the_unfinished_run(tmp_path: Path, one_t
     resumed = json.loads((out / "comparison.json").read_text())
     assert resumed["complete"] and (out / "comparison.png").stat().st_size > 0
     # the same as a comparison that was never interrupted
-    clean = run_comparison(load_compare_config(path), out=tmp_path / "clean", progress=False, backend="local")
+    clean = run_comparison(
+        load_compare_config(path), out=tmp_path / "clean", progress=False, backend="local"
+    )
     assert _without_wall_times(resumed) == _without_wall_times(clean.result)
     # a resumed folder keeps its plan
     with pytest.raises(ConfigError, match=r"differ from its compare_config\.json"):
-        main_compare(path, resume=out, overrides=["compare.seeds=2"], progress=False, backend="local")
+        main_compare(
+            path, resume=out, overrides=["compare.seeds=2"], progress=False, backend="local"
+        )
     with pytest.raises(ConfigError, match="exists and is not empty; continue it with --resume"):
         run_comparison(load_compare_config(path), out=out, progress=False, backend="local")
 
 
-def test_cli_needs_an_experiment_or_a_comparison_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_needs_an_experiment_or_a_comparison_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["compare", "--local"]) == 2
     assert "give a comparison experiment file, or --resume DIR" in capsys.readouterr().err
     assert main(["compare", "--resume", str(tmp_path), "--local"]) == 2
-    assert f"{tmp_path} is not a comparison folder: it has no compare_config.json" in capsys.readouterr().err
+    assert (
+        f"{tmp_path} is not a comparison folder: it has no compare_config.json"
+        in capsys.readouterr().err
+    )
     path = _jobs_experiment(tmp_path, ["cma_es"])
-    assert main(["compare", str(path), "--local", "--address", "auto", "--out", str(tmp_path / "o")]) == 2
-    assert "--local runs in this process; it cannot be combined with --address" in capsys.readouterr().err
+    assert (
+        main(["compare", str(path), "--local", "--address", "auto", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert (
+        "--local runs in this process; it cannot be combined with --address"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "o").exists()
 
 
-def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_failed_run_does_not_stop_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _jobs_experiment(tmp_path, ["cma_es", "ppo"])
-    path.write_text(path.read_text().replace("batch_size = 32\n", "batch_size = 1\n"))  # SB3 refuses it
+    path.write_text(
+        path.read_text().replace("batch_size = 32\n", "batch_size = 1\n")
+    )  # SB3 refuses it
     out = tmp_path / "out"
     assert main(["compare", str(path), "--out", str(out), "--local"]) == 1
     err = capsys.readouterr().err
-    assert "ppo/seed3: FAILED: " in err and f"re-run them with: controlmd compare --resume {out}" in err
+    assert (
+        "ppo/seed3: FAILED: " in err
+        and f"re-run them with: controlmd compare --resume {out}" in err
+    )
     result = json.loads((out / "comparison.json").read_text())
     assert not result["complete"] and list(result["methods"]) == ["cma_es"]
-    assert "| cma_es |" in (out / "comparison.md").read_text() and "INCOMPLETE" in (out / "comparison.md").read_text()
+    assert (
+        "| cma_es |" in (out / "comparison.md").read_text()
+        and "INCOMPLETE" in (out / "comparison.md").read_text()
+    )

@@ -64,7 +64,10 @@ def test_defaults_are_filled_from_schema_and_task(tmp_path: Path) -> None:
     assert cfg["eval"]["replicas"] == 1000 and cfg["logging"]["tensorboard"] is True
     task = build_task(cfg)
     assert cfg["protocol"]["dim"] == 1 and cfg["protocol"]["t_final"] == task.horizon
-    assert (cfg["protocol"]["low"], cfg["protocol"]["high"]) == (task.controls.low[0], task.controls.high[0])
+    assert (cfg["protocol"]["low"], cfg["protocol"]["high"]) == (
+        task.controls.low[0],
+        task.controls.high[0],
+    )
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
@@ -80,7 +83,11 @@ def test_overrides_parse_toml_values_with_bare_string_fallback(tmp_path: Path) -
     assert parse_override("train.optimizer=sgd") == ("train", "optimizer", "sgd")
     assert parse_override("logging.plots=false") == ("logging", "plots", False)
     cfg = load_config(_write(tmp_path, MINIMAL), ["train.optimizer=sgd", "task.lambda_f=2"], seed=7)
-    assert cfg["train"]["optimizer"] == "sgd" and cfg["task"]["lambda_f"] == 2 and cfg["experiment"]["seed"] == 7
+    assert (
+        cfg["train"]["optimizer"] == "sgd"
+        and cfg["task"]["lambda_f"] == 2
+        and cfg["experiment"]["seed"] == 7
+    )
     for bad in ("train.lr", "lr=0.1", "nosection.key=1", "train.a.b=1"):
         with pytest.raises(ConfigError):
             parse_override(bad)
@@ -94,18 +101,36 @@ def test_overrides_parse_toml_values_with_bare_string_fallback(tmp_path: Path) -
         ({"train": {"iterations": 2.5}}, r"\[train\] iterations must be an integer, got 2.5"),
         ({"train": {"replicas": True}}, r"\[train\] replicas must be an integer, got True"),
         ({"train": {"lr": -0.1}}, r"\[train\] lr must be > 0, got -0.1"),
-        ({"train": {"optimizer": "adamm"}}, r"\[train\] optimizer: unknown value 'adamm'; expected one of: adam"),
-        ({"train": {"gradient": "truncated"}}, r"gradient = 'truncated' needs window >= 1, got window = 0"),
+        (
+            {"train": {"optimizer": "adamm"}},
+            r"\[train\] optimizer: unknown value 'adamm'; expected one of: adam",
+        ),
+        (
+            {"train": {"gradient": "truncated"}},
+            r"gradient = 'truncated' needs window >= 1, got window = 0",
+        ),
         ({"train": {"optimizer": "lbfgs", "estimator": "score"}}, r"lbfgs"),
         ({"logging": {"tensorboard": "yes"}}, r"\[logging\] tensorboard must be a bool, got 'yes'"),
         ({"task": {"t_f": 0.0}}, r"t_f must be > 0, got 0"),
         ({"task": {"t_f": -1.0}}, r"t_f must be > 0, got -1"),
         ({"task": {"n_steps": 0}}, r"n_steps must be >= 1, got 0"),
-        ({"task": {"stiffness": 2.0}}, r"unknown key 'stiffness' in \[task\] for name = 'trap_drag'; expected one of: .*k, kT"),
-        ({"task": {"name": "trap_dragg"}}, r"\[task\] name: unknown value 'trap_dragg'; expected one of: .*trap_drag"),
-        ({"protocol": {"kind": "splin"}}, r"\[protocol\] kind: unknown value 'splin'; expected one of: .*spline"),
+        (
+            {"task": {"stiffness": 2.0}},
+            r"unknown key 'stiffness' in \[task\] for name = 'trap_drag'; expected one of: .*k, kT",
+        ),
+        (
+            {"task": {"name": "trap_dragg"}},
+            r"\[task\] name: unknown value 'trap_dragg'; expected one of: .*trap_drag",
+        ),
+        (
+            {"protocol": {"kind": "splin"}},
+            r"\[protocol\] kind: unknown value 'splin'; expected one of: .*spline",
+        ),
         ({"protocol": {"degre": 3}}, r"unknown key 'degre' in \[protocol\] for kind = 'chebyshev'"),
-        ({"protocol": {"low": 3.0, "high": 3.0}}, r"bounds need low < high, got low = \[3.0\], high = \[3.0\]"),
+        (
+            {"protocol": {"low": 3.0, "high": 3.0}},
+            r"bounds need low < high, got low = \[3.0\], high = \[3.0\]",
+        ),
         ({"protocol": {"low": 5.0, "high": 1.0}}, r"bounds need low < high"),
         ({"protocol": {"t_final": 2.0}}, r"t_final = 2.0 differs from task 'trap_drag'"),
         ({"protocol": {"init": [0.0, 500.0]}}, r"outside the bounds"),

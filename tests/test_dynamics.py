@@ -72,7 +72,9 @@ def test_brownian_free_diffusion_msd() -> None:
         if t == 0:
             continue
         sq = (R**2).sum(-1).flatten()
-        _within(float(sq.mean()), 2 * d * kT * float(t) / gamma, float(sq.std()) / math.sqrt(sq.numel()))
+        _within(
+            float(sq.mean()), 2 * d * kT * float(t) / gamma, float(sq.std()) / math.sqrt(sq.numel())
+        )
 
 
 @pytest.mark.parametrize("method", ["euler_maruyama", "exact_ou"])
@@ -157,8 +159,9 @@ def test_brownian_time_dependent_kT() -> None:
     MSD = 2 d dt sum_n kT(t_{n+1}) / gamma."""
     B, N, d, dt, n = 4, 256, 2, 0.01, 50
     bd = Brownian(_Free(), dt=dt, kT=lambda t: 1.0 + t, gamma=1.0)
-    s = simulate(bd, bd.init(torch.zeros(B, N, d, dtype=F64), rng=ReplicaRNG(2, B)), n,
-                 gradient="none").final
+    s = simulate(
+        bd, bd.init(torch.zeros(B, N, d, dtype=F64), rng=ReplicaRNG(2, B)), n, gradient="none"
+    ).final
     target = 2 * d * dt * sum(1.0 + (i + 1) * dt for i in range(n))
     sq = (s.R**2).sum(-1).flatten()
     _within(float(sq.mean()), target, float(sq.std()) / math.sqrt(sq.numel()))
@@ -245,7 +248,9 @@ def _equilibrated_lj(n_eq: int) -> tuple[LennardJones, Space, State]:
     return lj, space, simulate(lg, s, n_eq, gradient="none").final
 
 
-def _nve_energies(lj: LennardJones, space: Space, s: State, dt: float, n: int, every: int) -> torch.Tensor:
+def _nve_energies(
+    lj: LennardJones, space: Space, s: State, dt: float, n: int, every: int
+) -> torch.Tensor:
     """Total energy every ``every`` steps of an NVE run of ``n`` steps from ``s``, ``[n/every + 1]``."""
     nve = NVE(lj, dt=dt, space=space)
     s0 = nve.init(s.R, P=s.P)
@@ -311,7 +316,9 @@ def test_nve_blow_up_names_step() -> None:
     lj, space, s = _equilibrated_lj(1000)
     nve = NVE(lj, dt=0.2, space=space)
     s0 = nve.init(s.R, P=s.P)
-    with pytest.raises(SimulationDivergedError, match=r"simulation diverged at step \d+ \(t = ") as info:
+    with pytest.raises(
+        SimulationDivergedError, match=r"simulation diverged at step \d+ \(t = "
+    ) as info:
         simulate(nve, s0, 500, gradient="none", check_every=50)
     first = info.value.step
     probe = s0

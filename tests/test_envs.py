@@ -80,11 +80,17 @@ def _episode(env: gym.Env, seed: int, actions: np.ndarray) -> list[tuple]:
 
 def test_seeded_twin_rollouts_are_identical() -> None:
     actions = np.random.default_rng(0).uniform(-1, 1, (20, 1))
-    a = _episode(ControlEnv("trap_drag", control_interval=5, observation="features", shaping=1.0), 7, actions)
-    b = _episode(ControlEnv("trap_drag", control_interval=5, observation="features", shaping=1.0), 7, actions)
+    a = _episode(
+        ControlEnv("trap_drag", control_interval=5, observation="features", shaping=1.0), 7, actions
+    )
+    b = _episode(
+        ControlEnv("trap_drag", control_interval=5, observation="features", shaping=1.0), 7, actions
+    )
     for x, y in zip(a, b):
         assert gym.utils.env_checker.data_equivalence(x, y, exact=True)
-    c = _episode(ControlEnv("trap_drag", control_interval=5, observation="features", shaping=1.0), 8, actions)
+    c = _episode(
+        ControlEnv("trap_drag", control_interval=5, observation="features", shaping=1.0), 8, actions
+    )
     assert a[-1][4]["metric"] != c[-1][4]["metric"]
 
 
@@ -132,7 +138,12 @@ def test_replayed_trained_protocol_gives_the_trainers_metric() -> None:
     metric of the trainer's evaluation."""
     task = get_task("trap_drag")
     protocol = PiecewiseConstant(
-        dim=1, t_final=task.horizon, n_pieces=20, low=task.controls.low, high=task.controls.high, init=2.5,
+        dim=1,
+        t_final=task.horizon,
+        n_pieces=20,
+        low=task.controls.low,
+        high=task.controls.high,
+        init=2.5,
     )
     Trainer(task, protocol, lr=0.2, replicas=32, seed=3, variance_every=0).learn(8)
     seed, n = 11, 6
@@ -157,7 +168,9 @@ def test_replayed_trained_protocol_gives_the_trainers_metric() -> None:
     assert dones.all()
     np.testing.assert_allclose([info["metric"] for info in infos], metrics, rtol=0, atol=1e-12)
     # and back: actions -> protocol -> actions
-    np.testing.assert_allclose(protocol_to_actions(actions_to_protocol(actions, task), task), actions, atol=1e-10)
+    np.testing.assert_allclose(
+        protocol_to_actions(actions_to_protocol(actions, task), task), actions, atol=1e-10
+    )
 
 
 def test_shaping_is_potential_based() -> None:
@@ -167,14 +180,18 @@ def test_shaping_is_potential_based() -> None:
     for _ in range(2):
         actions = rng.uniform(-1, 1, (20, 1))
         sparse = _episode(ControlEnv("trap_drag", control_interval=5), 4, actions)
-        shaped = _episode(ControlEnv("trap_drag", control_interval=5, shaping=0.7, reward_scale=0.1), 4, actions)
+        shaped = _episode(
+            ControlEnv("trap_drag", control_interval=5, shaping=0.7, reward_scale=0.1), 4, actions
+        )
         metric = sparse[-1][4]["metric"]
         assert shaped[-1][4]["metric"] == metric
         assert sum(step[1] for step in sparse[1:]) == pytest.approx(-metric, rel=1e-12)
         # Phi(s_0) = -W_0 = 0 for trap_drag: the shaped return is the sparse one, scaled
         assert sum(step[1] for step in shaped[1:]) == pytest.approx(-0.1 * metric, rel=1e-10)
         for step in shaped[1:]:
-            assert step[1] == pytest.approx(step[4]["reward_metric"] + step[4]["reward_shaping"], abs=1e-12)
+            assert step[1] == pytest.approx(
+                step[4]["reward_metric"] + step[4]["reward_shaping"], abs=1e-12
+            )
         # dense: every step before the last pays minus the work done in it
         assert any(step[1] != 0.0 for step in shaped[1:-1])
 
@@ -188,8 +205,13 @@ def test_vec_env_resets_itself_at_the_horizon() -> None:
         assert dones.all() == (j == 3)
     assert venv.episodes == 1 and venv.md_steps == 3 * 100
     np.testing.assert_array_equal(obs, np.zeros((3, 1)))  # the next episode's first observation
-    assert all(info["terminal_observation"][0] == 1.0 and not info["TimeLimit.truncated"] for info in infos)
-    assert venv.get_attr("render_mode") == [None] * 3 and venv.env_is_wrapped(gym.Wrapper) == [False] * 3
+    assert all(
+        info["terminal_observation"][0] == 1.0 and not info["TimeLimit.truncated"] for info in infos
+    )
+    assert (
+        venv.get_attr("render_mode") == [None] * 3
+        and venv.env_is_wrapped(gym.Wrapper) == [False] * 3
+    )
 
 
 def test_render_rgb_array() -> None:
@@ -244,7 +266,9 @@ def test_episode_control_matches_piecewise_constant_pieces() -> None:
     reference = PiecewiseConstant(dim=1, t_final=T, n_pieces=K, low=-3.0, high=3.0, init=values)
     control = EpisodeControl(dim=1, t_final=T, n_pieces=K)
     control.start(2)
-    t = torch.cat([torch.linspace(0.0, T, 57, dtype=torch.float64), torch.tensor(reference.breakpoints())])
+    t = torch.cat(
+        [torch.linspace(0.0, T, 57, dtype=torch.float64), torch.tensor(reference.breakpoints())]
+    )
     for j in range(K):
         control.set(j, reference(torch.tensor((j + 0.5) * T / K)).expand(2, 1))
     torch.testing.assert_close(control(t)[:, 1], reference(t), rtol=0, atol=0)

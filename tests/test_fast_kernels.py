@@ -41,8 +41,15 @@ def _make(kind: str, shift: str, d: int, selection: str, learnable: bool = False
     nl = NeighborList(space, 2.0, skin=0.3) if selection == "neighbor_list" else None
     if kind == "wca":
         return WCA(space, sigma=1.1, epsilon=0.7, neighbor_list=nl, learnable=learnable)
-    return LennardJones(space, sigma=0.95, epsilon=1.3, r_cut=2.0, shift=shift, neighbor_list=nl,
-                        learnable=learnable)
+    return LennardJones(
+        space,
+        sigma=0.95,
+        epsilon=1.3,
+        r_cut=2.0,
+        shift=shift,
+        neighbor_list=nl,
+        learnable=learnable,
+    )
 
 
 CASES = [("lj", "energy"), ("lj", "force"), ("lj", "none"), ("wca", "energy")]
@@ -52,8 +59,9 @@ CASES = [("lj", "energy"), ("lj", "force"), ("lj", "none"), ("wca", "energy")]
 @pytest.mark.parametrize("selection", ["dense", "neighbor_list"])
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("kind,shift", CASES)
-def test_fused_energy_and_forces_match_autograd(kind: str, shift: str, d: int, selection: str,
-                                                 dtype: torch.dtype) -> None:
+def test_fused_energy_and_forces_match_autograd(
+    kind: str, shift: str, d: int, selection: str, dtype: torch.dtype
+) -> None:
     pot = _make(kind, shift, d, selection)
     assert fused_supported(pot)
     R = _config(2, 12, d, seed=d).to(dtype)
@@ -114,7 +122,9 @@ def test_fused_function_gradcheck() -> None:
     sigma = torch.tensor(0.95, dtype=F64, requires_grad=True)
     eps = torch.tensor(1.3, dtype=F64, requires_grad=True)
 
-    def fn(R: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fn(
+        R: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return LJEnergyForces.apply(R, sigma, eps, pairs, pot.space.displacement, 2.0, "force")
 
     assert torch.autograd.gradcheck(fn, (R, sigma, eps), eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -212,13 +222,20 @@ def test_pair_index_incidence_matrix() -> None:
 
     g = torch.Generator().manual_seed(3)
     B, N, d = 2, 7, 3
-    pairs = [(b * N + i, b * N + j) for b in range(B) for i in range(N) for j in range(N)
-             if i != j and float(torch.rand(1, generator=g)) < 0.4]
+    pairs = [
+        (b * N + i, b * N + j)
+        for b in range(B)
+        for i in range(N)
+        for j in range(N)
+        if i != j and float(torch.rand(1, generator=g)) < 0.4
+    ]
     ij = torch.tensor(pairs)[torch.randperm(len(pairs), generator=g)]
     index = PairIndex.from_flat(ij[:, 0], ij[:, 1], B, N, d, F64)
     A = index.incidence
     with torch.sparse.check_sparse_tensor_invariants():
-        dense = torch.sparse_csr_tensor(A.crow_indices(), A.col_indices(), A.values(), A.shape).to_dense()
+        dense = torch.sparse_csr_tensor(
+            A.crow_indices(), A.col_indices(), A.values(), A.shape
+        ).to_dense()
     assert dense.shape == (B * N, len(pairs))
     assert torch.equal(dense.sum(0), torch.zeros(len(pairs), dtype=F64))
     assert torch.equal(dense.abs().sum(0), torch.full((len(pairs),), 2.0, dtype=F64))

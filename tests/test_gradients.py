@@ -38,7 +38,9 @@ T_FINAL = DT * N_STEPS
 def _cluster() -> tuple[torch.Tensor, torch.Tensor]:
     """Initial positions (a slightly perturbed 5-particle cluster) and momenta ``[B, N, 3]``."""
     g = torch.Generator().manual_seed(0)
-    base = torch.tensor([[0, 0, 0], [1.12, 0, 0], [0, 1.12, 0], [0, 0, 1.12], [1.12, 1.12, 0]], dtype=F64)
+    base = torch.tensor(
+        [[0, 0, 0], [1.12, 0, 0], [0, 1.12, 0], [0, 0, 1.12], [1.12, 1.12, 0]], dtype=F64
+    )
     R = base + 0.05 * torch.randn(B, N, D, generator=g, dtype=F64)
     P = 0.4 * torch.randn(B, N, D, generator=g, dtype=F64)
     return R, P
@@ -46,8 +48,12 @@ def _cluster() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _potential() -> tuple[nn.Module, list[nn.Parameter]]:
     lj = LennardJones(r_cut=None, shift="none", epsilon=1.0, learnable=("epsilon",))
-    centre = PiecewiseConstant(dim=D, t_final=T_FINAL, n_pieces=3,
-                               init=[[0.2, 0.0, -0.1], [0.5, 0.3, 0.0], [0.1, 0.6, 0.2]])
+    centre = PiecewiseConstant(
+        dim=D,
+        t_final=T_FINAL,
+        n_pieces=3,
+        init=[[0.2, 0.0, -0.1], [0.5, 0.3, 0.0], [0.1, 0.6, 0.2]],
+    )
     return lj + HarmonicTrap(1.5, centre), [lj.epsilon, centre.values]
 
 
@@ -105,7 +111,9 @@ def _gradient(build: Builder, **simulate_options: object) -> torch.Tensor:
 def _grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
     """Gradient of ``loss`` in every parameter, flattened (zeros for unused ones)."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+    return torch.cat(
+        [(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)]
+    )
 
 
 # Flat indices checked against finite differences: LJ epsilon, then one component of each
@@ -149,15 +157,20 @@ def test_direct_and_checkpoint_match_finite_differences(build: Builder) -> None:
 
 def test_truncated_full_window_equals_direct_and_short_window_differs() -> None:
     direct = _gradient(_nve, gradient="direct")
-    torch.testing.assert_close(_gradient(_nve, gradient="truncated", window=N_STEPS), direct,
-                               rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_gradient(_nve, gradient="truncated", window=10 * N_STEPS), direct,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        _gradient(_nve, gradient="truncated", window=N_STEPS), direct, rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        _gradient(_nve, gradient="truncated", window=10 * N_STEPS), direct, rtol=1e-12, atol=1e-12
+    )
     assert _rel_err(_gradient(_nve, gradient="truncated", window=N_STEPS // 4), direct) > 1e-3
 
 
-@pytest.mark.parametrize("build", [_langevin, _brownian, _brownian_ou],
-                         ids=["langevin", "brownian_euler_maruyama", "brownian_exact_ou"])
+@pytest.mark.parametrize(
+    "build",
+    [_langevin, _brownian, _brownian_ou],
+    ids=["langevin", "brownian_euler_maruyama", "brownian_exact_ou"],
+)
 def test_stochastic_direct_backprop_matches_common_random_number_fd(build: Builder) -> None:
     fd = _finite_differences(build)
     direct = _gradient(build, gradient="direct")
@@ -226,8 +239,15 @@ def test_native_verlet_converges_to_ode_solution() -> None:
     pot, _ = _potential()
     R, P = _cluster()
     with torch.no_grad():
-        ref = simulate_ode(NVE(pot, dt=DT), NVE(pot, dt=DT).init(R, P=P), T_FINAL,
-                           method="dopri5", rtol=1e-11, atol=1e-11, adjoint=False).final
+        ref = simulate_ode(
+            NVE(pot, dt=DT),
+            NVE(pot, dt=DT).init(R, P=P),
+            T_FINAL,
+            method="dopri5",
+            rtol=1e-11,
+            atol=1e-11,
+            adjoint=False,
+        ).final
         errs = []
         for dt in (DT, DT / 2):
             nve = NVE(pot, dt=dt)

@@ -53,7 +53,7 @@ def test_fixed_point_and_direction() -> None:
     u = ibi_initial_potential(r, g_target, kT=kT)
     torch.testing.assert_close(ibi_update(r, u, g_target, g_target, kT=kT), u)
     # too much structure at r ~ 1.5 -> the potential rises there, relative to the cutoff
-    bump = 0.2 * torch.exp(-((r - 1.5) / 0.1) ** 2)
+    bump = 0.2 * torch.exp(-(((r - 1.5) / 0.1) ** 2))
     u_next = ibi_update(r, u, g_target + bump, g_target, kT=kT, alpha=0.5)
     i = int(torch.argmin((r - 1.5).abs()))
     assert float(u_next[i] - u[i]) > 0.05
@@ -116,16 +116,27 @@ tensorboard = false
     path.write_text(text, encoding="utf-8")
     cfg = load_ibi_config(path)
     run_dir, m = run_ibi_experiment(cfg, out=tmp_path / "run")
-    assert m["method"] == "ibi" and m["iterations"] == 5 and m["learned"]["potential"] == "tabulated"
+    assert (
+        m["method"] == "ibi" and m["iterations"] == 5 and m["learned"]["potential"] == "tabulated"
+    )
     assert len(m["rdf_mse_last_iterations"]) == 2  # average_last
     assert m["md_steps"] == 4 * 200 + 5 * 4 * 80  # equilibration + 5 rounds of (burn + sample)
     assert m["metric_final"] >= 0 and m["final_evaluation"]["rdf_mse"] >= 0
-    table = load_pair_potential(run_dir / "potential.pt", periodic(torch.full((3,), 4.0, dtype=torch.float64)))
+    table = load_pair_potential(
+        run_dir / "potential.pt", periodic(torch.full((3,), 4.0, dtype=torch.float64))
+    )
     r = torch.linspace(0.5, 1.6, 50, dtype=torch.float64)
     u = RDFInverse.pair_energy(table, r)
     assert bool(torch.isfinite(u).all()) and abs(float(u[-1])) < 1e-12
     assert float(u[0]) > 5.0  # repulsive core
-    for name in ("rdf.png", "u_r.png", "history.json", "potential.pt", "config.toml", "metrics.json"):
+    for name in (
+        "rdf.png",
+        "u_r.png",
+        "history.json",
+        "potential.pt",
+        "config.toml",
+        "metrics.json",
+    ):
         assert (run_dir / name).is_file()
     with pytest.raises(ControlMDError, match=r"unknown key 'alhpa' in \[ibi\]"):
         path.write_text(text.replace("alpha = 0.7", "alhpa = 0.7"), encoding="utf-8")
@@ -142,9 +153,19 @@ def test_compare_runs_reads_histories(tmp_path) -> None:
         d.mkdir()
         history = [{"md_steps": 100 * (i + 1), "rdf_mse": e} for i, e in enumerate(errs)]
         (d / "history.json").write_text(json.dumps(history))
-        (d / "metrics.json").write_text(json.dumps({"method": name, "experiment": name, "wall_s": 1.0,
-                                                    "final_evaluation": {"rdf_mse": 0.1}}))
-    rows = compare_runs([tmp_path / "a", tmp_path / "b"], levels=(0.5, 0.15), window=1, png=tmp_path / "cmp.png")
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "method": name,
+                    "experiment": name,
+                    "wall_s": 1.0,
+                    "final_evaluation": {"rdf_mse": 0.1},
+                }
+            )
+        )
+    rows = compare_runs(
+        [tmp_path / "a", tmp_path / "b"], levels=(0.5, 0.15), window=1, png=tmp_path / "cmp.png"
+    )
     assert rows[0]["md_steps_to_0.5"] == 200 and rows[0]["md_steps_to_0.15"] == 300
     assert rows[1]["md_steps_to_0.5"] == 400 and rows[1]["md_steps_to_0.15"] is None
     assert rows[1]["final_rdf_mse"] == 0.1 and rows[1]["smoothed_rdf_mse_end"] == 0.2

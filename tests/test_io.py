@@ -30,13 +30,13 @@ def _parse_extxyz(text: str) -> list[dict]:
         fields = info["Properties"].split(":")
         props = [(fields[a], fields[a + 1], int(fields[a + 2])) for a in range(0, len(fields), 3)]
         cols: dict[str, list] = {name: [] for name, _, _ in props}
-        for row in lines[k + 2:k + 2 + n]:
+        for row in lines[k + 2 : k + 2 + n]:
             toks = row.split()
             assert len(toks) == sum(w for _, _, w in props)
             c = 0
             for name, kind, width in props:
                 conv = {"S": str, "R": float, "I": int, "L": lambda s: s == "T"}[kind]
-                vals = [conv(t) for t in toks[c:c + width]]
+                vals = [conv(t) for t in toks[c : c + width]]
                 cols[name].append(vals[0] if width == 1 else vals)
                 c += width
         frames.append({"n": n, "info": info, "props": props, "cols": cols})
@@ -51,9 +51,15 @@ def test_round_trip_3d_periodic_trajectory(tmp_path: Path) -> None:
     charge = torch.tensor([1, -1, 0, 2, 1])
     bonded = torch.tensor([True, True, False, True, False])
     times = torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=F64)
-    path = write_xyz(tmp_path / "sub" / "traj.xyz", R, box=[7.0, 8.0, 9.5], species=torch.tensor([0, 1, 1, 0, 2]),
-                     names=["Ar", "Kr", "Xe"], properties={"vel": vel, "charge": charge, "bonded": bonded},
-                     info={"Time": times, "units": "sigma", "step": 10})
+    path = write_xyz(
+        tmp_path / "sub" / "traj.xyz",
+        R,
+        box=[7.0, 8.0, 9.5],
+        species=torch.tensor([0, 1, 1, 0, 2]),
+        names=["Ar", "Kr", "Xe"],
+        properties={"vel": vel, "charge": charge, "bonded": bonded},
+        info={"Time": times, "units": "sigma", "step": 10},
+    )
     frames = _parse_extxyz(path.read_text())
     assert len(frames) == 4
     for f, fr in enumerate(frames):
@@ -64,8 +70,12 @@ def test_round_trip_3d_periodic_trajectory(tmp_path: Path) -> None:
         assert float(fr["info"]["Time"]) == float(times[f]) and fr["info"]["units"] == "sigma"
         assert fr["info"]["step"] == "10"
         assert fr["cols"]["species"] == ["Ar", "Kr", "Kr", "Ar", "Xe"]
-        torch.testing.assert_close(torch.tensor(fr["cols"]["pos"], dtype=F64), R[f], rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(torch.tensor(fr["cols"]["vel"], dtype=F64), vel[f], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor(fr["cols"]["pos"], dtype=F64), R[f], rtol=1e-9, atol=1e-9
+        )
+        torch.testing.assert_close(
+            torch.tensor(fr["cols"]["vel"], dtype=F64), vel[f], rtol=1e-9, atol=1e-9
+        )
         assert fr["cols"]["charge"] == charge.tolist()
         assert fr["cols"]["bonded"] == bonded.tolist()
     # header line matches the extxyz grammar: key=value or key="quoted value" tokens only
@@ -102,7 +112,10 @@ def test_2d_free_space_single_frame_and_overwrite(tmp_path: Path) -> None:
         ({"box": [1.0, -2.0, 3.0]}, "box must be 3 finite positive side lengths"),
         ({"properties": {"v": torch.zeros(4, 3)}}, r"property 'v' must have shape"),
         ({"properties": {"pos": torch.zeros(3)}}, "must be an identifier other than species/pos"),
-        ({"info": {"E": torch.zeros(2)}}, r"info 'E' must be a scalar or have one value per frame \(1\)"),
+        (
+            {"info": {"E": torch.zeros(2)}},
+            r"info 'E' must be a scalar or have one value per frame \(1\)",
+        ),
     ],
 )
 def test_bad_xyz_input(tmp_path: Path, kwargs: dict, match: str) -> None:

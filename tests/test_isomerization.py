@@ -44,7 +44,9 @@ def task(cache: str) -> Isomerization:
 def _random_field(task: Isomerization, seed: int, scale: float = 0.1) -> PiecewiseConstant:
     g = torch.Generator().manual_seed(seed)
     values = scale * torch.randn(task.n_steps, generator=g, dtype=torch.float64)
-    return task.field_protocol(task.starting_field((torch.arange(task.n_steps) + 0.5) * task.dt) + values)
+    return task.field_protocol(
+        task.starting_field((torch.arange(task.n_steps) + 0.5) * task.dt) + values
+    )
 
 
 # ---------------------------------------------------------------------------- model
@@ -57,7 +59,9 @@ def test_cos_basis_operators_match_quadrature() -> None:
 
     def integral(weight, lo: float, hi: float) -> np.ndarray:
         phi = np.linspace(lo, hi, 4001)
-        basis = np.where(k[:, None] == 0, 1 / np.sqrt(2 * np.pi), np.cos(k[:, None] * phi) / np.sqrt(np.pi))
+        basis = np.where(
+            k[:, None] == 0, 1 / np.sqrt(2 * np.pi), np.cos(k[:, None] * phi) / np.sqrt(np.pi)
+        )
         return np.trapezoid(basis[:, None, :] * basis[None, :, :] * weight(phi), phi, axis=-1)
 
     np.testing.assert_allclose(integral(np.ones_like, -np.pi, np.pi), np.eye(n_cos), atol=1e-12)
@@ -69,7 +73,9 @@ def test_model_operators_are_hermitian_projections(task: Isomerization) -> None:
     m = task.model
     h = iso._hamiltonian(m.params)
     assert np.abs(h - h.T).max() == 0.0
-    assert bool((m.energies[1:] >= m.energies[:-1]).all()) and float(m.energies[-1]) < m.params.e_cut
+    assert (
+        bool((m.energies[1:] >= m.energies[:-1]).all()) and float(m.energies[-1]) < m.params.e_cut
+    )
     for op in (m.dipole, m.p_trans, m.p_cis, m.p_excited):
         torch.testing.assert_close(op, op.T, rtol=0, atol=1e-13)
     for op in (m.p_trans, m.p_cis, m.p_excited):  # compressed projectors: 0 <= P <= 1
@@ -118,20 +124,32 @@ def test_split_operator_conserves_norm_and_is_exact_without_field(task: Isomeriz
     psi0 = psi0 / torch.linalg.vector_norm(psi0, dim=1, keepdim=True)
     fields = 0.5 * torch.randn(500, dtype=torch.float64, generator=g)  # strong, random field
     psi, _ = prop.propagate(psi0, fields)
-    torch.testing.assert_close(torch.linalg.vector_norm(psi, dim=1), torch.ones(3, dtype=torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(psi, dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     free, _ = prop.propagate(psi0, torch.zeros(500, dtype=torch.float64))
     exact = torch.exp(-1j * prop.energies * 500 * prop.h) * psi0
     torch.testing.assert_close(free, exact, rtol=0, atol=1e-11)
 
 
 def test_split_operator_converges_to_torchdiffeq_at_second_order(cache: str) -> None:
-    base = {**SMALL, "t_pulse_fs": 20.0, "t_end_fs": 40.0, "n_grid": 161, "n_window": 80, "cache_dir": cache}
+    base = {
+        **SMALL,
+        "t_pulse_fs": 20.0,
+        "t_end_fs": 40.0,
+        "n_grid": 161,
+        "n_window": 80,
+        "cache_dir": cache,
+    }
     coarse = Isomerization(**base, n_steps=80)
     protocol = coarse.starting_protocol()  # 80 pieces of 0.25 fs
     reference = coarse.rollout(protocol, 1, 0, gradient="none", propagator="ode", method="dopri5")
-    torch.testing.assert_close(torch.linalg.vector_norm(reference.psi), torch.tensor(1.0, dtype=torch.float64),
-                               rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(reference.psi),
+        torch.tensor(1.0, dtype=torch.float64),
+        rtol=0,
+        atol=1e-8,
+    )
     errors = []
     for n_steps in (80, 160, 320):
         fine = Isomerization(**base, n_steps=n_steps)
@@ -170,7 +188,9 @@ def test_segmented_advance_equals_one_rollout(task: Isomerization) -> None:
 def test_metric_before_the_end_is_the_field_free_continuation(task: Isomerization) -> None:
     values = task.step_fields(_random_field(task, 4), 0, task.n_steps).clone()
     values[200:] = 0.0
-    state = task.advance(task.initial_state(1, 0), task.field_protocol(values), 200, gradient="none")
+    state = task.advance(
+        task.initial_state(1, 0), task.field_protocol(values), 200, gradient="none"
+    )
     finished = task.rollout(task.field_protocol(values), 1, 0, gradient="none")
     torch.testing.assert_close(task.metric(state), task.metric(finished), rtol=0, atol=1e-11)
 
@@ -181,8 +201,17 @@ def test_nufft_and_batched_products_agree(task: Isomerization) -> None:
     results = {}
     for method in ("nufft", "matmul"):
         psi = state.psi.clone().requires_grad_(True)
-        y = free_evolution_yield(psi, m.energies, m.p_trans, m.p_cis, start=-3.0, spacing=0.0748, count=777,
-                                 method=method, chunk=100)
+        y = free_evolution_yield(
+            psi,
+            m.energies,
+            m.p_trans,
+            m.p_cis,
+            start=-3.0,
+            spacing=0.0748,
+            count=777,
+            method=method,
+            chunk=100,
+        )
         weights = torch.linspace(0.5, 1.5, 777, dtype=torch.float64)
         (y * weights).sum().backward()
         results[method] = (y.detach(), psi.grad)
@@ -235,13 +264,31 @@ def test_gradient_with_respect_to_initial_state(task: Isomerization) -> None:
 
 
 def test_torchdiffeq_adjoint_matches_direct_backprop(cache: str) -> None:
-    small = {**SMALL, "e_cut": 2.0, "t_pulse_fs": 2.0, "t_end_fs": 4.0, "n_grid": 81, "n_window": 50, "cache_dir": cache}
+    small = {
+        **SMALL,
+        "e_cut": 2.0,
+        "t_pulse_fs": 2.0,
+        "t_end_fs": 4.0,
+        "n_grid": 81,
+        "n_window": 50,
+        "cache_dir": cache,
+    }
     task = Isomerization(**small, n_steps=8)
-    protocol = PiecewiseConstant(t_final=task.horizon, n_pieces=4, low=-1.0, high=1.0, init=[0.3, -0.2, 0.4, 0.1])
+    protocol = PiecewiseConstant(
+        t_final=task.horizon, n_pieces=4, low=-1.0, high=1.0, init=[0.3, -0.2, 0.4, 0.1]
+    )
     grads = {}
     for gradient in ("adjoint", "direct"):
-        state = task.rollout(protocol, 1, 0, gradient=gradient, propagator="ode", method="dopri5",
-                             rtol=1e-10, atol=1e-12)
+        state = task.rollout(
+            protocol,
+            1,
+            0,
+            gradient=gradient,
+            propagator="ode",
+            method="dopri5",
+            rtol=1e-10,
+            atol=1e-12,
+        )
         (grads[gradient],) = torch.autograd.grad(task.loss(state), protocol.values)
     torch.testing.assert_close(grads["adjoint"], grads["direct"], rtol=1e-6, atol=1e-10)
     fine = Isomerization(**small, n_steps=256)
@@ -257,11 +304,20 @@ def test_schrodinger_equation_is_the_hamiltonian(task: Isomerization) -> None:
     psi = torch.randn(2, eq.n, dtype=torch.complex128)
     dy = eq(torch.tensor(1.0, dtype=torch.float64), torch.cat((psi.real, psi.imag), dim=1))
     expected = -1j * psi @ H.to(torch.complex128)
-    torch.testing.assert_close(torch.complex(dy[:, : eq.n], dy[:, eq.n :]), expected, rtol=1e-12, atol=1e-12)
-    out = solve_schrodinger(eq, psi[:1] / torch.linalg.vector_norm(psi[:1]), torch.tensor([0.0, 2.0], dtype=torch.float64),
-                            method="rk4", adjoint=False, options={"step_size": 0.01})
-    torch.testing.assert_close(torch.linalg.vector_norm(out[-1]), torch.tensor(1.0, dtype=torch.float64),
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        torch.complex(dy[:, : eq.n], dy[:, eq.n :]), expected, rtol=1e-12, atol=1e-12
+    )
+    out = solve_schrodinger(
+        eq,
+        psi[:1] / torch.linalg.vector_norm(psi[:1]),
+        torch.tensor([0.0, 2.0], dtype=torch.float64),
+        method="rk4",
+        adjoint=False,
+        options={"step_size": 0.01},
+    )
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(out[-1]), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------- outcome and training
@@ -301,7 +357,9 @@ def test_gymnasium_episode_equals_the_piecewise_protocol(task: Isomerization) ->
     for a in actions:
         obs, reward, terminated, truncated, info = env.step(a)
     assert terminated and not truncated
-    protocol = PiecewiseConstant(t_final=task.horizon, n_pieces=10, low=-1.0, high=1.0, init=torch.tensor(actions))
+    protocol = PiecewiseConstant(
+        t_final=task.horizon, n_pieces=10, low=-1.0, high=1.0, init=torch.tensor(actions)
+    )
     expected = float(task.metric(task.rollout(protocol, 1, 0, gradient="none"))[0])
     assert float(info["metric"]) == pytest.approx(expected, abs=1e-12)
     assert reward == pytest.approx(expected, abs=1e-12)
@@ -312,13 +370,19 @@ def test_fluence_bound_penalizes_the_loss(cache: str) -> None:
     state = free.rollout(free.starting_protocol(), 1, 0, gradient="none")
     fluence_fs = float(state.aux["fluence"][0]) / iso.FS
     assert fluence_fs == pytest.approx(0.0853, rel=0.01)  # E0^2 tau sqrt(pi/2) / 2
-    bounded = Isomerization(**SMALL, **SHORT, cache_dir=cache, fluence_max=fluence_fs / 2, fluence_penalty=3.0)
+    bounded = Isomerization(
+        **SMALL, **SHORT, cache_dir=cache, fluence_max=fluence_fs / 2, fluence_penalty=3.0
+    )
     state = bounded.rollout(bounded.starting_protocol(), 1, 0, gradient="none")
-    assert float(bounded.loss(state)) == pytest.approx(-float(bounded.metric(state)[0]) + 3.0, rel=1e-9)
+    assert float(bounded.loss(state)) == pytest.approx(
+        -float(bounded.metric(state)[0]) + 3.0, rel=1e-9
+    )
 
 
 def test_excitation_floor_penalizes_the_loss(cache: str) -> None:
-    task = Isomerization(**SMALL, **SHORT, cache_dir=cache, min_excitation=0.9, excitation_penalty=2.0)
+    task = Isomerization(
+        **SMALL, **SHORT, cache_dir=cache, min_excitation=0.9, excitation_penalty=2.0
+    )
     state = task.rollout(task.starting_protocol(), 1, 0, gradient="none")
     pumped = 1.0 - float(state.psi[0, 0].abs().square())
     assert 0.3 < pumped < 0.9
@@ -329,26 +393,53 @@ def test_excitation_floor_penalizes_the_loss(cache: str) -> None:
 def test_envelope_mode_carries_the_same_starting_pulse(cache: str) -> None:
     direct = Isomerization(**SMALL, **SHORT, cache_dir=cache)
     for carrier in (2.4, 2.1):
-        envelope = Isomerization(**SMALL, **SHORT, cache_dir=cache, field_mode="envelope", carrier_ev=carrier)
+        envelope = Isomerization(
+            **SMALL, **SHORT, cache_dir=cache, field_mode="envelope", carrier_ev=carrier
+        )
         assert envelope.controls.dim == 2
         protocol = envelope.starting_protocol()
         fields = envelope.step_fields(protocol, 0, envelope.n_steps)
-        torch.testing.assert_close(fields, direct.step_fields(direct.starting_protocol(), 0, direct.n_steps),
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            fields,
+            direct.step_fields(direct.starting_protocol(), 0, direct.n_steps),
+            rtol=0,
+            atol=1e-12,
+        )
         a = envelope.metric(envelope.rollout(protocol, 1, 0, gradient="none"))
         b = direct.metric(direct.rollout(direct.starting_protocol(), 1, 0, gradient="none"))
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    several = Isomerization(**SMALL, **SHORT, cache_dir=cache, field_mode="envelope", carrier_ev=[2.4, 0.7, 0.0])
-    assert several.controls.names == ("E_cos_2.4eV", "E_sin_2.4eV", "E_cos_0.7eV", "E_sin_0.7eV", "E_cos_0eV",
-                                      "E_sin_0eV")
-    torch.testing.assert_close(several.step_fields(several.starting_protocol(), 0, several.n_steps),
-                               direct.step_fields(direct.starting_protocol(), 0, direct.n_steps), rtol=0, atol=1e-12)
+    several = Isomerization(
+        **SMALL, **SHORT, cache_dir=cache, field_mode="envelope", carrier_ev=[2.4, 0.7, 0.0]
+    )
+    assert several.controls.names == (
+        "E_cos_2.4eV",
+        "E_sin_2.4eV",
+        "E_cos_0.7eV",
+        "E_sin_0.7eV",
+        "E_cos_0eV",
+        "E_sin_0eV",
+    )
+    torch.testing.assert_close(
+        several.step_fields(several.starting_protocol(), 0, several.n_steps),
+        direct.step_fields(direct.starting_protocol(), 0, direct.n_steps),
+        rtol=0,
+        atol=1e-12,
+    )
     values = torch.tensor([[0.01, 0.02, 0.03, 0.04, 0.05, 0.06]], dtype=torch.float64)
-    constant = PiecewiseConstant(dim=6, t_final=several.horizon, n_pieces=1, low=-1.0, high=1.0, init=values)
+    constant = PiecewiseConstant(
+        dim=6, t_final=several.horizon, n_pieces=1, low=-1.0, high=1.0, init=values
+    )
     t = (torch.arange(several.n_steps, dtype=torch.float64) + 0.5) * several.dt
-    expected = 0.01 * torch.cos(2.4 * t) + 0.02 * torch.sin(2.4 * t) + 0.03 * torch.cos(0.7 * t) + 0.04 * torch.sin(
-        0.7 * t) + 0.05
-    torch.testing.assert_close(several.step_fields(constant, 0, several.n_steps), expected, rtol=0, atol=1e-12)
+    expected = (
+        0.01 * torch.cos(2.4 * t)
+        + 0.02 * torch.sin(2.4 * t)
+        + 0.03 * torch.cos(0.7 * t)
+        + 0.04 * torch.sin(0.7 * t)
+        + 0.05
+    )
+    torch.testing.assert_close(
+        several.step_fields(constant, 0, several.n_steps), expected, rtol=0, atol=1e-12
+    )
     with pytest.raises(ControlMDError, match="dim"):
         envelope.rollout(direct.starting_protocol(), 1, 0)
     with pytest.raises(ControlMDError, match="field_mode"):
@@ -358,8 +449,17 @@ def test_envelope_mode_carries_the_same_starting_pulse(cache: str) -> None:
 def test_few_adam_steps_improve_the_yield(cache: str) -> None:
     # Enough cos(k phi) functions for the torsion to reach trans (k ~ 90), few oscillator
     # functions; a 100 fs pulse and the yield averaged over 100 .. 300 fs.
-    task = Isomerization(n_cos=91, n_osc=4, e_cut=2.9, t_pulse_fs=100.0, n_steps=400, t_end_fs=300.0,
-                         n_grid=1201, n_window=800, cache_dir=cache)
+    task = Isomerization(
+        n_cos=91,
+        n_osc=4,
+        e_cut=2.9,
+        t_pulse_fs=100.0,
+        n_steps=400,
+        t_end_fs=300.0,
+        n_grid=1201,
+        n_window=800,
+        cache_dir=cache,
+    )
     protocol = task.starting_protocol()
     opt = torch.optim.Adam(protocol.parameters(), lr=1e-2)
     yields = []
@@ -417,11 +517,21 @@ def test_bad_fields_and_steps(task: Isomerization) -> None:
     with pytest.raises(ControlMDError, match="h must be > 0"):
         SplitOperator(task.model.energies, task.model.dipole, h=0.0)
     with pytest.raises(ControlMDError, match="symmetric"):
-        SchrodingerEquation(task.model.energies, task.model.dipole + torch.triu(torch.ones_like(task.model.dipole)),
-                            task.starting_protocol())
+        SchrodingerEquation(
+            task.model.energies,
+            task.model.dipole + torch.triu(torch.ones_like(task.model.dipole)),
+            task.starting_protocol(),
+        )
     with pytest.raises(ControlMDError, match="spacing"):
-        free_evolution_yield(task.initial_state(1, 0).psi, task.model.energies, task.model.p_trans,
-                             task.model.p_cis, start=0.0, spacing=-1.0, count=3)
+        free_evolution_yield(
+            task.initial_state(1, 0).psi,
+            task.model.energies,
+            task.model.p_trans,
+            task.model.p_cis,
+            start=0.0,
+            spacing=-1.0,
+            count=3,
+        )
     with pytest.raises(ControlMDError, match="gradient"):
         task.rollout(task.starting_protocol(), 1, 0, gradient="truncated")
 
@@ -447,7 +557,14 @@ def test_paper_starting_pulse_and_vertical_yields() -> None:
     assert task.vertical_yield() == pytest.approx(0.617, abs=0.002)
     # The window average taken exactly on the paper's 20,000 grid points: the field is ~0
     # after 130 fs, so states inside the window follow from the final one by free evolution.
-    grid = free_evolution_yield(state.psi, task.model.energies, task.model.p_trans, task.model.p_cis,
-                                start=task.window_start - task.t_pulse, spacing=task.grid_spacing, count=20000)
+    grid = free_evolution_yield(
+        state.psi,
+        task.model.energies,
+        task.model.p_trans,
+        task.model.p_cis,
+        start=task.window_start - task.t_pulse,
+        spacing=task.grid_spacing,
+        count=20000,
+    )
     assert float(grid.mean()) == pytest.approx(y, abs=1e-4)
     assert math.isclose(float(state.aux["fluence"][0]) / iso.FS, 0.0853, rel_tol=0.01)

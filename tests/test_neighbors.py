@@ -67,7 +67,9 @@ def test_cell_and_brute_agree_on_large_system() -> None:
         assert _as_set(cell) == _as_set(brute)
 
 
-def _lattice_liquid(d: int, n_side: int, spacing: float, jitter: float, B: int, seed: int) -> torch.Tensor:
+def _lattice_liquid(
+    d: int, n_side: int, spacing: float, jitter: float, B: int, seed: int
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     axes = [torch.arange(n_side, dtype=F64) * spacing] * d
     sites = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, d)
@@ -85,8 +87,10 @@ def test_neighbor_list_energy_equals_dense(d: int, dtype: torch.dtype) -> None:
     for dense, sparse in (
         (LennardJones(space, shift="force"), LennardJones(space, shift="force", neighbor_list=nl)),
         (Morse(space, alpha=3.0), Morse(space, alpha=3.0, neighbor_list=nl)),
-        (WCA(space, exclude=[[0, 1], [2, 3]]),
-         WCA(space, neighbor_list=NeighborList(space, 2 ** (1 / 6), exclude=[[1, 0], [2, 3]]))),
+        (
+            WCA(space, exclude=[[0, 1], [2, 3]]),
+            WCA(space, neighbor_list=NeighborList(space, 2 ** (1 / 6), exclude=[[1, 0], [2, 3]])),
+        ),
     ):
         E0, F0 = dense.energy_and_forces(R)
         E1, F1 = sparse.energy_and_forces(R)
@@ -129,7 +133,7 @@ def test_neighbor_list_energy_is_differentiable_and_sums_per_replica() -> None:
     nl = NeighborList(space, 2.5)
     lj = LennardJones(space, neighbor_list=nl, learnable=["epsilon"])
     E = lj.energy(R)
-    singles = torch.cat([LennardJones(space).energy(R[b:b + 1]) for b in range(3)])
+    singles = torch.cat([LennardJones(space).energy(R[b : b + 1]) for b in range(3)])
     assert_close(E, singles, scale=100)
     (g,) = torch.autograd.grad(E.sum(), lj.epsilon)
     assert_close(g, singles.sum().detach())
@@ -137,13 +141,17 @@ def test_neighbor_list_energy_is_differentiable_and_sums_per_replica() -> None:
 
 def test_bad_neighbor_list_input() -> None:
     space = periodic(6.0)
-    with pytest.raises(ControlMDError, match=r"r_cut \+ skin = 3\.2 exceeds half the shortest box side"):
+    with pytest.raises(
+        ControlMDError, match=r"r_cut \+ skin = 3\.2 exceeds half the shortest box side"
+    ):
         NeighborList(space, 2.5, skin=0.7)
     with pytest.raises(ControlMDError, match=r"skin must be >= 0, got -0\.1"):
         NeighborList(space, 2.0, skin=-0.1)
     with pytest.raises(ControlMDError, match="unknown method 'verlet'"):
         NeighborList(space, 2.0, method="verlet")
-    with pytest.raises(ControlMDError, match=r"neighbor_list\.r_cut = 1 is shorter than this term's r_cut = 2\.5"):
+    with pytest.raises(
+        ControlMDError, match=r"neighbor_list\.r_cut = 1 is shorter than this term's r_cut = 2\.5"
+    ):
         LennardJones(space, neighbor_list=NeighborList(space, 1.0))
     with pytest.raises(ControlMDError, match="needs >= 3 cells"):
         NeighborList(space, 2.0, method="cell").allocate(torch.rand(1, 5, 3, dtype=F64))
@@ -151,7 +159,10 @@ def test_bad_neighbor_list_input() -> None:
     R = torch.rand(1, 5, 3, dtype=F64) * 6
     nl.allocate(R)
     R[0, 3, 1] = float("inf")
-    with pytest.raises(ControlMDError, match=r"R must be finite; found 1 non-finite entries, first at index \(0, 3, 1\)"):
+    with pytest.raises(
+        ControlMDError,
+        match=r"R must be finite; found 1 non-finite entries, first at index \(0, 3, 1\)",
+    ):
         nl.update(R)
     with pytest.raises(ControlMDError, match=r"R must have shape \[B, N, d\]"):
         nl.allocate(R[0])

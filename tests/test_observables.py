@@ -48,7 +48,9 @@ def test_kinetic_energy_temperature_and_dof() -> None:
         kinetic_energy(P, torch.ones(3))
 
 
-def _jittered_lattice(B: int, d: int, n: int, L: float, seed: int, jitter: float = 0.3) -> torch.Tensor:
+def _jittered_lattice(
+    B: int, d: int, n: int, L: float, seed: int, jitter: float = 0.3
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     axes = [torch.arange(n, dtype=F64) * (L / n)] * d
     R = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, d)
@@ -62,8 +64,11 @@ def test_virial_equals_volume_derivative_of_energy(d: int) -> None:
     R = _jittered_lattice(2, d, 5 if d == 3 else 7, L, seed=d)
 
     def make(space: Space) -> Potential:
-        return (LennardJones(space, r_cut=2.5, shift="force") + WCA(space, sigma=0.8)
-                + HarmonicBond([[0, 1], [2, 3]], k=20.0, r0=1.0, space=space))
+        return (
+            LennardJones(space, r_cut=2.5, shift="force")
+            + WCA(space, sigma=0.8)
+            + HarmonicBond([[0, 1], [2, 3]], k=20.0, r0=1.0, space=space)
+        )
 
     def scaled_energy(lam: float) -> torch.Tensor:
         return make(periodic(L * lam, dim=d)).energy(R * lam)
@@ -153,7 +158,9 @@ def test_rdf_gradient_matches_finite_differences() -> None:
 def test_rdf_bad_input() -> None:
     space = periodic(6.0)
     R = _uniform(1, 10, 3, 6.0, seed=0)
-    with pytest.raises(ControlMDError, match=r"r_max \+ 4 sigma = 3\.4 exceeds half the shortest box side"):
+    with pytest.raises(
+        ControlMDError, match=r"r_max \+ 4 sigma = 3\.4 exceeds half the shortest box side"
+    ):
         rdf(R, space, r_max=3.0, n_bins=30, sigma=0.1)
     with pytest.raises(ControlMDError, match="needs the reference volume"):
         rdf(R, free(), r_max=2.0)
@@ -178,7 +185,10 @@ def test_radius_of_gyration_and_end_to_end() -> None:
     R = torch.tensor([[[0.0, 0.0], [2.0, 0.0]], [[0.0, 0.0], [0.0, 4.0]]], dtype=F64)
     assert_close(radius_of_gyration(R), [1.0, 2.0])
     # masses 1 and 3: Rg^2 = m1 m2 / (m1 + m2)^2 r^2
-    assert_close(radius_of_gyration(R, torch.tensor([1.0, 3.0])), [math.sqrt(3 / 16 * 4), math.sqrt(3 / 16 * 16)])
+    assert_close(
+        radius_of_gyration(R, torch.tensor([1.0, 3.0])),
+        [math.sqrt(3 / 16 * 4), math.sqrt(3 / 16 * 16)],
+    )
     assert_close(end_to_end_distance(R), [2.0, 4.0])
     assert_close(end_to_end_distance(R, space=periodic(5.0, dim=2)), [2.0, 1.0])
     # straight chain of n beads at unit spacing: Rg^2 = (n^2 - 1) / 12
@@ -220,4 +230,3 @@ def test_fene_virial() -> None:
     R = torch.tensor([[[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]]], dtype=F64)
     # one bond: W = r . F = -r dU/dr = -k r^2 / (1 - r^2 / R0^2)
     assert_close(virial(fene, R).detach(), [-(30.0 * 1.0 / (1 - 1.0 / 2.25))])
-

@@ -41,7 +41,9 @@ def test_mirror_helix_has_every_contact_but_is_not_folded() -> None:
     R[1] = mirror
     q = task.contact_fraction(R)
     torch.testing.assert_close(q, torch.ones(2, dtype=torch.float64))  # mirror keeps every distance
-    torch.testing.assert_close(task.metric(_state(R)), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        task.metric(_state(R)), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    )
     obs = task.observe(_state(R))
     assert obs.shape == (2, 3) and float(obs[0, 1]) < 1e-10 and float(obs[1, 1]) > 1.0
 
@@ -101,9 +103,13 @@ def test_coils_keep_native_pairs_out_of_their_morse_walls() -> None:
 
 
 def test_channels_enter_the_hamiltonian() -> None:
-    task = PolymerFold(controls=["temperature", "epsilon", "tweezers", "bias"], n_bias=3, n_steps=10)
+    task = PolymerFold(
+        controls=["temperature", "epsilon", "tweezers", "bias"], n_bias=3, n_steps=10
+    )
     assert task.controls.names == ("kT", "eps_scale", "force_0_21", "bias_0", "bias_1", "bias_2")
-    torch.testing.assert_close(task.default_control(), torch.tensor([0.5, 1.0, 0, 0, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(
+        task.default_control(), torch.tensor([0.5, 1.0, 0, 0, 0, 0], dtype=torch.float64)
+    )
     R = task.initial_state(3, seed=0).R
     t = torch.zeros((), dtype=torch.float64)
     base = task.potential(_constant(task, [0.5, 1.0, 0.0, 0.0, 0.0, 0.0])).energy(R, t)
@@ -131,13 +137,21 @@ def test_pair_bias_accepts_per_replica_controls() -> None:
     bias = PairBias(pairs, torch.tensor([1.0, 2.0], dtype=torch.float64), 0.3)
     R = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     u = torch.tensor([[0.1, 0.2], [0.3, -0.4]], dtype=torch.float64)
-    torch.testing.assert_close(bias(R, u), torch.stack([bias(R[:1], u[0])[0], bias(R[1:], u[1])[0]]))
+    torch.testing.assert_close(
+        bias(R, u), torch.stack([bias(R[:1], u[0])[0], bias(R[1:], u[1])[0]])
+    )
 
 
 def test_loss_gradient_reaches_the_protocol() -> None:
     task = PolymerFold(controls=["temperature", "epsilon"], n_steps=20)
-    u = PiecewiseConstant(dim=2, t_final=task.horizon, n_pieces=2, low=list(task.controls.low),
-                          high=list(task.controls.high), init=[0.5, 1.0])
+    u = PiecewiseConstant(
+        dim=2,
+        t_final=task.horizon,
+        n_pieces=2,
+        low=list(task.controls.low),
+        high=list(task.controls.high),
+        init=[0.5, 1.0],
+    )
     final = task.rollout(u, 4, seed=0, gradient="direct")
     task.loss(final).backward()
     assert u.values.grad is not None and bool(torch.isfinite(u.values.grad).all())
@@ -151,33 +165,46 @@ def test_surrogate_and_metric_move_together() -> None:
     cold = _constant(task, [0.2])
     start = task.initial_state(16, seed=0)
     native = start.replace(R=task.target.expand(16, -1, -1).clone(), aux={})
-    mirror = start.replace(R=(task.target * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)).expand(16, -1, -1).clone(), aux={})
-    groups = {name: task.advance(s, cold, task.n_steps, gradient="none") for name, s in
-              (("native", native), ("mirror", mirror), ("coil", start))}
+    mirror = start.replace(
+        R=(task.target * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+        .expand(16, -1, -1)
+        .clone(),
+        aux={},
+    )
+    groups = {
+        name: task.advance(s, cold, task.n_steps, gradient="none")
+        for name, s in (("native", native), ("mirror", mirror), ("coil", start))
+    }
     metric = {k: float(task.metric(s).mean()) for k, s in groups.items()}
     loss = {k: float(task.loss(s)) for k, s in groups.items()}
     assert metric["native"] > 0.9 and metric["mirror"] < 0.1 and metric["coil"] < 0.1
     assert loss["native"] < loss["mirror"] and loss["native"] < loss["coil"]
     # per replica: every folded replica has a lower loss than every unfolded one
-    per = {k: torch.stack([task.loss(s.replace(R=s.R[b:b + 1])) for b in range(16)]) for k, s in groups.items()}
+    per = {
+        k: torch.stack([task.loss(s.replace(R=s.R[b : b + 1])) for b in range(16)])
+        for k, s in groups.items()
+    }
     folded_losses = torch.cat([per[k][task.metric(s) > 0] for k, s in groups.items()])
     unfolded_losses = torch.cat([per[k][task.metric(s) == 0] for k, s in groups.items()])
     assert float(folded_losses.max()) < float(unfolded_losses.min())
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"n_beads": 20}, "n_beads"),
-    ({"target": "sheet"}, "target"),
-    ({"eps_contact": -1.0}, "eps_contact"),
-    ({"eps_nonnative": -0.1}, "eps_nonnative"),
-    ({"kT_min": 1.0, "kT_max": 0.5}, "kT_min < kT_max"),
-    ({"eps_min": 2.0, "eps_max": 2.0}, "eps_min < eps_max"),
-    ({"controls": ["pressure"]}, "controls entry"),
-    ({"controls": []}, "controls"),
-    ({"tweezer_pairs": [[0, 40]], "controls": ["tweezers"]}, "tweezer_pairs"),
-    ({"n_bias": 3, "bias_centers": [1.0, 2.0]}, "bias_centers"),
-    ({"q_folded": 1.5}, "q_folded"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"n_beads": 20}, "n_beads"),
+        ({"target": "sheet"}, "target"),
+        ({"eps_contact": -1.0}, "eps_contact"),
+        ({"eps_nonnative": -0.1}, "eps_nonnative"),
+        ({"kT_min": 1.0, "kT_max": 0.5}, "kT_min < kT_max"),
+        ({"eps_min": 2.0, "eps_max": 2.0}, "eps_min < eps_max"),
+        ({"controls": ["pressure"]}, "controls entry"),
+        ({"controls": []}, "controls"),
+        ({"tweezer_pairs": [[0, 40]], "controls": ["tweezers"]}, "tweezer_pairs"),
+        ({"n_bias": 3, "bias_centers": [1.0, 2.0]}, "bias_centers"),
+        ({"q_folded": 1.5}, "q_folded"),
+    ],
+)
 def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ControlMDError, match=field):
         PolymerFold(**kwargs)
@@ -189,9 +216,18 @@ def test_protocol_init_that_the_bounds_cannot_meet_is_rejected() -> None:
     from controlmd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"init values span \[0\.5, 1\.5\], outside the bounds"):
-        resolve_config({"experiment": {"name": "x", "seed": 0}, "task": {"name": "polymer_fold", "n_steps": 10},
-                              "protocol": {"kind": "piecewise_constant", "n_pieces": 4, "init": [0.5, 0.5, 0.5, 1.5]},
-                              "train": {"optimizer": "adam", "lr": 0.1, "iterations": 1, "replicas": 2}})
+        resolve_config(
+            {
+                "experiment": {"name": "x", "seed": 0},
+                "task": {"name": "polymer_fold", "n_steps": 10},
+                "protocol": {
+                    "kind": "piecewise_constant",
+                    "n_pieces": 4,
+                    "init": [0.5, 0.5, 0.5, 1.5],
+                },
+                "train": {"optimizer": "adam", "lr": 0.1, "iterations": 1, "replicas": 2},
+            }
+        )
 
 
 def test_registered_and_documented_units() -> None:

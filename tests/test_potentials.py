@@ -43,7 +43,9 @@ def _dimer(r: float, d: int = 3, dtype: torch.dtype = F64) -> torch.Tensor:
     return R
 
 
-def _fd_forces(potential: Potential, R: torch.Tensor, t: float | None = None, h: float = 1e-6) -> torch.Tensor:
+def _fd_forces(
+    potential: Potential, R: torch.Tensor, t: float | None = None, h: float = 1e-6
+) -> torch.Tensor:
     """Central finite-difference forces ``-dE/dR`` (float64)."""
     F = torch.zeros_like(R)
     flat, Ff = R.reshape(-1), F.reshape(-1)
@@ -149,21 +151,34 @@ def _all_potentials(space: Space, d: int) -> dict[str, Potential]:
         "wca": WCA(space, sigma=0.9),
         "soft": SoftSphere(space, sigma=1.2, alpha=2.5),
         "morse": Morse(space, sigma=1.1, alpha=4.0, r_cut=2.0, shift="force"),
-        "lj_pairs": LennardJones(space, pairs=[[0, 1], [2, 4], [1, 3], [0, 5], [3, 4], [5, 2]],
-                                 sigma=[1.0, 1.1, 0.9, 1.0, 0.8, 1.2], r_cut=2.25),
+        "lj_pairs": LennardJones(
+            space,
+            pairs=[[0, 1], [2, 4], [1, 3], [0, 5], [3, 4], [5, 2]],
+            sigma=[1.0, 1.1, 0.9, 1.0, 0.8, 1.2],
+            r_cut=2.25,
+        ),
         "trap": HarmonicTrap(1.5, u, particles=[0, 2], space=space),
         "trap_k": HarmonicTrap(u1, [0.5] * d, space=space),
         "force": ConstantForce(u1, [0, 4], weights=[-1.0, 1.0], direction=[1.0] + [0.0] * (d - 1)),
         "scaled": ScaledPotential(LennardJones(space, r_cut=2.0), u1),
         "field": ExternalField(lambda R, v: (v * R.sum(1)).sum(-1) ** 2 / 10, u),
-        "harmonic_bond": HarmonicBond([[0, 1], [1, 2], [2, 3]], k=[50.0, 80.0, 20.0], r0=1.1, space=space),
+        "harmonic_bond": HarmonicBond(
+            [[0, 1], [1, 2], [2, 3]], k=[50.0, 80.0, 20.0], r0=1.1, space=space
+        ),
         "fene": FENEBond([[0, 1], [1, 2], [2, 3]], k=30.0, R0=10.0, space=space),
-        "angle": HarmonicAngle([[0, 1, 2], [1, 2, 3], [3, 4, 5]], k=5.0, theta0=[1.9, 2.5, 1.0], space=space),
+        "angle": HarmonicAngle(
+            [[0, 1, 2], [1, 2, 3], [3, 4, 5]], k=5.0, theta0=[1.9, 2.5, 1.0], space=space
+        ),
         "tabulated_cubic": TabulatedPair.from_function(
-            lambda r: lennard_jones(r, 0.9, 1.0), torch.linspace(0.7, 2.2, 40), space),
+            lambda r: lennard_jones(r, 0.9, 1.0), torch.linspace(0.7, 2.2, 40), space
+        ),
         "tabulated_linear": TabulatedPair.from_function(
-            lambda r: lennard_jones(r, 0.9, 1.0), torch.linspace(0.7, 2.2, 40), space,
-            interpolation="linear", shift="force"),
+            lambda r: lennard_jones(r, 0.9, 1.0),
+            torch.linspace(0.7, 2.2, 40),
+            space,
+            interpolation="linear",
+            shift="force",
+        ),
         "neural": _trained_like_neural(space),
     }
 
@@ -177,17 +192,42 @@ def _trained_like_neural(space: Space) -> NeuralPair:
 
 
 @pytest.mark.parametrize("d", [2, 3])
-@pytest.mark.parametrize("name", ["lj_energy", "lj_force", "wca", "soft", "morse", "lj_pairs", "trap",
-                                  "trap_k", "force", "scaled", "field", "harmonic_bond", "fene", "angle",
-                                  "tabulated_cubic", "tabulated_linear", "neural", "dihedral"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lj_energy",
+        "lj_force",
+        "wca",
+        "soft",
+        "morse",
+        "lj_pairs",
+        "trap",
+        "trap_k",
+        "force",
+        "scaled",
+        "field",
+        "harmonic_bond",
+        "fene",
+        "angle",
+        "tabulated_cubic",
+        "tabulated_linear",
+        "neural",
+        "dihedral",
+    ],
+)
 def test_autograd_forces_match_finite_differences(name: str, d: int) -> None:
     L = 4.5
     space = periodic(L, dim=d) if name not in ("force", "field") else free()
     if name == "dihedral":
         if d == 2:
             pytest.skip("torsions are 3-D only")
-        pot = CosineDihedral([[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]], k=[1.0, 2.0, 0.5], n=[1, 3, 2],
-                             phi0=[0.0, 0.4, -1.0], space=space)
+        pot = CosineDihedral(
+            [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]],
+            k=[1.0, 2.0, 0.5],
+            n=[1, 3, 2],
+            phi0=[0.0, 0.4, -1.0],
+            space=space,
+        )
     else:
         pot = _all_potentials(space, d)[name]
     R = _spread_config(2, 6, d, L, seed=d, r_min=0.85)
@@ -258,18 +298,33 @@ def test_learnable_parameters_get_gradients() -> None:
         (lambda: LennardJones(sigma=-1.0), "sigma must be > 0, got -1"),
         (lambda: LennardJones(epsilon=0.0), "epsilon must be > 0, got 0"),
         (lambda: Morse(alpha=float("nan")), "alpha must be finite"),
-        (lambda: LennardJones(periodic(4.0), r_cut=2.5), "r_cut = 2.5 exceeds half the shortest box side"),
+        (
+            lambda: LennardJones(periodic(4.0), r_cut=2.5),
+            "r_cut = 2.5 exceeds half the shortest box side",
+        ),
         (lambda: WCA(periodic([10.0, 2.0]), sigma=1.0), "exceeds half the shortest box side"),
-        (lambda: LennardJones(shift="cubic"), "unknown shift 'cubic'; expected one of: energy, force, none"),
-        (lambda: LennardJones(periodic(8.0), r_cut=None, shift="none"), "periodic box needs a finite r_cut"),
+        (
+            lambda: LennardJones(shift="cubic"),
+            "unknown shift 'cubic'; expected one of: energy, force, none",
+        ),
+        (
+            lambda: LennardJones(periodic(8.0), r_cut=None, shift="none"),
+            "periodic box needs a finite r_cut",
+        ),
         (lambda: LennardJones(pairs=[[0, 1, 2]]), r"pairs must have shape \[P, 2\]"),
         (lambda: LennardJones(pairs=[[0, 0]]), "pairs particle 0 with itself"),
-        (lambda: LennardJones(pairs=[[0, 1]], sigma=torch.ones(3)), r"sigma must be a scalar or a tensor of shape \[1\]"),
+        (
+            lambda: LennardJones(pairs=[[0, 1]], sigma=torch.ones(3)),
+            r"sigma must be a scalar or a tensor of shape \[1\]",
+        ),
         (lambda: LennardJones(sigma=torch.ones(3)), "sigma must be a scalar, got shape"),
         (lambda: LennardJones(learnable=["sigmaa"]), "learnable names unknown parameter"),
         (lambda: HarmonicTrap(-2.0), "stiffness must be > 0, got -2"),
         (lambda: HarmonicTrap(1.0, [[0.0]]), "center must be a scalar or"),
-        (lambda: ConstantForce([1.0, 0.0], [0, 1], weights=[1.0]), r"weights must have shape \[2\]"),
+        (
+            lambda: ConstantForce([1.0, 0.0], [0, 1], weights=[1.0]),
+            r"weights must have shape \[2\]",
+        ),
         (lambda: ConstantForce(1.0, direction=[0.0, 0.0]), "direction must be a finite non-zero"),
     ],
 )
@@ -286,11 +341,16 @@ def test_bad_positions_and_overlaps() -> None:
         validate_configuration(lj, good[0])
     bad = good.clone()
     bad[1, 2, 0] = float("nan")
-    with pytest.raises(ControlMDError, match=r"R must be finite; found 1 non-finite entries, first at index \(1, 2, 0\)"):
+    with pytest.raises(
+        ControlMDError,
+        match=r"R must be finite; found 1 non-finite entries, first at index \(1, 2, 0\)",
+    ):
         validate_configuration(lj, bad)
     overlap = good.clone()
     overlap[1, 3] = overlap[1, 0]
-    with pytest.raises(ControlMDError, match=r"replica 1 are not finite.*particles 0 and 3 at distance 0"):
+    with pytest.raises(
+        ControlMDError, match=r"replica 1 are not finite.*particles 0 and 3 at distance 0"
+    ):
         validate_configuration(lj, overlap)
     # float32 overflows at a much larger distance than float64
     near = _dimer(1e-4, dtype=torch.float32)
@@ -307,7 +367,9 @@ def test_time_dependent_term_needs_time() -> None:
     with pytest.raises(ControlMDError, match="center protocol has 3 channels, expected d = 2"):
         HarmonicTrap(1.0, u).energy(torch.zeros(1, 2, 2, dtype=F64), 0.0)
     with pytest.raises(ControlMDError, match="channel = 3 but the protocol has 3"):
-        ScaledPotential(LennardJones(), u, channel=3).energy(torch.rand(1, 2, 3, dtype=F64) * 3, 0.0)
+        ScaledPotential(LennardJones(), u, channel=3).energy(
+            torch.rand(1, 2, 3, dtype=F64) * 3, 0.0
+        )
 
 
 def test_constant_force_energy_and_lj_value() -> None:
@@ -316,14 +378,18 @@ def test_constant_force_energy_and_lj_value() -> None:
     assert_close(cf.energy(R), [-(0.5 * 2.0 - 1.0 * 3.0)])
     _, F = cf.energy_and_forces(R)
     assert_close(F, [[[0.0, 0.0], [0.5, -1.0]]])
-    assert math.isclose(float(LennardJones(r_cut=None, shift="none").energy(_dimer(1.0))), 0.0, abs_tol=1e-15)
+    assert math.isclose(
+        float(LennardJones(r_cut=None, shift="none").energy(_dimer(1.0))), 0.0, abs_tol=1e-15
+    )
 
 
 # --------------------------------------------------------------------------- bonded
 
 
 def test_bonded_values() -> None:
-    R = torch.tensor([[[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [1.2, 0.9, 0.0], [1.2, 0.9, 1.0]]], dtype=F64)
+    R = torch.tensor(
+        [[[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [1.2, 0.9, 0.0], [1.2, 0.9, 1.0]]], dtype=F64
+    )
     hb = HarmonicBond([[0, 1], [1, 2]], k=10.0, r0=1.0)
     assert_close(hb.energy(R), [5 * 0.2**2 + 5 * 0.1**2])
     fene = FENEBond([[0, 1]], k=30.0, R0=1.5)
@@ -332,13 +398,17 @@ def test_bonded_values() -> None:
     assert_close(ang.energy(R), [2.0 * (math.pi / 2 - math.pi) ** 2])
     # torsion convention: far bond rotated by +phi about j->k (IUPAC), cis = 0, trans = pi
     for phi in (0.0, 0.7, -2.0, math.pi):
-        X = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 1], [math.cos(phi), math.sin(phi), 1]], dtype=F64)
+        X = torch.tensor(
+            [[1.0, 0, 0], [0, 0, 0], [0, 0, 1], [math.cos(phi), math.sin(phi), 1]], dtype=F64
+        )
         got = float(dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2]))
         assert math.isclose(math.remainder(got - phi, 2 * math.pi), 0.0, abs_tol=1e-12)
         dih = CosineDihedral([[0, 1, 2, 3]], k=2.0, n=3, phi0=0.5)
         assert_close(dih.energy(X.unsqueeze(0)), [2.0 * (1 + math.cos(3 * phi - 0.5))])
-    assert_close(bond_angle(torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([-1.0, 1.0], dtype=F64)),
-                 3 * math.pi / 4)
+    assert_close(
+        bond_angle(torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([-1.0, 1.0], dtype=F64)),
+        3 * math.pi / 4,
+    )
 
 
 def test_bond_across_periodic_boundary_and_collinear_angle() -> None:
@@ -352,12 +422,18 @@ def test_bond_across_periodic_boundary_and_collinear_angle() -> None:
 
 def test_fene_beyond_R0_is_non_finite_and_named() -> None:
     fene = FENEBond([[0, 1], [1, 2]], k=30.0, R0=1.5)
-    R = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]], [[0.0, 0, 0], [1.0, 0, 0], [2.7, 0, 0]]], dtype=F64)
+    R = torch.tensor(
+        [[[0.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0]], [[0.0, 0, 0], [1.0, 0, 0], [2.7, 0, 0]]],
+        dtype=F64,
+    )
     E, F = fene.energy_and_forces(R)
     assert bool(torch.isfinite(E[0])) and bool(torch.isfinite(F[0]).all())
     assert not bool(torch.isfinite(E[1])) and not bool(torch.isfinite(F[1]).all())
     assert fene.stretched(R) == [(1, 1, pytest.approx(1.7))]
-    with pytest.raises(ControlMDError, match=r"FENE bond 1 \(particles 1-2\) of replica 1 is stretched to r = 1\.7 >= R0 = 1\.5"):
+    with pytest.raises(
+        ControlMDError,
+        match=r"FENE bond 1 \(particles 1-2\) of replica 1 is stretched to r = 1\.7 >= R0 = 1\.5",
+    ):
         validate_configuration(fene + HarmonicBond([[0, 1]]), R)
 
 
@@ -374,7 +450,10 @@ def test_fene_beyond_R0_is_non_finite_and_named() -> None:
         (lambda: CosineDihedral([[0, 1, 2, 3]], n=1.5), "must be a positive integer"),
         (lambda: TabulatedPair(r=[1.0, 0.5, 2.0], u=[1.0, 0.0, 0.0]), "strictly increasing"),
         (lambda: TabulatedPair(r=[0.5, 1.0, 2.0], u=[1.0, 0.0]), "u must have the grid's shape"),
-        (lambda: TabulatedPair(r=[0.5, 1.0, 2.0], u=[float("inf"), 0.0, 0.0]), "r and u must be finite"),
+        (
+            lambda: TabulatedPair(r=[0.5, 1.0, 2.0], u=[float("inf"), 0.0, 0.0]),
+            "r and u must be finite",
+        ),
         (lambda: NeuralPair(r_cut=2.0, r_on=2.5), "r_on must satisfy 0 < r_on < r_cut"),
     ],
 )
@@ -404,7 +483,9 @@ def test_tabulated_reproduces_function_and_nodes() -> None:
     torch.testing.assert_close(E_t, E_l, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(F_t, F_l, rtol=1e-3, atol=1e-3)
     # linear interpolation is exact at the nodes; beyond the table the energy is zero
-    lin = TabulatedPair(r=[0.5, 1.0, 1.5, 2.0], u=[3.0, -1.0, -0.5, 0.0], interpolation="linear", shift="none")
+    lin = TabulatedPair(
+        r=[0.5, 1.0, 1.5, 2.0], u=[3.0, -1.0, -0.5, 0.0], interpolation="linear", shift="none"
+    )
     assert_close(lin.energy(_dimer(1.0)), [-1.0])
     assert_close(lin.energy(_dimer(1.25)), [-0.75])
     assert_close(lin.energy(_dimer(2.1)), [0.0])
@@ -414,7 +495,9 @@ def test_tabulated_reproduces_function_and_nodes() -> None:
 
 def test_tabulated_learnable_table_gradient() -> None:
     grid = torch.linspace(0.8, 2.0, 13, dtype=F64)
-    table = TabulatedPair(r=grid, u=torch.zeros(13), interpolation="linear", shift="none", learnable=True)
+    table = TabulatedPair(
+        r=grid, u=torch.zeros(13), interpolation="linear", shift="none", learnable=True
+    )
     E = table.energy(_dimer(1.05))
     (g,) = torch.autograd.grad(E.sum(), table.values)
     expected = torch.zeros(13, dtype=F64)
@@ -455,9 +538,13 @@ def test_neural_pair_grid_interpolation_converges_at_fourth_order_with_its_gradi
     u = exact.pair_energy(r, **exact._params(r))
     errors = []
     for K in (64, 128):
-        gridded = NeuralPair(r_cut=2.2, r_on=1.5, hidden=(16, 16), n_basis=12, seed=3, grid_points=K)
+        gridded = NeuralPair(
+            r_cut=2.2, r_on=1.5, hidden=(16, 16), n_basis=12, seed=3, grid_points=K
+        )
         gridded.load_state_dict(exact.state_dict())
-        errors.append(float((gridded.pair_energy(r, **gridded._params(r)) - u).detach().abs().max()))
+        errors.append(
+            float((gridded.pair_energy(r, **gridded._params(r)) - u).detach().abs().max())
+        )
     assert errors[1] < errors[0] / 10.0  # Hermite: error ~ h^4, halving h divides it by ~16
     assert errors[1] < 1e-5
     E_exact, F_exact = exact.energy_and_forces(_dimer(1.13))

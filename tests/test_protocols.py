@@ -32,12 +32,16 @@ KINDS = {
 
 def _build(kind: str, **extra: object):
     torch.manual_seed(0)
-    return make_protocol(kind, dim=2, t_final=T_FINAL, low=[-1.0, 0.0], high=[3.0, 2.0], **KINDS[kind], **extra)
+    return make_protocol(
+        kind, dim=2, t_final=T_FINAL, low=[-1.0, 0.0], high=[3.0, 2.0], **KINDS[kind], **extra
+    )
 
 
 def test_registry_lists_every_kind_and_rejects_unknown_names() -> None:
     assert set(KINDS) | {"table"} <= set(protocol_names())
-    with pytest.raises(ControlMDError, match=r"unknown protocol kind 'splien'; expected one of: .*spline"):
+    with pytest.raises(
+        ControlMDError, match=r"unknown protocol kind 'splien'; expected one of: .*spline"
+    ):
         make_protocol("splien", dim=1, t_final=1.0)
 
 
@@ -57,14 +61,18 @@ def test_shapes_and_bounds(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["fourier", "chebyshev", "spline"])
 def test_linear_bases_fit_exactly(kind: str) -> None:
-    p = make_protocol(kind, dim=1, t_final=T_FINAL, init=[1.0, 3.0], **KINDS[kind])  # unbounded: linear target
+    p = make_protocol(
+        kind, dim=1, t_final=T_FINAL, init=[1.0, 3.0], **KINDS[kind]
+    )  # unbounded: linear target
     t = torch.linspace(0.0, T_FINAL, 33, dtype=torch.float64)
     torch.testing.assert_close(p(t)[:, 0], 1.0 + t, atol=1e-9, rtol=0)
 
 
 def test_mlp_fit_reaches_linear_protocol_inside_bounds() -> None:
     torch.manual_seed(0)
-    p = make_protocol("mlp", dim=1, t_final=1.0, low=-10.0, high=15.0, hidden=[16, 16], init=[0.0, 5.0])
+    p = make_protocol(
+        "mlp", dim=1, t_final=1.0, low=-10.0, high=15.0, hidden=[16, 16], init=[0.0, 5.0]
+    )
     t = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)
     assert float((p(t)[:, 0] - 5.0 * t).abs().max().detach()) < 1e-3
 
@@ -106,10 +114,14 @@ def test_bad_bounds_and_endpoints_are_rejected() -> None:
 
 
 def test_piecewise_constant_breakpoints_and_values() -> None:
-    p = PiecewiseConstant(dim=1, t_final=1.0, n_pieces=4, low=0.0, high=10.0, init=[1.0, 2.0, 3.0, 4.0])
+    p = PiecewiseConstant(
+        dim=1, t_final=1.0, n_pieces=4, low=0.0, high=10.0, init=[1.0, 2.0, 3.0, 4.0]
+    )
     assert p.breakpoints() == pytest.approx([0.25, 0.5, 0.75])
     t = torch.tensor([0.0, 0.2499, 0.25, 0.6, 0.99, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(p(t)[:, 0], torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        p(t)[:, 0], torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 4.0], dtype=torch.float64)
+    )
     held = Tabulated(times=[0.0, 0.4, 1.0], values=[1.0, 2.0, 3.0], interpolation="hold")
     assert held.breakpoints() == pytest.approx([0.4, 1.0])
     assert Tabulated(times=[0.0, 1.0], values=[1.0, 2.0]).breakpoints() == []
@@ -135,7 +147,9 @@ def test_fluence_penalty_of_a_constant_field() -> None:
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_save_load_round_trip(kind: str, tmp_path) -> None:
-    p = _build(kind, **({} if kind in ("piecewise_constant", "feedback_mlp") else {"start": [0.0, 1.0]}))
+    p = _build(
+        kind, **({} if kind in ("piecewise_constant", "feedback_mlp") else {"start": [0.0, 1.0]})
+    )
     for param in p.parameters():
         param.data.normal_(0.0, 0.7)
     p.save(tmp_path / "p.pt")
@@ -145,17 +159,23 @@ def test_save_load_round_trip(kind: str, tmp_path) -> None:
     torch.testing.assert_close(q(t), p(t), rtol=0, atol=0)
     if kind == "feedback_mlp":
         obs = torch.randn(4, 2, dtype=torch.float64)
-        torch.testing.assert_close(q(torch.tensor(0.7), obs), p(torch.tensor(0.7), obs), rtol=0, atol=0)
+        torch.testing.assert_close(
+            q(torch.tensor(0.7), obs), p(torch.tensor(0.7), obs), rtol=0, atol=0
+        )
 
 
 def test_table_round_trip_replays_a_protocol(tmp_path) -> None:
     p = make_protocol("chebyshev", dim=2, t_final=1.0, low=-2.0, high=2.0, degree=3)
     with torch.no_grad():
-        p.coef.copy_(torch.tensor([[0.1, -0.3], [0.5, 0.2], [0.0, 0.4], [-0.2, 0.1]], dtype=torch.float64))
+        p.coef.copy_(
+            torch.tensor([[0.1, -0.3], [0.5, 0.2], [0.0, 0.4], [-0.2, 0.1]], dtype=torch.float64)
+        )
     p.write_table(tmp_path / "u.csv", n=401)
     replay = Tabulated.from_csv(tmp_path / "u.csv", low=-2.0, high=2.0)
     t = torch.linspace(0.0, 1.0, 97, dtype=torch.float64)
-    assert float((replay(t) - p(t)).detach().abs().max()) < 1e-4  # linear interpolation error on a fine table
+    assert (
+        float((replay(t) - p(t)).detach().abs().max()) < 1e-4
+    )  # linear interpolation error on a fine table
     assert replay.t_final == pytest.approx(1.0)
 
 
@@ -174,6 +194,8 @@ def test_feedback_protocol_depends_on_observations() -> None:
 
 
 def test_fit_from_a_function_of_time() -> None:
-    p = make_protocol("spline", dim=1, t_final=math.pi, n_knots=24, init=lambda t: torch.sin(t)[:, None])
+    p = make_protocol(
+        "spline", dim=1, t_final=math.pi, n_knots=24, init=lambda t: torch.sin(t)[:, None]
+    )
     t = torch.linspace(0.0, math.pi, 50, dtype=torch.float64)
     assert float((p(t)[:, 0] - torch.sin(t)).detach().abs().max()) < 1e-3

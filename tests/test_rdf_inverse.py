@@ -28,10 +28,22 @@ from controlmd.tasks.rdf_inverse import (
 
 # A small LJ liquid (N = 32 at density 0.83 fits a 1.6 sigma cutoff) keeps the learning tests fast.
 SMALL = {
-    "n_particles": 32, "density": 0.83, "r_cut": 1.6, "r_max": 1.5, "n_bins": 60,
-    "n_equilibrate": 200, "n_burn": 20, "n_sample": 40, "record_every": 5, "eval_steps": 40,
-    "target_replicas": 40, "target_frames": 4000, "target_every": 2, "tau": 0.5,
-    "final_replicas": 2, "final_frames": 20,
+    "n_particles": 32,
+    "density": 0.83,
+    "r_cut": 1.6,
+    "r_max": 1.5,
+    "n_bins": 60,
+    "n_equilibrate": 200,
+    "n_burn": 20,
+    "n_sample": 40,
+    "record_every": 5,
+    "eval_steps": 40,
+    "target_replicas": 40,
+    "target_frames": 4000,
+    "target_every": 2,
+    "tau": 0.5,
+    "final_replicas": 2,
+    "final_frames": 20,
 }
 
 
@@ -66,7 +78,10 @@ def test_csv_without_header_and_with_blank_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("r,g\n0.1,0.0\n0.2,0.5,7\n0.3,1.0\n", r"target.csv:3: expected 2 comma-separated columns \(r, g\), got 3"),
+        (
+            "r,g\n0.1,0.0\n0.2,0.5,7\n0.3,1.0\n",
+            r"target.csv:3: expected 2 comma-separated columns \(r, g\), got 3",
+        ),
         ("r\n0.1\n0.2\n0.3\n", "expected 2 comma-separated columns"),
         ("r,g\n0.1,0.0\n0.3,0.5\n0.2,1.0\n", "r must be strictly increasing, got 0.2 after 0.3"),
         ("r,g\n0.1,0.0\n0.1,0.5\n0.2,1.0\n", "strictly increasing"),
@@ -93,7 +108,9 @@ def test_file_targets_are_checked_against_the_task(tmp_path: Path) -> None:
     g = (r > 0.9).to(torch.float64)
     path = tmp_path / "g.csv"
     save_rdf_csv(path, r, g, meta={"density": 0.3, "kT": 1.0})
-    with pytest.raises(ControlMDError, match=r"made at density = 0\.3, but the task simulates density = 0\.83"):
+    with pytest.raises(
+        ControlMDError, match=r"made at density = 0\.3, but the task simulates density = 0\.83"
+    ):
         RDFInverse(**{**SMALL, "target": str(path)})
     save_rdf_csv(path, r, g, meta={"smearing_width": 0.02})
     with pytest.raises(ControlMDError, match="already smeared"):
@@ -120,7 +137,9 @@ def test_ideal_gas_rdf_is_one() -> None:
     assert bool(((mean - 1).abs() < 5 * se + 1e-3)[far].all())
     assert abs(float(h.mean(0)[far].mean()) - 1.0) < 0.01
     fine = torch.linspace(0.005, 2.6, 260, dtype=torch.float64)
-    torch.testing.assert_close(smear_rdf(fine, torch.ones_like(fine), r, 0.1), torch.ones_like(r), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        smear_rdf(fine, torch.ones_like(fine), r, 0.1), torch.ones_like(r), atol=1e-9, rtol=0
+    )
 
 
 def test_rdf_normalization_counts_pairs_and_smearing_is_consistent() -> None:
@@ -222,17 +241,36 @@ def test_trainer_learns_the_task_potential_with_an_empty_protocol(tmp_path: Path
     from controlmd.protocols import NoControl, make_protocol
     from controlmd.train import run_experiment
 
-    task_cfg = {"name": "rdf_inverse", **SMALL, "init": {"epsilon": 1.0, "sigma": 0.9},
-                "learn": ["sigma"], "average_last": 2}
-    cfg = resolve_config({
-        "experiment": {"name": "rdf_hooks", "seed": 3},
-        "task": task_cfg,
-        "protocol": {"kind": "none"},
-        "train": {"optimizer": "adam", "lr": 0.02, "iterations": 3, "replicas": 2,
-                  "gradient": "truncated", "window": 20, "variance_every": 0},
-        "eval": {"replicas": 2, "final_replicas": 2, "chunk": 2},
-        "logging": {"tensorboard": False, "progress": False, "checkpoint_every": 0, "histogram_every": 0},
-    })
+    task_cfg = {
+        "name": "rdf_inverse",
+        **SMALL,
+        "init": {"epsilon": 1.0, "sigma": 0.9},
+        "learn": ["sigma"],
+        "average_last": 2,
+    }
+    cfg = resolve_config(
+        {
+            "experiment": {"name": "rdf_hooks", "seed": 3},
+            "task": task_cfg,
+            "protocol": {"kind": "none"},
+            "train": {
+                "optimizer": "adam",
+                "lr": 0.02,
+                "iterations": 3,
+                "replicas": 2,
+                "gradient": "truncated",
+                "window": 20,
+                "variance_every": 0,
+            },
+            "eval": {"replicas": 2, "final_replicas": 2, "chunk": 2},
+            "logging": {
+                "tensorboard": False,
+                "progress": False,
+                "checkpoint_every": 0,
+                "histogram_every": 0,
+            },
+        }
+    )
     result = run_experiment(cfg, out=tmp_path / "run")
     m = result.metrics
     assert m["protocol_kind"] == "none" and m["protocol_parameters"] == 1

@@ -62,8 +62,11 @@ def _run_both(make, R, P, n_steps: int, window: int, loss_fn):
 
 def _final_state_loss(integ, final) -> torch.Tensor:
     """Potential energy per particle plus terms in q and p (all of the final state)."""
-    return (integ.potential.energy(final.R, final.t).sum() / N + 0.01 * (final.P**2).sum()
-            + torch.sin(0.3 * final.R).sum())
+    return (
+        integ.potential.energy(final.R, final.t).sum() / N
+        + 0.01 * (final.P**2).sum()
+        + torch.sin(0.3 * final.R).sum()
+    )
 
 
 def test_nve_lj_1000_steps_matches_direct_backprop() -> None:
@@ -71,7 +74,11 @@ def test_nve_lj_1000_steps_matches_direct_backprop() -> None:
 
     def make() -> NVE:
         nl = NeighborList(space, R_CUT, skin=0.2)
-        return NVE(LennardJones(space, r_cut=R_CUT, neighbor_list=nl, learnable=True), dt=0.005, space=space)
+        return NVE(
+            LennardJones(space, r_cut=R_CUT, neighbor_list=nl, learnable=True),
+            dt=0.005,
+            space=space,
+        )
 
     res = _run_both(make, R, P, 1000, 200, _final_state_loss)
     (f_d, g_d), (f_r, g_r) = res["direct"], res["reversible"]
@@ -88,7 +95,9 @@ def test_nose_hoover_chain_with_temperature_protocol() -> None:
     space, R, P = _fluid(seed=1)
 
     def make() -> NoseHooverChain:
-        protocol = PiecewiseConstant(t_final=1.5, n_pieces=3, low=0.5, high=2.0, init=[1.0, 1.4, 0.8])
+        protocol = PiecewiseConstant(
+            t_final=1.5, n_pieces=3, low=0.5, high=2.0, init=[1.0, 1.4, 0.8]
+        )
         lj = LennardJones(space, r_cut=R_CUT, learnable=("epsilon",))
         return NoseHooverChain(lj, dt=0.005, kT=ControlSchedule(protocol), tau=0.1, space=space)
 
@@ -112,8 +121,16 @@ def test_nose_hoover_chain_variants(chain_length: int, chain_steps: int, sy_step
 
     def make() -> NoseHooverChain:
         lj = LennardJones(space, r_cut=R_CUT, learnable=("epsilon",))
-        return NoseHooverChain(lj, dt=0.005, kT=1.2, tau=0.1, space=space, chain_length=chain_length,
-                               chain_steps=chain_steps, sy_steps=sy_steps)
+        return NoseHooverChain(
+            lj,
+            dt=0.005,
+            kT=1.2,
+            tau=0.1,
+            space=space,
+            chain_length=chain_length,
+            chain_steps=chain_steps,
+            sy_steps=sy_steps,
+        )
 
     out = []
     for mode in ("direct", "reversible"):
@@ -126,7 +143,9 @@ def test_nose_hoover_chain_variants(chain_length: int, chain_steps: int, sy_step
             final = simulate(integ, state, 100, gradient="direct").final
         else:
             final = simulate_reversible(integ, state, 100, window=40)
-        loss = _final_state_loss(integ, final) + (final.aux["p_xi"] ** 2).sum() + final.aux["xi"].sum()
+        loss = (
+            _final_state_loss(integ, final) + (final.aux["p_xi"] ** 2).sum() + final.aux["xi"].sum()
+        )
         out.append(torch.autograd.grad(loss, [integ.potential.epsilon, R0, P0, Q]))
     for a, b in zip(*reversed(out)):
         assert float(b.abs().max()) > 0
@@ -139,8 +158,12 @@ def test_time_dependent_control_crossing_breakpoints() -> None:
     space, R, P = _fluid(B=1, seed=2)
 
     def make() -> NVE:
-        centre = PiecewiseConstant(dim=3, t_final=1.0, n_pieces=4, init=[[1.0, 1.0, 1.0], [1.5, 1.0, 1.2],
-                                                                          [2.0, 1.5, 1.0], [1.0, 2.0, 2.0]])
+        centre = PiecewiseConstant(
+            dim=3,
+            t_final=1.0,
+            n_pieces=4,
+            init=[[1.0, 1.0, 1.0], [1.5, 1.0, 1.2], [2.0, 1.5, 1.0], [1.0, 2.0, 2.0]],
+        )
         trap = HarmonicTrap(0.5, centre, particles=[0, 1, 2], space=space)
         return NVE(LennardJones(space, r_cut=R_CUT) + trap, dt=0.005, space=space)
 

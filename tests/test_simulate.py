@@ -38,14 +38,24 @@ def _brownian(B: int = 3, seed: int = 0) -> tuple[Brownian, object]:
 
 def _grads(bd: Brownian, state: object, **kw: object) -> torch.Tensor:
     traj = simulate(bd, state, 40, **kw)  # type: ignore[arg-type]
-    loss = (traj.final.R**2).sum() + traj.records["R"].sum() if "record_every" in kw else (traj.final.R**2).sum()
+    loss = (
+        (traj.final.R**2).sum() + traj.records["R"].sum()
+        if "record_every" in kw
+        else (traj.final.R**2).sum()
+    )
     return torch.stack(torch.autograd.grad(loss, list(bd.parameters())))
 
 
 def test_records_times_and_budget() -> None:
     bd, s0 = _brownian(B=3)
-    traj = simulate(bd, s0, 10, gradient="none", record_every=4,
-                    observables={"x2": lambda s: (s.R**2).sum(dim=(-2, -1))})
+    traj = simulate(
+        bd,
+        s0,
+        10,
+        gradient="none",
+        record_every=4,
+        observables={"x2": lambda s: (s.R**2).sum(dim=(-2, -1))},
+    )
     assert traj.records["x2"].shape == (3, 3)  # frames at steps 0, 4, 8
     torch.testing.assert_close(traj.times, torch.tensor([0.0, 0.08, 0.16], dtype=F64))
     assert traj.md_steps == 30 and traj.grad_steps == 0
@@ -67,7 +77,13 @@ def test_reporters_receive_states_at_their_steps() -> None:
     bd, s0 = _brownian()
     seen: list[int] = []
     mem = MemoryReporter(7, quantities=("potential_energy",))
-    simulate(bd, s0, 30, gradient="none", reporters=[CallbackReporter(10, lambda s, _: seen.append(s.step)), mem])
+    simulate(
+        bd,
+        s0,
+        30,
+        gradient="none",
+        reporters=[CallbackReporter(10, lambda s, _: seen.append(s.step)), mem],
+    )
     assert seen == [10, 20, 30]
     assert mem.steps == [7, 14, 21, 28]
     assert mem.stacked("potential_energy").shape == (4, 3)
@@ -78,7 +94,13 @@ def test_state_data_and_xyz_reporters(tmp_path: object) -> None:
     buf = io.StringIO()
     path = tmp_path / "traj.xyz"  # type: ignore[operator]
     xyz = XYZReporter(path, 5, replica=1, species="Ar")
-    simulate(bd, s0, 10, gradient="none", reporters=[StateDataReporter(buf, 5, ["potential_energy"]), xyz])
+    simulate(
+        bd,
+        s0,
+        10,
+        gradient="none",
+        reporters=[StateDataReporter(buf, 5, ["potential_energy"]), xyz],
+    )
     xyz.close()
     lines = buf.getvalue().splitlines()
     assert lines[0] == "step,time (tau),potential_energy (epsilon)"
@@ -129,7 +151,9 @@ def test_no_graph_when_nothing_requires_grad() -> None:
 
 def test_simulate_bad_input() -> None:
     bd, s0 = _brownian()
-    with pytest.raises(ControlMDError, match=r"unknown gradient 'adjoint'; expected one of: checkpoint"):
+    with pytest.raises(
+        ControlMDError, match=r"unknown gradient 'adjoint'; expected one of: checkpoint"
+    ):
         simulate(bd, s0, 5, gradient="adjoint")
     with pytest.raises(ControlMDError, match=r"gradient='checkpoint' needs window=W"):
         simulate(bd, s0, 5, gradient="checkpoint")
@@ -156,15 +180,23 @@ def test_protocol_jump_acts_on_its_own_steps() -> None:
     dt, per_piece = 0.01, 7
     proto = PiecewiseConstant(dim=2, t_final=3 * per_piece * dt, n_pieces=3, init=values)
     R0 = torch.linspace(-1.0, 1.0, 2 * 3 * 2, dtype=F64).reshape(2, 3, 2)
-    for make in (lambda pot: NVE(pot, dt=dt),
-                 lambda pot: Langevin(pot, dt=dt, kT=0.5, gamma=1.0),
-                 lambda pot: Brownian(pot, dt=dt, kT=0.5)):
+    for make in (
+        lambda pot: NVE(pot, dt=dt),
+        lambda pot: Langevin(pot, dt=dt, kT=0.5, gamma=1.0),
+        lambda pot: Brownian(pot, dt=dt, kT=0.5),
+    ):
         integ = make(HarmonicTrap(2.0, proto))
-        s = integ.init(R0, P=None if isinstance(integ, Brownian) else torch.zeros_like(R0),
-                       rng=ReplicaRNG(6, 2))
+        s = integ.init(
+            R0,
+            P=None if isinstance(integ, Brownian) else torch.zeros_like(R0),
+            rng=ReplicaRNG(6, 2),
+        )
         a = simulate(integ, s, 3 * per_piece, gradient="none").final
-        s = integ.init(R0, P=None if isinstance(integ, Brownian) else torch.zeros_like(R0),
-                       rng=ReplicaRNG(6, 2))
+        s = integ.init(
+            R0,
+            P=None if isinstance(integ, Brownian) else torch.zeros_like(R0),
+            rng=ReplicaRNG(6, 2),
+        )
         for v in values:
             held = make(HarmonicTrap(2.0, torch.tensor(v, dtype=F64)))
             s = simulate(held, s, per_piece, gradient="none").final

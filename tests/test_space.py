@@ -16,7 +16,9 @@ from controlmd.space import Space
 F64 = torch.float64
 
 
-def _liquid(B: int, d: int, sides: list[float], n_per_axis: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def _liquid(
+    B: int, d: int, sides: list[float], n_per_axis: int, dtype: torch.dtype, seed: int
+) -> torch.Tensor:
     """Jittered lattice filling an orthorhombic box (no overlaps)."""
     g = torch.Generator().manual_seed(seed)
     axes = [torch.arange(n_per_axis, dtype=F64) * (s / n_per_axis) for s in sides]
@@ -36,7 +38,9 @@ def _terms(space: Space) -> list[Potential]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("d,sides", [(2, [9.0, 11.0]), (3, [6.0, 7.0, 8.0])])
-def test_energy_invariant_under_translation_and_wrapping(d: int, sides: list[float], dtype: torch.dtype) -> None:
+def test_energy_invariant_under_translation_and_wrapping(
+    d: int, sides: list[float], dtype: torch.dtype
+) -> None:
     space = periodic(sides)
     R = _liquid(2, d, sides, 6 if d == 3 else 8, dtype, seed=d)
     g = torch.Generator().manual_seed(11)
@@ -96,8 +100,15 @@ def test_bad_box_and_cutoff() -> None:
 
 @pytest.mark.parametrize(
     "kind,n,coordination",
-    [("fcc", 108, 12), ("sc", 64, 6), ("bcc", 54, 8), ("square", 64, 4), ("hexagonal", 64, 6),
-     ("fcc", 100, None), ("hexagonal", 50, None)],
+    [
+        ("fcc", 108, 12),
+        ("sc", 64, 6),
+        ("bcc", 54, 8),
+        ("square", 64, 4),
+        ("hexagonal", 64, 6),
+        ("fcc", 100, None),
+        ("hexagonal", 50, None),
+    ],
 )
 def test_lattice_density_and_neighbours(kind: str, n: int, coordination: int | None) -> None:
     R, box = lattice(kind, n, density=0.8)

@@ -76,10 +76,14 @@ def test_helix_is_right_handed() -> None:
 def test_hairpin_geometry() -> None:
     R = hairpin()
     assert R.shape == (22, 3)
-    torch.testing.assert_close((R[1:] - R[:-1]).norm(dim=-1), torch.full((21,), 0.97, dtype=torch.float64))
+    torch.testing.assert_close(
+        (R[1:] - R[:-1]).norm(dim=-1), torch.full((21,), 0.97, dtype=torch.float64)
+    )
     theta = bond_angle(R[:-2] - R[1:-1], R[2:] - R[1:-1])
     # Strand beads (away from the turn) have the 120 degree zigzag angle.
-    torch.testing.assert_close(theta[:8], torch.full((8,), math.radians(120.0), dtype=torch.float64))
+    torch.testing.assert_close(
+        theta[:8], torch.full((8,), math.radians(120.0), dtype=torch.float64)
+    )
     assert _nonbonded_min(R) > 1.4
     contacts, d = native_contacts(R, cutoff=2.2, min_separation=3)
     assert contacts.shape[0] == 30
@@ -89,9 +93,14 @@ def test_hairpin_geometry() -> None:
     assert all((i, 21 - i) in pairs for i in range(10))
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"n_beads": 1}, "n_beads"), ({"radius": -1.0}, "radius"), ({"bond_length": 0.0}, "bond_length"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"n_beads": 1}, "n_beads"),
+        ({"radius": -1.0}, "radius"),
+        ({"bond_length": 0.0}, "bond_length"),
+    ],
+)
 def test_helix_bad_input(kwargs: dict, field: str) -> None:
     with pytest.raises(ControlMDError, match=field):
         helix(**kwargs)
@@ -109,7 +118,9 @@ def test_kabsch_recovers_rigid_motions_and_rejects_mirror_images() -> None:
     T = helix()
     rot = torch.stack([_random_rotation(s) for s in range(3)])
     moved = T @ rot.transpose(1, 2) + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(kabsch_rmsd(moved, T), torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        kabsch_rmsd(moved, T), torch.zeros(3, dtype=torch.float64), atol=1e-10, rtol=0
+    )
     torch.testing.assert_close(kabsch_align(moved, T), T.expand(3, -1, -1), atol=1e-10, rtol=0)
     mirror = (T * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))[None]
     assert float(kabsch_rmsd(mirror, T)[0]) > 1.0
@@ -135,7 +146,9 @@ def test_kabsch_shape_mismatch_names_the_target() -> None:
 
 
 def _seven_chain(spacing: float = 1.0) -> torch.Tensor:
-    return torch.stack([torch.arange(7, dtype=torch.float64) * spacing, torch.zeros(7, dtype=torch.float64)], -1)
+    return torch.stack(
+        [torch.arange(7, dtype=torch.float64) * spacing, torch.zeros(7, dtype=torch.float64)], -1
+    )
 
 
 def _eleven_bond_cluster() -> torch.Tensor:
@@ -147,7 +160,9 @@ def _eleven_bond_cluster() -> torch.Tensor:
     return torch.tensor(row1 + row2, dtype=torch.float64)
 
 
-def _heptamer_yield(R: torch.Tensor, cutoff: float = 1.25, box: float | None = None) -> torch.Tensor:
+def _heptamer_yield(
+    R: torch.Tensor, cutoff: float = 1.25, box: float | None = None
+) -> torch.Tensor:
     space = periodic(box, dim=2) if box is not None else None
     A = bond_graph(R, cutoff, space)
     return target_cluster_fraction(A, size=7, n_bonds=12, max_degree=6)
@@ -158,7 +173,9 @@ def test_perfect_heptamer_has_yield_one_and_open_shapes_zero() -> None:
     R = torch.stack([hexagon, _seven_chain(), _eleven_bond_cluster()])
     A = bond_graph(R, 1.25)
     assert (A.sum(dim=(1, 2)) // 2).tolist() == [12, 6, 11]
-    torch.testing.assert_close(_heptamer_yield(R), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        _heptamer_yield(R), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    )
 
 
 def test_heptamer_across_the_periodic_boundary_and_with_thermal_noise() -> None:
@@ -173,9 +190,16 @@ def test_heptamer_across_the_periodic_boundary_and_with_thermal_noise() -> None:
 def test_yield_counts_particles_in_target_clusters() -> None:
     far = hexagonal_cluster() + 10.0
     split = torch.cat([hexagonal_cluster()[:3], hexagonal_cluster()[3:] + 10.0])
-    R = torch.stack([torch.cat([hexagonal_cluster(), far]), torch.cat([hexagonal_cluster(), _seven_chain() - 20.0]),
-                     torch.cat([split, _seven_chain() + 30.0])])
-    torch.testing.assert_close(_heptamer_yield(R), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    R = torch.stack(
+        [
+            torch.cat([hexagonal_cluster(), far]),
+            torch.cat([hexagonal_cluster(), _seven_chain() - 20.0]),
+            torch.cat([split, _seven_chain() + 30.0]),
+        ]
+    )
+    torch.testing.assert_close(
+        _heptamer_yield(R), torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    )
 
 
 def test_cluster_labels_match_scipy() -> None:
@@ -195,7 +219,9 @@ def test_cluster_labels_match_scipy() -> None:
 
 
 def test_smooth_bond_count_approaches_the_exact_count() -> None:
-    R = torch.stack([hexagonal_cluster(), _seven_chain(), _eleven_bond_cluster(), _seven_chain(2.0)])
+    R = torch.stack(
+        [hexagonal_cluster(), _seven_chain(), _eleven_bond_cluster(), _seven_chain(2.0)]
+    )
     exact = (bond_graph(R, 1.25).sum(dim=(1, 2)) // 2).to(torch.float64)
     smooth = smooth_bond_count(R, 1.25, width=0.01)
     torch.testing.assert_close(smooth, exact, atol=1e-6, rtol=0)

@@ -32,7 +32,9 @@ F64 = torch.float64
 KT = 1.0
 
 
-def _lj_fluid(B: int, n_side: int = 4, rho: float = 0.8) -> tuple[LennardJones, torch.Tensor, object]:
+def _lj_fluid(
+    B: int, n_side: int = 4, rho: float = 0.8
+) -> tuple[LennardJones, torch.Tensor, object]:
     """Force-shifted LJ (r_c = 2.0 <= L/2 for N = 64) on a simple cubic lattice at rho."""
     N = n_side**3
     L = (N / rho) ** (1.0 / 3.0)
@@ -140,11 +142,20 @@ def test_langevin_harmonic_oscillator() -> None:
     of BAOAB's momenta, here 0.25 %); particles are independent."""
     B, N, k, m, kT, dt = 16, 64, 4.0, 2.0, 0.7, 0.1
     lg = Langevin(HarmonicTrap(k), dt=dt, kT=kT, gamma=2.0, mass=m)
-    s = simulate(lg, lg.init(torch.zeros(B, N, 3, dtype=F64), rng=ReplicaRNG(1, B)), 200,
-                 gradient="none").final
-    traj = simulate(lg, s, 400, gradient="none", record_every=20,
-                    observables={"x2": lambda s: (s.R**2).mean(dim=(1, 2)),
-                                 "p2": lambda s: (s.P**2).mean(dim=(1, 2))})  # type: ignore[operator]
+    s = simulate(
+        lg, lg.init(torch.zeros(B, N, 3, dtype=F64), rng=ReplicaRNG(1, B)), 200, gradient="none"
+    ).final
+    traj = simulate(
+        lg,
+        s,
+        400,
+        gradient="none",
+        record_every=20,
+        observables={
+            "x2": lambda s: (s.R**2).mean(dim=(1, 2)),
+            "p2": lambda s: (s.P**2).mean(dim=(1, 2)),
+        },
+    )  # type: ignore[operator]
     x2 = traj.records["x2"][1:].mean(0)
     p2 = traj.records["p2"][1:].mean(0)
     w2dt2 = k / m * dt * dt
@@ -158,7 +169,9 @@ def test_nhc_time_dependent_kT_follows_schedule() -> None:
     kinetic temperature follows the new kT."""
     B = 4
     lj, R, space = _lj_fluid(B)
-    nhc = NoseHooverChain(lj, dt=0.005, kT=lambda t: 1.0 + (t >= 0.5).to(t.dtype), space=space, tau=0.25)
+    nhc = NoseHooverChain(
+        lj, dt=0.005, kT=lambda t: 1.0 + (t >= 0.5).to(t.dtype), space=space, tau=0.25
+    )
     s = simulate(nhc, nhc.init(R, rng=ReplicaRNG(3, B)), 300, gradient="none").final
     mem = MemoryReporter(5, ("temperature",))
     simulate(nhc, s, 300, gradient="none", reporters=[mem])  # t in [1.5, 3]
@@ -175,8 +188,9 @@ def test_langevin_replica_equals_single_run() -> None:
     R = R + 0.05 * torch.arange(B, dtype=F64).view(B, 1, 1)
     batch = simulate(lg, lg.init(R, rng=ReplicaRNG(seed, B)), 50, gradient="none").final
     for i in (0, 2, 3):
-        one = simulate(lg, lg.init(R[i : i + 1], rng=ReplicaRNG(replica_seed(seed, i), 1)), 50,
-                       gradient="none").final
+        one = simulate(
+            lg, lg.init(R[i : i + 1], rng=ReplicaRNG(replica_seed(seed, i), 1)), 50, gradient="none"
+        ).final
         torch.testing.assert_close(one.R[0], batch.R[i], rtol=0, atol=1e-13)
         torch.testing.assert_close(one.P[0], batch.P[i], rtol=0, atol=1e-13)  # type: ignore[index]
 
@@ -205,7 +219,9 @@ def test_thermostat_bad_input() -> None:
     with pytest.raises(ControlMDError, match=r"mass must be > 0"):
         NoseHooverChain(lj, dt=0.005, kT=1.0, space=space, mass=torch.zeros(64))
     with pytest.raises(ControlMDError, match=r"mass has 3 entries but R has N = 64"):
-        NoseHooverChain(lj, dt=0.005, kT=1.0, space=space, mass=torch.ones(3)).init(R, rng=ReplicaRNG(0, 2))
+        NoseHooverChain(lj, dt=0.005, kT=1.0, space=space, mass=torch.ones(3)).init(
+            R, rng=ReplicaRNG(0, 2)
+        )
     with pytest.raises(ControlMDError, match=r"gamma must be > 0, got 0"):
         Langevin(lj, dt=0.005, kT=1.0, gamma=0.0, space=space)
     with pytest.raises(ControlMDError, match=r"dt must be > 0, got 0"):

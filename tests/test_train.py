@@ -22,8 +22,15 @@ def _task() -> TrapDrag:
 
 def _protocol(task: TrapDrag, degree: int = 2):
     lo, hi = task.make_protocol_bounds()
-    return make_protocol("chebyshev", dim=1, t_final=task.t_f, low=float(lo), high=float(hi),
-                         degree=degree, init=[0.0, task.lambda_f])
+    return make_protocol(
+        "chebyshev",
+        dim=1,
+        t_final=task.t_f,
+        low=float(lo),
+        high=float(hi),
+        degree=degree,
+        init=[0.0, task.lambda_f],
+    )
 
 
 def _exact_gradient(task: TrapDrag, protocol) -> torch.Tensor:
@@ -58,8 +65,15 @@ def test_stochastic_gradients_are_unbiased(estimator: str) -> None:
     task = _task()
     protocol = _protocol(task)
     exact = _exact_gradient(task, protocol)
-    trainer = Trainer(task, protocol, replicas=1024 if estimator == "pathwise" else 2048, estimator=estimator,
-                      grad_groups=16, variance_every=1, seed=3)
+    trainer = Trainer(
+        task,
+        protocol,
+        replicas=1024 if estimator == "pathwise" else 2048,
+        estimator=estimator,
+        grad_groups=16,
+        variance_every=1,
+        seed=3,
+    )
     _, loss, grads, stats = trainer._gradient(seed=3, with_variance=True)
     g = torch.cat([x.flatten() for x in grads])
     assert float(((g - exact) ** 2).sum()) < 9.0 * stats["grad_var"]
@@ -107,8 +121,16 @@ def test_lbfgs_with_frozen_noise_solves_the_sample_problem() -> None:
     task = _task()
     protocol = _protocol(task, degree=3)
     start = task.exact_metric(protocol)
-    trainer = Trainer(task, protocol, optimizer="lbfgs", lr=1.0, replicas=256, frozen_noise=True,
-                      lbfgs_max_iter=15, variance_every=0)
+    trainer = Trainer(
+        task,
+        protocol,
+        optimizer="lbfgs",
+        lr=1.0,
+        replicas=256,
+        frozen_noise=True,
+        lbfgs_max_iter=15,
+        variance_every=0,
+    )
     trainer.learn(2)
     W_star = task.discrete_optimum()[0]
     assert task.exact_metric(protocol) < W_star + 0.05 * (start - W_star)
@@ -121,8 +143,12 @@ def test_learning_rate_schedules() -> None:
     cos = Trainer(task, p, lr=1.0, lr_schedule="cosine", lr_min=0.1, schedule_iterations=10)
     assert cos.lr_at(0) == pytest.approx(1.0) and cos.lr_at(10) == pytest.approx(0.1)
     assert cos.lr_at(5) == pytest.approx(0.55)
-    assert Trainer(task, p, lr=1.0, lr_schedule="exponential", lr_gamma=0.9).lr_at(3) == pytest.approx(0.729)
-    assert Trainer(task, p, lr=1.0, lr_schedule="step", lr_gamma=0.5, lr_step=4).lr_at(9) == pytest.approx(0.25)
+    assert Trainer(task, p, lr=1.0, lr_schedule="exponential", lr_gamma=0.9).lr_at(
+        3
+    ) == pytest.approx(0.729)
+    assert Trainer(task, p, lr=1.0, lr_schedule="step", lr_gamma=0.5, lr_step=4).lr_at(
+        9
+    ) == pytest.approx(0.25)
 
 
 def test_gradient_clipping_bounds_the_update() -> None:
@@ -132,13 +158,17 @@ def test_gradient_clipping_bounds_the_update() -> None:
     trainer = Trainer(task, p, optimizer="sgd", lr=1.0, clip=0.01, replicas=16)
     trainer.learn(1)
     assert trainer.last["grad_norm"] > 0.01
-    assert float(torch.linalg.vector_norm(p.coef.detach() - before)) == pytest.approx(0.01, rel=1e-6)
+    assert float(torch.linalg.vector_norm(p.coef.detach() - before)) == pytest.approx(
+        0.01, rel=1e-6
+    )
 
 
 def test_logged_scalars_budgets_and_callbacks() -> None:
     task = _task()
     logger = Logger()
-    trainer = Trainer(task, _protocol(task), replicas=8, variance_every=2, grad_groups=4, logger=logger)
+    trainer = Trainer(
+        task, _protocol(task), replicas=8, variance_every=2, grad_groups=4, logger=logger
+    )
 
     class Stop(Callback):
         def on_step(self) -> bool:
@@ -147,12 +177,23 @@ def test_logged_scalars_budgets_and_callbacks() -> None:
     evaluator = EvalCallback(every=2, n_replicas=10)
     trainer.learn(10, [evaluator, Stop()])
     assert trainer.iteration == 3
-    for key in ("train/loss", "train/grad_norm", "train/lr", "train/grad_var", "budget/md_steps",
-                "budget/grad_steps", "time/wall_s", "outcome/metric", "outcome/metric_exact"):
+    for key in (
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "train/grad_var",
+        "budget/md_steps",
+        "budget/grad_steps",
+        "time/wall_s",
+        "outcome/metric",
+        "outcome/metric_exact",
+    ):
         assert key in logger.latest, key
     train_steps = 3 * 8 * task.n_steps
     assert trainer.grad_steps == train_steps
-    assert trainer.md_steps == train_steps + 2 * 10 * task.n_steps  # evaluations before training and at 2
+    assert (
+        trainer.md_steps == train_steps + 2 * 10 * task.n_steps
+    )  # evaluations before training and at 2
     assert math.isfinite(logger.latest["train/grad_var"]) and trainer.wall_s > 0
 
 
@@ -178,7 +219,9 @@ def test_documented_task_example_trains() -> None:
     try:
         exec(compile(code, "docs/trainer.md", "exec"), namespace)
         task = namespace["BarrierCrossing"]()
-        protocol = make_protocol("chebyshev", dim=1, t_final=task.horizon, low=-3.0, high=3.0, degree=2)
+        protocol = make_protocol(
+            "chebyshev", dim=1, t_final=task.horizon, low=-3.0, high=3.0, degree=2
+        )
         before = evaluate(task, protocol, 400, seed=1).mean
         Trainer(task, protocol, lr=0.1, replicas=64, variance_every=0).learn(15)
         after = evaluate(task, protocol, 400, seed=1).mean

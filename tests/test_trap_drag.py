@@ -18,7 +18,9 @@ def _linear(task: TrapDrag, *, degree: int = 1, bounded: bool = False):
     """lambda = lambda_f t / t_f (exact when unbounded: the squashing bends straight lines)."""
     lo, hi = task.make_protocol_bounds()
     bounds = {"low": float(lo), "high": float(hi)} if bounded else {}
-    return make_protocol("chebyshev", dim=1, t_final=task.t_f, degree=degree, init=[0.0, task.lambda_f], **bounds)
+    return make_protocol(
+        "chebyshev", dim=1, t_final=task.t_f, degree=degree, init=[0.0, task.lambda_f], **bounds
+    )
 
 
 def _optimal(task: TrapDrag):
@@ -36,7 +38,9 @@ def test_closed_forms() -> None:
     assert lam.tolist() == pytest.approx([jump, 2.0 - jump])
 
 
-@pytest.mark.parametrize("params", [{}, {"lambda_f": 2.0, "t_f": 3.0, "mu": 0.5, "k": 2.0, "kT": 0.5}])
+@pytest.mark.parametrize(
+    "params", [{}, {"lambda_f": 2.0, "t_f": 3.0, "mu": 0.5, "k": 2.0, "kT": 0.5}]
+)
 def test_discrete_optimum_converges_to_the_continuous_one(params: dict) -> None:
     previous = math.inf
     for n in (10, 40, 160):
@@ -46,11 +50,15 @@ def test_discrete_optimum_converges_to_the_continuous_one(params: dict) -> None:
         previous = W_n
     assert W_n == pytest.approx(task.optimal_work(), rel=2e-5)
     t_mid = (torch.arange(task.n_steps, dtype=torch.float64) + 0.5) * task.dt
-    torch.testing.assert_close(centers, task.optimal_protocol(t_mid)[:, 0], atol=2e-3 * abs(task.lambda_f), rtol=0)
+    torch.testing.assert_close(
+        centers, task.optimal_protocol(t_mid)[:, 0], atol=2e-3 * abs(task.lambda_f), rtol=0
+    )
     assert task.exact_metric(_optimal(task)) == pytest.approx(task.optimal_work(), rel=1e-4)
     # the linear protocol held piecewise constant on steps: second-order convergence in dt
-    errors = [abs(TrapDrag(n_steps=n, **params).exact_metric(_linear(task)) - task.linear_work())
-              for n in (40, 160)]
+    errors = [
+        abs(TrapDrag(n_steps=n, **params).exact_metric(_linear(task)) - task.linear_work())
+        for n in (40, 160)
+    ]
     assert errors[1] < errors[0] / 12 and errors[1] < 1e-4 * task.linear_work()
 
 
@@ -76,8 +84,16 @@ def test_short_training_from_the_linear_protocol_gets_within_1_percent() -> None
     task = TrapDrag(n_steps=40)
     protocol = _linear(task, degree=3, bounded=True)
     start = task.exact_metric(protocol)
-    trainer = Trainer(task, protocol, lr=0.05, replicas=128, lr_schedule="cosine", schedule_iterations=40,
-                      lr_min=0.005, seed=1)
+    trainer = Trainer(
+        task,
+        protocol,
+        lr=0.05,
+        replicas=128,
+        lr_schedule="cosine",
+        schedule_iterations=40,
+        lr_min=0.005,
+        seed=1,
+    )
     trainer.learn(40)
     W = task.exact_metric(protocol)
     W_star = task.discrete_optimum()[0]

@@ -39,7 +39,9 @@ def fd_tol() -> Tol:
     return Tol(rtol=1e-6, atol=1e-7)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor | float | list, *, scale: float = 1.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor | float | list, *, scale: float = 1.0
+) -> None:
     """``torch.testing.assert_close`` with the tolerances of ``actual``'s dtype.
 
     Give ``expected`` as Python numbers or a tensor of at least ``actual``'s precision
@@ -47,7 +49,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor | float | list, *,
     """
     if isinstance(expected, torch.Tensor):
         if torch.finfo(expected.dtype).eps > torch.finfo(actual.dtype).eps:
-            raise TypeError(f"expected has dtype {expected.dtype}, less precise than {actual.dtype}")
+            raise TypeError(
+                f"expected has dtype {expected.dtype}, less precise than {actual.dtype}"
+            )
         expected = expected.to(actual)
     else:
         expected = torch.as_tensor(expected, dtype=actual.dtype).expand_as(actual)

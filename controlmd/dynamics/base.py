@@ -243,8 +243,14 @@ class Integrator(nn.Module, ABC):
         return state
 
     @abstractmethod
-    def init(self, R: Tensor, *, kT: float | None = None, rng: ReplicaRNG | None = None,
-             P: Tensor | None = None) -> State:
+    def init(
+        self,
+        R: Tensor,
+        *,
+        kT: float | None = None,
+        rng: ReplicaRNG | None = None,
+        P: Tensor | None = None,
+    ) -> State:
         """Initial state from positions ``[B, N, d]`` (momenta drawn at ``kT`` with ``rng``)."""
 
     @abstractmethod
@@ -310,16 +316,24 @@ class MomentumIntegrator(Integrator):
         return state.replace(aux={**state.aux, "force": self.force(state.R, state.t + self.t_eps)})
 
     def _init_state(
-        self, R: Tensor, kT: Schedule | None, rng: ReplicaRNG | None, P: Tensor | None,
+        self,
+        R: Tensor,
+        kT: Schedule | None,
+        rng: ReplicaRNG | None,
+        P: Tensor | None,
         aux: dict[str, Tensor] | None = None,
     ) -> State:
         """Validated initial state at ``t = 0``; momenta given or drawn at ``kT``."""
         check_positions("R", R)
         B, N, _ = R.shape
         if self._mass.ndim == 1 and self._mass.shape[0] != N:
-            raise ControlMDError(f"mass has {self._mass.shape[0]} entries but R has N = {N} particles")
+            raise ControlMDError(
+                f"mass has {self._mass.shape[0]} entries but R has N = {N} particles"
+            )
         if self._mass.ndim > 1:
-            raise ControlMDError(f"mass must be a scalar or [N], got shape {tuple(self._mass.shape)}")
+            raise ControlMDError(
+                f"mass must be a scalar or [N], got shape {tuple(self._mass.shape)}"
+            )
         if rng is not None and rng.n_replicas != B:
             raise ControlMDError(f"rng has {rng.n_replicas} replicas but R has B = {B}")
         t0 = torch.zeros((), dtype=torch.float64)

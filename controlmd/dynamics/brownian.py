@@ -116,7 +116,9 @@ class Brownian(Integrator):
         g = self._gamma.to(R)
         if g.ndim == 1:
             if g.shape[0] != R.shape[1]:
-                raise ControlMDError(f"gamma has {g.shape[0]} entries but there are N = {R.shape[1]} particles")
+                raise ControlMDError(
+                    f"gamma has {g.shape[0]} entries but there are N = {R.shape[1]} particles"
+                )
             g = g.view(1, -1, 1)
         return 1.0 / g
 

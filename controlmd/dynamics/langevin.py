@@ -95,9 +95,13 @@ class Langevin(MomentumIntegrator):
         """Initial state at ``t = 0``; momenta ``P`` given or drawn at ``kT`` (default: the
         bath's kT at ``t = 0``); ``rng`` is required (the noise of every step)."""
         if rng is None:
-            raise ControlMDError("Langevin dynamics draws noise: pass rng=ReplicaRNG(seed, B) to init")
+            raise ControlMDError(
+                "Langevin dynamics draws noise: pass rng=ReplicaRNG(seed, B) to init"
+            )
         if self._gamma.ndim == 1 and R.ndim == 3 and self._gamma.shape[0] != R.shape[1]:
-            raise ControlMDError(f"gamma has {self._gamma.shape[0]} entries but R has N = {R.shape[1]} particles")
+            raise ControlMDError(
+                f"gamma has {self._gamma.shape[0]} entries but R has N = {R.shape[1]} particles"
+            )
         return self._init_state(R, self.kT if kT is None else kT, rng, P)
 
     def step(self, state: State) -> State:

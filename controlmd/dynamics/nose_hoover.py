@@ -151,12 +151,16 @@ class NoseHooverChain(MomentumIntegrator):
             F = self.force(R, t0)
         Q = state.aux["Q"]
         xi, p_xi = state.aux["xi"], state.aux["p_xi"]
-        P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t0), n_dof)
+        P, xi, p_xi = self._half_step_chain(
+            P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t0), n_dof
+        )
         P = torch.add(P, F, alpha=0.5 * self.dt)
         R = self.space.shift(R, P * self.drift_factor(R))
         F = self.force(R, t1)
         P = torch.add(P, F, alpha=0.5 * self.dt)
-        P, xi, p_xi = self._half_step_chain(P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t1), n_dof)
+        P, xi, p_xi = self._half_step_chain(
+            P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t1), n_dof
+        )
         t1 = t + self.dt
         aux = {**state.aux, "force": F, "xi": xi, "p_xi": p_xi}
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
@@ -205,7 +209,9 @@ class NoseHooverChain(MomentumIntegrator):
         xi, p_xi, Q = state.aux["xi"], state.aux["p_xi"], state.aux["Q"]
         kT = evaluate_schedule(self.kT, state.t).to(state.R)
         kT = kT.reshape(-1) if kT.ndim else kT
-        chain = (p_xi * p_xi / (2.0 * Q)).sum(-1) + kT * (self.n_dof(state.R) * xi[:, 0] + xi[:, 1:].sum(-1))
+        chain = (p_xi * p_xi / (2.0 * Q)).sum(-1) + kT * (
+            self.n_dof(state.R) * xi[:, 0] + xi[:, 1:].sum(-1)
+        )
         return self.energy(state) + chain
 
     def ode_state(self, state: State) -> tuple[Tensor, ...]:
@@ -222,8 +228,10 @@ class NoseHooverChain(MomentumIntegrator):
         v = p_xi / Q
         dP = self.force(R, t) - v[:, :1, None] * P
         K2 = 2.0 * kinetic_energy(P, m)
-        G = torch.cat([(K2 - self.n_dof(R) * kT.reshape(-1)).reshape(-1, 1),
-                       p_xi[:, :-1] * v[:, :-1] - kT], dim=1)
+        G = torch.cat(
+            [(K2 - self.n_dof(R) * kT.reshape(-1)).reshape(-1, 1), p_xi[:, :-1] * v[:, :-1] - kT],
+            dim=1,
+        )
         coupling = p_xi * torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
         return (P / m, dP, v, G - coupling, torch.zeros_like(Q))
 
@@ -232,4 +240,3 @@ class NoseHooverChain(MomentumIntegrator):
         aux = {**template.aux, "xi": xi, "p_xi": p_xi, "Q": Q}
         aux.pop("force", None)
         return template.replace(R=self.space.wrap(R), P=P, t=t, aux=aux)
-

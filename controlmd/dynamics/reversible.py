@@ -66,7 +66,9 @@ Tensor = torch.Tensor
 __all__ = ["simulate_reversible"]
 
 
-def simulate_reversible(integrator: Integrator, state: State, n_steps: int, *, window: int = 200) -> State:
+def simulate_reversible(
+    integrator: Integrator, state: State, n_steps: int, *, window: int = 200
+) -> State:
     """Advance ``state`` by ``n_steps`` with gradients by reversible backpropagation.
 
     :param integrator: an :class:`~controlmd.dynamics.nve.NVE` or
@@ -99,7 +101,8 @@ def simulate_reversible(integrator: Integrator, state: State, n_steps: int, *, w
         hint = (
             "; stochastic dynamics cannot be reversed without its noise: use "
             "simulate(..., gradient='checkpoint'), which replays the stored noise"
-            if integrator.stochastic else "; use simulate(..., gradient='checkpoint')"
+            if integrator.stochastic
+            else "; use simulate(..., gradient='checkpoint')"
         )
         raise ControlMDError(
             "simulate_reversible supports NVE and NoseHooverChain (time-reversible "
@@ -124,7 +127,9 @@ def simulate_reversible(integrator: Integrator, state: State, n_steps: int, *, w
 class _Meta:
     """What the autograd function needs besides tensors (integrator, schedule, times)."""
 
-    def __init__(self, integrator: Integrator, state: State, n_steps: int, window: int, chain: bool) -> None:
+    def __init__(
+        self, integrator: Integrator, state: State, n_steps: int, window: int, chain: bool
+    ) -> None:
         self.integrator = integrator
         self.template = state
         self.n_steps = n_steps
@@ -148,7 +153,10 @@ class _Reversible(torch.autograd.Function):
         s = meta.template.replace(R=R.detach(), P=P.detach(), aux=aux)
         t_start = s.t.detach()
         # as simulate(): times from the step count, forces refreshed at protocol jumps
-        times = t_start + torch.arange(meta.n_steps + 1, dtype=torch.float64, device=s.t.device) * integ.dt
+        times = (
+            t_start
+            + torch.arange(meta.n_steps + 1, dtype=torch.float64, device=s.t.device) * integ.dt
+        )
         jumps = meta.jumps
         s = integ.prepare(s.replace(t=times[0]))
         checkpoints: dict[int, tuple[Tensor, ...]] = {0: _chain_state(s, meta.chain)}
@@ -185,8 +193,9 @@ class _Reversible(torch.autograd.Function):
             a_state, a_params = _walk_back_lj(meta, ctx.checkpoints, final, adj, params)
         else:
             with torch.enable_grad():
-                a_state, a_params, a_Q = _walk_back(meta, ctx.times, ctx.checkpoints, final, adj,
-                                                    params, a_params, inputs_Q, a_Q)
+                a_state, a_params, a_Q = _walk_back(
+                    meta, ctx.times, ctx.checkpoints, final, adj, params, a_params, inputs_Q, a_Q
+                )
         out: list[Tensor | None] = [None, None, a_state[0], a_state[1]]
         if meta.chain:
             out += [a_state[2], a_state[3], a_Q]
@@ -309,7 +318,8 @@ def _walk_back(
         with torch.enable_grad() if params else contextlib.nullcontext():
             kT = evaluate_schedule(integ.kT, t)  # type: ignore[attr-defined]
         P, xi, p_xi, aP, a_xi, a_pxi, da_Q, a_kT = _chain_reverse(
-            integ, P, xi, p_xi, Q, kT.detach(), n_dof, m, aP, a_xi, a_pxi)  # type: ignore[arg-type]
+            integ, P, xi, p_xi, Q, kT.detach(), n_dof, m, aP, a_xi, a_pxi
+        )  # type: ignore[arg-type]
         if a_Q is not None:
             a_Q = a_Q + da_Q
         if kT.requires_grad:
@@ -363,8 +373,17 @@ def _walk_back(
 
 
 def _chain_reverse(
-    integ: NoseHooverChain, P: Tensor, xi: Tensor, p_xi: Tensor, Q: Tensor, kT: Tensor,
-    n_dof: int, m: Tensor, aP: Tensor, a_xi: Tensor, a_pxi: Tensor,
+    integ: NoseHooverChain,
+    P: Tensor,
+    xi: Tensor,
+    p_xi: Tensor,
+    Q: Tensor,
+    kT: Tensor,
+    n_dof: int,
+    m: Tensor,
+    aP: Tensor,
+    a_xi: Tensor,
+    a_pxi: Tensor,
 ) -> tuple[Tensor, ...]:
     """Undo one chain half step ``NoseHooverChain._half_step_chain`` and pull the adjoint
     through it, update by update in reverse order, analytically (no autograd graph).

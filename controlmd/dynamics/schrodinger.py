@@ -44,8 +44,18 @@ __all__ = [
     "yield_of_states",
 ]
 
-_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2", "euler", "midpoint", "rk4",
-                "explicit_adams", "implicit_adams")
+_ODE_METHODS = (
+    "dopri5",
+    "dopri8",
+    "bosh3",
+    "adaptive_heun",
+    "fehlberg2",
+    "euler",
+    "midpoint",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+)
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 
 
@@ -54,12 +64,16 @@ def _check_model(energies: Tensor, dipole: Tensor) -> None:
         raise ControlMDError(f"energies must have shape [n], got {tuple(energies.shape)}")
     n = energies.shape[0]
     if dipole.shape != (n, n):
-        raise ControlMDError(f"dipole must have shape [n, n] = [{n}, {n}], got {tuple(dipole.shape)}")
+        raise ControlMDError(
+            f"dipole must have shape [n, n] = [{n}, {n}], got {tuple(dipole.shape)}"
+        )
     check_finite("energies", energies)
     check_finite("dipole", dipole)
     asym = float((dipole - dipole.T).abs().max())
     if asym > 1e-10 * max(1.0, float(dipole.abs().max())):
-        raise ControlMDError(f"dipole must be real symmetric (Hermitian); max |mu - mu^T| = {asym:.3g}")
+        raise ControlMDError(
+            f"dipole must be real symmetric (Hermitian); max |mu - mu^T| = {asym:.3g}"
+        )
 
 
 class SchrodingerEquation(nn.Module):
@@ -206,9 +220,13 @@ class SplitOperator(nn.Module):
         n_steps = fields.shape[0]
         steps = torch.as_tensor(list(sample_steps), dtype=torch.long)
         if steps.numel() and (
-            int(steps.min()) < 0 or int(steps.max()) > n_steps or bool((steps[1:] <= steps[:-1]).any())
+            int(steps.min()) < 0
+            or int(steps.max()) > n_steps
+            or bool((steps[1:] <= steps[:-1]).any())
         ):
-            raise ControlMDError(f"sample_steps must increase within [0, {n_steps}], got {steps.tolist()[:10]}")
+            raise ControlMDError(
+                f"sample_steps must increase within [0, {n_steps}], got {steps.tolist()[:10]}"
+            )
         psi0 = psi0.to(torch.complex128 if self.V.dtype == torch.float64 else torch.complex64)
         return _SplitOperatorFunction.apply(psi0, fields.to(self.V.dtype), self, steps)
 
@@ -247,7 +265,9 @@ class _SplitOperatorFunction(torch.autograd.Function):
     """Forward: K split steps. Backward: the same steps inverted, with the adjoint."""
 
     @staticmethod
-    def forward(ctx: Any, psi0: Tensor, fields: Tensor, prop: SplitOperator, steps: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, psi0: Tensor, fields: Tensor, prop: SplitOperator, steps: Tensor
+    ) -> tuple[Tensor, Tensor]:
         n_steps = fields.shape[0]
         kc, ks = prop._kick(fields)
         x = _pack(psi0)
@@ -261,7 +281,9 @@ class _SplitOperatorFunction(torch.autograd.Function):
             x = prop._from_mu(prop._rotate(prop._to_mu(x), kc[k], ks[k]))
             x = prop._phase_h0(x, 1.0)
             if (k + 1) % check_every == 0 and not bool(torch.isfinite(x).all()):
-                raise SimulationDivergedError("non-finite wave function", step=k + 1, time=(k + 1) * prop.h)
+                raise SimulationDivergedError(
+                    "non-finite wave function", step=k + 1, time=(k + 1) * prop.h
+                )
         if n_steps in wanted:
             samples.append(x)
         out = _unpack(x)
@@ -275,7 +297,9 @@ class _SplitOperatorFunction(torch.autograd.Function):
         return out, sampled
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor | None, grad_samples: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_out: Tensor | None, grad_samples: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         # Conventions: for a real loss L, PyTorch's gradient of a complex tensor z is
         # G = dL/dRe z + i dL/dIm z. A unitary step psi' = M psi maps it as G = M^H G', and
         # dL/dE_k = Re(G'^H dpsi'/dE_k).
@@ -372,7 +396,9 @@ def free_evolution_yield(
     if method == "matmul":
         taus = start + spacing * torch.arange(count, dtype=energies.dtype)
         return _FreeYieldFunction.apply(psi, energies, taus, p_trans, p_cis, chunk)
-    expect = _free_expectations_nufft(psi, energies, torch.stack((p_trans, p_cis)), start, spacing, count)
+    expect = _free_expectations_nufft(
+        psi, energies, torch.stack((p_trans, p_cis)), start, spacing, count
+    )
     a, c = expect[0], expect[1]
     g = psi[:, 0].abs().square().unsqueeze(-1)
     return a / (a + c - g)
@@ -391,7 +417,9 @@ def _free_expectations_nufft(
     # A_nm for n < m; diagonal terms are time independent.
     amp = psi.conj()[:, iu[0]] * psi[:, iu[1]]  # [B, P]
     values = ops[:, iu[0], iu[1]].unsqueeze(1) * amp.unsqueeze(0)  # [n_ops, B, P]
-    diag = (ops.diagonal(dim1=1, dim2=2).unsqueeze(1) * psi.abs().square().unsqueeze(0)).sum(-1)  # [n_ops, B]
+    diag = (ops.diagonal(dim1=1, dim2=2).unsqueeze(1) * psi.abs().square().unsqueeze(0)).sum(
+        -1
+    )  # [n_ops, B]
     M = count + count % 2  # even number of modes k = -M/2 .. M/2 - 1, j = k + M/2
     theta = omega * spacing  # phase per sample, |theta| < pi needed
     if float(theta.abs().max()) >= math.pi:
@@ -419,7 +447,9 @@ def _free_expectations_nufft(
 
 class _FreeYieldFunction(torch.autograd.Function):
     @staticmethod
-    def _chunk_terms(psi: Tensor, energies: Tensor, taus: Tensor, proj: Tensor) -> tuple[Tensor, ...]:
+    def _chunk_terms(
+        psi: Tensor, energies: Tensor, taus: Tensor, proj: Tensor
+    ) -> tuple[Tensor, ...]:
         n = psi.shape[-1]
         phase = torch.exp(-1j * taus[:, None] * energies[None, :])  # [J, n]
         states = phase[None] * psi[:, None, :]  # [B, J, n]
@@ -431,8 +461,15 @@ class _FreeYieldFunction(torch.autograd.Function):
         return phase, flat, q, a, c, g
 
     @staticmethod
-    def forward(ctx: Any, psi: Tensor, energies: Tensor, taus: Tensor, p_trans: Tensor, p_cis: Tensor,
-                chunk: int) -> Tensor:
+    def forward(
+        ctx: Any,
+        psi: Tensor,
+        energies: Tensor,
+        taus: Tensor,
+        p_trans: Tensor,
+        p_cis: Tensor,
+        chunk: int,
+    ) -> Tensor:
         proj = torch.cat((p_trans, p_cis), dim=1)
         out = []
         for j in range(0, taus.numel(), chunk):
@@ -462,4 +499,3 @@ class _FreeYieldFunction(torch.autograd.Function):
             gc[..., 0] = gc[..., 0] + w * y * states0
             grad_psi = grad_psi + (phase.conj()[None] * gc).sum(1)
         return grad_psi, None, None, None, None, None
-

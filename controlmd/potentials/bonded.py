@@ -35,7 +35,9 @@ def _as_index(name: str, index: Tensor | Sequence[Sequence[int]], width: int) ->
         raise ControlMDError(f"{name} must hold integer particle indices, got dtype {t.dtype}")
     t = t.long()
     if t.numel() and int(t.min()) < 0:
-        raise ControlMDError(f"{name} must hold non-negative particle indices, got min {int(t.min())}")
+        raise ControlMDError(
+            f"{name} must hold non-negative particle indices, got min {int(t.min())}"
+        )
     for a in range(width):
         for b in range(a + 1, width):
             same = t[:, a] == t[:, b]
@@ -49,7 +51,9 @@ def _safe_norm(x: Tensor) -> Tensor:
     """``|x|`` over the last axis with a zero (not NaN) gradient at ``x = 0``."""
     s2 = (x * x).sum(dim=-1)
     nz = s2 > 0
-    return torch.where(nz, torch.sqrt(torch.where(nz, s2, torch.ones_like(s2))), torch.zeros_like(s2))
+    return torch.where(
+        nz, torch.sqrt(torch.where(nz, s2, torch.ones_like(s2))), torch.zeros_like(s2)
+    )
 
 
 class _Bonded(Potential):
@@ -69,10 +73,20 @@ class _Bonded(Potential):
     def n_terms(self) -> int:
         return int(self.index.shape[0])
 
-    def _register(self, values: dict[str, float | Tensor], learnable: bool | Sequence[str],
-                  positive: Sequence[str]) -> None:
-        self.param_names = register_params(self, values, learnable=learnable, positive=positive,
-                                           n_terms=self.n_terms, term_name=self.index_name[:-1])
+    def _register(
+        self,
+        values: dict[str, float | Tensor],
+        learnable: bool | Sequence[str],
+        positive: Sequence[str],
+    ) -> None:
+        self.param_names = register_params(
+            self,
+            values,
+            learnable=learnable,
+            positive=positive,
+            n_terms=self.n_terms,
+            term_name=self.index_name[:-1],
+        )
 
     def _vectors(self, R: Tensor) -> list[Tensor]:
         """Consecutive bond vectors ``r_{a+1} - r_a`` of each term, each ``[B, M, d]``."""
@@ -116,9 +130,15 @@ class HarmonicBond(_Bonded):
         learnable: ``True`` or names among ``("k", "r0")``.
     """
 
-    def __init__(self, bonds: Tensor | Sequence[Sequence[int]], *, k: float | Tensor = 100.0,
-                 r0: float | Tensor = 1.0, space: Space | None = None,
-                 learnable: bool | Sequence[str] = False) -> None:
+    def __init__(
+        self,
+        bonds: Tensor | Sequence[Sequence[int]],
+        *,
+        k: float | Tensor = 100.0,
+        r0: float | Tensor = 1.0,
+        space: Space | None = None,
+        learnable: bool | Sequence[str] = False,
+    ) -> None:
         super().__init__(bonds, space)
         self._register({"k": k, "r0": r0}, learnable, positive=("k", "r0"))
 
@@ -144,9 +164,15 @@ class FENEBond(_Bonded):
         learnable: ``True`` or names among ``("k", "R0")``.
     """
 
-    def __init__(self, bonds: Tensor | Sequence[Sequence[int]], *, k: float | Tensor = 30.0,
-                 R0: float | Tensor = 1.5, space: Space | None = None,
-                 learnable: bool | Sequence[str] = False) -> None:
+    def __init__(
+        self,
+        bonds: Tensor | Sequence[Sequence[int]],
+        *,
+        k: float | Tensor = 30.0,
+        R0: float | Tensor = 1.5,
+        space: Space | None = None,
+        learnable: bool | Sequence[str] = False,
+    ) -> None:
         super().__init__(bonds, space)
         self._register({"k": k, "R0": R0}, learnable, positive=("k", "R0"))
 
@@ -171,8 +197,10 @@ class FENEBond(_Bonded):
         b, m, r = bad[0]
         i, j = self.index[m].tolist()
         R0 = float(self.R0.reshape(-1)[m if self.R0.ndim else 0])
-        return (f"FENE bond {m} (particles {i}-{j}) of replica {b} is stretched to r = {r:.6g} >= "
-                f"R0 = {R0:g} ({len(bad)} such bond(s)); FENE has no finite energy there")
+        return (
+            f"FENE bond {m} (particles {i}-{j}) of replica {b} is stretched to r = {r:.6g} >= "
+            f"R0 = {R0:g} ({len(bad)} such bond(s)); FENE has no finite energy there"
+        )
 
 
 class HarmonicAngle(_Bonded):
@@ -192,9 +220,15 @@ class HarmonicAngle(_Bonded):
     width = 3
     index_name = "angles"
 
-    def __init__(self, angles: Tensor | Sequence[Sequence[int]], *, k: float | Tensor = 10.0,
-                 theta0: float | Tensor = torch.pi, space: Space | None = None,
-                 learnable: bool | Sequence[str] = False) -> None:
+    def __init__(
+        self,
+        angles: Tensor | Sequence[Sequence[int]],
+        *,
+        k: float | Tensor = 10.0,
+        theta0: float | Tensor = torch.pi,
+        space: Space | None = None,
+        learnable: bool | Sequence[str] = False,
+    ) -> None:
         super().__init__(angles, space)
         self._register({"k": k, "theta0": theta0}, learnable, positive=("k",))
 
@@ -226,9 +260,16 @@ class CosineDihedral(_Bonded):
     width = 4
     index_name = "dihedrals"
 
-    def __init__(self, dihedrals: Tensor | Sequence[Sequence[int]], *, k: float | Tensor = 1.0,
-                 n: int | Tensor = 1, phi0: float | Tensor = 0.0, space: Space | None = None,
-                 learnable: bool | Sequence[str] = False) -> None:
+    def __init__(
+        self,
+        dihedrals: Tensor | Sequence[Sequence[int]],
+        *,
+        k: float | Tensor = 1.0,
+        n: int | Tensor = 1,
+        phi0: float | Tensor = 0.0,
+        space: Space | None = None,
+        learnable: bool | Sequence[str] = False,
+    ) -> None:
         super().__init__(dihedrals, space)
         n_t = torch.as_tensor(n)
         if n_t.is_floating_point() and not bool((n_t == torch.round(n_t)).all()):
@@ -272,5 +313,7 @@ def dihedral_angle(b1: Tensor, b2: Tensor, b3: Tensor) -> Tensor:
     y = _safe_norm(b2) * (b1 * n2).sum(dim=-1)
     # atan2(0, 0) has a NaN gradient; collinear bonds (undefined torsion) get a zero gradient.
     degenerate = (x == 0) & (y == 0)
-    return torch.atan2(torch.where(degenerate, torch.zeros_like(y), y),
-                       torch.where(degenerate, torch.ones_like(x), x))
+    return torch.atan2(
+        torch.where(degenerate, torch.zeros_like(y), y),
+        torch.where(degenerate, torch.ones_like(x), x),
+    )

@@ -33,8 +33,12 @@ Coupling = Callable[[Tensor, Tensor], Tensor]
 __all__ = ["ConstantForce", "ExternalField", "HarmonicTrap", "ScaledPotential"]
 
 
-def _control_at(protocol: Protocol | nn.Module | Callable[[Tensor], Tensor], t: Tensor | float | None,
-                like: Tensor, name: str) -> Tensor:
+def _control_at(
+    protocol: Protocol | nn.Module | Callable[[Tensor], Tensor],
+    t: Tensor | float | None,
+    like: Tensor,
+    name: str,
+) -> Tensor:
     """``protocol(t)`` as ``like``'s dtype: ``[k]`` or ``[B, k]``."""
     if t is None:
         raise ControlMDError(
@@ -52,7 +56,9 @@ def _particle_index(particles: Sequence[int] | Tensor | None) -> Tensor | None:
     if p.ndim == 0:
         p = p.reshape(1)
     if p.ndim != 1 or p.numel() == 0:
-        raise ControlMDError(f"particles must be a non-empty 1-D index list, got shape {tuple(p.shape)}")
+        raise ControlMDError(
+            f"particles must be a non-empty 1-D index list, got shape {tuple(p.shape)}"
+        )
     if p.is_floating_point() or p.dtype == torch.bool:
         raise ControlMDError(f"particles must hold integer indices, got dtype {p.dtype}")
     return p.long()
@@ -64,7 +70,9 @@ def _select(R: Tensor, index: Tensor | None, bounds: tuple[int, int], name: str)
         return R
     n = R.shape[1]
     if bounds[1] >= n or bounds[0] < -n:
-        raise ControlMDError(f"{name} selects particle {bounds[1]} but R has only N = {n} particles")
+        raise ControlMDError(
+            f"{name} selects particle {bounds[1]} but R has only N = {n} particles"
+        )
     return R[:, index]
 
 
@@ -95,7 +103,9 @@ class ExternalField(Potential):
         if not callable(coupling):
             raise ControlMDError(f"coupling must be callable (R, u) -> [B], got {type(coupling)}")
         if not callable(protocol):
-            raise ControlMDError(f"protocol must be a Protocol or callable of t, got {type(protocol)}")
+            raise ControlMDError(
+                f"protocol must be a Protocol or callable of t, got {type(protocol)}"
+            )
         self.coupling = coupling
         self.protocol = protocol
 
@@ -140,7 +150,9 @@ class HarmonicTrap(Potential):
         else:
             k = torch.as_tensor(stiffness, dtype=torch.float64)
             if k.ndim != 0:
-                raise ControlMDError(f"stiffness must be a scalar or a Protocol, got shape {tuple(k.shape)}")
+                raise ControlMDError(
+                    f"stiffness must be a scalar or a Protocol, got shape {tuple(k.shape)}"
+                )
             check_positive("stiffness", k)
             self.register_buffer("stiffness", k)
         if isinstance(center, nn.Module):
@@ -221,7 +233,9 @@ class ConstantForce(Potential):
         else:
             f = torch.as_tensor(force, dtype=torch.float64)
             if f.ndim > 1 or not bool(torch.isfinite(f).all()):
-                raise ControlMDError(f"force must be a finite scalar or [d] vector, got {f.tolist()}")
+                raise ControlMDError(
+                    f"force must be a finite scalar or [d] vector, got {f.tolist()}"
+                )
             self.register_buffer("force", f)
         idx = _particle_index(particles)
         self.register_buffer("particles", idx, persistent=False)
@@ -241,7 +255,9 @@ class ConstantForce(Potential):
             v = torch.as_tensor(direction, dtype=torch.float64)
             norm = torch.linalg.vector_norm(v)
             if v.ndim != 1 or not bool(torch.isfinite(v).all()) or float(norm) == 0.0:
-                raise ControlMDError(f"direction must be a finite non-zero [d] vector, got {v.tolist()}")
+                raise ControlMDError(
+                    f"direction must be a finite non-zero [d] vector, got {v.tolist()}"
+                )
             self.register_buffer("direction", v / norm)
         else:
             self.direction = None
@@ -259,7 +275,9 @@ class ConstantForce(Potential):
                     f"with a direction the force must have 1 channel, got {f.shape[-1]}"
                 )
             if self.direction.shape[0] != d:
-                raise ControlMDError(f"direction has {self.direction.shape[0]} components, expected d = {d}")
+                raise ControlMDError(
+                    f"direction has {self.direction.shape[0]} components, expected d = {d}"
+                )
             f = f.reshape(-1, 1) * self.direction.to(like.dtype)
         elif f.ndim == 0 or f.shape[-1] != d:
             raise ControlMDError(
@@ -273,7 +291,9 @@ class ConstantForce(Potential):
         e = (X * self.force_at(t, R)).sum(dim=-1)  # [B, n]
         if self.weights is not None:
             if self.weights.shape[0] != e.shape[1]:
-                raise ControlMDError(f"weights has {self.weights.shape[0]} entries for {e.shape[1]} beads")
+                raise ControlMDError(
+                    f"weights has {self.weights.shape[0]} entries for {e.shape[1]} beads"
+                )
             e = e * self.weights.to(R.dtype)
         return -e.sum(dim=-1)
 
@@ -290,7 +310,9 @@ class ScaledPotential(Potential):
         channel: which component of ``u`` scales the term (default 0).
     """
 
-    def __init__(self, base: Potential, protocol: Protocol | Callable[[Tensor], Tensor], channel: int = 0) -> None:
+    def __init__(
+        self, base: Potential, protocol: Protocol | Callable[[Tensor], Tensor], channel: int = 0
+    ) -> None:
         super().__init__()
         if not isinstance(base, Potential):
             raise ControlMDError(f"base must be a Potential, got {type(base)}")

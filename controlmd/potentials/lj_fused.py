@@ -100,8 +100,9 @@ class PairIndex:
     n_replicas: int
 
     @staticmethod
-    def from_flat(i: Tensor, j: Tensor, B: int, N: int, d: int,
-                  dtype: torch.dtype = torch.float64) -> PairIndex:
+    def from_flat(
+        i: Tensor, j: Tensor, B: int, N: int, d: int, dtype: torch.dtype = torch.float64
+    ) -> PairIndex:
         """From flat pair indices ``i, j [M]`` into ``R.reshape(B * N, d)`` (same replica);
         ``dtype`` is that of the positions the list will be used with."""
         BN = B * N
@@ -131,7 +132,9 @@ class PairIndex:
         pos_i = cum_j.index_select(0, i).add_(pair)
         pos_j = (cum_i - len_i).index_select(0, j.index_select(0, perm_j)).add_(pair)
         pos = torch.cat([pos_i, pos_j])
-        cols = torch.empty(2 * M, dtype=torch.long, device=dev).scatter_(0, pos, torch.cat([pair, perm_j]))
+        cols = torch.empty(2 * M, dtype=torch.long, device=dev).scatter_(
+            0, pos, torch.cat([pair, perm_j])
+        )
         sign = torch.ones(2 * M, dtype=dtype, device=dev)
         sign[M:] = -1.0
         values = torch.empty(2 * M, dtype=dtype, device=dev).scatter_(0, pos, sign)
@@ -340,8 +343,9 @@ class LJEnergyForces(torch.autograd.Function):
         return grad_R, grad_sigma, grad_eps, None, None, None, None
 
 
-def _hessian_coefficient(inv: Tensor, s6: Tensor, sigma: Scalar, eps: Scalar, rc: float,
-                         shift: str) -> Tensor:
+def _hessian_coefficient(
+    inv: Tensor, s6: Tensor, sigma: Scalar, eps: Scalar, rc: float, shift: str
+) -> Tensor:
     """``2 dg/dr2`` per pair (a new tensor): the Hessian-vector product of the pair force
     ``g dR`` with a vector ``w`` is ``g w + 2 g' (w . dR) dR``."""
     gp = (s6 * 14.0).sub_(4.0).mul_(s6).mul_(inv).mul_(inv).mul_(-48.0 * eps)
@@ -434,8 +438,9 @@ def _pair_index(potential: LennardJones, R: Tensor) -> PairIndex:
         else:
             i, j = sel.dense_index(N, R.device)
         offset = (torch.arange(B, device=R.device) * N).unsqueeze(1)
-        cache[key] = PairIndex.from_flat((offset + i).reshape(-1), (offset + j).reshape(-1), B, N, d,
-                                         R.dtype)
+        cache[key] = PairIndex.from_flat(
+            (offset + i).reshape(-1), (offset + j).reshape(-1), B, N, d, R.dtype
+        )
     return cache[key]
 
 
@@ -521,7 +526,9 @@ def lj_force_vjp(
         w = _gather_pairs(v, pairs)
         wd = _row_sum(w * dR)
         coef = _hessian_coefficient(inv, s6, sigma, eps, rc, shift).mul_(wd)
-        grad_R = _scatter_pairs(torch.addcmul(w * g.unsqueeze(1), dR, coef.unsqueeze(1)), pairs, R.shape)
+        grad_R = _scatter_pairs(
+            torch.addcmul(w * g.unsqueeze(1), dR, coef.unsqueeze(1)), pairs, R.shape
+        )
         g_eps = torch.dot(wd, g) / eps if need_epsilon else None
         g_sigma = None
         if need_sigma:

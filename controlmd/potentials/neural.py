@@ -85,8 +85,14 @@ class NeuralPair(PairPotential):
         exclude: Tensor | Sequence[Sequence[int]] | None = None,
         neighbor_list: NeighborList | None = None,
     ) -> None:
-        super().__init__(space, r_cut=r_cut, shift="none", pairs=pairs, exclude=exclude,
-                         neighbor_list=neighbor_list)
+        super().__init__(
+            space,
+            r_cut=r_cut,
+            shift="none",
+            pairs=pairs,
+            exclude=exclude,
+            neighbor_list=neighbor_list,
+        )
         r_on = 0.8 * r_cut if r_on is None else r_on
         if not 0 < r_on < r_cut:
             raise ControlMDError(f"r_on must satisfy 0 < r_on < r_cut = {r_cut:g}, got {r_on}")
@@ -102,8 +108,11 @@ class NeuralPair(PairPotential):
         self.r_on = float(r_on)
         self.r_cut_value = float(r_cut)
         self.prior_power = float(prior_power)
-        self._register_params({"sigma_prior": sigma_prior, "epsilon_prior": epsilon_prior},
-                              learnable=learn_prior, positive=("sigma_prior",))
+        self._register_params(
+            {"sigma_prior": sigma_prior, "epsilon_prior": epsilon_prior},
+            learnable=learn_prior,
+            positive=("sigma_prior",),
+        )
         self.register_buffer("centers", torch.linspace(0.0, r_cut, n_basis, dtype=torch.float64))
         self.basis_width = float(r_cut) / max(n_basis - 1, 1)
         g = torch.Generator().manual_seed(seed)
@@ -131,14 +140,19 @@ class NeuralPair(PairPotential):
     def mlp_term(self, r: Tensor) -> Tensor:
         """The MLP's contribution ``MLP(phi(r))`` (energy; same shape as ``r``)."""
         w = self.mlp[0].weight
-        phi = torch.exp(-0.5 * ((r.to(w.dtype).unsqueeze(-1) - self.centers.to(w.dtype)) / self.basis_width) ** 2)
+        phi = torch.exp(
+            -0.5
+            * ((r.to(w.dtype).unsqueeze(-1) - self.centers.to(w.dtype)) / self.basis_width) ** 2
+        )
         return self.mlp(phi).squeeze(-1).to(r.dtype)
 
     def _interpolated_mlp_term(self, r: Tensor) -> Tensor:
         K = int(self.grid_points)  # type: ignore[arg-type]
         h = self.r_cut_value / (K - 1)
         with torch.enable_grad():
-            nodes = torch.linspace(0.0, self.r_cut_value, K, dtype=self.mlp[0].weight.dtype).requires_grad_(True)
+            nodes = torch.linspace(
+                0.0, self.r_cut_value, K, dtype=self.mlp[0].weight.dtype
+            ).requires_grad_(True)
             values = self.mlp_term(nodes)
             (slopes,) = torch.autograd.grad(values.sum(), nodes, create_graph=True)
         values, slopes = values.to(r.dtype), slopes.to(r.dtype)
@@ -146,8 +160,12 @@ class NeuralPair(PairPotential):
         k = torch.clamp(x.detach().floor().long(), max=K - 2)
         t = x - k.to(r.dtype)
         t2, t3 = t * t, t * t * t
-        return ((2 * t3 - 3 * t2 + 1) * values[k] + (t3 - 2 * t2 + t) * h * slopes[k]
-                + (-2 * t3 + 3 * t2) * values[k + 1] + (t3 - t2) * h * slopes[k + 1])
+        return (
+            (2 * t3 - 3 * t2 + 1) * values[k]
+            + (t3 - 2 * t2 + t) * h * slopes[k]
+            + (-2 * t3 + 3 * t2) * values[k + 1]
+            + (t3 - t2) * h * slopes[k + 1]
+        )
 
 
 def _init_linear(layer: nn.Linear, g: torch.Generator) -> None:

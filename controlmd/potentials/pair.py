@@ -67,7 +67,10 @@ def lennard_jones(r: Tensor, sigma: Tensor | float = 1.0, epsilon: Tensor | floa
 
 
 def soft_sphere(
-    r: Tensor, sigma: Tensor | float = 1.0, epsilon: Tensor | float = 1.0, alpha: Tensor | float = 2.0
+    r: Tensor,
+    sigma: Tensor | float = 1.0,
+    epsilon: Tensor | float = 1.0,
+    alpha: Tensor | float = 2.0,
 ) -> Tensor:
     """``epsilon / alpha (1 - r/sigma)^alpha`` for ``r < sigma``, else 0 (JAX MD's soft sphere)."""
     x = torch.clamp(1.0 - r / sigma, min=0.0)
@@ -75,7 +78,10 @@ def soft_sphere(
 
 
 def morse(
-    r: Tensor, sigma: Tensor | float = 1.0, epsilon: Tensor | float = 1.0, alpha: Tensor | float = 5.0
+    r: Tensor,
+    sigma: Tensor | float = 1.0,
+    epsilon: Tensor | float = 1.0,
+    alpha: Tensor | float = 5.0,
 ) -> Tensor:
     """``epsilon [(1 - exp(-alpha (r - sigma)))^2 - 1]``; minimum ``-epsilon`` at ``r = sigma``."""
     e = torch.exp(-alpha * (r - sigma))
@@ -113,7 +119,8 @@ def register_params(
         v = torch.as_tensor(value, dtype=torch.float64).detach().clone()
         if v.ndim > 1 or (v.ndim == 1 and (n_terms is None or v.shape[0] != n_terms)):
             allowed = (
-                "a scalar" if n_terms is None
+                "a scalar"
+                if n_terms is None
                 else f"a scalar or a tensor of shape [{n_terms}] (one per {term_name})"
             )
             raise ControlMDError(f"{name} must be {allowed}, got shape {tuple(v.shape)}")
@@ -138,12 +145,16 @@ def _as_index_pairs(name: str, pairs: Tensor | Sequence[Sequence[int]]) -> Tenso
     if p.numel() == 0:
         p = p.reshape(0, 2)
     if p.ndim != 2 or p.shape[1] != 2:
-        raise ControlMDError(f"{name} must have shape [P, 2] (particle index pairs), got {tuple(p.shape)}")
+        raise ControlMDError(
+            f"{name} must have shape [P, 2] (particle index pairs), got {tuple(p.shape)}"
+        )
     if p.is_floating_point() or p.dtype == torch.bool:
         raise ControlMDError(f"{name} must hold integer particle indices, got dtype {p.dtype}")
     p = p.long()
     if bool((p < 0).any()):
-        raise ControlMDError(f"{name} must hold non-negative particle indices, got min {int(p.min())}")
+        raise ControlMDError(
+            f"{name} must hold non-negative particle indices, got min {int(p.min())}"
+        )
     if bool((p[:, 0] == p[:, 1]).any()):
         k = int((p[:, 0] == p[:, 1]).nonzero()[0])
         raise ControlMDError(f"{name} row {k} pairs particle {int(p[k, 0])} with itself")
@@ -212,7 +223,9 @@ class PairSelection(nn.Module):
                 "`pairs`, or pass exclude to the NeighborList"
             )
         if neighbor_list is not None and not _same_box(neighbor_list.space, space):
-            raise ConfigError("the neighbor list was built for a different box than this term's space")
+            raise ConfigError(
+                "the neighbor list was built for a different box than this term's space"
+            )
         self.neighbor_list = neighbor_list
         self.n_pairs: int | None = None
         if pairs is not None:
@@ -256,7 +269,9 @@ class PairSelection(nn.Module):
         B, N, d = R.shape
         box = self.space.box
         if box is not None and box.shape[0] != d:
-            raise ControlMDError(f"R has spatial dimension {d} but the box has {box.shape[0]} sides")
+            raise ControlMDError(
+                f"R has spatial dimension {d} but the box has {box.shape[0]} sides"
+            )
         if self.neighbor_list is not None:
             nb = self.neighbor_list.update(R)
             Rf = R.reshape(B * N, d)
@@ -308,12 +323,16 @@ class PairPotential(Potential):
         check_choice("shift", shift, SHIFTS)
         self.shift = shift
         self.param_names: tuple[str, ...] = ()
-        self.selection = PairSelection(self.space, pairs=pairs, exclude=exclude, neighbor_list=neighbor_list)
+        self.selection = PairSelection(
+            self.space, pairs=pairs, exclude=exclude, neighbor_list=neighbor_list
+        )
         if r_cut is None:
             if neighbor_list is not None:
                 raise ConfigError("a neighbor-list pair term needs a finite r_cut")
             if self.space.periodic:
-                raise ConfigError("a pair term in a periodic box needs a finite r_cut <= half the box")
+                raise ConfigError(
+                    "a pair term in a periodic box needs a finite r_cut <= half the box"
+                )
             if shift != "none":
                 raise ConfigError(f"shift = {shift!r} needs a cutoff; give r_cut or shift='none'")
             self.r_cut = None
@@ -336,7 +355,11 @@ class PairPotential(Potential):
             )
 
     def _register_params(
-        self, values: dict[str, float | Tensor], *, learnable: bool | Sequence[str], positive: Sequence[str]
+        self,
+        values: dict[str, float | Tensor],
+        *,
+        learnable: bool | Sequence[str],
+        positive: Sequence[str],
     ) -> None:
         self.param_names = register_params(
             self, values, learnable=learnable, positive=positive, n_terms=self.selection.n_pairs
@@ -434,10 +457,17 @@ class LennardJones(PairPotential):
         exclude: Tensor | Sequence[Sequence[int]] | None = None,
         neighbor_list: NeighborList | None = None,
     ) -> None:
-        super().__init__(space, r_cut=r_cut, shift=shift, pairs=pairs, exclude=exclude,
-                         neighbor_list=neighbor_list)
-        self._register_params({"sigma": sigma, "epsilon": epsilon}, learnable=learnable,
-                              positive=("sigma", "epsilon"))
+        super().__init__(
+            space,
+            r_cut=r_cut,
+            shift=shift,
+            pairs=pairs,
+            exclude=exclude,
+            neighbor_list=neighbor_list,
+        )
+        self._register_params(
+            {"sigma": sigma, "epsilon": epsilon}, learnable=learnable, positive=("sigma", "epsilon")
+        )
 
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
         return lennard_jones(r, params["sigma"], params["epsilon"])
@@ -481,8 +511,17 @@ class WCA(LennardJones):
         neighbor_list: NeighborList | None = None,
     ) -> None:
         rc = _WCA_FACTOR * torch.as_tensor(sigma, dtype=torch.float64)
-        super().__init__(space, sigma=sigma, epsilon=epsilon, r_cut=rc, shift="energy",
-                         learnable=learnable, pairs=pairs, exclude=exclude, neighbor_list=neighbor_list)
+        super().__init__(
+            space,
+            sigma=sigma,
+            epsilon=epsilon,
+            r_cut=rc,
+            shift="energy",
+            learnable=learnable,
+            pairs=pairs,
+            exclude=exclude,
+            neighbor_list=neighbor_list,
+        )
 
     def cutoff(self, params: dict[str, Tensor], like: Tensor) -> Tensor:
         return _WCA_FACTOR * params["sigma"]
@@ -515,10 +554,14 @@ class SoftSphere(PairPotential):
         neighbor_list: NeighborList | None = None,
     ) -> None:
         rc = torch.as_tensor(sigma, dtype=torch.float64)
-        super().__init__(space, r_cut=rc, shift="none", pairs=pairs, exclude=exclude,
-                         neighbor_list=neighbor_list)
-        self._register_params({"sigma": sigma, "epsilon": epsilon, "alpha": alpha},
-                              learnable=learnable, positive=("sigma", "epsilon", "alpha"))
+        super().__init__(
+            space, r_cut=rc, shift="none", pairs=pairs, exclude=exclude, neighbor_list=neighbor_list
+        )
+        self._register_params(
+            {"sigma": sigma, "epsilon": epsilon, "alpha": alpha},
+            learnable=learnable,
+            positive=("sigma", "epsilon", "alpha"),
+        )
 
     def cutoff(self, params: dict[str, Tensor], like: Tensor) -> Tensor:
         return params["sigma"]
@@ -556,10 +599,19 @@ class Morse(PairPotential):
         exclude: Tensor | Sequence[Sequence[int]] | None = None,
         neighbor_list: NeighborList | None = None,
     ) -> None:
-        super().__init__(space, r_cut=r_cut, shift=shift, pairs=pairs, exclude=exclude,
-                         neighbor_list=neighbor_list)
-        self._register_params({"sigma": sigma, "epsilon": epsilon, "alpha": alpha},
-                              learnable=learnable, positive=("sigma", "epsilon", "alpha"))
+        super().__init__(
+            space,
+            r_cut=r_cut,
+            shift=shift,
+            pairs=pairs,
+            exclude=exclude,
+            neighbor_list=neighbor_list,
+        )
+        self._register_params(
+            {"sigma": sigma, "epsilon": epsilon, "alpha": alpha},
+            learnable=learnable,
+            positive=("sigma", "epsilon", "alpha"),
+        )
 
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
         return morse(r, params["sigma"], params["epsilon"], params["alpha"])

@@ -83,27 +83,50 @@ class TabulatedPair(PairPotential):
         values = torch.as_tensor(u, dtype=torch.float64).detach().clone()
         minimum = 3 if interpolation == "cubic" else 2
         if grid.ndim != 1 or grid.shape[0] < minimum:
-            raise ControlMDError(f"r must be a 1-D grid of >= {minimum} points, got shape {tuple(grid.shape)}")
+            raise ControlMDError(
+                f"r must be a 1-D grid of >= {minimum} points, got shape {tuple(grid.shape)}"
+            )
         if values.shape != grid.shape:
-            raise ControlMDError(f"u must have the grid's shape {tuple(grid.shape)}, got {tuple(values.shape)}")
+            raise ControlMDError(
+                f"u must have the grid's shape {tuple(grid.shape)}, got {tuple(values.shape)}"
+            )
         if not bool(torch.isfinite(grid).all()) or not bool(torch.isfinite(values).all()):
-            raise ControlMDError("r and u must be finite (cap the repulsive core of a Boltzmann-inverted table)")
+            raise ControlMDError(
+                "r and u must be finite (cap the repulsive core of a Boltzmann-inverted table)"
+            )
         if float(grid[0]) <= 0 or not bool((grid[1:] > grid[:-1]).all()):
-            raise ControlMDError(f"r must be strictly increasing with r[0] > 0, got r[0] = {float(grid[0]):g}")
-        super().__init__(space, r_cut=float(grid[-1]), shift=shift, pairs=pairs, exclude=exclude,
-                         neighbor_list=neighbor_list)
+            raise ControlMDError(
+                f"r must be strictly increasing with r[0] > 0, got r[0] = {float(grid[0]):g}"
+            )
+        super().__init__(
+            space,
+            r_cut=float(grid[-1]),
+            shift=shift,
+            pairs=pairs,
+            exclude=exclude,
+            neighbor_list=neighbor_list,
+        )
         self.interpolation = interpolation
         self.register_buffer("grid", grid)
         if learnable:
             self.values = nn.Parameter(values)
         else:
             self.register_buffer("values", values)
-        spline = _natural_spline_map(grid) if interpolation == "cubic" else torch.zeros(0, 0, dtype=torch.float64)
+        spline = (
+            _natural_spline_map(grid)
+            if interpolation == "cubic"
+            else torch.zeros(0, 0, dtype=torch.float64)
+        )
         self.register_buffer("_spline", spline, persistent=False)
 
     @classmethod
-    def from_function(cls, fn: Callable[[Tensor], Tensor], r: Sequence[float] | Tensor,
-                      space: Space | None = None, **kwargs: object) -> TabulatedPair:
+    def from_function(
+        cls,
+        fn: Callable[[Tensor], Tensor],
+        r: Sequence[float] | Tensor,
+        space: Space | None = None,
+        **kwargs: object,
+    ) -> TabulatedPair:
         """Tabulate ``fn`` (a function of a distance tensor) on the grid ``r``."""
         grid = torch.as_tensor(r, dtype=torch.float64)
         return cls(space, r=grid, u=fn(grid), **kwargs)  # type: ignore[arg-type]
@@ -113,7 +136,9 @@ class TabulatedPair(PairPotential):
         """Replace the table values in place (e.g. one IBI update); shape ``[K]``."""
         u = torch.as_tensor(u, dtype=self.values.dtype)
         if u.shape != self.values.shape or not bool(torch.isfinite(u).all()):
-            raise ControlMDError(f"table must be finite with shape {tuple(self.values.shape)}, got {tuple(u.shape)}")
+            raise ControlMDError(
+                f"table must be finite with shape {tuple(self.values.shape)}, got {tuple(u.shape)}"
+            )
         self.values.copy_(u)
 
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
@@ -124,7 +149,9 @@ class TabulatedPair(PairPotential):
         x0, x1, y0, y1 = x[k], x[k + 1], y[k], y[k + 1]
         h = x1 - x0
         below = r < x[0]
-        rr = torch.where(below, x[0].expand_as(r), r)  # evaluate the table at r_0, extrapolate after
+        rr = torch.where(
+            below, x[0].expand_as(r), r
+        )  # evaluate the table at r_0, extrapolate after
         a = (x1 - rr) / h
         b = 1.0 - a
         val = a * y0 + b * y1

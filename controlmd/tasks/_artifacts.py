@@ -27,8 +27,10 @@ ARTIFACT_SEED = 12_345
 def check_controls(controls: Sequence[str], channels: Sequence[str]) -> None:
     """``controls`` must be a non-empty list of distinct names from ``channels``."""
     if isinstance(controls, str) or len(controls) == 0:
-        raise ControlMDError(f"controls must be a non-empty list of channel names from {tuple(channels)}, "
-                             f"got {controls!r}")
+        raise ControlMDError(
+            f"controls must be a non-empty list of channel names from {tuple(channels)}, "
+            f"got {controls!r}"
+        )
     for c in controls:
         check_choice("controls entry", c, list(channels))
     if len(set(controls)) != len(controls):
@@ -85,20 +87,24 @@ class RunArtifacts:
         Returns the written paths (none when no protocol was simulated)."""
         if self._protocol is None:
             return []
-        paths, figure = self._artifacts(self._protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED)
+        paths, figure = self._artifacts(
+            self._protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED
+        )
         if logger is not None:
             logger.record_figure("outcome/final_snapshots", figure, step)
         return paths
 
-    def save_artifacts(self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16,
-                       seed: int = 0) -> list[Path]:
+    def save_artifacts(
+        self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16, seed: int = 0
+    ) -> list[Path]:
         """Roll out ``n_replicas`` fresh replicas under ``protocol`` and write their final
         states: ``final_replicas.xyz`` (extended XYZ with the task's per-replica outcome)
         and ``final_snapshots.png``. Returns the written paths."""
         return self._artifacts(protocol, Path(run_dir), n_replicas=n_replicas, seed=seed)[0]
 
-    def _artifacts(self, protocol: Protocol, run_dir: Path, *, n_replicas: int,
-                   seed: int) -> tuple[list[Path], Any]:
+    def _artifacts(
+        self, protocol: Protocol, run_dir: Path, *, n_replicas: int, seed: int
+    ) -> tuple[list[Path], Any]:
         """Roll out ``n_replicas`` fresh replicas and write their artifacts; ``(paths, figure)``."""
         run_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():

@@ -135,14 +135,22 @@ class _Constant(nn.Module):
 
     def __init__(self, value: float) -> None:
         super().__init__()
-        self.register_buffer("value", torch.tensor([float(value)], dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "value", torch.tensor([float(value)], dtype=torch.float64), persistent=False
+        )
 
     def forward(self, t: Tensor) -> Tensor:
         return self.value
 
 
-def random_gas(n_particles: int, box: float, rng: ReplicaRNG, *, min_distance: float = _MIN_START_DISTANCE,
-               max_tries: int = 10_000) -> Tensor:
+def random_gas(
+    n_particles: int,
+    box: float,
+    rng: ReplicaRNG,
+    *,
+    min_distance: float = _MIN_START_DISTANCE,
+    max_tries: int = 10_000,
+) -> Tensor:
     """Uniform random positions in a periodic square box with no pair closer than
     ``min_distance`` (minimum image), one configuration per replica of ``rng`` (random
     sequential addition, each replica from its own generator).
@@ -228,15 +236,30 @@ class Assembly(RunArtifacts, Task):
                 f"target_bonds = {target_bonds} exceeds the {max_bonds} pairs of a {cluster_size}-particle cluster"
             )
         check_controls(controls, CHANNELS)
-        for name, value in (("area_fraction", area_fraction), ("epsilon", epsilon), ("kT", kT),
-                            ("eps_min", eps_min), ("eps_max", eps_max), ("kT_min", kT_min),
-                            ("kT_max", kT_max), ("alpha", alpha), ("r_cut", r_cut), ("gamma", gamma),
-                            ("dt", dt), ("bond_cutoff", bond_cutoff), ("bond_width", bond_width)):
+        for name, value in (
+            ("area_fraction", area_fraction),
+            ("epsilon", epsilon),
+            ("kT", kT),
+            ("eps_min", eps_min),
+            ("eps_max", eps_max),
+            ("kT_min", kT_min),
+            ("kT_max", kT_max),
+            ("alpha", alpha),
+            ("r_cut", r_cut),
+            ("gamma", gamma),
+            ("dt", dt),
+            ("bond_cutoff", bond_cutoff),
+            ("bond_width", bond_width),
+        ):
             check_positive(name, value)
         if not eps_min < eps_max:
-            raise ControlMDError(f"epsilon bounds need eps_min < eps_max, got [{eps_min}, {eps_max}]")
+            raise ControlMDError(
+                f"epsilon bounds need eps_min < eps_max, got [{eps_min}, {eps_max}]"
+            )
         if not kT_min < kT_max:
-            raise ControlMDError(f"temperature bounds need kT_min < kT_max, got [{kT_min}, {kT_max}]")
+            raise ControlMDError(
+                f"temperature bounds need kT_min < kT_max, got [{kT_min}, {kT_max}]"
+            )
         if area_fraction >= 0.5:
             raise ControlMDError(
                 f"area_fraction = {area_fraction} is too dense for random placement (need < 0.5)"
@@ -267,7 +290,10 @@ class Assembly(RunArtifacts, Task):
         self.surrogate = surrogate
         self.channel_kinds = tuple(controls)
         self._slot = {kind: k for k, kind in enumerate(controls)}
-        bounds = {"epsilon": (eps_min, eps_max, "epsilon"), "temperature": (kT_min, kT_max, "epsilon")}
+        bounds = {
+            "epsilon": (eps_min, eps_max, "epsilon"),
+            "temperature": (kT_min, kT_max, "epsilon"),
+        }
         names = tuple("eps" if c == "epsilon" else "kT" for c in controls)
         self.controls = ControlChannels(
             names,
@@ -276,7 +302,9 @@ class Assembly(RunArtifacts, Task):
             tuple(bounds[c][2] for c in controls),
         )
         # Morse with unit depth; the depth eps(t) enters through ScaledPotential.
-        self._morse = Morse(self.space, sigma=1.0, epsilon=1.0, alpha=self.alpha, r_cut=self.r_cut, shift="none")
+        self._morse = Morse(
+            self.space, sigma=1.0, epsilon=1.0, alpha=self.alpha, r_cut=self.r_cut, shift="none"
+        )
 
     # ------------------------------------------------------------------ Task interface
 
@@ -305,7 +333,9 @@ class Assembly(RunArtifacts, Task):
         if self.surrogate == "yield":
             return 1.0 - self.metric(state).mean()
         n_max = self.target_bonds * self.n_particles / self.cluster_size
-        bonds = smooth_bond_count(state.R, self.bond_cutoff, width=self.bond_width, space=self.space)
+        bonds = smooth_bond_count(
+            state.R, self.bond_cutoff, width=self.bond_width, space=self.space
+        )
         return (1.0 - bonds / n_max).mean()
 
     def metric(self, state: State) -> Tensor:
@@ -316,16 +346,21 @@ class Assembly(RunArtifacts, Task):
         with torch.no_grad():
             A = bond_graph(state.R.detach(), self.bond_cutoff, self.space)
             labels = cluster_labels(A)
-            largest = torch.stack([torch.bincount(row, minlength=self.n_particles).max() for row in labels])
+            largest = torch.stack(
+                [torch.bincount(row, minlength=self.n_particles).max() for row in labels]
+            )
             bonds = A.sum(dim=(1, 2)) / 2
             degree = A.sum(-1).amax(-1)
-            return torch.stack([bonds / self.target_bonds, largest / self.n_particles, degree / 6.0],
-                               dim=-1).to(torch.float64)
+            return torch.stack(
+                [bonds / self.target_bonds, largest / self.n_particles, degree / 6.0], dim=-1
+            ).to(torch.float64)
 
     def default_control(self) -> Tensor:
         """The uncontrolled value ``[k]``: the constant ``epsilon`` and ``kT``."""
-        return torch.tensor([self.epsilon if c == "epsilon" else self.kT for c in self.channel_kinds],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [self.epsilon if c == "epsilon" else self.kT for c in self.channel_kinds],
+            dtype=torch.float64,
+        )
 
     def extras(self) -> dict[str, Any]:
         return {
@@ -336,9 +371,11 @@ class Assembly(RunArtifacts, Task):
             "dt": self.dt,
             "n_steps": self.n_steps,
             "horizon": self.horizon,
-            "yield_rule": (f"connected cluster of {self.cluster_size} with {self.target_bonds} bonds "
-                           f"(r < {self.bond_cutoff} sigma)"
-                           + (" and a particle of coordination 6" if self._is_heptamer else "")),
+            "yield_rule": (
+                f"connected cluster of {self.cluster_size} with {self.target_bonds} bonds "
+                f"(r < {self.bond_cutoff} sigma)"
+                + (" and a particle of coordination 6" if self._is_heptamer else "")
+            ),
         }
 
     # ------------------------------------------------------------------ structure measures
@@ -351,8 +388,9 @@ class Assembly(RunArtifacts, Task):
         """Exact yield of each replica ``[B]`` (fraction of particles in target clusters)."""
         A = bond_graph(R.detach(), self.bond_cutoff, self.space)
         max_degree = 6 if self._is_heptamer else None
-        return target_cluster_fraction(A, size=self.cluster_size, n_bonds=self.target_bonds,
-                                       max_degree=max_degree).to(torch.float64)
+        return target_cluster_fraction(
+            A, size=self.cluster_size, n_bonds=self.target_bonds, max_degree=max_degree
+        ).to(torch.float64)
 
     # ------------------------------------------------------------------ artifacts
 
@@ -362,17 +400,27 @@ class Assembly(RunArtifacts, Task):
 
         y = self.yield_(R)
         A = bond_graph(R, self.bond_cutoff, self.space)
-        xyz = write_xyz(run_dir / "final_replicas.xyz", R, box=self.box, species="D",
-                        properties={"coordination": A.sum(-1).to(torch.int64)},
-                        info={"replica": torch.arange(R.shape[0]), "yield": y,
-                              "bonds": (A.sum(dim=(1, 2)) // 2).to(torch.int64)})
+        xyz = write_xyz(
+            run_dir / "final_replicas.xyz",
+            R,
+            box=self.box,
+            species="D",
+            properties={"coordination": A.sum(-1).to(torch.int64)},
+            info={
+                "replica": torch.arange(R.shape[0]),
+                "yield": y,
+                "bonds": (A.sum(dim=(1, 2)) // 2).to(torch.int64),
+            },
+        )
         png = run_dir / "final_snapshots.png"
         fig = _disk_figure(R, A, y, self.box, title=f"{self.name}: final replicas")
         save_figure(fig, png)
         return [xyz, png], fig
 
 
-def _disk_figure(R: Tensor, A: Tensor, y: Tensor, box: float, *, title: str, max_panels: int = 8) -> Any:
+def _disk_figure(
+    R: Tensor, A: Tensor, y: Tensor, box: float, *, title: str, max_panels: int = 8
+) -> Any:
     """Disks of each replica (unwrapped around the largest cluster), bonds as lines."""
     from matplotlib.patches import Circle
 
@@ -387,7 +435,12 @@ def _disk_figure(R: Tensor, A: Tensor, y: Tensor, box: float, *, title: str, max
             ax.add_patch(Circle((float(X[i, 0]), float(X[i, 1])), 0.5, color=color, alpha=0.7))
             for j in range(i + 1, X.shape[0]):
                 if bool(A[k, i, j]):
-                    ax.plot([float(X[i, 0]), float(X[j, 0])], [float(X[i, 1]), float(X[j, 1])], "k-", lw=0.8)
+                    ax.plot(
+                        [float(X[i, 0]), float(X[j, 0])],
+                        [float(X[i, 1]), float(X[j, 1])],
+                        "k-",
+                        lw=0.8,
+                    )
         c = X.mean(0)
         ax.set_xlim(float(c[0]) - box / 2, float(c[0]) + box / 2)
         ax.set_ylim(float(c[1]) - box / 2, float(c[1]) + box / 2)

@@ -55,7 +55,9 @@ class ControlChannels:
                 )
         for name, lo, hi in zip(self.names, self.low, self.high):
             if not lo < hi:
-                raise ControlMDError(f"control channel {name!r}: bounds need low < high, got [{lo}, {hi}]")
+                raise ControlMDError(
+                    f"control channel {name!r}: bounds need low < high, got [{lo}, {hi}]"
+                )
 
     @property
     def dim(self) -> int:
@@ -129,14 +131,21 @@ class Task(ABC):
     def make_protocol_bounds(self) -> tuple[Tensor, Tensor]:
         return self.controls.low_tensor(), self.controls.high_tensor()
 
-    def advance(self, state: State, protocol: Protocol, n_steps: int, **simulate_options: Any) -> State:
+    def advance(
+        self, state: State, protocol: Protocol, n_steps: int, **simulate_options: Any
+    ) -> State:
         """Integrate ``n_steps`` steps under ``protocol`` (the env calls this per action)."""
         from controlmd.simulate import simulate
 
         return simulate(self.integrator(protocol), state, n_steps, **simulate_options).final
 
     def rollout(
-        self, protocol: Protocol, n_replicas: int, seed: int, *, first_replica: int = 0,
+        self,
+        protocol: Protocol,
+        n_replicas: int,
+        seed: int,
+        *,
+        first_replica: int = 0,
         **simulate_options: Any,
     ) -> State:
         """A full episode from fresh initial states; returns final states."""

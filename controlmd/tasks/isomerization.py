@@ -287,9 +287,13 @@ def _diagonalize(p: RetinalParameters) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs of H0 below ``e_cut``: ``(energies [n], vectors [2 n_cos n_osc, n])``."""
     from scipy.linalg import eigh
 
-    energies, vectors = eigh(_hamiltonian(p), subset_by_value=(-np.inf, p.e_cut), driver="evr", overwrite_a=True)
+    energies, vectors = eigh(
+        _hamiltonian(p), subset_by_value=(-np.inf, p.e_cut), driver="evr", overwrite_a=True
+    )
     if energies.shape[0] < _MIN_STATES:
-        lowest = eigh(_hamiltonian(p), eigvals_only=True, subset_by_index=(0, _MIN_STATES - 1), driver="evr")
+        lowest = eigh(
+            _hamiltonian(p), eigvals_only=True, subset_by_index=(0, _MIN_STATES - 1), driver="evr"
+        )
         raise ControlMDError(
             f"e_cut = {p.e_cut} eV keeps {energies.shape[0]} eigenstate(s); at least {_MIN_STATES} are "
             f"needed and the lowest {_MIN_STATES} lie at {', '.join(f'{e:.4g}' for e in lowest)} eV: raise e_cut"
@@ -321,7 +325,10 @@ def default_cache_dir() -> Path:
 
 
 def build_retinal_model(
-    params: RetinalParameters | None = None, *, cache_dir: str | Path | None = None, use_cache: bool = True
+    params: RetinalParameters | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
 ) -> RetinalModel:
     """Build (or load from the cache) the retinal model in its kept eigenbasis.
 
@@ -347,10 +354,19 @@ def build_retinal_model(
         arrays = {"energies": energies, **_project(p, vectors)}
         if use_cache:
             _atomic_savez(path, params=np.array(json.dumps(dataclasses.asdict(p))), **arrays)
-    as_t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items() if k != "params"}
+    as_t = {
+        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+        for k, v in arrays.items()
+        if k != "params"
+    }
     return RetinalModel(
-        params=p, energies=as_t["energies"], dipole=as_t["dipole"], p_trans=as_t["p_trans"],
-        p_cis=as_t["p_cis"], p_excited=as_t["p_excited"], basis_size=2 * p.n_cos * p.n_osc,
+        params=p,
+        energies=as_t["energies"],
+        dipole=as_t["dipole"],
+        p_trans=as_t["p_trans"],
+        p_cis=as_t["p_cis"],
+        p_excited=as_t["p_excited"],
+        basis_size=2 * p.n_cos * p.n_osc,
     )
 
 
@@ -405,7 +421,11 @@ class QuantumState:
         return dataclasses.replace(self, **changes)
 
     def detach(self) -> QuantumState:
-        return self.replace(psi=self.psi.detach(), t=self.t.detach(), aux={k: v.detach() for k, v in self.aux.items()})
+        return self.replace(
+            psi=self.psi.detach(),
+            t=self.t.detach(),
+            aux={k: v.detach() for k, v in self.aux.items()},
+        )
 
 
 # ---------------------------------------------------------------------------- the task
@@ -496,26 +516,40 @@ class Isomerization(Task):
         if n_window > n_grid:
             raise ControlMDError(f"n_window = {n_window} must be <= n_grid = {n_grid}")
         params = RetinalParameters(
-            e1=e1, w0=w0, w1=w1, omega=omega, kappa=kappa, lam=lam, inv_mass=inv_mass,
-            n_cos=n_cos, n_osc=n_osc, e_cut=e_cut,
+            e1=e1,
+            w0=w0,
+            w1=w1,
+            omega=omega,
+            kappa=kappa,
+            lam=lam,
+            inv_mass=inv_mass,
+            n_cos=n_cos,
+            n_osc=n_osc,
+            e_cut=e_cut,
         )
         self.model = _cached_model(params, cache_dir)
         self.field_mode = field_mode
         self.carriers = torch.tensor(carriers, dtype=torch.float64)
         if field_mode == "direct":
-            self.controls = ControlChannels(names=("E",), low=(-e_max,), high=(e_max,), units=("eV",))
+            self.controls = ControlChannels(
+                names=("E",), low=(-e_max,), high=(e_max,), units=("eV",)
+            )
         else:
             tags = [""] if len(carriers) == 1 else [f"_{w:g}eV" for w in carriers]
             names = tuple(f"E_{q}{tag}" for tag in tags for q in ("cos", "sin"))
             k = len(names)
-            self.controls = ControlChannels(names=names, low=(-e_max,) * k, high=(e_max,) * k, units=("eV",) * k)
+            self.controls = ControlChannels(
+                names=names, low=(-e_max,) * k, high=(e_max,) * k, units=("eV",) * k
+            )
         self.n_steps = n_steps
         self.t_pulse = t_pulse_fs * FS
         self.dt = self.t_pulse / n_steps
         self.t_end = t_end_fs * FS
         self.pulse = {
             "e0": pulse_e0 if pulse_e0 > 0 else math.sqrt(math.pi) / (pulse_tau_fs * FS),
-            "omega": pulse_omega, "tau": pulse_tau_fs * FS, "tp": pulse_tp_fs * FS,
+            "omega": pulse_omega,
+            "tau": pulse_tau_fs * FS,
+            "tp": pulse_tp_fs * FS,
         }
         self.fluence_max = fluence_max * FS  # eV^2 hbar/eV
         self.fluence_penalty = fluence_penalty
@@ -576,8 +610,12 @@ class Isomerization(Task):
         check_int("n_pieces", k)
         mid = (torch.arange(k, dtype=torch.float64) + 0.5) * (self.t_pulse / k)
         return PiecewiseConstant(
-            dim=self.controls.dim, t_final=self.t_pulse, n_pieces=k, low=list(self.controls.low),
-            high=list(self.controls.high), init=self.starting_controls(mid),
+            dim=self.controls.dim,
+            t_final=self.t_pulse,
+            n_pieces=k,
+            low=list(self.controls.low),
+            high=list(self.controls.high),
+            init=self.starting_controls(mid),
         )
 
     def reference_protocol(self) -> tuple[Tensor, Tensor]:
@@ -604,7 +642,9 @@ class Isomerization(Task):
                 f"protocol n_pieces = {protocol.n_pieces} must divide the task's n_steps = {self.n_steps} "
                 "so that no step straddles two pieces"
             )
-        t_mid = (torch.arange(first_step, first_step + n_steps, dtype=torch.float64) + 0.5) * self.dt
+        t_mid = (
+            torch.arange(first_step, first_step + n_steps, dtype=torch.float64) + 0.5
+        ) * self.dt
         u = protocol(t_mid)  # [K, k] or [K, B, k]
         per_replica = u.ndim == 3
         if self.field_mode == "direct":
@@ -621,17 +661,25 @@ class Isomerization(Task):
         :param values: ``[n_steps]``, eV, inside ``+-e_max``.
         """
         if self.field_mode != "direct":
-            raise ControlMDError(f"field_protocol needs field_mode = 'direct', got {self.field_mode!r}")
+            raise ControlMDError(
+                f"field_protocol needs field_mode = 'direct', got {self.field_mode!r}"
+            )
         v = torch.as_tensor(values, dtype=torch.float64).detach()
         if v.ndim != 1 or v.numel() != self.n_steps:
             raise ControlMDError(
                 f"field table has shape {tuple(v.shape)}; expected [{self.n_steps}] (one value per step, n_steps)"
             )
         if not bool(torch.isfinite(v).all()) or float(v.abs().max()) >= self.controls.high[0]:
-            raise ControlMDError(f"field table values must be finite and inside +-e_max = {self.controls.high[0]} eV")
+            raise ControlMDError(
+                f"field table values must be finite and inside +-e_max = {self.controls.high[0]} eV"
+            )
         return PiecewiseConstant(
-            dim=1, t_final=self.t_pulse, n_pieces=self.n_steps, low=self.controls.low[0],
-            high=self.controls.high[0], init=v.unsqueeze(-1),
+            dim=1,
+            t_final=self.t_pulse,
+            n_pieces=self.n_steps,
+            low=self.controls.low[0],
+            high=self.controls.high[0],
+            init=v.unsqueeze(-1),
         )
 
     # ------------------------------------------------------------------ dynamics
@@ -693,8 +741,16 @@ class Isomerization(Task):
             if propagator == "split":
                 psi, samples = self.propagator.propagate(state.psi, fields, sample_steps=local)
             else:
-                psi, samples = self._propagate_ode(state, protocol, n_steps, local, method,
-                                                   adjoint=gradient == "adjoint", rtol=rtol, atol=atol)
+                psi, samples = self._propagate_ode(
+                    state,
+                    protocol,
+                    n_steps,
+                    local,
+                    method,
+                    adjoint=gradient == "adjoint",
+                    rtol=rtol,
+                    atol=atol,
+                )
             fluence = (fields**2).sum(0) * self.dt
             aux = {k: v for k, v in state.aux.items() if not k.startswith("_")}
             if samples.shape[0]:
@@ -702,24 +758,53 @@ class Isomerization(Task):
                 aux["yield_sum"] = aux["yield_sum"] + ys.sum(0)
             aux["fluence"] = aux["fluence"] + fluence
         return QuantumState(
-            psi=psi, t=torch.tensor((k0 + n_steps) * self.dt, dtype=torch.float64), step=k0 + n_steps, aux=aux
+            psi=psi,
+            t=torch.tensor((k0 + n_steps) * self.dt, dtype=torch.float64),
+            step=k0 + n_steps,
+            aux=aux,
         )
 
     def _propagate_ode(
-        self, state: QuantumState, protocol: Protocol, n_steps: int, local: list[int], method: str, *,
-        adjoint: bool, rtol: float, atol: float,
+        self,
+        state: QuantumState,
+        protocol: Protocol,
+        n_steps: int,
+        local: list[int],
+        method: str,
+        *,
+        adjoint: bool,
+        rtol: float,
+        atol: float,
     ) -> tuple[Tensor, Tensor]:
         t0 = state.step * self.dt
         marks = sorted(set([0, *local, n_steps]))
         times = torch.tensor([t0 + s * self.dt for s in marks], dtype=torch.float64)
-        options = {} if method in ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2") else {"step_size": self.dt}
-        states = solve_schrodinger(self.schrodinger_equation(protocol), state.psi, times, method=method,
-                                   adjoint=adjoint, rtol=rtol, atol=atol, options=options)
+        options = (
+            {}
+            if method in ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+            else {"step_size": self.dt}
+        )
+        states = solve_schrodinger(
+            self.schrodinger_equation(protocol),
+            state.psi,
+            times,
+            method=method,
+            adjoint=adjoint,
+            rtol=rtol,
+            atol=atol,
+            options=options,
+        )
         index = [marks.index(s) for s in local]
         return states[-1], states[index] if index else states[:0]
 
     def rollout(  # type: ignore[override]
-        self, protocol: Protocol, n_replicas: int, seed: int, *, first_replica: int = 0, **options: Any
+        self,
+        protocol: Protocol,
+        n_replicas: int,
+        seed: int,
+        *,
+        first_replica: int = 0,
+        **options: Any,
     ) -> QuantumState:
         """The whole pulse from the ground state; options as in :meth:`advance`."""
         state = self.initial_state(n_replicas, seed, first_replica=first_replica)
@@ -740,7 +825,9 @@ class Isomerization(Task):
         s = state.step
         first = max(self._first_window_step, s)
         y_in = self._free_yield(state.psi, (first - s) * self.dt, self.dt, self.n_steps - first)
-        y_post = self._free_yield(state.psi, self._post_start - s * self.dt, self.grid_spacing, self._n_post)
+        y_post = self._free_yield(
+            state.psi, self._post_start - s * self.dt, self.grid_spacing, self._n_post
+        )
         total = self.dt * (state.aux["yield_sum"] + y_in.sum(1)) + self.grid_spacing * y_post.sum(1)
         value = total / self._weight_total
         state.aux["_window_yield"] = value
@@ -748,8 +835,17 @@ class Isomerization(Task):
 
     def _free_yield(self, psi: Tensor, start: float, spacing: float, count: int) -> Tensor:
         m = self.model
-        return free_evolution_yield(psi, m.energies, m.p_trans, m.p_cis, start=start, spacing=spacing,
-                                    count=count, method=self.yield_method, chunk=self.yield_chunk)
+        return free_evolution_yield(
+            psi,
+            m.energies,
+            m.p_trans,
+            m.p_cis,
+            start=start,
+            spacing=spacing,
+            count=count,
+            method=self.yield_method,
+            chunk=self.yield_chunk,
+        )
 
     def loss(self, state: QuantumState) -> Tensor:  # type: ignore[override]
         """``-mean(Y_window)``, plus ``fluence_penalty * relu(F / fluence_max - 1)^2`` when
@@ -786,7 +882,9 @@ class Isomerization(Task):
         n = psi.shape[-1]
         flat = torch.stack((psi.real, psi.imag)).reshape(-1, n)
         q = flat @ torch.cat((m.p_excited, m.p_trans, m.p_cis), dim=1)
-        expect = [(flat * q[:, j * n : (j + 1) * n]).reshape(2, -1, n).sum((0, 2)) for j in range(3)]
+        expect = [
+            (flat * q[:, j * n : (j + 1) * n]).reshape(2, -1, n).sum((0, 2)) for j in range(3)
+        ]
         return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect], dim=1)
 
     # ------------------------------------------------------------------ reports
@@ -815,7 +913,9 @@ class Isomerization(Task):
         with torch.no_grad():
             psi = m.dipole[:, 0].to(torch.complex128)
             psi = (psi / torch.linalg.vector_norm(psi)).unsqueeze(0)
-            ys = self._free_yield(psi, self.window_start, self.grid_spacing, self._window_times.numel())
+            ys = self._free_yield(
+                psi, self.window_start, self.grid_spacing, self._window_times.numel()
+            )
         return float(ys.mean())
 
     def extras(self) -> dict[str, Any]:
@@ -849,7 +949,9 @@ def field_spectrum(times: Tensor, field: Tensor) -> tuple[Tensor, Tensor]:
     n = field.numel()
     pad = 1 << (4 * n - 1).bit_length()  # zero padding for a smooth curve
     power = torch.fft.rfft(field, n=pad).abs().square()
-    energies = 2 * math.pi * torch.fft.rfftfreq(pad, d=float(times[1] - times[0]), dtype=torch.float64)
+    energies = (
+        2 * math.pi * torch.fft.rfftfreq(pad, d=float(times[1] - times[0]), dtype=torch.float64)
+    )
     return energies, power / power.max().clamp_min(1e-300)
 
 
@@ -880,7 +982,10 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     for name in ("protocol_initial.pt", "protocol.pt", "progress.jsonl"):
         if not (run / name).is_file():
             raise ControlMDError(f"{run} has no {name} (did the run finish?)")
-    protocols = {"initial": load_protocol(run / "protocol_initial.pt"), "trained": load_protocol(run / "protocol.pt")}
+    protocols = {
+        "initial": load_protocol(run / "protocol_initial.pt"),
+        "trained": load_protocol(run / "protocol.pt"),
+    }
     losses: dict[int, float] = {}
     evaluated: dict[int, float] = {}
     for line in (run / "progress.jsonl").read_text().splitlines():
@@ -898,7 +1003,9 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         # the loss logged at step i is -Y of the field after i - 1 updates
         source, points = "-train/loss", [(i - 1, -loss) for i, loss in sorted(losses.items())]
         if "metric_final" in metrics:
-            points.append((int(metrics.get("iterations", len(points))), float(metrics["metric_final"])))
+            points.append(
+                (int(metrics.get("iterations", len(points))), float(metrics["metric_final"]))
+            )
     yields = [y for _, y in points]
 
     curves, fields, summary = {}, {}, {}
@@ -925,7 +1032,13 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     }
     for name, fig in figures.items():
         save_figure(fig, run / f"{name}.png")
-    rows = ["t_fs,E_eV", *(f"{t:.6f},{e:.12g}" for t, e in zip((t_steps / FS).tolist(), fields["trained"][0].tolist()))]
+    rows = [
+        "t_fs,E_eV",
+        *(
+            f"{t:.6f},{e:.12g}"
+            for t, e in zip((t_steps / FS).tolist(), fields["trained"][0].tolist())
+        ),
+    ]
     atomic_write_text(run / "field.csv", "\n".join(rows) + "\n")
     sink = TensorBoardSink(run / "tb")
     for i, y in points:
@@ -961,7 +1074,13 @@ def _figure(n_rows: int = 1, height: float = 3.0) -> tuple[Any, Any]:
 def _plot_yields(points: list[tuple[int, float]]) -> Any:
     fig, (ax,) = _figure()
     ax.plot([i for i, _ in points], [y for _, y in points], "o-", ms=3, label="controlmd")
-    ax.plot(list(PAPER_YIELDS), list(PAPER_YIELDS.values()), "s", color="black", label="paper (arXiv:2003.00868)")
+    ax.plot(
+        list(PAPER_YIELDS),
+        list(PAPER_YIELDS.values()),
+        "s",
+        color="black",
+        label="paper (arXiv:2003.00868)",
+    )
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("time-averaged yield")
     ax.grid(alpha=0.3)
@@ -973,7 +1092,9 @@ def _plot_curves(curves: dict[str, tuple[Tensor, Tensor]], task: Isomerization) 
     fig, (ax,) = _figure()
     for label, (t, y) in curves.items():
         ax.plot(t.numpy(), y.numpy(), lw=0.8, label=label)
-    ax.axvspan(task.window_start / FS, task.t_end / FS, color="grey", alpha=0.12, label="averaging window")
+    ax.axvspan(
+        task.window_start / FS, task.t_end / FS, color="grey", alpha=0.12, label="averaging window"
+    )
     ax.axvline(task.t_pulse / FS, color="grey", lw=0.6, ls="--")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("t [fs]")
@@ -1007,11 +1128,19 @@ def _register_report_command() -> None:
     def arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("run_dir", type=Path, help="a run folder of an isomerization experiment")
 
-    @command("isomerization-report", help="figures and numbers of an isomerization run", arguments=arguments)
+    @command(
+        "isomerization-report",
+        help="figures and numbers of an isomerization run",
+        arguments=arguments,
+    )
     def _report(args: argparse.Namespace) -> int:
         report = write_report(args.run_dir)
-        print(f"yield: {report['initial_yield']:.4f} (starting field) -> {report['trained_yield']:.4f} (trained)")
-        print(f"fluence: {report['initial_fluence_eV2_fs']:.4g} -> {report['trained_fluence_eV2_fs']:.4g} eV^2 fs")
+        print(
+            f"yield: {report['initial_yield']:.4f} (starting field) -> {report['trained_yield']:.4f} (trained)"
+        )
+        print(
+            f"fluence: {report['initial_fluence_eV2_fs']:.4g} -> {report['trained_fluence_eV2_fs']:.4g} eV^2 fs"
+        )
         print(f"figures and isomerization_report.json written to {args.run_dir}")
         return 0
 

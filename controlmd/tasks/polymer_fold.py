@@ -168,7 +168,9 @@ class _Select(nn.Module):
     def __init__(self, protocol: Protocol, index: Sequence[int]) -> None:
         super().__init__()
         self.protocol = protocol
-        self.register_buffer("index", torch.as_tensor(list(index), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "index", torch.as_tensor(list(index), dtype=torch.long), persistent=False
+        )
 
     def forward(self, t: Tensor) -> Tensor:
         return self.protocol(t)[..., self.index]
@@ -218,9 +220,16 @@ class PairBias(nn.Module):
         return (self.features(R) * u.to(R)).sum(-1)
 
 
-def random_coil(target: Tensor, rng: ReplicaRNG, *, min_distance: float = 1.0,
-                contacts: Tensor | None = None, d_native: Tensor | None = None,
-                native_fraction: float = 0.85, max_tries: int = 200) -> Tensor:
+def random_coil(
+    target: Tensor,
+    rng: ReplicaRNG,
+    *,
+    min_distance: float = 1.0,
+    contacts: Tensor | None = None,
+    d_native: Tensor | None = None,
+    native_fraction: float = 0.85,
+    max_tries: int = 200,
+) -> Tensor:
     """Self-avoiding random walks with the target's bond lengths and angles and uniform
     random torsions, one per replica of ``rng``.
 
@@ -250,8 +259,14 @@ def random_coil(target: Tensor, rng: ReplicaRNG, *, min_distance: float = 1.0,
     return R - R.mean(dim=1, keepdim=True)
 
 
-def _one_coil(n: int, bonds: list[float], angles: list[float], g: torch.Generator,
-              min_sq: list[list[float]], max_tries: int) -> list[list[float]]:
+def _one_coil(
+    n: int,
+    bonds: list[float],
+    angles: list[float],
+    g: torch.Generator,
+    min_sq: list[list[float]],
+    max_tries: int,
+) -> list[list[float]]:
     while True:
         pts = [[0.0, 0.0, 0.0], [bonds[0], 0.0, 0.0]] if n > 1 else [[0.0, 0.0, 0.0]]
         ok = True
@@ -272,7 +287,10 @@ def _one_coil(n: int, bonds: list[float], angles: list[float], g: torch.Generato
                 # new bond direction at bond angle theta to the previous bond
                 c, s = -math.cos(theta), math.sin(theta)
                 p = [b[i] + bonds[k - 1] * (c * u[i] + s * v[i]) for i in range(3)]
-                if all(sum((p[i] - q[i]) ** 2 for i in range(3)) > min_sq[k][m] for m, q in enumerate(pts[: k - 1])):
+                if all(
+                    sum((p[i] - q[i]) ** 2 for i in range(3)) > min_sq[k][m]
+                    for m, q in enumerate(pts[: k - 1])
+                ):
                     pts.append(p)
                     break
             else:
@@ -347,20 +365,37 @@ class PolymerFold(RunArtifacts, Task):
                     f"n_beads = {n_beads} does not match the target {target!r}, which has {n} beads"
                 )
         check_controls(controls, CHANNELS)
-        for name, value in (("kT", kT), ("kT_min", kT_min), ("kT_max", kT_max), ("eps_min", eps_min),
-                            ("eps_max", eps_max), ("force_max", force_max), ("bias_width", bias_width),
-                            ("bias_max", bias_max), ("gamma", gamma), ("dt", dt), ("k_bond", k_bond),
-                            ("k_angle", k_angle), ("k_dihedral", k_dihedral), ("k_dihedral3", k_dihedral3),
-                            ("eps_contact", eps_contact), ("contact_alpha", contact_alpha),
-                            ("sigma_repulsive", sigma_repulsive), ("rmsd_folded", rmsd_folded),
-                            ("contact_tolerance", contact_tolerance), ("q_sharpness", q_sharpness)):
+        for name, value in (
+            ("kT", kT),
+            ("kT_min", kT_min),
+            ("kT_max", kT_max),
+            ("eps_min", eps_min),
+            ("eps_max", eps_max),
+            ("force_max", force_max),
+            ("bias_width", bias_width),
+            ("bias_max", bias_max),
+            ("gamma", gamma),
+            ("dt", dt),
+            ("k_bond", k_bond),
+            ("k_angle", k_angle),
+            ("k_dihedral", k_dihedral),
+            ("k_dihedral3", k_dihedral3),
+            ("eps_contact", eps_contact),
+            ("contact_alpha", contact_alpha),
+            ("sigma_repulsive", sigma_repulsive),
+            ("rmsd_folded", rmsd_folded),
+            ("contact_tolerance", contact_tolerance),
+            ("q_sharpness", q_sharpness),
+        ):
             check_positive(name, value)
         check_positive("eps_nonnative", eps_nonnative, allow_zero=True)
         check_positive("w_dihedral", w_dihedral, allow_zero=True)
         if not kT_min < kT_max:
             raise ControlMDError(f"kT bounds need kT_min < kT_max, got [{kT_min}, {kT_max}]")
         if not eps_min < eps_max:
-            raise ControlMDError(f"epsilon bounds need eps_min < eps_max, got [{eps_min}, {eps_max}]")
+            raise ControlMDError(
+                f"epsilon bounds need eps_min < eps_max, got [{eps_min}, {eps_max}]"
+            )
         if not 0.0 < q_folded <= 1.0:
             raise ControlMDError(f"q_folded must be in (0, 1], got {q_folded}")
         check_int("n_steps", n_steps)
@@ -406,17 +441,27 @@ class PolymerFold(RunArtifacts, Task):
         pulls = [tuple(p) for p in tweezer_pairs]
         for p in pulls:
             if len(p) != 2:
-                raise ControlMDError(f"tweezer_pairs entries must be bead pairs [i, j], got {list(p)}")
+                raise ControlMDError(
+                    f"tweezer_pairs entries must be bead pairs [i, j], got {list(p)}"
+                )
             for b in p:
                 if not -n <= int(b) < n:
-                    raise ControlMDError(f"tweezer_pairs bead index {b} is out of range for {n} beads")
+                    raise ControlMDError(
+                        f"tweezer_pairs bead index {b} is out of range for {n} beads"
+                    )
         self.tweezer_pairs = [(int(i) % n, int(j) % n) for i, j in pulls]
         if bias_centers is None:
-            centers = torch.linspace(1.2, 3.2, n_bias, dtype=torch.float64) if n_bias > 1 else torch.tensor([2.0])
+            centers = (
+                torch.linspace(1.2, 3.2, n_bias, dtype=torch.float64)
+                if n_bias > 1
+                else torch.tensor([2.0])
+            )
         else:
             centers = torch.as_tensor(list(bias_centers), dtype=torch.float64)
             if centers.numel() != n_bias:
-                raise ControlMDError(f"bias_centers has {centers.numel()} values for n_bias = {n_bias}")
+                raise ControlMDError(
+                    f"bias_centers has {centers.numel()} values for n_bias = {n_bias}"
+                )
         check_int("n_bias", n_bias)
         self.bias_centers = centers
         self.bias_width = float(bias_width)
@@ -425,6 +470,7 @@ class PolymerFold(RunArtifacts, Task):
         else:
             i, j = torch.triu_indices(n, n, offset=3)
             self.bias_index = torch.stack([i, j], dim=1)
+
         def add(channel: str, lo: float, hi: float, unit: str) -> None:
             names.append(channel)
             low.append(float(lo))
@@ -452,9 +498,8 @@ class PolymerFold(RunArtifacts, Task):
     def _build_h0(self) -> tuple[Potential, Potential]:
         """``(fixed terms, attraction)``: the attraction is what the epsilon channel scales."""
         n = self.n_beads
-        bonded = (
-            HarmonicBond(self._bonds, k=self.k_bond, r0=self._b0)
-            + HarmonicAngle(self._angles, k=self.k_angle, theta0=self._theta0)
+        bonded = HarmonicBond(self._bonds, k=self.k_bond, r0=self._b0) + HarmonicAngle(
+            self._angles, k=self.k_angle, theta0=self._theta0
         )
         m = self._dihedrals.shape[0]
         if m > 0:
@@ -466,16 +511,23 @@ class PolymerFold(RunArtifacts, Task):
             bonded = bonded + CosineDihedral(quads, k=k.double(), n=mult, phi0=phase.double())
         near = [(i, i + s) for s in (1,) for i in range(n - s)]
         repulsion = WCA(sigma=self.sigma_repulsive, epsilon=1.0, exclude=near)
-        contacts = Morse(sigma=self.d_native, epsilon=self.eps_contact, alpha=self.contact_alpha,
-                         r_cut=None, shift="none", pairs=self.contacts)
+        contacts = Morse(
+            sigma=self.d_native,
+            epsilon=self.eps_contact,
+            alpha=self.contact_alpha,
+            r_cut=None,
+            shift="none",
+            pairs=self.contacts,
+        )
         attraction: Potential = contacts
         if self.eps_nonnative > 0:
             i, j = torch.triu_indices(n, n, offset=3)
             native = set(map(tuple, self.contacts.tolist()))
             keep = [k for k, p in enumerate(zip(i.tolist(), j.tolist())) if p not in native]
             pairs = torch.stack([i[keep], j[keep]], dim=1)
-            attraction = attraction + LennardJones(sigma=1.0, epsilon=self.eps_nonnative, r_cut=None,
-                                                   shift="none", pairs=pairs)
+            attraction = attraction + LennardJones(
+                sigma=1.0, epsilon=self.eps_nonnative, r_cut=None, shift="none", pairs=pairs
+            )
         return bonded + repulsion, attraction
 
     def potential(self, protocol: Protocol) -> Potential:
@@ -486,8 +538,12 @@ class PolymerFold(RunArtifacts, Task):
         total = self._h0_fixed + attraction
         if "tweezers" in self._slots:
             for (i, j), c in zip(self.tweezer_pairs, self._slots["tweezers"]):
-                total = total + ConstantForce(_Select(protocol, [c]), particles=[i, j],
-                                              weights=[-1.0, 1.0], direction=[1.0, 0.0, 0.0])
+                total = total + ConstantForce(
+                    _Select(protocol, [c]),
+                    particles=[i, j],
+                    weights=[-1.0, 1.0],
+                    direction=[1.0, 0.0, 0.0],
+                )
         if "bias" in self._slots:
             bias = PairBias(self.bias_index, self.bias_centers, self.bias_width)
             total = total + ExternalField(bias, _Select(protocol, self._slots["bias"]))
@@ -498,7 +554,9 @@ class PolymerFold(RunArtifacts, Task):
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
         rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
         R = random_coil(self.target, rng, contacts=self.contacts, d_native=self.d_native)
-        return self._dynamics(self._h0_fixed + self._h0_attraction, self.kT).init(R, kT=self.kT, rng=rng)
+        return self._dynamics(self._h0_fixed + self._h0_attraction, self.kT).init(
+            R, kT=self.kT, rng=rng
+        )
 
     def integrator(self, protocol: Protocol) -> Integrator:
         self._protocol = protocol
@@ -512,8 +570,14 @@ class PolymerFold(RunArtifacts, Task):
 
     def loss(self, state: State) -> Tensor:
         R = state.R
-        q = native_contact_fraction(R, self.contacts, self.d_native, tol=self.contact_tolerance,
-                                    smooth=True, sharpness=self.q_sharpness)
+        q = native_contact_fraction(
+            R,
+            self.contacts,
+            self.d_native,
+            tol=self.contact_tolerance,
+            smooth=True,
+            sharpness=self.q_sharpness,
+        )
         per_replica = 1.0 - q
         if self.w_dihedral > 0 and self._phi0.numel() > 0:
             per_replica = per_replica + self.w_dihedral * self.torsion_misfit(R)
@@ -526,8 +590,10 @@ class PolymerFold(RunArtifacts, Task):
     def observe(self, state: State) -> Tensor:
         with torch.no_grad():
             R = state.R.detach()
-            return torch.stack([self.contact_fraction(R), kabsch_rmsd(R, self.target),
-                                radius_of_gyration(R)], dim=-1).to(torch.float64)
+            return torch.stack(
+                [self.contact_fraction(R), kabsch_rmsd(R, self.target), radius_of_gyration(R)],
+                dim=-1,
+            ).to(torch.float64)
 
     def default_control(self) -> Tensor:
         """The control value ``[k]`` that leaves H0 and the bath as built (no control):
@@ -563,12 +629,16 @@ class PolymerFold(RunArtifacts, Task):
 
     def contact_fraction(self, R: Tensor) -> Tensor:
         """Exact Q ``[B]``."""
-        return native_contact_fraction(R, self.contacts, self.d_native, tol=self.contact_tolerance, smooth=False)
+        return native_contact_fraction(
+            R, self.contacts, self.d_native, tol=self.contact_tolerance, smooth=False
+        )
 
     def folded(self, R: Tensor) -> Tensor:
         """Exact folded indicator ``[B]`` bool: ``Q >= q_folded`` and RMSD < ``rmsd_folded``."""
         R = R.detach()
-        return (self.contact_fraction(R) >= self.q_folded) & (kabsch_rmsd(R, self.target) < self.rmsd_folded)
+        return (self.contact_fraction(R) >= self.q_folded) & (
+            kabsch_rmsd(R, self.target) < self.rmsd_folded
+        )
 
     # ------------------------------------------------------------------ artifacts
 
@@ -577,18 +647,40 @@ class PolymerFold(RunArtifacts, Task):
         from controlmd.plotting import save_figure
 
         q, rmsd, folded = self.contact_fraction(R), kabsch_rmsd(R, self.target), self.folded(R)
-        xyz = write_xyz(run_dir / "final_replicas.xyz", R, species="C",
-                        info={"replica": torch.arange(R.shape[0]), "Q": q, "rmsd": rmsd,
-                              "folded": folded.to(torch.int64)})
-        fig = _chain_figure(kabsch_align(R, self.target), self.target, q, rmsd, folded,
-                            title=f"{self.name} ({self.target_name}): final replicas, aligned on the target")
+        xyz = write_xyz(
+            run_dir / "final_replicas.xyz",
+            R,
+            species="C",
+            info={
+                "replica": torch.arange(R.shape[0]),
+                "Q": q,
+                "rmsd": rmsd,
+                "folded": folded.to(torch.int64),
+            },
+        )
+        fig = _chain_figure(
+            kabsch_align(R, self.target),
+            self.target,
+            q,
+            rmsd,
+            folded,
+            title=f"{self.name} ({self.target_name}): final replicas, aligned on the target",
+        )
         png = run_dir / "final_snapshots.png"
         save_figure(fig, png)
         return [xyz, png], fig
 
 
-def _chain_figure(R: Tensor, target: Tensor, q: Tensor, rmsd: Tensor, folded: Tensor, *,
-                  title: str, max_panels: int = 8) -> Any:
+def _chain_figure(
+    R: Tensor,
+    target: Tensor,
+    q: Tensor,
+    rmsd: Tensor,
+    folded: Tensor,
+    *,
+    title: str,
+    max_panels: int = 8,
+) -> Any:
     """Chains (aligned on the target) projected on the x-z plane, the target in grey."""
     fig, axes = panel_grid(R.shape[0], max_panels=max_panels)
     T = target.numpy()

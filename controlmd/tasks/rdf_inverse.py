@@ -267,7 +267,9 @@ def load_rdf_csv(path: str | Path) -> RDFTarget:
         if r < 0:
             raise ControlMDError(f"{where}: r must be >= 0, got {r:g}")
         if g < 0:
-            raise ControlMDError(f"{where}: g(r) must be >= 0 (an RDF is a density ratio), got {g:g}")
+            raise ControlMDError(
+                f"{where}: g(r) must be >= 0 (an RDF is a density ratio), got {g:g}"
+            )
         if rows and r <= rows[-1][0]:
             raise ControlMDError(
                 f"{where}: r must be strictly increasing, got {r:g} after {rows[-1][0]:g}"
@@ -285,7 +287,9 @@ def load_rdf_csv(path: str | Path) -> RDFTarget:
     return RDFTarget(data[:, 0].contiguous(), data[:, 1].contiguous(), width, meta, str(path))
 
 
-def save_rdf_csv(path: str | Path, r: Tensor, g: Tensor, *, meta: dict[str, object] | None = None) -> None:
+def save_rdf_csv(
+    path: str | Path, r: Tensor, g: Tensor, *, meta: dict[str, object] | None = None
+) -> None:
     """Write ``r [M]``, ``g [M]`` in the CSV format (atomically: temporary file + rename).
 
     :param path: destination.
@@ -415,7 +419,9 @@ def make_pair_potential(
         if not isinstance(learnable, bool):
             bad = sorted(set(learnable) - set(names))
             if bad:
-                raise ControlMDError(f"learn names {bad}, which potential {kind!r} does not have; expected: {', '.join(names)}")
+                raise ControlMDError(
+                    f"learn names {bad}, which potential {kind!r} does not have; expected: {', '.join(names)}"
+                )
         if kind == "lj":
             return LennardJones(space, r_cut=r_cut, shift=shift, learnable=learnable, **params)
         if kind == "morse":
@@ -424,7 +430,9 @@ def make_pair_potential(
     if kind == "neural":
         return NeuralPair(space, r_cut=r_cut, **params)
     if "r" not in params or "u" not in params:
-        raise ControlMDError("a tabulated potential needs params with the grid 'r' and the values 'u'")
+        raise ControlMDError(
+            "a tabulated potential needs params with the grid 'r' and the values 'u'"
+        )
     return TabulatedPair(space, learnable=bool(learn), **params)
 
 
@@ -436,7 +444,9 @@ def save_pair_potential(path: str | Path, pair: PairPotential, spec: dict[str, A
     and its parameter values, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": PAIR_FILE_FORMAT, "spec": _plain(spec), "state_dict": pair.state_dict()}, tmp)
+    torch.save(
+        {"format": PAIR_FILE_FORMAT, "spec": _plain(spec), "state_dict": pair.state_dict()}, tmp
+    )
     tmp.replace(path)
 
 
@@ -445,10 +455,18 @@ def load_pair_potential(path: str | Path, space: Space) -> PairPotential:
     at another density, for transfer checks)."""
     blob = torch.load(Path(path), map_location="cpu", weights_only=False)
     if not isinstance(blob, dict) or blob.get("format") != PAIR_FILE_FORMAT:
-        raise ControlMDError(f"{path} is not a controlmd pair-potential file (format {PAIR_FILE_FORMAT})")
+        raise ControlMDError(
+            f"{path} is not a controlmd pair-potential file (format {PAIR_FILE_FORMAT})"
+        )
     spec = dict(blob["spec"])
-    pair = make_pair_potential(spec["potential"], space, params=spec.get("params"), learn=spec.get("learn", False),
-                               r_cut=spec.get("r_cut", 2.5), shift=spec.get("shift", "energy"))
+    pair = make_pair_potential(
+        spec["potential"],
+        space,
+        params=spec.get("params"),
+        learn=spec.get("learn", False),
+        r_cut=spec.get("r_cut", 2.5),
+        shift=spec.get("shift", "energy"),
+    )
     pair.load_state_dict(blob["state_dict"])
     return pair
 
@@ -549,8 +567,14 @@ class RDFInverse(Task):
         average_last: int = 20,
     ) -> None:
         check_int("n_particles", n_particles, minimum=2)
-        for name, value in (("density", density), ("kT", kT), ("dt", dt), ("r_cut", r_cut),
-                            ("r_max", r_max), ("tau", tau)):
+        for name, value in (
+            ("density", density),
+            ("kT", kT),
+            ("dt", dt),
+            ("r_cut", r_cut),
+            ("r_max", r_max),
+            ("tau", tau),
+        ):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ControlMDError(f"{name} must be a number, got {value!r}")
             check_positive(name, value)
@@ -561,11 +585,17 @@ class RDFInverse(Task):
         check_int("n_bins", n_bins, minimum=3)
         check_int("n_equilibrate", n_equilibrate, minimum=0)
         check_int("n_burn", n_burn, minimum=0)
-        for name, value in (("n_sample", n_sample), ("record_every", record_every),
-                            ("eval_steps", eval_steps), ("target_replicas", target_replicas),
-                            ("final_replicas", final_replicas), ("final_frames", final_frames),
-                            ("target_every", target_every), ("chain_length", chain_length),
-                            ("average_last", average_last)):
+        for name, value in (
+            ("n_sample", n_sample),
+            ("record_every", record_every),
+            ("eval_steps", eval_steps),
+            ("target_replicas", target_replicas),
+            ("final_replicas", final_replicas),
+            ("final_frames", final_frames),
+            ("target_every", target_every),
+            ("chain_length", chain_length),
+            ("average_last", average_last),
+        ):
             check_int(name, value)
         check_int("target_frames", target_frames, minimum=4000)
         check_int("target_seed", target_seed, minimum=0)
@@ -580,7 +610,9 @@ class RDFInverse(Task):
             raise ControlMDError(f"split_halves applies to loss = 'mse' only, got loss = {loss!r}")
         if init is not None and not isinstance(init, dict):
             raise ControlMDError(f"init must be a table of parameter values, got {init!r}")
-        if learn is not None and (not isinstance(learn, list) or not all(isinstance(x, str) for x in learn)):
+        if learn is not None and (
+            not isinstance(learn, list) or not all(isinstance(x, str) for x in learn)
+        ):
             raise ControlMDError(f"learn must be a list of parameter names, got {learn!r}")
         self.n_particles = n_particles
         self.density = float(density)
@@ -619,14 +651,26 @@ class RDFInverse(Task):
         if family is None:
             check_choice("potential", potential, list(PAIR_FAMILIES))
         learn_names: Sequence[str] | bool = True if learn is None else learn
-        self.pair = make_pair_potential(potential, self.space, params=init, learn=learn_names,
-                                        r_cut=r_cut, shift=shift)
-        self.pair_spec: dict[str, Any] = {"potential": potential, "params": dict(init or {}),
-                                          "learn": learn_names, "r_cut": self.r_cut, "shift": shift}
-        reference = {"potential": "lj", "epsilon": 1.0, "sigma": 1.0} if reference is None else dict(reference)
+        self.pair = make_pair_potential(
+            potential, self.space, params=init, learn=learn_names, r_cut=r_cut, shift=shift
+        )
+        self.pair_spec: dict[str, Any] = {
+            "potential": potential,
+            "params": dict(init or {}),
+            "learn": learn_names,
+            "r_cut": self.r_cut,
+            "shift": shift,
+        }
+        reference = (
+            {"potential": "lj", "epsilon": 1.0, "sigma": 1.0}
+            if reference is None
+            else dict(reference)
+        )
         ref_kind = reference.pop("potential", "lj")
         self.reference_spec = {"potential": ref_kind, **reference}
-        self.reference = make_pair_potential(ref_kind, self.space, params=reference, r_cut=r_cut, shift=shift)
+        self.reference = make_pair_potential(
+            ref_kind, self.space, params=reference, r_cut=r_cut, shift=shift
+        )
         self.chain_length = chain_length
         self.tau = float(tau)
         self._dynamics = self._nose_hoover(self.pair)
@@ -652,8 +696,14 @@ class RDFInverse(Task):
 
     def _nose_hoover(self, pair: PairPotential, kT: float | None = None) -> NoseHooverChain:
         """The task's Nose-Hoover chain on ``pair``, at the task's ``kT`` unless given."""
-        return NoseHooverChain(pair, dt=self.dt, kT=self.kT if kT is None else kT, space=self.space,
-                               chain_length=self.chain_length, tau=self.tau)
+        return NoseHooverChain(
+            pair,
+            dt=self.dt,
+            kT=self.kT if kT is None else kT,
+            space=self.space,
+            chain_length=self.chain_length,
+            tau=self.tau,
+        )
 
     def target_histogram(self, r: Tensor) -> Tensor:
         """The target's histogram RDF at distances ``r [M]`` (linear interpolation of the
@@ -678,14 +728,18 @@ class RDFInverse(Task):
                 try:
                     theirs = float(t.meta[key])
                 except ValueError:
-                    raise ControlMDError(f"{path}: metadata {key} = {t.meta[key]!r} is not a number") from None
+                    raise ControlMDError(
+                        f"{path}: metadata {key} = {t.meta[key]!r} is not a number"
+                    ) from None
                 if not math.isclose(theirs, mine, rel_tol=1e-6):
                     raise ControlMDError(
                         f"{path} was made at {key} = {theirs:g}, but the task simulates {key} = {mine:g}"
                     )
         smeared = smear_rdf(t.r, t.g, self.centers, self.smearing)
         if float(t.r[-1]) + float((t.r[1:] - t.r[:-1]).max()) < float(self.centers[-1]):
-            raise ControlMDError(f"{path} covers r <= {float(t.r[-1]):g}, less than r_max = {self.r_max:g}")
+            raise ControlMDError(
+                f"{path} covers r <= {float(t.r[-1]):g}, less than r_max = {self.r_max:g}"
+            )
         return _Targets(smeared, self.target_histogram(self.centers), str(path))
 
     # ------------------------------------------------------------------ learnable parameters
@@ -726,7 +780,7 @@ class RDFInverse(Task):
         values when no training rollout was made)."""
         if not self._iterates:
             return self._parameter_vector()
-        return torch.stack(self._iterates[-self.average_last:]).mean(dim=0)
+        return torch.stack(self._iterates[-self.average_last :]).mean(dim=0)
 
     @contextlib.contextmanager
     def using_parameters(self, vector: Tensor) -> Iterator[None]:
@@ -764,11 +818,18 @@ class RDFInverse(Task):
         """Target RDFs on the task's bins (simulated on first use for ``target = "simulate"``)."""
         if self._targets is None:
             n_per = math.ceil(self.target_frames / self.target_replicas)
-            sample = self.sample_rdf(self.reference, n_replicas=self.target_replicas,
-                                     n_frames=n_per, every=self.target_every, seed=self.target_seed)
+            sample = self.sample_rdf(
+                self.reference,
+                n_replicas=self.target_replicas,
+                n_frames=n_per,
+                every=self.target_every,
+                seed=self.target_seed,
+            )
             self.budget["target"] += sample["md_steps"]
-            source = (f"simulated: {self.reference_spec}, {n_per * self.target_replicas} frames "
-                      f"every {self.target_every} steps, seed {self.target_seed}")
+            source = (
+                f"simulated: {self.reference_spec}, {n_per * self.target_replicas} frames "
+                f"every {self.target_every} steps, seed {self.target_seed}"
+            )
             self._targets = _Targets(sample["smeared"], sample["hist"], source, sample["md_steps"])
         return self._targets
 
@@ -797,14 +858,24 @@ class RDFInverse(Task):
         dynamics = self._dynamics if potential is None else self._nose_hoover(potential)
         r_max = self.r_max if r_max is None else r_max
         n_bins = self.n_bins if n_bins is None else n_bins
-        observables = {"hist": lambda s: rdf_histogram(s.R, self.space, r_max=r_max, n_bins=n_bins)[1]}
+        observables = {
+            "hist": lambda s: rdf_histogram(s.R, self.space, r_max=r_max, n_bins=n_bins)[1]
+        }
         if smeared:
             observables["smeared"] = self._smeared_rdf
         with torch.no_grad():
             state = self._fresh(dynamics, n_replicas, seed, 0)
-            traj = simulate(dynamics, state, n_frames * every, gradient="none",
-                            record_every=every, observables=observables)
-        pooled = {name: v[1:].mean(dim=(0, 1)).to(torch.float64) for name, v in traj.records.items()}
+            traj = simulate(
+                dynamics,
+                state,
+                n_frames * every,
+                gradient="none",
+                record_every=every,
+                observables=observables,
+            )
+        pooled = {
+            name: v[1:].mean(dim=(0, 1)).to(torch.float64) for name, v in traj.records.items()
+        }
         return {
             **pooled,
             "r_hist": (torch.arange(n_bins, dtype=torch.float64) + 0.5) * (r_max / n_bins),
@@ -822,7 +893,12 @@ class RDFInverse(Task):
         return self._dynamics
 
     def rollout(
-        self, protocol: Protocol | None, n_replicas: int, seed: int, *, first_replica: int = 0,
+        self,
+        protocol: Protocol | None,
+        n_replicas: int,
+        seed: int,
+        *,
+        first_replica: int = 0,
         **simulate_options: Any,
     ) -> State:
         """One rollout: start states (see *Starting state*), ``n_burn`` steps without
@@ -835,12 +911,25 @@ class RDFInverse(Task):
         ``rdf_hist`` ``[B, K]`` (histogram).
         """
         training = simulate_options.get("gradient", "direct") != "none" and torch.is_grad_enabled()
-        return self.sample(n_replicas, seed, first_replica=first_replica, carry=training,
-                           n_sample=self.n_sample if training else self.eval_steps, **simulate_options)
+        return self.sample(
+            n_replicas,
+            seed,
+            first_replica=first_replica,
+            carry=training,
+            n_sample=self.n_sample if training else self.eval_steps,
+            **simulate_options,
+        )
 
     def sample(
-        self, n_replicas: int, seed: int, *, first_replica: int = 0, carry: bool, n_sample: int,
-        observables: dict[str, Any] | None = None, **simulate_options: Any,
+        self,
+        n_replicas: int,
+        seed: int,
+        *,
+        first_replica: int = 0,
+        carry: bool,
+        n_sample: int,
+        observables: dict[str, Any] | None = None,
+        **simulate_options: Any,
     ) -> State:
         """The rollout machinery: ``carry`` marks a training step (continue/restart states,
         history and iterates recorded; IBI samples this way without gradient). Extra
@@ -851,9 +940,18 @@ class RDFInverse(Task):
             self._iterates.append(self._parameter_vector())
         with torch.no_grad():
             burned = simulate(self._dynamics, start, self.n_burn, gradient="none").final
-        traj = simulate(self._dynamics, burned, n_sample, record_every=self.record_every,
-                        observables={"rdf": self._smeared_rdf, "rdf_hist": self._hist_rdf, **(observables or {})},
-                        **simulate_options)
+        traj = simulate(
+            self._dynamics,
+            burned,
+            n_sample,
+            record_every=self.record_every,
+            observables={
+                "rdf": self._smeared_rdf,
+                "rdf_hist": self._hist_rdf,
+                **(observables or {}),
+            },
+            **simulate_options,
+        )
         steps = n_replicas * (self.n_burn + n_sample)
         self.budget["train" if carry else "eval"] += steps
         final = traj.final
@@ -862,13 +960,15 @@ class RDFInverse(Task):
         if carry:
             self._carry = final.detach()
             with torch.no_grad():
-                self.history.append({
-                    "iteration": len(self.history),
-                    "md_steps": self.budget["train"] + self.budget["equilibrate"],
-                    "rdf_mse": float(rdf_loss(g.mean(dim=0), self.targets.smeared)),
-                    "rdf_hist_mse": float(rdf_loss(g_hist.mean(dim=0), self.targets.hist)),
-                    **self.scalar_parameters(),
-                })
+                self.history.append(
+                    {
+                        "iteration": len(self.history),
+                        "md_steps": self.budget["train"] + self.budget["equilibrate"],
+                        "rdf_mse": float(rdf_loss(g.mean(dim=0), self.targets.smeared)),
+                        "rdf_hist_mse": float(rdf_loss(g_hist.mean(dim=0), self.targets.hist)),
+                        **self.scalar_parameters(),
+                    }
+                )
         averages = {name: traj.records[name][1:].mean(dim=0) for name in observables or {}}
         return final.replace(aux={**final.aux, "rdf": g, "rdf_hist": g_hist, **averages})
 
@@ -879,7 +979,9 @@ class RDFInverse(Task):
         target = self.targets.smeared.to(g)
         if self.split_halves and g.shape[0] >= 2:
             half = g.shape[0] // 2
-            return ((g[:half].mean(dim=0) - target) * (g[half:2 * half].mean(dim=0) - target)).mean()
+            return (
+                (g[:half].mean(dim=0) - target) * (g[half : 2 * half].mean(dim=0) - target)
+            ).mean()
         return rdf_loss(g.mean(dim=0), target, kind=self.loss_kind, r=self.centers)
 
     def metric(self, state: State) -> Tensor:
@@ -907,11 +1009,17 @@ class RDFInverse(Task):
             "learned": learned,
             "reference": self.reference_spec,
             "target": self._targets.source if self._targets is not None else self.target_spec,
-            "state_point": {"n_particles": self.n_particles, "density": self.density, "kT": self.kT},
+            "state_point": {
+                "n_particles": self.n_particles,
+                "density": self.density,
+                "kT": self.kT,
+            },
             "task_md_steps": dict(self.budget),
         }
         if self.history:
-            out["rdf_mse_last_iterations"] = [h["rdf_mse"] for h in self.history[-self.average_last:]]
+            out["rdf_mse_last_iterations"] = [
+                h["rdf_mse"] for h in self.history[-self.average_last :]
+            ]
         if self.final_evaluation is not None:
             out["final_evaluation"] = self.final_evaluation
         return out
@@ -939,8 +1047,14 @@ class RDFInverse(Task):
 
     # ------------------------------------------------------------------ evaluation, artifacts
 
-    def evaluate_rdf(self, *, n_replicas: int | None = None, n_frames: int | None = None, seed: int = 7,
-                     vector: Tensor | None = None) -> dict[str, Any]:
+    def evaluate_rdf(
+        self,
+        *,
+        n_replicas: int | None = None,
+        n_frames: int | None = None,
+        seed: int = 7,
+        vector: Tensor | None = None,
+    ) -> dict[str, Any]:
         """Pooled RDF of fresh replicas (default ``final_replicas``, each ``final_frames``
         frames ``record_every`` steps apart) under the current (or given) parameters, and
         its errors against the targets: ``rdf_mse`` (smeared) and ``rdf_hist_mse``."""
@@ -948,8 +1062,9 @@ class RDFInverse(Task):
         n_frames = self.final_frames if n_frames is None else n_frames
         context = self.using_parameters(vector) if vector is not None else contextlib.nullcontext()
         with context:
-            sample = self.sample_rdf(n_replicas=n_replicas, n_frames=n_frames,
-                                     every=self.record_every, seed=seed)
+            sample = self.sample_rdf(
+                n_replicas=n_replicas, n_frames=n_frames, every=self.record_every, seed=seed
+            )
         self.budget["eval"] += sample["md_steps"]
         return {
             "rdf_mse": float(rdf_loss(sample["smeared"], self.targets.smeared)),
@@ -974,13 +1089,21 @@ class RDFInverse(Task):
         before = self.evaluate_rdf(vector=self._initial_values)
         after = self.evaluate_rdf(vector=averaged)
         self.final_evaluation = {
-            "rdf_mse_initial": before["rdf_mse"], "rdf_hist_mse_initial": before["rdf_hist_mse"],
-            "rdf_mse": after["rdf_mse"], "rdf_hist_mse": after["rdf_hist_mse"],
+            "rdf_mse_initial": before["rdf_mse"],
+            "rdf_hist_mse_initial": before["rdf_hist_mse"],
+            "rdf_mse": after["rdf_mse"],
+            "rdf_hist_mse": after["rdf_hist_mse"],
             "frames": after["frames"],
         }
         r = self.centers
-        rdfs = {"target (smeared)": self.targets.smeared, "initial": before["smeared"], "fitted": after["smeared"]}
-        r_u = torch.linspace(0.8 * float(self.reference_spec.get("sigma", 1.0)), self.r_cut, 300, dtype=torch.float64)
+        rdfs = {
+            "target (smeared)": self.targets.smeared,
+            "initial": before["smeared"],
+            "fitted": after["smeared"],
+        }
+        r_u = torch.linspace(
+            0.8 * float(self.reference_spec.get("sigma", 1.0)), self.r_cut, 300, dtype=torch.float64
+        )
         with torch.no_grad(), self.using_parameters(self._initial_values):
             u_initial = self.pair_energy(self.pair, r_u)
         with torch.no_grad(), self.using_parameters(averaged):
@@ -990,19 +1113,33 @@ class RDFInverse(Task):
             u_ref = self.pair_energy(self.reference, r_u)
         figures = {
             "rdf": _plot_rdfs(r, rdfs, title=f"g(r) at density {self.density:g}, kT {self.kT:g}"),
-            "u_r": _plot_pair_potentials(r_u, {"reference": u_ref, "initial": u_initial, "fitted": u_fit}),
+            "u_r": _plot_pair_potentials(
+                r_u, {"reference": u_ref, "initial": u_initial, "fitted": u_fit}
+            ),
             "loss": _plot_history(self.history),
         }
         for name, fig in figures.items():
             save_figure(fig, run_dir / f"{name}.png")
             if logger is not None:
                 logger.record_figure(f"rdf/{name}", fig, step)
-        _write_columns(run_dir / "rdf.csv", {"r": r, "target_smeared": self.targets.smeared,
-                                             "target_hist": self.targets.hist,
-                                             "initial_smeared": before["smeared"], "fitted_smeared": after["smeared"],
-                                             "fitted_hist": after["hist"]})
-        _write_columns(run_dir / "u_r.csv", {"r": r_u, "u_reference": u_ref, "u_initial": u_initial, "u_fitted": u_fit})
-        (run_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n", encoding="utf-8")
+        _write_columns(
+            run_dir / "rdf.csv",
+            {
+                "r": r,
+                "target_smeared": self.targets.smeared,
+                "target_hist": self.targets.hist,
+                "initial_smeared": before["smeared"],
+                "fitted_smeared": after["smeared"],
+                "fitted_hist": after["hist"],
+            },
+        )
+        _write_columns(
+            run_dir / "u_r.csv",
+            {"r": r_u, "u_reference": u_ref, "u_initial": u_initial, "u_fitted": u_fit},
+        )
+        (run_dir / "history.json").write_text(
+            json.dumps(self.history, indent=1) + "\n", encoding="utf-8"
+        )
         return self.final_evaluation
 
     @staticmethod
@@ -1017,19 +1154,25 @@ class RDFInverse(Task):
     # ------------------------------------------------------------------ internals
 
     def _smeared_rdf(self, state: State) -> Tensor:
-        return rdf(state.R, self.space, r_max=self.r_max, n_bins=self.n_bins, sigma=self.smearing)[1]
+        return rdf(state.R, self.space, r_max=self.r_max, n_bins=self.n_bins, sigma=self.smearing)[
+            1
+        ]
 
     def _hist_rdf(self, state: State) -> Tensor:
         return rdf_histogram(state.R, self.space, r_max=self.r_max, n_bins=self.n_bins)[1]
 
-    def _lattice_state(self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int) -> State:
+    def _lattice_state(
+        self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int
+    ) -> State:
         check_int("n_replicas", n_replicas)
         R = self._R0.to(self.dtype).expand(n_replicas, -1, -1).clone()
         rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
         with torch.no_grad():
             return dynamics.init(R, rng=rng)
 
-    def _fresh(self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int) -> State:
+    def _fresh(
+        self, dynamics: NoseHooverChain, n_replicas: int, seed: int, first_replica: int
+    ) -> State:
         """Lattice -> half of ``n_equilibrate`` steps at ``2 kT`` (melts the lattice even
         under a potential that would keep a superheated crystal) -> the other half at kT."""
         hot = self._nose_hoover(dynamics.potential, kT=2.0 * self.kT)
@@ -1061,20 +1204,30 @@ def _state_to_dict(state: State | None) -> dict[str, Any] | None:
 
 
 def _state_from_dict(d: dict[str, Any] | None) -> State | None:
-    return None if d is None else State(R=d["R"], P=d["P"], t=d["t"], step=d["step"], aux=dict(d["aux"]))
+    return (
+        None
+        if d is None
+        else State(R=d["R"], P=d["P"], t=d["t"], step=d["step"], aux=dict(d["aux"]))
+    )
 
 
 def _lattice(kind: str, n: int, density: float) -> tuple[Tensor, Tensor]:
     R, box = lattice(kind, n, density=density)
     if R.shape[-1] != 3:
-        raise ControlMDError(f"rdf_inverse simulates 3-D fluids; lattice {kind!r} is {R.shape[-1]}-D")
+        raise ControlMDError(
+            f"rdf_inverse simulates 3-D fluids; lattice {kind!r} is {R.shape[-1]}-D"
+        )
     return R, box
 
 
 def _write_columns(path: Path, columns: dict[str, Tensor]) -> None:
     names = list(columns)
-    rows = torch.stack([columns[n].detach().to(torch.float64).flatten() for n in names], dim=1).tolist()
-    text = ",".join(names) + "\n" + "".join(",".join(f"{x:.6g}" for x in row) + "\n" for row in rows)
+    rows = torch.stack(
+        [columns[n].detach().to(torch.float64).flatten() for n in names], dim=1
+    ).tolist()
+    text = (
+        ",".join(names) + "\n" + "".join(",".join(f"{x:.6g}" for x in row) + "\n" for row in rows)
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -1094,7 +1247,12 @@ def _plot_rdfs(r: Tensor, curves: dict[str, Tensor], *, title: str = "") -> Any:
     fig = _figure()
     ax = fig.add_subplot()
     for i, (label, g) in enumerate(curves.items()):
-        ax.plot(r.numpy(), g.detach().to(torch.float64).numpy(), ("-", "--", ":", "-.")[i % 4], label=label)
+        ax.plot(
+            r.numpy(),
+            g.detach().to(torch.float64).numpy(),
+            ("-", "--", ":", "-.")[i % 4],
+            label=label,
+        )
     ax.axhline(1.0, color="0.7", lw=0.8)
     ax.set_xlabel("r [sigma]")
     ax.set_ylabel("g(r) (smeared)")
@@ -1108,7 +1266,12 @@ def _plot_pair_potentials(r: Tensor, curves: dict[str, Tensor]) -> Any:
     fig = _figure()
     ax = fig.add_subplot()
     for i, (label, u) in enumerate(curves.items()):
-        ax.plot(r.numpy(), u.detach().to(torch.float64).numpy(), ("-", ":", "--", "-.")[i % 4], label=label)
+        ax.plot(
+            r.numpy(),
+            u.detach().to(torch.float64).numpy(),
+            ("-", ":", "--", "-.")[i % 4],
+            label=label,
+        )
     ax.axhline(0.0, color="0.7", lw=0.8)
     ax.set_ylim(-1.6, 2.0)
     ax.set_xlabel("r [sigma]")
@@ -1123,7 +1286,11 @@ def _plot_history(history: list[dict[str, float]]) -> Any:
     ax = fig.add_subplot()
     if history:
         steps = [h["md_steps"] for h in history]
-        ax.semilogy(steps, [max(h["rdf_mse"], 1e-12) for h in history], label="smeared RDF MSE (training batch)")
+        ax.semilogy(
+            steps,
+            [max(h["rdf_mse"], 1e-12) for h in history],
+            label="smeared RDF MSE (training batch)",
+        )
     ax.set_xlabel("MD replica-steps")
     ax.set_ylabel("RDF MSE")
     ax.grid(alpha=0.3, which="both")
@@ -1135,33 +1302,70 @@ def _plot_history(history: list[dict[str, float]]) -> Any:
 
 
 def make_target(
-    out: str | Path, *, n_particles: int = 108, density: float = 0.83, kT: float = 1.0,
-    frames: int = 40000, replicas: int = 16, every: int = 10, seed: int = 2024, bin_width: float = 0.005,
-    reference: dict[str, Any] | None = None, r_cut: float = 2.5, n_equilibrate: int = 1000,
+    out: str | Path,
+    *,
+    n_particles: int = 108,
+    density: float = 0.83,
+    kT: float = 1.0,
+    frames: int = 40000,
+    replicas: int = 16,
+    every: int = 10,
+    seed: int = 2024,
+    bin_width: float = 0.005,
+    reference: dict[str, Any] | None = None,
+    r_cut: float = 2.5,
+    n_equilibrate: int = 1000,
 ) -> RDFTarget:
     """Simulate a reference potential and write its histogram RDF as a target CSV.
 
     The histogram reaches the largest multiple of ``bin_width`` below half the box.
     """
     side = (n_particles / density) ** (1.0 / 3.0)
-    task = RDFInverse(n_particles=n_particles, density=density, kT=kT, reference=reference, r_cut=r_cut,
-                      n_equilibrate=n_equilibrate, r_max=min(2.3, 0.5 * side - 0.2))
+    task = RDFInverse(
+        n_particles=n_particles,
+        density=density,
+        kT=kT,
+        reference=reference,
+        r_cut=r_cut,
+        n_equilibrate=n_equilibrate,
+        r_max=min(2.3, 0.5 * side - 0.2),
+    )
     half = 0.5 * float(task.space.box.min())
     n_bins = math.floor(half / bin_width + 1e-9)
     n_per = math.ceil(frames / replicas)
-    sample = task.sample_rdf(task.reference, n_replicas=replicas, n_frames=n_per, every=every, seed=seed,
-                             r_max=n_bins * bin_width, n_bins=n_bins, smeared=False)
-    meta = {"density": density, "kT": kT, "n_particles": n_particles, "smearing_width": 0,
-            "reference": json.dumps(task.reference_spec), "r_cut": r_cut, "frames": n_per * replicas,
-            "frame_every_steps": every, "dt": task.dt, "seed": seed, "thermostat": "Nose-Hoover chain",
-            "source": "python experiments/data/make_target.py"}
+    sample = task.sample_rdf(
+        task.reference,
+        n_replicas=replicas,
+        n_frames=n_per,
+        every=every,
+        seed=seed,
+        r_max=n_bins * bin_width,
+        n_bins=n_bins,
+        smeared=False,
+    )
+    meta = {
+        "density": density,
+        "kT": kT,
+        "n_particles": n_particles,
+        "smearing_width": 0,
+        "reference": json.dumps(task.reference_spec),
+        "r_cut": r_cut,
+        "frames": n_per * replicas,
+        "frame_every_steps": every,
+        "dt": task.dt,
+        "seed": seed,
+        "thermostat": "Nose-Hoover chain",
+        "source": "python experiments/data/make_target.py",
+    }
     save_rdf_csv(out, sample["r_hist"], sample["hist"], meta=meta)
     return load_rdf_csv(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line of :func:`make_target` (``python experiments/data/make_target.py --help``)."""
-    parser = argparse.ArgumentParser(description="Write a target RDF (histogram CSV) by simulating reference LJ.")
+    parser = argparse.ArgumentParser(
+        description="Write a target RDF (histogram CSV) by simulating reference LJ."
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--n-particles", type=int, default=108)
     parser.add_argument("--density", type=float, default=0.83)
@@ -1174,11 +1378,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--sigma", type=float, default=1.0)
     args = parser.parse_args(argv)
-    target = make_target(args.out, n_particles=args.n_particles, density=args.density, kT=args.kT,
-                         frames=args.frames, replicas=args.replicas, every=args.every, seed=args.seed,
-                         bin_width=args.bin_width,
-                         reference={"potential": "lj", "epsilon": args.epsilon, "sigma": args.sigma})
+    target = make_target(
+        args.out,
+        n_particles=args.n_particles,
+        density=args.density,
+        kT=args.kT,
+        frames=args.frames,
+        replicas=args.replicas,
+        every=args.every,
+        seed=args.seed,
+        bin_width=args.bin_width,
+        reference={"potential": "lj", "epsilon": args.epsilon, "sigma": args.sigma},
+    )
     peak = int(torch.argmax(target.g))
-    print(f"wrote {args.out}: {target.r.numel()} bins up to r = {float(target.r[-1]):.3f}, "
-          f"first peak g({float(target.r[peak]):.3f}) = {float(target.g[peak]):.3f}")
-
+    print(
+        f"wrote {args.out}: {target.r.numel()} bins up to r = {float(target.r[-1]):.3f}, "
+        f"first peak g({float(target.r[peak]):.3f}) = {float(target.g[peak]):.3f}"
+    )

@@ -131,8 +131,11 @@ class TrapDrag(Task):
         high: float | None = None,
     ) -> None:
         for name, value in (("lambda_f", lambda_f), ("low", low), ("high", high)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 raise ControlMDError(f"{name} must be a finite number, got {value!r}")
         check_positive("t_f", t_f)
         check_positive("mu", mu)
@@ -158,8 +161,12 @@ class TrapDrag(Task):
         hi = max(0.0, self.lambda_f) + 2.0 * scale if high is None else float(high)
         self.controls = ControlChannels(("trap_center",), (lo,), (hi,), ("sigma",))
         self._init_dynamics = Brownian(
-            HarmonicTrap(self.k, 0.0), dt=self.dt, kT=self.kT, gamma=1.0 / self.mu,
-            method=self.method, track_work=True,
+            HarmonicTrap(self.k, 0.0),
+            dt=self.dt,
+            kT=self.kT,
+            gamma=1.0 / self.mu,
+            method=self.method,
+            track_work=True,
         )
         self._discrete_optimum: tuple[float, Tensor] | None = None
 
@@ -173,10 +180,16 @@ class TrapDrag(Task):
     def integrator(self, protocol: Protocol) -> Integrator:
         center = _TrapCenter(protocol, dt=self.dt)
         inner = Brownian(
-            HarmonicTrap(self.k, center), dt=self.dt, kT=self.kT, gamma=1.0 / self.mu,
-            method=self.method, track_work=True,
+            HarmonicTrap(self.k, center),
+            dt=self.dt,
+            kT=self.kT,
+            gamma=1.0 / self.mu,
+            method=self.method,
+            track_work=True,
         )
-        return _TrapDragDynamics(inner, center, lambda_f=self.lambda_f, k=self.k, n_steps=self.n_steps)
+        return _TrapDragDynamics(
+            inner, center, lambda_f=self.lambda_f, k=self.k, n_steps=self.n_steps
+        )
 
     def loss(self, state: State) -> Tensor:
         return state.aux["work"].mean()
@@ -194,8 +207,13 @@ class TrapDrag(Task):
             "optimum_discrete": W_discrete,
             "optimum_reference": "Schmiedl & Seifert, PRL 98, 108301 (2007): W* = k lambda_f^2 / (2 + mu k t_f)",
             "linear_protocol_work": self.linear_work(),
-            "lambda_f": self.lambda_f, "t_f": self.t_f, "mu": self.mu, "k": self.k, "kT": self.kT,
-            "dt": self.dt, "integration_method": self.method,
+            "lambda_f": self.lambda_f,
+            "t_f": self.t_f,
+            "mu": self.mu,
+            "k": self.k,
+            "kT": self.kT,
+            "dt": self.dt,
+            "integration_method": self.method,
         }
 
     # ------------------------------------------------------------------ analytic results
@@ -212,14 +230,24 @@ class TrapDrag(Task):
     def linear_work(self) -> float:
         """Mean work of ``lambda(t) = lambda_f t / t_f`` in continuous time."""
         g = self.mu * self.k
-        return self.lambda_f**2 / (self.mu * self.t_f**2) * (self.t_f - (1.0 - math.exp(-g * self.t_f)) / g)
+        return (
+            self.lambda_f**2
+            / (self.mu * self.t_f**2)
+            * (self.t_f - (1.0 - math.exp(-g * self.t_f)) / g)
+        )
 
     def reference_protocol(self) -> tuple[Tensor, Tensor]:
         """``(t, lambda*)`` table with the boundary values, for plots."""
         t = torch.linspace(0.0, self.t_f, 200, dtype=torch.float64)
         u = self.optimal_protocol(t)
         t = torch.cat([t[:1], t, t[-1:]])
-        u = torch.cat([torch.zeros(1, 1, dtype=torch.float64), u, torch.full((1, 1), self.lambda_f, dtype=torch.float64)])
+        u = torch.cat(
+            [
+                torch.zeros(1, 1, dtype=torch.float64),
+                u,
+                torch.full((1, 1), self.lambda_f, dtype=torch.float64),
+            ]
+        )
         return t, u
 
     def step_centers(self, protocol: Protocol) -> Tensor:
@@ -288,7 +316,9 @@ class _TrapCenter(nn.Module):
         if self._held is not None:
             t_start, previous, current = self._held
             return previous if t_value < t_start + 0.5 * self.dt else current
-        n = math.floor(t_value / self.dt + 0.5)  # the step ending at n dt (the dynamics read t_n -+ eps)
+        n = math.floor(
+            t_value / self.dt + 0.5
+        )  # the step ending at n dt (the dynamics read t_n -+ eps)
         if n <= 0:
             return torch.zeros(1, dtype=torch.float64)
         return self.protocol(torch.tensor((n - 0.5) * self.dt, dtype=torch.float64))
@@ -299,7 +329,9 @@ class _TrapDragDynamics(Integrator):
 
     stochastic = True
 
-    def __init__(self, inner: Brownian, center: _TrapCenter, *, lambda_f: float, k: float, n_steps: int) -> None:
+    def __init__(
+        self, inner: Brownian, center: _TrapCenter, *, lambda_f: float, k: float, n_steps: int
+    ) -> None:
         super().__init__(inner.potential, dt=inner.dt, space=inner.space)
         self.inner = inner
         self.center = center
@@ -307,8 +339,14 @@ class _TrapDragDynamics(Integrator):
         self.k = k
         self.n_steps = n_steps
 
-    def init(self, R: Tensor, *, kT: float | None = None, rng: ReplicaRNG | None = None,
-             P: Tensor | None = None) -> State:
+    def init(
+        self,
+        R: Tensor,
+        *,
+        kT: float | None = None,
+        rng: ReplicaRNG | None = None,
+        P: Tensor | None = None,
+    ) -> State:
         return self.inner.init(R, kT=kT, rng=rng, P=P)
 
     def step(self, state: State) -> State:
