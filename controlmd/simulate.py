@@ -61,7 +61,8 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_finite, check_int, check_positions
-from controlmd.dynamics.base import Integrator, State
+from controlmd.dynamics.base import Integrator, State, breakpoints, jump_steps, jump_tolerance
+from controlmd.dynamics.reversible import simulate_reversible
 from controlmd.errors import ControlMDError, SimulationDivergedError
 from controlmd.reporters import Reporter
 from controlmd.rng import ReplicaRNG
@@ -212,7 +213,7 @@ def _run(
     due = [_next_report(r, state) for r in reporters]
     good = _snapshot(state)
     t_start, step0 = state.t, state.step
-    jumps = _jump_steps(integrator, float(t_start), n_steps)
+    jumps = jump_steps(integrator, float(t_start), n_steps)
     done = 0
     while done < n_steps:
         n = min(n_steps - done, check_every - done % check_every)
@@ -250,17 +251,6 @@ def _run(
     records = {name: torch.stack(v) for name, v in frames.items()} if record_every else {}
     t = torch.stack(times) if times else torch.zeros(0, dtype=torch.float64)
     return state, t, records
-
-
-def _jump_steps(integrator: Integrator, t0: float, n_steps: int) -> set[int]:
-    """Steps ``k`` (0 < k < n_steps) whose time ``t0 + k dt`` is a protocol breakpoint."""
-    dt = integrator.dt
-    steps = set()
-    for b in _breakpoints(integrator, t0, t0 + n_steps * dt):
-        k = round((b - t0) / dt)
-        if 0 < k < n_steps and abs(t0 + k * dt - b) <= 10 * integrator.t_eps:
-            steps.add(k)
-    return steps
 
 
 def _segment(integrator: Integrator, state: State, n: int) -> State:
@@ -372,8 +362,6 @@ def _simulate_reversible(
 ) -> Trajectory:
     """``gradient="reversible"``: :func:`~controlmd.dynamics.reversible.simulate_reversible`
     when a graph is needed, else the plain no-gradient run."""
-    from controlmd.dynamics.reversible import simulate_reversible
-
     if record_every or reporters:
         raise ControlMDError(
             "gradient='reversible' keeps only the final state: record_every and reporters are "
@@ -534,8 +522,8 @@ class _VectorField(nn.Module):
         super().__init__()
         self.integrator = integrator
         self.nfe = 0
-        self.lo = a + 100 * _jump_tol(a) if clamp else -math.inf
-        self.hi = b - 100 * _jump_tol(b) if clamp else math.inf
+        self.lo = a + 100 * jump_tolerance(a) if clamp else -math.inf
+        self.hi = b - 100 * jump_tolerance(b) if clamp else math.inf
 
     def forward(self, t: Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         self.nfe += 1
@@ -610,7 +598,7 @@ def simulate_ode(
         opts["step_size"] = integrator.dt
     grid = grid.to(state.R.device)
     params = tuple(p for p in integrator.parameters() if p.requires_grad)
-    jumps = _breakpoints(integrator, float(grid[0]), float(grid[-1]))
+    jumps = breakpoints(integrator, float(grid[0]), float(grid[-1]))
     edges = [float(grid[0]), *jumps, float(grid[-1])]
     y = integrator.ode_state(state)  # type: ignore[attr-defined]
     frames: list[tuple[Tensor, ...]] = [y]  # the solution at each grid time
@@ -618,7 +606,7 @@ def simulate_ode(
     # One solve per interval between protocol jumps, with the field evaluated strictly
     # inside the interval, so each interval sees its own control whatever the rounding.
     for a, b in itertools.pairwise(edges):
-        inner = grid[(grid > a + _jump_tol(a)) & (grid < b - _jump_tol(b))]
+        inner = grid[(grid > a + jump_tolerance(a)) & (grid < b - jump_tolerance(b))]
         times = torch.cat([grid.new_tensor([a]), inner, grid.new_tensor([b])])
         func = _VectorField(integrator, a, b, clamp=bool(jumps))
         if adjoint:
@@ -638,7 +626,7 @@ def simulate_ode(
         nfe += func.nfe
         frames.extend(tuple(x[k] for x in sol) for k in range(1, times.numel() - 1))
         y = tuple(x[-1] for x in sol)
-        if b == edges[-1] or bool((grid - b).abs().min() <= _jump_tol(b)):
+        if b == edges[-1] or bool((grid - b).abs().min() <= jump_tolerance(b)):
             frames.append(y)
     if len(frames) != grid.numel():  # a requested time within rounding of a jump
         raise ControlMDError(
@@ -672,18 +660,3 @@ def simulate_ode(
         md_steps=B * nfe,
         grad_steps=B * nfe if torch.is_grad_enabled() else 0,
     )
-
-
-def _jump_tol(t: float) -> float:
-    """Times closer than this to a protocol jump count as the jump (protocol rounding)."""
-    return 1e-12 * max(1.0, abs(t))
-
-
-def _breakpoints(integrator: Integrator, t0: float, t1: float) -> list[float]:
-    """Sorted jump times of every protocol held by ``integrator`` strictly inside (t0, t1)."""
-    jumps: set[float] = set()
-    for module in integrator.modules():
-        bp = getattr(module, "breakpoints", None)
-        if callable(bp):
-            jumps.update(float(x) for x in bp() if t0 < float(x) < t1)
-    return sorted(jumps)

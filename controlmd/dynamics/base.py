@@ -357,3 +357,32 @@ class MomentumIntegrator(Integrator):
         R = self.space.wrap(R)
         state = State(R=R, P=P, t=t0, aux=dict(aux or {}), rng=rng)
         return self.prepare(state)
+
+
+# --------------------------------------------------------------------------- protocol jumps
+
+
+def jump_steps(integrator: Integrator, t0: float, n_steps: int) -> set[int]:
+    """Steps ``k`` (0 < k < n_steps) whose time ``t0 + k dt`` is a protocol breakpoint."""
+    dt = integrator.dt
+    steps = set()
+    for b in breakpoints(integrator, t0, t0 + n_steps * dt):
+        k = round((b - t0) / dt)
+        if 0 < k < n_steps and abs(t0 + k * dt - b) <= 10 * integrator.t_eps:
+            steps.add(k)
+    return steps
+
+
+def jump_tolerance(t: float) -> float:
+    """Times closer than this to a protocol jump count as the jump (protocol rounding)."""
+    return 1e-12 * max(1.0, abs(t))
+
+
+def breakpoints(integrator: Integrator, t0: float, t1: float) -> list[float]:
+    """Sorted jump times of every protocol held by ``integrator`` strictly inside (t0, t1)."""
+    jumps: set[float] = set()
+    for module in integrator.modules():
+        bp = getattr(module, "breakpoints", None)
+        if callable(bp):
+            jumps.update(float(x) for x in bp() if t0 < float(x) < t1)
+    return sorted(jumps)

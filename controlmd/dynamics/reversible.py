@@ -54,11 +54,17 @@ import numpy as np
 import torch
 
 from controlmd._validation import check_int
-from controlmd.dynamics.base import Integrator, State, evaluate_schedule, kinetic_energy
+from controlmd.dynamics.base import (
+    Integrator,
+    State,
+    evaluate_schedule,
+    jump_steps,
+    kinetic_energy,
+)
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
 from controlmd.errors import ControlMDError
-from controlmd.potentials.lj_fused import fused_supported, lj_force_vjp
+from controlmd.potentials.lj_fused import lj_force_vjp
 from controlmd.potentials.pair import LennardJones
 
 Tensor = torch.Tensor
@@ -136,9 +142,7 @@ class _Meta:
         self.window = window
         self.chain = chain
         self.t_final: Tensor = state.t
-        from controlmd.simulate import _jump_steps  # simulate may import this module
-
-        self.jumps = _jump_steps(integrator, float(state.t), n_steps)
+        self.jumps = jump_steps(integrator, float(state.t), n_steps)
 
 
 class _Reversible(torch.autograd.Function):
@@ -207,7 +211,7 @@ def _fused_lj_only(meta: _Meta, params: list[Tensor]) -> bool:
     respect to its sigma/epsilon: the walk can use :func:`lj_force_vjp` (force and VJP in
     one pass, no graph)."""
     pot = meta.integrator.potential
-    if meta.chain or meta.jumps or not isinstance(pot, LennardJones) or not fused_supported(pot):
+    if meta.chain or meta.jumps or not isinstance(pot, LennardJones) or not pot.fused_supported():
         return False
     return all(p is pot.sigma or p is pot.epsilon for p in params)
 

@@ -51,13 +51,16 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from controlmd.errors import ControlMDError
-from controlmd.potentials.pair import WCA, LennardJones
+
+if TYPE_CHECKING:
+    from controlmd.potentials.pair import LennardJones
 
 Tensor = torch.Tensor
 DisplacementFn = Callable[[Tensor, Tensor], Tensor]
@@ -402,16 +405,9 @@ def _min_image(box: Tensor) -> DisplacementFn:
 
 
 def fused_supported(potential: LennardJones) -> bool:
-    """Whether :func:`lj_energy_and_forces` applies: scalar sigma, epsilon and r_cut, and
-    the stock LJ / WCA energy and cutoff."""
-    cls = type(potential)
-    if cls.pair_energy is not LennardJones.pair_energy:
-        return False
-    if cls.cutoff not in (LennardJones.cutoff, WCA.cutoff):
-        return False
-    if potential.sigma.ndim or potential.epsilon.ndim:
-        return False
-    return potential.r_cut is None or potential.r_cut.ndim == 0
+    """Whether :func:`lj_energy_and_forces` applies (see
+    :meth:`~controlmd.potentials.pair.LennardJones.fused_supported`)."""
+    return potential.fused_supported()
 
 
 def _pair_index(potential: LennardJones, R: Tensor) -> PairIndex:

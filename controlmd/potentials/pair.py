@@ -33,6 +33,7 @@ from torch import nn
 
 from controlmd._validation import check_choice, check_positions, check_positive
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.potentials import lj_fused
 from controlmd.potentials.base import Potential, SumPotential
 from controlmd.space import Space, free
 
@@ -479,13 +480,23 @@ class LennardJones(PairPotential):
         (:mod:`controlmd.potentials.lj_fused`) for scalar sigma/epsilon/r_cut, with an
         analytic backward under ``create_graph``; autograd otherwise (per-pair parameters,
         subclasses that change the energy)."""
-        from controlmd.potentials import lj_fused  # lj_fused imports this module
-
-        if lj_fused.fused_supported(self):
+        if self.fused_supported():
             if R.ndim != 3:
                 check_positions("R", R)
             return lj_fused.lj_energy_and_forces(self, R, create_graph=create_graph)
         return super().energy_and_forces(R, t, create_graph=create_graph)
+
+    def fused_supported(self) -> bool:
+        """Whether the fused kernel applies: scalar sigma, epsilon and r_cut, and the stock
+        LJ / WCA energy and cutoff (a subclass that changes either uses autograd)."""
+        cls = type(self)
+        if cls.pair_energy is not LennardJones.pair_energy:
+            return False
+        if cls.cutoff not in (LennardJones.cutoff, WCA.cutoff):
+            return False
+        if self.sigma.ndim or self.epsilon.ndim:
+            return False
+        return self.r_cut is None or self.r_cut.ndim == 0
 
 
 class WCA(LennardJones):
