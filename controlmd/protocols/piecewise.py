@@ -1,0 +1,158 @@
+"""Piecewise protocols: K equal constant pieces (the env's K-step episode), sampled tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlmd._validation import check_choice, check_int
+from controlmd.errors import ControlMDError
+from controlmd.protocols.base import InitSpec, Protocol, Tensor, _interp, register_protocol
+
+
+@register_protocol("piecewise_constant")
+class PiecewiseConstant(Protocol):
+    """u(t) constant on each of ``K`` equal pieces of ``[0, T]``.
+
+    A ``K``-piece protocol controls exactly what a ``K``-step episode of the gymnasium env
+    controls. Piece ``j`` covers ``[j T/K, (j+1) T/K)``; ``t = T`` belongs to the last piece.
+
+    Args:
+        n_pieces: ``K``.
+        init: initial values, scalar, ``[k]`` or ``[K, k]`` (inside the bounds); also any
+            :data:`InitSpec`, then each piece takes the value at its midpoint.
+        dim, t_final, low, high, fluence_weight: see :class:`Protocol`.
+    """
+
+    init_in_constructor = True
+
+    def __init__(
+        self,
+        *,
+        dim: int = 1,
+        t_final: float,
+        n_pieces: int,
+        low: float | list[float] | Tensor | None = None,
+        high: float | list[float] | Tensor | None = None,
+        init: InitSpec | None = None,
+        fluence_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim=dim, t_final=t_final, low=low, high=high, fluence_weight=fluence_weight
+        )
+        check_int("n_pieces", n_pieces)
+        self.n_pieces = n_pieces
+        values = torch.zeros(n_pieces, dim, dtype=torch.float64)
+        if init is not None:
+            target = self._piece_values(init)
+            self._check_inside_bounds(target)
+            values = self.unsquash(target)
+        elif self.low is not None:
+            values = self.unsquash(0.5 * (self.low + self.high).expand(n_pieces, dim))
+        self.values = nn.Parameter(values)
+
+    def _piece_values(self, init: InitSpec) -> Tensor:
+        if not callable(init):
+            v = torch.as_tensor(init, dtype=torch.float64)
+            if v.numel() == self.n_pieces * self.dim:
+                return v.reshape(self.n_pieces, self.dim).clone()
+            if v.numel() in (1, self.dim):
+                return v.reshape(1, -1).expand(self.n_pieces, self.dim).clone()
+        mid = (
+            (torch.arange(self.n_pieces, dtype=torch.float64) + 0.5) * self.t_final / self.n_pieces
+        )
+        return self._target_values(init, mid)
+
+    def piece_index(self, t: Tensor) -> Tensor:
+        idx = torch.floor(t / self.t_final * self.n_pieces).long()
+        return idx.clamp(0, self.n_pieces - 1)
+
+    def raw(self, t: Tensor) -> Tensor:
+        return self.values[self.piece_index(t)]
+
+    def breakpoints(self) -> list[float]:
+        return [self.t_final * j / self.n_pieces for j in range(1, self.n_pieces)]
+
+    def _fit_raw(self, t: Tensor, raw_target: Tensor) -> None:
+        idx = self.piece_index(t)
+        sums = torch.zeros_like(self.values).index_add_(0, idx, raw_target.to(self.values))
+        counts = torch.bincount(idx, minlength=self.n_pieces).clamp(min=1).to(self.values)
+        self.values.copy_(sums / counts[:, None])
+
+
+@register_protocol("table")
+class Tabulated(Protocol):
+    """Replay of a sampled table ``(times [n], values [n, k])`` (e.g. :meth:`Protocol.sample`).
+
+    Values between rows are interpolated linearly (``interpolation="linear"``) or held from
+    the last row (``"hold"``, which reports the row times as breakpoints). The values are
+    parameters, so a table can also be trained.
+
+    Args:
+        times: increasing times ``[n]`` covering ``[0, t_final]``.
+        values: ``[n, k]`` (or ``[n]`` for one channel), inside the bounds if given.
+        interpolation: ``linear`` or ``hold``.
+        t_final: horizon (default: the last time).
+        low, high, fluence_weight: see :class:`Protocol`.
+    """
+
+    def __init__(
+        self,
+        *,
+        times: Sequence[float] | Tensor,
+        values: Sequence[float] | Sequence[Sequence[float]] | Tensor,
+        interpolation: str = "linear",
+        t_final: float | None = None,
+        low: float | list[float] | Tensor | None = None,
+        high: float | list[float] | Tensor | None = None,
+        fluence_weight: float = 0.0,
+    ) -> None:
+        check_choice("interpolation", interpolation, ["linear", "hold"])
+        ts = torch.as_tensor(times, dtype=torch.float64).flatten()
+        vs = torch.as_tensor(values, dtype=torch.float64)
+        vs = vs.unsqueeze(-1) if vs.ndim == 1 else vs
+        if ts.numel() < 1 or vs.ndim != 2 or vs.shape[0] != ts.numel():
+            raise ControlMDError(
+                f"table needs times [n] and values [n, k], got {tuple(ts.shape)} and {tuple(vs.shape)}"
+            )
+        if ts.numel() > 1 and not bool((ts[1:] > ts[:-1]).all()):
+            raise ControlMDError("table times must be strictly increasing")
+        super().__init__(
+            dim=vs.shape[1],
+            t_final=float(ts[-1]) if t_final is None else t_final,
+            low=low,
+            high=high,
+            fluence_weight=fluence_weight,
+        )
+        self.interpolation = interpolation
+        self.register_buffer("times", ts)
+        self.values = nn.Parameter(self.unsquash(vs))
+
+    def raw(self, t: Tensor) -> Tensor:
+        if self.times.numel() == 1:
+            return self.values.expand(t.shape[0], self.dim)
+        if self.interpolation == "linear":
+            return _interp(t, self.times.to(t), self.values)
+        idx = (
+            torch.searchsorted(self.times.to(t).contiguous(), t.contiguous(), right=True) - 1
+        ).clamp(0, self.times.numel() - 1)
+        return self.values[idx]
+
+    def breakpoints(self) -> list[float]:
+        return self.times[1:].tolist() if self.interpolation == "hold" else []
+
+    def _fit_raw(self, t: Tensor, raw_target: Tensor) -> None:
+        self.values.copy_(_interp(self.times.to(t), t, raw_target))
+
+    @classmethod
+    def from_csv(cls, path: str | Path, **kwargs: Any) -> Tabulated:
+        """Read a table written by :meth:`Protocol.write_table`."""
+        lines = Path(path).read_text().strip().splitlines()
+        rows = torch.tensor(
+            [[float(x) for x in line.split(",")] for line in lines[1:]], dtype=torch.float64
+        )
+        return cls(times=rows[:, 0], values=rows[:, 1:], **kwargs)
