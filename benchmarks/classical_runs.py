@@ -43,7 +43,7 @@ def _train(args: tuple[str, list[str], int, str]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from controlmd.config import load_config
-    from controlmd.train import run_experiment
+    from controlmd.experiment import run_experiment
 
     path, overrides, seed, out = args
     cfg = load_config(path, overrides, seed=seed)

@@ -40,7 +40,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from controlmd.config import build_protocol, build_task, load_config
     from controlmd.distributed import init_distributed
-    from controlmd.train import Trainer
+    from controlmd.trainer import Trainer
 
     overrides = [
         *args.set,

@@ -1,4 +1,4 @@
-"""Callbacks of :meth:`controlmd.train.Trainer.learn` (stable-baselines3's pattern).
+"""Callbacks of :meth:`controlmd.trainer.Trainer.learn` (stable-baselines3's pattern).
 
 A callback gets the trainer in :meth:`Callback.init_callback`, is told when training
 starts and ends, and :meth:`Callback.on_step` runs after every iteration (returning
@@ -19,7 +19,8 @@ from controlmd.checkpoint import save_checkpoint
 from controlmd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from controlmd.train import Evaluation, Trainer
+    from controlmd.evaluation import Evaluation
+    from controlmd.trainer import Trainer
 
 __all__ = [
     "AbortAfter",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import tempfile
@@ -24,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "json_safe",
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
@@ -63,6 +65,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """``json.dumps(obj, indent=2)`` written atomically (NaN/inf rejected: not valid JSON)."""
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with tensors and numpy scalars turned into lists and numbers, tuples into
+    lists, dict keys into strings and non-finite floats into ``None`` (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor | np.ndarray | np.generic):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

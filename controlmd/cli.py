@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     from controlmd.config import load_config
     from controlmd.distributed import init_distributed
     from controlmd.errors import ConfigError
-    from controlmd.train import run_experiment
+    from controlmd.experiment import run_experiment
 
     if args.experiment is None and args.resume is None:
         raise ConfigError("give an experiment file, or --resume DIR")
@@ -170,8 +170,9 @@ def _eval(args: argparse.Namespace) -> int:
     from controlmd.checkpoint import atomic_write_json
     from controlmd.config import build_task, read_run_config
     from controlmd.errors import ConfigError
+    from controlmd.evaluation import evaluate
     from controlmd.protocols import load_protocol
-    from controlmd.train import RESCORE_SEED_OFFSET, evaluate
+    from controlmd.rng import RESCORE_SEED_OFFSET
 
     check_int("--seeds", args.seeds)
     cfg = read_run_config(args.run_dir)
@@ -203,8 +204,7 @@ def _eval(args: argparse.Namespace) -> int:
         "seeds": rows,
         "protocol": args.protocol,
     }
-    exact = getattr(task, "exact_metric", None)
-    if exact is not None and (value := exact(protocol)) is not None:
+    if (value := task.exact_metric(protocol)) is not None:
         summary["exact"] = value
         print(f"exact {task.metric_name}: {value:.6g}")
     print(f"all seeds: {task.metric_name} = {mean:.6g} +- {se:.2g}")

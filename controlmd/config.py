@@ -37,9 +37,10 @@ import tomli_w
 
 from controlmd.checkpoint import atomic_write_text
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.estimators import ESTIMATORS as _ESTIMATOR_CLASSES
 from controlmd.protocols import Protocol, make_protocol, protocol_class, protocol_names
-from controlmd.tasks import Task, task_names
-from controlmd.tasks import base as _task_base
+from controlmd.tasks import Task, task_class, task_names
+from controlmd.trainer import LR_SCHEDULES, OPTIMIZERS, SIMULATION_GRADIENTS
 
 __all__ = [
     "EVAL_KEYS",
@@ -57,10 +58,8 @@ __all__ = [
 
 Config = dict[str, dict[str, Any]]
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lbfgs")
-GRADIENTS = ("direct", "checkpoint", "truncated", "adjoint")
-ESTIMATORS = ("pathwise", "score", "forward")
-LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
+GRADIENTS = SIMULATION_GRADIENTS
+ESTIMATORS = tuple(_ESTIMATOR_CLASSES)
 _UNSET = object()
 
 
@@ -300,7 +299,10 @@ def _check_value(section: str, key: str, value: Any, spec: Field) -> Any:
 
 
 def _task_constructor(name: str) -> Callable[..., Any]:
-    return _task_base._TASKS[name]
+    try:
+        return task_class(name)
+    except ControlMDError as exc:
+        raise ConfigError(f"[task] name: {exc}") from None
 
 
 def _resolve_open(
@@ -316,7 +318,8 @@ def _resolve_open(
             f"[{section}] is missing the required key {name_key!r}; expected one of: {', '.join(names)}"
         )
     name = values[name_key]
-    if not isinstance(name, str) or name not in names:
+    plugin = isinstance(name, str) and ":" in name  # module:Class, resolved by the constructor
+    if not isinstance(name, str) or (name not in names and not plugin):
         raise ConfigError(
             f"[{section}] {name_key}: unknown value {name!r}; expected one of: {', '.join(names)}"
         )

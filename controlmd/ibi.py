@@ -266,7 +266,7 @@ def run_ibi(
     :param bin_width: spacing of the table knots and of the histogram RDF IBI samples
         (sigma); the knots are the histogram bin centres up to the task's ``r_cut``, plus
         ``r_cut`` itself.
-    :param logger: optional :class:`controlmd.logging.Logger` (keys ``train/rdf_mse``,
+    :param logger: optional :class:`controlmd.logger.Logger` (keys ``train/rdf_mse``,
         ``budget/md_steps``).
     """
     from controlmd.observables import rdf_histogram
@@ -429,9 +429,10 @@ def run_ibi_experiment(
     :return: the run folder and the contents of its ``metrics.json``.
     """
     from controlmd.checkpoint import atomic_write_json, atomic_write_text
-    from controlmd.logging import JSONLinesSink, Logger, TensorBoardSink
+    from controlmd.evaluation import evaluate
+    from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
+    from controlmd.rng import FINAL_SEED_OFFSET
     from controlmd.tasks import get_task
-    from controlmd.train import FINAL_SEED_OFFSET, evaluate
 
     seed = cfg["experiment"]["seed"]
     torch.manual_seed(seed)

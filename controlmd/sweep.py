@@ -551,7 +551,7 @@ def run_sweep_job(cfg: dict[str, dict[str, Any]], job_dir: str) -> dict[str, Any
     Continues from ``job_dir/checkpoint.pt`` when a killed attempt left one; a partial
     folder without a checkpoint is removed first (it holds nothing reusable).
     """
-    from controlmd.train import run_experiment
+    from controlmd.experiment import run_experiment
 
     path = Path(job_dir)
     done = read_result(path)

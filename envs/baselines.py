@@ -3,7 +3,7 @@
 =================  ==========================================================================
 algo               what is optimized
 =================  ==========================================================================
-``gradient``       a ``K``-piece protocol by :class:`controlmd.train.Trainer` (gradients
+``gradient``       a ``K``-piece protocol by :class:`controlmd.trainer.Trainer` (gradients
                    through the simulation)
 ``ppo``, ``sac``   a stable-baselines3 policy on :class:`~controlmd_envs.vec_env.BatchedControlVecEnv`
                    (``vec_env = "batched"``, the default) or ``SubprocVecEnv`` / ``DummyVecEnv``
@@ -40,11 +40,12 @@ import torch
 
 from controlmd.callbacks import AbortAfter, Callback
 from controlmd.errors import ControlMDError
-from controlmd.logging import JSONLinesSink, Logger, TensorBoardSink
+from controlmd.evaluation import Evaluation, evaluate
+from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
 from controlmd.protocols import PiecewiseConstant, Protocol
 from controlmd.search import CMAES, ProtocolSearch, RandomSearch, actions_to_protocol
 from controlmd.tasks.base import Task
-from controlmd.train import Evaluation, Trainer, evaluate
+from controlmd.trainer import Trainer
 from controlmd_envs.control_env import ReplicaBatch
 
 __all__ = [

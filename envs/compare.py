@@ -66,7 +66,9 @@ import numpy as np
 from controlmd.checkpoint import atomic_write_json, atomic_write_text
 from controlmd.config import apply_overrides, read_toml, resolve_config, write_config
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.evaluation import Evaluation, evaluate
 from controlmd.protocols import Protocol
+from controlmd.rng import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET
 from controlmd.sweep import (
     Job,
     JobResult,
@@ -77,7 +79,6 @@ from controlmd.sweep import (
     runner_session,
 )
 from controlmd.tasks.base import Task
-from controlmd.train import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET, Evaluation, evaluate
 from controlmd_envs.baselines import (
     ALGOS,
     ENV_KEYS,
@@ -498,7 +499,7 @@ def run_compare_job(
     ``seed`` first, and a folder left by a killed attempt (no ``metrics.json``) is cleared.
 
     :param initial: the common starting protocol's scheduled evaluation (fields of
-        :class:`controlmd.train.Evaluation`): charged to the run, not recomputed (RL
+        :class:`controlmd.evaluation.Evaluation`): charged to the run, not recomputed (RL
         policies are evaluated as they are).
     """
     import shutil
@@ -653,10 +654,9 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
 def _exact_metric(task: Task, final: Any) -> float | None:
     """The task's noise-free metric of an open-loop protocol, where the task has one
     (``exact_metric``, as the trainer uses it)."""
-    exact = getattr(task, "exact_metric", None)
-    if exact is None or not isinstance(final, Protocol):
+    if not isinstance(final, Protocol):
         return None
-    value = exact(final)
+    value = task.exact_metric(final)
     return None if value is None else float(value)
 
 

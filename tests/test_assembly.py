@@ -241,8 +241,8 @@ def test_a_quick_training_run_improves_the_exact_metric(tmp_path) -> None:
 def test_finish_run_writes_xyz_with_the_box_and_snapshots(tmp_path) -> None:
     task = Assembly(n_steps=10)
     task.integrator(_constant(task, [6.0]))
-    paths = task.finish_run(tmp_path)
-    assert sorted(p.name for p in paths) == ["final_replicas.xyz", "final_snapshots.png"]
+    summary = task.finish_run(tmp_path)
+    assert sorted(summary["artifacts"]) == ["final_replicas.xyz", "final_snapshots.png"]
     lines = (tmp_path / "final_replicas.xyz").read_text().splitlines()
     assert len(lines) == 16 * (7 + 2)
     assert "Lattice=" in lines[1] and 'pbc="T T' in lines[1] and "coordination" in lines[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from controlmd.errors import ConfigError
-from controlmd.logging import Logger
+from controlmd.logger import Logger
 from controlmd.tasks import get_task
 from controlmd_envs.baselines import BudgetTracker, make_vec_env, run_sb3
 from controlmd_envs.compare import load_compare_config

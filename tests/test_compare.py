@@ -334,7 +334,7 @@ def test_policy_evaluation_equals_protocol_evaluation_and_ignores_chunks() -> No
 def test_ppo_learns_trap_drag_toward_the_optimum(tmp_path: Path) -> None:
     """PPO on the time-only env improves the exact mean work of its deterministic protocol
     from the start (12.5, an instantaneous jump) to near the 4-piece optimum (about 8.6)."""
-    from controlmd.logging import Logger
+    from controlmd.logger import Logger
     from controlmd_envs.baselines import BudgetTracker, run_sb3
 
     task = get_task("trap_drag", n_steps=20, low=-2.5, high=12.5)

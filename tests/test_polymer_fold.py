@@ -241,8 +241,8 @@ def test_finish_run_writes_xyz_and_snapshots(tmp_path) -> None:
     task = PolymerFold(n_steps=10)
     u = _constant(task, [0.5])
     task.integrator(u)  # the trainer hands the trained protocol to integrator()
-    paths = task.finish_run(tmp_path)
-    assert sorted(p.name for p in paths) == ["final_replicas.xyz", "final_snapshots.png"]
+    summary = task.finish_run(tmp_path)
+    assert sorted(summary["artifacts"]) == ["final_replicas.xyz", "final_snapshots.png"]
     lines = (tmp_path / "final_replicas.xyz").read_text().splitlines()
     assert len(lines) == 16 * (22 + 2)
     assert lines[0].strip() == "22" and "folded=" in lines[1] and "Q=" in lines[1]

@@ -10,7 +10,7 @@ import torch
 
 from controlmd.callbacks import Callback, EarlyStopping, EvalCallback
 from controlmd.errors import ControlMDError
-from controlmd.logging import Logger
+from controlmd.logger import Logger
 from controlmd.protocols import make_protocol
 from controlmd.tasks.trap_drag import TrapDrag
 from controlmd.train import Trainer
@@ -47,8 +47,6 @@ def test_constructor_validates() -> None:
         Trainer(task, p, gradient="checkpoint")
     with pytest.raises(ControlMDError, match="does not support it"):
         Trainer(task, p, gradient="adjoint")
-    with pytest.raises(ControlMDError, match="schedule_iterations"):
-        Trainer(task, p, lr_schedule="cosine")
     with pytest.raises(ControlMDError, match="lbfgs"):
         Trainer(task, p, optimizer="lbfgs", estimator="score")
     big = make_protocol("mlp", dim=1, t_final=1.0, hidden=[16, 16])
@@ -56,6 +54,31 @@ def test_constructor_validates() -> None:
         Trainer(task, big, estimator="forward")
     with pytest.raises(ControlMDError, match="lr must be > 0, got 0"):
         Trainer(task, p, lr=0.0)
+
+
+def test_cosine_schedule_takes_its_horizon_from_learn() -> None:
+    """Without schedule_iterations the cosine schedule ends at the first learn() call's count."""
+    task = _task()
+    trainer = Trainer(task, _protocol(task), lr=0.1, lr_min=0.01, lr_schedule="cosine", replicas=4)
+    trainer.learn(4, progress=False)
+    assert trainer.lr_at(0) == pytest.approx(0.1)
+    assert trainer.lr_at(2) == pytest.approx(0.055)
+    assert trainer.lr_at(4) == pytest.approx(0.01)
+
+
+def test_estimator_outside_the_task_capabilities_is_refused() -> None:
+    from controlmd.tasks import get_task
+
+    task = get_task("polymer_fold", n_steps=10)
+    protocol = make_protocol(
+        "piecewise_constant", dim=1, t_final=task.horizon, n_pieces=2, low=0.1, high=1.2
+    )
+    with pytest.raises(
+        ControlMDError,
+        match="estimator = 'score' is not supported by task "
+        "'polymer_fold'; it supports \\['pathwise', 'forward'\\]",
+    ):
+        Trainer(task, protocol, estimator="score")
 
 
 @pytest.mark.parametrize("estimator", ["pathwise", "score"])
@@ -74,7 +97,8 @@ def test_stochastic_gradients_are_unbiased(estimator: str) -> None:
         variance_every=1,
         seed=3,
     )
-    _, loss, grads, stats = trainer._gradient(seed=3, with_variance=True)
+    est = trainer.estimate_gradient(3, with_variance=True)
+    loss, grads, stats = est.loss, est.grads, est.stats
     g = torch.cat([x.flatten() for x in grads])
     assert float(((g - exact) ** 2).sum()) < 9.0 * stats["grad_var"]
     assert stats["grad_var"] < 0.05 * float((exact**2).sum())  # and informative
@@ -85,8 +109,8 @@ def test_forward_mode_equals_reverse_mode() -> None:
     task = _task()
     reverse = Trainer(task, _protocol(task), replicas=32)
     forward = Trainer(task, _protocol(task), replicas=32, estimator="forward")
-    _, loss_r, g_r, _ = reverse._gradient(seed=5, with_variance=False)
-    _, loss_f, g_f, _ = forward._gradient(seed=5, with_variance=False)
+    r, f = reverse.estimate_gradient(5), forward.estimate_gradient(5)
+    loss_r, g_r, loss_f, g_f = r.loss, r.grads, f.loss, f.grads
     torch.testing.assert_close(loss_f, loss_r)
     for a, b in zip(g_f, g_r):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
@@ -98,8 +122,7 @@ def test_gradient_paths_match_direct_backprop(gradient: str, window: int) -> Non
     task = _task()
     direct = Trainer(task, _protocol(task), replicas=16)
     other = Trainer(task, _protocol(task), replicas=16, gradient=gradient, window=window)
-    _, _, g_d, _ = direct._gradient(seed=2, with_variance=False)
-    _, _, g_o, _ = other._gradient(seed=2, with_variance=False)
+    g_d, g_o = direct.estimate_gradient(2).grads, other.estimate_gradient(2).grads
     for a, b in zip(g_o, g_d):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -209,7 +232,7 @@ def test_documented_task_example_trains() -> None:
     """The ~40-line task of docs/trainer.md runs with the public API and learns to push right."""
     from pathlib import Path
 
-    from controlmd.tasks import base as task_base
+    from controlmd.tasks import registry as task_registry
     from controlmd.train import evaluate
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "trainer.md").read_text()
@@ -226,6 +249,6 @@ def test_documented_task_example_trains() -> None:
         Trainer(task, protocol, lr=0.1, replicas=64, variance_every=0).learn(15)
         after = evaluate(task, protocol, 400, seed=1).mean
     finally:
-        task_base._TASKS.pop("barrier_crossing", None)
+        task_registry._TASKS.pop("barrier_crossing", None)
     assert after > before + 0.1
     assert float(protocol(torch.linspace(0.0, task.horizon, 20, dtype=torch.float64)).mean()) > 0.5

@@ -1,14 +1,20 @@
-"""Benchmark tasks. Every module in this package is imported so its task registers itself."""
+"""Tasks: the :class:`Task` contract, the registry, and the shipped benchmark systems.
+
+The shipped task modules (``trap_drag``, ``polymer_fold``, ``assembly``, ``isomerization``,
+``rdf_inverse``) are imported when a task is first named, not when this package is.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
+from controlmd.tasks.registry import get_task, register_task, task_class, task_names
 
-from controlmd.tasks.base import ControlChannels, Task, get_task, register_task, task_names
-
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base" and not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-__all__ = ["ControlChannels", "Task", "get_task", "register_task", "task_names"]
+__all__ = [
+    "ControlChannels",
+    "Task",
+    "TaskCapabilities",
+    "get_task",
+    "register_task",
+    "task_class",
+    "task_names",
+]

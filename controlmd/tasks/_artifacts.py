@@ -7,14 +7,19 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from controlmd._validation import check_choice
+from controlmd.dynamics.base import State
 from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol
+from controlmd.tasks.base import Task
+
+if TYPE_CHECKING:
+    from controlmd.logger import Logger
 
 Tensor = torch.Tensor
 
@@ -70,8 +75,8 @@ class ChannelSchedule(nn.Module):
         return self.protocol(t)[..., self.channel]
 
 
-class RunArtifacts:
-    """Mixin for tasks that write final-replica artifacts into a run folder.
+class RunArtifacts(Task[State]):
+    """Base of particle tasks that write final-replica artifacts into a run folder.
 
     The task records the protocol last passed to its ``integrator`` in ``self._protocol``
     and implements :meth:`_write_artifacts`; the trainer calls :meth:`finish_run` after
@@ -80,19 +85,21 @@ class RunArtifacts:
 
     _protocol: Protocol | None = None
 
-    def finish_run(self, run_dir: str | Path, logger: Any = None, step: int = 0) -> list[Path]:
+    def finish_run(
+        self, run_dir: str | Path, logger: Logger | None = None, step: int = 0
+    ) -> dict[str, Any]:
         """Trainer hook after the final evaluation: :meth:`save_artifacts` for the protocol
         last passed to ``integrator`` (16 replicas, seed :data:`ARTIFACT_SEED`), with the
         snapshot figure also sent to ``logger`` under ``outcome/final_snapshots``.
-        Returns the written paths (none when no protocol was simulated)."""
+        Returns ``{"artifacts": [file names]}`` (empty when no protocol was simulated)."""
         if self._protocol is None:
-            return []
+            return {"artifacts": []}
         paths, figure = self._artifacts(
             self._protocol, Path(run_dir), n_replicas=16, seed=ARTIFACT_SEED
         )
         if logger is not None:
             logger.record_figure("outcome/final_snapshots", figure, step)
-        return paths
+        return {"artifacts": [p.name for p in paths]}
 
     def save_artifacts(
         self, protocol: Protocol, run_dir: str | Path, *, n_replicas: int = 16, seed: int = 0
@@ -108,7 +115,7 @@ class RunArtifacts:
         """Roll out ``n_replicas`` fresh replicas and write their artifacts; ``(paths, figure)``."""
         run_dir.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            R = self.rollout(protocol, n_replicas, seed, gradient="none").R.detach()  # type: ignore[attr-defined]
+            R = self.rollout(protocol, n_replicas, seed, gradient="none").R.detach()
         return self._write_artifacts(R, run_dir)
 
     @abstractmethod

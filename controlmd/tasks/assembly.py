@@ -119,7 +119,8 @@ from controlmd.structures import (
     target_cluster_fraction,
 )
 from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
-from controlmd.tasks.base import ControlChannels, Task, register_task
+from controlmd.tasks.base import ControlChannels, TaskCapabilities
+from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
@@ -182,7 +183,7 @@ def _min_image_sq(dx: float, dy: float, box: float) -> float:
 
 
 @register_task
-class Assembly(RunArtifacts, Task):
+class Assembly(RunArtifacts):
     """Maximize the yield of compact heptamers; see the module docstring.
 
     Example:
@@ -199,6 +200,7 @@ class Assembly(RunArtifacts, Task):
     metric_name = "heptamer_yield"
     higher_is_better = True
     units = "reduced units: length sigma (disk diameter), energy epsilon (kT = 1 by default), time tau = gamma sigma^2 / epsilon"
+    capabilities = TaskCapabilities(estimators=("pathwise", "score", "forward"))
 
     def __init__(
         self,

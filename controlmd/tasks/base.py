@@ -1,33 +1,75 @@
-"""The Task: what both the gradient trainer and the gymnasium env consume.
+"""The Task contract: what both the gradient trainer and the gymnasium env consume.
 
-A Task bundles a system (seeded batched initial states, H0, dynamics, time step, horizon),
-control channels (how u(t) in R^k enters, with physical bounds), a differentiable
-surrogate loss for training and the exact metric that is reported. Nothing task-specific
-lives in the trainer or the env.
+A task bundles a **system** (seeded batched initial states, H0, dynamics, time step,
+horizon), **control channels** (how u(t) in R^k enters, with physical bounds), a
+differentiable **surrogate loss** for training and the **exact metric** that is reported.
+Nothing task-specific lives in the trainer, the CLI or the env: every hook they call is
+declared here, typed, with a default where it is optional.
 
-Writing a task: subclass :class:`Task`, set the class attributes, implement
-``initial_state``, ``integrator``, ``loss`` and ``metric``; register it with
-``@register_task``. Tasks whose state is not particles (the quantum isomerization task)
-override ``advance`` (and may override ``rollout`` with a faster exact path).
+=========================  ========  =====================================================
+hook                       required  used by
+=========================  ========  =====================================================
+``initial_state``          yes       trainer, evaluation, env reset
+``integrator``             yes       ``advance`` (particle tasks)
+``loss``                   yes       trainer (minimized; never reported)
+``metric``                 yes       evaluation, env reward, compare (the reported number)
+``observe``                no        feedback protocols, env observations
+``advance`` / ``rollout``  no        env steps / trainer and evaluation
+``default_control``        no        the no-control value: release windows, ``eval
+                                     --baseline constant``, constant sweeps
+``exact_metric``           no        noise-free metric of a protocol (trap_drag)
+``reference_protocol``     no        a known optimum drawn beside trained protocols
+``parameters``             no        learning tasks' own trainable Hamiltonian
+``state_dict`` / ``load``  no        checkpoints of a task's own trainable state
+``finish_run``             no        task files and figures after the final evaluation
+``extras``                 no        task entries of ``metrics.json``
+=========================  ========  =====================================================
+
+What a task supports is declared as data in :attr:`Task.capabilities` (gradient
+estimators, the adjoint path, whether a gymnasium env can act on it).
+
+Writing a task: subclass ``Task[State]``, set the class attributes, implement the four
+required hooks, and either decorate it with :func:`~controlmd.tasks.registry.register_task`
+or name it as ``module:Class`` in an experiment file (docs/extending.md walks through one).
+Tasks whose state is not particles (the quantum isomerization task) use their own state
+type, ``Task[QuantumState]``, and override ``advance`` (and may override ``rollout`` with a
+faster exact path).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Protocol as TypingProtocol
 
 import torch
+from torch import nn
 
-from controlmd._validation import check_choice
 from controlmd.dynamics.base import Integrator, State
 from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol
 
+if TYPE_CHECKING:
+    from controlmd.logger import Logger
+
 Tensor = torch.Tensor
 
-__all__ = ["ControlChannels", "Task", "get_task", "register_task", "task_names"]
+__all__ = ["BatchedState", "ControlChannels", "StateT", "Task", "TaskCapabilities"]
+
+
+class BatchedState(TypingProtocol):
+    """What every task state has: a number of replicas (the leading batch dimension)."""
+
+    @property
+    def n_replicas(self) -> int: ...
+
+
+StateT = TypeVar("StateT", bound=BatchedState)
+"""The state type a task simulates (:class:`~controlmd.dynamics.State` for particles)."""
+
+ESTIMATOR_NAMES = ("pathwise", "score", "forward")
 
 
 @dataclass(frozen=True)
@@ -47,11 +89,10 @@ class ControlChannels:
 
     def __post_init__(self) -> None:
         k = len(self.names)
-        for field_name in ("low", "high", "units"):
-            if len(getattr(self, field_name)) != k:
+        for field_name, values in (("low", self.low), ("high", self.high), ("units", self.units)):
+            if len(values) != k:
                 raise ControlMDError(
-                    f"control channels: {field_name} has {len(getattr(self, field_name))} "
-                    f"entries for {k} channel names"
+                    f"control channels: {field_name} has {len(values)} entries for {k} channel names"
                 )
         for name, lo, hi in zip(self.names, self.low, self.high):
             if not lo < hi:
@@ -70,8 +111,31 @@ class ControlChannels:
         return torch.tensor(self.high, dtype=torch.float64)
 
 
-class Task(ABC):
-    """Base class of benchmark tasks.
+@dataclass(frozen=True)
+class TaskCapabilities:
+    """What a task supports, declared as data (checked by the trainer and the env).
+
+    Attributes:
+        estimators: gradient estimators the trainer may use (``pathwise``, ``score``,
+            ``forward``); ``score`` also needs the dynamics it is implemented for.
+        adjoint: whether ``gradient = "adjoint"`` applies (deterministic ODE dynamics).
+        env: whether a gymnasium env can act on the task (it has control channels).
+    """
+
+    estimators: tuple[str, ...] = ("pathwise", "forward")
+    adjoint: bool = False
+    env: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.estimators if e not in ESTIMATOR_NAMES]
+        if unknown:
+            raise ControlMDError(
+                f"capabilities.estimators: unknown {unknown}; expected names from {ESTIMATOR_NAMES}"
+            )
+
+
+class Task(ABC, Generic[StateT]):
+    """Base class of tasks (see the module docstring for the hooks).
 
     Class attributes:
         name: registry key (used in TOML ``[task] name = ...``).
@@ -82,6 +146,7 @@ class Task(ABC):
             (default ``True``). The distributed trainer averages the ranks' losses, which
             equals the loss of the whole batch only then; a task whose loss couples replicas
             (a function of an ensemble average) sets it ``False`` and trains on one process.
+        capabilities: :class:`TaskCapabilities`.
 
     Instance attributes (set by subclasses' ``__init__``):
         controls: :class:`ControlChannels`.
@@ -94,6 +159,7 @@ class Task(ABC):
     higher_is_better: ClassVar[bool]
     units: ClassVar[str]
     replica_mean_loss: ClassVar[bool] = True
+    capabilities: ClassVar[TaskCapabilities] = TaskCapabilities()
 
     controls: ControlChannels
     dt: float
@@ -103,8 +169,10 @@ class Task(ABC):
     def horizon(self) -> float:
         return self.dt * self.n_steps
 
+    # ------------------------------------------------------------------ required
+
     @abstractmethod
-    def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
+    def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> StateT:
         """Seeded initial states of ``n_replicas`` replicas.
 
         Replica ``i`` uses the stream ``replica_seed(seed, first_replica + i)`` (see
@@ -116,15 +184,17 @@ class Task(ABC):
         """The dynamics with control ``u = protocol(t)`` entering the Hamiltonian."""
 
     @abstractmethod
-    def loss(self, state: State) -> Tensor:
+    def loss(self, state: StateT) -> Tensor:
         """Differentiable surrogate loss of final states (0-d, mean over replicas; minimized)."""
 
     @abstractmethod
-    def metric(self, state: State) -> Tensor:
+    def metric(self, state: StateT) -> Tensor:
         """Exact metric of each replica's final state ``[B]`` (no gradient); the reported
         value is its mean."""
 
-    def observe(self, state: State) -> Tensor:
+    # ------------------------------------------------------------------ optional
+
+    def observe(self, state: StateT) -> Tensor:
         """Task features for feedback control ``[B, n_features]`` (default: none)."""
         return torch.zeros(state.n_replicas, 0, dtype=torch.float64)
 
@@ -132,12 +202,22 @@ class Task(ABC):
         return self.controls.low_tensor(), self.controls.high_tensor()
 
     def advance(
-        self, state: State, protocol: Protocol, n_steps: int, **simulate_options: Any
-    ) -> State:
-        """Integrate ``n_steps`` steps under ``protocol`` (the env calls this per action)."""
+        self, state: StateT, protocol: Protocol, n_steps: int, **simulate_options: Any
+    ) -> StateT:
+        """Integrate ``n_steps`` steps under ``protocol`` (the env calls this per action).
+
+        The default simulates the :meth:`integrator` with :func:`controlmd.simulate`; tasks
+        whose state is not a particle :class:`~controlmd.dynamics.State` override it.
+        """
         from controlmd.simulate import simulate
 
-        return simulate(self.integrator(protocol), state, n_steps, **simulate_options).final
+        if not isinstance(state, State):
+            raise ControlMDError(
+                f"task {self.name!r}: the default advance() simulates particle States; a task "
+                f"with {type(state).__name__} states overrides advance()"
+            )
+        final: Any = simulate(self.integrator(protocol), state, n_steps, **simulate_options).final
+        return final  # type: ignore[no-any-return]
 
     def rollout(
         self,
@@ -147,30 +227,51 @@ class Task(ABC):
         *,
         first_replica: int = 0,
         **simulate_options: Any,
-    ) -> State:
+    ) -> StateT:
         """A full episode from fresh initial states; returns final states."""
         state = self.initial_state(n_replicas, seed, first_replica=first_replica)
         return self.advance(state, protocol, self.n_steps, **simulate_options)
 
+    def default_control(self) -> Tensor | None:
+        """The channel values ``[k]`` that mean "no control" (H0 as built), or ``None`` when
+        the task has no such value. Release windows switch every channel to it, and
+        ``controlmd eval --baseline constant`` scores it."""
+        return None
+
+    def exact_metric(self, protocol: Protocol) -> float | None:
+        """The noise-free metric of ``protocol`` where the task can compute it (default:
+        ``None``)."""
+        return None
+
+    def reference_protocol(self) -> tuple[Tensor, Tensor] | None:
+        """A known reference (e.g. the optimum) as ``(times [n], values [n, k])``, drawn
+        beside trained protocols; ``None`` when there is none."""
+        return None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the task owns (a learning task's Hamiltonian), optimized
+        together with the protocol's; default none."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The task's own trainable state for checkpoints (default: empty)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the default task has no state to restore."""
+        if state:
+            raise ControlMDError(
+                f"task {self.name!r} keeps no state, but the checkpoint holds {sorted(state)}"
+            )
+
+    def finish_run(
+        self, run_dir: str | Path, logger: Logger | None = None, step: int = 0
+    ) -> dict[str, Any]:
+        """Called once after the final evaluation of a training run: write task-specific
+        files and figures into ``run_dir`` (figures also to ``logger``); returns a
+        JSON-serialisable summary of what was written or evaluated (default: nothing)."""
+        return {}
+
     def extras(self) -> dict[str, Any]:
         """Task-specific entries for ``metrics.json`` (e.g. a known optimum)."""
         return {}
-
-
-_TASKS: dict[str, Callable[..., Task]] = {}
-
-
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make a task constructible by name from configs."""
-    _TASKS[cls.name] = cls
-    return cls
-
-
-def task_names() -> list[str]:
-    return sorted(_TASKS)
-
-
-def get_task(name: str, **params: Any) -> Task:
-    """Build a registered task; an unknown name lists the valid ones."""
-    check_choice("task", name, list(_TASKS))
-    return _TASKS[name](**params)

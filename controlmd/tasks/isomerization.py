@@ -136,7 +136,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +152,8 @@ from controlmd.dynamics.schrodinger import (
 )
 from controlmd.errors import ControlMDError
 from controlmd.protocols import PiecewiseConstant, Protocol
-from controlmd.tasks.base import ControlChannels, Task, register_task
+from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
+from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
@@ -436,7 +437,7 @@ _PROPAGATORS = ("split", "ode")
 
 
 @register_task
-class Isomerization(Task):
+class Isomerization(Task[QuantumState]):
     """Shape a laser pulse that maximizes the trans yield of retinal's photo-isomerization.
 
     See the module docstring for the system, channels, outcome and arguments.
@@ -453,7 +454,7 @@ class Isomerization(Task):
     metric_name = "quantum_yield"
     higher_is_better = True
     units = "energy and field eV (unit dipole), time hbar/eV (1 fs = 1.519267 hbar/eV)"
-    supports_adjoint: ClassVar[bool] = True
+    capabilities = TaskCapabilities(estimators=("pathwise", "forward"), adjoint=True)
 
     def __init__(
         self,
@@ -684,7 +685,7 @@ class Isomerization(Task):
 
     # ------------------------------------------------------------------ dynamics
 
-    def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> QuantumState:  # type: ignore[override]
+    def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> QuantumState:
         """The ground eigenstate for each replica (``seed`` is not used: deterministic task)."""
         check_int("n_replicas", n_replicas)
         psi = torch.zeros(n_replicas, self.model.n_states, dtype=torch.complex128)
@@ -703,7 +704,7 @@ class Isomerization(Task):
         """The torchdiffeq vector field ``i dpsi/dt = (H0 - mu E(t)) psi`` of this model."""
         return SchrodingerEquation(self.model.energies, self.model.dipole, protocol)
 
-    def advance(  # type: ignore[override]
+    def advance(
         self,
         state: QuantumState,
         protocol: Protocol,
@@ -797,7 +798,7 @@ class Isomerization(Task):
         index = [marks.index(s) for s in local]
         return states[-1], states[index] if index else states[:0]
 
-    def rollout(  # type: ignore[override]
+    def rollout(
         self,
         protocol: Protocol,
         n_replicas: int,
@@ -847,7 +848,7 @@ class Isomerization(Task):
             chunk=self.yield_chunk,
         )
 
-    def loss(self, state: QuantumState) -> Tensor:  # type: ignore[override]
+    def loss(self, state: QuantumState) -> Tensor:
         """``-mean(Y_window)``, plus ``fluence_penalty * relu(F / fluence_max - 1)^2`` when
         ``fluence_max > 0`` and ``excitation_penalty * relu(1 - P / min_excitation)^2`` when
         ``min_excitation > 0``, with ``F`` the fluence and ``P = 1 - |<0|psi(T)>|^2`` the
@@ -862,7 +863,7 @@ class Isomerization(Task):
             loss = loss + self.excitation_penalty * (shortfall**2).mean()
         return loss
 
-    def metric(self, state: QuantumState) -> Tensor:  # type: ignore[override]
+    def metric(self, state: QuantumState) -> Tensor:
         """Exact time-averaged yield of each replica ``[B]``."""
         with torch.no_grad():
             value = self.window_yield(state).detach()
@@ -875,7 +876,7 @@ class Isomerization(Task):
             }
         return value
 
-    def observe(self, state: QuantumState) -> Tensor:  # type: ignore[override]
+    def observe(self, state: QuantumState) -> Tensor:
         """Features ``[B, 4]``: see the observation table of the module docstring."""
         m = self.model
         psi = state.psi
@@ -970,7 +971,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     """
     from controlmd.checkpoint import atomic_write_json, atomic_write_text
     from controlmd.config import build_task, read_run_config
-    from controlmd.logging import TensorBoardSink
+    from controlmd.logger import TensorBoardSink
     from controlmd.plotting import save_figure
     from controlmd.protocols import load_protocol
 

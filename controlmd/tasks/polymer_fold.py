@@ -152,7 +152,8 @@ from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.structures import hairpin, helix, kabsch_align, kabsch_rmsd
 from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
-from controlmd.tasks.base import ControlChannels, Task, register_task
+from controlmd.tasks.base import ControlChannels
+from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
@@ -301,7 +302,7 @@ def _one_coil(
 
 
 @register_task
-class PolymerFold(RunArtifacts, Task):
+class PolymerFold(RunArtifacts):
     """Fold a Go-like chain into its target (helix or hairpin); see the module docstring.
 
     Example:

@@ -170,7 +170,8 @@ from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.simulate import simulate
 from controlmd.space import Space, periodic
-from controlmd.tasks.base import ControlChannels, Task, register_task
+from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
+from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
@@ -503,7 +504,7 @@ class _Targets:
 
 
 @register_task
-class RDFInverse(Task):
+class RDFInverse(Task[State]):
     """Fit a pair potential so that the simulated RDF matches a target RDF.
 
     See the module docstring for the system, outcome, target and arguments.
@@ -526,7 +527,7 @@ class RDFInverse(Task):
     metric_name = "rdf_mse"
     higher_is_better = False
     units = "reduced LJ units: sigma, epsilon, mass 1, tau = sigma sqrt(m/epsilon); kT in epsilon"
-    supports_adjoint = False
+    capabilities = TaskCapabilities(estimators=("pathwise",), env=False)
     replica_mean_loss = False  # the loss is a function of the replica-averaged RDF
 
     def __init__(

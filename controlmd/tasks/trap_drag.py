@@ -89,7 +89,8 @@ from controlmd.errors import ControlMDError
 from controlmd.potentials.external import HarmonicTrap
 from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
-from controlmd.tasks.base import ControlChannels, Task, register_task
+from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
+from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
@@ -97,7 +98,7 @@ __all__ = ["TrapDrag"]
 
 
 @register_task
-class TrapDrag(Task):
+class TrapDrag(Task[State]):
     """Move a harmonic trap from 0 to ``lambda_f`` in time ``t_f`` at minimal mean work.
 
     See the module docstring for the system, channels, outcome and arguments.
@@ -116,6 +117,7 @@ class TrapDrag(Task):
     metric_name = "mean_work"
     higher_is_better = False
     units = "reduced units: length sigma, energy epsilon (kT), time tau"
+    capabilities = TaskCapabilities(estimators=("pathwise", "score", "forward"))
 
     def __init__(
         self,
