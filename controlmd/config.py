@@ -44,15 +44,24 @@ from controlmd.trainer import LR_SCHEDULES, OPTIMIZERS, SIMULATION_GRADIENTS
 
 __all__ = [
     "EVAL_KEYS",
+    "EXPERIMENT_KEYS",
     "LOGGING_KEYS",
     "TRAIN_KEYS",
     "Field",
+    "at_least",
     "build_protocol",
     "build_task",
     "config_to_toml",
+    "in_range",
     "load_config",
+    "load_file",
+    "non_negative",
     "parse_override",
+    "positive",
     "resolve_config",
+    "resolve_fixed",
+    "resolve_sections",
+    "resolve_task_section",
     "write_config",
 ]
 
@@ -74,70 +83,84 @@ class Field:
     doc: str = ""
 
 
-def _positive(v: Any) -> str | None:
+def positive(v: Any) -> str | None:
+    """A :class:`Field` check: the value must be > 0."""
     return None if v > 0 else "must be > 0"
 
 
-def _non_negative(v: Any) -> str | None:
+def non_negative(v: Any) -> str | None:
+    """A :class:`Field` check: the value must be >= 0."""
     return None if v >= 0 else "must be >= 0"
 
 
-def _at_least(n: int) -> Callable[[Any], str | None]:
+def at_least(n: float) -> Callable[[Any], str | None]:
+    """A :class:`Field` check: the value must be >= ``n``."""
     return lambda v: None if v >= n else f"must be >= {n}"
+
+
+def in_range(low: float, high: float, *, closed_low: bool = False) -> Callable[[Any], str | None]:
+    """A :class:`Field` check: ``low < v <= high`` (``low <= v`` with ``closed_low``)."""
+    left = "[" if closed_low else "("
+
+    def check(v: Any) -> str | None:
+        ok = (low <= v if closed_low else low < v) and v <= high
+        return None if ok else f"must be in {left}{low}, {high}]"
+
+    return check
 
 
 EXPERIMENT_KEYS: dict[str, Field] = {
     "name": Field(str, doc="experiment name; runs go to runs/<name>/"),
     "seed": Field(
-        int, 0, _non_negative, doc="seed of protocol init, training and evaluation streams"
+        int, 0, non_negative, doc="seed of protocol init, training and evaluation streams"
     ),
     "notes": Field(str, "", doc="free text"),
 }
 
 TRAIN_KEYS: dict[str, Field] = {
     "optimizer": Field(str, "adam", choices=OPTIMIZERS),
-    "lr": Field(float, 1e-2, _positive, doc="learning rate"),
-    "iterations": Field(int, 100, _non_negative, doc="optimizer iterations"),
-    "replicas": Field(int, 256, _at_least(1), doc="replicas per training rollout"),
+    "lr": Field(float, 1e-2, positive, doc="learning rate"),
+    "iterations": Field(int, 100, non_negative, doc="optimizer iterations"),
+    "replicas": Field(int, 256, at_least(1), doc="replicas per training rollout"),
     "gradient": Field(str, "direct", choices=GRADIENTS, doc="gradient path through the simulation"),
-    "window": Field(int, 0, _non_negative, doc="steps per checkpoint/truncation window (0: none)"),
-    "clip": Field(float, 0.0, _non_negative, doc="max gradient norm (0: no clipping)"),
+    "window": Field(int, 0, non_negative, doc="steps per checkpoint/truncation window (0: none)"),
+    "clip": Field(float, 0.0, non_negative, doc="max gradient norm (0: no clipping)"),
     "estimator": Field(str, "pathwise", choices=ESTIMATORS),
     "lr_schedule": Field(str, "constant", choices=LR_SCHEDULES),
-    "lr_min": Field(float, 0.0, _non_negative, doc="final lr of the cosine schedule"),
+    "lr_min": Field(float, 0.0, non_negative, doc="final lr of the cosine schedule"),
     "lr_gamma": Field(
-        float, 0.5, _positive, doc="decay factor (exponential: per iteration; step: per lr_step)"
+        float, 0.5, positive, doc="decay factor (exponential: per iteration; step: per lr_step)"
     ),
-    "lr_step": Field(int, 100, _at_least(1), doc="iterations between decays of the step schedule"),
-    "momentum": Field(float, 0.0, _non_negative, doc="sgd/rmsprop momentum"),
-    "weight_decay": Field(float, 0.0, _non_negative),
-    "lbfgs_max_iter": Field(int, 20, _at_least(1), doc="L-BFGS iterations per training iteration"),
+    "lr_step": Field(int, 100, at_least(1), doc="iterations between decays of the step schedule"),
+    "momentum": Field(float, 0.0, non_negative, doc="sgd/rmsprop momentum"),
+    "weight_decay": Field(float, 0.0, non_negative),
+    "lbfgs_max_iter": Field(int, 20, at_least(1), doc="L-BFGS iterations per training iteration"),
     "frozen_noise": Field(bool, False, doc="use the same training noise every iteration"),
-    "grad_groups": Field(int, 8, _at_least(2), doc="replica groups for the gradient variance"),
+    "grad_groups": Field(int, 8, at_least(2), doc="replica groups for the gradient variance"),
     "variance_every": Field(
-        int, 10, _non_negative, doc="iterations between gradient-variance estimates (0: never)"
+        int, 10, non_negative, doc="iterations between gradient-variance estimates (0: never)"
     ),
 }
 
 EVAL_KEYS: dict[str, Field] = {
-    "replicas": Field(int, 1000, _at_least(1), doc="replicas of the periodic held-out evaluation"),
+    "replicas": Field(int, 1000, at_least(1), doc="replicas of the periodic held-out evaluation"),
     "every": Field(
-        int, 0, _non_negative, doc="iterations between evaluations (0: only before/after)"
+        int, 0, non_negative, doc="iterations between evaluations (0: only before/after)"
     ),
     "final_replicas": Field(
-        int, 10_000, _at_least(1), doc="fresh replicas scoring the initial and final protocol"
+        int, 10_000, at_least(1), doc="fresh replicas scoring the initial and final protocol"
     ),
-    "chunk": Field(int, 10_000, _at_least(1), doc="replicas simulated at once during evaluation"),
+    "chunk": Field(int, 10_000, at_least(1), doc="replicas simulated at once during evaluation"),
 }
 
 LOGGING_KEYS: dict[str, Field] = {
     "tensorboard": Field(bool, True),
     "plots": Field(bool, True),
     "checkpoint_every": Field(
-        int, 10, _non_negative, doc="iterations between checkpoints (0: only at the end)"
+        int, 10, non_negative, doc="iterations between checkpoints (0: only at the end)"
     ),
     "histogram_every": Field(
-        int, 10, _non_negative, doc="iterations between parameter/gradient histograms (0: never)"
+        int, 10, non_negative, doc="iterations between parameter/gradient histograms (0: never)"
     ),
     "progress": Field(bool, True, doc="tqdm progress bar"),
 }
@@ -162,14 +185,65 @@ def load_config(
     :param seed: if given, replaces ``experiment.seed``.
     :raises ConfigError: naming the file, section, key and value at fault.
     """
+    return load_file(path, resolve_config, overrides, sections=SECTIONS, seed=seed)
+
+
+def load_file(
+    path: str | Path,
+    resolve: Callable[[dict[str, Any]], Config],
+    overrides: Iterable[str] = (),
+    *,
+    sections: Iterable[str] | None = SECTIONS,
+    seed: int | None = None,
+) -> Config:
+    """The one path from a TOML file to a resolved config, shared by every command: read
+    the file, apply ``--set`` overrides (and ``--seed``), resolve with ``resolve``; any
+    error names the file.
+
+    :param resolve: the command's schema (e.g. :func:`resolve_config`).
+    :param sections: sections an override may name (``None``: any).
+    """
     path = Path(path)
-    raw = apply_overrides(read_toml(path), overrides)
+    raw = apply_overrides(read_toml(path), overrides, sections=sections)
     if seed is not None:
         raw.setdefault("experiment", {})["seed"] = seed
     try:
-        return resolve_config(raw)
+        return resolve(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_sections(
+    raw: dict[str, Any],
+    fixed: dict[str, dict[str, Field]],
+    *,
+    required: Iterable[str],
+    open_sections: Iterable[str] = (),
+) -> Config:
+    """Check the section names of ``raw`` and resolve its fixed sections.
+
+    :param fixed: section -> its keys (:class:`Field`); absent optional sections get their
+        defaults.
+    :param required: sections that must be present.
+    :param open_sections: sections whose keys the caller checks (``[task]``, ``[protocol]``).
+    :return: the resolved fixed sections (the open ones are left to the caller).
+    :raises ConfigError: an unknown or missing section, or a bad key or value.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a table of sections, got {type(raw).__name__}")
+    known = [*fixed, *open_sections]
+    for section in raw:
+        if section not in known:
+            raise ConfigError(f"unknown section [{section}]; expected: {', '.join(known)}")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table, got {_show(raw[section])}")
+    missing = [s for s in required if s not in raw]
+    if missing:
+        raise ConfigError(f"missing section(s) {', '.join(f'[{s}]' for s in missing)}")
+    return {
+        section: resolve_fixed(section, raw.get(section, {}), keys)
+        for section, keys in fixed.items()
+    }
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -220,19 +294,9 @@ def resolve_config(raw: dict[str, Any]) -> Config:
 
     Builds the task and the protocol once, so that their constructors' checks run too.
     """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a config is a table of sections, got {type(raw).__name__}")
-    for section in raw:
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}]; expected: {', '.join(SECTIONS)}")
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"[{section}] must be a table, got {_show(raw[section])}")
-    missing = [s for s in REQUIRED_SECTIONS if s not in raw]
-    if missing:
-        raise ConfigError(f"missing section(s) {', '.join(f'[{s}]' for s in missing)}")
-    cfg: Config = {}
-    for section, fields in FIXED_SECTIONS.items():
-        cfg[section] = _resolve_fixed(section, raw.get(section, {}), fields)
+    cfg = resolve_sections(
+        raw, FIXED_SECTIONS, required=REQUIRED_SECTIONS, open_sections=("task", "protocol")
+    )
     train = cfg["train"]
     if train["gradient"] in ("checkpoint", "truncated") and train["window"] < 1:
         raise ConfigError(
@@ -243,16 +307,21 @@ def resolve_config(raw: dict[str, Any]) -> Config:
             "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
             "compare; estimator = 'score' gives a surrogate only. Use estimator = 'pathwise' or 'forward'"
         )
-    cfg["task"] = _resolve_open("task", raw["task"], "name", task_names(), _task_constructor)
+    cfg["task"] = resolve_task_section(raw["task"])
     task = build_task(cfg)
     cfg["protocol"] = _protocol_section(raw["protocol"], task)
     build_protocol(cfg, task)
     return cfg
 
 
-def _resolve_fixed(
-    section: str, values: dict[str, Any], fields: dict[str, Field]
-) -> dict[str, Any]:
+def resolve_task_section(values: dict[str, Any]) -> dict[str, Any]:
+    """``[task]``: ``name`` (registered, ``module:Class`` or a plugin) and the keys of its
+    constructor."""
+    return _resolve_open("task", values, "name", task_names(), _task_constructor)
+
+
+def resolve_fixed(section: str, values: dict[str, Any], fields: dict[str, Field]) -> dict[str, Any]:
+    """Check the keys and values of a fixed section and fill in the defaults."""
     out: dict[str, Any] = {}
     for key in values:
         if key not in fields:
@@ -413,7 +482,7 @@ def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:
 
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML text (``None`` values are left out: TOML has no null)."""
-    clean = {s: {k: v for k, v in cfg[s].items() if v is not None} for s in SECTIONS if s in cfg}
+    clean = {s: {k: v for k, v in values.items() if v is not None} for s, values in cfg.items()}
     return tomli_w.dumps(copy.deepcopy(clean))
 
 

@@ -30,7 +30,7 @@ RDF over replicas and frames, and updates the table. The task counts every MD st
 ``history`` gives the RDF error against the MD replica-steps spent, comparable with a
 gradient run's ``history.json``.
 
-Experiment files (``python -m controlmd.ibi experiments/rdf_ibi.toml``)::
+Experiment files (``controlmd ibi experiments/rdf_ibi.toml``)::
 
     [experiment]  name, seed = 0, notes = ""
     [task]        name = "rdf_inverse" + its arguments (state point, target, RDF bins,
@@ -48,22 +48,34 @@ The run folder ``runs/<name>/<YYYYmmdd-HHMMSS>_seed<k>/`` receives ``config.toml
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 import torch
 
 from controlmd._validation import check_choice, check_int, check_positive
+from controlmd.checkpoint import json_safe
+from controlmd.config import (
+    EXPERIMENT_KEYS,
+    Field,
+    at_least,
+    build_task,
+    in_range,
+    load_file,
+    non_negative,
+    positive,
+    resolve_sections,
+    resolve_task_section,
+    write_config,
+)
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.numerics import interp
 
 Tensor = torch.Tensor
 
@@ -77,22 +89,28 @@ __all__ = [
     "run_ibi_experiment",
 ]
 
-IBI_KEYS: dict[str, tuple[type, Any]] = {
-    "iterations": (int, 40),
-    "replicas": (int, 8),
-    "alpha": (float, 0.5),
-    "smooth": (int, 1),
-    "g_floor": (float, 1e-3),
-    "min_core_force": (float, 20.0),
-    "interpolation": (str, "cubic"),
-    "bin_width": (float, 0.02),
+IBI_KEYS: dict[str, Field] = {
+    "iterations": Field(int, 40, non_negative, doc="IBI updates"),
+    "replicas": Field(int, 8, at_least(1), doc="replicas sampled per update"),
+    "alpha": Field(float, 0.5, in_range(0.0, 1.0), doc="damping of the update"),
+    "smooth": Field(int, 1, non_negative, doc="(1, 2, 1)/4 smoothing passes of the update"),
+    "g_floor": Field(float, 1e-3, positive, doc="RDF values below it are not inverted"),
+    "min_core_force": Field(float, 20.0, positive, doc="least slope of the core continuation"),
+    "interpolation": Field(str, "cubic", choices=("cubic", "linear")),
+    "bin_width": Field(float, 0.02, positive, doc="knot spacing of the table"),
 }
-EVAL_KEYS: dict[str, tuple[type, Any]] = {
-    "replicas": (int, 8),
-    "frames": (int, 200),
-    "final_replicas": (int, 16),
+IBI_EVAL_KEYS: dict[str, Field] = {
+    "replicas": Field(int, 8, at_least(1), doc="replicas of the final pooled RDF evaluation"),
+    "frames": Field(int, 200, at_least(1), doc="frames per replica of that evaluation"),
+    "final_replicas": Field(int, 16, at_least(1), doc="fresh replicas of the exact metric"),
 }
-LOGGING_KEYS: dict[str, tuple[type, Any]] = {"tensorboard": (bool, True)}
+IBI_LOGGING_KEYS: dict[str, Field] = {"tensorboard": Field(bool, True)}
+IBI_SECTIONS: dict[str, dict[str, Field]] = {
+    "experiment": EXPERIMENT_KEYS,
+    "ibi": IBI_KEYS,
+    "eval": IBI_EVAL_KEYS,
+    "logging": IBI_LOGGING_KEYS,
+}
 EXPERIMENT_KEYS: dict[str, tuple[type, Any]] = {
     "name": (str, None),
     "seed": (int, 0),
@@ -191,16 +209,8 @@ def _finish(r: Tensor, u: Tensor, valid: Tensor, min_core_force: float) -> Tenso
     gap[:i0] = False
     if bool(gap.any()):  # unsampled knots beyond the core: interpolate between neighbours
         ok = ~gap
-        u[gap] = _interp(r[gap], r[ok], u[ok])
+        u[gap] = interp(r[gap], r[ok], u[ok])
     return u - u[-1]
-
-
-def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear interpolation (constant extrapolation), like ``numpy.interp``."""
-    i = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
-    return f0 + w * (f1 - f0)
 
 
 def _check_grid(r: Tensor, values: Tensor, name: str) -> None:
@@ -333,92 +343,26 @@ def run_ibi(
 
 
 def load_ibi_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """Read and validate an IBI experiment file (see the module docstring).
+    """Read and validate an IBI experiment file (see the module docstring) through the
+    common config path (:func:`controlmd.config.load_file`).
 
     :param overrides: ``section.key=value`` strings (TOML values), applied in order.
     :raises ConfigError: naming the file, section, key and value at fault.
     """
-    from controlmd.tasks import get_task
+    return load_file(path, resolve_ibi_config, overrides, sections=(*IBI_SECTIONS, "task"))
 
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    for item in overrides:
-        lhs, sep, rhs = item.partition("=")
-        section, dot, key = lhs.strip().partition(".")
-        if not sep or not dot:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        try:
-            value = tomllib.loads(f"v = {rhs.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = rhs.strip()
-        raw.setdefault(section, {})[key.strip()] = value
-    sections = {
-        "experiment": EXPERIMENT_KEYS,
-        "ibi": IBI_KEYS,
-        "eval": EVAL_KEYS,
-        "logging": LOGGING_KEYS,
-    }
-    for section in raw:
-        if section not in (*sections, "task"):
-            raise ConfigError(
-                f"{path}: unknown section [{section}]; expected: experiment, task, ibi, eval, logging"
-            )
-    cfg: dict[str, dict[str, Any]] = {}
-    for section, keys in sections.items():
-        values = raw.get(section, {})
-        if section in ("experiment", "ibi") and section not in raw:
-            raise ConfigError(f"{path}: missing section [{section}]")
-        cfg[section] = {}
-        for key in values:
-            if key not in keys:
-                raise ConfigError(
-                    f"{path}: unknown key {key!r} in [{section}]; expected one of: {', '.join(keys)}"
-                )
-        for key, (kind, default) in keys.items():
-            if key not in values:
-                if default is None:
-                    raise ConfigError(f"{path}: [{section}] is missing the required key {key!r}")
-                cfg[section][key] = default
-                continue
-            value = values[key]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ConfigError(
-                    f"{path}: [{section}] {key} must be a {kind.__name__}, got {value!r}"
-                )
-            cfg[section][key] = value
-    task = dict(raw.get("task", {}))
-    if task.get("name") != "rdf_inverse":
-        raise ConfigError(
-            f"{path}: [task] name must be 'rdf_inverse' for IBI, got {task.get('name')!r}"
-        )
+
+def resolve_ibi_config(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate an IBI config dict and fill in the defaults; builds the task once."""
+    cfg = resolve_sections(
+        raw, IBI_SECTIONS, required=("experiment", "task", "ibi"), open_sections=("task",)
+    )
+    task = resolve_task_section(raw["task"])
+    if task["name"] != "rdf_inverse":
+        raise ConfigError(f"[task] name must be 'rdf_inverse' for IBI, got {task['name']!r}")
     cfg["task"] = task
-    try:
-        get_task("rdf_inverse", **{k: v for k, v in task.items() if k != "name"})
-        _check_ibi_section(cfg["ibi"])
-    except TypeError as exc:
-        raise ConfigError(f"{path}: [task] {exc}") from None
-    except ControlMDError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    build_task(cfg)
     return cfg
-
-
-def _check_ibi_section(ibi: dict[str, Any]) -> None:
-    check_int("[ibi] iterations", ibi["iterations"], minimum=0)
-    check_int("[ibi] replicas", ibi["replicas"])
-    check_int("[ibi] smooth", ibi["smooth"], minimum=0)
-    if not 0.0 < ibi["alpha"] <= 1.0:
-        raise ControlMDError(f"[ibi] alpha must be in (0, 1], got {ibi['alpha']}")
-    check_positive("[ibi] g_floor", ibi["g_floor"])
-    check_positive("[ibi] min_core_force", ibi["min_core_force"])
-    check_choice("[ibi] interpolation", ibi["interpolation"], ["cubic", "linear"])
-    check_positive("[ibi] bin_width", ibi["bin_width"])
 
 
 def run_ibi_experiment(
@@ -428,15 +372,14 @@ def run_ibi_experiment(
 
     :return: the run folder and the contents of its ``metrics.json``.
     """
-    from controlmd.checkpoint import atomic_write_json, atomic_write_text
+    from controlmd.checkpoint import atomic_write_json
     from controlmd.evaluation import evaluate
     from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
     from controlmd.rng import FINAL_SEED_OFFSET
-    from controlmd.tasks import get_task
 
     seed = cfg["experiment"]["seed"]
     torch.manual_seed(seed)
-    task = get_task("rdf_inverse", **{k: v for k, v in cfg["task"].items() if k != "name"})
+    task = build_task(cfg)
     if out is not None:
         run_dir = Path(out)
     else:
@@ -445,7 +388,7 @@ def run_ibi_experiment(
     if (run_dir / "metrics.json").exists():
         raise ConfigError(f"{run_dir} already holds a run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg))
+    write_config(cfg, run_dir / "config.toml")
     sinks: list[Any] = [JSONLinesSink(run_dir / "progress.jsonl")]
     if cfg["logging"]["tensorboard"]:
         sinks.append(TensorBoardSink(run_dir / "tb"))
@@ -499,7 +442,7 @@ def run_ibi_experiment(
     logger.record("outcome/metric", final.mean)
     logger.dump(ibi["iterations"])
     logger.close()
-    atomic_write_json(run_dir / "metrics.json", _json_clean(metrics))
+    atomic_write_json(run_dir / "metrics.json", json_safe(metrics))
     return run_dir, metrics
 
 
@@ -512,18 +455,6 @@ def _with_table(task: Any, u: Tensor, fn: Any) -> Any:
         return fn()
     finally:
         table.set_table(saved)
-
-
-def _json_clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return _json_clean(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def compare_runs(
@@ -584,46 +515,3 @@ def compare_runs(
         ax.legend(fontsize="x-small")
         fig.savefig(png, dpi=120)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m controlmd.ibi EXPERIMENT.toml [--set section.key=value ...] [--out DIR]``;
-    ``python -m controlmd.ibi compare RUN_DIR ... [--png FILE]`` (see :func:`compare_runs`)."""
-    import sys
-
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["compare"]:
-        cmp = argparse.ArgumentParser(description="RDF error vs MD steps of rdf_inverse runs.")
-        cmp.add_argument("runs", nargs="+")
-        cmp.add_argument("--levels", type=float, nargs="+", default=[1e-3, 3e-4])
-        cmp.add_argument("--window", type=int, default=5)
-        cmp.add_argument("--png", default=None)
-        ns = cmp.parse_args(args_list[1:])
-        print(
-            json.dumps(
-                compare_runs(ns.runs, levels=ns.levels, window=ns.window, png=ns.png), indent=1
-            )
-        )
-        return
-    parser = argparse.ArgumentParser(
-        description="Iterative Boltzmann inversion on the rdf_inverse task."
-    )
-    parser.add_argument("experiment")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(args_list)
-    overrides = list(args.set) + ([f"experiment.seed={args.seed}"] if args.seed is not None else [])
-    cfg = load_ibi_config(args.experiment, overrides)
-    run_dir, metrics = run_ibi_experiment(cfg, out=args.out)
-    fe = metrics.get("final_evaluation") or {}
-    print(
-        f"IBI: rdf_mse {fe.get('rdf_mse_initial', float('nan')):.3g} -> {fe.get('rdf_mse', float('nan')):.3g} "
-        f"(smeared, pooled), metric {metrics['metric_initial']:.3g} -> {metrics['metric_final']:.3g}, "
-        f"{metrics['md_steps']} MD replica-steps, {metrics['wall_s']:.0f} s"
-    )
-    print(f"run folder: {run_dir}")
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@
 method of ``[compare] methods`` for ``seeds`` seeds on one task, each under the same total
 budget of forward MD replica-steps (training and evaluation alike) and a wall cap. Every
 (method, seed) run is an independent job (:func:`run_compare_job`) run by
-:func:`controlmd.sweep.run_jobs`: a Ray task when Ray is installed (a local instance, or
+:func:`controlmd.runner.run_jobs`: a Ray task when Ray is installed (a local instance, or
 the cluster at ``--address``), else one after another in this process; results are the
 same either way. ``controlmd compare --resume DIR`` re-runs only the runs without a
 ``metrics.json`` (killed, failed or never started). It writes to ``DIR`` (default
@@ -69,15 +69,7 @@ from controlmd.errors import ConfigError, ControlMDError
 from controlmd.evaluation import Evaluation, evaluate
 from controlmd.protocols import Protocol
 from controlmd.rng import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET
-from controlmd.sweep import (
-    Job,
-    JobResult,
-    job_reporter,
-    new_output_dir,
-    read_result,
-    run_jobs,
-    runner_session,
-)
+from controlmd.runner import Job, JobResult, new_output_dir, read_result, run_folder_jobs
 from controlmd.tasks.base import Task
 from controlmd_envs.baselines import (
     ALGOS,
@@ -388,7 +380,7 @@ def run_comparison(
     """Run (or resume) every (method, seed) run of a resolved comparison config.
 
     Each run is an independent job (:func:`run_compare_job`, through
-    :func:`controlmd.sweep.run_jobs`: a Ray task when Ray is installed, else in this
+    :func:`controlmd.runner.run_jobs`: a Ray task when Ray is installed, else in this
     process) writing ``<method>/seed<k>/``; ``comparison.json/.md/.png`` are then assembled
     from those folders (:func:`summarize_folder`), also when some runs failed.
 
@@ -399,7 +391,7 @@ def run_comparison(
     :param resume: a comparison folder: run only the runs without ``metrics.json`` (a killed
         run's folder is cleared and the run starts over; finished runs are not redone).
     :param address, backend, num_cpus, cpus_per_job: where the runs go
-        (:func:`controlmd.sweep.run_jobs`; ``address="auto"`` joins a running Ray cluster).
+        (:func:`controlmd.runner.run_jobs`; ``address="auto"`` joins a running Ray cluster).
     :raises ConfigError: bad ``out`` / ``resume`` folder; :class:`ControlMDError`: a Ray
         address that cannot be reached. Nothing is written then.
     """
@@ -423,7 +415,6 @@ def run_comparison(
     comp = cfg["compare"]
     seed0 = cfg["experiment"]["seed"]
     runs = [(method, seed0 + j) for j in range(comp["seeds"]) for method in cfg["methods"]]
-    todo = [(m, s) for m, s in runs if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None]
     say = (
         (lambda line: print(line, file=sys.stderr, flush=True))
         if progress
@@ -437,49 +428,36 @@ def run_comparison(
             f"{r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})"
         )
 
-    report = job_reporter(len(runs), len(runs) - len(todo), say, describe)
+    def create() -> None:
+        out_dir.mkdir(parents=True)
+        write_config({k: cfg[k] for k in ("experiment", "task")}, out_dir / "config.toml")
+        atomic_write_json(out_dir / PLAN_FILE, cfg)
 
-    # Connect to Ray before the first file is written: an unreachable cluster leaves nothing behind.
-    with runner_session(
-        address=address,
-        backend=backend,
-        num_cpus=num_cpus,
-        cpus_per_job=cpus_per_job,
-        needed=bool(todo),
-    ) as use_ray:
-        if resume is None:
-            out_dir.mkdir(parents=True)
-            write_config({k: cfg[k] for k in ("experiment", "task")}, out_dir / "config.toml")
-            atomic_write_json(out_dir / PLAN_FILE, cfg)
-        start = _start_evaluations(cfg, out_dir)
-        say(
-            f"comparison {out_dir}: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
-            f"{'on Ray' if use_ray else 'in this process'}"
+    def prepare() -> None:
+        _start_evaluations(cfg, out_dir)
+
+    jobs = [Job(f"{m}/seed{s}", _compare_job, (str(out_dir.resolve()), cfg, m, s)) for m, s in runs]
+    result: dict[str, Any] | None = None
+    missing = [job.name for job in jobs]
+    try:
+        run = run_folder_jobs(
+            out_dir,
+            jobs,
+            result_file=RESULT_FILE,
+            describe=describe,
+            say=say,
+            what="comparison",
+            create=create if resume is None else None,
+            prepare=prepare,
+            address=address,
+            backend=backend,
+            num_cpus=num_cpus,
+            cpus_per_job=cpus_per_job,
         )
-        jobs = [
-            Job(
-                f"{m}/seed{s}",
-                run_compare_job,
-                (cfg, m, s, str((out_dir / m / f"seed{s}").resolve()), start["initial"]),
-            )
-            for m, s in todo
-        ]
-        try:
-            if jobs:
-                run_jobs(
-                    jobs,
-                    address=address,
-                    backend=backend,
-                    num_cpus=num_cpus,
-                    cpus_per_job=cpus_per_job,
-                    on_result=report,
-                )
-        finally:  # also after Ctrl-C: summarize the runs finished so far
-            missing = [
-                f"{m}/seed{s}"
-                for m, s in runs
-                if read_result(out_dir / m / f"seed{s}", RESULT_FILE) is None
-            ]
+        missing = run.missing
+    finally:  # also after Ctrl-C: summarize the runs finished so far
+        if out_dir.exists():
+            missing = [j.name for j in jobs if read_result(out_dir / j.name, RESULT_FILE) is None]
             result = summarize_folder(out_dir) if len(missing) < len(runs) else None
     if missing:
         say(
@@ -487,6 +465,17 @@ def run_comparison(
             f"controlmd compare --resume {out_dir}"
         )
     return ComparisonRun(out_dir, result, missing)
+
+
+def _compare_job(out_dir: str, cfg: Config, method: str, seed: int) -> dict[str, Any]:
+    """A comparison folder's (method, seed) job: :func:`run_compare_job` from the folder's
+    common start evaluation (``start.json``, written before any job runs)."""
+    start = read_result(Path(out_dir), "start.json")
+    if start is None:
+        raise ControlMDError(f"{out_dir} has no start.json (the comparison was not set up)")
+    return run_compare_job(
+        cfg, method, seed, str(Path(out_dir) / method / f"seed{seed}"), start["initial"]
+    )
 
 
 def run_compare_job(
@@ -908,7 +897,7 @@ def main_compare(
     """What ``controlmd compare`` runs: load, run (or resume), report where the results went.
 
     :param runner: ``address``, ``backend``, ``num_cpus``, ``cpus_per_job`` of
-        :func:`controlmd.sweep.run_jobs`.
+        :func:`controlmd.runner.run_jobs`.
     :return: exit status: 0 when every run is done, 1 otherwise (``--resume`` re-runs them).
     """
     overrides = list(overrides)
@@ -927,14 +916,3 @@ def main_compare(
             file=sys.stderr,
         )
     return 1 if run.failed else 0
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """``python -m controlmd_envs.compare ARGS`` is ``controlmd compare ARGS``."""
-    from controlmd.cli import main
-
-    return main(["compare", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -471,7 +471,8 @@ def test_killed_comparison_resumes_only_the_unfinished_run(
     cmd = [
         sys.executable,
         "-m",
-        "controlmd_envs.compare",
+        "controlmd",
+        "compare",
         str(path),
         "--out",
         str(out),

@@ -148,7 +148,8 @@ def _killed_sweep_resumes(experiment: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "controlmd.sweep",
+        "controlmd",
+        "sweep",
         str(experiment),
         "--grid",
         "train.iterations=2,4",

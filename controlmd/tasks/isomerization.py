@@ -957,7 +957,7 @@ def field_spectrum(times: Tensor, field: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
-    """Figures and numbers of a finished isomerization run (``controlmd isomerization-report``).
+    """Figures and numbers of a finished isomerization run (``controlmd report``).
 
     Writes into ``run_dir``: ``yield_per_iteration.png`` (the yield after each optimizer
     step, against the paper's logged yields: ``-train/loss`` when the loss is the yield,
@@ -1119,31 +1119,3 @@ def _plot_fields(t_fs: Tensor, fields: dict[str, tuple[Tensor, Tensor, Tensor]])
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return fig
-
-
-def _register_report_command() -> None:
-    import argparse
-
-    from controlmd.cli import command
-
-    def arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("run_dir", type=Path, help="a run folder of an isomerization experiment")
-
-    @command(
-        "isomerization-report",
-        help="figures and numbers of an isomerization run",
-        arguments=arguments,
-    )
-    def _report(args: argparse.Namespace) -> int:
-        report = write_report(args.run_dir)
-        print(
-            f"yield: {report['initial_yield']:.4f} (starting field) -> {report['trained_yield']:.4f} (trained)"
-        )
-        print(
-            f"fluence: {report['initial_fluence_eV2_fs']:.4g} -> {report['trained_fluence_eV2_fs']:.4g} eV^2 fs"
-        )
-        print(f"figures and isomerization_report.json written to {args.run_dir}")
-        return 0
-
-
-_register_report_command()

@@ -162,6 +162,7 @@ from controlmd.dynamics.base import Integrator, State
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.errors import ControlMDError
 from controlmd.lattice import LATTICES, lattice
+from controlmd.numerics import interp
 from controlmd.observables import rdf, rdf_histogram
 from controlmd.potentials.neural import NeuralPair
 from controlmd.potentials.pair import LennardJones, Morse, PairPotential, SoftSphere
@@ -356,7 +357,7 @@ def smear_rdf(r: Tensor, g: Tensor, centers: Tensor, width: float, *, n_quad: in
     s = centers.unsqueeze(-1) + u
     kernel = torch.exp(-0.5 * (u / width) ** 2)
     weight = s.clamp(min=0.0) ** 2 * kernel
-    gs = _interp(s, r, g)  # constant below r[0] (half a histogram bin at most) ...
+    gs = interp(s, r, g)  # constant below r[0] (half a histogram bin at most) ...
     if core:  # ... or zero inside an empty core
         gs = torch.where(s < r[0], torch.zeros_like(s), gs)
     return torch.trapezoid(weight * gs, u, dim=-1) / torch.trapezoid(weight, u, dim=-1)
@@ -480,14 +481,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear interpolation with constant extrapolation (like ``numpy.interp``)."""
-    i = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.numel() - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
-    return f0 + w * (f1 - f0)
 
 
 # --------------------------------------------------------------------------- the task
@@ -714,7 +707,7 @@ class RDFInverse(Task[State]):
         else:
             tr, tg = self.centers, self.targets.hist
         r = torch.as_tensor(r, dtype=torch.float64)
-        return torch.where(r < tr[0], torch.zeros_like(r), _interp(r, tr, tg))
+        return torch.where(r < tr[0], torch.zeros_like(r), interp(r, tr, tg))
 
     def _file_targets(self, path: Path) -> _Targets:
         t = load_rdf_csv(path)

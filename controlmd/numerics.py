@@ -1,0 +1,23 @@
+"""Small numerical helpers shared by several modules."""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["interp"]
+
+
+def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation with constant extrapolation, like ``numpy.interp``.
+
+    :param x: where to evaluate, any shape.
+    :param xp: increasing knots ``[K]`` (K >= 2).
+    :param fp: values at the knots ``[K]``.
+    :return: values at ``x`` (the shape of ``x``).
+    """
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.numel() - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    return f0 + w * (f1 - f0)
