@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
     "run": "controlmd.commands.run",
     "eval": "controlmd.commands.evaluate",
     "sweep": "controlmd.commands.sweep",
-    "compare": "controlmd_envs.command",
+    "compare": "controlmd.commands.compare",
     "ibi": "controlmd.commands.ibi",
     "report": "controlmd.commands.report",
     "isomerization-report": "controlmd.commands.report",  # the report's former name

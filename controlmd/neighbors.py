@@ -48,6 +48,29 @@ __all__ = ["NeighborList", "NeighborPairs", "brute_force_pairs"]
 METHODS = ("auto", "brute", "cell")
 
 
+def index_pairs(name: str, pairs: Tensor | Sequence[Sequence[int]]) -> Tensor:
+    """``pairs`` as a ``[P, 2]`` long tensor of distinct non-negative particle indices
+    (a clear error naming ``name`` otherwise)."""
+    p = torch.as_tensor(pairs)
+    if p.numel() == 0:
+        p = p.reshape(0, 2)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ControlMDError(
+            f"{name} must have shape [P, 2] (particle index pairs), got {tuple(p.shape)}"
+        )
+    if p.is_floating_point() or p.dtype == torch.bool:
+        raise ControlMDError(f"{name} must hold integer particle indices, got dtype {p.dtype}")
+    p = p.long()
+    if bool((p < 0).any()):
+        raise ControlMDError(
+            f"{name} must hold non-negative particle indices, got min {int(p.min())}"
+        )
+    if bool((p[:, 0] == p[:, 1]).any()):
+        k = int((p[:, 0] == p[:, 1]).nonzero()[0])
+        raise ControlMDError(f"{name} row {k} pairs particle {int(p[k, 0])} with itself")
+    return p
+
+
 @dataclass(frozen=True)
 class NeighborPairs:
     """Flat half list of candidate pairs over a batch of replicas.
@@ -128,9 +151,7 @@ class NeighborList:
         if method == "cell" and not space.periodic:
             raise ControlMDError("method = 'cell' needs a periodic box; use 'brute' in free space")
         if exclude is not None:
-            from controlmd.potentials.pair import _as_index_pairs
-
-            ex = torch.sort(_as_index_pairs("exclude", exclude), dim=1).values
+            ex = torch.sort(index_pairs("exclude", exclude), dim=1).values
             self._exclude: Tensor | None = ex
         else:
             self._exclude = None

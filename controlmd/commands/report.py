@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.run_dir}: task {task!r} has no report (tasks with one: isomerization)"
         )
-    from controlmd.tasks.isomerization import write_report
+    from controlmd.reports.isomerization import write_report
 
     report = write_report(args.run_dir)
     print(

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_finite, check_int, check_positive
 from controlmd.errors import ControlMDError, SimulationDivergedError
-from controlmd.protocols import Protocol
+
+if TYPE_CHECKING:
+    from controlmd.protocols import Protocol
 
 Tensor = torch.Tensor
 

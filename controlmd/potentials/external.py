@@ -17,6 +17,7 @@ the gymnasium env). Every term here accepts both.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,8 +25,10 @@ from torch import nn
 from controlmd._validation import check_int, check_positive
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
-from controlmd.protocols import Protocol
 from controlmd.space import Space, free
+
+if TYPE_CHECKING:
+    from controlmd.protocols import Protocol
 
 Tensor = torch.Tensor
 Coupling = Callable[[Tensor, Tensor], Tensor]

@@ -33,6 +33,7 @@ from torch import nn
 
 from controlmd._validation import check_choice, check_positions, check_positive
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.neighbors import index_pairs
 from controlmd.potentials import lj_fused
 from controlmd.potentials.base import Potential, SumPotential
 from controlmd.space import Space, free
@@ -141,27 +142,6 @@ def get_params(module: nn.Module, names: Sequence[str], like: Tensor) -> dict[st
     return {name: getattr(module, name).to(like.dtype) for name in names}
 
 
-def _as_index_pairs(name: str, pairs: Tensor | Sequence[Sequence[int]]) -> Tensor:
-    p = torch.as_tensor(pairs)
-    if p.numel() == 0:
-        p = p.reshape(0, 2)
-    if p.ndim != 2 or p.shape[1] != 2:
-        raise ControlMDError(
-            f"{name} must have shape [P, 2] (particle index pairs), got {tuple(p.shape)}"
-        )
-    if p.is_floating_point() or p.dtype == torch.bool:
-        raise ControlMDError(f"{name} must hold integer particle indices, got dtype {p.dtype}")
-    p = p.long()
-    if bool((p < 0).any()):
-        raise ControlMDError(
-            f"{name} must hold non-negative particle indices, got min {int(p.min())}"
-        )
-    if bool((p[:, 0] == p[:, 1]).any()):
-        k = int((p[:, 0] == p[:, 1]).nonzero()[0])
-        raise ControlMDError(f"{name} row {k} pairs particle {int(p[k, 0])} with itself")
-    return p
-
-
 # --------------------------------------------------------------------------- pair machinery
 
 
@@ -230,14 +210,14 @@ class PairSelection(nn.Module):
         self.neighbor_list = neighbor_list
         self.n_pairs: int | None = None
         if pairs is not None:
-            p = _as_index_pairs("pairs", pairs)
+            p = index_pairs("pairs", pairs)
             self.register_buffer("pairs", p, persistent=False)
             self.n_pairs = p.shape[0]
             self._max_index = int(p.max()) if p.numel() else -1
         else:
             self.pairs = None
         if exclude is not None:
-            e = torch.sort(_as_index_pairs("exclude", exclude), dim=1).values
+            e = torch.sort(index_pairs("exclude", exclude), dim=1).values
             self.register_buffer("exclude", e, persistent=False)
         else:
             self.exclude = None

@@ -1,5 +1,5 @@
 """``controlmd compare``: gradient vs PPO, SAC, CMA-ES and random search at equal MD-step
-budget (the subcommand lives with the envs: the core never imports gymnasium or SB3).
+budget (gymnasium and SB3 are imported when it runs, never by the core).
 
 ::
 
