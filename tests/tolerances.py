@@ -1,4 +1,6 @@
-"""Per-dtype tolerances shared by the test suite (one helper, as STYLE.md asks).
+"""Per-dtype tolerances shared by the test suite (one helper; ../shared/STYLE.md, "Tests":
+keep tolerances per dtype in one helper).
+
 
 ``tol(dtype)`` gives the tolerances for comparing two computations of the same quantity
 that differ only by rounding (summation order, minimum-image shifts, ...); ``fd_tol``

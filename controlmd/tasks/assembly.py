@@ -406,7 +406,7 @@ class Assembly(RunArtifacts):
             run_dir / "final_replicas.xyz",
             R,
             box=self.box,
-            species="D",
+            species="X",  # a dummy element: ASE and OVITO read it
             properties={"coordination": A.sum(-1).to(torch.int64)},
             info={
                 "replica": torch.arange(R.shape[0]),
