@@ -1,4 +1,6 @@
-"""Protocol figures (matplotlib, Agg canvas: no display, no pyplot state)."""
+"""Figures (matplotlib, Agg canvas: no display, no pyplot state): protocols, RDFs, pair
+potentials, training histories. This module draws arrays it is given; it imports no
+computation module."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ from matplotlib.figure import Figure
 
 Tensor = torch.Tensor
 
-__all__ = ["plot_protocols", "save_figure"]
+__all__ = [
+    "new_figure",
+    "plot_pair_potentials",
+    "plot_protocols",
+    "plot_rdf_history",
+    "plot_rdfs",
+    "save_figure",
+]
 
 _STYLES = ("-", "--", ":", "-.")
 
@@ -60,3 +69,66 @@ def save_figure(fig: Figure, path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def new_figure(width: float = 6.0, height: float = 3.6) -> Figure:
+    """An empty figure on an Agg canvas (no display, no pyplot state)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_rdfs(r: Tensor, curves: dict[str, Tensor], *, title: str = "") -> Figure:
+    """g(r) curves on the bin centres ``r``."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    for i, (label, g) in enumerate(curves.items()):
+        ax.plot(
+            r.numpy(),
+            g.detach().to(torch.float64).numpy(),
+            ("-", "--", ":", "-.")[i % 4],
+            label=label,
+        )
+    ax.axhline(1.0, color="0.7", lw=0.8)
+    ax.set_xlabel("r [sigma]")
+    ax.set_ylabel("g(r) (smeared)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_pair_potentials(r: Tensor, curves: dict[str, Tensor]) -> Figure:
+    """u(r) curves, clipped to the interesting range."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    for i, (label, u) in enumerate(curves.items()):
+        ax.plot(
+            r.numpy(),
+            u.detach().to(torch.float64).numpy(),
+            ("-", ":", "--", "-.")[i % 4],
+            label=label,
+        )
+    ax.axhline(0.0, color="0.7", lw=0.8)
+    ax.set_ylim(-1.6, 2.0)
+    ax.set_xlabel("r [sigma]")
+    ax.set_ylabel("u(r) [epsilon]")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_rdf_history(history: list[dict[str, float]]) -> Figure:
+    """RDF error of each training rollout against the MD replica-steps spent."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    if history:
+        steps = [h["md_steps"] for h in history]
+        ax.semilogy(
+            steps,
+            [max(h["rdf_mse"], 1e-12) for h in history],
+            label="smeared RDF MSE (training batch)",
+        )
+    ax.set_xlabel("MD replica-steps")
+    ax.set_ylabel("RDF MSE")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return fig

@@ -145,12 +145,11 @@ Version history
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,329 +157,57 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_int, check_positive
+from controlmd.checkpoint import atomic_write_text
 from controlmd.dynamics.base import Integrator, State
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.errors import ControlMDError
 from controlmd.lattice import LATTICES, lattice
 from controlmd.numerics import interp
 from controlmd.observables import rdf, rdf_histogram
-from controlmd.potentials.neural import NeuralPair
-from controlmd.potentials.pair import LennardJones, Morse, PairPotential, SoftSphere
-from controlmd.potentials.tabulated import TabulatedPair
+from controlmd.potentials.factory import (
+    PAIR_FAMILIES,
+    PAIR_FILE_FORMAT,
+    load_pair_potential,
+    make_pair_potential,
+    save_pair_potential,
+)
+from controlmd.potentials.pair import PairPotential
 from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.simulate import simulate
-from controlmd.space import Space, periodic
+from controlmd.space import periodic
 from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
+from controlmd.tasks.rdf_targets import (
+    LOSSES,
+    RDFTarget,
+    load_rdf_csv,
+    rdf_loss,
+    save_rdf_csv,
+    smear_rdf,
+)
 from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
 __all__ = [
+    "LOSSES",
     "PAIR_FAMILIES",
+    "PAIR_FILE_FORMAT",
     "RDFInverse",
     "RDFTarget",
     "load_pair_potential",
     "load_rdf_csv",
     "make_pair_potential",
+    "make_target",
     "rdf_loss",
     "save_pair_potential",
     "save_rdf_csv",
     "smear_rdf",
 ]
 
-PAIR_FAMILIES: dict[str, tuple[str, ...]] = {
-    "lj": ("epsilon", "sigma"),
-    "morse": ("epsilon", "sigma", "alpha"),
-    "soft_sphere": ("epsilon", "sigma", "alpha"),
-    "neural": (),
-    "tabulated": (),
-}
-"""Pair families a task can learn, with their scalar parameters (reported in metrics.json)."""
 
-LOSSES = ("mse", "js")
 STATE_MODES = ("continue", "restart")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_CORE_G = 1e-2
-"""Below ``r[0]`` of a target file, g is taken as 0 if ``g(r[0])`` is at most this."""
-
-
-# --------------------------------------------------------------------------- target files
-
-
-@dataclass(frozen=True)
-class RDFTarget:
-    """A target RDF on its own grid.
-
-    Attributes:
-        r: pair distances ``[M]`` (float64, sigma), strictly increasing.
-        g: g(r) ``[M]`` (float64, dimensionless), >= 0.
-        smearing_width: Gaussian width already applied to ``g`` (0: histogram RDF).
-        meta: ``# key = value`` metadata of the file.
-        source: where it came from (file path, or a description of the simulation).
-    """
-
-    r: Tensor
-    g: Tensor
-    smearing_width: float = 0.0
-    meta: dict[str, str] = field(default_factory=dict)
-    source: str = ""
-
-
-def load_rdf_csv(path: str | Path) -> RDFTarget:
-    """Read a target RDF in the CSV format of this module's docstring.
-
-    :param path: the CSV file.
-    :return: the target, float64 tensors.
-    :raises ControlMDError: on a malformed file, naming the file, line and value.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ControlMDError(f"cannot read RDF target file {str(path)!r}: {exc.strerror}") from exc
-    meta: dict[str, str] = {}
-    rows: list[tuple[float, float]] = []
-    header_seen = False
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        if line.startswith("#"):
-            key, sep, value = line[1:].partition("=")
-            if sep and key.strip():
-                meta[key.strip()] = value.strip()
-            continue
-        fields = [f.strip() for f in line.split(",")]
-        where = f"{path}:{lineno}"
-        if len(fields) != 2:
-            raise ControlMDError(
-                f"{where}: expected 2 comma-separated columns (r, g), got {len(fields)}: {line!r}"
-            )
-        try:
-            r, g = float(fields[0]), float(fields[1])
-        except ValueError:
-            if rows or header_seen:
-                raise ControlMDError(f"{where}: non-numeric data line {line!r}") from None
-            header_seen = True
-            continue
-        if not (math.isfinite(r) and math.isfinite(g)):
-            raise ControlMDError(f"{where}: r and g must be finite, got {line!r}")
-        if r < 0:
-            raise ControlMDError(f"{where}: r must be >= 0, got {r:g}")
-        if g < 0:
-            raise ControlMDError(
-                f"{where}: g(r) must be >= 0 (an RDF is a density ratio), got {g:g}"
-            )
-        if rows and r <= rows[-1][0]:
-            raise ControlMDError(
-                f"{where}: r must be strictly increasing, got {r:g} after {rows[-1][0]:g}"
-            )
-        rows.append((r, g))
-    if len(rows) < 3:
-        raise ControlMDError(f"{path}: an RDF target needs at least 3 data rows, got {len(rows)}")
-    try:
-        width = float(meta.get("smearing_width", "0") or 0)
-    except ValueError:
-        width = math.nan
-    if not (math.isfinite(width) and width >= 0):
-        raise ControlMDError(f"{path}: smearing_width must be >= 0, got {meta['smearing_width']!r}")
-    data = torch.tensor(rows, dtype=torch.float64)
-    return RDFTarget(data[:, 0].contiguous(), data[:, 1].contiguous(), width, meta, str(path))
-
-
-def save_rdf_csv(
-    path: str | Path, r: Tensor, g: Tensor, *, meta: dict[str, object] | None = None
-) -> None:
-    """Write ``r [M]``, ``g [M]`` in the CSV format (atomically: temporary file + rename).
-
-    :param path: destination.
-    :param r: distances, strictly increasing (sigma).
-    :param g: g(r) >= 0.
-    :param meta: written as ``# key = value`` lines (e.g. density, kT, smearing_width).
-    """
-    path = Path(path)
-    rs, gs = torch.as_tensor(r).flatten().tolist(), torch.as_tensor(g).flatten().tolist()
-    if len(rs) != len(gs):
-        raise ControlMDError(f"r and g must have the same length, got {len(rs)} and {len(gs)}")
-    lines = ["# controlmd RDF target (format: controlmd/tasks/rdf_inverse.py)"]
-    lines += [f"# {k} = {v}" for k, v in (meta or {}).items()]
-    lines.append("r,g")
-    lines += [f"{ri:.6f},{gi:.6f}" for ri, gi in zip(rs, gs)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def smear_rdf(r: Tensor, g: Tensor, centers: Tensor, width: float, *, n_quad: int = 401) -> Tensor:
-    """The Gaussian-smeared RDF that :func:`controlmd.observables.rdf` measures, on average,
-    in a 3-D fluid whose exact RDF is ``g(r)``.
-
-    ``observables.rdf`` divides the smeared pair count ``sum_ij G(r_k - r_ij)`` by its
-    ideal-gas value; the pair density is ``rho N / 2 * 4 pi s^2 g(s)``, so its expectation
-    is ``<g_s>(r_k) = int s^2 g(s) G(r_k - s) ds / int s^2 G(r_k - s) ds`` (over
-    ``s >= 0``, ``|s - r_k| <= 4 width``), computed here by quadrature with ``g`` linearly
-    interpolated between its points (left of ``r[0]``: 0 inside an empty core, else
-    ``g(r[0])`` over at most half a bin).
-
-    :param r: grid of the given RDF ``[M]`` (sigma), increasing (histogram bin centres).
-    :param g: its values ``[M]``.
-    :param centers: bin centres of the smeared RDF ``[K]``.
-    :param width: Gaussian width (sigma, > 0).
-    :param n_quad: quadrature points per centre.
-    :return: smeared RDF ``[K]`` (float64).
-    :raises ControlMDError: when ``r`` does not cover ``[r_1 - 4 width, r_K + 4 width]``.
-    """
-    check_positive("width", width)
-    r = torch.as_tensor(r, dtype=torch.float64)
-    g = torch.as_tensor(g, dtype=torch.float64)
-    centers = torch.as_tensor(centers, dtype=torch.float64)
-    reach = 4.0 * width
-    spacing = float((r[1:] - r[:-1]).max())
-    need_hi = float(centers[-1]) + reach
-    if float(r[-1]) + 0.5 * spacing < need_hi - 1e-9:
-        raise ControlMDError(
-            f"the target RDF covers r <= {float(r[-1]):g}, but smearing it on bins up to "
-            f"{float(centers[-1]):g} with width {width:g} needs g(r) up to {need_hi:g}; lower "
-            "r_max (or the smearing) or give a longer target"
-        )
-    need_lo = max(float(centers[0]) - reach, 0.0)
-    core = float(g[0]) <= _CORE_G
-    if not core and float(r[0]) > need_lo + 0.5 * float(r[1] - r[0]) + 1e-9:
-        raise ControlMDError(
-            f"the target RDF starts at r = {float(r[0]):g} with g = {float(g[0]):g} > {_CORE_G:g}, "
-            f"but the smeared RDF needs g(r) from {need_lo:g}; give the target down to its "
-            "empty core (g = 0)"
-        )
-    u = torch.linspace(-reach, reach, n_quad, dtype=torch.float64)
-    s = centers.unsqueeze(-1) + u
-    kernel = torch.exp(-0.5 * (u / width) ** 2)
-    weight = s.clamp(min=0.0) ** 2 * kernel
-    gs = interp(s, r, g)  # constant below r[0] (half a histogram bin at most) ...
-    if core:  # ... or zero inside an empty core
-        gs = torch.where(s < r[0], torch.zeros_like(s), gs)
-    return torch.trapezoid(weight * gs, u, dim=-1) / torch.trapezoid(weight, u, dim=-1)
-
-
-def rdf_loss(g: Tensor, target: Tensor, *, kind: str = "mse", r: Tensor | None = None) -> Tensor:
-    """Discrepancy of RDFs ``g [..., K]`` from ``target [K]`` -> ``[...]``.
-
-    ``"mse"``: mean over bins of ``(g - target)^2``. ``"js"``: Jensen–Shannon divergence
-    (nats) of the pair-distance distributions ``p_k ~ g_k r_k^2`` and ``q_k ~ target_k
-    r_k^2`` (needs the bin centres ``r``).
-    """
-    check_choice("loss", kind, LOSSES)
-    target = target.to(g)
-    if kind == "mse":
-        return ((g - target) ** 2).mean(dim=-1)
-    if r is None:
-        raise ControlMDError("the Jensen-Shannon RDF loss needs the bin centres r")
-    w = r.to(g) ** 2
-    p = g * w
-    q = target * w
-    p = p / p.sum(dim=-1, keepdim=True)
-    q = q / q.sum(dim=-1, keepdim=True)
-    m = (0.5 * (p + q)).clamp_min(1e-300)
-    return 0.5 * (torch.xlogy(p, p / m).sum(dim=-1) + torch.xlogy(q, q / m).sum(dim=-1))
-
-
-# --------------------------------------------------------------------------- potentials
-
-
-def make_pair_potential(
-    kind: str,
-    space: Space,
-    *,
-    params: dict[str, Any] | None = None,
-    learn: Sequence[str] | bool = False,
-    r_cut: float = 2.5,
-    shift: str = "energy",
-) -> PairPotential:
-    """A pair term of family ``kind`` (see :data:`PAIR_FAMILIES`) in ``space``.
-
-    :param kind: ``lj``, ``morse``, ``soft_sphere``, ``neural`` or ``tabulated``.
-    :param params: constructor values: scalar parameters of the parametric families
-        (``epsilon``, ``sigma``, ``alpha``); :class:`~controlmd.potentials.neural.NeuralPair`
-        arguments for ``neural``; ``r``, ``u`` (and ``interpolation``) for ``tabulated``.
-    :param learn: names of the parameters to learn (``True``: all; the neural family's MLP
-        is always learnable, ``learn_prior`` in ``params`` adds its prior).
-    :param r_cut: cutoff (sigma); soft spheres and tables carry their own.
-    :param shift: cutoff treatment of ``lj`` and ``morse``.
-    """
-    check_choice("potential", kind, list(PAIR_FAMILIES))
-    params = dict(params or {})
-    names = PAIR_FAMILIES[kind]
-    if names:
-        unknown = sorted(set(params) - set(names))
-        if unknown:
-            raise ControlMDError(
-                f"unknown parameter(s) {unknown} for potential {kind!r}; expected: {', '.join(names)}"
-            )
-        learnable: bool | list[str] = learn if isinstance(learn, bool) else list(learn)
-        if not isinstance(learnable, bool):
-            bad = sorted(set(learnable) - set(names))
-            if bad:
-                raise ControlMDError(
-                    f"learn names {bad}, which potential {kind!r} does not have; expected: {', '.join(names)}"
-                )
-        if kind == "lj":
-            return LennardJones(space, r_cut=r_cut, shift=shift, learnable=learnable, **params)
-        if kind == "morse":
-            return Morse(space, r_cut=r_cut, shift=shift, learnable=learnable, **params)
-        return SoftSphere(space, learnable=learnable, **params)
-    if kind == "neural":
-        return NeuralPair(space, r_cut=r_cut, **params)
-    if "r" not in params or "u" not in params:
-        raise ControlMDError(
-            "a tabulated potential needs params with the grid 'r' and the values 'u'"
-        )
-    return TabulatedPair(space, learnable=bool(learn), **params)
-
-
-PAIR_FILE_FORMAT = "controlmd.pair_potential/1"
-
-
-def save_pair_potential(path: str | Path, pair: PairPotential, spec: dict[str, Any]) -> None:
-    """Write a pair term with its rebuild recipe ``spec`` (see :func:`make_pair_potential`)
-    and its parameter values, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {"format": PAIR_FILE_FORMAT, "spec": _plain(spec), "state_dict": pair.state_dict()}, tmp
-    )
-    tmp.replace(path)
-
-
-def load_pair_potential(path: str | Path, space: Space) -> PairPotential:
-    """Rebuild a pair term written by :func:`save_pair_potential` in ``space`` (e.g. a box
-    at another density, for transfer checks)."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or blob.get("format") != PAIR_FILE_FORMAT:
-        raise ControlMDError(
-            f"{path} is not a controlmd pair-potential file (format {PAIR_FILE_FORMAT})"
-        )
-    spec = dict(blob["spec"])
-    pair = make_pair_potential(
-        spec["potential"],
-        space,
-        params=spec.get("params"),
-        learn=spec.get("learn", False),
-        r_cut=spec.get("r_cut", 2.5),
-        shift=spec.get("shift", "energy"),
-    )
-    pair.load_state_dict(blob["state_dict"])
-    return pair
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().tolist()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------- the task
@@ -1075,7 +802,12 @@ class RDFInverse(Task[State]):
         and ``potential.pt`` (the averaged parameters) into ``run_dir`` (figures also to
         ``logger`` under ``rdf/...``). The live parameters stay the last iterate, so a
         resumed training continues from them."""
-        from controlmd.plotting import save_figure
+        from controlmd.plotting import (
+            plot_pair_potentials,
+            plot_rdf_history,
+            plot_rdfs,
+            save_figure,
+        )
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1106,11 +838,11 @@ class RDFInverse(Task[State]):
         with torch.no_grad():
             u_ref = self.pair_energy(self.reference, r_u)
         figures = {
-            "rdf": _plot_rdfs(r, rdfs, title=f"g(r) at density {self.density:g}, kT {self.kT:g}"),
-            "u_r": _plot_pair_potentials(
+            "rdf": plot_rdfs(r, rdfs, title=f"g(r) at density {self.density:g}, kT {self.kT:g}"),
+            "u_r": plot_pair_potentials(
                 r_u, {"reference": u_ref, "initial": u_initial, "fitted": u_fit}
             ),
-            "loss": _plot_history(self.history),
+            "loss": plot_rdf_history(self.history),
         }
         for name, fig in figures.items():
             save_figure(fig, run_dir / f"{name}.png")
@@ -1222,74 +954,7 @@ def _write_columns(path: Path, columns: dict[str, Tensor]) -> None:
     text = (
         ",".join(names) + "\n" + "".join(",".join(f"{x:.6g}" for x in row) + "\n" for row in rows)
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _figure(width: float = 6.0, height: float = 3.6) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _plot_rdfs(r: Tensor, curves: dict[str, Tensor], *, title: str = "") -> Any:
-    """g(r) curves on the bin centres ``r``."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for i, (label, g) in enumerate(curves.items()):
-        ax.plot(
-            r.numpy(),
-            g.detach().to(torch.float64).numpy(),
-            ("-", "--", ":", "-.")[i % 4],
-            label=label,
-        )
-    ax.axhline(1.0, color="0.7", lw=0.8)
-    ax.set_xlabel("r [sigma]")
-    ax.set_ylabel("g(r) (smeared)")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    return fig
-
-
-def _plot_pair_potentials(r: Tensor, curves: dict[str, Tensor]) -> Any:
-    """u(r) curves, clipped to the interesting range."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for i, (label, u) in enumerate(curves.items()):
-        ax.plot(
-            r.numpy(),
-            u.detach().to(torch.float64).numpy(),
-            ("-", ":", "--", "-.")[i % 4],
-            label=label,
-        )
-    ax.axhline(0.0, color="0.7", lw=0.8)
-    ax.set_ylim(-1.6, 2.0)
-    ax.set_xlabel("r [sigma]")
-    ax.set_ylabel("u(r) [epsilon]")
-    ax.legend(fontsize="small")
-    return fig
-
-
-def _plot_history(history: list[dict[str, float]]) -> Any:
-    """RDF error of each training rollout against the MD replica-steps spent."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    if history:
-        steps = [h["md_steps"] for h in history]
-        ax.semilogy(
-            steps,
-            [max(h["rdf_mse"], 1e-12) for h in history],
-            label="smeared RDF MSE (training batch)",
-        )
-    ax.set_xlabel("MD replica-steps")
-    ax.set_ylabel("RDF MSE")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    return fig
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- target files CLI
@@ -1353,39 +1018,3 @@ def make_target(
     }
     save_rdf_csv(out, sample["r_hist"], sample["hist"], meta=meta)
     return load_rdf_csv(out)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line of :func:`make_target` (``python experiments/data/make_target.py --help``)."""
-    parser = argparse.ArgumentParser(
-        description="Write a target RDF (histogram CSV) by simulating reference LJ."
-    )
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--n-particles", type=int, default=108)
-    parser.add_argument("--density", type=float, default=0.83)
-    parser.add_argument("--kT", type=float, default=1.0)
-    parser.add_argument("--frames", type=int, default=40000)
-    parser.add_argument("--replicas", type=int, default=16)
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--bin-width", type=float, default=0.005)
-    parser.add_argument("--epsilon", type=float, default=1.0)
-    parser.add_argument("--sigma", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    target = make_target(
-        args.out,
-        n_particles=args.n_particles,
-        density=args.density,
-        kT=args.kT,
-        frames=args.frames,
-        replicas=args.replicas,
-        every=args.every,
-        seed=args.seed,
-        bin_width=args.bin_width,
-        reference={"potential": "lj", "epsilon": args.epsilon, "sigma": args.sigma},
-    )
-    peak = int(torch.argmax(target.g))
-    print(
-        f"wrote {args.out}: {target.r.numel()} bins up to r = {float(target.r[-1]):.3f}, "
-        f"first peak g({float(target.r[peak]):.3f}) = {float(target.g[peak]):.3f}"
-    )
