@@ -1,19 +1,25 @@
-"""Input checks shared by the public constructors (one gate, no checks in inner loops)."""
+"""Input checks shared by the public constructors (one gate, no checks in inner loops).
+
+torch is imported by the checks that need it, so the scalar checks stay usable before
+torch loads (the CLI creates its run folder first).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from controlmd.errors import ControlMDError
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def check_positive(name: str, value: float | Tensor, *, allow_zero: bool = False) -> None:
     """Raise ``ControlMDError`` unless every element of ``value`` is finite and > 0 (>= 0)."""
+    import torch
+
     t = torch.as_tensor(value)
     if t.numel() == 0:
         raise ControlMDError(f"{name} must not be empty")
@@ -27,6 +33,8 @@ def check_positive(name: str, value: float | Tensor, *, allow_zero: bool = False
 
 def check_finite(name: str, value: Tensor) -> None:
     """Raise ``ControlMDError`` when ``value`` holds NaN or inf, saying where."""
+    import torch
+
     if not bool(torch.isfinite(value).all()):
         bad = (~torch.isfinite(value)).nonzero()
         raise ControlMDError(
@@ -37,7 +45,9 @@ def check_finite(name: str, value: Tensor) -> None:
 
 def check_positions(name: str, R: Tensor, *, dim: int | None = None) -> None:
     """Check a batched position tensor ``[B, N, d]``: shape, floating dtype, finiteness."""
-    if not isinstance(R, Tensor):
+    import torch
+
+    if not isinstance(R, torch.Tensor):
         raise ControlMDError(f"{name} must be a torch.Tensor of shape [B, N, d], got {type(R)}")
     if R.ndim != 3:
         raise ControlMDError(
@@ -68,7 +78,9 @@ def check_int(name: str, value: int, *, minimum: int = 1) -> None:
 
 
 def _short(value: float | Tensor) -> str:
-    if isinstance(value, Tensor):
+    import torch
+
+    if isinstance(value, torch.Tensor):
         if value.numel() == 1:
             return f"{value.item():.6g}"
         return str(value.detach().cpu().tolist())

@@ -31,6 +31,7 @@ __all__ = [
     "EvalCallback",
     "HistogramCallback",
     "ProgressBar",
+    "StopOnSignal",
 ]
 
 
@@ -153,6 +154,8 @@ class CheckpointCallback(Callback):
         self.payload = payload
 
     def save(self) -> None:
+        """Flush the logger and write the checkpoint (also callable before training, once
+        :meth:`init_callback` has run: the run's first checkpoint)."""
         t = self.trainer
         t.logger.dump(t.iteration)
         t.logger.flush()
@@ -246,6 +249,55 @@ class ProgressBar(Callback):
     def on_training_end(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StopOnSignal(Callback):
+    """Stop training cleanly on SIGINT / SIGTERM: the signal only sets a flag, the running
+    iteration finishes, training stops (the checkpoint callback then saves) and
+    :attr:`received` names the signal. A second signal of the same kind acts as usual
+    (the previous handler is restored after the first one).
+
+    Use as a context manager around training; it installs its handlers only in the main
+    thread (elsewhere it does nothing).
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        self.received = signal.Signals(number).name
+        signal.signal(number, self._previous.get(number, signal.SIG_DFL))
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.received or "SIGINT"))
+
+    def on_step(self) -> bool:
+        return self.received is None
 
 
 ABORT_ENV = "CONTROLMD_ABORT_AFTER"

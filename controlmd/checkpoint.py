@@ -1,90 +1,81 @@
-"""Durable files: atomic writes (temporary file in the same folder, fsync, ``os.replace``).
+"""Training checkpoints, and torch files written atomically.
 
-A reader never sees a half-written ``checkpoint.pt``, ``metrics.json`` or protocol file:
-either the old version or the new one. Training checkpoints (:func:`save_checkpoint`) hold
-everything an exact resume needs: protocol and optimizer state, LR schedule, counters and
-RNG states; they say so in ``"resume": "exact"``.
+A checkpoint holds everything an exact resume needs: protocol and optimizer state, LR
+schedule, counters and the global RNG states; it says so in ``"resume": "exact"`` and
+carries its format version (``"format": "controlmd.checkpoint/1"``; a version this code
+does not read is refused by name).
+
+:func:`save_checkpoint` keeps one back-up: the new checkpoint is written beside the old
+one, the old one becomes ``<name>.prev<suffix>`` and the new one takes its place (each
+step an atomic rename). :func:`load_checkpoint` falls back to the back-up, with a warning,
+when the latest file is missing, truncated or corrupted.
+
+The torch-free atomic writers live in :mod:`controlmd.files` (re-exported here).
 """
 
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
+import pickle
 import random
-import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from controlmd.errors import ControlMDError
+from controlmd.files import atomic_write_bytes, atomic_write_json, atomic_write_text, json_safe
+
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "backup_path",
     "json_safe",
     "load_checkpoint",
+    "load_torch_file",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
 ]
 
-CHECKPOINT_FORMAT = "controlmd.checkpoint/1"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """``json.dumps(obj, indent=2)`` written atomically (NaN/inf rejected: not valid JSON)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with tensors and numpy scalars turned into lists and numbers, tuples into
-    lists, dict keys into strings and non-finite floats into ``None`` (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor | np.ndarray | np.generic):
-        return json_safe(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+_FORMAT_NAME = "controlmd.checkpoint"
+_FORMAT_VERSIONS = (1,)
+"""Checkpoint format versions this code reads (and, the last one, writes)."""
+CHECKPOINT_FORMAT = f"{_FORMAT_NAME}/{_FORMAT_VERSIONS[-1]}"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj)`` written atomically (see :func:`controlmd.files.atomic_write_bytes`)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_torch_file(path: str | Path, what: str = "file") -> Any:
+    """``torch.load`` of a file this package wrote (CPU tensors).
+
+    :raises ControlMDError: missing, a folder, or unreadable (truncated, corrupted, not a
+        torch file), in one line naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ControlMDError(f"{what} {str(path)!r} is a folder, not a file")
+    if not path.exists():
+        raise ControlMDError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ControlMDError(
+            f"{what} {str(path)!r} is unreadable (truncated or corrupted?): {first}"
+        ) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,21 +93,65 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomically write a training checkpoint (``payload`` plus format and global RNG state)."""
-    atomic_torch_save(
-        {"format": CHECKPOINT_FORMAT, "resume": "exact", "rng": rng_state(), **payload}, path
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (does not restore RNG state)."""
-    from controlmd.errors import ConfigError
-
+def backup_path(path: str | Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the previous checkpoint: ``checkpoint.prev.pt``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not a controlmd checkpoint (format {CHECKPOINT_FORMAT})")
-    return blob
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a training checkpoint (``payload`` plus format and global RNG state), keeping
+    the previous one as :func:`backup_path`.
+
+    :raises ControlMDError: the folder cannot be written; the previous checkpoint is intact.
+    """
+    path = Path(path)
+    blob = {"format": CHECKPOINT_FORMAT, "resume": "exact", "rng": rng_state(), **payload}
+    new = path.with_name(f".{path.name}.new")
+    atomic_torch_save(blob, new)
+    try:
+        if path.exists():
+            os.replace(path, backup_path(path))
+        os.replace(new, path)
+    except OSError as exc:
+        raise ControlMDError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def load_checkpoint(path: str | Path, *, fallback: bool = True) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (does not restore RNG state).
+
+    :param fallback: when ``path`` is missing or unreadable, read the back-up
+        (:func:`backup_path`) instead, with a warning.
+    :raises ControlMDError: no readable checkpoint, or a format version this code does not
+        read (named).
+    """
+    path = Path(path)
+    try:
+        return _read_checkpoint(path)
+    except ControlMDError as exc:
+        backup = backup_path(path)
+        if not fallback or not backup.exists():
+            raise
+        blob = _read_checkpoint(backup)
+        warnings.warn(
+            f"{exc}; resuming from the previous checkpoint {backup.name} "
+            f"(iteration {blob.get('trainer', {}).get('iteration', '?')})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return blob
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    blob = load_torch_file(path, "checkpoint")
+    fmt = blob.get("format") if isinstance(blob, dict) else None
+    name, _, version = str(fmt).partition("/")
+    if name != _FORMAT_NAME:
+        raise ControlMDError(f"{path} is not a controlmd checkpoint (format {CHECKPOINT_FORMAT})")
+    if not version.isdigit() or int(version) not in _FORMAT_VERSIONS:
+        readable = ", ".join(f"{_FORMAT_NAME}/{v}" for v in _FORMAT_VERSIONS)
+        raise ControlMDError(
+            f"{path} has checkpoint format {fmt!r}, which this controlmd does not read "
+            f"(it reads {readable}); resume it with the controlmd version that wrote it"
+        )
+    return blob  # type: ignore[no-any-return]

@@ -11,6 +11,11 @@
     controlmd report RUN_DIR                                  (task-specific figures of a run)
     torchrun --nproc_per_node N --no-python controlmd run EXPERIMENT.toml   (replicas sharded)
 
+Before torch loads, the command sets ``MKL_CBWR=COMPATIBLE`` (unless ``MKL_CBWR`` is set
+already): MKL's CPU kernels otherwise pick code paths by memory alignment, so two processes
+computing the same thing can differ in the last bits, and a resumed run is a new process
+(docs/reliability.md). ``CONTROLMD_MKL_CBWR=off`` leaves MKL's default.
+
 The subcommands are declared in :data:`COMMANDS`: each is a module with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``, imported by name when the parser is
 built (no module registers a command by being imported). Errors of controlmd (bad config,
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -56,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``controlmd`` script; returns the exit status."""
+    if os.environ.get("CONTROLMD_MKL_CBWR", "").lower() != "off":
+        os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # read when torch loads MKL
     args = build_parser().parse_args(argv)
     return execute(args._module, args.command, args)
 

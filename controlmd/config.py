@@ -24,22 +24,20 @@ Overrides ``section.key=value`` (the CLI's ``--set``) parse ``value`` as a TOML 
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from controlmd.checkpoint import atomic_write_text
+from controlmd import tomlfile
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.estimators import ESTIMATORS as _ESTIMATOR_CLASSES
+from controlmd.files import atomic_write_text
 from controlmd.protocols import Protocol, make_protocol, protocol_class, protocol_names
 from controlmd.tasks import Task, task_class, task_names
+from controlmd.tomlfile import check_run_name, dumps, read_toml
 from controlmd.trainer import LR_SCHEDULES, OPTIMIZERS, SIMULATION_GRADIENTS
 
 __all__ = [
@@ -83,6 +81,14 @@ class Field:
     doc: str = ""
 
 
+def _problem(check: Callable[[Any], Any], value: Any) -> str | None:
+    try:
+        check(value)
+    except ConfigError:
+        return "must be a plain file name (letters, digits, '.', '_', '+', '-'; no path separators)"
+    return None
+
+
 def positive(v: Any) -> str | None:
     """A :class:`Field` check: the value must be > 0."""
     return None if v > 0 else "must be > 0"
@@ -110,7 +116,11 @@ def in_range(low: float, high: float, *, closed_low: bool = False) -> Callable[[
 
 
 EXPERIMENT_KEYS: dict[str, Field] = {
-    "name": Field(str, doc="experiment name; runs go to runs/<name>/"),
+    "name": Field(
+        str,
+        check=lambda v: _problem(check_run_name, v),
+        doc="experiment name; runs go to runs/<name>/",
+    ),
     "seed": Field(
         int, 0, non_negative, doc="seed of protocol init, training and evaluation streams"
     ),
@@ -188,6 +198,20 @@ def load_config(
     return load_file(path, resolve_config, overrides, sections=SECTIONS, seed=seed)
 
 
+def apply_overrides(
+    raw: dict[str, Any], overrides: Iterable[str], *, sections: Iterable[str] | None = SECTIONS
+) -> dict[str, Any]:
+    """Apply ``"section.key=value"`` overrides to ``raw`` in place (and return it); see
+    :func:`controlmd.tomlfile.apply_overrides` (here the sections default to the trainer's)."""
+    return tomlfile.apply_overrides(raw, overrides, sections=sections)
+
+
+def parse_override(item: str, *, sections: Iterable[str] | None = SECTIONS) -> tuple[str, str, Any]:
+    """``"train.lr=0.01"`` -> ``("train", "lr", 0.01)``; see
+    :func:`controlmd.tomlfile.parse_override` (here the sections default to the trainer's)."""
+    return tomlfile.parse_override(item, sections=sections)
+
+
 def load_file(
     path: str | Path,
     resolve: Callable[[dict[str, Any]], Config],
@@ -244,49 +268,6 @@ def resolve_sections(
         section: resolve_fixed(section, raw.get(section, {}), keys)
         for section, keys in fixed.items()
     }
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """The raw tables of an experiment file; a missing file or bad TOML is a ConfigError."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-
-
-def apply_overrides(
-    raw: dict[str, Any], overrides: Iterable[str], *, sections: Iterable[str] | None = SECTIONS
-) -> dict[str, Any]:
-    """Apply ``"section.key=value"`` overrides to ``raw`` in place (and return it)."""
-    for item in overrides:
-        section, key, value = parse_override(item, sections=sections)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"--set {item!r}: [{section}] is not a section")
-        raw[section][key] = value
-    return raw
-
-
-def parse_override(item: str, *, sections: Iterable[str] | None = SECTIONS) -> tuple[str, str, Any]:
-    """``"train.lr=0.01"`` -> ``("train", "lr", 0.01)``; the value is parsed as TOML, else
-    kept as a string. ``sections`` lists the valid section names (default: the trainer's;
-    ``None`` accepts any)."""
-    lhs, sep, rhs = item.partition("=")
-    section, dot, key = lhs.strip().partition(".")
-    if not sep or not dot or not section or not key or "." in key:
-        raise ConfigError(f"--set expects section.key=value (e.g. train.lr=0.01), got {item!r}")
-    if sections is not None and section not in sections:
-        raise ConfigError(
-            f"--set {item!r}: unknown section [{section}]; expected one of: {', '.join(sections)}"
-        )
-    text = rhs.strip()
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return section, key.strip(), value
 
 
 def resolve_config(raw: dict[str, Any]) -> Config:
@@ -482,8 +463,7 @@ def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:
 
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML text (``None`` values are left out: TOML has no null)."""
-    clean = {s: {k: v for k, v in values.items() if v is not None} for s, values in cfg.items()}
-    return tomli_w.dumps(copy.deepcopy(clean))
+    return dumps(cfg)
 
 
 def write_config(cfg: Config, path: str | Path) -> None:

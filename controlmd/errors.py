@@ -6,7 +6,7 @@ allowed, e.g. ``dt must be > 0, got -0.001``.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ControlMDError", "SimulationDivergedError"]
+__all__ = ["ConfigError", "ControlMDError", "RunInterrupted", "SimulationDivergedError"]
 
 
 class ControlMDError(ValueError):
@@ -30,3 +30,17 @@ class SimulationDivergedError(ControlMDError, FloatingPointError):
         super().__init__(f"simulation diverged at {where}: {message}")
         self.step = step
         self.time = time
+
+
+class RunInterrupted(Exception):  # noqa: N818  (not an error: a requested stop)
+    """A run stopped on SIGINT/SIGTERM after saving its checkpoint.
+
+    Attributes:
+        signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+        exit_code: the conventional status, 128 + the signal number.
+    """
+
+    def __init__(self, message: str, *, signal_name: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = exit_code

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,17 @@ from controlmd.callbacks import (
     EvalCallback,
     HistogramCallback,
     ProgressBar,
+    StopOnSignal,
 )
 from controlmd.checkpoint import atomic_write_json, json_safe, load_checkpoint, set_rng_state
 from controlmd.config import build_protocol, build_task, read_run_config, write_config
 from controlmd.distributed import DistributedContext
-from controlmd.errors import ConfigError
+from controlmd.errors import ConfigError, RunInterrupted
+from controlmd.files import read_json
 from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
 from controlmd.protocols import Protocol
 from controlmd.rng import FINAL_SEED_OFFSET
+from controlmd.runfolder import RunFolder, default_run_dir
 from controlmd.tasks.base import Task
 from controlmd.trainer import Trainer
 
@@ -42,6 +44,8 @@ class RunResult:
 
     run_dir: Path
     metrics: dict[str, Any]
+    already_finished: bool = False
+    """``True`` when a resumed run had finished already and nothing was done."""
 
 
 def run_experiment(
@@ -52,38 +56,98 @@ def run_experiment(
     runs_root: str | Path = "runs",
     progress: bool | None = None,
     distributed: DistributedContext | None = None,
+    folder: RunFolder | None = None,
 ) -> RunResult:
     """Train the protocol of a resolved config and write a run directory.
 
     Everything is validated and built before the first file is written. The folder is
     ``resume`` (continuing its checkpoint), else ``out``, else
-    ``runs_root/<experiment>/<YYYYmmdd-HHMMSS>_seed<k>/``. It receives ``config.toml``,
+    ``runs_root/<experiment>/<YYYYmmdd-HHMMSS>_seed<k>/``; it is locked while the run
+    goes on (:class:`~controlmd.runfolder.RunFolder`). It receives ``config.toml``,
     ``metrics.json``, ``protocol.pt`` (+ ``protocol.csv``, ``protocol_initial.pt``),
-    ``protocol.png``, ``progress.jsonl``, ``tb/`` (TensorBoard) and ``checkpoint.pt``.
+    ``protocol.png``, ``progress.jsonl``, ``tb/`` (TensorBoard) and ``checkpoint.pt``
+    (written before the first iteration, every ``checkpoint_every`` iterations and when
+    training ends; the previous one is kept as ``checkpoint.prev.pt``).
+
+    Resuming: the config may change only in ``train.iterations`` (not below the iterations
+    done); a finished run (``metrics.json``) asked for no more iterations is returned as it
+    is; a folder whose run never reached a checkpoint starts again in place. SIGINT/SIGTERM
+    stop training after the running iteration, save the checkpoint and raise
+    :class:`~controlmd.errors.RunInterrupted`.
 
     With ``distributed`` (``torchrun``), every rank trains its share of the replicas and
     returns the same result; only rank 0 writes the folder (whose name it chooses and sends
     to the others). A resumed run reads its checkpoint on every rank (shared file system).
 
-    :raises ConfigError: bad config, or a resume folder of another experiment / setup.
+    :param folder: a folder the caller already created and locked (the CLI does, before
+        loading torch); it is used as ``out`` (or ``resume``) and released at the end.
+    :raises ConfigError: bad config, a folder that cannot be used, or a resume folder of
+        another experiment / setup.
     """
+    dist_ctx = distributed if distributed is not None else DistributedContext()
+    writer = dist_ctx.is_main  # scale-out: only rank 0 writes files
+    if folder is not None:
+        (resume, out) = (folder.path, None) if resume is not None else (None, folder.path)
     checkpoint = None
     if resume is not None:
         resume = Path(resume)
         saved = read_run_config(resume)
         _check_resumable(saved, cfg, resume)
-        cfg = {
-            **saved,
-            "logging": cfg["logging"],
-            "train": {**saved["train"], "iterations": cfg["train"]["iterations"]},
-        }
-        checkpoint = load_checkpoint(resume / "checkpoint.pt")
+        cfg = {**saved, "train": {**saved["train"], "iterations": cfg["train"]["iterations"]}}
+    if writer and folder is None:
+        if resume is not None:
+            folder = RunFolder.existing(resume)
+        else:
+            target = (
+                out
+                if out is not None
+                else default_run_dir(
+                    runs_root, cfg["experiment"]["name"], cfg["experiment"]["seed"]
+                )
+            )
+            folder = RunFolder.new(target)
+    try:
+        if resume is not None and folder is not None and not folder.has_checkpoint:
+            folder.reset()  # killed before its first checkpoint: start again in place
+            resume = None
+        elif resume is not None:
+            checkpoint = load_checkpoint(resume / "checkpoint.pt")
+            done = int(checkpoint["trainer"]["iteration"])
+            if cfg["train"]["iterations"] < done:
+                raise ConfigError(
+                    f"--resume {resume}: train.iterations = {cfg['train']['iterations']} is "
+                    f"fewer than the {done} iterations already done"
+                )
+            if (resume / "metrics.json").is_file():
+                if cfg["train"]["iterations"] == done:  # finished: nothing to do
+                    metrics = read_json(resume / "metrics.json", "metrics")
+                    return RunResult(resume, metrics, already_finished=True)
+                (resume / "metrics.json").unlink()  # more iterations: the run goes on
+        run_dir = folder.path if folder is not None else Path(out or ".")
+        run_dir = Path(dist_ctx.broadcast_object(str(run_dir)))  # scale-out: rank 0's choice
+        with StopOnSignal() as stop:
+            return _train(cfg, run_dir, checkpoint, stop, progress=progress, dist_ctx=dist_ctx)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train(
+    cfg: dict[str, dict[str, Any]],
+    run_dir: Path,
+    checkpoint: dict[str, Any] | None,
+    stop: StopOnSignal,
+    *,
+    progress: bool | None,
+    dist_ctx: DistributedContext,
+) -> RunResult:
+    """:func:`run_experiment` once its folder is settled: build, train, score, write."""
+    resume = run_dir if checkpoint is not None else None
     seed = cfg["experiment"]["seed"]
     torch.manual_seed(seed)
     task = build_task(cfg)
     protocol = build_protocol(cfg, task)
     initial = copy.deepcopy(protocol)
-    dist_ctx = distributed if distributed is not None else DistributedContext()
     trainer = Trainer.from_config(cfg, task, protocol, distributed=dist_ctx)
     abort_after = AbortAfter.from_env()
     if checkpoint is not None:
@@ -93,13 +157,9 @@ def run_experiment(
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ConfigError(f"checkpoint in {resume} does not match its config: {exc}") from None
         set_rng_state(checkpoint["rng"])
-    run_dir = resume if resume is not None else _new_run_dir(cfg, out, runs_root)
-    run_dir = Path(dist_ctx.broadcast_object(str(run_dir)))  # scale-out: rank 0's choice
     writer = dist_ctx.is_main  # scale-out: only rank 0 writes files
     log_cfg, eval_cfg = cfg["logging"], cfg["eval"]
 
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None and writer:
         write_config(cfg, run_dir / "config.toml")
         initial.save(run_dir / "protocol_initial.pt")
@@ -131,21 +191,32 @@ def run_experiment(
         return {"start": start, "initial_protocol": initial.state_dict(), "config": cfg}
 
     evaluator = EvalCallback(every=eval_cfg["every"], n_replicas=eval_cfg["replicas"], chunk=chunk)
-    callbacks: list[Any] = [evaluator]
+    callbacks: list[Any] = [evaluator, stop]
     if log_cfg["histogram_every"] and log_cfg["tensorboard"] and writer:
         callbacks.append(HistogramCallback(log_cfg["histogram_every"]))
     if writer:
-        callbacks.append(
-            CheckpointCallback(
-                run_dir / "checkpoint.pt", every=log_cfg["checkpoint_every"], payload=payload
-            )
+        checkpointer = CheckpointCallback(
+            run_dir / "checkpoint.pt", every=log_cfg["checkpoint_every"], payload=payload
         )
+        callbacks.append(checkpointer)
+        if checkpoint is None:  # before the first iteration: a kill from now on resumes
+            checkpointer.init_callback(trainer)
+            checkpointer.save()
     show = log_cfg["progress"] if progress is None else progress
     if show and writer:
         callbacks.append(ProgressBar(cfg["train"]["iterations"], evaluator))
     if abort_after is not None:
         callbacks.append(abort_after)
-    trainer.learn(cfg["train"]["iterations"], callbacks, progress=False)
+    if stop.received is None:
+        trainer.learn(cfg["train"]["iterations"], callbacks, progress=False)
+    if stop.received is not None:
+        logger.close()
+        raise RunInterrupted(
+            f"stopped by {stop.received} after iteration {trainer.iteration}; the checkpoint "
+            f"is saved: continue with controlmd run --resume {run_dir}",
+            signal_name=stop.received,
+            exit_code=stop.exit_code,
+        )
 
     after = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
     if writer:  # task-specific files and figures, before extras()
@@ -219,7 +290,7 @@ def _check_resumable(
             f"--resume {run_dir}: that run belongs to experiment {saved['experiment']['name']!r}, "
             f"not {cfg['experiment']['name']!r}"
         )
-    for section in ("experiment", "task", "protocol", "train", "eval"):
+    for section in ("experiment", "task", "protocol", "train", "eval", "logging"):
         for key in sorted(set(saved[section]) | set(cfg[section])):
             if section == "train" and key == "iterations":
                 continue
@@ -227,27 +298,8 @@ def _check_resumable(
             if a != b:
                 raise ConfigError(
                     f"--resume {run_dir}: [{section}] {key} = {b!r} differs from the run's {a!r}; "
-                    "a resumed run keeps its config (only train.iterations and [logging] may change)"
+                    "a resumed run keeps its config (only train.iterations may grow)"
                 )
-
-
-def _new_run_dir(
-    cfg: dict[str, dict[str, Any]], out: str | Path | None, runs_root: str | Path
-) -> Path:
-    if out is not None:
-        path = Path(out)
-        if (path / "config.toml").exists() or (path / "checkpoint.pt").exists():
-            raise ConfigError(
-                f"--out {path} already holds a run; use --resume {path} to continue it"
-            )
-        return path
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_root) / cfg["experiment"]["name"] / f"{stamp}_seed{cfg['experiment']['seed']}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}_{n}")
-    return path
 
 
 def _protocol_figure(task: Task[Any], protocols: dict[str, Protocol]) -> Any:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from controlmd._validation import check_choice, check_int
-from controlmd.checkpoint import atomic_write_text
+from controlmd.files import atomic_write_text
 from controlmd.errors import ConfigError, ControlMDError
 
 __all__ = [

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlmd.config import load_config
+    """Create (or lock) the run folder and write the requested config before torch and the
+    heavy modules load, then validate, train and report (see :mod:`controlmd.runfolder`)."""
+    import os
+
     from controlmd.errors import ConfigError
+    from controlmd.runfolder import RunFolder, default_run_dir
+    from controlmd.tomlfile import apply_overrides, check_run_name, dumps, read_toml
 
     if args.experiment is None and args.resume is None:
         raise ConfigError("give an experiment file, or --resume DIR")
@@ -58,16 +64,83 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a run in its own folder; drop --out")
     if args.seeds is not None:
         return _run_seeds(args)
-    source = args.experiment if args.experiment is not None else args.resume / "config.toml"
-    cfg = load_config(source, args.overrides, seed=args.seed)
-    return _run_one(cfg, args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 makes the folder later
+        return _run_distributed(args)
+    if args.resume is not None:
+        if args.seed is not None:
+            raise ConfigError("--resume keeps the run's seed; drop --seed")
+        _check_resume_overrides(args.overrides)
+        folder = RunFolder.existing(args.resume)
+    else:
+        raw = apply_overrides(read_toml(args.experiment), args.overrides)
+        if args.seed is not None:
+            raw.setdefault("experiment", {})["seed"] = args.seed
+        experiment = raw.get("experiment") if isinstance(raw.get("experiment"), dict) else {}
+        name = check_run_name(experiment.get("name"), "[experiment] name")
+        seed = experiment.get("seed", 0)
+        target = args.out or default_run_dir("runs", name, seed if isinstance(seed, int) else 0)
+        folder = RunFolder.new(target)
+        folder.write_config(dumps(raw))  # the requested config; resolved below
+    try:
+        return _run_in(folder, args)
+    finally:
+        folder.release()
 
 
-def _run_one(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+def _check_resume_overrides(overrides: list[str]) -> None:
+    from controlmd.errors import ConfigError
+    from controlmd.tomlfile import parse_override
+
+    for item in overrides:
+        section, key, _ = parse_override(item)
+        if (section, key) != ("train", "iterations"):
+            raise ConfigError(
+                f"--resume accepts no --set except train.iterations (a resumed run keeps its "
+                f"config); got {section}.{key}"
+            )
+
+
+def _run_in(folder: Any, args: argparse.Namespace) -> int:
+    from controlmd.config import load_config
+    from controlmd.errors import ConfigError, RunInterrupted
+    from controlmd.experiment import run_experiment
+
+    fresh = args.resume is None
+    # resuming: the experiment file, if given, must match the run's config (checked below)
+    source = folder.config if fresh or args.experiment is None else args.experiment
+    try:
+        cfg = load_config(source, args.overrides if not fresh else ())
+    except ConfigError:
+        if fresh:
+            folder.remove()  # an invalid config leaves no folder behind
+        raise
+    try:
+        result = run_experiment(
+            cfg,
+            resume=None if fresh else folder.path,
+            progress=False if args.quiet else None,
+            folder=folder,
+        )
+    except RunInterrupted as exc:
+        print(f"controlmd run: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if result.already_finished:
+        done = result.metrics["iterations"]
+        print(f"run {result.run_dir} is finished ({done} iterations; metrics.json): nothing to do")
+        return 0
+    _print_result(result)
+    return 0
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    """Under torchrun: every rank loads the config; rank 0 creates the folder."""
+    from controlmd.config import load_config
     from controlmd.distributed import init_distributed
     from controlmd.experiment import run_experiment
 
-    dist_ctx = init_distributed()  # under torchrun: this rank of WORLD_SIZE; else one process
+    source = args.experiment if args.experiment is not None else args.resume / "config.toml"
+    cfg = load_config(source, args.overrides, seed=args.seed)
+    dist_ctx = init_distributed()
     try:
         result = run_experiment(
             cfg,
@@ -78,8 +151,12 @@ def _run_one(cfg: dict[str, Any], args: argparse.Namespace) -> int:
         )
     finally:
         dist_ctx.close()
-    if not dist_ctx.is_main:
-        return 0
+    if dist_ctx.is_main:
+        _print_result(result)
+    return 0
+
+
+def _print_result(result: Any) -> None:
     m = result.metrics
     better = "higher" if m["higher_is_better"] else "lower"
     print(f"{m['metric_name']} ({better} is better), {m['eval_replicas']} fresh replicas:")
@@ -95,7 +172,6 @@ def _run_one(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     )
     print(f"run folder: {result.run_dir}")
     print(f"view it:    tensorboard --logdir {result.run_dir / 'tb'}")
-    return 0
 
 
 def _run_seeds(args: argparse.Namespace) -> int:
