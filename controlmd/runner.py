@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from controlmd._validation import check_choice, check_int
-from controlmd.files import atomic_write_text
 from controlmd.errors import ConfigError, ControlMDError
+from controlmd.files import atomic_write_text
 
 __all__ = [
     "ERROR_FILE",
