@@ -111,11 +111,6 @@ IBI_SECTIONS: dict[str, dict[str, Field]] = {
     "eval": IBI_EVAL_KEYS,
     "logging": IBI_LOGGING_KEYS,
 }
-EXPERIMENT_KEYS: dict[str, tuple[type, Any]] = {
-    "name": (str, None),
-    "seed": (int, 0),
-    "notes": (str, ""),
-}
 
 
 def ibi_initial_potential(
@@ -280,6 +275,7 @@ def run_ibi(
         ``budget/md_steps``).
     """
     from controlmd.observables import rdf_histogram
+    from controlmd.potentials.tabulated import TabulatedPair
     from controlmd.tasks.rdf_inverse import RDFInverse, make_pair_potential
 
     if not isinstance(task, RDFInverse):
@@ -300,14 +296,17 @@ def run_ibi(
     u = ibi_initial_potential(
         r, g_target, kT=task.kT, g_floor=g_floor, min_core_force=min_core_force
     )
+    params: dict[str, Any] = {"r": r, "u": u, "interpolation": interpolation}
     spec = {
         "potential": "tabulated",
-        "params": {"r": r, "u": u, "interpolation": interpolation},
+        "params": params,
         "learn": True,
         "r_cut": float(r[-1]),
         "shift": "energy",
     }
-    table = make_pair_potential("tabulated", task.space, params=spec["params"], learn=True)
+    table = make_pair_potential("tabulated", task.space, params=params, learn=True)
+    if not isinstance(table, TabulatedPair):
+        raise ControlMDError(f"IBI needs a tabulated pair potential, got {type(table).__name__}")
     task.set_potential(table, spec)
     u_initial = u.clone()
     for it in range(iterations):
@@ -375,11 +374,15 @@ def run_ibi_experiment(
     from controlmd.checkpoint import atomic_write_json
     from controlmd.evaluation import evaluate
     from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
+    from controlmd.protocols import make_protocol
     from controlmd.rng import FINAL_SEED_OFFSET
+    from controlmd.tasks.rdf_inverse import RDFInverse
 
     seed = cfg["experiment"]["seed"]
     torch.manual_seed(seed)
     task = build_task(cfg)
+    if not isinstance(task, RDFInverse):
+        raise ConfigError(f"[task] name must be 'rdf_inverse' for IBI, got {task.name!r}")
     if out is not None:
         run_dir = Path(out)
     else:
@@ -411,12 +414,13 @@ def run_ibi_experiment(
     train_steps = task.budget["train"] + task.budget["equilibrate"]
     ev = cfg["eval"]
     # the exact metric as the trainer reports it (fresh replicas, eval_steps sampled), same seeds
+    no_control = make_protocol("none", t_final=task.horizon)
     initial = _with_table(
         task,
         result.u_initial,
-        lambda: evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET),
-    )  # type: ignore[arg-type]
-    final = evaluate(task, None, ev["final_replicas"], seed + FINAL_SEED_OFFSET)  # type: ignore[arg-type]
+        lambda: evaluate(task, no_control, ev["final_replicas"], seed + FINAL_SEED_OFFSET),
+    )
+    final = evaluate(task, no_control, ev["final_replicas"], seed + FINAL_SEED_OFFSET)
     final_eval = task.finish_run(run_dir, logger, step=ibi["iterations"])
     metrics = {
         **task.extras(),

@@ -75,9 +75,10 @@ class TensorBoardSink(Sink):
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         exp, ssi, sei = hparams_summary(hparams, metrics)
-        self.writer.file_writer.add_summary(exp)
-        self.writer.file_writer.add_summary(ssi)
-        self.writer.file_writer.add_summary(sei)
+        file_writer = self.writer.file_writer
+        assert file_writer is not None  # SummaryWriter opens it in __init__
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
         for key, value in metrics.items():
             self.writer.add_scalar(key, value)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -104,7 +105,10 @@ def virial(potential: Potential, R: Tensor, t: Tensor | float | None = None) -> 
     virial (traps, external fields: not translation invariant) raise.
     """
     if isinstance(potential, SumPotential):
-        return sum(virial(term, R, t) for term in potential.terms)  # type: ignore[return-value, arg-type]
+        total = torch.zeros(R.shape[0], dtype=R.dtype, device=R.device)
+        for term in potential.terms:
+            total = total + virial(cast(Potential, term), R, t)
+        return total
     fn = getattr(potential, "virial", None)
     if not callable(fn):
         raise ControlMDError(

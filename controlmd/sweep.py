@@ -169,7 +169,7 @@ def _parse_values(text: str) -> list[Any]:
 def _plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: int) -> list[_SweepJob]:
     base_seed = int(base.get("experiment", {}).get("seed", 0))
     keys = list(grid)
-    jobs = []
+    jobs: list[_SweepJob] = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, combo))
         for j in range(seeds):

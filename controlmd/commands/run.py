@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raw = apply_overrides(read_toml(args.experiment), args.overrides)
         if args.seed is not None:
             raw.setdefault("experiment", {})["seed"] = args.seed
-        experiment = raw.get("experiment") if isinstance(raw.get("experiment"), dict) else {}
+        section = raw.get("experiment")
+        experiment: dict[str, Any] = section if isinstance(section, dict) else {}
         name = check_run_name(experiment.get("name"), "[experiment] name")
         seed = experiment.get("seed", 0)
         target = args.out or default_run_dir("runs", name, seed if isinstance(seed, int) else 0)

@@ -73,7 +73,10 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
             )
     yields = [y for _, y in points]
 
-    curves, fields, summary = {}, {}, {}
+    curves: dict[str, tuple[Tensor, Tensor]] = {}
+    fields: dict[str, Tensor] = {}
+    spectra: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    summary: dict[str, dict[str, float]] = {}
     t_steps = (torch.arange(task.n_steps, dtype=torch.float64) + 0.5) * task.dt
     for label, protocol in protocols.items():
         curves[label] = task.yield_curve(protocol)
@@ -88,12 +91,12 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
             }
         energies, power = field_spectrum(t_steps, fields[label])
         summary[label]["spectrum_peak_eV"] = float(energies[power.argmax()])
-        fields[label] = (fields[label], energies, power)
+        spectra[label] = (fields[label], energies, power)
 
     figures = {
         "yield_per_iteration": _plot_yields(points),
         "yield_vs_time": _plot_curves(curves, task),
-        "field": _plot_fields(t_steps / FS, fields),
+        "field": _plot_fields(t_steps / FS, spectra),
     }
     for name, fig in figures.items():
         save_figure(fig, run / f"{name}.png")
