@@ -20,6 +20,7 @@ from controlmd.dynamics.schrodinger import (
     solve_schrodinger,
 )
 from controlmd.errors import ControlMDError
+from controlmd.models import retinal
 from controlmd.protocols import PiecewiseConstant
 from controlmd.tasks import get_task
 from controlmd.tasks import isomerization as iso
@@ -54,7 +55,7 @@ def _random_field(task: Isomerization, seed: int, scale: float = 0.1) -> Piecewi
 
 def test_cos_basis_operators_match_quadrature() -> None:
     n_cos = 7
-    cos_phi, cis = iso._cos_basis_operators(n_cos)
+    cos_phi, cis = retinal._cos_basis_operators(n_cos)
     k = np.arange(n_cos)
 
     def integral(weight, lo: float, hi: float) -> np.ndarray:
@@ -71,7 +72,7 @@ def test_cos_basis_operators_match_quadrature() -> None:
 
 def test_model_operators_are_hermitian_projections(task: Isomerization) -> None:
     m = task.model
-    h = iso._hamiltonian(m.params)
+    h = retinal._hamiltonian(m.params)
     assert np.abs(h - h.T).max() == 0.0
     assert (
         bool((m.energies[1:] >= m.energies[:-1]).all()) and float(m.energies[-1]) < m.params.e_cut
@@ -105,13 +106,14 @@ def test_model_cache_is_keyed_and_reused(tmp_path, monkeypatch: pytest.MonkeyPat
     def fail(_: RetinalParameters) -> None:
         raise AssertionError("the cached model was rebuilt")
 
-    monkeypatch.setattr(iso, "_diagonalize", fail)
+    monkeypatch.setattr(retinal, "_diagonalize", fail)
     again = build_retinal_model(params, cache_dir=tmp_path)
     torch.testing.assert_close(again.dipole, first.dipole, rtol=0, atol=0)
     other = RetinalParameters(n_cos=11, n_osc=3, e_cut=3.0, kappa=0.11)
     assert other.key() != params.key()
     monkeypatch.setenv("CONTROLMD_CACHE", str(tmp_path / "env"))
-    assert iso.default_cache_dir() == tmp_path / "env"
+    assert iso.default_cache_dir() == tmp_path / "env"  # re-exported by the task module
+    assert retinal.default_cache_dir() == tmp_path / "env"
 
 
 # ---------------------------------------------------------------------------- dynamics
