@@ -450,23 +450,25 @@ class _SplitOperatorFunction(torch.autograd.Function):
         K = fields.shape[0]
         kept, store, steps = ctx.kept, ctx.store, ctx.steps
         ctx.kept = None
-        G: dict[int, Any] = {}  # step s -> gradient of psi_s
-        if grad_samples is not None:
-            for i, s in enumerate(steps):
-                G[s] = ar.array(grad_samples[i])
-        if grad_out is not None:
-            G[K] = G[K] + ar.array(grad_out) if K in G else ar.array(grad_out)
-        if K == 0:
-            g0 = G.get(0)
-            grad_psi0 = None if g0 is None else ar.tensor(g0)
+        B, n = ctx.shape
+        # gradients of the sampled states psi_s, and of psi_K (a sample too when s = K)
+        g_samples = None if grad_samples is None or not steps else ar.array(grad_samples)
+        g_final = None if grad_out is None else ar.array(grad_out)
+        g0 = g_samples[0] if g_samples is not None and steps[0] == 0 else None
+        if K == 0:  # psi_K and every sample are psi_0
+            parts = [ar.tensor(g) for g in (g0, g_final) if g is not None]
+            grad_psi0 = sum(parts[1:], parts[0]) if parts else None
             return grad_psi0, fields.new_zeros(fields.shape), None, None
         f = ar.array(fields)
-        B, n = ctx.shape
-        sources = [s for s in sorted(G) if s >= 1]  # psi_s = A V y_{s-1}
-        src = {}  # k -> conj(gradient of y_k) from the sampled psi_{k+1}
-        if sources:
-            mapped = ar.adjoint_to_mu(xp.stack([G[s] for s in sources])).conj()
-            src = {s - 1: mapped[i] for i, s in enumerate(sources)}
+        # psi_s = A V y_{s-1}: the sources of the adjoint of y_{s-1}, as conj (see the class)
+        rows = [i for i, s in enumerate(steps) if s >= 1] if g_samples is not None else []
+        src = {}  # k -> conj(gradient of y_k) from psi_{k+1}
+        if rows:
+            mapped = ar.adjoint_to_mu(g_samples[rows]).conj()
+            src = {steps[i] - 1: mapped[j] for j, i in enumerate(rows)}
+        if g_final is not None:
+            last = ar.adjoint_to_mu(g_final).conj()
+            src[K - 1] = src[K - 1] + last if K - 1 in src else last
         mu = src[K - 1] + 0 if K - 1 in src else ar.zeros((B, n))
         tmp = ar.empty((B, n))
         if store:
@@ -495,8 +497,8 @@ class _SplitOperatorFunction(torch.autograd.Function):
             if store:
                 grad[c0:c1] = ar.field_gradient(Y[c0:c1], buf[: c1 - c0])
         grad_psi0 = ar.adjoint_from_mu((mu * kick[0]).conj())
-        if 0 in G:
-            grad_psi0 = grad_psi0 + G[0]
+        if g0 is not None:
+            grad_psi0 = grad_psi0 + g0
         grad_fields = ar.tensor(grad)
         grad_fields = grad_fields.sum(-1) if fields.ndim == 1 else grad_fields
         return ar.tensor(grad_psi0), grad_fields.to(fields.dtype), None, None
