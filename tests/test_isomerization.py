@@ -187,17 +187,28 @@ def _reference_split_steps(
     return psi, torch.stack(samples) if samples else psi.new_zeros((0, *psi.shape))
 
 
-@pytest.mark.parametrize("per_replica", [False, True])
-@pytest.mark.parametrize("max_stored_bytes", [2**30, 0])  # states kept / rebuilt backwards
+@pytest.mark.parametrize(
+    "per_replica,max_stored_bytes,backend",
+    [
+        (False, 2**30, "numpy"),  # states kept for the backward pass
+        (True, 2**30, "numpy"),
+        (False, 0, "numpy"),  # states rebuilt backwards
+        (True, 0, "numpy"),
+        (False, 2**30, "torch"),  # the loop GPUs run, here on CPU tensors
+        (True, 0, "torch"),
+    ],
+)
 def test_fast_split_operator_equals_the_step_by_step_reference(
-    task: Isomerization, per_replica: bool, max_stored_bytes: int
+    task: Isomerization, per_replica: bool, max_stored_bytes: int, backend: str
 ) -> None:
     """The dipole-eigenbasis propagator (one complex product per step, custom backward) is
     the written-out Strang step to rounding: states to 1e-12, gradients with respect to
     every field value and the initial state to 1e-10 relative, float64, strong random
     fields (up to ~0.5 eV over 300 steps of 0.25 fs)."""
     m = task.model
-    prop = SplitOperator(m.energies, m.dipole, h=task.dt, max_stored_bytes=max_stored_bytes)
+    prop = SplitOperator(
+        m.energies, m.dipole, h=task.dt, max_stored_bytes=max_stored_bytes, backend=backend
+    )
     g = torch.Generator().manual_seed(11)
     B, K = 2, 300
     psi0 = torch.randn(B, prop.n, dtype=torch.complex128, generator=g)
@@ -565,6 +576,7 @@ def test_registered_and_built_by_name(cache: str) -> None:
         ({"carrier_ev": -2.4}, "carrier_ev"),
         ({"carrier_ev": [2.4, -1.0]}, "carrier_ev"),
         ({"carrier_ev": []}, "carrier_ev"),
+        ({"device": "gpu0"}, "device"),
     ],
 )
 def test_bad_arguments_name_the_field(cache: str, kwargs: dict, name: str) -> None:
@@ -581,6 +593,10 @@ def test_bad_fields_and_steps(task: Isomerization) -> None:
         task.advance(task.initial_state(1, 0), task.starting_protocol(), task.n_steps + 1)
     with pytest.raises(ControlMDError, match="h must be > 0"):
         SplitOperator(task.model.energies, task.model.dipole, h=0.0)
+    with pytest.raises(ControlMDError, match="backend"):
+        SplitOperator(task.model.energies, task.model.dipole, h=0.1, backend="cupy")
+    with pytest.raises(ControlMDError, match="max_stored_bytes"):
+        SplitOperator(task.model.energies, task.model.dipole, h=0.1, max_stored_bytes=-1)
     with pytest.raises(ControlMDError, match="symmetric"):
         SchrodingerEquation(
             task.model.energies,

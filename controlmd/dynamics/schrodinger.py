@@ -59,6 +59,7 @@ _ODE_METHODS = (
     "implicit_adams",
 )
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+_BACKENDS = ("auto", "numpy", "torch")  # arrays of the split-operator step loop
 
 
 def _check_model(energies: Tensor, dipole: Tensor) -> None:
@@ -204,22 +205,36 @@ class SplitOperator(nn.Module):
     complex matrix-vector product and per-call overhead were the fastest measured, see
     docs/performance.md); its BLAS threads follow ``OMP_NUM_THREADS`` (or
     ``OPENBLAS_NUM_THREADS``), not ``torch.set_num_threads``. On other devices the same
-    loop runs on torch tensors.
+    loop runs on torch tensors (``backend = "torch"`` selects it on CPU too).
 
     :param energies: eigenvalues of H0 ``[n]``, eV.
     :param dipole: ``mu`` in the H0 eigenbasis ``[n, n]``, real symmetric.
     :param h: step length (> 0), hbar/eV.
     :param max_stored_bytes: memory the backward pass may keep from the forward pass
         (>= 0; default 1 GiB; 0 always rebuilds the states backwards).
+    :param backend: arrays of the step loop: ``"auto"`` (NumPy on CPU, torch elsewhere),
+        ``"numpy"`` (CPU only) or ``"torch"``.
     """
 
     def __init__(
-        self, energies: Tensor, dipole: Tensor, *, h: float, max_stored_bytes: int = 2**30
+        self,
+        energies: Tensor,
+        dipole: Tensor,
+        *,
+        h: float,
+        max_stored_bytes: int = 2**30,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         _check_model(energies, dipole)
         check_positive("h", h)
         check_int("max_stored_bytes", max_stored_bytes, minimum=0)
+        check_choice("backend", backend, _BACKENDS)
+        if backend == "numpy" and energies.device.type != "cpu":
+            raise ControlMDError(
+                f"backend = 'numpy' needs CPU tensors, got device {energies.device}; use 'auto' or 'torch'"
+            )
+        self.backend = backend
         self.h = float(h)
         self.max_stored_bytes = int(max_stored_bytes)
         m, V = torch.linalg.eigh(dipole)
@@ -285,7 +300,7 @@ class _Arrays:
     tensors on other devices; ``xp`` is the module that operates on them."""
 
     def __init__(self, prop: SplitOperator) -> None:
-        cpu = prop.U.device.type == "cpu"
+        cpu = prop.U.device.type == "cpu" and prop.backend != "torch"
         self.xp: Any = np if cpu else torch
         self.device = prop.U.device
         self.h = prop.h
@@ -588,7 +603,7 @@ def free_evolution_yield(
     if count == 0:
         return psi.real.new_zeros(psi.shape[0], 0)
     if method == "matmul":
-        taus = start + spacing * torch.arange(count, dtype=energies.dtype)
+        taus = start + spacing * torch.arange(count, dtype=energies.dtype, device=energies.device)
         return _FreeYieldFunction.apply(psi, energies, taus, p_trans, p_cis, chunk)
     expect = _free_expectations_nufft(
         psi, energies, torch.stack((p_trans, p_cis)), start, spacing, count

@@ -119,6 +119,17 @@ class RetinalModel:
     def n_states(self) -> int:
         return int(self.energies.shape[0])
 
+    def to(self, device: torch.device | str) -> RetinalModel:
+        """The same model with its tensors on ``device`` (itself when already there)."""
+        if self.energies.device == torch.device(device):
+            return self
+        move = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **move)
+
 
 def _cos_basis_operators(n_cos: int) -> tuple[np.ndarray, np.ndarray]:
     """``cos phi`` and the projector on |phi| < pi/2 in the orthonormal basis

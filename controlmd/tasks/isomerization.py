@@ -121,6 +121,9 @@ Arguments
     yield_chunk      int    1024       times per batched product ("matmul")
     cache_dir        str    ""         model cache ("" : $CONTROLMD_CACHE or
                                        ~/.cache/controlmd)
+    device           str    "cpu"      where the wave functions are propagated ("cuda"
+                                       for a GPU); protocols, losses and metrics stay on
+                                       the CPU, the fields are copied over each call
     ===============  =====  =========  ==================================================
 
 Version history
@@ -178,6 +181,20 @@ FS = 1.0 / 0.6582119569
 
 PAPER_YIELDS = {10: 0.683, 26: 0.749, 50: 0.790}
 """Time-averaged yields logged by the paper's optimization (Adam, lr 1e-2) after n steps."""
+
+
+def _check_device(device: str) -> torch.device:
+    """``device`` as a torch device that can hold a tensor here, else a clear error."""
+    try:
+        dev = torch.device(device)
+        torch.zeros(1, device=dev)
+    except (RuntimeError, TypeError, AssertionError) as exc:
+        raise ControlMDError(
+            f"device = {device!r} cannot be used here ({type(exc).__name__}: {exc}); "
+            "use 'cpu', or 'cuda' on a machine with a GPU and a CUDA build of torch"
+        ) from exc
+    return dev
+
 
 # ---------------------------------------------------------------------------- the state
 
@@ -273,6 +290,7 @@ class Isomerization(Task):
         yield_method: str = "nufft",
         yield_chunk: int = 1024,
         cache_dir: str = "",
+        device: str = "cpu",
     ) -> None:
         check_positive("t_pulse_fs", t_pulse_fs)
         check_int("n_steps", n_steps)
@@ -313,7 +331,8 @@ class Isomerization(Task):
             n_osc=n_osc,
             e_cut=e_cut,
         )
-        self.model = cached_retinal_model(params, cache_dir)
+        self.device = _check_device(device)
+        self.model = cached_retinal_model(params, cache_dir).to(self.device)
         self.field_mode = field_mode
         self.carriers = torch.tensor(carriers, dtype=torch.float64)
         if field_mode == "direct":
@@ -473,9 +492,11 @@ class Isomerization(Task):
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> QuantumState:  # type: ignore[override]
         """The ground eigenstate for each replica (``seed`` is not used: deterministic task)."""
         check_int("n_replicas", n_replicas)
-        psi = torch.zeros(n_replicas, self.model.n_states, dtype=torch.complex128)
+        psi = torch.zeros(
+            n_replicas, self.model.n_states, dtype=torch.complex128, device=self.device
+        )
         psi[:, 0] = 1.0
-        zeros = torch.zeros(n_replicas, dtype=torch.float64)
+        zeros = torch.zeros(n_replicas, dtype=torch.float64, device=self.device)
         return QuantumState(psi=psi, aux={"yield_sum": zeros, "fluence": zeros.clone()})
 
     def integrator(self, protocol: Protocol) -> Integrator:
@@ -521,7 +542,7 @@ class Isomerization(Task):
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and gradient != "none"):
             k0 = state.step
-            fields = self.step_fields(protocol, k0, n_steps)
+            fields = self.step_fields(protocol, k0, n_steps).to(self.device)
             first = max(self._first_window_step, k0)
             local = list(range(first - k0, n_steps)) if first < k0 + n_steps else []
             if propagator == "split":
@@ -562,6 +583,11 @@ class Isomerization(Task):
         rtol: float,
         atol: float,
     ) -> tuple[Tensor, Tensor]:
+        if self.device.type != "cpu":
+            raise ControlMDError(
+                f"propagator = 'ode' runs on the CPU only (the protocol is evaluated inside "
+                f"the solver); this task has device = {str(self.device)!r}"
+            )
         t0 = state.step * self.dt
         marks = sorted(set([0, *local, n_steps]))
         times = torch.tensor([t0 + s * self.dt for s in marks], dtype=torch.float64)
@@ -637,7 +663,7 @@ class Isomerization(Task):
         """``-mean(Y_window)``, plus ``fluence_penalty * relu(F / fluence_max - 1)^2`` when
         ``fluence_max > 0`` and ``excitation_penalty * relu(1 - P / min_excitation)^2`` when
         ``min_excitation > 0``, with ``F`` the fluence and ``P = 1 - |<0|psi(T)>|^2`` the
-        population pumped out of the ground state."""
+        population pumped out of the ground state. A CPU scalar whatever the device."""
         loss = -self.window_yield(state).mean()
         if self.fluence_max > 0 and self.fluence_penalty > 0:
             excess = torch.relu(state.aux["fluence"] / self.fluence_max - 1.0)
@@ -646,12 +672,12 @@ class Isomerization(Task):
             pumped = 1.0 - state.psi[:, 0].abs().square()
             shortfall = torch.relu(1.0 - pumped / self.min_excitation)
             loss = loss + self.excitation_penalty * (shortfall**2).mean()
-        return loss
+        return loss.cpu()
 
     def metric(self, state: QuantumState) -> Tensor:  # type: ignore[override]
-        """Exact time-averaged yield of each replica ``[B]``."""
+        """Exact time-averaged yield of each replica ``[B]`` (CPU)."""
         with torch.no_grad():
-            value = self.window_yield(state).detach()
+            value = self.window_yield(state).detach().cpu()
             pumped = 1.0 - state.psi[:, 0].abs().square()
             self._last = {
                 "yield": float(value.mean()),
@@ -662,7 +688,7 @@ class Isomerization(Task):
         return value
 
     def observe(self, state: QuantumState) -> Tensor:  # type: ignore[override]
-        """Features ``[B, 4]``: see the observation table of the module docstring."""
+        """Features ``[B, 4]`` (CPU): see the observation table of the module docstring."""
         m = self.model
         psi = state.psi
         n = psi.shape[-1]
@@ -671,7 +697,7 @@ class Isomerization(Task):
         expect = [
             (flat * q[:, j * n : (j + 1) * n]).reshape(2, -1, n).sum((0, 2)) for j in range(3)
         ]
-        return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect], dim=1)
+        return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect], dim=1).cpu()
 
     # ------------------------------------------------------------------ reports
 
@@ -684,11 +710,11 @@ class Isomerization(Task):
         with torch.no_grad():
             steps = list(range(0, self.n_steps, every))
             psi0 = self.initial_state(1, 0).psi
-            fields = self.step_fields(protocol, 0, self.n_steps)
+            fields = self.step_fields(protocol, 0, self.n_steps).to(self.device)
             psi, samples = self.propagator.propagate(psi0, fields, sample_steps=steps)
-            y_in = yield_of_states(samples, self.model.p_trans, self.model.p_cis)[:, 0]
+            y_in = yield_of_states(samples, self.model.p_trans, self.model.p_cis)[:, 0].cpu()
             n_post = math.floor((self.t_end - self.t_pulse) / self.grid_spacing + 1e-9) + 1
-            y_post = self._free_yield(psi, 0.0, self.grid_spacing, n_post)[0]
+            y_post = self._free_yield(psi, 0.0, self.grid_spacing, n_post)[0].cpu()
             post = torch.arange(n_post, dtype=torch.float64) * self.grid_spacing
             t = torch.cat((torch.tensor(steps, dtype=torch.float64) * self.dt, self.t_pulse + post))
             return t / FS, torch.cat((y_in, y_post))
