@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controlmd.dynamics import NVE, ControlSchedule, Langevin, NoseHooverChain
+from controlmd.dynamics import NVE, ControlSchedule, Langevin, NoseHooverChain, reversible
 from controlmd.dynamics.reversible import simulate_reversible
 from controlmd.errors import ControlMDError
 from controlmd.lattice import lattice
@@ -193,6 +193,18 @@ def _driven_trap_mlp(space) -> NVE:
     return NVE(LennardJones(space, r_cut=R_CUT) + trap, dt=0.005, space=space)
 
 
+def _driven_trap_mid_step_jumps(space) -> NVE:
+    """A piecewise-constant trap centre whose jumps fall inside steps (t_final = 0.6013)."""
+    centre = PiecewiseConstant(
+        dim=3,
+        t_final=0.6013,
+        n_pieces=4,
+        init=[[1.0, 1.0, 1.0], [1.5, 1.0, 1.2], [2.0, 1.5, 1.0], [1.0, 2.0, 2.0]],
+    )
+    trap = HarmonicTrap(2.0, centre, particles=[0, 1, 2], space=space)
+    return NVE(LennardJones(space, r_cut=R_CUT) + trap, dt=0.005, space=space)
+
+
 def _driven_pulling_tabulated(space) -> NVE:
     """Tweezers: a force on two beads from a held (step) table, jumps on step times."""
     table = Tabulated(
@@ -218,7 +230,13 @@ def _driven_nhc(space) -> NoseHooverChain:
 
 @pytest.mark.parametrize(
     "make_driven",
-    [_driven_scaled_lj_mid_step_jumps, _driven_trap_mlp, _driven_pulling_tabulated, _driven_nhc],
+    [
+        _driven_scaled_lj_mid_step_jumps,
+        _driven_trap_mid_step_jumps,
+        _driven_trap_mlp,
+        _driven_pulling_tabulated,
+        _driven_nhc,
+    ],
 )
 def test_protocol_driven_hamiltonian_matches_direct_backprop(make_driven) -> None:
     """H = H0 + H_ctrl(q, t; theta): the gradient with respect to every protocol parameter
@@ -237,6 +255,26 @@ def test_protocol_driven_hamiltonian_matches_direct_backprop(make_driven) -> Non
     for a, b in zip(g_r, g_d):
         assert float(b.abs().max()) > 0
         assert _rel(a, b) <= 1e-8
+
+
+def test_lj_plus_control_terms_take_the_fused_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVE with a fused LJ term plus protocol-driven terms is walked back with the LJ force
+    and VJP from one kernel call (the control terms alone by autograd), not by the generic
+    autograd walk; ScaledPotential(LJ) (LJ inside another term) still takes the generic one."""
+    space, R, P = _fluid(B=1, seed=7)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("generic walk used")
+
+    monkeypatch.setattr(reversible, "_walk_back", generic)
+    for make in (_driven_trap_mid_step_jumps, _driven_pulling_tabulated):
+        integ = make(space)
+        final = simulate_reversible(integ, integ.init(R.clone(), P=P.clone()), 30, window=10)
+        final.R.sum().backward()
+    integ = _driven_scaled_lj_mid_step_jumps(space)
+    final = simulate_reversible(integ, integ.init(R.clone(), P=P.clone()), 30, window=10)
+    with pytest.raises(AssertionError, match="generic walk used"):
+        final.R.sum().backward()
 
 
 def test_checkpoints_bound_round_off() -> None:
