@@ -69,6 +69,18 @@ def _final_state_loss(integ, final) -> torch.Tensor:
     )
 
 
+def _piecewise_trap(space, *, t_final: float, stiffness: float) -> NVE:
+    """LJ plus a trap on three particles whose centre is a 4-piece protocol on [0, t_final]."""
+    centre = PiecewiseConstant(
+        dim=3,
+        t_final=t_final,
+        n_pieces=4,
+        init=[[1.0, 1.0, 1.0], [1.5, 1.0, 1.2], [2.0, 1.5, 1.0], [1.0, 2.0, 2.0]],
+    )
+    trap = HarmonicTrap(stiffness, centre, particles=[0, 1, 2], space=space)
+    return NVE(LennardJones(space, r_cut=R_CUT) + trap, dt=0.005, space=space)
+
+
 def test_nve_lj_1000_steps_matches_direct_backprop() -> None:
     space, R, P = _fluid()
 
@@ -158,14 +170,7 @@ def test_time_dependent_control_crossing_breakpoints() -> None:
     space, R, P = _fluid(B=1, seed=2)
 
     def make() -> NVE:
-        centre = PiecewiseConstant(
-            dim=3,
-            t_final=1.0,
-            n_pieces=4,
-            init=[[1.0, 1.0, 1.0], [1.5, 1.0, 1.2], [2.0, 1.5, 1.0], [1.0, 2.0, 2.0]],
-        )
-        trap = HarmonicTrap(0.5, centre, particles=[0, 1, 2], space=space)
-        return NVE(LennardJones(space, r_cut=R_CUT) + trap, dt=0.005, space=space)
+        return _piecewise_trap(space, t_final=1.0, stiffness=0.5)
 
     res = _run_both(make, R, P, 250, 60, _final_state_loss)
     for a, b in zip(res["reversible"][1], res["direct"][1]):
@@ -195,14 +200,7 @@ def _driven_trap_mlp(space) -> NVE:
 
 def _driven_trap_mid_step_jumps(space) -> NVE:
     """A piecewise-constant trap centre whose jumps fall inside steps (t_final = 0.6013)."""
-    centre = PiecewiseConstant(
-        dim=3,
-        t_final=0.6013,
-        n_pieces=4,
-        init=[[1.0, 1.0, 1.0], [1.5, 1.0, 1.2], [2.0, 1.5, 1.0], [1.0, 2.0, 2.0]],
-    )
-    trap = HarmonicTrap(2.0, centre, particles=[0, 1, 2], space=space)
-    return NVE(LennardJones(space, r_cut=R_CUT) + trap, dt=0.005, space=space)
+    return _piecewise_trap(space, t_final=0.6013, stiffness=2.0)
 
 
 def _driven_pulling_tabulated(space) -> NVE:
