@@ -319,6 +319,7 @@ class _Arrays:
         self.m = arr(prop.mu_eigvals)
         self.m_h = arr(prop.mu_eigvals * prop.h)
         self.cdtype = prop.U.dtype
+        self._spare: tuple[Any, Any] | None = None
 
     def tensor(self, x: Any) -> Tensor:
         return torch.from_numpy(x) if self.xp is np else x
@@ -341,13 +342,36 @@ class _Arrays:
             return np.zeros(shape, dtype=self.m.dtype)
         return torch.zeros(shape, dtype=self.m.dtype, device=self.device)
 
-    def kicks(self, fields: Any) -> Any:
-        """``exp(i E_k m h)`` for a chunk of steps: ``[C, n]`` or ``[C, B, n]`` (computed by
-        torch also on CPU: its vectorized sin/cos were faster than NumPy's)."""
+    def kicks(self, fields: Any, out: Any = None) -> Any:
+        """``exp(i E_k m h)`` for steps ``[K]`` or ``[K, B]`` of fields: ``[K, (B,) n]``,
+        written into ``out`` when given. Computed by torch also on CPU (its vectorized
+        sin/cos were faster than NumPy's), ``_KICK_CHUNK`` steps at a time (small
+        temporaries)."""
         f = torch.from_numpy(fields) if self.xp is np else fields
-        theta = f.unsqueeze(-1) * torch.as_tensor(self.m_h)
-        out = torch.polar(torch.ones_like(theta), theta)
-        return out.numpy() if self.xp is np else out
+        m_h = torch.as_tensor(self.m_h)
+        if out is None:
+            out = self.empty((*f.shape, m_h.shape[0]))
+        parts = torch.view_as_real(torch.from_numpy(out) if self.xp is np else out)
+        for c0 in range(0, f.shape[0], _KICK_CHUNK):
+            theta = f[c0 : c0 + _KICK_CHUNK].unsqueeze(-1) * m_h
+            torch.cos(theta, out=parts[c0 : c0 + _KICK_CHUNK, ..., 0])
+            torch.sin(theta, out=parts[c0 : c0 + _KICK_CHUNK, ..., 1])
+        return out
+
+    def take(self, shape: tuple[int, ...], kick_shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """Arrays for the kept states and kicks: the ones a finished backward pass gave
+        back when their shapes match (no fresh pages for ~140 MiB per iteration), else new."""
+        if self._spare is not None and (self._spare[0].shape, self._spare[1].shape) == (
+            shape,
+            kick_shape,
+        ):
+            spare, self._spare = self._spare, None
+            return spare
+        return self.empty(shape), self.empty(kick_shape)
+
+    def give(self, Y: Any, kicks: Any) -> None:
+        """Keep ``(Y, kicks)`` for the next :meth:`take` (their backward pass is done)."""
+        self._spare = (Y, kicks)
 
     def real_matmul(self, z: Any, M: Any) -> Any:
         """``z @ M`` for complex ``z [..., n]`` and a real matrix ``M`` (one 2-D real product:
@@ -396,8 +420,10 @@ def _sweep(
         return psi0.clone(), samples, None
     x, f = ar.array(psi0), ar.array(fields)
     B, n = x.shape
-    Y = ar.empty((K, B, n)) if store else None
-    kicks = ar.kicks(f) if store else None
+    Y = kicks = None
+    if store:
+        Y, kicks = ar.take((K, B, n), (*f.shape, n))
+        ar.kicks(f, out=kicks)
     y, tmp = ar.empty((B, n)), ar.empty((B, n))
     copies = {}  # sample step s >= 1 -> y_{s-1} (copied when not stored)
     wanted = set(steps)
@@ -512,6 +538,8 @@ class _SplitOperatorFunction(torch.autograd.Function):
             if store:
                 grad[c0:c1] = ar.field_gradient(Y[c0:c1], buf[: c1 - c0])
         grad_psi0 = ar.adjoint_from_mu((mu * kick[0]).conj())
+        if store:
+            ar.give(Y, kicks)
         if g0 is not None:
             grad_psi0 = grad_psi0 + g0
         grad_fields = ar.tensor(grad)
