@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ref = {r["T"]: r["grad"] for r in results if r.get("path") == "reversible" and "grad" in r}
     for r in results:
         if "grad" in r and r["T"] in ref and r["path"] != "reversible":
-            a, b = torch.tensor(r["grad"]), torch.tensor(ref[r["T"]])
+            a = torch.tensor(r["grad"], dtype=torch.float64)
+            b = torch.tensor(ref[r["T"]], dtype=torch.float64)
             r["rel_diff_vs_reversible"] = float((a - b).norm() / b.norm())
     if args.json:
         print(json.dumps({"summary": results}))
