@@ -232,8 +232,9 @@ def part_isomerization(args: argparse.Namespace, env: dict[str, Any]) -> dict[st
             "--set",
             f"task.device={args.device}",
         ]
-        if args.dry_run:
-            cmd += ["--set", "train.iterations=2"]
+        if args.dry_run:  # no figures or event files: the plumbing only
+            cmd += ["--set", "train.iterations=2", "--set", "logging.plots=false"]
+            cmd += ["--set", "logging.tensorboard=false"]
         # one BLAS thread: the propagation loop is a chain of small products (docs/performance.md)
         threads = {"OMP_NUM_THREADS": str(args.threads or 1)}
         row = _run(cmd, args.timeout or (600.0 if args.dry_run else 1200.0), threads)
