@@ -194,11 +194,12 @@ class SplitOperator(nn.Module):
 
     Backward pass (a custom autograd function, exact for the discrete scheme): the
     adjoint ``lambda_k`` of ``y_k`` obeys ``lambda_k = conj(U) conj(K_{k+1}) lambda_{k+1}``
-    plus the sources of the sampled states, and ``dL/dE_k = h sum_n m_n Im(conj(y_kn)
-    lambda_kn)``. The forward states ``y_k`` are kept when the two ``[K, B, n]`` complex
-    arrays (states and adjoints) fit in ``max_stored_bytes``: one matrix-vector product per
-    backward step. Otherwise they are rebuilt backwards with the same unitary operator,
-    ``y_k = conj(U) conj(K_{k+1}) y_{k+1}`` (memory O(1) in the number of steps, two
+    plus the sources of the sampled states, so ``mu_k = conj(lambda_k)`` obeys
+    ``mu_{k-1} = U K_k mu_k`` plus conjugated sources (the forward's matrix and kicks), and
+    ``dL/dE_k = -h sum_n m_n Im(y_kn mu_kn)``. The forward states ``y_k`` ``[K, B, n]`` and
+    kicks ``[K, (B,) n]`` are kept when they fit in ``max_stored_bytes``: one
+    matrix-vector product per backward step. Otherwise the states are rebuilt backwards
+    (``conj(y_k)`` obeys the same recursion; memory O(1) in the number of steps, two
     products per backward step).
 
     On CPU the step loop runs on NumPy arrays sharing memory with the tensors (NumPy's
