@@ -64,6 +64,7 @@ from controlmd.dynamics.base import (
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
 from controlmd.errors import ControlMDError
+from controlmd.potentials.base import Potential, SumPotential
 from controlmd.potentials.lj_fused import lj_force_vjp
 from controlmd.potentials.pair import LennardJones
 
@@ -193,8 +194,11 @@ class _Reversible(torch.autograd.Function):
         adj = [torch.zeros_like(x) if g is None else g for x, g in zip(final, grads)]
         a_params = [torch.zeros_like(p) for p in params]
         a_Q = torch.zeros_like(inputs_Q) if inputs_Q is not None else None
-        if _fused_lj_only(meta, params):
-            a_state, a_params = _walk_back_lj(meta, ctx.checkpoints, final, adj, params)
+        split = _split_fused_lj(meta, params)
+        if split is not None:
+            a_state, a_params = _walk_back_lj(
+                meta, ctx.times, ctx.checkpoints, final, adj, params, *split
+            )
         else:
             with torch.enable_grad():
                 a_state, a_params, a_Q = _walk_back(
@@ -206,65 +210,112 @@ class _Reversible(torch.autograd.Function):
         return (*out, *a_params)
 
 
-def _fused_lj_only(meta: _Meta, params: list[Tensor]) -> bool:
-    """NVE with a single Lennard-Jones term on the fused kernel, differentiated only with
-    respect to its sigma/epsilon: the walk can use :func:`lj_force_vjp` (force and VJP in
-    one pass, no graph)."""
+def _split_fused_lj(
+    meta: _Meta, params: list[Tensor]
+) -> tuple[LennardJones, list[Potential]] | None:
+    """NVE whose potential is one Lennard-Jones term on the fused kernel plus any other
+    terms (``H0 + H_ctrl(q, t; theta)``: traps, pulling forces, external fields driven by
+    protocols), where the only LJ parameters differentiated are sigma and epsilon: the
+    walk can take the LJ force and its VJP from one kernel call (:func:`lj_force_vjp`) and
+    differentiate only the other terms with autograd. ``(lj, others)``, else ``None``."""
+    if meta.chain:
+        return None
     pot = meta.integrator.potential
-    if meta.chain or meta.jumps or not isinstance(pot, LennardJones) or not pot.fused_supported():
-        return False
-    return all(p is pot.sigma or p is pot.epsilon for p in params)
+    terms = list(pot.terms) if isinstance(pot, SumPotential) else [pot]
+    fused = [t for t in terms if isinstance(t, LennardJones) and t.fused_supported()]
+    if len(fused) != 1:
+        return None
+    lj = fused[0]
+    if any(p.requires_grad and p is not lj.sigma and p is not lj.epsilon for p in lj.parameters()):
+        return None
+    return lj, [t for t in terms if t is not lj]
 
 
 def _walk_back_lj(
     meta: _Meta,
+    times: Tensor,
     checkpoints: dict[int, tuple[Tensor, ...]],
     final: tuple[Tensor, ...],
     adj: list[Tensor],
     params: list[Tensor],
+    lj: LennardJones,
+    others: list[Potential],
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`_walk_back` for NVE + fused LJ: the two half kicks sharing ``q_n`` pull the
-    adjoint back through ``F(q_n)`` with the same cotangent ``dt a_P`` (``dt/2`` at both
-    ends), known when ``F(q_n)`` is computed, so force and VJP come from one kernel call."""
+    """:func:`_walk_back` for NVE with a fused LJ term (plus, optionally, other terms).
+
+    At each recomputed ``q_n`` the half kicks that use it pull the adjoint back with the
+    cotangent ``h a_P`` each (a_P does not change between them). The LJ force does not
+    depend on time, so its force and VJP come from one kernel call with the summed
+    cotangent ``dt a_P`` (``h`` at both ends). The other terms are evaluated with an
+    autograd graph at the times the forward used: once at ``t_n - eps`` (the force cached
+    for both kicks), or at ``t_n - eps`` and ``t_n + eps`` after a protocol jump (the
+    forward re-evaluated the cached force there), ``t_0 + eps`` at the start."""
     integ = meta.integrator
-    pot = integ.potential
-    dt, h = integ.dt, 0.5 * integ.dt
+    dt, h, eps = integ.dt, 0.5 * integ.dt, integ.t_eps
     space = integ.space
     R, P = final[0], final[1]
     aR, aP = adj[0], adj[1]
     drift = integ.drift_factor(R)  # dt / m
-    want_sigma = any(p is pot.sigma for p in params)
-    want_eps = any(p is pot.epsilon for p in params)
+    want_sigma = any(p is lj.sigma for p in params)
+    want_eps = any(p is lj.epsilon for p in params)
     g_sigma = torch.zeros((), dtype=R.dtype, device=R.device)
     g_eps = torch.zeros((), dtype=R.dtype, device=R.device)
+    a_params = [torch.zeros_like(p) for p in params]
 
-    def pull(Rn: Tensor, v: Tensor) -> Tensor:
+    def pull(Rn: Tensor, kicks: list[tuple[Tensor, float]]) -> list[Tensor]:
+        """Forces at ``Rn`` for each ``(time, weight)`` of the kicks using them, with the
+        adjoint pulled back through each with cotangent ``weight * aP``."""
         nonlocal aR, g_sigma, g_eps
-        F, gR, gs, ge = lj_force_vjp(pot, Rn, v, need_sigma=want_sigma, need_epsilon=want_eps)
+        v = sum(w for _, w in kicks) * aP
+        F, gR, gs, ge = lj_force_vjp(lj, Rn, v, need_sigma=want_sigma, need_epsilon=want_eps)
         aR = aR + gR
         if gs is not None:
             g_sigma = g_sigma + gs
         if ge is not None:
             g_eps = g_eps + ge
-        return F
+        if not others:
+            return [F]
+        forces = []
+        for t, w in kicks:
+            with torch.enable_grad():
+                leaf = Rn.detach().requires_grad_(True)
+                F_ctrl = sum(
+                    term.energy_and_forces(leaf, t, create_graph=True)[1] for term in others
+                )
+                g = torch.autograd.grad(
+                    F_ctrl, [leaf, *params], grad_outputs=w * aP, allow_unused=True
+                )
+            if g[0] is not None:
+                aR = aR + g[0]
+            _accumulate(a_params, g[1:])
+            forces.append(F + F_ctrl.detach())
+        return forces
 
     T = meta.n_steps
     if T > 0:
-        F = pull(R, h * aP)
+        F_next = pull(R, [(times[T - 1] + dt - eps, h)])[0]  # the last kick, at q_T
     for n in range(T - 1, -1, -1):
-        P = torch.sub(P, F, alpha=h)
+        P = torch.sub(P, F_next, alpha=h)
         aP = torch.addcmul(aP, aR, drift)
         R = space.shift(R, torch.mul(P, drift).neg_())
         ck = checkpoints.get(n)
         if ck is not None:
             R = ck[0]
-        F = pull(R, (h if n == 0 else dt) * aP)
-        P = ck[1] if ck is not None else torch.sub(P, F, alpha=h)
-    grads = []
-    for p in params:
-        g = g_sigma if p is pot.sigma else g_eps
-        grads.append(g.to(p.dtype).reshape(p.shape))
-    return [aR, aP], grads
+        if n == 0:
+            kicks = [(times[0] + eps, h)]
+        elif n in meta.jumps:  # first kick of step n after the jump, last of step n - 1
+            kicks = [(times[n] + eps, h), (times[n - 1] + dt - eps, h)]
+        else:
+            kicks = [(times[n - 1] + dt - eps, dt)]
+        forces = pull(R, kicks)
+        F_next = forces[-1]
+        P = ck[1] if ck is not None else torch.sub(P, forces[0], alpha=h)
+    for k, p in enumerate(params):
+        if p is lj.sigma:
+            a_params[k] = a_params[k] + g_sigma.to(p.dtype).reshape(p.shape)
+        elif p is lj.epsilon:
+            a_params[k] = a_params[k] + g_eps.to(p.dtype).reshape(p.shape)
+    return [aR, aP], a_params
 
 
 def _chain_state(s: State, chain: bool) -> tuple[Tensor, ...]:

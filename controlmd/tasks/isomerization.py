@@ -19,7 +19,8 @@ System
     harmonic-oscillator functions of x, for both diabats; H0 is diagonalized densely and
     the eigenstates below ``e_cut`` (eV above the bottom of the ground well, V0 = 0) are
     kept: 716 states for the paper's model (n_cos = 121, n_osc = 24 .. 30, e_cut = 2.9).
-    The built model is cached on disk (see :func:`build_retinal_model`).
+    The model (parameters, Hamiltonian, diagonalization, on-disk cache) lives in
+    :mod:`controlmd.models.retinal`; its names are re-exported here.
 
     Dynamics: ``i dpsi/dt = (H0 - mu E(t)) psi`` with the unit-strength Condon dipole
     ``mu = |0><1| + |1><0|`` projected on the kept states. Default propagator: the split
@@ -120,6 +121,9 @@ Arguments
     yield_chunk      int    1024       times per batched product ("matmul")
     cache_dir        str    ""         model cache ("" : $CONTROLMD_CACHE or
                                        ~/.cache/controlmd)
+    device           str    "cpu"      where the wave functions are propagated ("cuda"
+                                       for a GPU); protocols, losses and metrics stay on
+                                       the CPU, the fields are copied over each call
     ===============  =====  =========  ==================================================
 
 Version history
@@ -129,16 +133,10 @@ Version history
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from controlmd._validation import check_choice, check_int, check_positive
@@ -151,6 +149,13 @@ from controlmd.dynamics.schrodinger import (
     yield_of_states,
 )
 from controlmd.errors import ControlMDError
+from controlmd.models.retinal import (
+    RetinalModel,
+    RetinalParameters,
+    build_retinal_model,
+    cached_retinal_model,
+    default_cache_dir,
+)
 from controlmd.protocols import PiecewiseConstant, Protocol
 from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
 from controlmd.tasks.registry import register_task
@@ -175,222 +180,18 @@ FS = 1.0 / 0.6582119569
 PAPER_YIELDS = {10: 0.683, 26: 0.749, 50: 0.790}
 """Time-averaged yields logged by the paper's optimization (Adam, lr 1e-2) after n steps."""
 
-_MODEL_FORMAT = 1
-_MIN_STATES = 2
 
-
-# ---------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class RetinalParameters:
-    """Parameters of the Hahn–Stock model and of its basis (energies in eV).
-
-    :param n_cos: cosine functions ``cos(k phi)``, k = 0 .. n_cos - 1 (>= 2).
-    :param n_osc: harmonic-oscillator functions of x (>= 1).
-    :param e_cut: eigenstates below ``e_cut`` (eV above the ground-well bottom) are kept.
-    """
-
-    e1: float = 2.48
-    w0: float = 3.6
-    w1: float = 1.09
-    omega: float = 0.19
-    kappa: float = 0.1
-    lam: float = 0.19
-    inv_mass: float = 4.84e-4
-    n_cos: int = 121
-    n_osc: int = 30
-    e_cut: float = 2.9
-
-    def __post_init__(self) -> None:
-        check_int("n_cos", self.n_cos, minimum=2)
-        check_int("n_osc", self.n_osc)
-        for name in ("omega", "inv_mass", "w0", "e_cut"):
-            check_positive(name, getattr(self, name))
-        for name in ("e1", "w1", "kappa", "lam"):
-            value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ControlMDError(f"{name} must be finite, got {value}")
-
-    def key(self) -> str:
-        """Cache key: a hash of the parameters and the file format."""
-        text = json.dumps({"format": _MODEL_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-@dataclass(frozen=True)
-class RetinalModel:
-    """The model in the basis of its kept H0 eigenstates (``n`` states, float64).
-
-    Attributes:
-        params: what it was built from.
-        energies: eigenvalues of H0 ``[n]``, eV, increasing (index 0: ground state).
-        dipole: ``mu = |0><1| + |1><0|`` projected ``[n, n]``.
-        p_trans: projector on |phi| > pi/2 of the excited diabat ``[n, n]``.
-        p_cis: projector on |phi| < pi/2 of the ground diabat ``[n, n]``.
-        p_excited: projector on the excited diabat ``[n, n]``.
-        basis_size: number of basis functions diagonalized (2 n_cos n_osc).
-    """
-
-    params: RetinalParameters
-    energies: Tensor
-    dipole: Tensor
-    p_trans: Tensor
-    p_cis: Tensor
-    p_excited: Tensor
-    basis_size: int
-
-    @property
-    def n_states(self) -> int:
-        return int(self.energies.shape[0])
-
-
-def _cos_basis_operators(n_cos: int) -> tuple[np.ndarray, np.ndarray]:
-    """``cos phi`` and the projector on |phi| < pi/2 in the orthonormal basis
-    ``1/sqrt(2 pi)``, ``cos(k phi)/sqrt(pi)`` (k >= 1), both ``[n_cos, n_cos]``."""
-    cos_phi = np.zeros((n_cos, n_cos))
-    for k in range(n_cos - 1):
-        cos_phi[k, k + 1] = cos_phi[k + 1, k] = 0.5
-    cos_phi[0, 1] = cos_phi[1, 0] = 1.0 / math.sqrt(2.0)
-    # integral_{-a}^{a} cos(j phi) cos(k phi) dphi, a = pi/2
-    a = math.pi / 2
-    k = np.arange(n_cos)
-    diff = k[:, None] - k[None, :]
-    total = k[:, None] + k[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        part_diff = np.where(diff == 0, a, np.sin(diff * a) / np.where(diff == 0, 1, diff))
-        part_sum = np.where(total == 0, a, np.sin(total * a) / np.where(total == 0, 1, total))
-    overlap = part_diff + part_sum
-    norm = np.where(k == 0, 1.0 / math.sqrt(2.0 * math.pi), 1.0 / math.sqrt(math.pi))
-    return cos_phi, overlap * norm[:, None] * norm[None, :]
-
-
-def _hamiltonian(p: RetinalParameters) -> np.ndarray:
-    """H0 in the product basis (diabat, cos(k phi), oscillator) ``[N, N]``, N = 2 n_cos n_osc."""
-    cos_phi, _ = _cos_basis_operators(p.n_cos)
-    eye_phi, eye_x = np.eye(p.n_cos), np.eye(p.n_osc)
-    k = np.arange(p.n_cos)
-    t_phi = np.diag(0.5 * p.inv_mass * k.astype(float) ** 2)
-    v = np.arange(p.n_osc)
-    x = np.zeros((p.n_osc, p.n_osc))
-    x[v[:-1], v[:-1] + 1] = x[v[:-1] + 1, v[:-1]] = np.sqrt((v[:-1] + 1) / 2.0)
-    h_x = np.diag(p.omega * (v + 0.5))
-    h00 = np.kron(t_phi + 0.5 * p.w0 * (eye_phi - cos_phi), eye_x) + np.kron(eye_phi, h_x)
-    h11 = np.kron(t_phi + p.e1 * eye_phi - 0.5 * p.w1 * (eye_phi - cos_phi), eye_x) + np.kron(
-        eye_phi, h_x + p.kappa * x
-    )
-    h01 = np.kron(eye_phi, p.lam * x)
-    return np.block([[h00, h01], [h01, h11]])
-
-
-def _diagonalize(p: RetinalParameters) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of H0 below ``e_cut``: ``(energies [n], vectors [2 n_cos n_osc, n])``."""
-    from scipy.linalg import eigh
-
-    energies, vectors = eigh(
-        _hamiltonian(p), subset_by_value=(-np.inf, p.e_cut), driver="evr", overwrite_a=True
-    )
-    if energies.shape[0] < _MIN_STATES:
-        lowest = eigh(
-            _hamiltonian(p), eigvals_only=True, subset_by_index=(0, _MIN_STATES - 1), driver="evr"
-        )
-        raise ControlMDError(
-            f"e_cut = {p.e_cut} eV keeps {energies.shape[0]} eigenstate(s); at least {_MIN_STATES} are "
-            f"needed and the lowest {_MIN_STATES} lie at {', '.join(f'{e:.4g}' for e in lowest)} eV: raise e_cut"
-        )
-    return energies, vectors
-
-
-def _project(p: RetinalParameters, vectors: np.ndarray) -> dict[str, np.ndarray]:
-    n = vectors.shape[1]
-    _, cis = _cos_basis_operators(p.n_cos)
-    u = vectors.reshape(2, p.n_cos, p.n_osc, n)
-    u0, u1 = u[0].reshape(-1, n), u[1].reshape(-1, n)
-    dipole = u0.T @ u1
-    cis_u0 = np.einsum("pq,qxn->pxn", cis, u[0]).reshape(-1, n)
-    cis_u1 = np.einsum("pq,qxn->pxn", cis, u[1]).reshape(-1, n)
-    p_excited = u1.T @ u1
-    return {
-        "dipole": dipole + dipole.T,
-        "p_cis": u0.T @ cis_u0,
-        "p_trans": p_excited - u1.T @ cis_u1,
-        "p_excited": p_excited,
-    }
-
-
-def default_cache_dir() -> Path:
-    """``$CONTROLMD_CACHE`` if set, else ``~/.cache/controlmd``."""
-    env = os.environ.get("CONTROLMD_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "controlmd"
-
-
-def build_retinal_model(
-    params: RetinalParameters | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    use_cache: bool = True,
-) -> RetinalModel:
-    """Build (or load from the cache) the retinal model in its kept eigenbasis.
-
-    The dense diagonalization of the paper's model (7,260 functions for n_osc = 30) takes
-    about half a minute to a minute, so the projected operators are stored once in
-    ``cache_dir/retinal-<key>.npz``, keyed by a hash of ``params`` (written to a
-    temporary file, then renamed: concurrent builders never see a partial file).
-
-    :param params: model and basis (default: the paper's).
-    :param cache_dir: default :func:`default_cache_dir`.
-    :param use_cache: ``False`` builds without reading or writing the cache.
-    :raises ControlMDError: when ``e_cut`` keeps fewer than 2 states.
-    """
-    p = params if params is not None else RetinalParameters()
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"retinal-{p.key()}.npz"
-    arrays: dict[str, np.ndarray] | None = None
-    if use_cache and path.is_file():
-        with np.load(path) as data:
-            if json.loads(str(data["params"])) == dataclasses.asdict(p):
-                arrays = {k: data[k] for k in data.files}
-    if arrays is None:
-        energies, vectors = _diagonalize(p)
-        arrays = {"energies": energies, **_project(p, vectors)}
-        if use_cache:
-            _atomic_savez(path, params=np.array(json.dumps(dataclasses.asdict(p))), **arrays)
-    as_t = {
-        k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
-        for k, v in arrays.items()
-        if k != "params"
-    }
-    return RetinalModel(
-        params=p,
-        energies=as_t["energies"],
-        dipole=as_t["dipole"],
-        p_trans=as_t["p_trans"],
-        p_cis=as_t["p_cis"],
-        p_excited=as_t["p_excited"],
-        basis_size=2 * p.n_cos * p.n_osc,
-    )
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def _check_device(device: str) -> torch.device:
+    """``device`` as a torch device that can hold a tensor here, else a clear error."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-_MODELS: dict[tuple[RetinalParameters, str], RetinalModel] = {}
-
-
-def _cached_model(params: RetinalParameters, cache_dir: str) -> RetinalModel:
-    """One model per process and parameters (configs build their task more than once)."""
-    key = (params, cache_dir)
-    if key not in _MODELS:
-        _MODELS[key] = build_retinal_model(params, cache_dir=cache_dir or None)
-    return _MODELS[key]
+        dev = torch.device(device)
+        torch.zeros(1, device=dev)
+    except (RuntimeError, TypeError, AssertionError) as exc:
+        raise ControlMDError(
+            f"device = {device!r} cannot be used here ({type(exc).__name__}: {exc}); "
+            "use 'cpu', or 'cuda' on a machine with a GPU and a CUDA build of torch"
+        ) from exc
+    return dev
 
 
 # ---------------------------------------------------------------------------- the state
@@ -487,6 +288,7 @@ class Isomerization(Task[QuantumState]):
         yield_method: str = "nufft",
         yield_chunk: int = 1024,
         cache_dir: str = "",
+        device: str = "cpu",
     ) -> None:
         check_positive("t_pulse_fs", t_pulse_fs)
         check_int("n_steps", n_steps)
@@ -527,7 +329,8 @@ class Isomerization(Task[QuantumState]):
             n_osc=n_osc,
             e_cut=e_cut,
         )
-        self.model = _cached_model(params, cache_dir)
+        self.device = _check_device(device)
+        self.model = cached_retinal_model(params, cache_dir).to(self.device)
         self.field_mode = field_mode
         self.carriers = torch.tensor(carriers, dtype=torch.float64)
         if field_mode == "direct":
@@ -687,9 +490,11 @@ class Isomerization(Task[QuantumState]):
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> QuantumState:
         """The ground eigenstate for each replica (``seed`` is not used: deterministic task)."""
         check_int("n_replicas", n_replicas)
-        psi = torch.zeros(n_replicas, self.model.n_states, dtype=torch.complex128)
+        psi = torch.zeros(
+            n_replicas, self.model.n_states, dtype=torch.complex128, device=self.device
+        )
         psi[:, 0] = 1.0
-        zeros = torch.zeros(n_replicas, dtype=torch.float64)
+        zeros = torch.zeros(n_replicas, dtype=torch.float64, device=self.device)
         return QuantumState(psi=psi, aux={"yield_sum": zeros, "fluence": zeros.clone()})
 
     def integrator(self, protocol: Protocol) -> Integrator:
@@ -735,7 +540,7 @@ class Isomerization(Task[QuantumState]):
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and gradient != "none"):
             k0 = state.step
-            fields = self.step_fields(protocol, k0, n_steps)
+            fields = self.step_fields(protocol, k0, n_steps).to(self.device)
             first = max(self._first_window_step, k0)
             local = list(range(first - k0, n_steps)) if first < k0 + n_steps else []
             if propagator == "split":
@@ -776,6 +581,11 @@ class Isomerization(Task[QuantumState]):
         rtol: float,
         atol: float,
     ) -> tuple[Tensor, Tensor]:
+        if self.device.type != "cpu":
+            raise ControlMDError(
+                f"propagator = 'ode' runs on the CPU only (the protocol is evaluated inside "
+                f"the solver); this task has device = {str(self.device)!r}"
+            )
         t0 = state.step * self.dt
         marks = sorted(set([0, *local, n_steps]))
         times = torch.tensor([t0 + s * self.dt for s in marks], dtype=torch.float64)
@@ -851,7 +661,7 @@ class Isomerization(Task[QuantumState]):
         """``-mean(Y_window)``, plus ``fluence_penalty * relu(F / fluence_max - 1)^2`` when
         ``fluence_max > 0`` and ``excitation_penalty * relu(1 - P / min_excitation)^2`` when
         ``min_excitation > 0``, with ``F`` the fluence and ``P = 1 - |<0|psi(T)>|^2`` the
-        population pumped out of the ground state."""
+        population pumped out of the ground state. A CPU scalar whatever the device."""
         loss = -self.window_yield(state).mean()
         if self.fluence_max > 0 and self.fluence_penalty > 0:
             excess = torch.relu(state.aux["fluence"] / self.fluence_max - 1.0)
@@ -860,12 +670,12 @@ class Isomerization(Task[QuantumState]):
             pumped = 1.0 - state.psi[:, 0].abs().square()
             shortfall = torch.relu(1.0 - pumped / self.min_excitation)
             loss = loss + self.excitation_penalty * (shortfall**2).mean()
-        return loss
+        return loss.cpu()
 
     def metric(self, state: QuantumState) -> Tensor:
-        """Exact time-averaged yield of each replica ``[B]``."""
+        """Exact time-averaged yield of each replica ``[B]`` (CPU)."""
         with torch.no_grad():
-            value = self.window_yield(state).detach()
+            value = self.window_yield(state).detach().cpu()
             pumped = 1.0 - state.psi[:, 0].abs().square()
             self._last = {
                 "yield": float(value.mean()),
@@ -876,7 +686,7 @@ class Isomerization(Task[QuantumState]):
         return value
 
     def observe(self, state: QuantumState) -> Tensor:
-        """Features ``[B, 4]``: see the observation table of the module docstring."""
+        """Features ``[B, 4]`` (CPU): see the observation table of the module docstring."""
         m = self.model
         psi = state.psi
         n = psi.shape[-1]
@@ -885,7 +695,7 @@ class Isomerization(Task[QuantumState]):
         expect = [
             (flat * q[:, j * n : (j + 1) * n]).reshape(2, -1, n).sum((0, 2)) for j in range(3)
         ]
-        return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect], dim=1)
+        return torch.stack([psi[:, 0].abs().square().to(torch.float64), *expect], dim=1).cpu()
 
     # ------------------------------------------------------------------ reports
 
@@ -898,11 +708,11 @@ class Isomerization(Task[QuantumState]):
         with torch.no_grad():
             steps = list(range(0, self.n_steps, every))
             psi0 = self.initial_state(1, 0).psi
-            fields = self.step_fields(protocol, 0, self.n_steps)
+            fields = self.step_fields(protocol, 0, self.n_steps).to(self.device)
             psi, samples = self.propagator.propagate(psi0, fields, sample_steps=steps)
-            y_in = yield_of_states(samples, self.model.p_trans, self.model.p_cis)[:, 0]
+            y_in = yield_of_states(samples, self.model.p_trans, self.model.p_cis)[:, 0].cpu()
             n_post = math.floor((self.t_end - self.t_pulse) / self.grid_spacing + 1e-9) + 1
-            y_post = self._free_yield(psi, 0.0, self.grid_spacing, n_post)[0]
+            y_post = self._free_yield(psi, 0.0, self.grid_spacing, n_post)[0].cpu()
             post = torch.arange(n_post, dtype=torch.float64) * self.grid_spacing
             t = torch.cat((torch.tensor(steps, dtype=torch.float64) * self.dt, self.t_pulse + post))
             return t / FS, torch.cat((y_in, y_post))
