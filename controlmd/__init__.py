@@ -11,6 +11,8 @@ trainer on first use.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -179,6 +181,23 @@ __all__ = [
     "validate_configuration",
     "write_xyz",
 ]
+
+
+class _PublicNames(types.ModuleType):
+    """Keeps a public function bound to its name when its namesake submodule is imported.
+
+    ``controlmd.simulate`` and ``controlmd.lattice`` are both a function and a submodule;
+    the import system binds a submodule to its parent on import, which would shadow the
+    function for every later ``from controlmd import simulate``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicNames
 
 
 def __getattr__(name: str) -> Any:

@@ -85,6 +85,7 @@ def run_experiment(
         another experiment / setup.
     """
     dist_ctx = distributed if distributed is not None else DistributedContext()
+    dist_ctx.shard(cfg["train"]["replicas"])  # refuse a bad split before any file or collective
     writer = dist_ctx.is_main  # scale-out: only rank 0 writes files
     if folder is not None:
         (resume, out) = (folder.path, None) if resume is not None else (None, folder.path)

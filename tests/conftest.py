@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# The CLI's default (controlmd/cli.py), set before torch loads MKL: tests that compare an
+# in-process run with a CLI subprocess then use the same reduction paths on any CPU.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
 import torch
 
 torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", "2")))))

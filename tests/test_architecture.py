@@ -41,6 +41,16 @@ def test_every_public_name_resolves() -> None:
         _ = controlmd.nope  # type: ignore[attr-defined]
 
 
+def test_public_functions_survive_the_import_of_their_namesake_submodules() -> None:
+    import controlmd.lattice
+    import controlmd.simulate
+    from controlmd import lattice, simulate
+
+    assert callable(simulate) and callable(lattice)
+    assert controlmd.simulate is simulate and controlmd.lattice is lattice
+    assert sys.modules["controlmd.simulate"].simulate is simulate
+
+
 def test_moved_code_keeps_its_import_paths() -> None:
     from controlmd.config import load_config  # noqa: F401
     from controlmd.protocols import PiecewiseConstant, make_protocol  # noqa: F401
