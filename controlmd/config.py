@@ -186,16 +186,22 @@ SECTIONS = ("experiment", "task", "protocol", "train", "eval", "logging")
 
 
 def load_config(
-    path: str | Path, overrides: Iterable[str] = (), *, seed: int | None = None
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    seed: int | None = None,
+    name: str | Path | None = None,
 ) -> Config:
     """Read, override and validate an experiment file; returns the resolved config.
 
     :param path: the TOML file.
     :param overrides: ``"section.key=value"`` strings applied in order.
     :param seed: if given, replaces ``experiment.seed``.
+    :param name: the file named in errors (default ``path``; the CLI reads a copy of the
+        user's file from the run folder and names the user's file).
     :raises ConfigError: naming the file, section, key and value at fault.
     """
-    return load_file(path, resolve_config, overrides, sections=SECTIONS, seed=seed)
+    return load_file(path, resolve_config, overrides, sections=SECTIONS, seed=seed, name=name)
 
 
 def apply_overrides(
@@ -219,6 +225,7 @@ def load_file(
     *,
     sections: Iterable[str] | None = SECTIONS,
     seed: int | None = None,
+    name: str | Path | None = None,
 ) -> Config:
     """The one path from a TOML file to a resolved config, shared by every command: read
     the file, apply ``--set`` overrides (and ``--seed``), resolve with ``resolve``; any
@@ -226,6 +233,7 @@ def load_file(
 
     :param resolve: the command's schema (e.g. :func:`resolve_config`).
     :param sections: sections an override may name (``None``: any).
+    :param name: the file named in errors (default ``path``).
     """
     path = Path(path)
     raw = apply_overrides(read_toml(path), overrides, sections=sections)
@@ -234,7 +242,7 @@ def load_file(
     try:
         return resolve(raw)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{name if name is not None else path}: {exc}") from None
 
 
 def resolve_sections(
@@ -450,14 +458,10 @@ def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:
     except (ControlMDError, TypeError, ValueError) as exc:
         raise ConfigError(f"[protocol] kind = {kind!r}: {exc}") from None
     if task is not None:
-        if protocol.dim != task.controls.dim:
-            raise ConfigError(
-                f"[protocol] dim = {protocol.dim} but task {task.name!r} has {task.controls.dim} control channel(s)"
-            )
-        if not math.isclose(protocol.t_final, task.horizon, rel_tol=1e-9):
-            raise ConfigError(
-                f"[protocol] t_final = {protocol.t_final} differs from task {task.name!r}'s horizon {task.horizon}"
-            )
+        try:
+            task.check_protocol(protocol)
+        except ControlMDError as exc:
+            raise ConfigError(f"[protocol] {exc}") from None
     return protocol
 
 

@@ -160,6 +160,10 @@ class Trainer:
             )
         if schedule_iterations is not None:
             check_int("schedule_iterations", schedule_iterations)
+        try:
+            task.check_protocol(protocol)
+        except ControlMDError as exc:
+            raise ControlMDError(f"protocol {exc}") from None
         params = [p for p in protocol.parameters() if p.requires_grad] + task_parameters(task)
         if not params:
             raise ControlMDError(

@@ -1,7 +1,8 @@
 """Energy terms: each an ``nn.Module`` with ``energy(R [B, N, d], t) -> [B]``."""
 
-from controlmd.potentials.base import Potential, SumPotential, energy_and_forces
+from controlmd.potentials.base import Potential, SumPotential
 from controlmd.potentials.bonded import CosineDihedral, FENEBond, HarmonicAngle, HarmonicBond
+from controlmd.potentials.checks import energy_and_forces, validate_configuration
 from controlmd.potentials.external import (
     ConstantForce,
     ExternalField,
@@ -18,7 +19,6 @@ from controlmd.potentials.pair import (
     lennard_jones,
     morse,
     soft_sphere,
-    validate_configuration,
 )
 from controlmd.potentials.tabulated import TabulatedPair
 

@@ -16,7 +16,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["Potential", "SumPotential", "energy_and_forces"]
+__all__ = ["Potential", "SumPotential"]
 
 
 class Potential(nn.Module, ABC):
@@ -37,7 +37,8 @@ class Potential(nn.Module, ABC):
     def energy_and_forces(
         self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(E [B], F = -dE/dR [B, N, d])``; see :func:`energy_and_forces`.
+        """``(E [B], F = -dE/dR [B, N, d])``, unchecked (the hot path); the checked entry point
+        is :func:`controlmd.potentials.energy_and_forces`.
 
         Subclasses with analytic forces override this; they are tested against autograd.
         """
@@ -75,27 +76,6 @@ class SumPotential(Potential):
             F_total = F if F_total is None else F_total + F
         assert E_total is not None and F_total is not None
         return E_total, F_total
-
-
-def energy_and_forces(
-    potential: Potential,
-    R: Tensor,
-    t: Tensor | float | None = None,
-    *,
-    create_graph: bool | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Energies ``[B]`` and forces ``F = -dE/dR`` ``[B, N, d]``.
-
-    Args:
-        potential: the energy.
-        R: positions ``[B, N, d]``.
-        t: time passed to time-dependent terms.
-        create_graph: keep the graph of the force computation so that losses downstream
-            of the forces (i.e. of the trajectory) can be differentiated with respect to
-            potential/field parameters and earlier states. ``None`` means
-            ``torch.is_grad_enabled()``.
-    """
-    return potential.energy_and_forces(R, t, create_graph=create_graph)
 
 
 def _autograd_energy_and_forces(

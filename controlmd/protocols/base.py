@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_int, check_positive
+from controlmd.checkpoint import load_torch_file
 from controlmd.errors import ControlMDError
 
 Tensor = torch.Tensor
@@ -164,6 +165,8 @@ class Protocol(nn.Module):
     def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
         """u(t): ``t`` 0-d -> ``[k]``; ``t`` ``[T]`` -> ``[T, k]``."""
         t = torch.as_tensor(t, dtype=self._dtype())
+        if not bool(torch.isfinite(t).all()):
+            raise ControlMDError(f"protocol time t must be finite, got {t.tolist()!r}")
         scalar = t.ndim == 0
         u = self.squash(self._raw_with_ends(t.reshape(-1)))
         return u[0] if scalar else u
@@ -351,7 +354,7 @@ def make_protocol(kind: str, *, init: InitSpec | None = None, **params: Any) -> 
 
 def load_protocol(path: str | Path) -> Protocol:
     """Rebuild a protocol written by :meth:`Protocol.save`."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+    blob = load_torch_file(path, "protocol file")
     if not isinstance(blob, dict) or blob.get("format") != PROTOCOL_FILE_FORMAT:
         raise ControlMDError(
             f"{path} is not a controlmd protocol file (format {PROTOCOL_FILE_FORMAT})"

@@ -38,6 +38,7 @@ faster exact path).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,20 @@ class Task(ABC, Generic[StateT]):
         """A full episode from fresh initial states; returns final states."""
         state = self.initial_state(n_replicas, seed, first_replica=first_replica)
         return self.advance(state, protocol, self.n_steps, **simulate_options)
+
+    def check_protocol(self, protocol: Protocol) -> None:
+        """Raise :class:`~controlmd.errors.ControlMDError` unless ``protocol`` has this
+        task's number of control channels and its horizon."""
+        if protocol.dim != self.controls.dim:
+            raise ControlMDError(
+                f"dim = {protocol.dim} but task {self.name!r} has {self.controls.dim} "
+                "control channel(s)"
+            )
+        if not math.isclose(protocol.t_final, self.horizon, rel_tol=1e-9):
+            raise ControlMDError(
+                f"t_final = {protocol.t_final} differs from task {self.name!r}'s horizon "
+                f"{self.horizon}"
+            )
 
     def default_control(self) -> Tensor | None:
         """The channel values ``[k]`` that mean "no control" (H0 as built), or ``None`` when
