@@ -368,3 +368,64 @@ def test_kill_at_any_moment_resumes_to_the_same_bits(tmp_path: Path) -> None:
         }, delay
         assert (out / "protocol.pt").read_bytes() == ref_protocol, delay
         assert _logged_steps(out) == _logged_steps(reference), delay
+
+
+CROSS_PROCESS = """
+[experiment]
+name = "xproc"
+seed = 5
+
+[task]
+name = "trap_drag"
+n_steps = 20
+
+[protocol]
+kind = "mlp"
+hidden = [16, 16]
+n_frequencies = 3
+init = [0.0, 5.0]
+
+[train]
+lr = 0.01
+iterations = 3
+replicas = 64
+
+[eval]
+replicas = 100
+every = 0
+final_replicas = 200
+
+[logging]
+checkpoint_every = 0
+histogram_every = 0
+tensorboard = false
+plots = false
+progress = false
+"""
+
+
+@pytest.mark.slow
+def test_fifty_processes_give_the_same_bits(tmp_path: Path) -> None:
+    """The same MLP-protocol run (MKL matrix products) in 50 separate processes, two at a
+    time: protocol.pt and metrics.json (all but the timings) identical bit for bit."""
+    path = tmp_path / "xproc.toml"
+    path.write_text(CROSS_PROCESS)
+    outputs: set[tuple[bytes, str]] = set()
+    for pair in range(25):
+        outs = [tmp_path / f"run{pair}_{k}" for k in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "controlmd", "run", str(path), "--out", str(o), "--quiet"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            for o in outs
+        ]
+        for p in procs:
+            assert p.wait(timeout=600) == 0, p.stderr.read() if p.stderr else ""
+        for o in outs:
+            metrics = json.loads((o / "metrics.json").read_text())
+            kept = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+            outputs.add(((o / "protocol.pt").read_bytes(), json.dumps(kept, sort_keys=True)))
+    assert len(outputs) == 1
