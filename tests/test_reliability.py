@@ -405,6 +405,7 @@ progress = false
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 50 processes: ~2 min on 2 idle cores, far longer on a loaded one
 def test_fifty_processes_give_the_same_bits(tmp_path: Path) -> None:
     """The same MLP-protocol run (MKL matrix products) in 50 separate processes, two at a
     time: protocol.pt and metrics.json (all but the timings) identical bit for bit."""
