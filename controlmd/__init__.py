@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "FeedbackMLP": "controlmd.protocols",
     "FourierSeries": "controlmd.protocols",
     "HeldControl": "controlmd.protocols",
+    "Endpoints": "controlmd.protocols",
     "MLPProtocol": "controlmd.protocols",
     "PiecewiseConstant": "controlmd.protocols",
     "Protocol": "controlmd.protocols",
@@ -116,6 +117,7 @@ __all__ = [
     "CosineDihedral",
     "CubicSpline",
     "EarlyStopping",
+    "Endpoints",
     "EvalCallback",
     "ExternalField",
     "FENEBond",
@@ -269,6 +271,7 @@ if TYPE_CHECKING:
     from controlmd.protocols import (
         ChebyshevSeries,
         CubicSpline,
+        Endpoints,
         FeedbackMLP,
         FourierSeries,
         HeldControl,

@@ -374,6 +374,14 @@ class MomentumIntegrator(Integrator):
         """``F = -dE/dR`` at ``(R, t)``, ``[B, N, d]``."""
         return self.potential.energy_and_forces(R, t)[1]
 
+    def _drift_work(self, R: Tensor, P: Tensor, t: Tensor) -> Tensor:
+        """Work ``E(q', t_{n+1}^-) - E(q', t_n^+)`` ``[B]`` of the control update of step
+        ``n`` at the midpoint of its drift, ``q' = q_n + dt/2 P/m`` (``P`` after the
+        first half kick)."""
+        mid = self.space.shift(R, 0.5 * P * self.drift_factor(R))
+        after = self.potential.energy(mid, t + self.dt - self.t_eps)
+        return after - self.potential.energy(mid, t + self.t_eps)
+
     def prepare(self, state: State) -> State:
         """Recompute the cached force at ``t + eps`` (the control of the step that starts)."""
         state = self._with_accumulators(state)

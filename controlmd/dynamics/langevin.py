@@ -15,14 +15,15 @@ jump), the last ``u(t_{n+1}^-)`` (:data:`~controlmd.dynamics.base.CONTROL_TIME_O
 Work and heat (``track_work=True``; ``aux["work"]``, ``aux["heat"]`` ``[B]``). The work of
 a time-dependent ``H`` is the energy change at the control updates, at fixed phase-space
 point, summed: a jump at ``t_n`` at ``q_n``, ``E(q_n, t_n^+) - E(q_n, t_n^-)``, and the
-change over the step at ``q_{n+1}`` (where the two force evaluations meet, between the
-last A and the last B), ``E(q_{n+1}, t_{n+1}^-) - E(q_{n+1}, t_n^+)``; a closing jump
-(:func:`~controlmd.dynamics.base.closing_jumps`) at ``t_{n+1}`` is added at ``q_{n+1}``.
-The heat released to the bath is the kinetic energy removed by the O steps,
+change over the step, ``E(q', t_{n+1}^-) - E(q', t_n^+)``, at the midpoint of the drift
+``q' = q_n + dt/2 p/m`` (where the O step acts; the dynamics are the same wherever in the
+drift the control switches, and the midpoint makes the work second order in dt); a
+closing jump (:func:`~controlmd.dynamics.base.closing_jumps`) at ``t_{n+1}`` is added at
+``q_{n+1}``. The heat released to the bath is the kinetic energy removed by the O steps,
 ``Q += K_before - K_after``. Per trajectory ``W = Delta(K + E) + Q + W_shadow``, where the
-shadow work (the energy error of the deterministic B and A substeps) is O(dt^2)
+shadow work (the energy change of the deterministic B and A substeps) is O(dt^2)
 (tested). These are the protocol work and heat of Sivak, Chodera & Crooks, PRX 3,
-011007 (2013), with the control update placed where BAOAB evaluates the force.
+011007 (2013), the splitting read as ``B A [control update] O A B``.
 
 BAOAB samples configurations with O(dt^2) error and is exact for free particles' momenta.
 Noise comes from each replica's own generator (``state.rng``), so replica ``i`` of a batch
@@ -141,6 +142,9 @@ class Langevin(MomentumIntegrator):
         h = 0.5 * self.dt
         P = P + h * F
         R = self.space.shift(R, h * P / m)
+        if self.track_work:  # the control update, at the midpoint of the drift
+            dW = self.potential.energy(R, t + self.dt - self.t_eps)
+            aux = add_to(aux, "work", dW - self.potential.energy(R, t + self.t_eps))
         kT = per_replica(evaluate_schedule(self.kT, t + h), R)
         xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
         K_before = kinetic_energy(P, m) if self.track_work else None
@@ -149,10 +153,9 @@ class Langevin(MomentumIntegrator):
             aux = add_to(aux, "heat", K_before - kinetic_energy(P, m))
         R = self.space.shift(R, h * P / m)
         t1 = t + self.dt
-        E1, F = self.potential.energy_and_forces(R, t1 - self.t_eps)
+        F = self.force(R, t1 - self.t_eps)
         if self.track_work:
-            dW = E1 - self.potential.energy(R, t + self.t_eps) + self._closing_jump_work(R, t1)
-            aux = add_to(aux, "work", dW)
+            aux = add_to(aux, "work", self._closing_jump_work(R, t1))
         P = P + h * F
         aux["force"] = F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)

@@ -25,7 +25,7 @@ in ``(q, p, xi, p_xi, Q)``, ``Q`` constant), so the adjoint method applies to NV
 
 Work and heat (``track_work=True``): the protocol work is counted as for NVE (control
 updates at fixed phase-space point: a jump at ``t_n`` at ``q_n``, the change over the
-step at ``q_{n+1}``, a closing jump at ``t_{n+1}``); the heat is the kinetic energy the
+step at the midpoint of the drift, a closing jump at ``t_{n+1}``); the heat is the kinetic energy the
 chain half steps remove, ``Q += K_before - K_after``. Per trajectory
 ``W = Delta(K + E) + Q + W_shadow`` with an O(dt^2) shadow work.
 
@@ -173,11 +173,12 @@ class NoseHooverChain(MomentumIntegrator):
         if track:
             heat = K_start - kinetic_energy(P, m)
         P = torch.add(P, F, alpha=0.5 * self.dt)
+        if track:
+            aux = add_to(aux, "work", self._drift_work(R, P, t))
         R = self.space.shift(R, P * self.drift_factor(R))
-        E1, F = self.potential.energy_and_forces(R, t1)
+        F = self.force(R, t1)
         P = torch.add(P, F, alpha=0.5 * self.dt)
         if track:
-            aux = add_to(aux, "work", E1 - self.potential.energy(R, t0))
             K_mid = kinetic_energy(P, m)
         P, xi, p_xi = self._half_step_chain(
             P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t1), n_dof

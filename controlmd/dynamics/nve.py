@@ -11,9 +11,9 @@ One step (``F_n = F(q_n, t_n)`` cached from the previous step)::
 
 Work (``track_work=True``, ``aux["work"]`` ``[B]``): the energy change at the control
 updates at fixed phase-space point, summed: a jump at ``t_n`` at ``q_n``,
-``E(q_n, t_n^+) - E(q_n, t_n^-)``, and the change over the step at ``q_{n+1}``,
-``E(q_{n+1}, t_{n+1}^-) - E(q_{n+1}, t_n^+)``, plus a closing jump at ``t_{n+1}`` (see
-:mod:`controlmd.dynamics.langevin`). Per trajectory ``W = Delta(K + E) + W_shadow`` with
+``E(q_n, t_n^+) - E(q_n, t_n^-)``, the change over the step at the midpoint of the drift
+``q' = q_n + dt/2 p_{n+1/2}/m``, ``E(q', t_{n+1}^-) - E(q', t_n^+)``, and a closing jump at
+``t_{n+1}`` (see :mod:`controlmd.dynamics.langevin`). Per trajectory ``W = Delta(K + E) + W_shadow`` with
 an O(dt^2) shadow work (the integrator's energy error); ``aux["heat"]`` stays zero.
 
 Symplectic and time-reversible for time-independent E; the energy error is bounded and
@@ -101,11 +101,12 @@ class NVE(MomentumIntegrator):
         t1 = t + self.dt
         h = 0.5 * self.dt
         P = torch.add(P, F, alpha=h)  # type: ignore[arg-type]
-        R = self.space.shift(R, P * self.drift_factor(R))
-        E1, F = self.potential.energy_and_forces(R, t1 - self.t_eps)
         if self.track_work:
-            dW = E1 - self.potential.energy(R, t + self.t_eps) + self._closing_jump_work(R, t1)
-            aux = add_to(aux, "work", dW)
+            aux = add_to(aux, "work", self._drift_work(R, P, t))
+        R = self.space.shift(R, P * self.drift_factor(R))
+        F = self.force(R, t1 - self.t_eps)
+        if self.track_work:
+            aux = add_to(aux, "work", self._closing_jump_work(R, t1))
         P = torch.add(P, F, alpha=h)
         aux["force"] = F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
