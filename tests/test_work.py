@@ -236,3 +236,65 @@ def test_closing_jump_is_counted_once_across_continued_runs() -> None:
     s = simulate(b_int, s, 20, gradient="none").final
     torch.testing.assert_close(s.aux["work"], a.aux["work"], rtol=0, atol=1e-12)
     torch.testing.assert_close(s.aux["work"], W_tf, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ kT = 0 and Endpoints
+
+
+def test_kT_zero_is_the_noise_free_limit() -> None:
+    """Item 6: kT = 0 integrates the noise-free equations. Fixed trap at c, x0 = 1:
+    exact OU is the exact solution of dx/dt = -mu k (x - c); Euler–Maruyama converges to
+    it at first order; BAOAB to the damped oscillator at second order."""
+    c, x0, T = 0.5, 1.0, 1.0
+    trap = HarmonicTrap(K, c)
+    R0 = torch.full((1, 1, 1), x0, dtype=F64)
+    exact_od = c + (x0 - c) * math.exp(-K * T)  # mu = 1
+
+    def run(integ, n: int, P=None) -> State:
+        s = integ.init(R0, P=P, rng=ReplicaRNG(0, 1))
+        return simulate(integ, s, n, gradient="none").final
+
+    ou = run(Brownian(trap, dt=0.1, kT=0.0, method="exact_ou"), 10)
+    assert float(ou.R) == pytest.approx(exact_od, abs=1e-14)
+    em = [abs(float(run(Brownian(trap, dt=T / n, kT=0.0), n).R) - exact_od) for n in (50, 100)]
+    assert 1.9 < em[0] / em[1] < 2.1
+    # underdamped: x'' + gamma x' + (k/m) x = (k/m) c, from rest
+    w = math.sqrt(K / M - GAMMA**2 / 4)
+    y0, v0 = x0 - c, 0.0
+    y = math.exp(-GAMMA * T / 2) * (
+        y0 * math.cos(w * T) + (v0 + GAMMA * y0 / 2) / w * math.sin(w * T)
+    )
+    err = []
+    for n in (50, 100):
+        lg = Langevin(trap, dt=T / n, kT=0.0, gamma=GAMMA, mass=M)
+        err.append(abs(float(run(lg, n, P=torch.zeros_like(R0)).R) - (c + y)))
+    assert err[1] < 1e-4 and 3.5 < err[0] / err[1] < 4.5, err
+
+
+def test_kT_zero_is_refused_where_undefined() -> None:
+    from controlmd.errors import ControlMDError
+
+    with pytest.raises(ControlMDError, match=r"kT must be > 0, got 0"):
+        NoseHooverChain(HarmonicTrap(1.0), dt=0.01, kT=0.0)  # thermostat masses ~ kT
+    with pytest.raises(ControlMDError, match=r"kT must be >= 0, got -0.5"):
+        Langevin(HarmonicTrap(1.0), dt=0.01, kT=-0.5)
+
+
+def test_endpoints_from_a_config_spec_saves_and_loads(tmp_path) -> None:
+    from controlmd.protocols import load_protocol
+
+    u = make_protocol(
+        "endpoints",
+        inner={"kind": "chebyshev", "degree": 1},
+        initial=0.0,
+        final=5.0,
+        dim=1,
+        t_final=2.0,
+        init=[1.0, 4.0],
+    )
+    t = torch.tensor([-0.1, 0.0, 1.0, 2.0, 2.1], dtype=F64)
+    expected = torch.tensor([0.0, 1.0, 2.5, 4.0, 5.0], dtype=F64)
+    torch.testing.assert_close(u(t)[:, 0].detach(), expected, rtol=0, atol=1e-9)
+    assert u.breakpoints() == [0.0, 2.0] and u.closing_jumps() == [2.0]
+    u.save(tmp_path / "u.pt")
+    torch.testing.assert_close(load_protocol(tmp_path / "u.pt")(t).detach(), u(t).detach())
