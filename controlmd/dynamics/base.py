@@ -287,14 +287,16 @@ class Integrator(nn.Module, ABC):
         tv = float(t)
         return any(abs(tv - c) <= 10 * self.t_eps for c in closing_jumps(self))
 
-    def _opening_jump_work(self, R: Tensor, t: Tensor) -> Tensor:
-        """The jump at the start ``t`` of a step (none at a closing jump: counted before)."""
+    def opening_jump_work(self, R: Tensor, t: Tensor) -> Tensor:
+        """Work ``[B]`` of a jump at the start ``t`` of a step, at ``R`` ``[B, N, d]`` (zero
+        at a closing jump: the step that ended there counted it)."""
         if self._is_closing(t):
             return R.new_zeros(R.shape[0])
         return self.control_jump_work(R, t)
 
-    def _closing_jump_work(self, R: Tensor, t1: Tensor) -> Tensor | float:
-        """The closing jump at the end ``t1`` of a step, if there is one there."""
+    def closing_jump_work(self, R: Tensor, t1: Tensor) -> Tensor | float:
+        """Work ``[B]`` of a closing jump (:func:`closing_jumps`) at the end ``t1`` of a
+        step, at ``R``; ``0.0`` where there is none."""
         return self.control_jump_work(R, t1) if self._is_closing(t1) else 0.0
 
     def _with_accumulators(self, state: State) -> State:

@@ -192,7 +192,7 @@ class Brownian(Integrator):
         t_before = t + self.t_eps if self._is_closing(t) else t - self.t_eps
         work = aux.get("work", zeros) + E1 - self.potential.energy(R, t_before)
         heat = aux.get("heat", zeros) + E1 - self.potential.energy(R1, t1 - self.t_eps)
-        return {**aux, "work": work + self._closing_jump_work(R1, t1), "heat": heat}
+        return {**aux, "work": work + self.closing_jump_work(R1, t1), "heat": heat}
 
     def _ou_displacement(self, R: Tensor, t1: Tensor, kT: Tensor, mu: Tensor, xi: Tensor) -> Tensor:
         """Exact OU displacement ``x_{n+1} - x_n`` under the trap's control at ``t1``."""

@@ -138,7 +138,7 @@ class Langevin(MomentumIntegrator):
             F = self.force(R, t + self.t_eps)
         aux = dict(state.aux)
         if self.track_work:
-            aux = add_to(aux, "work", self._opening_jump_work(R, t))
+            aux = add_to(aux, "work", self.opening_jump_work(R, t))
         h = 0.5 * self.dt
         P = P + h * F
         R = self.space.shift(R, h * P / m)
@@ -155,7 +155,7 @@ class Langevin(MomentumIntegrator):
         t1 = t + self.dt
         F = self.force(R, t1 - self.t_eps)
         if self.track_work:
-            aux = add_to(aux, "work", self._closing_jump_work(R, t1))
+            aux = add_to(aux, "work", self.closing_jump_work(R, t1))
         P = P + h * F
         aux["force"] = F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)

@@ -163,7 +163,7 @@ class NoseHooverChain(MomentumIntegrator):
         aux = dict(state.aux)
         track = self.track_work
         if track:
-            aux = add_to(aux, "work", self._opening_jump_work(R, t))
+            aux = add_to(aux, "work", self.opening_jump_work(R, t))
             K_start = kinetic_energy(P, m)
         Q = state.aux["Q"]
         xi, p_xi = state.aux["xi"], state.aux["p_xi"]
@@ -186,7 +186,7 @@ class NoseHooverChain(MomentumIntegrator):
         t1 = t + self.dt
         if track:
             aux = add_to(aux, "heat", heat + K_mid - kinetic_energy(P, m))
-            aux = add_to(aux, "work", self._closing_jump_work(R, t1))
+            aux = add_to(aux, "work", self.closing_jump_work(R, t1))
         aux.update(force=F, xi=xi, p_xi=p_xi)
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
 

@@ -97,7 +97,7 @@ class NVE(MomentumIntegrator):
             F = self.force(R, t + self.t_eps)
         aux = dict(state.aux)
         if self.track_work:
-            aux = add_to(aux, "work", self._opening_jump_work(R, t))
+            aux = add_to(aux, "work", self.opening_jump_work(R, t))
         t1 = t + self.dt
         h = 0.5 * self.dt
         P = torch.add(P, F, alpha=h)  # type: ignore[arg-type]
@@ -106,7 +106,7 @@ class NVE(MomentumIntegrator):
         R = self.space.shift(R, P * self.drift_factor(R))
         F = self.force(R, t1 - self.t_eps)
         if self.track_work:
-            aux = add_to(aux, "work", self._closing_jump_work(R, t1))
+            aux = add_to(aux, "work", self.closing_jump_work(R, t1))
         P = torch.add(P, F, alpha=h)
         aux["force"] = F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
