@@ -393,6 +393,12 @@ def _simulate_reversible(
         )
     if not _needs_graph(integrator, state):
         return simulate(integrator, state, n_steps, gradient="none")
+    if getattr(integrator, "track_work", False):
+        raise ControlMDError(
+            "gradient='reversible' recomputes positions and momenta only and would leave "
+            "aux['work'] / aux['heat'] unchanged; with track_work=True use "
+            "gradient='checkpoint' (the same gradient, O(n_steps/W + W) memory)"
+        )
     final = simulate_reversible(
         integrator, state, n_steps, window=200 if window is None else window
     )

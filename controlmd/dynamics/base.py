@@ -221,6 +221,8 @@ class Integrator(nn.Module, ABC):
     cached_aux: ClassVar[tuple[str, ...]] = ()
     """Keys of ``state.aux`` that :meth:`prepare` recomputes from ``(R, t)``."""
 
+    _mass: Tensor
+
     def __init__(
         self,
         potential: Potential,
@@ -294,10 +296,12 @@ class Integrator(nn.Module, ABC):
             return R.new_zeros(R.shape[0])
         return self.control_jump_work(R, t)
 
-    def closing_jump_work(self, R: Tensor, t1: Tensor) -> Tensor | float:
+    def closing_jump_work(self, R: Tensor, t1: Tensor) -> Tensor:
         """Work ``[B]`` of a closing jump (:func:`closing_jumps`) at the end ``t1`` of a
-        step, at ``R``; ``0.0`` where there is none."""
-        return self.control_jump_work(R, t1) if self._is_closing(t1) else 0.0
+        step, at ``R``; zeros where there is none."""
+        if self._is_closing(t1):
+            return self.control_jump_work(R, t1)
+        return R.new_zeros(R.shape[0])
 
     def _with_accumulators(self, state: State) -> State:
         """``state`` with zero ``work`` / ``heat`` ``[B]`` where tracked and missing (a

@@ -55,6 +55,10 @@ class Endpoints(Protocol):
         ([0.0, 1.0], [1.0])
     """
 
+    inner: nn.Module
+    initial_value: Tensor
+    final_value: Tensor
+
     def __init__(
         self,
         inner: Protocol | nn.Module | dict[str, Any],
