@@ -345,3 +345,28 @@ def test_reversible_gradients_refuse_work_tracking() -> None:
     x0, p0, _ = _equilibrium(2, 1, momenta=True)
     with pytest.raises(ControlMDError, match=r"reversible.*use gradient='checkpoint'"):
         simulate(nve, nve.init(x0, P=p0), 5, gradient="reversible")
+
+
+def test_kT_zero_gradient_in_a_learnable_stiffness_is_finite() -> None:
+    """Exact OU at kT = 0 (zero variance) still differentiates in the stiffness: the
+    pathwise gradient of the deterministic work equals central differences."""
+    free = make_protocol("chebyshev", dim=1, t_final=1.0, degree=1, init=[1.0, 4.0])
+    (param,) = [p for p in free.parameters() if p.requires_grad]
+
+    def work() -> Tensor:
+        trap = HarmonicTrap(Endpoints(free, initial=1.0, final=4.0))
+        bd = Brownian(trap, dt=0.05, kT=0.0, method="exact_ou", track_work=True)
+        s = bd.init(torch.ones(1, 1, 1, dtype=F64), rng=ReplicaRNG(0, 1))
+        return simulate(bd, s, 20).final.aux["work"][0]
+
+    (grad,) = torch.autograd.grad(work(), [param])
+    assert bool(torch.isfinite(grad).all())
+    h = 1e-6
+    for j in range(param.numel()):
+        with torch.no_grad():
+            param.view(-1)[j] += h
+            up = float(work())
+            param.view(-1)[j] -= 2 * h
+            down = float(work())
+            param.view(-1)[j] += h
+        assert float(grad.view(-1)[j]) == pytest.approx((up - down) / (2 * h), rel=1e-6)

@@ -207,7 +207,9 @@ class Brownian(Integrator):
             trapped[:, trap.particles.to(R.device)] = True
             drift = torch.where(trapped, drift, torch.zeros_like(drift))
             var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
-        return drift + torch.sqrt(var) * xi
+        # clamped: at kT = 0 the variance is 0 and sqrt's infinite slope would turn the
+        # gradient in a learnable stiffness into NaN (no effect on any variance > 1e-308)
+        return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
 
 
 def _check_trap(potential: Potential) -> None:
