@@ -38,6 +38,8 @@ Controls: time-dependent terms are evaluated as one-sided limits inside each ste
 (:data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`); at a step where a protocol held by
 the integrator has a breakpoint, ``simulate`` re-evaluates the cached force with the new
 control, and the state's time is recomputed from the step count at every segment end.
+Each refresh is checked (:func:`refresh`): a cached entry that comes back unchanged (a
+wrapper that does not forward ``prepare``) raises instead of applying the old control.
 
 Divergence: the positions and momenta are checked for NaN/inf at the end of every
 segment (at most ``check_every`` steps apart); on failure the steps since the last good
@@ -70,7 +72,7 @@ from controlmd.rng import ReplicaRNG
 Tensor = torch.Tensor
 Observable = Callable[[State], Tensor]
 
-__all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "simulate", "simulate_ode"]
+__all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "refresh", "simulate", "simulate_ode"]
 
 GRADIENT_MODES = ("direct", "checkpoint", "truncated", "reversible", "none")
 ODE_METHODS = (
@@ -168,7 +170,7 @@ def simulate(
     B = state.n_replicas
     context = torch.enable_grad() if graph else torch.no_grad()
     with context:
-        state = integrator.prepare(state)
+        state = refresh(integrator, state)
         final, times, records = _run(
             integrator,
             state,
@@ -233,7 +235,7 @@ def _run(
         # times from the step count, so rounding does not accumulate over long runs
         state = state.replace(t=t_start + done * integrator.dt)
         if done in jumps:
-            state = integrator.prepare(state)  # the cached force must see the new control
+            state = refresh(integrator, state)  # the cached force must see the new control
         if not _is_finite(state):
             _locate_divergence(integrator, good, state, t_start, step0, jumps)
         if done % check_every == 0:
@@ -251,6 +253,28 @@ def _run(
     records = {name: torch.stack(v) for name, v in frames.items()} if record_every else {}
     t = torch.stack(times) if times else torch.zeros(0, dtype=torch.float64)
     return state, t, records
+
+
+def refresh(integrator: Integrator, state: State) -> State:
+    """``integrator.prepare(state)``, checked: every cached entry of ``state.aux`` that an
+    integrator inside ``integrator`` declares (``cached_aux``, e.g. the force) must come
+    back recomputed.
+
+    :raises ControlMDError: when one comes back unchanged, e.g. a wrapper that subclasses
+        ``Integrator`` and does not forward ``prepare`` to the integrator it wraps; running
+        on would apply the previous control for half a step after every jump.
+    """
+    new = integrator.prepare(state)
+    keys = {k for m in integrator.modules() if isinstance(m, Integrator) for k in m.cached_aux}
+    stale = sorted(k for k in keys if k in state.aux and new.aux.get(k) is state.aux[k])
+    if stale:
+        raise ControlMDError(
+            f"{type(integrator).__name__}.prepare() returned the cached {stale} unchanged at "
+            f"t = {float(state.t):g}: the cache would keep the previous control. A wrapper "
+            "must forward prepare() to the integrator it wraps: subclass "
+            "controlmd.dynamics.IntegratorWrapper (docs/integrators.md)"
+        )
+    return new
 
 
 def _segment(integrator: Integrator, state: State, n: int) -> State:
@@ -369,6 +393,12 @@ def _simulate_reversible(
         )
     if not _needs_graph(integrator, state):
         return simulate(integrator, state, n_steps, gradient="none")
+    if getattr(integrator, "track_work", False):
+        raise ControlMDError(
+            "gradient='reversible' recomputes positions and momenta only and would leave "
+            "aux['work'] / aux['heat'] unchanged; with track_work=True use "
+            "gradient='checkpoint' (the same gradient, O(n_steps/W + W) memory)"
+        )
     final = simulate_reversible(
         integrator, state, n_steps, window=200 if window is None else window
     )
@@ -415,7 +445,7 @@ def _locate_divergence(
             done = state.step - step0
             state = state.replace(t=t_start + done * integrator.dt)
             if done in jumps:
-                state = integrator.prepare(state)
+                state = refresh(integrator, state)
             if not _is_finite(state):
                 break
         else:

@@ -184,9 +184,9 @@ def test_brownian_bad_input() -> None:
     trap = HarmonicTrap(1.0)
     with pytest.raises(ControlMDError, match=r"dt must be > 0, got -0.001"):
         Brownian(trap, dt=-0.001, kT=1.0)
-    with pytest.raises(ControlMDError, match=r"kT must be > 0, got 0"):
-        Brownian(trap, dt=0.01, kT=0.0)
-    with pytest.raises(ControlMDError, match=r"kT\(t=0\) must be > 0"):
+    with pytest.raises(ControlMDError, match=r"kT must be >= 0, got -1"):
+        Brownian(trap, dt=0.01, kT=-1.0)
+    with pytest.raises(ControlMDError, match=r"kT\(t=0\) must be >= 0"):
         Brownian(trap, dt=0.01, kT=lambda t: t - 1.0)
     with pytest.raises(ControlMDError, match=r"gamma must be > 0"):
         Brownian(trap, dt=0.01, kT=1.0, gamma=-2.0)
@@ -340,5 +340,5 @@ def test_nve_bad_input() -> None:
         nve.init(R)
     with pytest.raises(ControlMDError, match=r"P must be finite"):
         nve.init(R, P=torch.full_like(R, float("inf")))
-    with pytest.raises(ControlMDError, match=r"kT must be > 0, got 0"):
-        nve.init(R, kT=0.0, rng=ReplicaRNG(0, 2))
+    with pytest.raises(ControlMDError, match=r"kT must be >= 0, got -1"):
+        nve.init(R, kT=-1.0, rng=ReplicaRNG(0, 2))

@@ -9,6 +9,22 @@ with ``gamma`` the collision rate (1/time). One BAOAB step (Leimkuhler & Matthew
     A: q += dt/2 p/m
     B: p += dt/2 F(q_{n+1}, t_{n+1})
 
+Controls: the first B reads ``u(t_n^+)`` (the cached force, refreshed by ``simulate`` at a
+jump), the last ``u(t_{n+1}^-)`` (:data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`).
+
+Work and heat (``track_work=True``; ``aux["work"]``, ``aux["heat"]`` ``[B]``). The work of
+a time-dependent ``H`` is the energy change at the control updates, at fixed phase-space
+point, summed: a jump at ``t_n`` at ``q_n``, ``E(q_n, t_n^+) - E(q_n, t_n^-)``, and the
+change over the step, ``E(q', t_{n+1}^-) - E(q', t_n^+)``, at the midpoint of the drift
+``q' = q_n + dt/2 p/m`` (where the O step acts; the dynamics are the same wherever in the
+drift the control switches, and the midpoint makes the work second order in dt); a
+closing jump (:func:`~controlmd.dynamics.base.closing_jumps`) at ``t_{n+1}`` is added at
+``q_{n+1}``. The heat released to the bath is the kinetic energy removed by the O steps,
+``Q += K_before - K_after``. Per trajectory ``W = Delta(K + E) + Q + W_shadow``, where the
+shadow work (the energy change of the deterministic B and A substeps) is O(dt^2)
+(tested). These are the protocol work and heat of Sivak, Chodera & Crooks, PRX 3,
+011007 (2013), the splitting read as ``B A [control update] O A B``.
+
 BAOAB samples configurations with O(dt^2) error and is exact for free particles' momenta.
 Noise comes from each replica's own generator (``state.rng``), so replica ``i`` of a batch
 seeded ``s`` reproduces a one-replica run seeded ``replica_seed(s, i)``.
@@ -30,8 +46,10 @@ from controlmd.dynamics.base import (
     MomentumIntegrator,
     Schedule,
     State,
+    add_to,
     check_schedule,
     evaluate_schedule,
+    kinetic_energy,
     per_replica,
 )
 from controlmd.errors import ControlMDError
@@ -50,12 +68,15 @@ class Langevin(MomentumIntegrator):
     Args:
         potential: the energy ``E(q, t)``.
         dt: time step (> 0).
-        kT: bath temperature as an energy (> 0), constant or a schedule ``kT(t)``
-            (evaluated at the O step, ``t_n + dt/2``).
+        kT: bath temperature as an energy (>= 0; 0 is the deterministic damped dynamics
+            ``dp = F dt - gamma p dt``), constant or a schedule ``kT(t)`` (evaluated at the
+            O step, ``t_n + dt/2``).
         gamma: collision rate (> 0), scalar or per particle ``[N]``.
         mass: particle mass (> 0), scalar or ``[N]``.
         space: the box.
         remove_com: zero total momentum at init (default: periodic boxes).
+        track_work: accumulate the protocol work in ``state.aux["work"]`` and the heat
+            released to the bath in ``state.aux["heat"]`` (``[B]`` each; module docstring).
     """
 
     stochastic = True
@@ -70,9 +91,11 @@ class Langevin(MomentumIntegrator):
         mass: float | Tensor = 1.0,
         space: Space | None = None,
         remove_com: bool | None = None,
+        track_work: bool = False,
     ) -> None:
         super().__init__(potential, dt=dt, mass=mass, space=space, remove_com=remove_com)
-        check_schedule("kT", kT)
+        self.track_work = bool(track_work)
+        check_schedule("kT", kT, allow_zero=True)
         check_positive("gamma", gamma)
         self.kT = kT
         g = torch.as_tensor(gamma, dtype=torch.float64)
@@ -113,14 +136,26 @@ class Langevin(MomentumIntegrator):
         F = state.aux.get("force")
         if F is None:
             F = self.force(R, t + self.t_eps)
+        aux = dict(state.aux)
+        if self.track_work:
+            aux = add_to(aux, "work", self.opening_jump_work(R, t))
         h = 0.5 * self.dt
         P = P + h * F
         R = self.space.shift(R, h * P / m)
+        if self.track_work:  # the control update, at the midpoint of the drift
+            dW = self.potential.energy(R, t + self.dt - self.t_eps)
+            aux = add_to(aux, "work", dW - self.potential.energy(R, t + self.t_eps))
         kT = per_replica(evaluate_schedule(self.kT, t + h), R)
         xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
+        K_before = kinetic_energy(P, m) if self.track_work else None
         P = c * P + torch.sqrt((1.0 - c * c) * m * kT) * xi
+        if K_before is not None:
+            aux = add_to(aux, "heat", K_before - kinetic_energy(P, m))
         R = self.space.shift(R, h * P / m)
         t1 = t + self.dt
         F = self.force(R, t1 - self.t_eps)
+        if self.track_work:
+            aux = add_to(aux, "work", self.closing_jump_work(R, t1))
         P = P + h * F
-        return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux={**state.aux, "force": F})
+        aux["force"] = F
+        return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)

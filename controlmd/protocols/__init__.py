@@ -15,6 +15,8 @@ Kinds (names of the registry used by ``[protocol] kind = ...`` in experiment fil
 ``table``            replay of a sampled table (linear interpolation or hold)
 ``feedback_mlp``     u(t, obs): MLP of time features and task observations
 ``none``             no channels (tasks without control that learn their Hamiltonian)
+``endpoints``        any kind inside, with fixed values before ``t = 0`` and after ``T``
+                     (jumps at both ends, counted as work by the integrators)
 ==================== ===================================================================
 
 Every kind takes ``low``/``high`` (tanh squashing into the bounds), optional fixed
@@ -35,6 +37,7 @@ from controlmd.protocols.base import (
     register_protocol,
 )
 from controlmd.protocols.basis import ChebyshevSeries, CubicSpline, FourierSeries
+from controlmd.protocols.endpoints import Endpoints
 from controlmd.protocols.fixed import HeldControl, NoControl
 from controlmd.protocols.neural import FeedbackMLP, MLPProtocol
 from controlmd.protocols.piecewise import PiecewiseConstant, Tabulated
@@ -43,6 +46,7 @@ __all__ = [
     "PROTOCOL_FILE_FORMAT",
     "ChebyshevSeries",
     "CubicSpline",
+    "Endpoints",
     "FeedbackMLP",
     "FourierSeries",
     "HeldControl",
