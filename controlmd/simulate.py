@@ -63,7 +63,14 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_finite, check_int, check_positions
-from controlmd.dynamics.base import Integrator, State, breakpoints, jump_steps, jump_tolerance
+from controlmd.dynamics.base import (
+    Integrator,
+    State,
+    breakpoints,
+    evaluate_schedule,
+    jump_steps,
+    jump_tolerance,
+)
 from controlmd.dynamics.reversible import simulate_reversible
 from controlmd.errors import ControlMDError, SimulationDivergedError
 from controlmd.reporters import Reporter
@@ -451,13 +458,33 @@ def _locate_divergence(
         else:
             state = bad  # not reproduced by the replay; report where it was detected
     n_bad = int((~torch.isfinite(state.R.detach())).any(dim=(-2, -1)).sum())
+    cause = _schedule_out_of_range(integrator, state.t - integrator.dt, state.t)
     raise SimulationDivergedError(
         f"non-finite positions or momenta in {n_bad} of {state.n_replicas} replicas after "
-        f"this step (dt = {integrator.dt:g}); the time step may be too large, particles may "
-        "overlap, or a control may be out of range",
+        f"this step (dt = {integrator.dt:g}); "
+        + (
+            cause
+            if cause is not None
+            else "the time step may be too large, particles may overlap, or a control may be "
+            "out of range"
+        ),
         step=state.step,
         time=float(state.t),
     )
+
+
+def _schedule_out_of_range(integrator: Integrator, t0: Tensor, t1: Tensor) -> str | None:
+    """The first of the integrator's own schedules (e.g. ``kT(t)``) that leaves its range
+    within the step ``[t0, t1]`` (checked at its start, middle and end), described."""
+    for name, (schedule, zero_ok) in integrator.control_schedules().items():
+        for t in (t0, 0.5 * (t0 + t1), t1):
+            values = evaluate_schedule(schedule, t).detach()
+            bad = ~torch.isfinite(values) | (values < 0 if zero_ok else values <= 0)
+            if bool(bad.any()):
+                v = float(values.reshape(-1)[bad.reshape(-1)][0])
+                bound = ">= 0" if zero_ok else "> 0"
+                return f"the control {name}(t = {float(t):.6g}) = {v:.6g} is out of range (must be {bound})"
+    return None
 
 
 def _next_report(reporter: Reporter, state: State) -> int:

@@ -264,6 +264,12 @@ class Integrator(nn.Module, ABC):
         """Potential energy ``E(R, t)`` of each replica ``[B]``."""
         return self.potential.energy(state.R, state.t)
 
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        """The integrator's own time-dependent parameters (e.g. the bath ``kT(t)``) as
+        ``name -> (schedule, zero allowed)``; a diverged run reports any that left its
+        range (default: none)."""
+        return {}
+
     def prepare(self, state: State) -> State:
         """Refresh what the state caches from the potential (e.g. the force) so that it
         matches this integrator; :func:`~controlmd.simulate.simulate` calls it once at the
@@ -510,6 +516,9 @@ class IntegratorWrapper(Integrator):
 
     def potential_energy(self, state: State) -> Tensor:
         return self.inner.potential_energy(state)
+
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        return self.inner.control_schedules()
 
     def step(self, state: State) -> State:
         """One step of the inner integrator; subclasses add to it."""

@@ -135,6 +135,9 @@ class Brownian(Integrator):
             g = g.view(1, -1, 1)
         return 1.0 / g
 
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        return {"kT": (self.kT, True)}
+
     def init(
         self,
         R: Tensor,

@@ -107,6 +107,9 @@ class Langevin(MomentumIntegrator):
         """``d N``: the thermostat acts on every momentum component."""
         return R.shape[-2] * R.shape[-1]
 
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        return {"kT": (self.kT, True)}
+
     def init(
         self,
         R: Tensor,
