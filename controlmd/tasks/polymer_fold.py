@@ -179,6 +179,8 @@ CHANNELS = ("temperature", "epsilon", "tweezers", "bias", "torsion")
 class _Select(nn.Module):
     """Channels ``index`` of a protocol: ``u(t)[..., index]`` (``[k']`` or ``[B, k']``)."""
 
+    index: Tensor  # buffer [k'] of channel indices
+
     def __init__(self, protocol: Protocol, index: Sequence[int]) -> None:
         super().__init__()
         self.protocol = protocol
@@ -187,7 +189,8 @@ class _Select(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.protocol(t)[..., self.index]
+        u: Tensor = self.protocol(t)
+        return u[..., self.index]
 
 
 class OneGraph(Potential):
@@ -216,6 +219,9 @@ class PairBias(nn.Module):
 
     ``forward(R [B, N, d], u [M] or [B, M]) -> [B]`` (energy per replica, epsilon).
     """
+
+    pairs: Tensor  # buffer [P, 2] (long)
+    centers: Tensor  # buffer [M] (sigma)
 
     def __init__(self, pairs: Tensor, centers: Tensor, width: float) -> None:
         super().__init__()
