@@ -251,6 +251,9 @@ class TorsionBias(nn.Module):
     amplitude for every torsion) or ``M = K`` (one per torsion).
     """
 
+    dihedrals: Tensor  # buffer [K, 4] (long)
+    phi0: Tensor  # buffer [K] (rad)
+
     def __init__(self, dihedrals: Tensor, phi0: Tensor) -> None:
         super().__init__()
         self.register_buffer("dihedrals", dihedrals.long(), persistent=False)
