@@ -176,6 +176,7 @@ def _train(
     final_seed = seed + FINAL_SEED_OFFSET
     chunk = eval_cfg["chunk"]
 
+    start: dict[str, Any]  # metric_initial, metric_initial_se (float), metric_exact_initial
     if checkpoint is None:
         before = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
         start = {

@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from controlmd.errors import ControlMDError
+
 Tensor = torch.Tensor
 
 __all__ = ["Potential", "SumPotential"]
@@ -50,8 +52,8 @@ class Potential(nn.Module, ABC):
     def __add__(self, other: Potential) -> SumPotential:
         if not isinstance(other, Potential):
             return NotImplemented
-        left = list(self.terms) if isinstance(self, SumPotential) else [self]
-        right = list(other.terms) if isinstance(other, SumPotential) else [other]
+        left = self.potentials() if isinstance(self, SumPotential) else [self]
+        right = other.potentials() if isinstance(other, SumPotential) else [other]
         return SumPotential(left + right)
 
 
@@ -62,19 +64,35 @@ class SumPotential(Potential):
         super().__init__()
         self.terms = nn.ModuleList(terms)
 
+    def potentials(self) -> list[Potential]:
+        """The terms as a list (``nn.ModuleList`` iterates as plain ``nn.Module`` s)."""
+        terms: list[Potential] = []
+        for term in self.terms:
+            if not isinstance(term, Potential):
+                raise TypeError(f"SumPotential terms must be Potentials, got {type(term).__name__}")
+            terms.append(term)
+        return terms
+
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
-        return sum(term.energy(R, t) for term in self.terms)  # type: ignore[return-value]
+        E_total: Tensor | None = None
+        for term in self.potentials():
+            E = term.energy(R, t)
+            E_total = E if E_total is None else E_total + E
+        if E_total is None:
+            raise ControlMDError("SumPotential has no terms")
+        return E_total
 
     def energy_and_forces(
         self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
     ) -> tuple[Tensor, Tensor]:
         E_total: Tensor | None = None
         F_total: Tensor | None = None
-        for term in self.terms:
-            E, F = term.energy_and_forces(R, t, create_graph=create_graph)  # type: ignore[operator]
+        for term in self.potentials():
+            E, F = term.energy_and_forces(R, t, create_graph=create_graph)
             E_total = E if E_total is None else E_total + E
             F_total = F if F_total is None else F_total + F
-        assert E_total is not None and F_total is not None
+        if E_total is None or F_total is None:
+            raise ControlMDError("SumPotential has no terms")
         return E_total, F_total
 
 

@@ -51,7 +51,7 @@ class PiecewiseConstant(Protocol):
             target = self._piece_values(init)
             self._check_inside_bounds(target)
             values = self.unsquash(target)
-        elif self.low is not None:
+        elif isinstance(self.low, Tensor) and isinstance(self.high, Tensor):  # bounded
             values = self.unsquash(0.5 * (self.low + self.high).expand(n_pieces, dim))
         self.values = nn.Parameter(values)
 
@@ -99,6 +99,8 @@ class Tabulated(Protocol):
         t_final: horizon (default: the last time).
         low, high, fluence_weight: see :class:`Protocol`.
     """
+
+    times: Tensor  # buffer [n]
 
     def __init__(
         self,

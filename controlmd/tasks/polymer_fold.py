@@ -179,6 +179,8 @@ CHANNELS = ("temperature", "epsilon", "tweezers", "bias", "torsion")
 class _Select(nn.Module):
     """Channels ``index`` of a protocol: ``u(t)[..., index]`` (``[k']`` or ``[B, k']``)."""
 
+    index: Tensor  # buffer [k'] of channel indices
+
     def __init__(self, protocol: Protocol, index: Sequence[int]) -> None:
         super().__init__()
         self.protocol = protocol
@@ -187,7 +189,8 @@ class _Select(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.protocol(t)[..., self.index]
+        u: Tensor = self.protocol(t)
+        return u[..., self.index]
 
 
 class OneGraph(Potential):
@@ -217,6 +220,9 @@ class PairBias(nn.Module):
     ``forward(R [B, N, d], u [M] or [B, M]) -> [B]`` (energy per replica, epsilon).
     """
 
+    pairs: Tensor  # buffer [P, 2] (long)
+    centers: Tensor  # buffer [M] (sigma)
+
     def __init__(self, pairs: Tensor, centers: Tensor, width: float) -> None:
         super().__init__()
         self.register_buffer("pairs", pairs.long(), persistent=False)
@@ -244,6 +250,9 @@ class TorsionBias(nn.Module):
     ``forward(R [B, N, 3], a [M] or [B, M]) -> [B]`` (epsilon), with ``M = 1`` (one
     amplitude for every torsion) or ``M = K`` (one per torsion).
     """
+
+    dihedrals: Tensor  # buffer [K, 4] (long)
+    phi0: Tensor  # buffer [K] (rad)
 
     def __init__(self, dihedrals: Tensor, phi0: Tensor) -> None:
         super().__init__()
