@@ -14,6 +14,7 @@ Kinds (names of the registry used by ``[protocol] kind = ...`` in experiment fil
 ``piecewise_constant`` ``K`` equal pieces (the gymnasium env's K-step episode)
 ``table``            replay of a sampled table (linear interpolation or hold)
 ``feedback_mlp``     u(t, obs): MLP of time features and task observations
+``neural_field``     ``mlp`` channels plus a trainable field V_theta(x, t) (spatial control)
 ``none``             no channels (tasks without control that learn their Hamiltonian)
 ==================== ===================================================================
 
@@ -35,6 +36,7 @@ from controlmd.protocols.base import (
     register_protocol,
 )
 from controlmd.protocols.basis import ChebyshevSeries, CubicSpline, FourierSeries
+from controlmd.protocols.field import NeuralFieldProtocol
 from controlmd.protocols.fixed import HeldControl, NoControl
 from controlmd.protocols.neural import FeedbackMLP, MLPProtocol
 from controlmd.protocols.piecewise import PiecewiseConstant, Tabulated
@@ -48,6 +50,7 @@ __all__ = [
     "HeldControl",
     "InitSpec",
     "MLPProtocol",
+    "NeuralFieldProtocol",
     "NoControl",
     "PiecewiseConstant",
     "Protocol",

@@ -23,10 +23,25 @@ Control channels (``controls``, in the order given)
     ===========  ==================================  =============  =============  =======
     epsilon      Morse well depth eps(t)             ``eps_min``    ``eps_max``    epsilon
     temperature  bath kT(t) (noise and diffusion)    ``kT_min``     ``kT_max``     epsilon
+    basis        coefficients c_k(t) of a fixed      -basis_max     basis_max      epsilon
+                 spatial basis (K channels c0..),
+                 :class:`~controlmd.potentials.BasisField`
+    confinement  stiffness k(t) of 0.5 k |r - c|^2,  0              confinement_   epsilon/
+                 c the box centre (minimum image)                   max            sigma^2
+    field        a neural field V_theta(x, t)        -field_max     field_max      epsilon
+                 (no u(t) channel: the network lives  (of V)        (of V)
+                 in a ``neural_field`` protocol)
     ===========  ==================================  =============  =============  =======
 
     Without the epsilon channel the depth is ``epsilon``; without the temperature channel
-    the bath is at ``kT``.
+    the bath is at ``kT``; the spatial fields (basis, confinement, field) are zero when not
+    controlled, which is also their no-control value. ``max_field`` bounds ``|V|``.
+
+    Field cost: with a spatial field the final state carries ``aux["field_cost"]`` ``[B]``
+    = ``integral mean_i |F_i(t)|^2 dt`` of the field's force (trapezoid over frames every
+    ``field_cost_every`` steps, plus the last step), differentiable; ``[protocol]
+    field_cost_weight`` adds ``w * mean_b field_cost`` to the loss, and evaluation reports
+    its mean.
 
 Observation (feedback protocols, gymnasium env)
     =====  ===========================================  ======  =====
@@ -71,7 +86,8 @@ Arguments
     cluster_size    int        7             target cluster size (<= n_particles)
     target_bonds    int        12            bonds of the target cluster
     area_fraction   float      0.15          sets the box side L
-    controls        list[str]  ["epsilon"]   "epsilon" and/or "temperature"
+    controls        list[str]  ["epsilon"]   from "epsilon", "temperature", "basis",
+                                             "confinement", "field"
     epsilon         float      6.0           well depth when not controlled
     kT              float      1.0           temperature when not controlled
     eps_min         float      2.0           epsilon bounds
@@ -86,10 +102,18 @@ Arguments
     bond_cutoff     float      1.25          bond graph cutoff (sigma)
     bond_width      float      0.05          surrogate switch width (sigma)
     surrogate       str        "bonds"       "bonds" or "yield"
+    basis_kind      str        "gaussian"    "gaussian" (wells on a grid) or "fourier"
+    basis_grid      int        3             wells per axis (gaussian)
+    basis_width     float      1.0           well width (gaussian, <= L/3)
+    basis_modes     int        1             highest mode per axis (fourier)
+    basis_max       float      10.0          bound of each basis coefficient |c_k|
+    confinement_max float      100.0         upper bound of the confinement stiffness
+    field_cost_every int       10            steps between field-cost frames
     ==============  =========  ============  ==============================================
 
 Version history
-    v0: initial version.
+    v0: initial version. Spatial channels (basis, confinement, field) and the field cost
+    added later without changing the defaults or the existing channels.
 """
 
 from __future__ import annotations
@@ -108,9 +132,17 @@ from controlmd.dynamics.brownian import Brownian
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.potentials.external import ScaledPotential
+from controlmd.potentials.fields import (
+    BASIS_KINDS,
+    BasisField,
+    Confinement,
+    NeuralField,
+    mean_square_force,
+)
 from controlmd.potentials.pair import Morse
-from controlmd.protocols import Protocol
+from controlmd.protocols import NeuralFieldProtocol, Protocol
 from controlmd.rng import ReplicaRNG
+from controlmd.simulate import simulate
 from controlmd.space import periodic
 from controlmd.structures import (
     bond_graph,
@@ -126,7 +158,8 @@ Tensor = torch.Tensor
 
 __all__ = ["Assembly", "random_gas"]
 
-CHANNELS = ("epsilon", "temperature")
+CHANNELS = ("epsilon", "temperature", "basis", "confinement", "field")
+SPATIAL = ("basis", "confinement", "field")
 SURROGATES = ("bonds", "yield")
 _MIN_START_DISTANCE = 1.05
 
@@ -224,6 +257,13 @@ class Assembly(RunArtifacts):
         bond_cutoff: float = 1.25,
         bond_width: float = 0.05,
         surrogate: str = "bonds",
+        basis_kind: str = "gaussian",
+        basis_grid: int = 3,
+        basis_width: float = 1.0,
+        basis_modes: int = 1,
+        basis_max: float = 10.0,
+        confinement_max: float = 100.0,
+        field_cost_every: int = 10,
     ) -> None:
         check_int("n_particles", n_particles, minimum=2)
         check_int("cluster_size", cluster_size, minimum=2)
@@ -252,6 +292,8 @@ class Assembly(RunArtifacts):
             ("dt", dt),
             ("bond_cutoff", bond_cutoff),
             ("bond_width", bond_width),
+            ("basis_max", basis_max),
+            ("confinement_max", confinement_max),
         ):
             check_positive(name, value)
         if not eps_min < eps_max:
@@ -272,7 +314,9 @@ class Assembly(RunArtifacts):
                 f"sqrt(3) of a hexagonal cluster, got {bond_cutoff}"
             )
         check_int("n_steps", n_steps)
+        check_int("field_cost_every", field_cost_every)
         check_choice("surrogate", surrogate, SURROGATES)
+        check_choice("basis_kind", basis_kind, BASIS_KINDS)
         self.n_particles = n_particles
         self.cluster_size = cluster_size
         self.target_bonds = target_bonds
@@ -291,17 +335,38 @@ class Assembly(RunArtifacts):
         self.bond_width = float(bond_width)
         self.surrogate = surrogate
         self.channel_kinds = tuple(controls)
-        self._slot = {kind: k for k, kind in enumerate(controls)}
-        bounds = {
-            "epsilon": (eps_min, eps_max, "epsilon"),
-            "temperature": (kT_min, kT_max, "epsilon"),
+        self.basis_max = float(basis_max)
+        self.confinement_max = float(confinement_max)
+        self.field_cost_every = field_cost_every
+        self._basis_args = {
+            "basis": basis_kind,
+            "n_grid": basis_grid,
+            "width": basis_width,
+            "n_modes": basis_modes,
         }
-        names = tuple("eps" if c == "epsilon" else "kT" for c in controls)
+        n_basis = 0
+        if "basis" in controls:
+            n_basis = BasisField(self.space, _Constant(0.0), **self._basis_args).n_basis
+        rows: dict[str, list[tuple[str, float, float, str, float]]] = {
+            "epsilon": [("eps", eps_min, eps_max, "epsilon", self.epsilon)],
+            "temperature": [("kT", kT_min, kT_max, "epsilon", self.kT)],
+            "basis": [
+                (f"c{k}", -self.basis_max, self.basis_max, "epsilon", 0.0) for k in range(n_basis)
+            ],
+            "confinement": [("k", 0.0, self.confinement_max, "epsilon/sigma^2", 0.0)],
+            "field": [],
+        }
+        self._slot: dict[str, int] = {}
+        channels: list[tuple[str, float, float, str, float]] = []
+        for kind in controls:
+            self._slot[kind] = len(channels)
+            channels += rows[kind]
+        self._default = [row[4] for row in channels]
         self.controls = ControlChannels(
-            names,
-            tuple(float(bounds[c][0]) for c in controls),
-            tuple(float(bounds[c][1]) for c in controls),
-            tuple(bounds[c][2] for c in controls),
+            tuple(row[0] for row in channels),
+            tuple(float(row[1]) for row in channels),
+            tuple(float(row[2]) for row in channels),
+            tuple(row[3] for row in channels),
         )
         # Morse with unit depth; the depth eps(t) enters through ScaledPotential.
         self._morse = Morse(
@@ -311,10 +376,78 @@ class Assembly(RunArtifacts):
     # ------------------------------------------------------------------ Task interface
 
     def potential(self, protocol: Protocol | None) -> Potential:
-        """``eps(t) * Morse`` (eps from the protocol's channel, or the constant ``epsilon``)."""
+        """``eps(t) * Morse`` (eps from the protocol's channel, or the constant ``epsilon``)
+        plus the spatial control field (:meth:`field_potential`) when there is one."""
         if protocol is not None and "epsilon" in self._slot:
-            return ScaledPotential(self._morse, protocol, channel=self._slot["epsilon"])
-        return ScaledPotential(self._morse, _Constant(self.epsilon), channel=0)
+            pair = ScaledPotential(self._morse, protocol, channel=self._slot["epsilon"])
+        else:
+            pair = ScaledPotential(self._morse, _Constant(self.epsilon), channel=0)
+        field = self.field_potential(protocol)
+        return pair if field is None else pair + field
+
+    def field_potential(self, protocol: Protocol | None) -> Potential | None:
+        """The spatial control terms driven by ``protocol`` (basis field, confinement,
+        neural field), summed; ``None`` when the task has none or ``protocol`` is ``None``."""
+        if protocol is None:
+            return None
+        terms: list[Potential] = []
+        if "basis" in self._slot:
+            terms.append(
+                BasisField(self.space, protocol, channel=self._slot["basis"], **self._basis_args)
+            )
+        if "confinement" in self._slot:
+            terms.append(Confinement(self.space, protocol, channel=self._slot["confinement"]))
+        if isinstance(protocol, NeuralFieldProtocol):
+            terms.append(
+                NeuralField(protocol.field, self.space, envelope=protocol.release_envelope)
+            )
+        if not terms:
+            return None
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
+
+    def check_protocol(self, protocol: Protocol) -> None:
+        """A ``field`` control needs a ``neural_field`` protocol (2-D, Fourier features),
+        and a ``neural_field`` protocol needs the ``field`` control."""
+        has_field = isinstance(protocol, NeuralFieldProtocol)
+        if "field" in self._slot and not has_field:
+            raise ControlMDError(
+                f"controls include 'field' but the protocol kind is {protocol.kind!r}; use "
+                "kind = 'neural_field' (or drop 'field' from controls)"
+            )
+        if has_field and "field" not in self._slot:
+            raise ControlMDError(
+                "a neural_field protocol needs 'field' in the task's controls, got "
+                f"{list(self.channel_kinds)}"
+            )
+        if isinstance(protocol, NeuralFieldProtocol):
+            if protocol.field.dim != 2:
+                raise ControlMDError(
+                    f"field_dim = {protocol.field.dim}, but the assembly disks move in d = 2"
+                )
+            if protocol.field.features != "fourier":
+                raise ControlMDError(
+                    f"field_features = {protocol.field.features!r}: the assembly box is "
+                    "periodic, use 'fourier'"
+                )
+
+    def max_field(self, protocol: Protocol) -> float | None:
+        """Bound on ``|V(x, t)|`` summed over the spatial terms (energy units): neural
+        ``V_max``; ``basis_max max_x sum_k |b_k(x)|`` (on a grid); ``confinement_max L^2 / 4``
+        (``0.5 k |r - c|^2`` at a box corner)."""
+        if not any(kind in self._slot for kind in SPATIAL):
+            return None
+        bound = 0.0
+        if "basis" in self._slot:
+            basis = BasisField(self.space, protocol, **self._basis_args)
+            bound += self.basis_max * basis.max_abs_sum()
+        if "confinement" in self._slot:
+            bound += self.confinement_max * self.box**2 / 4.0
+        if isinstance(protocol, NeuralFieldProtocol):
+            bound += protocol.field.v_max
+        return bound
 
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
         rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
@@ -331,14 +464,57 @@ class Assembly(RunArtifacts):
     def _dynamics(self, potential: Potential, kT: Any) -> Brownian:
         return Brownian(potential, dt=self.dt, kT=kT, gamma=self.gamma, space=self.space)
 
+    def advance(
+        self, state: State, protocol: Protocol, n_steps: int, **simulate_options: Any
+    ) -> State:
+        """Simulate ``n_steps``; with a spatial field, also accumulate the field cost
+        ``integral mean_i |F_i|^2 dt`` into ``aux["field_cost"]`` ``[B]`` (trapezoid over
+        frames every ``field_cost_every`` steps and the last step; differentiable)."""
+        integrator = self.integrator(protocol)
+        field = self.field_potential(protocol)
+        if field is None or n_steps == 0:
+            return simulate(integrator, state, n_steps, **simulate_options).final
+        if simulate_options.get("gradient") == "reversible":
+            raise ControlMDError(
+                "gradient = 'reversible' keeps no frames, so the field cost cannot be "
+                "accumulated; use 'direct' or 'checkpoint'"
+            )
+
+        def rate(s: State) -> Tensor:
+            return mean_square_force(field, s.R, s.t)
+
+        traj = simulate(
+            integrator,
+            state,
+            n_steps,
+            record_every=self.field_cost_every,
+            observables={"rate": rate},
+            **simulate_options,
+        )
+        final = traj.final
+        times, values = traj.times.to(torch.float64), traj.records["rate"].to(torch.float64)
+        if float(times[-1]) < float(final.t) - 0.5 * self.dt:
+            times = torch.cat([times, final.t.reshape(1).to(times)])
+            values = torch.cat([values, rate(final).to(values).unsqueeze(0)])
+        cost = torch.trapezoid(values, times, dim=0)
+        previous = state.aux.get("field_cost")
+        if previous is not None:
+            cost = cost + previous.to(cost)
+        return final.replace(aux={**final.aux, "field_cost": cost})
+
     def loss(self, state: State) -> Tensor:
         if self.surrogate == "yield":
-            return 1.0 - self.metric(state).mean()
-        n_max = self.target_bonds * self.n_particles / self.cluster_size
-        bonds = smooth_bond_count(
-            state.R, self.bond_cutoff, width=self.bond_width, space=self.space
-        )
-        return (1.0 - bonds / n_max).mean()
+            loss = 1.0 - self.metric(state).mean()
+        else:
+            n_max = self.target_bonds * self.n_particles / self.cluster_size
+            bonds = smooth_bond_count(
+                state.R, self.bond_cutoff, width=self.bond_width, space=self.space
+            )
+            loss = (1.0 - bonds / n_max).mean()
+        weight = 0.0 if self._protocol is None else self._protocol.field_cost_weight
+        if weight > 0 and "field_cost" in state.aux:
+            loss = loss + weight * state.aux["field_cost"].mean().to(loss)
+        return loss
 
     def metric(self, state: State) -> Tensor:
         with torch.no_grad():
@@ -358,11 +534,9 @@ class Assembly(RunArtifacts):
             ).to(torch.float64)
 
     def default_control(self) -> Tensor:
-        """The uncontrolled value ``[k]``: the constant ``epsilon`` and ``kT``."""
-        return torch.tensor(
-            [self.epsilon if c == "epsilon" else self.kT for c in self.channel_kinds],
-            dtype=torch.float64,
-        )
+        """The uncontrolled value ``[k]``: the constant ``epsilon`` and ``kT``, zero field
+        coefficients and confinement."""
+        return torch.tensor(self._default, dtype=torch.float64)
 
     def extras(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,8 @@ hook                       required  used by
 ``default_control``        no        the no-control value: release windows, ``eval
                                      --baseline constant``, constant sweeps
 ``exact_metric``           no        noise-free metric of a protocol (trap_drag)
+``check_protocol``         no        config: refuse a protocol the task cannot use
+``max_field``              no        ``eval``: the largest |V| a protocol's field allows
 ``reference_protocol``     no        a known optimum drawn beside trained protocols
 ``parameters``             no        learning tasks' own trainable Hamiltonian
 ``state_dict`` / ``load``  no        checkpoints of a task's own trainable state
@@ -241,6 +243,16 @@ class Task(ABC, Generic[StateT]):
     def exact_metric(self, protocol: Protocol) -> float | None:
         """The noise-free metric of ``protocol`` where the task can compute it (default:
         ``None``)."""
+        return None
+
+    def check_protocol(self, protocol: Protocol) -> None:
+        """Raise :class:`~controlmd.errors.ControlMDError` when ``protocol`` cannot drive
+        this task beyond its channel count and horizon (e.g. a spatial field channel
+        without a field); default: accept."""
+
+    def max_field(self, protocol: Protocol) -> float | None:
+        """The largest ``|V|`` (energy units) the spatial control field of ``protocol``
+        can reach, or ``None`` when the task has no spatial field."""
         return None
 
     def reference_protocol(self) -> tuple[Tensor, Tensor] | None:
