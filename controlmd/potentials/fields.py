@@ -89,9 +89,12 @@ def _check_dim(name: str, R: Tensor, dim: int) -> None:
 
 
 class FieldNetwork(nn.Module):
-    """``V_theta(phi, t) = V_max tanh(MLP([phi, tau(t), onehot(species)]))`` per particle.
+    """``V_theta(phi, t) = V_max tanh(MLP(x) + W x)``, ``x = [phi, tau(t), onehot(species)]``,
+    per particle.
 
-    The output layer starts at zero, so a fresh network is no field at all (``V = 0``).
+    The output layer and the linear readout ``W`` start at zero, so a fresh network is no
+    field at all (``V = 0``); the linear path makes a single Fourier mode (a smooth well)
+    directly representable, which conditions the first gradient steps.
 
     :param dim: spatial dimension ``d`` of the system.
     :param t_final: horizon ``T``; time features use ``s = t / T``.
@@ -143,7 +146,8 @@ class FieldNetwork(nn.Module):
         self.n_species = n_species
         self.register_buffer("wave_vectors", _wave_vectors(dim, n_modes), persistent=False)
         n_pos = 2 * self.wave_vectors.shape[0] if features == "fourier" else dim
-        n_in = n_pos + 1 + 2 * n_time_frequencies + (n_species if n_species > 1 else 0)
+        n_inputs = n_pos + 1 + 2 * n_time_frequencies + (n_species if n_species > 1 else 0)
+        n_in = n_inputs
         layers: list[nn.Module] = []
         for width in hidden:
             check_int("field hidden width", width)
@@ -153,6 +157,8 @@ class FieldNetwork(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         self.net = nn.Sequential(*layers, last)
+        self.skip = nn.Linear(n_inputs, 1, bias=False, dtype=torch.float64)
+        nn.init.zeros_(self.skip.weight)
 
     def position_features(self, R: Tensor, space: Space) -> Tensor:
         """``phi(R)``: ``[B, N, d]`` -> ``[B, N, n_features]`` in the network's dtype."""
@@ -191,7 +197,8 @@ class FieldNetwork(nn.Module):
                 )
             onehot = nn.functional.one_hot(species.long(), self.n_species).to(phi)
             parts.append(onehot.expand(*phi.shape[:-1], -1))
-        return self.v_max * torch.tanh(self.net(torch.cat(parts, dim=-1))[..., 0])
+        x = torch.cat(parts, dim=-1)
+        return self.v_max * torch.tanh((self.net(x) + self.skip(x))[..., 0])
 
 
 class NeuralField(Potential):
