@@ -27,7 +27,7 @@ from controlmd.tasks.base import Task
 
 Tensor = torch.Tensor
 
-__all__ = ["Evaluation", "PairedEvaluation", "evaluate", "evaluate_paired"]
+__all__ = ["Evaluation", "PairedEvaluation", "constant_protocol", "evaluate", "evaluate_paired"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,23 @@ def evaluate_paired(
         baseline_field_cost=cost("cost_b"),
         md_steps=2 * n * task.n_steps,
     )
+
+
+def constant_protocol(task: Task[Any]) -> Protocol:
+    """The task's no-control value ``default_control()`` held over the horizon (a
+    ``table`` protocol without bounds, so the value is exact; the empty protocol for a task
+    with no channels).
+
+    :raises ControlMDError: when the task has no no-control value.
+    """
+    from controlmd.protocols import NoControl, Tabulated
+
+    value = task.default_control()
+    if value is None:
+        raise ControlMDError(f"task {task.name!r} has no no-control value (default_control)")
+    if value.numel() == 0:
+        return NoControl(t_final=task.horizon)
+    return Tabulated(times=[0.0], values=value.reshape(1, -1), t_final=task.horizon)
 
 
 def _score(

@@ -82,18 +82,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _baseline(spec: str, task: Task[Any], protocol: Protocol) -> Protocol:
     """The protocol a ``--baseline`` spec names (see the module docstring)."""
-    from controlmd.errors import ConfigError
-    from controlmd.protocols import NoControl, Tabulated, load_protocol
+    from controlmd.errors import ConfigError, ControlMDError
+    from controlmd.evaluation import constant_protocol
+    from controlmd.protocols import load_protocol
 
     if spec == "constant":
-        value = task.default_control()
-        if value is None:
-            raise ConfigError(
-                f"--baseline constant: task {task.name!r} has no no-control value (default_control)"
-            )
-        if value.numel() == 0:
-            return NoControl(t_final=task.horizon)
-        return Tabulated(times=[0.0], values=value.reshape(1, -1), t_final=task.horizon)
+        try:
+            return constant_protocol(task)
+        except ControlMDError as exc:
+            raise ConfigError(f"--baseline constant: {exc}") from None
     path = Path(spec)
     if path.is_dir():
         path = path / "protocol.pt"

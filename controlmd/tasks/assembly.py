@@ -28,9 +28,9 @@ Control channels (``controls``, in the order given)
                  :class:`~controlmd.potentials.BasisField`
     confinement  stiffness k(t) of 0.5 k |r - c|^2,  0              confinement_   epsilon/
                  c the box centre (minimum image)                   max            sigma^2
-    field        a neural field V_theta(x, t)        -field_max     field_max      epsilon
-                 (no u(t) channel: the network lives  (of V)        (of V)
-                 in a ``neural_field`` protocol)
+    field        a neural field V_theta(x, t) (no    -field_max     field_max      epsilon
+                 u(t) channel: the network lives in  (of V)         (of V)
+                 a ``neural_field`` protocol)
     ===========  ==================================  =============  =============  =======
 
     Without the epsilon channel the depth is ``epsilon``; without the temperature channel
@@ -79,37 +79,37 @@ Units
     temperature, time tau = gamma sigma^2 / epsilon (the time to diffuse ~sigma at kT = 1).
 
 Arguments
-    ==============  =========  ============  ==============================================
-    name            type       default       effect
-    ==============  =========  ============  ==============================================
-    n_particles     int        7             disks per replica
-    cluster_size    int        7             target cluster size (<= n_particles)
-    target_bonds    int        12            bonds of the target cluster
-    area_fraction   float      0.15          sets the box side L
-    controls        list[str]  ["epsilon"]   from "epsilon", "temperature", "basis",
-                                             "confinement", "field"
-    epsilon         float      6.0           well depth when not controlled
-    kT              float      1.0           temperature when not controlled
-    eps_min         float      2.0           epsilon bounds
-    eps_max         float      10.0
-    kT_min          float      0.5           temperature bounds
-    kT_max          float      2.0
-    alpha           float      6.0           Morse inverse width (1/sigma)
-    r_cut           float      2.5           Morse cutoff (sigma)
-    gamma           float      1.0           friction
-    dt              float      3e-4          time step (tau)
-    n_steps         int        6000          steps per episode
-    bond_cutoff     float      1.25          bond graph cutoff (sigma)
-    bond_width      float      0.05          surrogate switch width (sigma)
-    surrogate       str        "bonds"       "bonds" or "yield"
-    basis_kind      str        "gaussian"    "gaussian" (wells on a grid) or "fourier"
-    basis_grid      int        3             wells per axis (gaussian)
-    basis_width     float      1.0           well width (gaussian, <= L/3)
-    basis_modes     int        1             highest mode per axis (fourier)
-    basis_max       float      10.0          bound of each basis coefficient |c_k|
-    confinement_max float      100.0         upper bound of the confinement stiffness
-    field_cost_every int       10            steps between field-cost frames
-    ==============  =========  ============  ==============================================
+    ================  =========  ============  ==============================================
+    name              type       default       effect
+    ================  =========  ============  ==============================================
+    n_particles       int        7             disks per replica
+    cluster_size      int        7             target cluster size (<= n_particles)
+    target_bonds      int        12            bonds of the target cluster
+    area_fraction     float      0.15          sets the box side L
+    controls          list[str]  ["epsilon"]   from "epsilon", "temperature", "basis",
+                                               "confinement", "field"
+    epsilon           float      6.0           well depth when not controlled
+    kT                float      1.0           temperature when not controlled
+    eps_min           float      2.0           epsilon bounds
+    eps_max           float      10.0
+    kT_min            float      0.5           temperature bounds
+    kT_max            float      2.0
+    alpha             float      6.0           Morse inverse width (1/sigma)
+    r_cut             float      2.5           Morse cutoff (sigma)
+    gamma             float      1.0           friction
+    dt                float      3e-4          time step (tau)
+    n_steps           int        6000          steps per episode
+    bond_cutoff       float      1.25          bond graph cutoff (sigma)
+    bond_width        float      0.05          surrogate switch width (sigma)
+    surrogate         str        "bonds"       "bonds" or "yield"
+    basis_kind        str        "gaussian"    "gaussian" (wells on a grid) or "fourier"
+    basis_grid        int        3             wells per axis (gaussian)
+    basis_width       float      1.0           well width (gaussian, <= L/3)
+    basis_modes       int        1             highest mode per axis (fourier)
+    basis_max         float      10.0          bound of each basis coefficient |c_k|
+    confinement_max   float      100.0         upper bound of the confinement stiffness
+    field_cost_every  int        10            steps between field-cost frames
+    ================  =========  ============  ==============================================
 
 Version history
     v0: initial version. Spatial channels (basis, confinement, field) and the field cost
