@@ -424,3 +424,20 @@ def test_the_quick_field_experiment_improves_the_yield(tmp_path) -> None:
     trained = load_protocol(tmp_path / "run" / "protocol.pt")
     r = evaluate_paired(task, trained, constant_protocol(task), 512, seed=424_242)
     assert r.paired_difference > 3 * r.paired_se
+
+
+def test_field_maps_show_the_field_and_vanish_in_the_release_window(tmp_path) -> None:
+    task = Assembly(n_steps=20, controls=["field"])
+    p = NeuralFieldProtocol(t_final=task.horizon, field_max=3.0, release_fraction=0.1)
+    _randomize(p.field, 21)
+    times = torch.tensor([0.0, 0.5, 0.95]) * task.horizon
+    maps = task.field_map(p, times, n_grid=16)
+    assert maps is not None and maps.shape == (3, 16, 16)
+    assert 0.0 < float(maps[:2].abs().max()) <= 3.0 and float(maps[2].abs().max()) == 0.0
+    X = torch.tensor([[[0.5, 1.5]]], dtype=torch.float64) * task.box / 16  # a grid point
+    with torch.no_grad():
+        V = NeuralField(p.field, task.space, envelope=p.release_envelope).value(X, times[1])
+    assert_close(maps[1, 0, 1], V[0, 0])
+    assert task.save_field_maps(p, tmp_path / "maps.png", n_times=3, n_grid=8) is not None
+    assert (tmp_path / "maps.png").stat().st_size > 0
+    assert Assembly(n_steps=20).field_map(p, times) is None

@@ -121,7 +121,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -153,6 +153,9 @@ from controlmd.structures import (
 from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
 from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
+
+if TYPE_CHECKING:
+    from controlmd.logger import Logger
 
 Tensor = torch.Tensor
 
@@ -397,7 +400,7 @@ class Assembly(RunArtifacts):
             )
         if "confinement" in self._slot:
             terms.append(Confinement(self.space, protocol, channel=self._slot["confinement"]))
-        if isinstance(protocol, NeuralFieldProtocol):
+        if "field" in self._slot and isinstance(protocol, NeuralFieldProtocol):
             terms.append(
                 NeuralField(protocol.field, self.space, envelope=protocol.release_envelope)
             )
@@ -445,7 +448,7 @@ class Assembly(RunArtifacts):
             bound += self.basis_max * basis.max_abs_sum()
         if "confinement" in self._slot:
             bound += self.confinement_max * self.box**2 / 4.0
-        if isinstance(protocol, NeuralFieldProtocol):
+        if "field" in self._slot and isinstance(protocol, NeuralFieldProtocol):
             bound += protocol.field.v_max
         return bound
 
@@ -567,6 +570,71 @@ class Assembly(RunArtifacts):
         return target_cluster_fraction(
             A, size=self.cluster_size, n_bonds=self.target_bonds, max_degree=max_degree
         ).to(torch.float64)
+
+    # ------------------------------------------------------------------ field maps
+
+    def field_map(self, protocol: Protocol, times: Tensor, *, n_grid: int = 48) -> Tensor | None:
+        """The spatial control potential ``V(x, t)`` felt by one disk (energy units) on an
+        ``n_grid^2`` grid of the box at each of ``times`` ``[n_t]``: ``[n_t, n_grid, n_grid]``
+        (axis 1 is x, axis 2 is y), or ``None`` without a spatial field."""
+        field = self.field_potential(protocol)
+        if field is None:
+            return None
+        check_int("n_grid", n_grid)
+        ax = (torch.arange(n_grid, dtype=torch.float64) + 0.5) * self.box / n_grid
+        X = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).reshape(-1, 1, 2)
+        with torch.no_grad():
+            maps = [field.energy(X, t).reshape(n_grid, n_grid) for t in times]
+        return torch.stack(maps).to(torch.float64)
+
+    def save_field_maps(
+        self, protocol: Protocol, path: str | Path, *, n_times: int = 6, n_grid: int = 48
+    ) -> Path | None:
+        """Heat maps of :meth:`field_map` at ``n_times`` equally spaced times of ``[0, T]``
+        (one colour scale for all panels), written to ``path`` (PNG); ``None`` without a
+        spatial field."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from controlmd.plotting import save_figure
+
+        check_int("n_times", n_times, minimum=2)
+        times = torch.linspace(0.0, self.horizon, n_times, dtype=torch.float64)
+        maps = self.field_map(protocol, times, n_grid=n_grid)
+        if maps is None:
+            return None
+        scale = max(float(maps.abs().max()), 1e-12)
+        fig = Figure(figsize=(2.4 * n_times, 2.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, n_times, squeeze=False)[0]
+        image = None
+        for ax, t, V in zip(axes, times.tolist(), maps):
+            image = ax.imshow(
+                V.T.numpy(),
+                origin="lower",
+                extent=(0.0, self.box, 0.0, self.box),
+                cmap="RdBu_r",
+                vmin=-scale,
+                vmax=scale,
+            )
+            ax.set_title(f"t = {t / self.horizon:.2f} T", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(image, ax=list(axes), label="V (epsilon)", shrink=0.8)
+        out = Path(path)
+        save_figure(fig, out)
+        return out
+
+    def finish_run(
+        self, run_dir: str | Path, logger: Logger | None = None, step: int = 0
+    ) -> dict[str, Any]:
+        """The final-replica artifacts and, with a spatial field, ``field_maps.png``."""
+        summary = super().finish_run(run_dir, logger, step)
+        if self._protocol is not None:
+            path = self.save_field_maps(self._protocol, Path(run_dir) / "field_maps.png")
+            if path is not None:
+                summary["artifacts"] = [*summary.get("artifacts", []), path.name]
+        return summary
 
     # ------------------------------------------------------------------ artifacts
 
