@@ -432,9 +432,19 @@ def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
     accepted = _accepted_keys(cls) or set()
     low, high = task.controls.low, task.controls.high
     defaults: dict[str, Any] = {"dim": task.controls.dim, "t_final": task.horizon}
-    if "low" in accepted:
+    if "low" in accepted and len(low) > 0:
         defaults["low"] = list(low) if len(low) > 1 else low[0]
         defaults["high"] = list(high) if len(high) > 1 else high[0]
+    _check_release_keys(section)
+    fraction = section.get("release_fraction", 0.0)
+    if fraction > 0 and "release_value" not in section and task.controls.dim > 0:
+        value = task.default_control()
+        if value is None:
+            raise ConfigError(
+                f"[protocol] release_fraction = {fraction!r}: task {task.name!r} has no "
+                "no-control value (default_control); give release_value"
+            )
+        defaults["release_value"] = [float(v) for v in value]
     if "obs_dim" in accepted and "obs_dim" not in section:
         n_obs = task.observe(task.initial_state(1, 0)).shape[1]
         if n_obs == 0:
@@ -447,6 +457,25 @@ def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
         **{k: v for k, v in defaults.items() if k in accepted},
         **section,
     }
+
+
+def _check_release_keys(section: dict[str, Any]) -> None:
+    """``[protocol] release_fraction`` in ``[0, 0.5)`` and ``field_cost_weight >= 0``."""
+    checks = {
+        "release_fraction": (
+            lambda v: 0.0 <= v < 0.5,
+            "must be in [0, 0.5) (a fraction of the horizon, before its second half)",
+        ),
+        "field_cost_weight": (lambda v: v >= 0.0, "must be >= 0"),
+    }
+    for key, (ok, rule) in checks.items():
+        if key not in section:
+            continue
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"[protocol] {key} must be a number, got {_show(value)}")
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"[protocol] {key} {rule}, got {value!r}")
 
 
 def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:

@@ -9,6 +9,13 @@ from controlmd.potentials.external import (
     HarmonicTrap,
     ScaledPotential,
 )
+from controlmd.potentials.fields import (
+    BasisField,
+    Confinement,
+    FieldNetwork,
+    NeuralField,
+    mean_square_force,
+)
 from controlmd.potentials.neural import NeuralPair
 from controlmd.potentials.pair import (
     WCA,
@@ -24,15 +31,19 @@ from controlmd.potentials.tabulated import TabulatedPair
 
 __all__ = [
     "WCA",
+    "BasisField",
+    "Confinement",
     "ConstantForce",
     "CosineDihedral",
     "ExternalField",
     "FENEBond",
+    "FieldNetwork",
     "HarmonicAngle",
     "HarmonicBond",
     "HarmonicTrap",
     "LennardJones",
     "Morse",
+    "NeuralField",
     "NeuralPair",
     "PairPotential",
     "Potential",
@@ -42,6 +53,7 @@ __all__ = [
     "TabulatedPair",
     "energy_and_forces",
     "lennard_jones",
+    "mean_square_force",
     "morse",
     "soft_sphere",
     "validate_configuration",

@@ -18,6 +18,8 @@ hook                       required  used by
 ``default_control``        no        the no-control value: release windows, ``eval
                                      --baseline constant``, constant sweeps
 ``exact_metric``           no        noise-free metric of a protocol (trap_drag)
+``check_protocol``         no        config, trainer: refuse a protocol the task cannot use
+``max_field``              no        ``eval``: the largest |V| a protocol's field allows
 ``reference_protocol``     no        a known optimum drawn beside trained protocols
 ``parameters``             no        learning tasks' own trainable Hamiltonian
 ``state_dict`` / ``load``  no        checkpoints of a task's own trainable state
@@ -235,7 +237,9 @@ class Task(ABC, Generic[StateT]):
 
     def check_protocol(self, protocol: Protocol) -> None:
         """Raise :class:`~controlmd.errors.ControlMDError` unless ``protocol`` has this
-        task's number of control channels and its horizon."""
+        task's number of control channels and its horizon; tasks with more requirements
+        (e.g. a spatial field channel that needs a field protocol) extend it, calling
+        ``super().check_protocol(protocol)`` first."""
         if protocol.dim != self.controls.dim:
             raise ControlMDError(
                 f"dim = {protocol.dim} but task {self.name!r} has {self.controls.dim} "
@@ -256,6 +260,11 @@ class Task(ABC, Generic[StateT]):
     def exact_metric(self, protocol: Protocol) -> float | None:
         """The noise-free metric of ``protocol`` where the task can compute it (default:
         ``None``)."""
+        return None
+
+    def max_field(self, protocol: Protocol) -> float | None:
+        """The largest ``|V|`` (energy units) the spatial control field of ``protocol``
+        can reach, or ``None`` when the task has no spatial field."""
         return None
 
     def reference_protocol(self) -> tuple[Tensor, Tensor] | None:
