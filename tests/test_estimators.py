@@ -307,3 +307,16 @@ def test_config_multiwindow_resolves() -> None:
         _raw({"estimator": "multiwindow", "windows": 2, "window_weights": [0.5, 1.0], "chunk": 4})
     )
     assert cfg["train"]["windows"] == 2 and cfg["train"]["window_weights"] == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("name", ["polymer_fold_multiwindow.toml", "assembly_multiwindow.toml"])
+def test_multiwindow_experiments_build_a_trainer(name: str) -> None:
+    from pathlib import Path
+
+    from controlmd.config import build_protocol, build_task, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / name)
+    task = build_task(cfg)
+    trainer = Trainer.from_config(cfg, task, build_protocol(cfg, task))
+    assert isinstance(trainer._estimator, MultiWindowEstimator)
+    assert len(trainer._estimator.bounds(task.n_steps)) == cfg["protocol"]["n_pieces"]
