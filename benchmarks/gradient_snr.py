@@ -14,7 +14,7 @@ per gradient estimate: ``replicas = budget / n_steps`` replicas in ``--groups`` 
 groups (seeds ``--seed + g``); per piece ``k``:
 
 * ``mean``: the estimate (mean over groups), ``se``: its standard error (spread over groups),
-  ``snr = |mean| / se``;
+  ``snr = |mean| / se`` (0 when every group's gradient is exactly 0);
 * ``sign_agrees``: whether the estimate points the way the exact metric improves, judged by
   a central finite difference of the exact metric on common random numbers (``replicas``
   replicas, seed ``--seed + 1000``, step ``--fd-step`` times the channel's range);
@@ -29,6 +29,9 @@ Estimators (``--estimators``):
 * ``multiwindow``: ``--pieces`` windows (one per piece), each window's surrogate at its end;
 * ``score``: the score-function estimator on the exact metric itself (loss ``1 - metric``
   when higher is better), leave-one-out baseline, blocks of ``--chunk`` replicas.
+
+``python benchmarks/gradient_snr.py RESULT.json`` prints a results file as a markdown table
+(``snr``, then ``+``/``-`` for the sign's agreement, ``*`` for a counted piece).
 
 The JSON file holds, per estimator, ``pieces`` (one entry per piece: ``piece``, ``mean``,
 ``se``, ``snr``, ``sign_agrees``, ``counted``), ``all_counted_ok`` (SNR >= 1 and the right
@@ -153,7 +156,39 @@ def finite_difference(
     return value, se
 
 
+def table(path: Path) -> str:
+    """A results file as a markdown table: one row per estimator, one column per piece."""
+    result = json.loads(path.read_text())
+    pieces = result["pieces"]
+    steps = [r["steps_before_end"] for r in next(iter(result["estimators"].values()))["pieces"]]
+    head = "| estimator | " + " | ".join(f"piece {k} (-{s})" for k, s in enumerate(steps))
+    lines = [head + " | all counted ok | time (s) |", "|---" * (pieces + 3) + "|"]
+    fd = result["finite_difference"]
+    lines.append(
+        "| FD of the metric (SE) | "
+        + " | ".join(
+            f"{v:.3g} ({e:.2g}){'*' if c else ''}"
+            for v, e, c in zip(fd["value"], fd["se"], fd["counted"])
+        )
+        + f" | | {fd['wall_s']:.0f} |"
+    )
+    for name, est in result["estimators"].items():
+        cells = [
+            f"{r['snr'] if r['mean'] != 0 else 0.0:.2f} "  # no gradient at all: no signal
+            f"{'+' if r['sign_agrees'] else '-'}{'*' if r['counted'] else ''}"
+            for r in est["pieces"]
+        ]
+        ok = "yes" if est["all_counted_ok"] else "no"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ok} | {est['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        print(table(Path(argv[0])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment")
     parser.add_argument("--budget", type=float, default=1e6, help="replica-steps per estimate")
@@ -171,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
     )
     args = parser.parse_args(argv)
-    command = "python benchmarks/gradient_snr.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = "python benchmarks/gradient_snr.py " + " ".join(argv)
 
     cfg = load_config(args.experiment, args.overrides)
     surrogate_cfg = {**cfg, "task": {k: v for k, v in cfg["task"].items() if k != "surrogate"}}
@@ -261,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         mean, se = G.mean(0), G.std(0) / math.sqrt(args.groups)
         rows = []
         for k in range(args.pieces):
-            snr = abs(float(mean[k])) / float(se[k]) if float(se[k]) > 0 else math.inf
+            snr = abs(float(mean[k])) / float(se[k]) if float(se[k]) > 0 else 0.0
             agrees = bool(
                 math.copysign(1.0, float(mean[k])) == math.copysign(1.0, improve * float(fd[k]))
             )
