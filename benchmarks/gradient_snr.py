@@ -16,8 +16,9 @@ groups (seeds ``--seed + g``); per piece ``k``:
 * ``mean``: the estimate (mean over groups), ``se``: its standard error (spread over groups),
   ``snr = |mean| / se`` (0 when every group's gradient is exactly 0);
 * ``sign_agrees``: whether the estimate points the way the exact metric improves, judged by
-  a central finite difference of the exact metric on common random numbers (``replicas``
-  replicas, seed ``--seed + 1000``, step ``--fd-step`` times the channel's range);
+  a central finite difference of the exact metric on common random numbers
+  (``--fd-replicas`` replicas, default ``replicas``; seed ``--seed + 1000``, step
+  ``--fd-step`` times the channel's range);
 * ``counted``: whether that finite difference is nonzero at 3 standard errors (pieces
   inside a release window, where the control is switched off, are not counted).
 
@@ -200,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--window", type=int, default=0, help="last_window steps (0: see doc)")
     parser.add_argument("--fd-step", type=float, default=0.05, help="fraction of the range")
+    parser.add_argument(
+        "--fd-replicas",
+        type=int,
+        default=-1,
+        help="replicas of the finite difference (-1: as the estimators; 0: none, no piece counted)",
+    )
     parser.add_argument("--chunk", type=int, default=64, help="replicas simulated at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -252,11 +259,21 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
 
     t0 = time.perf_counter()
-    fd, fd_se = finite_difference(
-        task, piece_protocol(task, args.pieces, value), replicas, args.seed + 1000, h, args.chunk
-    )
+    fd_replicas = replicas if args.fd_replicas < 0 else args.fd_replicas
+    if fd_replicas > 0:
+        fd, fd_se = finite_difference(
+            task,
+            piece_protocol(task, args.pieces, value),
+            fd_replicas,
+            args.seed + 1000,
+            h,
+            args.chunk,
+        )
+    else:
+        fd = fd_se = torch.zeros(args.pieces, dtype=torch.float64)
     counted = (fd.abs() > 3.0 * fd_se).tolist()
     result["finite_difference"] = {
+        "replicas": fd_replicas,
         "value": fd.tolist(),
         "se": fd_se.tolist(),
         "counted": counted,
