@@ -166,7 +166,11 @@ class Langevin(MomentumIntegrator):
         z = (P_o - c * P_half) / s
         log_p = -(0.5 * z * z + torch.log(s).expand_as(z)).sum(dim=(-2, -1))
         t1 = t + self.dt
-        F1 = self.force(R1, t1 - self.t_eps)
+        if any(p.requires_grad for p in self.potential.parameters()):
+            F1 = self.force(R1, t1 - self.t_eps)
+        else:  # the force does not depend on the protocol: keep no graph of it
+            with torch.no_grad():
+                F1 = self.force(R1, t1 - self.t_eps)
         P1 = P_o + h * F1
         next_state = state.replace(
             R=R1, P=P1, t=t1, step=state.step + 1, aux={**state.aux, "force": F1}
