@@ -320,3 +320,32 @@ def test_multiwindow_experiments_build_a_trainer(name: str) -> None:
     trainer = Trainer.from_config(cfg, task, build_protocol(cfg, task))
     assert isinstance(trainer._estimator, MultiWindowEstimator)
     assert len(trainer._estimator.bounds(task.n_steps)) == cfg["protocol"]["n_pieces"]
+
+
+def test_training_logs_the_per_piece_signal_to_noise_ratio() -> None:
+    """``train/grad_snr/<j>`` (|mean| / SE over replica groups) reaches the logger's sinks."""
+    from controlmd.logger import Logger, Sink
+
+    class Memory(Sink):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, float]] = []
+
+        def write(self, values: dict[str, float], step: int) -> None:
+            self.rows.append(dict(values))
+
+    sink = Memory()
+    task = _LangevinTrap(quartic=0.3)
+    trainer = Trainer(
+        task,
+        _pieces(task),
+        estimator="score",
+        replicas=32,
+        grad_groups=4,
+        variance_every=1,
+        logger=Logger([sink]),
+    )
+    trainer.learn(1, progress=False)
+    n_entries = sum(p.numel() for p in trainer.parameters())
+    snr = {k: v for k, v in sink.rows[0].items() if k.startswith("train/grad_snr/")}
+    assert sorted(snr) == [f"train/grad_snr/{j}" for j in range(n_entries)]
+    assert all(v >= 0 for v in snr.values())
