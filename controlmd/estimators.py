@@ -280,6 +280,8 @@ class _ChunkedEstimator(GradientEstimator):
 
     def estimate(self, batch: RolloutBatch, seed: int, with_variance: bool) -> GradientEstimate:
         params, B = batch.params, batch.replicas
+        # a loss that couples replicas is only evaluated on the whole batch: no groups
+        with_variance = with_variance and batch.task.replica_mean_loss
         n_groups = max(batch.grad_groups, 1) if with_variance else 1
         segments = _segments(batch.shard, B, n_groups, self.chunk)
         single = len(segments) == 1 and not batch.dist.enabled
