@@ -104,6 +104,11 @@ def at_least(n: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= n else f"must be >= {n}"
 
 
+def _non_negative_numbers(v: Any) -> str | None:
+    ok = all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in v)
+    return None if ok else "must be a list of numbers >= 0"
+
+
 def in_range(low: float, high: float, *, closed_low: bool = False) -> Callable[[Any], str | None]:
     """A :class:`Field` check: ``low < v <= high`` (``low <= v`` with ``closed_low``)."""
     left = "[" if closed_low else "("
@@ -136,6 +141,16 @@ TRAIN_KEYS: dict[str, Field] = {
     "window": Field(int, 0, non_negative, doc="steps per checkpoint/truncation window (0: none)"),
     "clip": Field(float, 0.0, non_negative, doc="max gradient norm (0: no clipping)"),
     "estimator": Field(str, "pathwise", choices=ESTIMATORS),
+    "chunk": Field(
+        int, 0, non_negative, doc="replicas simulated at once by the estimator (0: all)"
+    ),
+    "windows": Field(int, 1, at_least(1), doc="windows of estimator = 'multiwindow'"),
+    "window_weights": Field(
+        list,
+        [],
+        _non_negative_numbers,
+        doc="one weight >= 0 per window of estimator = 'multiwindow' ([]: all 1)",
+    ),
     "lr_schedule": Field(str, "constant", choices=LR_SCHEDULES),
     "lr_min": Field(float, 0.0, non_negative, doc="final lr of the cosine schedule"),
     "lr_gamma": Field(
@@ -291,10 +306,26 @@ def resolve_config(raw: dict[str, Any]) -> Config:
         raise ConfigError(
             f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"
         )
-    if train["optimizer"] == "lbfgs" and train["estimator"] == "score":
+    if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow"):
         raise ConfigError(
             "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
-            "compare; estimator = 'score' gives a surrogate only. Use estimator = 'pathwise' or 'forward'"
+            f"compare; estimator = {train['estimator']!r} gives a surrogate only. Use estimator = "
+            "'pathwise' or 'forward'"
+        )
+    if train["estimator"] == "multiwindow":
+        if train["window_weights"] and len(train["window_weights"]) != train["windows"]:
+            raise ConfigError(
+                f"[train] window_weights has {len(train['window_weights'])} entries; expected "
+                f"one per window (windows = {train['windows']})"
+            )
+    elif train["windows"] != 1 or train["window_weights"]:
+        raise ConfigError(
+            f"[train] windows / window_weights apply to estimator = 'multiwindow' only, got "
+            f"estimator = {train['estimator']!r}, windows = {train['windows']}"
+        )
+    if train["chunk"] and train["estimator"] == "forward":
+        raise ConfigError(
+            f"[train] chunk = {train['chunk']} does not apply to estimator = 'forward'; use chunk = 0"
         )
     cfg["task"] = resolve_task_section(raw["task"])
     task = build_task(cfg)

@@ -162,3 +162,55 @@ class Langevin(MomentumIntegrator):
         P = P + h * F
         aux["force"] = F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
+
+    def score_step(self, state: State) -> tuple[State, Tensor]:
+        """One BAOAB step along a fixed position path, for the score-function estimator.
+
+        The step draws the same noise as :meth:`step` and reaches the same positions
+        ``R_{n+1}``, which are returned detached: the path is the sequence of positions, whose
+        density under the protocol is a product of Gaussians. Given ``(R_n, P_n)``, ``R_{n+1}
+        = R_n + h/m [(1 + c) P' + s xi]`` with ``P' = P_n + h F(R_n, t_n)``, ``h = dt/2``,
+        ``c = exp(-gamma dt)``, ``s = sqrt((1 - c^2) m kT(t_n + h))``, so (up to a constant)
+
+            log p(R_{n+1} | R_n, P_n; theta) = -sum [xi^2 / 2 + log s],
+            xi = ((R_{n+1} - R_n) m/h - (1 + c) P') / s.
+
+        The momenta are a deterministic function of the position path,
+        ``P_{n+1} = (R_{n+1} - R_n) m/h - P' + h F(R_{n+1}, t_{n+1})``, and keep their explicit
+        dependence on the protocol (through the forces and ``kT``); so does the log-density.
+
+        :param state: the state at ``t_n`` (its ``R`` is used detached).
+        :return: the next state (``R`` detached, ``P`` and the cached force with the protocol's
+            graph) and the log-density ``[B]`` of its positions given ``state``.
+        """
+        R, P, t = state.R.detach(), state.P, state.t
+        assert P is not None
+        m = self.mass_like(R)
+        g = self._gamma.to(R)
+        c = torch.exp(-(g.view(1, -1, 1) if g.ndim == 1 else g) * self.dt)
+        F = state.aux.get("force")
+        if F is None:
+            F = self.force(R, t + self.t_eps)
+        h = 0.5 * self.dt
+        P_half = P + h * F
+        kT = per_replica(evaluate_schedule(self.kT, t + h), R)
+        s = torch.sqrt((1.0 - c * c) * m * kT)
+        R_a = self.space.shift(R, h * P_half.detach() / m)
+        xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
+        P_o = c * P_half.detach() + s.detach() * xi
+        R1 = self.space.shift(R_a, h * P_o / m)
+        # the same quantities as functions of the protocol at fixed R_n, R_{n+1}
+        P_o = self.space.displacement(R1, R) * (m / h) - P_half
+        z = (P_o - c * P_half) / s
+        log_p = -(0.5 * z * z + torch.log(s).expand_as(z)).sum(dim=(-2, -1))
+        t1 = t + self.dt
+        if any(p.requires_grad for p in self.potential.parameters()):
+            F1 = self.force(R1, t1 - self.t_eps)
+        else:  # the force does not depend on the protocol: keep no graph of it
+            with torch.no_grad():
+                F1 = self.force(R1, t1 - self.t_eps)
+        P1 = P_o + h * F1
+        next_state = state.replace(
+            R=R1, P=P1, t=t1, step=state.step + 1, aux={**state.aux, "force": F1}
+        )
+        return next_state, log_p

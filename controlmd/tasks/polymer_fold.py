@@ -165,7 +165,7 @@ from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.structures import hairpin, helix, kabsch_align, kabsch_rmsd
 from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
-from controlmd.tasks.base import ControlChannels
+from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
@@ -372,6 +372,7 @@ class PolymerFold(RunArtifacts):
     metric_name = "folded_fraction"
     higher_is_better = True
     units = "reduced LJ units: length sigma, energy epsilon (kT in epsilon), mass m, time tau = sigma sqrt(m/epsilon)"
+    capabilities = TaskCapabilities(estimators=("pathwise", "score", "forward"))
 
     def __init__(
         self,
