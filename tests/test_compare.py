@@ -26,60 +26,8 @@ from controlmd_envs.compare import (
     summarize_folder,
 )
 
-TINY = """
-[experiment]
-name = "tiny_compare"
-seed = 3
-
-[task]
-name = "trap_drag"
-n_steps = 20
-low = -2.5
-high = 12.5
-
-[compare]
-methods = ["gradient", "ppo", "sac", "cma_es", "random_search", "ppo_feedback"]
-seeds = 2
-budget_md_steps = 8_000
-control_interval = 5
-eval_replicas = 16
-final_replicas = 32
-wall_cap_s = 60.0
-
-[gradient]
-lr = 0.2
-replicas = 16
-
-[ppo]
-n_envs = 8
-n_steps = 4
-batch_size = 32
-n_epochs = 2
-
-[sac]
-n_envs = 8
-learning_starts = 64
-batch_size = 32
-policy_kwargs = {net_arch = [16, 16]}
-
-[cma_es]
-replicas = 8
-popsize = 4
-
-[random_search]
-replicas = 8
-batch = 4
-
-[ppo_feedback]
-algo = "ppo"
-observation = "features"
-feature_scale = 5.0
-shaping = 1.0
-n_envs = 8
-n_steps = 4
-batch_size = 32
-n_epochs = 2
-"""
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (ROOT / "experiments" / "trap_drag_compare_smoke.toml").read_text()
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -89,10 +37,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_comparison_end_to_end(tmp_path: Path) -> None:
+    """The shipped smoke comparison (experiments/trap_drag_compare_smoke.toml)."""
     out = tmp_path / "out"
-    assert (
-        main(["compare", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet", "--local"]) == 0
-    )
+    smoke = ROOT / "experiments" / "trap_drag_compare_smoke.toml"
+    assert main(["compare", str(smoke), "--out", str(out), "--quiet", "--local"]) == 0
     result = json.loads((out / "comparison.json").read_text())
     assert (out / "comparison.png").stat().st_size > 0
     table = (out / "comparison.md").read_text()
@@ -620,3 +568,24 @@ def test_saturated_actions_are_clipped_and_nan_actions_named() -> None:
         ControlMDError, match=r"ppo: the policy's action is NaN at training MD step 640"
     ):
         policy_protocol(np.array([[0.0], [np.nan], [0.0], [0.0]]), task, method="ppo", md_steps=640)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["trap_drag", "isomerization", "assembly", "polymer_fold"])
+def test_quick_comparisons_finish_every_job(task: str, tmp_path: Path) -> None:
+    """experiments/<task>_compare_quick.toml: every job done, curves and sample efficiency
+    present for every method (a few minutes each on 2 cores)."""
+    out = tmp_path / "out"
+    path = ROOT / "experiments" / f"{task}_compare_quick.toml"
+    assert main(["compare", str(path), "--out", str(out), "--quiet", "--local"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["complete"] and all(j["status"] == "done" for j in result["jobs"])
+    cfg = load_compare_config(path)
+    seeds = {str(cfg["experiment"]["seed"] + j) for j in range(cfg["compare"]["seeds"])}
+    for method in cfg["methods"]:
+        assert set(result["curves"][method]) == seeds
+        for curve in result["curves"][method].values():
+            assert curve["md_steps"][0] == 0 and len(curve["md_steps"]) >= 3
+            assert curve["md_steps"][-1] <= cfg["compare"]["budget_md_steps"]
+    assert set(result["sample_efficiency"]) == set(cfg["methods"]) - {"gradient"}
+    assert (out / "comparison.png").stat().st_size > 0
