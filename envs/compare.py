@@ -575,8 +575,9 @@ def run_compare_job(
     ``cfg``, ``method`` and ``seed`` only: the global torch generator is seeded with
     ``seed`` first, and a folder left by a killed attempt (no ``metrics.json``) is cleared.
 
-    :param initial: the common starting protocol's scheduled evaluation (fields of
-        :class:`controlmd.evaluation.Evaluation`): charged to the run, not recomputed (RL
+    :param initial: the common starting protocol's curve evaluation (fields of
+        :class:`controlmd.evaluation.Evaluation`): the curve's first point (its replica-steps
+        counted in the run's ``eval_md_steps``), not recomputed (RL
         policies are evaluated as they are).
     """
     import shutil
@@ -654,7 +655,7 @@ def _read_plan(out_dir: Path) -> Config:
 
 
 def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """``start.json``: the common starting protocol on the scheduled- and final-evaluation
+    """``start.json``: the common starting protocol on the curve- and final-evaluation
     replicas (deterministic; computed once per folder, read back on resume)."""
     from controlmd.config import build_task
     from controlmd.search import actions_to_protocol

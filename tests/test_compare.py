@@ -589,3 +589,13 @@ def test_quick_comparisons_finish_every_job(task: str, tmp_path: Path) -> None:
             assert curve["md_steps"][-1] <= cfg["compare"]["budget_md_steps"]
     assert set(result["sample_efficiency"]) == set(cfg["methods"]) - {"gradient"}
     assert (out / "comparison.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments").glob("*_compare*.toml")), ids=lambda p: p.stem
+)
+def test_shipped_compare_files_are_valid(path: Path) -> None:
+    """Every shipped comparison file reads, and every method in it builds (a value a
+    library refuses would fail here, not in a job)."""
+    cfg = load_compare_config(path)
+    assert cfg["compare"]["n_pieces"] >= 2 and set(cfg["methods"]) == set(cfg["compare"]["methods"])
