@@ -498,7 +498,8 @@ def run_search(
 ) -> Protocol:
     """CMA-ES (``cma_es``: ``replicas``, ``sigma0``, ``popsize``) or random search
     (``random_search``: ``replicas``, ``batch``) until the tracker stops it (a generation
-    is the unit of work)."""
+    is the unit of work). ``train/best_metric`` (the best candidate's metric on its
+    training batch) goes to ``tb/`` at x = training MD replica-steps."""
     search: ProtocolSearch
     if algo == "cma_es":
         search = CMAES(
@@ -515,9 +516,18 @@ def run_search(
         )
     else:
         raise ControlMDError(f"unknown search algo {algo!r}; expected cma_es or random_search")
+    logger = Logger([TensorBoardSink(run_dir / "tb")])
+
+    def generation(s: ProtocolSearch) -> bool:
+        # the best training-batch metric so far (task sign), at x = training MD steps
+        logger.record("train/best_metric", -s.sign * s.best_score)
+        logger.dump(s.md_steps)
+        return tracker.step(s.md_steps, s.incumbent)
+
     tracker.start(_midpoint_protocol(task, n_pieces))
     if not tracker.exhausted():
-        search.learn(2**62, lambda s: tracker.step(s.md_steps, s.incumbent))
+        search.learn(2**62, generation)
+    logger.close()
     protocol = search.incumbent()
     protocol.save(run_dir / "protocol.pt")
     protocol.write_table(run_dir / "protocol.csv")
