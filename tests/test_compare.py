@@ -559,7 +559,7 @@ def test_saturated_actions_are_clipped_and_nan_actions_named() -> None:
         np.array([[-1.0 - 1e-7], [1.0], [1.0 + 1e-7], [0.0]]), task, method="ppo", md_steps=10
     )
     T = task.horizon
-    u = np.array([float(protocol(torch.tensor(T * (j + 0.5) / 4))) for j in range(4)])
+    u = np.array([float(protocol(torch.tensor(T * (j + 0.5) / 4)).detach()) for j in range(4)])
     half_width = PROTOCOL_MARGIN * 15.0 / 2
     np.testing.assert_allclose(
         u, [-2.5 + half_width, 12.5 - half_width, 12.5 - half_width, 5.0], atol=1e-9
