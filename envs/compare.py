@@ -678,6 +678,7 @@ def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
         "m0_se": initial.se,
         "m0_final": final.mean,
         "m0_final_se": final.se,
+        "m0_exact": _exact_metric(task, protocol),
         "initial": asdict(initial),
     }
     atomic_write_json(out_dir / "start.json", start)
@@ -719,7 +720,15 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
                 record["exact_final"] = _exact_metric(task, load_protocol(path))
             runs[method].append(record)
     start = _start_evaluations(cfg, out_dir)
-    result = summarize(cfg, task, runs, m0=start["m0"], m0_final=start["m0_final"], jobs=jobs)
+    result = summarize(
+        cfg,
+        task,
+        runs,
+        m0=start["m0"],
+        m0_final=start["m0_final"],
+        m0_exact=start.get("m0_exact"),
+        jobs=jobs,
+    )
     _write_outputs(out_dir, result)
     return result
 
@@ -929,6 +938,7 @@ def summarize(
     *,
     m0: float,
     m0_final: float,
+    m0_exact: float | None = None,
     jobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The content of ``comparison.json``: jobs, learning curves, runs, summaries per
@@ -937,6 +947,7 @@ def summarize(
     :param runs: per method the finished runs (``metrics.json`` records; may be empty).
     :param m0: the starting protocol's metric on the curve-evaluation replicas.
     :param m0_final: the same on the final-evaluation replicas.
+    :param m0_exact: its noise-free metric, where the task has ``exact_metric``.
     :param jobs: ``{method, seed, status, message}`` of every job (default: the runs, done).
     """
     comp = cfg["compare"]
@@ -1018,6 +1029,7 @@ def summarize(
         "seeds": [cfg["experiment"]["seed"] + j for j in range(comp["seeds"])],
         "m0": m0,
         "m0_final": m0_final,
+        "m0_exact": m0_exact,
         "m_best": (max if task.higher_is_better else min)(finals) if finals else None,
         "task_extras": {k: v for k, v in extras.items() if isinstance(v, int | float | str | bool)},
         "jobs": jobs,
@@ -1055,7 +1067,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result['budget_md_steps']:.3g} training MD replica-steps per run (evaluations not "
         f"charged), {len(result['seeds'])} seeds{incomplete}. Start (middle of the bounds): "
         f"{result['m0']:.4g} on the {result['eval_replicas']} curve replicas, "
-        f"{result['m0_final']:.4g} on the {result['final_replicas']} final ones.",
+        f"{result['m0_final']:.4g} on the {result['final_replicas']} final ones"
+        + ("." if result.get("m0_exact") is None else f", {result['m0_exact']:.4g} exact."),
         "",
         f"| method | final {name} (mean ± sd) | exact, noise-free (mean) | best seed | "
         "training MD steps | eval MD steps | grad steps | CPU s (training) | wall s | "

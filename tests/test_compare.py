@@ -49,6 +49,8 @@ def test_comparison_end_to_end(tmp_path: Path) -> None:
     methods = {"gradient", "ppo", "sac", "cma_es", "random_search", "ppo_feedback"}
     assert set(result["methods"]) == methods == set(result["curves"])
     assert result["metric_name"] == "mean_work" and result["higher_is_better"] is False
+    # the common start (trap at the middle, 5 = lambda_f: one jump) costs k lambda_f^2 / 2
+    assert result["m0_exact"] == pytest.approx(12.5, rel=1e-12) and "12.5 exact" in table
     assert [(j["method"], j["seed"], j["status"]) for j in result["jobs"]] == [
         (m, s, "done") for m in result["methods"] for s in (3, 4)
     ]
