@@ -443,7 +443,29 @@ def check_actions(actions: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.clip(a, -1.0, 1.0)
 
 
-class ControlEnv(gym.Env[np.ndarray, np.ndarray], EzPickle):
+class BatchCounters:
+    """``md_steps``, ``n_intervals`` and ``control_interval`` of an env that steps a
+    :class:`ReplicaBatch` (``self.batch``); shared by the single, vector and SB3 envs."""
+
+    batch: ReplicaBatch
+
+    @property
+    def md_steps(self) -> int:
+        """MD replica-steps simulated by this env since it was made."""
+        return self.batch.md_steps
+
+    @property
+    def n_intervals(self) -> int:
+        """Steps per episode ``K``."""
+        return self.batch.n_intervals
+
+    @property
+    def control_interval(self) -> int:
+        """MD steps per env step."""
+        return self.batch.control_interval
+
+
+class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
     """Control a controlmd task, one control interval per step.
 
     ## Description
@@ -575,20 +597,6 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray], EzPickle):
         self.observation_space = spaces.Box(low, high, dtype=np.float32)
         self._needs_reset = True
         self._history: list[tuple[float, np.ndarray]] = []
-
-    @property
-    def control_interval(self) -> int:
-        return self.batch.control_interval
-
-    @property
-    def n_intervals(self) -> int:
-        """Steps per episode ``K``."""
-        return self.batch.n_intervals
-
-    @property
-    def md_steps(self) -> int:
-        """MD steps simulated by this env since it was made."""
-        return self.batch.md_steps
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

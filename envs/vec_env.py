@@ -47,6 +47,7 @@ from controlmd.errors import ControlMDError
 from controlmd.tasks.base import Task
 from controlmd_envs.control_env import (
     SEED_BOUND,
+    BatchCounters,
     ReplicaBatch,
     check_actions,
     make_task,
@@ -57,7 +58,7 @@ __all__ = ["BatchedControlVecEnv", "ControlVectorEnv"]
 _AUTORESET = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
 
 
-class ControlVectorEnv(VectorEnv, EzPickle):
+class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
     """``num_envs`` replicas of a task as one gymnasium vector env (one batched simulation).
 
     Spaces, rewards and infos are those of :class:`~controlmd_envs.control_env.ControlEnv`
@@ -141,21 +142,6 @@ class ControlVectorEnv(VectorEnv, EzPickle):
         self.episodes = 0
         self._autoreset = False
 
-    @property
-    def md_steps(self) -> int:
-        """MD replica-steps simulated by this env since it was made."""
-        return self.batch.md_steps
-
-    @property
-    def n_intervals(self) -> int:
-        """Steps per episode ``K``."""
-        return self.batch.n_intervals
-
-    @property
-    def control_interval(self) -> int:
-        """MD steps per env step."""
-        return self.batch.control_interval
-
     def reset(
         self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -234,7 +220,7 @@ class ControlVectorEnv(VectorEnv, EzPickle):
         self.batch.state = None
 
 
-class BatchedControlVecEnv(VecEnv):
+class BatchedControlVecEnv(BatchCounters, VecEnv):
     """stable-baselines3 ``VecEnv`` adapter of :class:`ControlVectorEnv` (``SAME_STEP``
     autoreset, as stable-baselines3 expects).
 
@@ -267,16 +253,6 @@ class BatchedControlVecEnv(VecEnv):
     def batch(self) -> ReplicaBatch:
         """The replicas' engine (shared with :class:`ControlVectorEnv`)."""
         return self.venv.batch
-
-    @property
-    def md_steps(self) -> int:
-        """MD replica-steps simulated by this env since it was made."""
-        return self.venv.md_steps
-
-    @property
-    def n_intervals(self) -> int:
-        """Steps per episode ``K``."""
-        return self.venv.n_intervals
 
     @property
     def episodes(self) -> int:
