@@ -16,6 +16,10 @@ Workloads (built from the shipped tasks; reduced units of each task):
   against a plain vectorized torch loop of the same update (``torch.randn`` from one
   global generator, work accumulated in the overdamped case).
 
+``--rng philox-compiled`` times philox streams drawn by the ``torch.compile``-d block
+kernel (:func:`controlmd.rng.compile_philox`; bit-identical streams), compile time
+excluded (one untimed run first).
+
 Rates are replica-steps per second, B * steps / wall, the median of ``--repeats`` runs
 interleaved across engines and RNG kinds (controlmd with ``rng = "mt19937"`` and
 ``"philox"``, the plain loop or JAX MD), torch on ``--threads`` threads. Initial states are
@@ -56,10 +60,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from controlmd.dynamics.brownian import Brownian  # noqa: E402
 from controlmd.dynamics.langevin import Langevin  # noqa: E402
+from controlmd.potentials.analytic import DenseMorse, ScaledDense  # noqa: E402
 from controlmd.potentials.external import HarmonicTrap  # noqa: E402
 from controlmd.protocols import PiecewiseConstant, Tabulated  # noqa: E402
-from controlmd.rng import ReplicaRNG, use_rng  # noqa: E402
+from controlmd.rng import ReplicaRNG, compile_philox, use_rng  # noqa: E402
 from controlmd.simulate import simulate  # noqa: E402
 from controlmd.tasks.assembly import Assembly  # noqa: E402
 from controlmd.tasks.polymer_fold import PolymerFold  # noqa: E402
@@ -86,7 +92,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--dtypes", nargs="+", default=["float32", "float64"], choices=("float32", "float64")
     )
     p.add_argument("--modes", nargs="+", default=["forward", "grad"], choices=("forward", "grad"))
-    p.add_argument("--rng", nargs="+", default=["mt19937", "philox"], choices=("mt19937", "philox"))
+    p.add_argument(
+        "--rng",
+        nargs="+",
+        default=["mt19937", "philox"],
+        choices=("mt19937", "philox", "philox-compiled"),
+        help="noise streams; philox-compiled: philox with controlmd.rng.compile_philox()",
+    )
+    p.add_argument(
+        "--forces",
+        nargs="+",
+        default=["autograd", "analytic"],
+        choices=("autograd", "analytic"),
+        help="assembly forces: the task's Morse (autograd) and/or DenseMorse (analytic)",
+    )
     p.add_argument("--steps", type=int, default=None, help="forward steps (default per workload)")
     p.add_argument("--grad-steps", type=int, default=None, help="forward+gradient steps")
     p.add_argument(
@@ -124,13 +143,25 @@ def _task_setup(name: str, steps: int) -> tuple[Any, Any]:
 
 
 def controlmd_case(
-    name: str, B: int, dtype: torch.dtype, device: torch.device, mode: str, steps: int, rng: str
+    name: str,
+    B: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    mode: str,
+    steps: int,
+    rng: str,
+    forces: str = "autograd",
 ) -> Callable[[], dict[str, Any]]:
-    """A closure running one timed controlmd run (initial state built here, not timed)."""
+    """A closure running one timed controlmd run (initial state built here, not timed).
+    ``forces="analytic"`` (assembly only) swaps the task's ``eps(t) * Morse`` for the same
+    energy as :class:`~controlmd.potentials.analytic.ScaledDense` over ``DenseMorse``."""
     task, proto = _task_setup(name, steps)
     proto = proto.to(device=device, dtype=dtype)
-    if name == "trap_ud":
-        integ: Any = Langevin(
+    if forces == "analytic":
+        pot = ScaledDense(DenseMorse(task.space, alpha=task.alpha, r_cut=task.r_cut), proto)
+        integ: Any = Brownian(pot, dt=task.dt, kT=task.kT, gamma=task.gamma, space=task.space)
+    elif name == "trap_ud":
+        integ = Langevin(
             HarmonicTrap(TRAP["k"], proto),
             dt=TRAP["t_f"] / steps,
             kT=TRAP["kT"],
@@ -141,8 +172,10 @@ def controlmd_case(
         integ = task.integrator(proto)
     integ = integ.to(device=device, dtype=dtype)
 
+    kind = "philox" if rng == "philox-compiled" else rng
+
     def fresh_state() -> Any:
-        with use_rng(rng):
+        with use_rng(kind):
             if name == "trap_ud":
                 r = ReplicaRNG(SEED, B, device=device)
                 x0 = math.sqrt(TRAP["kT"] / TRAP["k"]) * r.randn(1, 1, dtype=dtype)
@@ -163,6 +196,13 @@ def controlmd_case(
         return s
 
     def run() -> dict[str, Any]:
+        compile_philox(rng == "philox-compiled")
+        try:
+            return timed()
+        finally:
+            compile_philox(False)
+
+    def timed() -> dict[str, Any]:
         s0 = fresh_state()
         _sync(device)
         t0 = time.perf_counter()
@@ -177,13 +217,15 @@ def controlmd_case(
             loss.backward()
             grad = [p.grad for p in proto.parameters() if p.grad is not None]
             out = {
-                "loss": float(loss),
+                "loss": loss.item(),
                 "grad_norm": float(torch.cat([g.flatten() for g in grad]).norm()),
             }
         _sync(device)
         out["wall_s"] = time.perf_counter() - t0
         return out
 
+    if rng == "philox-compiled":
+        run()  # compiles the kernel for this run's shapes (excluded, like JAX's compile)
     return run
 
 
@@ -347,7 +389,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for dname in args.dtypes:
                 dtype = getattr(torch, dname)
                 for B in args.replicas:
-                    rows.extend(_measure(name, mode, dtype, B, steps, device, args, use_jax))
+                    try:
+                        rows.extend(_measure(name, mode, dtype, B, steps, device, args, use_jax))
+                    except (RuntimeError, MemoryError) as exc:  # e.g. out of device memory
+                        rows.append(
+                            {
+                                "workload": name,
+                                "mode": mode,
+                                "dtype": dname,
+                                "replicas": B,
+                                "steps": steps,
+                                "error": f"{type(exc).__name__}: {exc}"[:500],
+                            }
+                        )
+                        print(f"{name} {mode} {dname} B={B}: {rows[-1]['error']}", flush=True)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    if args.json:  # rewritten after every cell: a run cut short keeps its rows
+                        Path(args.json).write_text(
+                            json.dumps({"meta": meta, "rows": rows}, indent=1)
+                        )
     meta["load_average_end"] = os.getloadavg()
     result = {"meta": meta, "rows": rows}
     if args.json:
@@ -373,7 +434,9 @@ def _measure(
         if rng == "mt19937" and B > MT19937_MAX_REPLICAS:
             notes[f"controlmd/{rng}"] = f"skipped: B > {MT19937_MAX_REPLICAS}"
             continue
-        cases[f"controlmd/{rng}"] = controlmd_case(name, B, dtype, device, mode, steps, rng)
+        for forces in args.forces if name == "assembly" else ["autograd"]:
+            key = f"controlmd/{rng}" + ("/analytic" if forces == "analytic" else "")
+            cases[key] = controlmd_case(name, B, dtype, device, mode, steps, rng, forces)
     energy_diff = None
     if name.startswith("trap"):
         cases["plain_torch"] = plain_torch_case(name, B, dtype, device, steps)

@@ -35,7 +35,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -72,6 +73,7 @@ __all__ = [
     "RNG_KINDS",
     "SEED_STRIDE",
     "ReplicaRNG",
+    "compile_philox",
     "default_rng_kind",
     "philox4x32",
     "replica_seed",
@@ -141,6 +143,34 @@ def philox4x32(
         n2 = ((p0 >> 32).bitwise_and_(_M32) ^ c3).bitwise_xor_(k1)
         c0, c1, c2, c3 = n0, p1.bitwise_and_(_M32), n2, p0.bitwise_and_(_M32)
     return c0, c1, c2, c3  # type: ignore[return-value]
+
+
+def _uniform_pairs(
+    block_low: Tensor, block_high: Tensor | int, seed_low: Tensor, seed_high: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Philox blocks -> two 53-bit uniforms each (float64 ``[B, count]``, exact)."""
+    w0, w1, w2, w3 = philox4x32(block_low.view(1, -1), block_high, seed_low, seed_high)
+    u0 = ((w0 << 21) | (w1 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
+    u1 = ((w2 << 21) | (w3 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
+    return u0, u1
+
+
+_COMPILE: dict[str, Any] = {"enabled": False, "kernel": None}
+
+
+def compile_philox(enabled: bool = True) -> None:
+    """Draw philox blocks with a ``torch.compile``-d kernel (one fused loop instead of ~130
+    tensor operations per draw; the integer arithmetic is exact, so the streams are
+    bit-identical to the eager ones). The first draw of each new shape class compiles
+    (tens of seconds to minutes on a CPU, needs a C++ compiler there); off by default.
+    """
+    _COMPILE["enabled"] = bool(enabled)
+
+
+def _compiled_kernel() -> Callable[..., tuple[Tensor, Tensor]]:
+    if _COMPILE["kernel"] is None:
+        _COMPILE["kernel"] = torch.compile(_uniform_pairs, dynamic=True)
+    return _COMPILE["kernel"]
 
 
 class ReplicaRNG:
@@ -258,10 +288,8 @@ class ReplicaRNG:
         every replica: two float64 tensors ``[B, count]`` in ``[0, 1)``."""
         block = torch.arange(first, first + count, dtype=torch.int64, device=self.device)
         high = first >> 32 if (first + count - 1) >> 32 == first >> 32 else block >> 32
-        w0, w1, w2, w3 = philox4x32(block & _M32, high, *self._seed_words)
-        u0 = ((w0 << 21) | (w1 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
-        u1 = ((w2 << 21) | (w3 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
-        return u0, u1
+        kernel = _compiled_kernel() if _COMPILE["enabled"] else _uniform_pairs
+        return kernel(block & _M32, high, *self._seed_words)
 
     def _philox_uniforms(self, m: int) -> Tensor:
         """Slots ``position ... position+m-1`` as uniforms ``[B, m]``; advances the stream."""

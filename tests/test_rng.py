@@ -19,6 +19,7 @@ from controlmd.potentials.external import HarmonicTrap
 from controlmd.rng import (
     SEED_STRIDE,
     ReplicaRNG,
+    compile_philox,
     default_rng_kind,
     philox4x32,
     replica_seed,
@@ -234,3 +235,25 @@ def test_experiment_runs_with_the_configured_rng(
     c = run_experiment(cfg, out=tmp_path / "c", progress=False).metrics
     assert set(kinds) == {"mt19937"}
     assert c["metric_initial"] != a["metric_initial"]  # same replicas, other noise
+
+
+@pytest.mark.slow
+def test_compiled_philox_is_bit_identical() -> None:
+    """The torch.compile-d block kernel gives exactly the eager streams (several shapes)."""
+    shapes = [(5, (3,)), (64, (7, 2)), (300, (1,))]
+    eager = [ReplicaRNG(9, B, kind="philox") for B, _ in shapes]
+    ref = [
+        [r.randn(*shape), r.rand(*shape), r.randn(*shape)] for r, (_, shape) in zip(eager, shapes)
+    ]
+    compile_philox(True)
+    try:
+        fast = [ReplicaRNG(9, B, kind="philox") for B, _ in shapes]
+        got = [
+            [r.randn(*shape), r.rand(*shape), r.randn(*shape)]
+            for r, (_, shape) in zip(fast, shapes)
+        ]
+    finally:
+        compile_philox(False)
+    for a, b in zip(ref, got):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
