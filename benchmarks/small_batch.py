@@ -153,7 +153,7 @@ def controlmd_case(
     forces: str = "autograd",
 ) -> Callable[[], dict[str, Any]]:
     """A closure running one timed controlmd run (initial state built here, not timed).
-    ``forces="analytic"`` (assembly only) swaps the task's ``eps(t) * Morse`` for the same
+    ``forces="analytic"`` (assembly, philox streams only) swaps the task's ``eps(t) * Morse`` for the same
     energy as :class:`~controlmd.potentials.analytic.ScaledDense` over ``DenseMorse``."""
     task, proto = _task_setup(name, steps)
     proto = proto.to(device=device, dtype=dtype)
@@ -191,8 +191,11 @@ def controlmd_case(
                 for k, v in s.aux.items()
             }
         )
-        if s.rng is not None and s.rng.device != device:
-            raise RuntimeError("initial RNG on the wrong device")
+        if s.rng is not None and s.rng.device != device:  # tasks build CPU streams
+            r = ReplicaRNG(SEED, B, device=device, kind=kind)
+            if kind == "philox":
+                r.position = s.rng.position  # the same streams, continued on the device
+            s = s.replace(rng=r)
         return s
 
     def run() -> dict[str, Any]:
@@ -434,7 +437,7 @@ def _measure(
         if rng == "mt19937" and B > MT19937_MAX_REPLICAS:
             notes[f"controlmd/{rng}"] = f"skipped: B > {MT19937_MAX_REPLICAS}"
             continue
-        for forces in args.forces if name == "assembly" else ["autograd"]:
+        for forces in args.forces if name == "assembly" and rng != "mt19937" else ["autograd"]:
             key = f"controlmd/{rng}" + ("/analytic" if forces == "analytic" else "")
             cases[key] = controlmd_case(name, B, dtype, device, mode, steps, rng, forces)
     energy_diff = None
