@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from controlmd.errors import ConfigError
     from controlmd.evaluation import evaluate
     from controlmd.protocols import load_protocol
-    from controlmd.rng import RESCORE_SEED_OFFSET
+    from controlmd.rng import RESCORE_SEED_OFFSET, use_rng
 
     check_int("--seeds", args.seeds)
     cfg = read_run_config(args.run_dir)
@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     base = cfg["experiment"]["seed"] + RESCORE_SEED_OFFSET
     rows = []
     for j in range(args.seeds):
-        result = evaluate(task, protocol, replicas, base + j, chunk=cfg["eval"]["chunk"])
+        with use_rng(cfg["experiment"]["rng"]):  # the run's noise streams
+            result = evaluate(task, protocol, replicas, base + j, chunk=cfg["eval"]["chunk"])
         rows.append({"seed": base + j, "mean": result.mean, "se": result.se, "replicas": result.n})
         print(
             f"seed {base + j}: {task.metric_name} = {result.mean:.6g} +- {result.se:.2g} "
