@@ -23,8 +23,8 @@ excluded (one untimed run first).
 Rates are replica-steps per second, B * steps / wall, the median of ``--repeats`` runs
 interleaved across engines and RNG kinds (controlmd with ``rng = "mt19937"`` and
 ``"philox"``, the plain loop or JAX MD), torch on ``--threads`` threads. Initial states are
-built before timing. ``mt19937`` at more than 20,000 replicas is skipped (one
-``torch.Generator`` of 5 KB per replica, and its per-replica draw loop, would dominate).
+built before timing. ``mt19937`` is skipped above 20,000 replicas on the CPU and 1,024 on
+a GPU (one ``torch.Generator`` per replica, and its per-replica draw loop, would dominate).
 
 JAX MD peer (``assembly`` and the traps; absent ``jax_md``, or ``--no-jax``: skipped):
 the same system written with ``jax_md.space.periodic`` and ``jax_md.simulate.brownian``
@@ -79,7 +79,8 @@ DEFAULT_STEPS = {
     "trap_od": (200, 0),
     "trap_ud": (200, 0),
 }
-MT19937_MAX_REPLICAS = 20_000
+# mt19937 draws loop over one generator per replica: skipped above these B (per device type)
+MT19937_MAX_REPLICAS = {"cpu": 20_000, "cuda": 1_024}
 TRAP = {"k": 1.0, "kT": 1.0, "lambda_f": 5.0, "t_f": 1.0, "gamma": 1.0, "mass": 1.0}
 SEED = 0
 
@@ -434,8 +435,9 @@ def _measure(
     cases: dict[str, Callable[[], dict[str, Any]]] = {}
     notes: dict[str, str] = {}
     for rng in args.rng:
-        if rng == "mt19937" and B > MT19937_MAX_REPLICAS:
-            notes[f"controlmd/{rng}"] = f"skipped: B > {MT19937_MAX_REPLICAS}"
+        cap = MT19937_MAX_REPLICAS.get(device.type, 1_024)
+        if rng == "mt19937" and B > cap:
+            notes[f"controlmd/{rng}"] = f"skipped: B > {cap} on {device.type}"
             continue
         for forces in args.forces if name == "assembly" and rng != "mt19937" else ["autograd"]:
             key = f"controlmd/{rng}" + ("/analytic" if forces == "analytic" else "")
