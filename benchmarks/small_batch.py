@@ -38,6 +38,7 @@ Usage::
     python benchmarks/small_batch.py --workloads assembly polymer --replicas 64 512 2048 \\
         --dtypes float32 float64 --json small_batch.json
     python benchmarks/small_batch.py --workloads trap_od trap_ud --replicas 10000 1000000
+    python benchmarks/small_batch.py --profile   # where a step's time goes
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX MD peer")
     p.add_argument("--json", default=None, help="write all rows to this JSON file")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the rates: aten operations and ms per call of the parts of a step",
+    )
     return p.parse_args(argv)
 
 
@@ -359,6 +365,88 @@ def jax_assembly_case(
     return run, energies
 
 
+# --------------------------------------------------------------------------- profile
+
+
+def _top_level_ops(fn: Callable[[], Any]) -> int:
+    """ATen operations dispatched from Python by one call of ``fn`` (nested ones excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def _ms_per_call(fns: dict[str, Callable[[], Any]], n: int, repeats: int = 5) -> dict[str, float]:
+    """Median over ``repeats`` interleaved blocks of the mean time of ``n`` calls, in ms."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[key].append((time.perf_counter() - t0) / n * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile_parts() -> dict[str, Any]:
+    """Operation counts and per-step times of the parts of a step (``--profile``): the
+    assembly at B = 512 (float64), the polymer at B = 256, the overdamped trap at B = 10^4
+    against the plain loop's update; all under ``torch.no_grad``."""
+    out: dict[str, Any] = {"load_average_start": os.getloadavg()}
+    t = torch.tensor(0.01, dtype=torch.float64)
+    task, proto = _task_setup("assembly", 100)
+    R = task.initial_state(512, SEED).R
+    integ = task.integrator(proto)
+    fast = ScaledDense(DenseMorse(task.space, alpha=task.alpha, r_cut=task.r_cut), proto)
+    s_mt = integ.init(R, rng=ReplicaRNG(SEED, 512, kind="mt19937"))
+    s_ph = integ.init(R, rng=ReplicaRNG(SEED, 512, kind="philox"))
+    pt, pp = _task_setup("polymer", 100)
+    p0 = pt.initial_state(256, SEED)
+    pint = pt.integrator(pp)
+    p_ph = pint.init(p0.R, kT=pt.kT, rng=ReplicaRNG(SEED, 256, kind="philox"))
+    tt, tp = _task_setup("trap_od", 100)
+    tint = tt.integrator(tp)
+    t_ph = tt.initial_state(10_000, SEED).replace(rng=ReplicaRNG(SEED, 10_000, kind="philox"))
+    x = [torch.zeros(10_000, dtype=torch.float64)]
+
+    def plain() -> None:
+        x[0] = 5.0 + (x[0] - 5.0) * 0.99 + 0.1 * torch.randn(10_000, dtype=torch.float64)
+
+    parts = {
+        "assembly noise mt19937": lambda: s_mt.rng.randn(7, 2),  # type: ignore[union-attr]
+        "assembly noise philox": lambda: s_ph.rng.randn(7, 2),  # type: ignore[union-attr]
+        "assembly forces autograd": lambda: integ.potential.energy_and_forces(R, t),
+        "assembly forces analytic": lambda: fast.energy_and_forces(R, t),
+        "assembly step mt19937": lambda: integ.step(s_mt),
+        "assembly step philox": lambda: integ.step(s_ph),
+        "polymer forces autograd": lambda: pint.potential.energy_and_forces(p_ph.R, t),
+        "polymer step philox": lambda: pint.step(p_ph),
+        "trap_od noise philox (one block)": lambda: ReplicaRNG(SEED, 10_000, kind="philox").randn(
+            1, 1
+        ),
+        "trap_od torch.randn": lambda: torch.randn(10_000, dtype=torch.float64),
+        "trap_od step philox": lambda: tint.step(t_ph),
+        "trap_od plain loop step": plain,
+    }
+    with torch.no_grad():
+        out["aten_ops_per_call"] = {k: _top_level_ops(f) for k, f in parts.items()}
+        out["ms_per_call"] = _ms_per_call(parts, 50)
+    out["load_average_end"] = os.getloadavg()
+    for key in parts:
+        print(
+            f"{key:34s} {out['aten_ops_per_call'][key]:5d} ops  {out['ms_per_call'][key]:9.3f} ms"
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -369,6 +457,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
     torch.set_num_threads(args.threads)
+    if args.profile:
+        result = profile_parts()
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
     device = torch.device(args.device)
     use_jax = not args.no_jax and jax_available()
     rows: list[dict[str, Any]] = []
