@@ -26,12 +26,12 @@ interleaved across engines and RNG kinds (controlmd with ``rng = "mt19937"`` and
 built before timing. ``mt19937`` is skipped above 20,000 replicas on the CPU and 1,024 on
 a GPU (one ``torch.Generator`` per replica, and its per-replica draw loop, would dominate).
 
-JAX MD peer (``assembly`` and the traps; absent ``jax_md``, or ``--no-jax``: skipped):
-the same system written with ``jax_md.space.periodic`` and ``jax_md.simulate.brownian``
-(Morse energy written out with the task's truncation, ``jit`` + ``vmap`` over replicas +
-``lax.scan`` over steps, compile time excluded, one XLA thread with ``--threads 1``); the
-energies of both engines on the same configurations are compared (``max_energy_diff``).
-The polymer has no JAX MD peer yet.
+JAX MD peer (``assembly``, ``polymer``; absent ``jax_md``, or ``--no-jax``: skipped): the
+same system written with ``jax_md.space`` and ``jax_md.simulate.brownian`` /
+``nvt_langevin`` (energies written out term by term as the tasks define them, ``jit`` +
+``vmap`` over replicas + ``lax.scan`` over steps, compile time excluded, one XLA thread
+with ``--threads 1``); the energies of both engines on the same configurations are
+compared (``max_energy_diff``).
 
 Usage::
 
@@ -365,6 +365,100 @@ def jax_assembly_case(
     return run, energies
 
 
+def jax_polymer_case(
+    B: int, dtype: torch.dtype, mode: str, steps: int, R0: torch.Tensor, P0: torch.Tensor
+) -> tuple[Callable[[], dict[str, Any]], Callable[[torch.Tensor], Any]]:
+    """JAX MD: the polymer workload (the task's H0 term by term: harmonic bonds and
+    angles, the two cosine dihedral series, WCA on pairs |i - j| >= 2, native Morse
+    contacts; ``simulate.nvt_langevin`` at the task's dt, kT and gamma), from ``R0`` and
+    momenta ``P0``. fwd+grad: d(1 - smooth Q)/d(kT) (the task loss without its torsion
+    term). Returns the timed closure and the
+    energy function ``[B]``."""
+    import jax
+    import jax.numpy as jnp
+    from jax_md import simulate as jsim
+    from jax_md import space as jspace
+
+    jax.config.update("jax_enable_x64", dtype == torch.float64)
+    jdt = jnp.float64 if dtype == torch.float64 else jnp.float32
+    task = PolymerFold(n_steps=steps)
+    n = task.n_beads
+
+    def arr(x: Any, kind: Any = None) -> Any:
+        return jnp.asarray(torch.as_tensor(x).detach().cpu().numpy(), dtype=kind or jdt)
+
+    bonds, b0 = arr(task._bonds, jnp.int32), arr(task._b0)
+    angles, th0 = arr(task._angles, jnp.int32), arr(task._theta0)
+    quads, phi0 = arr(task._dihedrals, jnp.int32), arr(task._phi0)
+    contacts, d_nat = arr(task.contacts, jnp.int32), arr(task.d_native)
+    iu, ju = (jnp.asarray(a) for a in torch.triu_indices(n, n, offset=2).numpy())
+    sig, rc = task.sigma_repulsive, 2.0 ** (1.0 / 6.0) * task.sigma_repulsive
+    _, shift = jspace.free()
+
+    def norm(x: Any) -> Any:
+        return jnp.sqrt(jnp.sum(x * x, axis=-1))
+
+    def energy(R: Any, **_: Any) -> Any:
+        r = norm(R[bonds[:, 1]] - R[bonds[:, 0]])
+        e = jnp.sum(0.5 * task.k_bond * (r - b0) ** 2)
+        a = R[angles[:, 0]] - R[angles[:, 1]]
+        b = R[angles[:, 2]] - R[angles[:, 1]]
+        th = jnp.arctan2(norm(jnp.cross(a, b)), jnp.sum(a * b, axis=-1))
+        e += jnp.sum(0.5 * task.k_angle * (th - th0) ** 2)
+        b1, b2, b3 = (R[quads[:, k + 1]] - R[quads[:, k]] for k in range(3))
+        n1, n2 = jnp.cross(b1, b2), jnp.cross(b2, b3)
+        phi = jnp.arctan2(norm(b2) * jnp.sum(b1 * n2, axis=-1), jnp.sum(n1 * n2, axis=-1))
+        e += jnp.sum(task.k_dihedral * (1.0 + jnp.cos(phi - (phi0 + jnp.pi))))
+        e += jnp.sum(task.k_dihedral3 * (1.0 + jnp.cos(3.0 * phi - (3.0 * phi0 + jnp.pi))))
+        rp = norm(R[iu] - R[ju])
+        inside = rp < rc
+        x6 = (sig / jnp.where(inside, rp, rc)) ** 6
+        e += jnp.sum(jnp.where(inside, 4.0 * (x6 * x6 - x6) + 1.0, 0.0))
+        ex = jnp.exp(-task.contact_alpha * (norm(R[contacts[:, 0]] - R[contacts[:, 1]]) - d_nat))
+        return e + task.eps_contact * jnp.sum(ex * ex - 2.0 * ex)
+
+    def q_smooth(R: Any) -> Any:
+        x = (norm(R[contacts[:, 0]] - R[contacts[:, 1]]) - d_nat) / (task.contact_tolerance * d_nat)
+        beta = task.q_sharpness
+        return jnp.mean(jax.nn.sigmoid(beta * (1.0 - x * x)) / jax.nn.sigmoid(beta))
+
+    init_fn, apply_fn = jsim.nvt_langevin(energy, shift, task.dt, task.kT, gamma=task.gamma)
+    keys = jax.random.split(jax.random.PRNGKey(SEED), B)
+    R = arr(R0)
+    state0 = jax.vmap(lambda k, r: init_fn(k, r, mass=1.0))(keys, R)
+    state0 = state0.set(momentum=arr(P0))
+
+    def trajectory(kT: Any) -> Any:
+        def body(s: Any, _: Any) -> Any:
+            return jax.vmap(lambda x: apply_fn(x, kT=kT))(s), None
+
+        return jax.lax.scan(body, state0, None, length=steps)[0]
+
+    def loss(kT: Any) -> Any:
+        return jnp.mean(1.0 - jax.vmap(q_smooth)(trajectory(kT).position))
+
+    kT0 = jnp.asarray(task.kT, dtype=jdt)
+    fn = (
+        jax.jit(lambda k: trajectory(k).position)
+        if mode == "forward"
+        else jax.jit(jax.value_and_grad(loss))
+    )
+    jax.block_until_ready(fn(kT0))  # compile (excluded)
+
+    def run() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(kT0))
+        row: dict[str, Any] = {"wall_s": time.perf_counter() - t0}
+        if mode == "grad":
+            row["loss"] = float(out[0])
+        return row
+
+    def energies(R_t: torch.Tensor) -> Any:
+        return jax.vmap(energy)(arr(R_t))
+
+    return run, energies
+
+
 # --------------------------------------------------------------------------- profile
 
 
@@ -545,10 +639,18 @@ def _measure(
         cases["jax_md"] = jrun
         with torch.no_grad():
             e_t = task.potential(None).energy(s0.R.to(dtype), torch.tensor(0.0, dtype=dtype))
-        e_j = torch.as_tensor(jenergy(s0.R).__array__()).to(e_t)
+        e_j = torch.as_tensor(jenergy(s0.R).__array__().copy()).to(e_t)
         energy_diff = float((e_t - e_j).abs().max())
-    elif name == "polymer":
-        notes["jax_md"] = "no polymer peer yet"
+    elif use_jax and name == "polymer" and device.type == "cpu":
+        task, _ = _task_setup(name, steps)
+        s0 = task.initial_state(B, SEED)
+        jrun, jenergy = jax_polymer_case(B, dtype, mode, steps, s0.R, s0.P)
+        cases["jax_md"] = jrun
+        with torch.no_grad():
+            h0 = task._h0_fixed + task._h0_attraction
+            e_t = h0.energy(s0.R.to(dtype), torch.tensor(0.0, dtype=dtype))
+        e_j = torch.as_tensor(jenergy(s0.R).__array__().copy()).to(e_t)
+        energy_diff = float((e_t - e_j).abs().max())
     elif not use_jax:
         notes["jax_md"] = "skipped: jax_md not importable or --no-jax"
     times: dict[str, list[float]] = {key: [] for key in cases}
