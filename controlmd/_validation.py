@@ -54,8 +54,11 @@ def check_positions(name: str, R: Tensor, *, dim: int | None = None) -> None:
             f"{name} must have shape [B, N, d] (replicas, particles, dimension), got "
             f"{tuple(R.shape)}; add a replica axis with R.unsqueeze(0) for one system"
         )
-    if not R.is_floating_point():
-        raise ControlMDError(f"{name} must be a floating-point tensor, got dtype {R.dtype}")
+    if R.dtype not in (torch.float32, torch.float64):
+        raise ControlMDError(
+            f"{name} must be a float32 or float64 tensor, got dtype {R.dtype} (integer positions "
+            "cannot move; half precision is not supported)"
+        )
     if dim is not None and R.shape[-1] != dim:
         raise ControlMDError(f"{name} has spatial dimension {R.shape[-1]}, expected {dim}")
     check_finite(name, R)

@@ -4,7 +4,7 @@
 
     controlmd run EXPERIMENT.toml [--set section.key=value ...] [--out DIR] [--resume DIR] [--seed N]
     controlmd run EXPERIMENT.toml --seeds K                  (K seeds as independent jobs)
-    controlmd eval RUN_DIR [--seeds N] [--replicas M]
+    controlmd eval RUN_DIR [--seeds N] [--replicas M] [--seed S] [--baseline SPEC] [--json FILE]
     controlmd sweep EXPERIMENT.toml --grid section.key=v1,v2,... [--seeds N] [--resume DIR]
     controlmd compare EXPERIMENT.toml [--out DIR] [--set ...] [--resume DIR]     (extra "rl")
     controlmd ibi EXPERIMENT.toml | controlmd ibi compare RUN_DIR ...

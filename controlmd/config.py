@@ -106,6 +106,11 @@ def at_least(n: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= n else f"must be >= {n}"
 
 
+def _non_negative_numbers(v: Any) -> str | None:
+    ok = all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in v)
+    return None if ok else "must be a list of numbers >= 0"
+
+
 def in_range(low: float, high: float, *, closed_low: bool = False) -> Callable[[Any], str | None]:
     """A :class:`Field` check: ``low < v <= high`` (``low <= v`` with ``closed_low``)."""
     left = "[" if closed_low else "("
@@ -145,6 +150,16 @@ TRAIN_KEYS: dict[str, Field] = {
     "window": Field(int, 0, non_negative, doc="steps per checkpoint/truncation window (0: none)"),
     "clip": Field(float, 0.0, non_negative, doc="max gradient norm (0: no clipping)"),
     "estimator": Field(str, "pathwise", choices=ESTIMATORS),
+    "chunk": Field(
+        int, 0, non_negative, doc="replicas simulated at once by the estimator (0: all)"
+    ),
+    "windows": Field(int, 1, at_least(1), doc="windows of estimator = 'multiwindow'"),
+    "window_weights": Field(
+        list,
+        [],
+        _non_negative_numbers,
+        doc="one weight >= 0 per window of estimator = 'multiwindow' ([]: all 1)",
+    ),
     "lr_schedule": Field(str, "constant", choices=LR_SCHEDULES),
     "lr_min": Field(float, 0.0, non_negative, doc="final lr of the cosine schedule"),
     "lr_gamma": Field(
@@ -195,16 +210,22 @@ SECTIONS = ("experiment", "task", "protocol", "train", "eval", "logging")
 
 
 def load_config(
-    path: str | Path, overrides: Iterable[str] = (), *, seed: int | None = None
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    seed: int | None = None,
+    name: str | Path | None = None,
 ) -> Config:
     """Read, override and validate an experiment file; returns the resolved config.
 
     :param path: the TOML file.
     :param overrides: ``"section.key=value"`` strings applied in order.
     :param seed: if given, replaces ``experiment.seed``.
+    :param name: the file named in errors (default ``path``; the CLI reads a copy of the
+        user's file from the run folder and names the user's file).
     :raises ConfigError: naming the file, section, key and value at fault.
     """
-    return load_file(path, resolve_config, overrides, sections=SECTIONS, seed=seed)
+    return load_file(path, resolve_config, overrides, sections=SECTIONS, seed=seed, name=name)
 
 
 def apply_overrides(
@@ -228,6 +249,7 @@ def load_file(
     *,
     sections: Iterable[str] | None = SECTIONS,
     seed: int | None = None,
+    name: str | Path | None = None,
 ) -> Config:
     """The one path from a TOML file to a resolved config, shared by every command: read
     the file, apply ``--set`` overrides (and ``--seed``), resolve with ``resolve``; any
@@ -235,6 +257,7 @@ def load_file(
 
     :param resolve: the command's schema (e.g. :func:`resolve_config`).
     :param sections: sections an override may name (``None``: any).
+    :param name: the file named in errors (default ``path``).
     """
     path = Path(path)
     raw = apply_overrides(read_toml(path), overrides, sections=sections)
@@ -243,7 +266,7 @@ def load_file(
     try:
         return resolve(raw)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{name if name is not None else path}: {exc}") from None
 
 
 def resolve_sections(
@@ -298,10 +321,26 @@ def resolve_config(raw: dict[str, Any]) -> Config:
             "windows ([train] gradient = 'checkpoint'); use gradient = 'direct' or "
             "'truncated', or rng = 'mt19937'"
         )
-    if train["optimizer"] == "lbfgs" and train["estimator"] == "score":
+    if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow"):
         raise ConfigError(
             "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
-            "compare; estimator = 'score' gives a surrogate only. Use estimator = 'pathwise' or 'forward'"
+            f"compare; estimator = {train['estimator']!r} gives a surrogate only. Use estimator = "
+            "'pathwise' or 'forward'"
+        )
+    if train["estimator"] == "multiwindow":
+        if train["window_weights"] and len(train["window_weights"]) != train["windows"]:
+            raise ConfigError(
+                f"[train] window_weights has {len(train['window_weights'])} entries; expected "
+                f"one per window (windows = {train['windows']})"
+            )
+    elif train["windows"] != 1 or train["window_weights"]:
+        raise ConfigError(
+            f"[train] windows / window_weights apply to estimator = 'multiwindow' only, got "
+            f"estimator = {train['estimator']!r}, windows = {train['windows']}"
+        )
+    if train["chunk"] and train["estimator"] == "forward":
+        raise ConfigError(
+            f"[train] chunk = {train['chunk']} does not apply to estimator = 'forward'; use chunk = 0"
         )
     cfg["task"] = resolve_task_section(raw["task"])
     task = build_task(cfg)
@@ -439,9 +478,19 @@ def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
     accepted = _accepted_keys(cls) or set()
     low, high = task.controls.low, task.controls.high
     defaults: dict[str, Any] = {"dim": task.controls.dim, "t_final": task.horizon}
-    if "low" in accepted:
+    if "low" in accepted and len(low) > 0:
         defaults["low"] = list(low) if len(low) > 1 else low[0]
         defaults["high"] = list(high) if len(high) > 1 else high[0]
+    _check_release_keys(section)
+    fraction = section.get("release_fraction", 0.0)
+    if fraction > 0 and "release_value" not in section and task.controls.dim > 0:
+        value = task.default_control()
+        if value is None:
+            raise ConfigError(
+                f"[protocol] release_fraction = {fraction!r}: task {task.name!r} has no "
+                "no-control value (default_control); give release_value"
+            )
+        defaults["release_value"] = [float(v) for v in value]
     if "obs_dim" in accepted and "obs_dim" not in section:
         n_obs = task.observe(task.initial_state(1, 0)).shape[1]
         if n_obs == 0:
@@ -456,6 +505,25 @@ def _protocol_section(values: dict[str, Any], task: Task) -> dict[str, Any]:
     }
 
 
+def _check_release_keys(section: dict[str, Any]) -> None:
+    """``[protocol] release_fraction`` in ``[0, 0.5)`` and ``field_cost_weight >= 0``."""
+    checks = {
+        "release_fraction": (
+            lambda v: 0.0 <= v < 0.5,
+            "must be in [0, 0.5) (a fraction of the horizon, before its second half)",
+        ),
+        "field_cost_weight": (lambda v: v >= 0.0, "must be >= 0"),
+    }
+    for key, (ok, rule) in checks.items():
+        if key not in section:
+            continue
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"[protocol] {key} must be a number, got {_show(value)}")
+        if not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"[protocol] {key} {rule}, got {value!r}")
+
+
 def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:
     """The protocol of ``[protocol]`` (fitted to ``init`` when given)."""
     params = dict(cfg["protocol"])
@@ -465,14 +533,10 @@ def build_protocol(cfg: Config, task: Task | None = None) -> Protocol:
     except (ControlMDError, TypeError, ValueError) as exc:
         raise ConfigError(f"[protocol] kind = {kind!r}: {exc}") from None
     if task is not None:
-        if protocol.dim != task.controls.dim:
-            raise ConfigError(
-                f"[protocol] dim = {protocol.dim} but task {task.name!r} has {task.controls.dim} control channel(s)"
-            )
-        if not math.isclose(protocol.t_final, task.horizon, rel_tol=1e-9):
-            raise ConfigError(
-                f"[protocol] t_final = {protocol.t_final} differs from task {task.name!r}'s horizon {task.horizon}"
-            )
+        try:
+            task.check_protocol(protocol)
+        except ControlMDError as exc:
+            raise ConfigError(f"[protocol] {exc}") from None
     return protocol
 
 

@@ -176,12 +176,14 @@ def _train(
     final_seed = seed + FINAL_SEED_OFFSET
     chunk = eval_cfg["chunk"]
 
+    start: dict[str, Any]  # metric_initial, metric_initial_se (float), metric_exact_initial
     if checkpoint is None:
         before = trainer.evaluate(eval_cfg["final_replicas"], final_seed, chunk=chunk)
         start = {
             "metric_initial": before.mean,
             "metric_initial_se": before.se,
             "metric_exact_initial": trainer.exact_metric(),
+            "field_cost_initial": before.field_cost,
         }
         if log_cfg["tensorboard"] and writer and protocol.dim > 0:
             logger.record_figure("protocol/u", _protocol_figure(task, {"initial": initial}), 0)
@@ -248,6 +250,9 @@ def _train(
         "replicas": trainer.replicas,
         "world_size": dist_ctx.world_size,
     }
+    if after.field_cost is not None:  # tasks with a spatial control field
+        metrics["field_cost_initial"] = start.get("field_cost_initial")
+        metrics["field_cost_final"] = after.field_cost
     exact_final = trainer.exact_metric()
     if exact_final is not None:
         metrics["metric_exact_initial"] = start["metric_exact_initial"]

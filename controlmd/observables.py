@@ -115,7 +115,8 @@ def virial(potential: Potential, R: Tensor, t: Tensor | float | None = None) -> 
             f"{type(potential).__name__} has no virial: pressure is defined for pair and bonded "
             "terms only (external fields and traps break translation invariance)"
         )
-    return fn(R, t)
+    W: Tensor = fn(R, t)
+    return W
 
 
 def pressure(

@@ -38,6 +38,8 @@ Controls: time-dependent terms are evaluated as one-sided limits inside each ste
 (:data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`); at a step where a protocol held by
 the integrator has a breakpoint, ``simulate`` re-evaluates the cached force with the new
 control, and the state's time is recomputed from the step count at every segment end.
+Each refresh is checked (:func:`refresh`): a cached entry that comes back unchanged (a
+wrapper that does not forward ``prepare``) raises instead of applying the old control.
 
 Divergence: the positions and momenta are checked for NaN/inf at the end of every
 segment (at most ``check_every`` steps apart); on failure the steps since the last good
@@ -61,7 +63,14 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_finite, check_int, check_positions
-from controlmd.dynamics.base import Integrator, State, breakpoints, jump_steps, jump_tolerance
+from controlmd.dynamics.base import (
+    Integrator,
+    State,
+    breakpoints,
+    evaluate_schedule,
+    jump_steps,
+    jump_tolerance,
+)
 from controlmd.dynamics.reversible import simulate_reversible
 from controlmd.errors import ControlMDError, SimulationDivergedError
 from controlmd.reporters import Reporter
@@ -70,7 +79,7 @@ from controlmd.rng import ReplicaRNG
 Tensor = torch.Tensor
 Observable = Callable[[State], Tensor]
 
-__all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "simulate", "simulate_ode"]
+__all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "refresh", "simulate", "simulate_ode"]
 
 GRADIENT_MODES = ("direct", "checkpoint", "truncated", "reversible", "none")
 ODE_METHODS = (
@@ -168,7 +177,7 @@ def simulate(
     B = state.n_replicas
     context = torch.enable_grad() if graph else torch.no_grad()
     with context:
-        state = integrator.prepare(state)
+        state = refresh(integrator, state)
         final, times, records = _run(
             integrator,
             state,
@@ -233,7 +242,7 @@ def _run(
         # times from the step count, so rounding does not accumulate over long runs
         state = state.replace(t=t_start + done * integrator.dt)
         if done in jumps:
-            state = integrator.prepare(state)  # the cached force must see the new control
+            state = refresh(integrator, state)  # the cached force must see the new control
         if not _is_finite(state):
             _locate_divergence(integrator, good, state, t_start, step0, jumps)
         if done % check_every == 0:
@@ -251,6 +260,28 @@ def _run(
     records = {name: torch.stack(v) for name, v in frames.items()} if record_every else {}
     t = torch.stack(times) if times else torch.zeros(0, dtype=torch.float64)
     return state, t, records
+
+
+def refresh(integrator: Integrator, state: State) -> State:
+    """``integrator.prepare(state)``, checked: every cached entry of ``state.aux`` that an
+    integrator inside ``integrator`` declares (``cached_aux``, e.g. the force) must come
+    back recomputed.
+
+    :raises ControlMDError: when one comes back unchanged, e.g. a wrapper that subclasses
+        ``Integrator`` and does not forward ``prepare`` to the integrator it wraps; running
+        on would apply the previous control for half a step after every jump.
+    """
+    new = integrator.prepare(state)
+    keys = {k for m in integrator.modules() if isinstance(m, Integrator) for k in m.cached_aux}
+    stale = sorted(k for k in keys if k in state.aux and new.aux.get(k) is state.aux[k])
+    if stale:
+        raise ControlMDError(
+            f"{type(integrator).__name__}.prepare() returned the cached {stale} unchanged at "
+            f"t = {float(state.t):g}: the cache would keep the previous control. A wrapper "
+            "must forward prepare() to the integrator it wraps: subclass "
+            "controlmd.dynamics.IntegratorWrapper (docs/integrators.md)"
+        )
+    return new
 
 
 def _segment(integrator: Integrator, state: State, n: int) -> State:
@@ -369,6 +400,12 @@ def _simulate_reversible(
         )
     if not _needs_graph(integrator, state):
         return simulate(integrator, state, n_steps, gradient="none")
+    if getattr(integrator, "track_work", False):
+        raise ControlMDError(
+            "gradient='reversible' recomputes positions and momenta only and would leave "
+            "aux['work'] / aux['heat'] unchanged; with track_work=True use "
+            "gradient='checkpoint' (the same gradient, O(n_steps/W + W) memory)"
+        )
     final = simulate_reversible(
         integrator, state, n_steps, window=200 if window is None else window
     )
@@ -415,19 +452,39 @@ def _locate_divergence(
             done = state.step - step0
             state = state.replace(t=t_start + done * integrator.dt)
             if done in jumps:
-                state = integrator.prepare(state)
+                state = refresh(integrator, state)
             if not _is_finite(state):
                 break
         else:
             state = bad  # not reproduced by the replay; report where it was detected
     n_bad = int((~torch.isfinite(state.R.detach())).any(dim=(-2, -1)).sum())
+    cause = _schedule_out_of_range(integrator, state.t - integrator.dt, state.t)
     raise SimulationDivergedError(
         f"non-finite positions or momenta in {n_bad} of {state.n_replicas} replicas after "
-        f"this step (dt = {integrator.dt:g}); the time step may be too large, particles may "
-        "overlap, or a control may be out of range",
+        f"this step (dt = {integrator.dt:g}); "
+        + (
+            cause
+            if cause is not None
+            else "the time step may be too large, particles may overlap, or a control may be "
+            "out of range"
+        ),
         step=state.step,
         time=float(state.t),
     )
+
+
+def _schedule_out_of_range(integrator: Integrator, t0: Tensor, t1: Tensor) -> str | None:
+    """The first of the integrator's own schedules (e.g. ``kT(t)``) that leaves its range
+    within the step ``[t0, t1]`` (checked at its start, middle and end), described."""
+    for name, (schedule, zero_ok) in integrator.control_schedules().items():
+        for t in (t0, 0.5 * (t0 + t1), t1):
+            values = evaluate_schedule(schedule, t).detach()
+            bad = ~torch.isfinite(values) | (values < 0 if zero_ok else values <= 0)
+            if bool(bad.any()):
+                v = float(values.reshape(-1)[bad.reshape(-1)][0])
+                bound = ">= 0" if zero_ok else "> 0"
+                return f"the control {name}(t = {float(t):.6g}) = {v:.6g} is out of range (must be {bound})"
+    return None
 
 
 def _next_report(reporter: Reporter, state: State) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from controlmd._validation import check_positive
+from controlmd._validation import check_int, check_positive
 from controlmd.errors import ControlMDError
 
 Tensor = torch.Tensor
@@ -93,6 +93,8 @@ def periodic(box: float | Tensor | list[float], *, dim: int | None = None) -> Sp
         A Space whose displacement applies the minimum-image convention and whose shift
         wraps into ``[0, L)``.
     """
+    if dim is not None:
+        check_int("dim", dim)
     b = torch.as_tensor(box, dtype=torch.float64)
     if b.ndim == 0:
         b = b.repeat(dim if dim is not None else 3)

@@ -73,7 +73,13 @@ class Trainer:
     :param window: steps per checkpoint / truncation window (required by those paths).
     :param clip: maximum gradient norm (``None`` or 0: no clipping).
     :param estimator: a name of :data:`controlmd.estimators.ESTIMATORS` (``pathwise``,
-        ``score``, ``forward``), among those the task declares in ``capabilities``.
+        ``score``, ``multiwindow``, ``forward``), among those the task declares in
+        ``capabilities`` (``multiwindow`` wherever ``pathwise`` applies).
+    :param chunk: replicas simulated and differentiated at once (0: all); the gradient is
+        summed over blocks, so peak memory does not grow with ``replicas`` (``pathwise``,
+        ``score``, ``multiwindow``).
+    :param windows: windows of the ``multiwindow`` estimator (equal shares of the horizon).
+    :param window_weights: one weight >= 0 per window (``multiwindow``; default all 1).
     :param lr_schedule: ``constant``, ``cosine`` (to ``lr_min`` at ``schedule_iterations``),
         ``exponential`` (``lr * lr_gamma**i``) or ``step`` (``lr * lr_gamma**(i // lr_step)``).
     :param schedule_iterations: horizon of the cosine schedule (default: the ``iterations``
@@ -102,6 +108,9 @@ class Trainer:
         window: int | None = None,
         clip: float | None = None,
         estimator: str = "pathwise",
+        chunk: int = 0,
+        windows: int = 1,
+        window_weights: Sequence[float] | None = None,
         lr_schedule: str = "constant",
         lr_min: float = 0.0,
         lr_gamma: float = 0.5,
@@ -160,6 +169,10 @@ class Trainer:
             )
         if schedule_iterations is not None:
             check_int("schedule_iterations", schedule_iterations)
+        try:
+            task.check_protocol(protocol)
+        except ControlMDError as exc:
+            raise ControlMDError(f"protocol {exc}") from None
         params = [p for p in protocol.parameters() if p.requires_grad] + task_parameters(task)
         if not params:
             raise ControlMDError(
@@ -167,11 +180,15 @@ class Trainer:
                 "exposes none through parameters())"
             )
         n_params = sum(p.numel() for p in params)
-        self._estimator = make_estimator(estimator)
+        check_int("chunk", chunk, minimum=0)
+        self._estimator = make_estimator(
+            estimator, chunk=chunk, windows=windows, window_weights=window_weights
+        )
         self._estimator.check(task, protocol, params)
-        if optimizer == "lbfgs" and estimator == "score":
+        if optimizer == "lbfgs" and estimator in ("score", "multiwindow"):
             raise ControlMDError(
-                "optimizer = 'lbfgs' cannot use estimator = 'score' (a surrogate, not the objective)"
+                f"optimizer = 'lbfgs' cannot use estimator = {estimator!r} (its gradient is not "
+                "that of the objective the line search compares)"
             )
         self.task = task
         self.protocol = protocol
@@ -182,6 +199,9 @@ class Trainer:
         self.window = window
         self.clip = float(clip) if clip else None
         self.estimator = estimator
+        self.chunk = chunk
+        self.windows = windows
+        self.window_weights = list(window_weights or [])
         self.lr_schedule = lr_schedule
         self.lr_min = float(lr_min)
         self.lr_gamma = float(lr_gamma)
@@ -231,6 +251,9 @@ class Trainer:
                 window=t["window"] or None,
                 clip=t["clip"] or None,
                 estimator=t["estimator"],
+                chunk=t["chunk"],
+                windows=t["windows"],
+                window_weights=t["window_weights"] or None,
                 lr_schedule=t["lr_schedule"],
                 lr_min=t["lr_min"],
                 lr_gamma=t["lr_gamma"],
@@ -345,6 +368,9 @@ class Trainer:
             if "grad_var" in info:
                 log.record("train/grad_var", info["grad_var"])
                 log.record("train/grad_rel_std", info["grad_rel_std"])
+            for key, value in info.items():
+                if key.startswith("grad_snr/"):  # per-entry |mean| / SE (e.g. per protocol piece)
+                    log.record(f"train/{key}", value)
             log.record("budget/md_steps", self.md_steps)
             log.record("budget/grad_steps", self.grad_steps)
             log.record("time/wall_s", self.wall_s)

@@ -8,6 +8,7 @@ missing or broken fails at ``gym.make``, not at import)::
     import controlmd_envs
 
     env = gym.make("controlmd/TrapDrag-v0", control_interval=5, observation="time")
+    envs = gym.make_vec("controlmd/TrapDrag-v0", num_envs=64)  # one batched simulation
 
 =============================  ==================  ==========================================
 id                             task                what is controlled
@@ -23,20 +24,26 @@ id                             task                what is controlled
 
 Each env is a :class:`~controlmd_envs.control_env.ControlEnv` (its docstring gives the
 spaces, rewards and arguments; the env classes' docstrings the task-specific tables).
-:class:`~controlmd_envs.vec_env.BatchedControlVecEnv` steps many replicas of a task as one
-batched simulation for stable-baselines3. The core package ``controlmd`` never imports
-this package.
+Each id also has a ``vector_entry_point``: ``gym.make_vec(id, num_envs=B)`` (or
+``vectorization_mode="vector_entry_point"``) is a
+:class:`~controlmd_envs.vec_env.ControlVectorEnv` stepping the ``B`` replicas as one
+batched simulation; ``"sync"`` / ``"async"`` give the same replicas for the same seed.
+:class:`~controlmd_envs.vec_env.BatchedControlVecEnv` adapts it to stable-baselines3.
+``rdf_inverse`` has no env: it has no time-dependent control (its potential parameters
+are fitted once; ``ControlEnv("rdf_inverse")`` says so). The core package ``controlmd``
+never imports this package.
 
 Version history: ``v0`` ids are the initial versions.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from gymnasium.envs.registration import register, registry
 
-__all__ = ["ENV_IDS", "BatchedControlVecEnv", "ControlEnv", "ReplicaBatch"]
+__all__ = ["ENV_IDS", "BatchedControlVecEnv", "ControlEnv", "ControlVectorEnv", "ReplicaBatch"]
 
 _ENVS: dict[str, tuple[str, str]] = {
     "controlmd/TrapDrag-v0": ("trap_drag", "controlmd_envs.trap_drag:TrapDragEnv"),
@@ -50,14 +57,33 @@ _ENVS: dict[str, tuple[str, str]] = {
 ENV_IDS: dict[str, str] = {env_id: task for env_id, (task, _) in _ENVS.items()}
 """Registered env id -> controlmd task name."""
 
+
+def make_vector_env(entry_point: str, num_envs: int = 1, **kwargs: Any) -> Any:
+    """The ``vector_entry_point`` of the ids: a :class:`~controlmd_envs.vec_env.ControlVectorEnv`
+    of the env class at ``entry_point`` (its task and default control interval)."""
+    from gymnasium.envs.registration import load_env_creator
+
+    from controlmd_envs.vec_env import ControlVectorEnv
+
+    cls = load_env_creator(entry_point)
+    if kwargs.get("control_interval") is None:
+        kwargs["control_interval"] = cls.default_control_interval
+    return ControlVectorEnv(cls.task_name, num_envs, **kwargs)
+
+
 for _env_id, (_task, _entry_point) in _ENVS.items():
     if _env_id not in registry:
-        register(id=_env_id, entry_point=_entry_point)
+        register(
+            id=_env_id,
+            entry_point=_entry_point,
+            vector_entry_point=partial(make_vector_env, _entry_point),
+        )
 
 _LAZY = {
     "ControlEnv": "controlmd_envs.control_env",
     "ReplicaBatch": "controlmd_envs.control_env",
     "BatchedControlVecEnv": "controlmd_envs.vec_env",
+    "ControlVectorEnv": "controlmd_envs.vec_env",
 }
 
 

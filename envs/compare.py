@@ -1,39 +1,41 @@
 """Equal-budget comparison of gradient-designed protocols with RL and derivative-free baselines.
 
 ``controlmd compare EXPERIMENT.toml [--out DIR] [--address auto] [--local]`` runs every
-method of ``[compare] methods`` for ``seeds`` seeds on one task, each under the same total
-budget of forward MD replica-steps (training and evaluation alike) and a wall cap. Every
-(method, seed) run is an independent job (:func:`run_compare_job`) run by
-:func:`controlmd.runner.run_jobs`: a Ray task when Ray is installed (a local instance, or
-the cluster at ``--address``), else one after another in this process; results are the
-same either way. ``controlmd compare --resume DIR`` re-runs only the runs without a
-``metrics.json`` (killed, failed or never started). It writes to ``DIR`` (default
-``runs/<experiment>/<YYYYmmdd-HHMMSS>/``):
+method of ``[compare] methods`` for ``seeds`` seeds on one task, each under the same budget
+of training forward MD replica-steps (evaluations are counted apart and not charged) and a
+wall cap. Every (method, seed) run is an independent job (:func:`run_compare_job`) run by
+:func:`controlmd.runner.run_folder_jobs`: a Ray task when Ray is installed (a local
+instance, or the cluster at ``--address``), else one after another in this process;
+results are the same either way. A job that fails is recorded (its traceback in
+``<method>/seed<k>/error.txt``, its message in ``comparison.json`` ``jobs``) and the others
+go on; ``controlmd compare --resume DIR`` re-runs the failed and unfinished jobs. Every
+method's settings are checked when the file is read (its optimizer is built once), before
+any job runs. It writes to ``DIR`` (default ``runs/<experiment>/<YYYYmmdd-HHMMSS>/``):
 
-* ``comparison.json``: per method and seed the metric curve against MD steps and wall
-  time, the final metric, the MD steps and wall time to reach ``target_progress`` (0.9)
-  of the normalized progress ``(m - m0) / (m_best - m0)`` (``m0``: the common starting
-  protocol on the same evaluation replicas; ``m_best``: the best final metric of all
-  runs; works for minimized metrics too), gradient steps; per method the summary over
-  seeds. The starting protocol's scheduled evaluation is every run's first point (and
-  charged to each run's budget; it is computed once, so it takes no wall time).
-* ``comparison.png``: metric against MD steps and against wall time (log x), mean over
-  seeds and min-max band.
+* ``comparison.json``: ``jobs`` (``method``, ``seed``, ``status`` done/failed,
+  ``message``, ``traceback``), ``metric_name``, ``higher_is_better``, ``curves`` (per
+  method and seed: ``md_steps`` (training), ``cpu_seconds`` (training, backward passes
+  included), ``metric``, ``se`` on the common held-out replicas), ``sample_efficiency``
+  (per baseline, :func:`sample_efficiency`), per method its runs and a summary.
+* ``comparison.png``: metric against training MD steps (log x), mean ± SE over seeds,
+  the start and the analytic optimum where the task knows it.
 * ``comparison.md``: the markdown table.
 * ``compare_config.json`` (the resolved config: the plan ``--resume`` reads),
   ``config.toml``, ``start.json`` (the common start's evaluations).
-* ``<method>/seed<k>/``: the run folder of each run (``tb/`` TensorBoard events,
-  ``progress.jsonl``, ``metrics.json``, ``protocol.pt`` / ``protocol.csv``, SB3's
-  ``model.zip``), as the trainer's run folders; ``metrics.json`` is written last and marks
-  the run done. The comparison files are assembled from these folders
-  (:func:`summarize_folder`) after the runs, also when some failed or were interrupted.
+* ``<method>/seed<k>/``: the run folder of each run (``tb/`` TensorBoard events with the
+  same tags for every method: ``eval/metric`` and the method's ``train/...`` at x =
+  training MD replica-steps; ``progress.jsonl``, ``metrics.json``, ``protocol.pt`` /
+  ``protocol.csv``, SB3's ``model.zip``; ``error.txt`` of a failed run); ``metrics.json``
+  is written last and marks the run done. The comparison files are assembled from these
+  folders (:func:`summarize_folder`) after the runs, also when some failed or were
+  interrupted.
 
 Experiment file::
 
     [experiment]   name, seed = 0, notes = ""
     [task]         name + the task's arguments (as for `controlmd run`)
     [compare]      methods, seeds, budget_md_steps, control_interval, eval_replicas,
-                   final_replicas, eval_points, eval_chunk, wall_cap_s, target_progress
+                   final_replicas, evals_per_decade, eval_chunk, wall_cap_s
     [<method>]     one section per method (optional): ``algo`` (default: the method's
                    name; one of gradient, ppo, sac, cma_es, random_search) and its
                    settings: gradient -> the trainer's [train] keys; ppo / sac -> env keys
@@ -54,7 +56,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -69,7 +70,14 @@ from controlmd.errors import ConfigError, ControlMDError
 from controlmd.evaluation import Evaluation, evaluate
 from controlmd.protocols import Protocol
 from controlmd.rng import EVAL_SEED_OFFSET, FINAL_SEED_OFFSET
-from controlmd.runner import Job, JobResult, new_output_dir, read_result, run_folder_jobs
+from controlmd.runner import (
+    ERROR_FILE,
+    Job,
+    JobResult,
+    new_output_dir,
+    read_result,
+    run_folder_jobs,
+)
 from controlmd.tasks.base import Task
 from controlmd_envs.baselines import (
     ALGOS,
@@ -86,9 +94,13 @@ from controlmd_envs.control_env import OBSERVATIONS, default_control_interval
 __all__ = [
     "COMPARE_KEYS",
     "ComparisonRun",
+    "efficiency_lines",
+    "first_reach",
     "load_compare_config",
+    "mean_curve",
     "run_compare_job",
     "run_comparison",
+    "sample_efficiency",
     "summarize",
     "summarize_folder",
 ]
@@ -98,18 +110,26 @@ Config = dict[str, Any]
 COMPARE_KEYS: dict[str, tuple[type, Any, str]] = {
     "methods": (list, list(ALGOS), "methods to run (section names)"),
     "seeds": (int, 3, "runs per method (seeds experiment.seed + j)"),
-    "budget_md_steps": (int, 1_000_000, "forward replica-steps per run, evaluations included"),
+    "budget_md_steps": (
+        int,
+        1_000_000,
+        "training forward replica-steps per run (evaluations are not charged)",
+    ),
     "control_interval": (
         int,
         0,
         "MD steps per piece / action (0: smallest divisor giving <= 20 pieces)",
     ),
-    "eval_replicas": (int, 256, "replicas of each scheduled evaluation"),
-    "final_replicas": (int, 2048, "replicas of the final evaluation"),
-    "eval_points": (int, 10, "scheduled evaluations, log-spaced in spent MD steps (>= 2)"),
+    "eval_replicas": (int, 128, "held-out replicas of each learning-curve evaluation"),
+    "final_replicas": (int, 1024, "other held-out replicas of the final evaluation"),
+    "evals_per_decade": (int, 2, "learning-curve thresholds per decade of training MD steps"),
     "eval_chunk": (int, 1024, "replicas simulated at once during evaluations"),
     "wall_cap_s": (float, 1800.0, "wall-time cap of each run (s)"),
-    "target_progress": (float, 0.9, "normalized progress whose MD-step cost is reported"),
+}
+_REMOVED_KEYS = {
+    "eval_points": "evaluations are at log-spaced thresholds of training MD steps "
+    "(evals_per_decade, default 2)",
+    "target_progress": "the sample efficiency is defined at 90% of each baseline's own gain",
 }
 _MINIMUM = {
     "seeds": 1,
@@ -117,9 +137,13 @@ _MINIMUM = {
     "control_interval": 0,
     "eval_replicas": 2,
     "final_replicas": 2,
-    "eval_points": 2,
+    "evals_per_decade": 1,
     "eval_chunk": 1,
 }
+TARGET_FRACTION = 0.9
+"""A baseline's score ``S_m``: the start plus this fraction of its own final gain."""
+BOOTSTRAP_SAMPLES = 1000
+"""Resamples of the seeds in the sample-efficiency confidence interval."""
 
 GRADIENT_DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
@@ -224,14 +248,67 @@ def resolve_compare_config(raw: dict[str, Any]) -> Config:
             values = _resolve_sb3(method, algo, values)
         cfg["methods"][method] = {"algo": algo, **values}
     n_pieces = task.n_steps // interval
-    costs = (compare["eval_replicas"] + compare["final_replicas"]) * task.n_steps
-    if compare["budget_md_steps"] <= costs:
-        raise ConfigError(
-            f"[compare] budget_md_steps = {compare['budget_md_steps']} must exceed the evaluation costs "
-            f"(eval_replicas + final_replicas) x n_steps = {costs}"
-        )
     cfg["compare"]["n_pieces"] = n_pieces
+    for method, spec in cfg["methods"].items():
+        _check_builds(method, spec, task, n_pieces=n_pieces, interval=interval)
     return cfg
+
+
+def _check_builds(
+    method: str, spec: dict[str, Any], task: Task, *, n_pieces: int, interval: int
+) -> None:
+    """Build the method's optimizer once (no simulation), so that a hyperparameter its
+    library refuses is a :class:`ConfigError` when the file is read, before any job runs."""
+    algo = spec["algo"]
+    settings = {k: v for k, v in spec.items() if k != "algo"}
+    try:
+        if algo == "gradient":
+            from controlmd.search import actions_to_protocol
+            from controlmd.trainer import Trainer
+
+            start = actions_to_protocol(np.zeros((n_pieces, task.controls.dim)), task)
+            Trainer.from_config({"experiment": {"seed": 0}, "train": settings}, task, start)
+        elif algo in SEARCH_KEYS:
+            from controlmd.search import CMAES, RandomSearch
+
+            if algo == "cma_es":
+                CMAES(
+                    task,
+                    n_pieces=n_pieces,
+                    replicas=settings["replicas"],
+                    sigma0=settings["sigma0"],
+                    popsize=settings["popsize"] or None,
+                )
+            else:
+                RandomSearch(
+                    task, n_pieces=n_pieces, replicas=settings["replicas"], batch=settings["batch"]
+                )
+        else:
+            from stable_baselines3 import PPO, SAC
+
+            from controlmd_envs.vec_env import BatchedControlVecEnv
+
+            env = settings["env"]
+            venv = BatchedControlVecEnv(
+                task,
+                env["n_envs"],
+                control_interval=interval,
+                observation=env["observation"],
+                shaping=env["shaping"],
+                shaping_gamma=env["shaping_gamma"],
+                reward_scale=env["reward_scale"],
+                feature_scale=env["feature_scale"],
+                seed=0,
+            )
+            cls = {"ppo": PPO, "sac": SAC}[algo]
+            params = dict(settings["params"])
+            if algo == "sac":  # the replay buffer's size is checked by SB3 without allocating it
+                params["buffer_size"] = min(params.get("buffer_size", 1_000_000), 1_000)
+            cls("MlpPolicy", venv, device="cpu", verbose=0, **params)
+    except ConfigError as exc:
+        raise ConfigError(f"[{method}] {exc}") from None
+    except (ControlMDError, TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"[{method}] (algo = {algo!r}): {type(exc).__name__}: {exc}") from None
 
 
 def _algo(raw: dict[str, Any], method: str) -> str:
@@ -252,6 +329,8 @@ def _resolve_compare(values: Any) -> dict[str, Any]:
         raise ConfigError(f"[compare] must be a table, got {values!r}")
     out: dict[str, Any] = {}
     for key in values:
+        if key in _REMOVED_KEYS:
+            raise ConfigError(f"[compare] {key} was removed: {_REMOVED_KEYS[key]}")
         if key not in COMPARE_KEYS:
             raise ConfigError(
                 f"unknown key {key!r} in [compare]; expected one of: {', '.join(COMPARE_KEYS)}"
@@ -272,10 +351,6 @@ def _resolve_compare(values: Any) -> dict[str, Any]:
         )
     if not out["wall_cap_s"] > 0:
         raise ConfigError(f"[compare] wall_cap_s must be > 0, got {out['wall_cap_s']}")
-    if not 0 < out["target_progress"] <= 1:
-        raise ConfigError(
-            f"[compare] target_progress must be in (0, 1], got {out['target_progress']}"
-        )
     return out
 
 
@@ -357,8 +432,8 @@ RESULT_FILE = "metrics.json"
 
 @dataclass
 class ComparisonRun:
-    """Outcome of :func:`run_comparison`: the folder, ``comparison.json`` (``None`` while no
-    run has finished) and the ``<method>/seed<k>`` runs not done."""
+    """Outcome of :func:`run_comparison`: the folder, ``comparison.json`` (``None`` if the
+    folder was never set up) and the ``<method>/seed<k>`` runs not done."""
 
     out_dir: Path
     result: dict[str, Any] | None
@@ -425,7 +500,8 @@ def run_comparison(
         r = result.value
         return (
             f"{r['metric_name']} = {r['final']['metric']:.6g} +- {r['final']['se']:.2g} after "
-            f"{r['md_steps']:.3g} MD steps, {r['wall_s']:.1f} s ({r['stop_reason']})"
+            f"{r['md_steps']:.3g} training MD steps (+{r['eval_md_steps']:.3g} evaluating), "
+            f"{r['cpu_s']:.1f} CPU s, {r['wall_s']:.1f} s ({r['stop_reason']})"
         )
 
     def create() -> None:
@@ -455,14 +531,26 @@ def run_comparison(
             cpus_per_job=cpus_per_job,
         )
         missing = run.missing
-    finally:  # also after Ctrl-C: summarize the runs finished so far
-        if out_dir.exists():
-            missing = [j.name for j in jobs if read_result(out_dir / j.name, RESULT_FILE) is None]
-            result = summarize_folder(out_dir) if len(missing) < len(runs) else None
-    if missing:
-        say(
-            f"{len(missing)} of {len(runs)} runs not done ({', '.join(missing)}); re-run them with: "
-            f"controlmd compare --resume {out_dir}"
+    finally:  # also after Ctrl-C or when every run failed: record every job's state
+        if (out_dir / PLAN_FILE).exists():
+            result = summarize_folder(out_dir)
+            missing = [
+                f"{j['method']}/seed{j['seed']}" for j in result["jobs"] if j["status"] != "done"
+            ]
+    if missing and result is not None:
+        # errors are printed even with --quiet (progress=False)
+        for job in result["jobs"]:
+            if job["status"] != "done":
+                where = f" (traceback: {out_dir / job['traceback']})" if job["traceback"] else ""
+                print(
+                    f"{job['method']}/seed{job['seed']}: FAILED: {job['message']}{where}",
+                    file=sys.stderr,
+                )
+        print(
+            f"{len(missing)} of {len(runs)} runs failed or not done; re-run them with: "
+            f"controlmd compare --resume {out_dir}",
+            file=sys.stderr,
+            flush=True,
         )
     return ComparisonRun(out_dir, result, missing)
 
@@ -487,8 +575,9 @@ def run_compare_job(
     ``cfg``, ``method`` and ``seed`` only: the global torch generator is seeded with
     ``seed`` first, and a folder left by a killed attempt (no ``metrics.json``) is cleared.
 
-    :param initial: the common starting protocol's scheduled evaluation (fields of
-        :class:`controlmd.evaluation.Evaluation`): charged to the run, not recomputed (RL
+    :param initial: the common starting protocol's curve evaluation (fields of
+        :class:`controlmd.evaluation.Evaluation`): the curve's first point (its replica-steps
+        counted in the run's ``eval_md_steps``), not recomputed (RL
         policies are evaluated as they are).
     """
     import shutil
@@ -517,11 +606,12 @@ def run_compare_job(
         final_replicas=comp["final_replicas"],
         eval_seed=seed0 + EVAL_SEED_OFFSET,
         final_seed=seed0 + FINAL_SEED_OFFSET,
-        eval_points=comp["eval_points"],
         wall_cap_s=comp["wall_cap_s"],
         chunk=comp["eval_chunk"],
         initial=None if spec["algo"] in ("ppo", "sac") else Evaluation(**initial),
         logger=logger,
+        method=method,
+        evals_per_decade=comp["evals_per_decade"],
     )
     final = _run_method(
         method,
@@ -565,7 +655,7 @@ def _read_plan(out_dir: Path) -> Config:
 
 
 def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """``start.json``: the common starting protocol on the scheduled- and final-evaluation
+    """``start.json``: the common starting protocol on the curve- and final-evaluation
     replicas (deterministic; computed once per folder, read back on resume)."""
     from controlmd.config import build_task
     from controlmd.search import actions_to_protocol
@@ -588,6 +678,7 @@ def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
         "m0_se": initial.se,
         "m0_final": final.mean,
         "m0_final_se": final.se,
+        "m0_exact": _exact_metric(task, protocol),
         "initial": asdict(initial),
     }
     atomic_write_json(out_dir / "start.json", start)
@@ -602,7 +693,8 @@ def _write_outputs(out_dir: Path, result: dict[str, Any]) -> None:
 
 def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
     """Assemble ``comparison.json/.md/.png`` of a comparison folder from its run folders
-    (``<method>/seed<k>/metrics.json``; of an interrupted comparison, the runs finished)."""
+    (``<method>/seed<k>/metrics.json``; ``error.txt`` of a failed run), also when some
+    or all runs failed or were interrupted."""
     from controlmd.config import build_task
     from controlmd.protocols import load_protocol
 
@@ -610,34 +702,58 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
     cfg = _read_plan(out_dir)
     task = build_task(cfg)
     comp = cfg["compare"]
+    seeds = [cfg["experiment"]["seed"] + j for j in range(comp["seeds"])]
     runs: dict[str, list[dict[str, Any]]] = {}
+    jobs: list[dict[str, Any]] = []
     for method in cfg["methods"]:
-        records = [
-            json.loads(p.read_text())
-            for p in sorted((out_dir / method).glob(f"seed*/{RESULT_FILE}"))
-        ]
-        if records:
-            runs[method] = sorted(
-                ({k: v for k, v in r.items() if k not in _RUN_ONLY_KEYS} for r in records),
-                key=lambda r: r["seed"],
-            )
-    if not runs:
-        raise ConfigError(f"{out_dir}: no finished run (no <method>/seed<k>/{RESULT_FILE})")
-    for method, records in runs.items():
-        for r in records:
-            path = out_dir / method / f"seed{r['seed']}" / "protocol.pt"
-            if "exact_final" not in r and path.exists():
-                r["exact_final"] = _exact_metric(task, load_protocol(path))
+        runs[method] = []
+        for seed in seeds:
+            job_dir = out_dir / method / f"seed{seed}"
+            record = read_result(job_dir, RESULT_FILE)
+            if record is None:
+                jobs.append(_failed_job(out_dir, method, seed))
+                continue
+            jobs.append({"method": method, "seed": seed, "status": "done", "message": ""})
+            record = {k: v for k, v in record.items() if k not in _RUN_ONLY_KEYS}
+            path = job_dir / "protocol.pt"
+            if "exact_final" not in record and path.exists():
+                record["exact_final"] = _exact_metric(task, load_protocol(path))
+            runs[method].append(record)
     start = _start_evaluations(cfg, out_dir)
-    cfg = {**cfg, "methods": {m: cfg["methods"][m] for m in runs}}
-    complete = all(len(rs) == comp["seeds"] for rs in runs.values()) and len(runs) == len(
-        comp["methods"]
-    )
     result = summarize(
-        cfg, task, runs, m0=start["m0"], m0_final=start["m0_final"], complete=complete
+        cfg,
+        task,
+        runs,
+        m0=start["m0"],
+        m0_final=start["m0_final"],
+        m0_exact=start.get("m0_exact"),
+        jobs=jobs,
     )
     _write_outputs(out_dir, result)
     return result
+
+
+def _failed_job(out_dir: Path, method: str, seed: int) -> dict[str, Any]:
+    """A job without ``metrics.json``: its error (last line of ``error.txt``) or why none."""
+    name = f"{method}/seed{seed}"
+    error = out_dir / name / ERROR_FILE
+    if error.is_file():
+        lines = error.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        message = lines[-1] if lines else "failed"
+        return {
+            "method": method,
+            "seed": seed,
+            "status": "failed",
+            "message": message,
+            "traceback": f"{name}/{ERROR_FILE}",
+        }
+    return {
+        "method": method,
+        "seed": seed,
+        "status": "failed",
+        "message": "not finished (interrupted, killed, or not started)",
+        "traceback": None,
+    }
 
 
 def _exact_metric(task: Task, final: Any) -> float | None:
@@ -680,6 +796,7 @@ def _run_method(
             control_interval=interval,
             seed=seed,
             run_dir=run_dir,
+            method=method,
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ControlMDError):
@@ -689,6 +806,130 @@ def _run_method(
 
 # ---------------------------------------------------------------------------------- summary
 
+Curve = tuple[np.ndarray, np.ndarray]
+"""A learning curve: training MD steps ``[n]`` (the first 0, the common start) and metric ``[n]``."""
+
+
+def mean_curve(curves: list[Curve]) -> Curve:
+    """Mean over seeds, point by point (evaluation ``j`` of every seed), up to the shortest."""
+    n = min(len(x) for x, _ in curves)
+    return (
+        np.mean([np.asarray(x[:n], dtype=float) for x, _ in curves], axis=0),
+        np.mean([np.asarray(y[:n], dtype=float) for _, y in curves], axis=0),
+    )
+
+
+def first_reach(x: np.ndarray, y: np.ndarray, score: float, sign: float) -> float | None:
+    """The training MD steps at which the curve ``(x, y)`` first reaches ``score`` (at or
+    beyond it in the direction ``sign``: +1 higher is better, -1 lower), linearly
+    interpolated between the two evaluations around the crossing; ``None`` if never."""
+    d = sign * (np.asarray(y, dtype=float) - score)
+    hit = np.nonzero(d >= 0)[0]
+    if hit.size == 0:
+        return None
+    i = int(hit[0])
+    if i == 0:
+        return float(x[0])
+    f = d[i - 1] / (d[i - 1] - d[i])
+    return float(x[i - 1] + f * (x[i] - x[i - 1]))
+
+
+def _ratio(gradient: list[Curve], baseline: list[Curve], m0: float, sign: float) -> dict | None:
+    """``s_m / g_m`` of mean curves, or ``None`` if the baseline's mean curve gains nothing."""
+    bx, by = mean_curve(baseline)
+    gain = sign * (by[-1] - m0)
+    if not gain > 0:
+        return None
+    score = m0 + TARGET_FRACTION * (by[-1] - m0)
+    s = first_reach(bx, by, score, sign)
+    gx, gy = mean_curve(gradient)
+    g = first_reach(gx, gy, score, sign)
+    assert s is not None  # the mean curve's last point has the whole gain
+    return {
+        "ratio": 0.0 if g is None else (s / g if g > 0 else math.inf),
+        "score": float(score),
+        "steps_baseline": s,
+        "steps_gradient": g,
+        "gain": float(gain),
+    }
+
+
+def sample_efficiency(
+    gradient: list[Curve],
+    baseline: list[Curve],
+    *,
+    m0: float,
+    higher_is_better: bool,
+    eval_se: float = 0.0,
+    n_boot: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The gradient method's sample efficiency relative to one baseline ``m``.
+
+    If ``m``'s mean final gain over the start ``m0`` is at least 3 standard errors (SE of
+    the mean over seeds, ``sd / sqrt(n)``; with one seed, ``eval_se``, the final point's
+    evaluation SE): ``S_m = m0 + 0.9 (final - m0)`` on ``m``'s mean curve, ``s_m`` the
+    training MD steps at which that curve first reaches ``S_m``, ``g_m`` the steps at
+    which the gradient method's mean curve does (both linearly interpolated between
+    evaluations); ``ratio = s_m / g_m``, 0 if the gradient curve never reaches ``S_m``
+    (>1: the gradient method needs fewer MD steps). The confidence interval: 2.5 and 97.5
+    percentiles over ``n_boot`` resamples (with replacement) of the seeds of both methods
+    (resamples whose baseline mean gains nothing are left out; ``bootstrap_used`` counts
+    the others).
+
+    :param gradient: the gradient method's curves, one per seed (first point: the start).
+    :param baseline: the baseline's curves, one per seed.
+    :param m0: the start's metric on the evaluation replicas.
+    :return: ``status`` ("ratio" or "no learning"), ``ratio``, ``ci_low``, ``ci_high``,
+        ``score``, ``steps_baseline``, ``steps_gradient``, ``gain``, ``gain_se``,
+        ``bootstrap_used`` (``None`` where not defined).
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    n = min(len(x) for x, _ in baseline)
+    finals = np.array([y[n - 1] for _, y in baseline], dtype=float)
+    gain = sign * (finals.mean() - m0)
+    gain_se = float(finals.std(ddof=1) / math.sqrt(finals.size)) if finals.size > 1 else eval_se
+    empty = dict.fromkeys(
+        ("ratio", "ci_low", "ci_high", "score", "steps_baseline", "steps_gradient")
+    )
+    if not (gain > 0 and gain >= 3.0 * gain_se):
+        return {
+            "status": "no learning",
+            **empty,
+            "gain": float(gain),
+            "gain_se": gain_se,
+            "bootstrap_used": 0,
+        }
+    point = _ratio(gradient, baseline, m0, sign)
+    assert point is not None
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(n_boot):
+        b = [baseline[i] for i in rng.integers(0, len(baseline), len(baseline))]
+        g = [gradient[i] for i in rng.integers(0, len(gradient), len(gradient))]
+        r = _ratio(g, b, m0, sign)
+        if r is not None:
+            ratios.append(r["ratio"])
+    low, high = np.percentile(ratios, [2.5, 97.5]) if ratios else (math.nan, math.nan)
+    return {
+        "status": "ratio",
+        **point,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "gain_se": gain_se,
+        "bootstrap_used": len(ratios),
+    }
+
+
+def _curve(run: dict[str, Any]) -> dict[str, list[float]]:
+    points = run["curve"]
+    return {
+        "md_steps": [p["md_steps"] for p in points],
+        "cpu_seconds": [p["cpu_s"] for p in points],
+        "metric": [p["metric"] for p in points],
+        "se": [p["se"] for p in points],
+    }
+
 
 def summarize(
     cfg: Config,
@@ -697,54 +938,80 @@ def summarize(
     *,
     m0: float,
     m0_final: float,
-    complete: bool = True,
+    m0_exact: float | None = None,
+    jobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The content of ``comparison.json``: runs with their progress, summaries per method.
+    """The content of ``comparison.json``: jobs, learning curves, runs, summaries per
+    method and the sample efficiency of the gradient method against each baseline.
 
-    :param m0: the starting protocol's metric on the scheduled-evaluation replicas.
-    :param m0_final: the same on the final-evaluation replicas (a reference, charged to no run).
+    :param runs: per method the finished runs (``metrics.json`` records; may be empty).
+    :param m0: the starting protocol's metric on the curve-evaluation replicas.
+    :param m0_final: the same on the final-evaluation replicas.
+    :param m0_exact: its noise-free metric, where the task has ``exact_metric``.
+    :param jobs: ``{method, seed, status, message}`` of every job (default: the runs, done).
     """
     comp = cfg["compare"]
-    finals = [r["final"]["metric"] for rs in runs.values() for r in rs if r["final"] is not None]
-    better = max if task.higher_is_better else min
-    m_best = better(finals) if finals else math.nan
-    target = comp["target_progress"]
+    if jobs is None:
+        jobs = [
+            {"method": m, "seed": r["seed"], "status": "done", "message": ""}
+            for m, rs in runs.items()
+            for r in rs
+        ]
     methods: dict[str, Any] = {}
-    for method, rs in runs.items():
-        for r in rs:
-            r["progress"] = [_progress(p["metric"], m0, m_best) for p in r["curve"]]
-            r["final"]["progress"] = _progress(r["final"]["metric"], m0_final, m_best)
-            reached = [
-                p
-                for p, g in zip([*r["curve"], r["final"]], [*r["progress"], r["final"]["progress"]])
-                if g is not None and g >= target
-            ]
-            r["md_steps_to_target"] = reached[0]["md_steps"] if reached else None
-            r["wall_s_to_target"] = reached[0]["wall_s"] if reached else None
-        f = np.array([r["final"]["metric"] for r in rs])
-        hit = [r["md_steps_to_target"] for r in rs if r["md_steps_to_target"] is not None]
-        methods[method] = {
-            "algo": cfg["methods"][method]["algo"],
-            "settings": cfg["methods"][method],
-            "runs": rs,
-            "summary": {
+    curves: dict[str, dict[str, Any]] = {}
+    for method, spec in cfg["methods"].items():
+        rs = sorted(runs.get(method, []), key=lambda r: r["seed"])
+        curves[method] = {str(r["seed"]): _curve(r) for r in rs}
+        failed = [j for j in jobs if j["method"] == method and j["status"] != "done"]
+        summary = None
+        if rs:
+            f = np.array([r["final"]["metric"] for r in rs])
+            summary = {
                 "final_mean": float(f.mean()),
                 "final_sd": float(f.std(ddof=1)) if f.size > 1 else 0.0,
                 "final_min": float(f.min()),
                 "final_max": float(f.max()),
                 "exact_final_mean": _mean_or_none([r.get("exact_final") for r in rs]),
-                "reached_target": len(hit),
-                "md_steps_to_target_median": float(np.median(hit)) if hit else None,
                 "md_steps_mean": float(np.mean([r["md_steps"] for r in rs])),
+                "eval_md_steps_mean": float(np.mean([r["eval_md_steps"] for r in rs])),
                 "grad_steps_mean": float(np.mean([r["grad_steps"] for r in rs])),
+                "cpu_s_mean": float(np.mean([r["cpu_s"] for r in rs])),
                 "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+                "eval_wall_s_mean": float(np.mean([r["eval_wall_s"] for r in rs])),
                 "stop_reasons": sorted({r["stop_reason"] for r in rs}),
-            },
+            }
+        methods[method] = {
+            "algo": spec["algo"],
+            "settings": spec,
+            "runs": rs,
+            "failed": len(failed),
+            "summary": summary,
         }
+    efficiency: dict[str, Any] = {}
+    gradient = next((m for m, d in methods.items() if d["algo"] == "gradient" and d["runs"]), None)
+    if gradient is not None:
+        as_curves = {
+            m: [(np.array(c["md_steps"]), np.array(c["metric"])) for c in curves[m].values()]
+            for m in methods
+        }
+        for method, data in methods.items():
+            if data["algo"] == "gradient" or not data["runs"]:
+                continue
+            efficiency[method] = {
+                "gradient_method": gradient,
+                **sample_efficiency(
+                    as_curves[gradient],
+                    as_curves[method],
+                    m0=m0,
+                    higher_is_better=task.higher_is_better,
+                    eval_se=data["runs"][0]["curve"][-1]["se"],
+                ),
+            }
+    finals = [r["final"]["metric"] for d in methods.values() for r in d["runs"]]
     extras = task.extras()
     return {
-        "format": "controlmd.comparison/1",
-        "complete": complete,
+        "format": "controlmd.comparison/2",
+        "complete": all(j["status"] == "done" for j in jobs),
         "experiment": cfg["experiment"]["name"],
         "task": task.name,
         "task_settings": cfg["task"],
@@ -752,20 +1019,27 @@ def summarize(
         "higher_is_better": task.higher_is_better,
         "units": task.units,
         "budget_md_steps": comp["budget_md_steps"],
+        "budget_definition": "training forward MD replica-steps per run; evaluations are "
+        "counted apart (eval_md_steps) and not charged to the budget",
         "control_interval": comp["control_interval"],
         "n_pieces": comp["n_pieces"],
         "eval_replicas": comp["eval_replicas"],
         "final_replicas": comp["final_replicas"],
         "wall_cap_s": comp["wall_cap_s"],
         "seeds": [cfg["experiment"]["seed"] + j for j in range(comp["seeds"])],
-        "target_progress": target,
         "m0": m0,
         "m0_final": m0_final,
-        "m_best": m_best,
-        "progress_definition": "(m - m0) / (m_best - m0); m0: the common starting protocol (middle of the "
-        "bounds) on the same replicas as m (m0 for the scheduled evaluations, m0_final "
-        "for the final ones); m_best: the best final metric of all runs",
+        "m0_exact": m0_exact,
+        "m_best": (max if task.higher_is_better else min)(finals) if finals else None,
         "task_extras": {k: v for k, v in extras.items() if isinstance(v, int | float | str | bool)},
+        "jobs": jobs,
+        "curves": curves,
+        "sample_efficiency": efficiency,
+        "sample_efficiency_definition": "for a baseline m beating the start by >= 3 SE: "
+        "S_m = m0 + 0.9 (final_m - m0) on m's mean curve over seeds; s_m, g_m = training MD "
+        "steps at which m's / the gradient method's mean curve first reaches S_m (linear "
+        "interpolation); ratio = s_m / g_m (0: the gradient method never reaches S_m); CI: "
+        "bootstrap over seeds, 2.5-97.5 percentiles",
         "methods": methods,
     }
 
@@ -774,97 +1048,122 @@ def _mean_or_none(values: list[float | None]) -> float | None:
     return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
 
-def _progress(m: float, m0: float, m_best: float) -> float | None:
-    if not math.isfinite(m_best) or m_best == m0:
-        return None
-    return (m - m0) / (m_best - m0)
+def _efficiency_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
+    if entry["status"] != "ratio":
+        return "no learning"
+    return f"{entry['ratio']:.3g} [{entry['ci_low']:.3g}, {entry['ci_high']:.3g}]"
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The comparison as a markdown table (one row per method, mean over seeds)."""
     name = result["metric_name"]
     direction = "higher" if result["higher_is_better"] else "lower"
-    pct = round(100 * result["target_progress"])
+    incomplete = "" if result.get("complete", True) else " (INCOMPLETE: some runs failed)"
     lines = [
-        f"Task `{result['task']}`, metric `{name}` ({direction} is better), {result['n_pieces']} pieces of "
-        f"{result['control_interval']} MD steps, budget {result['budget_md_steps']:.3g} MD replica-steps per run, "
-        f"{len(result['seeds'])} seeds{'' if result.get('complete', True) else ' (INCOMPLETE: runs so far)'}. "
-        f"Start (middle of the bounds): {result['m0_final']:.4g}; best final: "
-        f"{result['m_best']:.4g}.",
+        f"Task `{result['task']}`, metric `{name}` ({direction} is better), {result['n_pieces']} "
+        f"pieces of {result['control_interval']} MD steps, budget "
+        f"{result['budget_md_steps']:.3g} training MD replica-steps per run (evaluations not "
+        f"charged), {len(result['seeds'])} seeds{incomplete}. Start (middle of the bounds): "
+        f"{result['m0']:.4g} on the {result['eval_replicas']} curve replicas, "
+        f"{result['m0_final']:.4g} on the {result['final_replicas']} final ones"
+        + ("." if result.get("m0_exact") is None else f", {result['m0_exact']:.4g} exact."),
         "",
-        f"| method | final {name} (mean ± sd) | best seed | MD steps to {pct}% (median) | reached | "
-        "MD steps used | grad steps | wall s (mean) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | final {name} (mean ± sd) | exact, noise-free (mean) | best seed | "
+        "training MD steps | eval MD steps | grad steps | CPU s (training) | wall s | "
+        "sample efficiency of gradient [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     pick = max if result["higher_is_better"] else min
-    exact = any(
-        d["summary"].get("exact_final_mean") is not None for d in result["methods"].values()
-    )
-    if exact:
-        lines[2] = lines[2].replace(" | best seed |", " | exact, noise-free (mean) | best seed |")
-        lines[3] += "---|"
     for method, data in result["methods"].items():
         s = data["summary"]
+        failed = data.get("failed", 0)
+        if s is None:
+            lines.append(f"| {method} | failed | — | — | — | — | — | — | — | — |")
+            continue
         finals = [r["final"]["metric"] for r in data["runs"]]
-        to = s["md_steps_to_target_median"]
         e = s.get("exact_final_mean")
-        exact_cell = ("—" if e is None else f"{e:.4g}") + " | " if exact else ""
+        note = f" ({failed} failed)" if failed else ""
         lines.append(
-            f"| {method} | {s['final_mean']:.4g} ± {s['final_sd']:.2g} | {exact_cell}{pick(finals):.4g} | "
-            f"{'—' if to is None else f'{to:.3g}'} | {s['reached_target']}/{len(finals)} | "
-            f"{s['md_steps_mean']:.3g} | {s['grad_steps_mean']:.3g} | {s['wall_s_mean']:.0f} |"
+            f"| {method} | {s['final_mean']:.4g} ± {s['final_sd']:.2g}{note} | "
+            f"{'—' if e is None else f'{e:.4g}'} | {pick(finals):.4g} | "
+            f"{s['md_steps_mean']:.3g} | {s['eval_md_steps_mean']:.3g} | "
+            f"{s['grad_steps_mean']:.3g} | {s['cpu_s_mean']:.0f} | {s['wall_s_mean']:.0f} | "
+            f"{_efficiency_cell(result['sample_efficiency'].get(method))} |"
         )
     known = result["task_extras"].get("optimum")
     if known is not None:
         lines += ["", f"Known optimum (task extras): {known:.4g}."]
+    if result["sample_efficiency"]:
+        lines += [
+            "",
+            "Sample efficiency = s_m / g_m: training MD steps baseline m needs to reach 90% of "
+            "its own final gain, over those the gradient method needs to reach the same score "
+            "(> 1: the gradient method needs fewer; 0: it never reaches it).",
+        ]
+    failed_jobs = [j for j in result.get("jobs", []) if j["status"] != "done"]
+    if failed_jobs:
+        lines += ["", "Failed runs:"] + [
+            f"- {j['method']}/seed{j['seed']}: {j['message']}" for j in failed_jobs
+        ]
     return "\n".join(lines) + "\n"
 
 
+def efficiency_lines(result: dict[str, Any]) -> list[str]:
+    """``sample_efficiency.<method>`` as printed lines."""
+    out = []
+    for method, e in result["sample_efficiency"].items():
+        if e["status"] != "ratio":
+            out.append(
+                f"sample_efficiency.{method}: no learning (gain {e['gain']:.3g} "
+                f"< 3 SE = {3 * e['gain_se']:.3g} over the start)"
+            )
+            continue
+        g = e["steps_gradient"]
+        out.append(
+            f"sample_efficiency.{method}: ratio {e['ratio']:.3g} "
+            f"[{e['ci_low']:.3g}, {e['ci_high']:.3g}] (score {e['score']:.4g}: {method} at "
+            f"{e['steps_baseline']:.3g} MD steps, {e['gradient_method']} at "
+            f"{'never' if g is None else f'{g:.3g}'})"
+        )
+    return out
+
+
 def plot_comparison(result: dict[str, Any], path: Path) -> None:
-    """``comparison.png``: metric against MD steps and wall time, mean and min-max band."""
+    """``comparison.png``: metric against training MD steps (log x), mean ± SE over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, key, label in (
-        (axes[0], "md_steps", "MD replica-steps spent"),
-        (axes[1], "wall_s", "wall time (s)"),
-    ):
-        for method, data in result["methods"].items():
-            curves = [([*r["curve"], r["final"]]) for r in data["runs"]]
-            xs = [np.array([p[key] for p in c], dtype=float) for c in curves]
-            lo = min(x[1] if x.size > 1 else x[0] for x in xs) / 2.0
-            hi = max(x[-1] for x in xs)
-            grid = np.geomspace(lo, hi, 200)
-            held = np.full((len(curves), grid.size), np.nan)
-            for i, (c, x) in enumerate(zip(curves, xs)):
-                idx = np.searchsorted(x, grid, side="right") - 1
-                ok = (idx >= 0) & (grid <= x[-1])
-                held[i, ok] = np.array([p["metric"] for p in c])[idx[ok]]
-            with warnings.catch_warnings():  # grid points before a run's first evaluation are NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, low, high = (
-                    np.nanmean(held, axis=0),
-                    np.nanmin(held, axis=0),
-                    np.nanmax(held, axis=0),
-                )
-            line = axis.plot(grid, mean, label=method)[0]
-            axis.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
-        axis.axhline(result["m0"], color="grey", lw=0.8, ls=":", label="start")
-        known = result["task_extras"].get("optimum")
-        if isinstance(known, float):
-            axis.axhline(known, color="black", lw=0.8, ls="--", label="known optimum")
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel(
-            f"{result['metric_name']} ({'higher' if result['higher_is_better'] else 'lower'} is better)"
+    fig, axis = plt.subplots(figsize=(7.5, 4.5))
+    for method, seeds in result["curves"].items():
+        if not seeds:
+            continue
+        curves = [(np.array(c["md_steps"]), np.array(c["metric"])) for c in seeds.values()]
+        n = min(len(x) for x, _ in curves)
+        x, mean = mean_curve(curves)
+        ys = np.array([y[:n] for _, y in curves], dtype=float)
+        se = ys.std(axis=0, ddof=1) / math.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+        keep = x > 0
+        line = axis.plot(x[keep], mean[keep], marker="o", ms=3, label=method)[0]
+        axis.fill_between(
+            x[keep], (mean - se)[keep], (mean + se)[keep], color=line.get_color(), alpha=0.2
         )
-    axes[0].legend(fontsize=8)
-    fig.suptitle(
-        f"{result['task']}: equal budget {result['budget_md_steps']:.3g} MD steps, "
-        f"{len(result['seeds'])} seeds (mean, min-max)"
+    axis.axhline(result["m0"], color="grey", lw=0.8, ls=":", label="start")
+    known = result["task_extras"].get("optimum")
+    if isinstance(known, float):
+        axis.axhline(known, color="black", lw=0.8, ls="--", label="analytic optimum")
+    axis.set_xscale("log")
+    axis.set_xlabel("training MD replica-steps (evaluations not charged)")
+    direction = "higher" if result["higher_is_better"] else "lower"
+    axis.set_ylabel(f"{result['metric_name']} ({direction} is better)")
+    axis.legend(fontsize=8)
+    axis.set_title(
+        f"{result['task']}: {result['eval_replicas']} held-out replicas, mean ± SE over "
+        f"{len(result['seeds'])} seeds",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -910,6 +1209,8 @@ def main_compare(
     run = run_comparison(cfg, out=out, resume=resume, progress=progress, **runner)
     if progress and run.result is not None:
         print((run.out_dir / "comparison.md").read_text(), file=sys.stderr)
+        for line in efficiency_lines(run.result):
+            print(line, file=sys.stderr)
         print(
             f"wrote {run.out_dir}/comparison.json, comparison.png, comparison.md in "
             f"{time.perf_counter() - t0:.0f} s",

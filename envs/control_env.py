@@ -12,10 +12,13 @@ The env talks to the task through the Task interface only (``initial_state``,
 ``advance``, ``metric``, ``observe``, ``controls``, ``n_steps``, ``dt``,
 ``higher_is_better``); units are the task's (see its module docstring).
 
-Seeding: ``reset(seed=s)`` starts the replica whose noise stream is seeded ``s``, so an
-env reset with ``replica_seed(s, i) = s + i * 1_000_003`` replays replica ``i`` of a batch
-seeded ``s`` (the trainer's evaluation, the vector env). ``reset()`` without a seed draws
-the next episode's seed from the env's ``np_random``.
+Seeding: ``reset(seed=x)`` starts replica ``x`` of the task's batch seeded 0 (the replica
+whose streams are seeded ``replica_seed(0, x) = x * 1_000_003``), so envs seeded ``s + i``
+(what gymnasium's ``SyncVectorEnv`` / ``AsyncVectorEnv`` and stable-baselines3 give env
+``i`` for seed ``s``) are replicas ``s .. s + B - 1`` of one batch: exactly the replicas of
+the batched vector env reset with seed ``s`` (:mod:`controlmd_envs.vec_env`). ``reset()``
+without a seed draws the replica from the env's ``np_random``. Envs pickle by their
+constructor arguments (gymnasium's ``EzPickle``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.utils import EzPickle
 
 from controlmd.dynamics.base import State
 from controlmd.errors import ControlMDError
@@ -38,8 +42,10 @@ from controlmd.tasks.base import Task
 Tensor = torch.Tensor
 
 __all__ = [
+    "ACTION_ROUNDING",
     "MAX_DEFAULT_INTERVALS",
     "OBSERVATIONS",
+    "SEED_BOUND",
     "ControlEnv",
     "EpisodeControl",
     "ReplicaBatch",
@@ -56,11 +62,19 @@ OBSERVATIONS = ("time", "features", "state")
 MAX_DEFAULT_INTERVALS = 20
 """The default control interval gives at most this many agent steps per episode."""
 
-_SEED_BOUND = 2**62
+SEED_BOUND = 2**32
+"""Env seeds (replica indices of the seed-0 batch) are drawn below this bound: replica
+``x`` draws from ``x * 1_000_003 mod 2**32`` (torch keeps 32 bits), distinct for every
+``x < 2**32``."""
+
+ACTION_ROUNDING = 1e-6
+"""Actions outside [-1, 1] by at most this much (float rounding) are clipped to it
+(gymnasium's convention for ``Box`` actions); farther outside is an error."""
 
 
 def make_task(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> Task:
-    """The task itself, or the registered task ``task`` built with ``task_kwargs``.
+    """The task itself, or the registered task ``task`` (a task name or an env id such as
+    ``"controlmd/TrapDrag-v0"``) built with ``task_kwargs``.
 
     :raises ControlMDError: unknown task name (the message lists the valid ones), or
         ``task_kwargs`` given with a task object.
@@ -76,8 +90,9 @@ def make_task(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> Ta
             f"task must be a controlmd Task or a registered task name, got {task!r}"
         )
     from controlmd.tasks import get_task
+    from controlmd_envs import ENV_IDS
 
-    return get_task(task, **(task_kwargs or {}))
+    return get_task(ENV_IDS.get(task, task), **(task_kwargs or {}))
 
 
 def default_control_interval(n_steps: int, max_intervals: int = MAX_DEFAULT_INTERVALS) -> int:
@@ -138,6 +153,32 @@ class EpisodeControl(Protocol):
     def breakpoints(self) -> list[float]:
         return [self.t_final * j / self.n_pieces for j in range(1, self.n_pieces)]
 
+    def replica(self, i: int) -> Protocol:
+        """Replica ``i``'s pieces as an open-loop protocol (``t`` 0-d -> ``[k]``, ``[T]`` ->
+        ``[T, k]``, like a ``K``-piece :class:`PiecewiseConstant`), e.g. for
+        ``task.exact_metric``."""
+        return _ReplicaPieces(self, self.values[i])
+
+
+class _ReplicaPieces(Protocol):
+    """The ``K`` pieces ``[K, k]`` of one replica of an :class:`EpisodeControl`."""
+
+    def __init__(self, control: EpisodeControl, values: Tensor) -> None:
+        super().__init__(dim=control.dim, t_final=control.t_final)
+        self.n_pieces = control.n_pieces
+        self.register_buffer("values", values.clone())
+        self._index = control.piece_index
+
+    def raw(self, t: Tensor) -> Tensor:
+        raise NotImplementedError  # forward is overridden
+
+    def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self.values[self._index(t.reshape(-1))].reshape(*t.shape, self.dim)
+
+    def breakpoints(self) -> list[float]:
+        return [self.t_final * j / self.n_pieces for j in range(1, self.n_pieces)]
+
 
 class ReplicaBatch:
     """``B`` replicas of one task, stepped together, each under its own held control.
@@ -174,6 +215,13 @@ class ReplicaBatch:
         if observation not in OBSERVATIONS:
             raise ControlMDError(
                 f"unknown observation {observation!r}; expected one of: {', '.join(OBSERVATIONS)}"
+            )
+        if task.controls.dim < 1:
+            raise ControlMDError(
+                f"task {task.name!r} has no env: it has no time-dependent control "
+                f"(controls.dim = 0) for an agent to set step by step; its parameters "
+                f"({', '.join(n for n, _ in task.named_parameters()) or 'none'}) are fitted "
+                "once for the whole simulation (a design problem: controlmd run / controlmd ibi)"
             )
         if control_interval is None:
             control_interval = default_control_interval(task.n_steps)
@@ -255,7 +303,8 @@ class ReplicaBatch:
 
         :return: ``(obs [B, n_obs], reward [B], terminated, terms)``; ``terms`` holds
             ``reward_metric``, ``reward_shaping``, ``u`` (physical controls ``[B, k]``) and,
-            at the end, ``metric`` (the task's exact metric ``[B]``).
+            at the end, ``metric`` (the task's exact metric ``[B]``) and, where the task
+            has one, ``exact_metric`` (noise-free, :meth:`exact_metric`).
         """
         assert self.state is not None and not self.done
         u = self.to_physical(actions)
@@ -274,6 +323,9 @@ class ReplicaBatch:
             metric = self.metric()
             terms["metric"] = metric
             r_metric = self.sign * metric
+            exact = self.exact_metric()
+            if exact is not None:
+                terms["exact_metric"] = exact
         r_shaping = np.zeros(B)
         if self.shaping:
             phi_next = np.zeros(B) if terminated else self._potential()
@@ -296,6 +348,15 @@ class ReplicaBatch:
                 f"task {self.task.name!r}: the metric is not finite for some replicas: {values}"
             )
         return values
+
+    def exact_metric(self) -> np.ndarray | None:
+        """The task's noise-free metric ``[B]`` of each replica's episode as an open-loop
+        protocol (``task.exact_metric``), or ``None`` where the task has none."""
+        B = self.control.values.shape[0]
+        values = [self.task.exact_metric(self.control.replica(i)) for i in range(B)]
+        if any(v is None for v in values):
+            return None
+        return np.asarray(values, dtype=np.float64)
 
     def observe(self) -> np.ndarray:
         """Observations ``[B, n_obs]`` (float32, within :meth:`observation_bounds`)."""
@@ -356,8 +417,10 @@ def _finite_number(value: Any) -> bool:
 
 
 def check_actions(actions: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """Validate actions at an env's boundary: shape, finiteness, range [-1, 1].
+    """Validate actions at an env's boundary: shape, finiteness, range [-1, 1] (values
+    outside by at most :data:`ACTION_ROUNDING` are clipped).
 
+    :return: the actions as float64, within [-1, 1].
     :raises gymnasium.error.InvalidAction: with the received value and what is allowed.
     """
     try:
@@ -372,15 +435,15 @@ def check_actions(actions: Any, shape: tuple[int, ...]) -> np.ndarray:
         )
     if not np.all(np.isfinite(a)):
         raise gym.error.InvalidAction(f"action must be finite, got {actions!r}")
-    if np.any(a < -1.0) or np.any(a > 1.0):
+    if np.any(a < -1.0 - ACTION_ROUNDING) or np.any(a > 1.0 + ACTION_ROUNDING):
         raise gym.error.InvalidAction(
             f"action {np.array2string(a, precision=6)} is outside the action space [-1, 1]; actions are "
             "normalized and mapped to the task's physical bounds by the env"
         )
-    return a
+    return np.clip(a, -1.0, 1.0)
 
 
-class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
+class ControlEnv(gym.Env[np.ndarray, np.ndarray], EzPickle):
     """Control a controlmd task, one control interval per step.
 
     ## Description
@@ -428,8 +491,9 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
     of this episode so far), ``time`` (``t / T``) and, at the end, ``metric``.
 
     ## Starting State
-    ``task.initial_state(1, seed)``: ``reset(seed=s)`` gives the replica seeded ``s``,
-    so ``reset(seed=s + i * 1_000_003)`` is replica ``i`` of a batch seeded ``s``.
+    ``task.initial_state(1, 0, first_replica=s)``: ``reset(seed=s)`` gives replica ``s``
+    of the task's batch seeded 0, so envs seeded ``s + i`` are the replicas of the batched
+    vector env seeded ``s`` (``info["task_seed"]`` is ``s``).
 
     ## Episode End
     Termination after ``K`` steps (the horizon is part of the problem, and the time
@@ -479,6 +543,18 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         feature_scale: float | Sequence[float] = 1.0,
         render_mode: str | None = None,
     ) -> None:
+        EzPickle.__init__(
+            self,
+            task,
+            task_kwargs=task_kwargs,
+            control_interval=control_interval,
+            observation=observation,
+            shaping=shaping,
+            shaping_gamma=shaping_gamma,
+            reward_scale=reward_scale,
+            feature_scale=feature_scale,
+            render_mode=render_mode,
+        )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ControlMDError(
                 f"unknown render_mode {render_mode!r}; expected None or one of: rgb_array"
@@ -518,8 +594,8 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
-        task_seed = seed if seed is not None else int(self.np_random.integers(0, _SEED_BOUND))
-        obs = self.batch.reset(1, task_seed)
+        task_seed = seed if seed is not None else int(self.np_random.integers(0, SEED_BOUND))
+        obs = self.batch.reset(1, 0, first_replica=int(task_seed))
         self._needs_reset = False
         self._history = []
         return obs[0], {"md_steps": 0, "time": 0.0, "task_seed": int(task_seed)}
@@ -543,6 +619,8 @@ class ControlEnv(gym.Env[np.ndarray, np.ndarray]):
         }
         if terminated:
             info["metric"] = float(terms["metric"][0])
+            if "exact_metric" in terms:
+                info["exact_metric"] = float(terms["exact_metric"][0])
         self._history.append((info["time"], info["u"]))
         return obs[0], float(reward[0]), terminated, False, info
 

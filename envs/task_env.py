@@ -5,13 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gymnasium.utils import EzPickle
+
 from controlmd_envs.control_env import ControlEnv
 
 __all__ = ["TaskEnv"]
 
 
 class TaskEnv(ControlEnv):
-    """A :class:`ControlEnv` bound to one registered task with its own default control interval."""
+    """A :class:`ControlEnv` bound to one registered task with its own default control interval.
+
+    Subclasses set ``task_name`` and ``default_control_interval`` (``None``: the smallest
+    divisor of ``n_steps`` giving at most 20 steps); the arguments are those of
+    :class:`ControlEnv` without ``task``.
+    """
 
     task_name: str = ""
     default_control_interval: int | None = None
@@ -34,6 +41,17 @@ class TaskEnv(ControlEnv):
             control_interval=self.default_control_interval
             if control_interval is None
             else control_interval,
+            observation=observation,
+            shaping=shaping,
+            shaping_gamma=shaping_gamma,
+            reward_scale=reward_scale,
+            feature_scale=feature_scale,
+            render_mode=render_mode,
+        )
+        EzPickle.__init__(  # unpickled through this class's own constructor
+            self,
+            task_kwargs=task_kwargs,
+            control_interval=control_interval,
             observation=observation,
             shaping=shaping,
             shaping_gamma=shaping_gamma,

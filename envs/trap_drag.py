@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from controlmd_envs.control_env import ControlEnv
+from controlmd_envs.task_env import TaskEnv
 
 __all__ = ["TrapDragEnv"]
 
 
-class TrapDragEnv(ControlEnv):
+class TrapDragEnv(TaskEnv):
     """Move a harmonic trap from 0 to ``lambda_f`` in time ``t_f`` spending minimal work.
 
     ## Description
@@ -73,26 +70,5 @@ class TrapDragEnv(ControlEnv):
     * v0: initial version.
     """
 
-    def __init__(
-        self,
-        *,
-        task_kwargs: dict[str, Any] | None = None,
-        control_interval: int | None = 5,
-        observation: str = "time",
-        shaping: float = 0.0,
-        shaping_gamma: float = 1.0,
-        reward_scale: float = 1.0,
-        feature_scale: float | Sequence[float] = 1.0,
-        render_mode: str | None = None,
-    ) -> None:
-        super().__init__(
-            "trap_drag",
-            task_kwargs=task_kwargs,
-            control_interval=control_interval,
-            observation=observation,
-            shaping=shaping,
-            shaping_gamma=shaping_gamma,
-            reward_scale=reward_scale,
-            feature_scale=feature_scale,
-            render_mode=render_mode,
-        )
+    task_name = "trap_drag"
+    default_control_interval = 5

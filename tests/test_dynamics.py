@@ -184,9 +184,9 @@ def test_brownian_bad_input() -> None:
     trap = HarmonicTrap(1.0)
     with pytest.raises(ControlMDError, match=r"dt must be > 0, got -0.001"):
         Brownian(trap, dt=-0.001, kT=1.0)
-    with pytest.raises(ControlMDError, match=r"kT must be > 0, got 0"):
-        Brownian(trap, dt=0.01, kT=0.0)
-    with pytest.raises(ControlMDError, match=r"kT\(t=0\) must be > 0"):
+    with pytest.raises(ControlMDError, match=r"kT must be >= 0, got -1"):
+        Brownian(trap, dt=0.01, kT=-1.0)
+    with pytest.raises(ControlMDError, match=r"kT\(t=0\) must be >= 0"):
         Brownian(trap, dt=0.01, kT=lambda t: t - 1.0)
     with pytest.raises(ControlMDError, match=r"gamma must be > 0"):
         Brownian(trap, dt=0.01, kT=1.0, gamma=-2.0)
@@ -340,5 +340,17 @@ def test_nve_bad_input() -> None:
         nve.init(R)
     with pytest.raises(ControlMDError, match=r"P must be finite"):
         nve.init(R, P=torch.full_like(R, float("inf")))
-    with pytest.raises(ControlMDError, match=r"kT must be > 0, got 0"):
-        nve.init(R, kT=0.0, rng=ReplicaRNG(0, 2))
+    with pytest.raises(ControlMDError, match=r"kT must be >= 0, got -1"):
+        nve.init(R, kT=-1.0, rng=ReplicaRNG(0, 2))
+
+
+@pytest.mark.parametrize("cls", [Langevin, Brownian])
+def test_a_bath_schedule_leaving_its_range_is_named_with_its_time(cls: type) -> None:
+    """kT(t) = 1 - 2 t turns negative after t = 0.5: the noise amplitude sqrt(kT) is NaN
+    there, and the error names the channel and the time, not only the step."""
+    trap = HarmonicTrap(1.0)
+    integ = cls(trap, dt=0.01, kT=lambda t: 1.0 - 2.0 * t)
+    s0 = integ.init(torch.zeros(2, 1, 1, dtype=F64), kT=1.0, rng=ReplicaRNG(0, 2))
+    with pytest.raises(SimulationDivergedError, match=r"step 51 \(t = 0\.51\)") as info:
+        simulate(integ, s0, 100, gradient="none", check_every=10)
+    assert "the control kT(t = 0.50" in str(info.value) and "must be >= 0" in str(info.value)

@@ -17,7 +17,6 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import controlmd_envs
 from controlmd.errors import ControlMDError
 from controlmd.protocols import PiecewiseConstant
-from controlmd.rng import replica_seed
 from controlmd.tasks import get_task
 from controlmd.train import Trainer, evaluate
 from controlmd_envs.control_env import ControlEnv, actions_to_protocol, protocol_to_actions
@@ -104,11 +103,12 @@ def test_unseeded_resets_follow_the_env_generator() -> None:
 
 
 def test_env_seed_i_is_replica_i_of_a_batch() -> None:
-    """Env reset with f(s, i) = s + i * 1_000_003 equals replica i of a batch seeded s: in the
-    task's own batch, in the vector env, step by step."""
+    """An env reset with seed s + i is replica s + i of the task's batch seeded 0, and env i
+    of the vector env seeded s (gymnasium's and SB3's seed rule): in the task's own batch,
+    in the vector env, step by step."""
     s, B = 5, 4
     task = get_task("trap_drag")
-    R0 = task.initial_state(B, s).R
+    R0 = task.initial_state(B, 0, first_replica=s).R
     venv = BatchedControlVecEnv(task, B, control_interval=10, observation="state", shaping=1.0)
     venv.seed(s)
     vobs = venv.reset()
@@ -116,7 +116,8 @@ def test_env_seed_i_is_replica_i_of_a_batch() -> None:
     vsteps = [venv.step(actions[j]) for j in range(venv.n_intervals)]
     for i in range(B):
         env = ControlEnv(task, control_interval=10, observation="state", shaping=1.0)
-        obs, _ = env.reset(seed=replica_seed(s, i))
+        obs, info = env.reset(seed=s + i)
+        assert info["task_seed"] == s + i
         np.testing.assert_array_equal(obs, vobs[i])
         np.testing.assert_allclose(np.arctanh(obs[1]), float(R0[i, 0, 0]), rtol=1e-5)
         for j in range(env.n_intervals):
@@ -146,14 +147,14 @@ def test_replayed_trained_protocol_gives_the_trainers_metric() -> None:
         init=2.5,
     )
     Trainer(task, protocol, lr=0.2, replicas=32, seed=3, variance_every=0).learn(8)
-    seed, n = 11, 6
-    reference = evaluate(task, protocol, n, seed)
+    n = 6
+    reference = evaluate(task, protocol, n, 0)  # replicas 0 .. n-1 of the batch seeded 0
     actions = protocol_to_actions(protocol, task)
     assert actions.shape == (20, 1) and np.ptp(actions) > 1e-3  # training moved the pieces
     env = ControlEnv(task, control_interval=task.n_steps // 20)
     metrics = []
     for i in range(n):
-        env.reset(seed=replica_seed(seed, i))
+        env.reset(seed=i)
         for a in actions:
             *_, terminated, _, info = env.step(a)
         assert terminated
@@ -161,7 +162,7 @@ def test_replayed_trained_protocol_gives_the_trainers_metric() -> None:
     assert np.mean(metrics) == pytest.approx(reference.mean, rel=1e-12, abs=1e-12)
     # the same through the vector env, all replicas at once
     venv = BatchedControlVecEnv(task, n, control_interval=task.n_steps // 20)
-    venv.seed(seed)
+    venv.seed(0)
     venv.reset()
     for a in actions:
         _, _, dones, infos = venv.step(np.repeat(a[None, :], n, axis=0))

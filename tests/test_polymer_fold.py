@@ -132,6 +132,52 @@ def test_channels_enter_the_hamiltonian() -> None:
     assert float(integ.kT(t).detach()) == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize("per_torsion", [False, True])
+def test_torsion_channel_biases_toward_the_native_torsions(per_torsion: bool) -> None:
+    task = PolymerFold(
+        controls=["torsion"], torsion_channels="each" if per_torsion else "one", n_steps=10
+    )
+    K = task.n_beads - 3
+    assert task.controls.dim == (K if per_torsion else 1)
+    torch.testing.assert_close(task.default_control(), torch.zeros(task.controls.dim).double())
+    R = task.initial_state(3, seed=1).R
+    t = torch.zeros((), dtype=torch.float64)
+    a = torch.linspace(0.5, 3.0, task.controls.dim, dtype=torch.float64)
+    base = task.potential(_constant(task, [0.0] * task.controls.dim)).energy(R, t)
+    E = task.potential(_constant(task, a.tolist())).energy(R, t)
+    # sum_k a_k [1 - cos(phi_k - phi*_k)], phi from the bead positions
+    phi = task._torsions(R)
+    expected = ((1.0 - torch.cos(phi - task._phi0)) * a).sum(-1)
+    torch.testing.assert_close(E - base, expected)
+    # zero at the native structure; the mirror image (phi -> -phi) pays 1 - cos(2 phi*)
+    native = task.target[None]
+    mirror = native * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    bias = task.potential(_constant(task, a.tolist())).terms[-1]
+    torch.testing.assert_close(bias.energy(native, t), torch.zeros(1, dtype=torch.float64))
+    flipped = ((1.0 - torch.cos(2 * task._phi0)) * a).sum()
+    torch.testing.assert_close(bias.energy(mirror, t)[0], flipped)
+    assert float(flipped) > 0
+
+
+def test_torsion_bias_gradient_matches_finite_differences() -> None:
+    task = PolymerFold(controls=["torsion"], n_steps=15, kT=0.5)
+    u = PiecewiseConstant(dim=1, t_final=task.horizon, n_pieces=3, low=0.0, high=5.0, init=[2.0])
+    final = task.rollout(u, 8, seed=4, gradient="direct")
+    task.loss(final).backward()
+    grad = u.values.grad.detach().clone()
+    h = 1e-5
+    for k in range(3):
+        losses = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                u.values[k, 0] += sign * h
+            losses.append(float(task.loss(task.rollout(u, 8, seed=4, gradient="none"))))
+            with torch.no_grad():
+                u.values[k, 0] -= sign * h
+        fd = (losses[0] - losses[1]) / (2 * h)
+        assert grad[k, 0].item() == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
 def test_pair_bias_accepts_per_replica_controls() -> None:
     pairs = torch.tensor([[0, 3], [1, 4]])
     bias = PairBias(pairs, torch.tensor([1.0, 2.0], dtype=torch.float64), 0.3)
@@ -203,6 +249,8 @@ def test_surrogate_and_metric_move_together() -> None:
         ({"tweezer_pairs": [[0, 40]], "controls": ["tweezers"]}, "tweezer_pairs"),
         ({"n_bias": 3, "bias_centers": [1.0, 2.0]}, "bias_centers"),
         ({"q_folded": 1.5}, "q_folded"),
+        ({"torsion_max": -1.0}, "torsion_max"),
+        ({"torsion_channels": "some"}, "torsion_channels"),
     ],
 )
 def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:

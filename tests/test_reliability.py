@@ -107,6 +107,25 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["run", "--resume", str(tmp_path / "nowhere")], "no such run folder"),
         (["run", "--resume", str(not_a_run)], "is not a run folder: it has no config.toml"),
         (["eval", str(not_a_run)], "has no config.toml"),
+        (["run", str(good), "--set", "train.lr"], "--set expects section.key=value"),
+        (["run", str(good), "--set", "nope.x=1"], "unknown section [nope]"),
+        (
+            ["run", str(good), "--set", "train.replicas=0"],
+            "tiny.toml: [train] replicas must be >= 1",
+        ),
+        (["run", str(good), "--set", "task.n_steps=-3"], "n_steps must be >= 1, got -3"),
+        (["run", str(good), "--set", "task.name=nope"], "[task] name: unknown value 'nope'"),
+        (["run", str(good), "--set", "task.name=nomod:Cls"], "cannot import module 'nomod'"),
+        (
+            ["run", str(good), "--set", "protocol.kind=nope"],
+            "[protocol] kind: unknown value 'nope'",
+        ),
+        (["run", str(good), "--set", "protocol.t_final=2.0"], "[protocol] t_final = 2.0 differs"),
+        (["run", str(good), "--seeds", "0"], "seeds must be >= 1"),
+        (["sweep", str(tmp_path / "missing.toml")], "missing.toml' does not exist"),
+        (["compare", str(tmp_path / "missing.toml")], "missing.toml' does not exist"),
+        (["ibi", str(tmp_path / "missing.toml")], "missing.toml' does not exist"),
+        (["report", str(not_a_run)], "has no config.toml"),
     ]
 
 
@@ -118,6 +137,36 @@ def test_bad_input_gets_one_line_and_exit_status_2(tmp_path: Path, capsys) -> No
         assert message in err, (argv, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (Path("runs") / "x").exists()
+
+
+def test_a_finished_run_refuses_bad_files_and_changed_keys(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                str(_experiment(tmp_path, iterations=1, final=10)),
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    (run / "protocol_initial.pt").write_bytes(b"not a torch file")
+    cases = [
+        (["run", "--resume", str(run), "--set", "train.lr=0.5"], "train.lr"),
+        (["eval", str(run), "--protocol", "missing.pt"], "missing.pt"),
+        (["eval", str(run), "--protocol", "protocol_initial.pt"], "protocol_initial.pt"),
+        (["eval", str(run), "--replicas", "0"], "replicas"),
+    ]
+    for argv, name in cases:
+        status = main(argv)
+        err = capsys.readouterr().err
+        assert status == 2, (argv, err)
+        assert name in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)
 
 
 def test_an_invalid_config_leaves_no_run_folder(tmp_path: Path) -> None:
@@ -319,3 +368,65 @@ def test_kill_at_any_moment_resumes_to_the_same_bits(tmp_path: Path) -> None:
         }, delay
         assert (out / "protocol.pt").read_bytes() == ref_protocol, delay
         assert _logged_steps(out) == _logged_steps(reference), delay
+
+
+CROSS_PROCESS = """
+[experiment]
+name = "xproc"
+seed = 5
+
+[task]
+name = "trap_drag"
+n_steps = 20
+
+[protocol]
+kind = "mlp"
+hidden = [16, 16]
+n_frequencies = 3
+init = [0.0, 5.0]
+
+[train]
+lr = 0.01
+iterations = 3
+replicas = 64
+
+[eval]
+replicas = 100
+every = 0
+final_replicas = 200
+
+[logging]
+checkpoint_every = 0
+histogram_every = 0
+tensorboard = false
+plots = false
+progress = false
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # 50 processes: ~2 min on 2 idle cores, far longer on a loaded one
+def test_fifty_processes_give_the_same_bits(tmp_path: Path) -> None:
+    """The same MLP-protocol run (MKL matrix products) in 50 separate processes, two at a
+    time: protocol.pt and metrics.json (all but the timings) identical bit for bit."""
+    path = tmp_path / "xproc.toml"
+    path.write_text(CROSS_PROCESS)
+    outputs: set[tuple[bytes, str]] = set()
+    for pair in range(25):
+        outs = [tmp_path / f"run{pair}_{k}" for k in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "controlmd", "run", str(path), "--out", str(o), "--quiet"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            for o in outs
+        ]
+        for p in procs:
+            assert p.wait(timeout=600) == 0, p.stderr.read() if p.stderr else ""
+        for o in outs:
+            metrics = json.loads((o / "metrics.json").read_text())
+            kept = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+            outputs.add(((o / "protocol.pt").read_bytes(), json.dumps(kept, sort_keys=True)))
+    assert len(outputs) == 1

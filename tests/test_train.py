@@ -69,14 +69,14 @@ def test_cosine_schedule_takes_its_horizon_from_learn() -> None:
 def test_estimator_outside_the_task_capabilities_is_refused() -> None:
     from controlmd.tasks import get_task
 
-    task = get_task("polymer_fold", n_steps=10)
+    task = get_task("isomerization", n_steps=10)
     protocol = make_protocol(
-        "piecewise_constant", dim=1, t_final=task.horizon, n_pieces=2, low=0.1, high=1.2
+        "piecewise_constant", dim=1, t_final=task.horizon, n_pieces=2, low=-1.0, high=1.0
     )
     with pytest.raises(
         ControlMDError,
         match="estimator = 'score' is not supported by task "
-        "'polymer_fold'; it supports \\['pathwise', 'forward'\\]",
+        "'isomerization'; it supports \\['pathwise', 'forward'\\]",
     ):
         Trainer(task, protocol, estimator="score")
 

@@ -32,9 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume",
         type=Path,
         metavar="DIR",
-        help="re-run the runs of the comparison in DIR not done",
+        help="re-run the failed and unfinished runs of the comparison in DIR",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress lines (failed runs are still reported)"
+    )
     add_runner_arguments(p)
 
 

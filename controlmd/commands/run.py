@@ -110,7 +110,11 @@ def _run_in(folder: Any, args: argparse.Namespace) -> int:
     # resuming: the experiment file, if given, must match the run's config (checked below)
     source = folder.config if fresh or args.experiment is None else args.experiment
     try:
-        cfg = load_config(source, args.overrides if not fresh else ())
+        cfg = load_config(
+            source,
+            args.overrides if not fresh else (),
+            name=args.experiment if fresh and args.experiment is not None else None,
+        )
     except ConfigError:
         if fresh:
             folder.remove()  # an invalid config leaves no folder behind

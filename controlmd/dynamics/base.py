@@ -10,7 +10,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,10 +29,12 @@ __all__ = [
     "CONTROL_TIME_OFFSET",
     "ControlSchedule",
     "Integrator",
+    "IntegratorWrapper",
     "MomentumIntegrator",
     "Schedule",
     "State",
     "check_schedule",
+    "closing_jumps",
     "evaluate_schedule",
     "kinetic_energy",
     "maxwell_boltzmann",
@@ -85,9 +87,10 @@ def evaluate_schedule(value: Schedule, t: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=t.dtype, device=t.device)
 
 
-def check_schedule(name: str, value: Schedule) -> None:
-    """Validate a schedule at the boundary: a constant must be finite and > 0; a callable
-    must give finite, positive values at ``t = 0``.
+def check_schedule(name: str, value: Schedule, *, allow_zero: bool = False) -> None:
+    """Validate a schedule at the boundary: a constant must be finite and > 0 (>= 0 with
+    ``allow_zero``, e.g. ``kT = 0``, the deterministic limit); a callable must give such
+    values at ``t = 0``.
 
     Schedules whose values depend on learnable parameters should be ``nn.Module`` s (e.g. a
     :class:`ControlSchedule`) so that the integrator registers them and gradients and
@@ -98,11 +101,11 @@ def check_schedule(name: str, value: Schedule) -> None:
             v = evaluate_schedule(value, torch.zeros((), dtype=torch.float64))
         except Exception as exc:  # report which schedule failed, keep the cause
             raise ControlMDError(f"{name} schedule failed at t = 0: {exc}") from exc
-        check_positive(f"{name}(t=0)", v.detach())
+        check_positive(f"{name}(t=0)", v.detach(), allow_zero=allow_zero)
     elif isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise ControlMDError(f"{name} must be a number or a callable of t, got {value!r}")
     else:
-        check_positive(name, value)
+        check_positive(name, value, allow_zero=allow_zero)
 
 
 class ControlSchedule(nn.Module):
@@ -169,7 +172,30 @@ CONTROL_TIME_OFFSET = 1e-6
 at ``t_{n+1} - eps`` (end of step) and, right after a protocol jump at ``t_n``, at
 ``t_n + eps``, with ``eps = CONTROL_TIME_OFFSET * dt``. A control that jumps on a step
 boundary thus acts exactly on the steps of its own interval (as a held env action does)
-and velocity Verlet stays second order across the jump."""
+and velocity Verlet stays second order across the jump.
+
+The convention, the same for every integrator: step ``n`` (from ``t_n`` to ``t_{n+1}``)
+reads the control only inside its own interval, as the one-sided limits ``u(t_n^+)`` and
+``u(t_{n+1}^-)``. First-order schemes (Brownian) read ``u(t_{n+1}^-)`` once; splitting
+schemes (NVE, Nosé–Hoover chain, Langevin BAOAB) read ``u(t_n^+)`` for the first half
+kick and ``u(t_{n+1}^-)`` for the last. A jump at ``t_k`` therefore acts from step ``k``
+on, in every integrator (tested in ``tests/test_integrators_compose.py``)."""
+
+
+def closing_jumps(integrator: Integrator) -> list[float]:
+    """Times of the *closing* jumps of the protocols held by ``integrator``.
+
+    A module with a callable ``closing_jumps()`` (e.g. :class:`~controlmd.protocols.Endpoints`:
+    the jump to the fixed final value at ``t_final``) declares jumps whose work belongs to
+    the step that *ends* there, so a run that stops at ``t_final`` counts it. Every other
+    jump at ``t_k`` is counted by the step that starts at ``t_k``.
+    """
+    times: set[float] = set()
+    for module in integrator.modules():
+        fn = getattr(module, "closing_jumps", None)
+        if callable(fn) and not isinstance(module, Integrator):
+            times.update(float(x) for x in fn())
+    return sorted(times)
 
 
 class Integrator(nn.Module, ABC):
@@ -194,6 +220,8 @@ class Integrator(nn.Module, ABC):
 
     cached_aux: ClassVar[tuple[str, ...]] = ()
     """Keys of ``state.aux`` that :meth:`prepare` recomputes from ``(R, t)``."""
+
+    _mass: Tensor
 
     def __init__(
         self,
@@ -236,11 +264,58 @@ class Integrator(nn.Module, ABC):
         """Potential energy ``E(R, t)`` of each replica ``[B]``."""
         return self.potential.energy(state.R, state.t)
 
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        """The integrator's own time-dependent parameters (e.g. the bath ``kT(t)``) as
+        ``name -> (schedule, zero allowed)``; a diverged run reports any that left its
+        range (default: none)."""
+        return {}
+
     def prepare(self, state: State) -> State:
         """Refresh what the state caches from the potential (e.g. the force) so that it
         matches this integrator; :func:`~controlmd.simulate.simulate` calls it once at the
-        start, since a state may come from a run under another control value."""
-        return state
+        start (a state may come from a run under another control value) and at every step
+        that is a protocol breakpoint.
+
+        Contract: every key of :attr:`cached_aux` present in ``state.aux`` is recomputed
+        (a new tensor); ``simulate`` raises when one comes back unchanged, so a wrapper that
+        does not forward ``prepare`` cannot apply a stale control. Also adds zero work
+        accumulators where the integrator tracks work and the state has none.
+        """
+        return self._with_accumulators(state)
+
+    # ------------------------------------------------------------------ work accounting
+
+    def control_jump_work(self, R: Tensor, t: Tensor) -> Tensor:
+        """Work ``E(R, t + eps) - E(R, t - eps)`` ``[B]`` of the control change at ``t``
+        with the configuration ``R`` ``[B, N, d]`` held (zero up to O(eps) where the
+        control is continuous)."""
+        return self.potential.energy(R, t + self.t_eps) - self.potential.energy(R, t - self.t_eps)
+
+    def _is_closing(self, t: Tensor) -> bool:
+        tv = float(t)
+        return any(abs(tv - c) <= 10 * self.t_eps for c in closing_jumps(self))
+
+    def opening_jump_work(self, R: Tensor, t: Tensor) -> Tensor:
+        """Work ``[B]`` of a jump at the start ``t`` of a step, at ``R`` ``[B, N, d]`` (zero
+        at a closing jump: the step that ended there counted it)."""
+        if self._is_closing(t):
+            return R.new_zeros(R.shape[0])
+        return self.control_jump_work(R, t)
+
+    def closing_jump_work(self, R: Tensor, t1: Tensor) -> Tensor:
+        """Work ``[B]`` of a closing jump (:func:`closing_jumps`) at the end ``t1`` of a
+        step, at ``R``; zeros where there is none."""
+        if self._is_closing(t1):
+            return self.control_jump_work(R, t1)
+        return R.new_zeros(R.shape[0])
+
+    def _with_accumulators(self, state: State) -> State:
+        """``state`` with zero ``work`` / ``heat`` ``[B]`` where tracked and missing (a
+        state built as ``State(R=..., rng=...)`` rather than by :meth:`init`)."""
+        if not getattr(self, "track_work", False) or ("work" in state.aux and "heat" in state.aux):
+            return state
+        zeros = state.R.new_zeros(state.R.shape[0])
+        return state.replace(aux={"work": zeros, "heat": zeros.clone(), **state.aux})
 
     @abstractmethod
     def init(
@@ -311,8 +386,17 @@ class MomentumIntegrator(Integrator):
         """``F = -dE/dR`` at ``(R, t)``, ``[B, N, d]``."""
         return self.potential.energy_and_forces(R, t)[1]
 
+    def _drift_work(self, R: Tensor, P: Tensor, t: Tensor) -> Tensor:
+        """Work ``E(q', t_{n+1}^-) - E(q', t_n^+)`` ``[B]`` of the control update of step
+        ``n`` at the midpoint of its drift, ``q' = q_n + dt/2 P/m`` (``P`` after the
+        first half kick)."""
+        mid = self.space.shift(R, 0.5 * P * self.drift_factor(R))
+        after = self.potential.energy(mid, t + self.dt - self.t_eps)
+        return after - self.potential.energy(mid, t + self.t_eps)
+
     def prepare(self, state: State) -> State:
         """Recompute the cached force at ``t + eps`` (the control of the step that starts)."""
+        state = self._with_accumulators(state)
         return state.replace(aux={**state.aux, "force": self.force(state.R, state.t + self.t_eps)})
 
     def _init_state(
@@ -351,12 +435,100 @@ class MomentumIntegrator(Integrator):
                     f"{type(self).__name__}.init needs momenta: pass P=..., or kT=... and "
                     "rng=ReplicaRNG(seed, B) to draw them from the Maxwell-Boltzmann distribution"
                 )
-            check_schedule("kT", kT)
+            check_schedule("kT", kT, allow_zero=True)
             kT0 = evaluate_schedule(kT, t0)
             P = maxwell_boltzmann(R, self.mass_like(R), kT0, rng, remove_com=self.remove_com)
         R = self.space.wrap(R)
         state = State(R=R, P=P, t=t0, aux=dict(aux or {}), rng=rng)
         return self.prepare(state)
+
+
+class IntegratorWrapper(Integrator):
+    """Base of integrators that add something to another one (a counter, a feedback hold,
+    a boundary term) without re-implementing it.
+
+    Every hook is forwarded to ``inner``: :meth:`init`, :meth:`prepare` (the refresh of the
+    cached force at control jumps), :meth:`step`, :meth:`potential_energy`, the class-level
+    ``stochastic`` / ``cached_aux``, and any other attribute (``kT``, ``energy``,
+    ``kinetic_energy``, ``invariant``, ``vector_field``, ...). A subclass overrides
+    :meth:`step` and calls ``self.inner.step(state)`` inside; it does not override
+    :meth:`prepare` unless it calls ``self.inner.prepare`` too.
+
+    Subclassing :class:`Integrator` directly and holding the inner integrator as an
+    attribute also works, but then ``prepare`` must be forwarded by hand:
+    :func:`~controlmd.simulate.simulate` raises ``ControlMDError`` at the first control
+    jump where a cached entry of any integrator inside comes back unrefreshed, instead of
+    applying the old control for half a step.
+
+    Example::
+
+        >>> import torch
+        >>> from controlmd.dynamics import NVE
+        >>> from controlmd.potentials import HarmonicTrap
+        >>> class StepCounter(IntegratorWrapper):
+        ...     def step(self, state):
+        ...         new = self.inner.step(state)
+        ...         new.aux["n"] = state.aux.get("n", torch.zeros(1)) + 1
+        ...         return new
+        >>> nve = StepCounter(NVE(HarmonicTrap(1.0), dt=0.01))
+        >>> s = nve.init(torch.ones(1, 1, 1, dtype=torch.float64), P=torch.zeros(1, 1, 1, dtype=torch.float64))
+        >>> float(nve.step(nve.step(s)).aux["n"])
+        2.0
+
+    Args:
+        inner: the integrator that does the dynamics.
+    """
+
+    def __init__(self, inner: Integrator) -> None:
+        if not isinstance(inner, Integrator):
+            raise ControlMDError(
+                f"IntegratorWrapper wraps a controlmd Integrator, got {type(inner).__name__}"
+            )
+        super().__init__(inner.potential, dt=inner.dt, mass=inner._mass, space=inner.space)
+        self.inner = inner
+        self.stochastic = inner.stochastic  # type: ignore[misc]
+        self.cached_aux = inner.cached_aux  # type: ignore[misc]
+        self.t_eps = inner.t_eps
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+    def init(
+        self,
+        R: Tensor,
+        *,
+        kT: float | None = None,
+        rng: ReplicaRNG | None = None,
+        P: Tensor | None = None,
+    ) -> State:
+        """The inner integrator's initial state."""
+        return self.inner.init(R, kT=kT, rng=rng, P=P)
+
+    def prepare(self, state: State) -> State:
+        """The inner integrator's refresh of its cached entries (never skip it)."""
+        return self.inner.prepare(state)
+
+    def potential_energy(self, state: State) -> Tensor:
+        return self.inner.potential_energy(state)
+
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        return self.inner.control_schedules()
+
+    def step(self, state: State) -> State:
+        """One step of the inner integrator; subclasses add to it."""
+        return self.inner.step(state)
+
+
+def add_to(aux: dict[str, Tensor], key: str, value: Tensor) -> dict[str, Tensor]:
+    """``aux`` with ``value`` ``[B]`` added to the accumulator ``key`` (zero when absent)."""
+    previous = aux.get(key)
+    return {**aux, key: value if previous is None else previous + value}
 
 
 # --------------------------------------------------------------------------- protocol jumps

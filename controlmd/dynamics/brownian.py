@@ -19,14 +19,25 @@ Control convention (both rules): at each step the control is updated first, from
 read as left limits, ``u(t_{n+1} - eps)`` (see
 :data:`~controlmd.dynamics.base.CONTROL_TIME_OFFSET`), so a piecewise-constant control
 whose piece starts at ``t_k`` first moves the particle in the step from ``t_k`` to
-``t_k + dt``, exactly like a held env action. With
-``track_work=True`` the state accumulates the protocol work
-``W += E(x_n, t_{n+1}) - E(x_n, t_n)`` (``aux["work"]`` ``[B]``), the discrete Jarzynski /
-Crooks work of the control change made at fixed configuration, as used by
-Schmiedl & Seifert (PRL 98, 108301, 2007) for optimal trap dragging. With this convention
+``t_k + dt``, exactly like a held env action.
+
+Work and heat (``track_work=True``; ``aux["work"]``, ``aux["heat"]`` ``[B]``): the protocol
+work ``W += E(x_n, t_{n+1}^-) - E(x_n, t_n^-)`` is the control change made at fixed
+configuration (it includes a jump at ``t_n``, e.g. from a fixed initial value at
+``t = 0``), the discrete Jarzynski / Crooks work used by Schmiedl & Seifert (PRL 98,
+108301, 2007) for optimal trap dragging; the heat released to the bath is the energy lost
+by the move under the step's control, ``Q += E(x_n, t_{n+1}^-) - E(x_{n+1}, t_{n+1}^-)``.
+A *closing* jump (:func:`~controlmd.dynamics.base.closing_jumps`, e.g. the fixed final
+value of :class:`~controlmd.protocols.Endpoints`) at ``t_{n+1}`` is added to the work of
+the step ending there, at ``x_{n+1}``. Per trajectory the first law
+``W = E_final - E_initial + Q`` holds exactly. With this convention
 ``<exp(-W/kT)> = exp(-dF/kT)`` holds exactly for the exact OU step (each move is an
 equilibrium-preserving transition under the current control) and up to O(dt) bias for
 Euler–Maruyama.
+
+``kT = 0`` is allowed: the noise term vanishes and the step is the explicit Euler step
+(or, for ``exact_ou``, the exact solution) of the gradient flow ``dx/dt = mu F(x, t)``;
+``init`` still takes ``rng`` (the noise is drawn and multiplied by zero).
 
 Units: reduced LJ units (length sigma, energy epsilon, time tau); kT is an energy, gamma
 a friction coefficient (energy * time / length^2).
@@ -64,13 +75,15 @@ class Brownian(Integrator):
     Args:
         potential: energy ``E(x, t)``; for ``method="exact_ou"`` a ``HarmonicTrap``.
         dt: time step (> 0).
-        kT: temperature as an energy (> 0), constant or a schedule ``kT(t)``; evaluated at
-            ``t_{n+1}`` in step ``n``.
+        kT: temperature as an energy (>= 0; 0 is the noise-free gradient flow
+            ``dx = mu F dt``), constant or a schedule ``kT(t)``; evaluated at ``t_{n+1}`` in
+            step ``n``.
         gamma: friction coefficient (> 0), scalar or per particle ``[N]``; mobility
             ``mu = 1 / gamma``.
         space: the box (positions are wrapped with ``space.shift``).
         method: ``"euler_maruyama"`` or ``"exact_ou"``.
-        track_work: accumulate the protocol work in ``state.aux["work"]`` ``[B]``.
+        track_work: accumulate the protocol work in ``state.aux["work"]`` and the heat
+            released to the bath in ``state.aux["heat"]`` (``[B]`` each).
 
     Example::
 
@@ -99,7 +112,7 @@ class Brownian(Integrator):
         track_work: bool = False,
     ) -> None:
         super().__init__(potential, dt=dt, space=space)
-        check_schedule("kT", kT)
+        check_schedule("kT", kT, allow_zero=True)
         check_positive("gamma", gamma)
         check_choice("method", method, _METHODS)
         if method == "exact_ou":
@@ -121,6 +134,9 @@ class Brownian(Integrator):
                 )
             g = g.view(1, -1, 1)
         return 1.0 / g
+
+    def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
+        return {"kT": (self.kT, True)}
 
     def init(
         self,
@@ -145,8 +161,8 @@ class Brownian(Integrator):
         if rng.n_replicas != R.shape[0]:
             raise ControlMDError(f"rng has {rng.n_replicas} replicas but R has B = {R.shape[0]}")
         self.mobility_like(R)  # validates gamma against N
-        aux = {"work": R.new_zeros(R.shape[0])} if self.track_work else {}
-        return State(R=self.space.wrap(R), P=None, aux=aux, rng=rng)
+        state = State(R=self.space.wrap(R), P=None, rng=rng)
+        return self._with_accumulators(state)
 
     def step(self, state: State) -> State:
         R, t = state.R, state.t
@@ -163,9 +179,23 @@ class Brownian(Integrator):
             if self.track_work:
                 E1 = self.potential.energy(R, tc)
             dR = self._ou_displacement(R, tc, kT, mu, xi)
+        R1 = self.space.shift(R, dR)
         if self.track_work:
-            aux["work"] = aux["work"] + E1 - self.potential.energy(R, t - self.t_eps)
-        return state.replace(R=self.space.shift(R, dR), t=t1, step=state.step + 1, aux=aux)
+            aux = self._account(aux, R, R1, t, t1, E1)
+        return state.replace(R=R1, t=t1, step=state.step + 1, aux=aux)
+
+    def _account(
+        self, aux: dict[str, Tensor], R: Tensor, R1: Tensor, t: Tensor, t1: Tensor, E1: Tensor
+    ) -> dict[str, Tensor]:
+        """Work and heat of one step (module docstring): the control change at ``x_n``
+        (from ``t_n^-``, or ``t_n^+`` after a closing jump, to ``t_{n+1}^-``), the heat
+        ``E(x_n) - E(x_{n+1})`` released by the move under the control of the step, and a
+        closing jump at ``t_{n+1}`` at ``x_{n+1}``."""
+        zeros = R.new_zeros(R.shape[0])
+        t_before = t + self.t_eps if self._is_closing(t) else t - self.t_eps
+        work = aux.get("work", zeros) + E1 - self.potential.energy(R, t_before)
+        heat = aux.get("heat", zeros) + E1 - self.potential.energy(R1, t1 - self.t_eps)
+        return {**aux, "work": work + self.closing_jump_work(R1, t1), "heat": heat}
 
     def _ou_displacement(self, R: Tensor, t1: Tensor, kT: Tensor, mu: Tensor, xi: Tensor) -> Tensor:
         """Exact OU displacement ``x_{n+1} - x_n`` under the trap's control at ``t1``."""
@@ -180,7 +210,9 @@ class Brownian(Integrator):
             trapped[:, trap.particles.to(R.device)] = True
             drift = torch.where(trapped, drift, torch.zeros_like(drift))
             var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
-        return drift + torch.sqrt(var) * xi
+        # clamped: at kT = 0 the variance is 0 and sqrt's infinite slope would turn the
+        # gradient in a learnable stiffness into NaN (no effect on any variance > 1e-308)
+        return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
 
 
 def _check_trap(potential: Potential) -> None:

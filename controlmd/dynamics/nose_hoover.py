@@ -23,6 +23,12 @@ Suzuki–Yoshida weights. Masses: ``Q_1 = n_dof kT tau^2``, ``Q_j = kT tau^2`` w
 The continuous equations above are exposed as ``vector_field`` for torchdiffeq (an ODE
 in ``(q, p, xi, p_xi, Q)``, ``Q`` constant), so the adjoint method applies to NVT runs.
 
+Work and heat (``track_work=True``): the protocol work is counted as for NVE (control
+updates at fixed phase-space point: a jump at ``t_n`` at ``q_n``, the change over the
+step at the midpoint of the drift, a closing jump at ``t_{n+1}``); the heat is the kinetic energy the
+chain half steps remove, ``Q += K_before - K_after``. Per trajectory
+``W = Delta(K + E) + Q + W_shadow`` with an O(dt^2) shadow work.
+
 Degrees of freedom: ``n_dof = d N - d`` when the centre-of-mass momentum is removed
 (default in periodic boxes), else ``d N`` (see
 :class:`~controlmd.dynamics.base.MomentumIntegrator`).
@@ -43,6 +49,7 @@ from controlmd.dynamics.base import (
     MomentumIntegrator,
     Schedule,
     State,
+    add_to,
     check_schedule,
     evaluate_schedule,
     kinetic_energy,
@@ -87,6 +94,8 @@ class NoseHooverChain(MomentumIntegrator):
         sy_steps: Suzuki–Yoshida order, one of 1, 3, 5, 7.
         tau: thermostat time scale (> 0); default ``100 dt``.
         remove_com: zero total momentum at init (default: periodic boxes).
+        track_work: accumulate the protocol work in ``state.aux["work"]`` and the energy
+            taken by the thermostat in ``state.aux["heat"]`` (``[B]`` each).
 
     State ``aux``: ``force`` ``[B, N, d]``, chain ``xi``, ``p_xi`` and masses ``Q``
     ``[B, M]``.
@@ -105,8 +114,10 @@ class NoseHooverChain(MomentumIntegrator):
         sy_steps: int = 3,
         tau: float | None = None,
         remove_com: bool | None = None,
+        track_work: bool = False,
     ) -> None:
         super().__init__(potential, dt=dt, mass=mass, space=space, remove_com=remove_com)
+        self.track_work = bool(track_work)
         check_schedule("kT", kT)
         check_int("chain_length", chain_length)
         check_int("chain_steps", chain_steps)
@@ -149,20 +160,34 @@ class NoseHooverChain(MomentumIntegrator):
         F = state.aux.get("force")
         if F is None:
             F = self.force(R, t0)
+        aux = dict(state.aux)
+        track = self.track_work
+        if track:
+            aux = add_to(aux, "work", self.opening_jump_work(R, t))
+            K_start = kinetic_energy(P, m)
         Q = state.aux["Q"]
         xi, p_xi = state.aux["xi"], state.aux["p_xi"]
         P, xi, p_xi = self._half_step_chain(
             P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t0), n_dof
         )
+        if track:
+            heat = K_start - kinetic_energy(P, m)
         P = torch.add(P, F, alpha=0.5 * self.dt)
+        if track:
+            aux = add_to(aux, "work", self._drift_work(R, P, t))
         R = self.space.shift(R, P * self.drift_factor(R))
         F = self.force(R, t1)
         P = torch.add(P, F, alpha=0.5 * self.dt)
+        if track:
+            K_mid = kinetic_energy(P, m)
         P, xi, p_xi = self._half_step_chain(
             P, m, xi, p_xi, Q, evaluate_schedule(self.kT, t1), n_dof
         )
         t1 = t + self.dt
-        aux = {**state.aux, "force": F, "xi": xi, "p_xi": p_xi}
+        if track:
+            aux = add_to(aux, "heat", heat + K_mid - kinetic_energy(P, m))
+            aux = add_to(aux, "work", self.closing_jump_work(R, t1))
+        aux.update(force=F, xi=xi, p_xi=p_xi)
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
 
     def _half_step_chain(

@@ -124,7 +124,7 @@ def simulate_reversible(
     inputs = [state.R, state.P] + [state.aux[k] for k in names[2:]]
     params = [p for p in integrator.parameters() if p.requires_grad]
     meta = _Meta(integrator, state, n_steps, window, chain)
-    outs = _Reversible.apply(meta, len(inputs), *inputs, *params)
+    outs: tuple[Tensor, ...] = _Reversible.apply(meta, len(inputs), *inputs, *params)
     aux = {k: v for k, v in state.aux.items() if k != "force"}
     if chain:
         aux["xi"], aux["p_xi"] = outs[2], outs[3]
@@ -135,7 +135,12 @@ class _Meta:
     """What the autograd function needs besides tensors (integrator, schedule, times)."""
 
     def __init__(
-        self, integrator: Integrator, state: State, n_steps: int, window: int, chain: bool
+        self,
+        integrator: NVE | NoseHooverChain,
+        state: State,
+        n_steps: int,
+        window: int,
+        chain: bool,
     ) -> None:
         self.integrator = integrator
         self.template = state
@@ -148,7 +153,7 @@ class _Meta:
 
 class _Reversible(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, meta: _Meta, n_state: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, meta: _Meta, n_state: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         integ = meta.integrator
         R, P = tensors[0], tensors[1]
         aux = dict(meta.template.aux)
@@ -183,7 +188,7 @@ class _Reversible(torch.autograd.Function):
         return final[0], final[1]
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None):  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         meta: _Meta = ctx.meta
         n_out = 4 if meta.chain else 2
         saved = ctx.saved_tensors
@@ -221,7 +226,7 @@ def _split_fused_lj(
     if meta.chain:
         return None
     pot = meta.integrator.potential
-    terms = list(pot.terms) if isinstance(pot, SumPotential) else [pot]
+    terms = pot.potentials() if isinstance(pot, SumPotential) else [pot]
     fused = [t for t in terms if isinstance(t, LennardJones) and t.fused_supported()]
     if len(fused) != 1:
         return None
@@ -279,9 +284,9 @@ def _walk_back_lj(
         for t, w in kicks:
             with torch.enable_grad():
                 leaf = Rn.detach().requires_grad_(True)
-                F_ctrl = sum(
-                    term.energy_and_forces(leaf, t, create_graph=True)[1] for term in others
-                )
+                F_ctrl = others[0].energy_and_forces(leaf, t, create_graph=True)[1]
+                for term in others[1:]:
+                    F_ctrl = F_ctrl + term.energy_and_forces(leaf, t, create_graph=True)[1]
                 g = torch.autograd.grad(
                     F_ctrl, [leaf, *params], grad_outputs=w * aP, allow_unused=True
                 )
@@ -370,20 +375,32 @@ def _walk_back(
     def chain_back(t: Tensor) -> None:
         """Undo one chain half step at time ``t`` and pull the adjoint through it."""
         nonlocal P, xi, p_xi, aP, a_xi, a_pxi, a_Q
+        if not isinstance(integ, NoseHooverChain):
+            raise RuntimeError(f"chain_back needs a NoseHooverChain, got {type(integ).__name__}")
+        if xi is None or p_xi is None or Q is None or a_xi is None or a_pxi is None:
+            raise RuntimeError("chain_back needs the chain state xi, p_xi, Q and its adjoints")
         with torch.enable_grad() if params else contextlib.nullcontext():
-            kT = evaluate_schedule(integ.kT, t)  # type: ignore[attr-defined]
+            kT = evaluate_schedule(integ.kT, t)
         P, xi, p_xi, aP, a_xi, a_pxi, da_Q, a_kT = _chain_reverse(
             integ, P, xi, p_xi, Q, kT.detach(), n_dof, m, aP, a_xi, a_pxi
-        )  # type: ignore[arg-type]
+        )
         if a_Q is not None:
             a_Q = a_Q + da_Q
         if kT.requires_grad:
             a_kT = a_kT.sum() if kT.ndim == 0 else a_kT.reshape(kT.shape)
             _accumulate(a_params, torch.autograd.grad(kT, params, a_kT, allow_unused=True))
 
+    def state_adjoint() -> list[Tensor]:
+        """``[aR, aP]``, plus ``[a_xi, a_pxi]`` with a chain."""
+        if not meta.chain:
+            return [aR, aP]
+        if a_xi is None or a_pxi is None:
+            raise RuntimeError("the chain adjoints a_xi, a_pxi are missing")
+        return [aR, aP, a_xi, a_pxi]
+
     # F(q_T) as cached by the last forward step (evaluated at t_T - eps); for T = 0 nothing runs.
     if T == 0:
-        return [aR, aP] + ([a_xi, a_pxi] if meta.chain else []), a_params, a_Q  # type: ignore[list-item]
+        return state_adjoint(), a_params, a_Q
     # forces at q_{n+1} were evaluated inside step n at (t_n + dt) - eps
     leaf, F = force_graph(R, times[T - 1] + dt - eps)
     v = torch.zeros_like(R)
@@ -423,8 +440,7 @@ def _walk_back(
             if meta.chain:
                 xi, p_xi = ck[2], ck[3]
     vjp_force(leaf, F, v)
-    state_adj = [aR, aP] + ([a_xi, a_pxi] if meta.chain else [])
-    return state_adj, a_params, a_Q  # type: ignore[return-value]
+    return state_adjoint(), a_params, a_Q
 
 
 def _chain_reverse(

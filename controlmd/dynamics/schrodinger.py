@@ -94,6 +94,9 @@ class SchrodingerEquation(nn.Module):
         submodule so ``odeint_adjoint`` finds its parameters.
     """
 
+    energies: Tensor  # buffer [n]
+    dipole: Tensor  # buffer [n, n]
+
     def __init__(self, energies: Tensor, dipole: Tensor, protocol: Protocol) -> None:
         super().__init__()
         _check_model(energies, dipole)
@@ -106,12 +109,12 @@ class SchrodingerEquation(nn.Module):
 
     def hamiltonian(self, t: Tensor) -> Tensor:
         """``H(t) = diag(energies) - E(t) mu`` ``[n, n]``, eV."""
-        field = self.protocol(t).reshape(()).to(self.dipole)
+        field: Tensor = self.protocol(t).reshape(()).to(self.dipole)
         return torch.diag(self.energies) - field * self.dipole
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         """``dy/dt`` for ``y = [Re psi, Im psi]`` ``[B, 2n]``."""
-        field = self.protocol(t).reshape(()).to(y)
+        field: Tensor = self.protocol(t).reshape(()).to(y)
         re, im = y[..., : self.n], y[..., self.n :]
 
         def h_times(v: Tensor) -> Tensor:
@@ -219,6 +222,12 @@ class SplitOperator(nn.Module):
         ``"numpy"`` (CPU only) or ``"torch"``.
     """
 
+    energies: Tensor  # buffer [n], eV
+    mu_eigvals: Tensor  # buffer [n]: m, eigenvalues of mu
+    V: Tensor  # buffer [n, n]: eigenvectors of mu
+    half_phase: Tensor  # buffer [n] complex: A = exp(-i energies h / 2)
+    U: Tensor  # buffer [n, n] complex: V^T A^2 V
+
     def __init__(
         self,
         energies: Tensor,
@@ -286,7 +295,8 @@ class SplitOperator(nn.Module):
         psi0 = psi0.to(self.U.dtype)
         fields = fields.to(self.V.dtype)
         if torch.is_grad_enabled() and (psi0.requires_grad or fields.requires_grad):
-            return _SplitOperatorFunction.apply(psi0, fields, self, steps)
+            result: tuple[Tensor, Tensor] = _SplitOperatorFunction.apply(psi0, fields, self, steps)
+            return result
         out, samples, _ = _sweep(self.arrays(), psi0, fields, steps, store=False)
         return out, samples
 
@@ -423,7 +433,8 @@ def _sweep(
         return psi0.clone(), samples, None
     x, f = ar.array(psi0), ar.array(fields)
     B, n = x.shape
-    Y = kicks = None
+    Y: Any = None  # [K, B, n] states, with kicks [K, (B,) n], when store
+    kicks: Any = None
     if store:
         Y, kicks = ar.take((K, B, n), (*f.shape, n))
         ar.kicks(f, out=kicks)
@@ -470,7 +481,7 @@ class _SplitOperatorFunction(torch.autograd.Function):
     which obey the same recursion. ``dL/dE_k = -h sum_n m_n Im(y_kn mu_kn)``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, psi0: Tensor, fields: Tensor, prop: SplitOperator, steps: list[int]
     ) -> tuple[Tensor, Tensor]:
         ar = prop.arrays()
@@ -483,7 +494,7 @@ class _SplitOperatorFunction(torch.autograd.Function):
         return out, samples
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_out: Tensor | None, grad_samples: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         # Conventions: for a real loss L, PyTorch's gradient of a complex tensor z is
@@ -507,7 +518,7 @@ class _SplitOperatorFunction(torch.autograd.Function):
         # psi_s = A V y_{s-1}: the sources of the adjoint of y_{s-1}, as conj (see the class)
         rows = [i for i, s in enumerate(steps) if s >= 1] if g_samples is not None else []
         src = {}  # k -> conj(gradient of y_k) from psi_{k+1}
-        if rows:
+        if g_samples is not None and rows:
             mapped = ar.adjoint_to_mu(g_samples[rows]).conj()
             src = {steps[i] - 1: mapped[j] for j, i in enumerate(rows)}
         if g_final is not None:
@@ -561,12 +572,13 @@ def yield_of_states(psi: Tensor, p_trans: Tensor, p_cis: Tensor) -> Tensor:
     :param p_trans, p_cis: projectors in the same basis ``[n, n]``, real symmetric.
     :return: ``Y`` ``[...]``.
     """
-    return _YieldOfStates.apply(psi, p_trans, p_cis)
+    y: Tensor = _YieldOfStates.apply(psi, p_trans, p_cis)
+    return y
 
 
 class _YieldOfStates(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, psi: Tensor, p_trans: Tensor, p_cis: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, psi: Tensor, p_trans: Tensor, p_cis: Tensor) -> Tensor:
         n = psi.shape[-1]
         flat = torch.stack((psi.real, psi.imag)).reshape(2, -1, n)  # [2, S, n]
         q = (flat.reshape(-1, n) @ torch.cat((p_trans, p_cis), dim=1)).reshape(2, -1, 2 * n)
@@ -579,7 +591,7 @@ class _YieldOfStates(torch.autograd.Function):
         return y.reshape(psi.shape[:-1])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, y, d, psi = ctx.saved_tensors
         n = psi.shape[-1]
         w = grad.reshape(-1) * 2.0 / d  # [S]
@@ -635,7 +647,8 @@ def free_evolution_yield(
         return psi.real.new_zeros(psi.shape[0], 0)
     if method == "matmul":
         taus = start + spacing * torch.arange(count, dtype=energies.dtype, device=energies.device)
-        return _FreeYieldFunction.apply(psi, energies, taus, p_trans, p_cis, chunk)
+        y: Tensor = _FreeYieldFunction.apply(psi, energies, taus, p_trans, p_cis, chunk)
+        return y
     expect = _free_expectations_nufft(
         psi, energies, torch.stack((p_trans, p_cis)), start, spacing, count
     )
@@ -707,7 +720,8 @@ class _NufftPlan:
         grid = padded[..., S : S + M_r].clone()
         grid[..., :S] += padded[..., S + M_r :]
         grid[..., M_r - S :] += padded[..., :S]
-        return torch.fft.ifft(grid, dim=-1)[..., self.select] * self.scale
+        modes: Tensor = torch.fft.ifft(grid, dim=-1)
+        return modes[..., self.select] * self.scale
 
     def spread_adjoint(self, grad_modes: Tensor) -> Tensor:
         """Gradient of :meth:`spread`'s input from the gradient of its output ``[..., M]``."""
@@ -730,9 +744,7 @@ class _NufftExpectations(torch.autograd.Function):
     and a gather), written out instead of taped by autograd."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, psi: Tensor, ops: Tensor, plan: _NufftPlan
-    ) -> Tensor:
+    def forward(ctx: Any, psi: Tensor, ops: Tensor, plan: _NufftPlan) -> Tensor:
         iu = plan.iu
         o_pairs = ops[:, iu[0], iu[1]]  # [n_ops, P]
         amp = psi.conj()[:, iu[0]] * psi[:, iu[1]] * plan.phase  # [B, P], n < m
@@ -744,7 +756,7 @@ class _NufftExpectations(torch.autograd.Function):
         return diag.T.unsqueeze(-1) + 2.0 * modes.real[..., : plan.count]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         # PyTorch's complex-gradient convention: G_z = dL/dRe z + i dL/dIm z.
         psi, ops = ctx.saved_tensors
         plan: _NufftPlan = ctx.plan
@@ -766,7 +778,8 @@ def _free_expectations_nufft(
 ) -> Tensor:
     """``<O_i>(start + j spacing)`` ``[n_ops, B, count]`` by a type-1 NUFFT (oversampling 2)."""
     plan = _NufftPlan(energies, start, spacing, count)
-    return _NufftExpectations.apply(psi, ops, plan)
+    expectations: Tensor = _NufftExpectations.apply(psi, ops, plan)
+    return expectations
 
 
 class _FreeYieldFunction(torch.autograd.Function):

@@ -135,8 +135,8 @@ def _cos_basis_operators(n_cos: int) -> tuple[np.ndarray, np.ndarray]:
     """``cos phi`` and the projector on |phi| < pi/2 in the orthonormal basis
     ``1/sqrt(2 pi)``, ``cos(k phi)/sqrt(pi)`` (k >= 1), both ``[n_cos, n_cos]``."""
     cos_phi = np.zeros((n_cos, n_cos))
-    for k in range(n_cos - 1):
-        cos_phi[k, k + 1] = cos_phi[k + 1, k] = 0.5
+    for j in range(n_cos - 1):
+        cos_phi[j, j + 1] = cos_phi[j + 1, j] = 0.5
     cos_phi[0, 1] = cos_phi[1, 0] = 1.0 / math.sqrt(2.0)
     # integral_{-a}^{a} cos(j phi) cos(k phi) dphi, a = pi/2
     a = math.pi / 2
@@ -240,7 +240,12 @@ def build_retinal_model(
         arrays = {"energies": energies, **_project(p, vectors)}
         if use_cache:
             buffer = io.BytesIO()
-            np.savez(buffer, params=np.array(json.dumps(dataclasses.asdict(p))), **arrays)
+            np.savez(
+                buffer,
+                allow_pickle=False,
+                params=np.array(json.dumps(dataclasses.asdict(p))),
+                **arrays,
+            )
             atomic_write_bytes(path, buffer.getvalue())
     as_t = {
         k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))

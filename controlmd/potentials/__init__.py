@@ -1,12 +1,20 @@
 """Energy terms: each an ``nn.Module`` with ``energy(R [B, N, d], t) -> [B]``."""
 
-from controlmd.potentials.base import Potential, SumPotential, energy_and_forces
+from controlmd.potentials.base import Potential, SumPotential
 from controlmd.potentials.bonded import CosineDihedral, FENEBond, HarmonicAngle, HarmonicBond
+from controlmd.potentials.checks import energy_and_forces, validate_configuration
 from controlmd.potentials.external import (
     ConstantForce,
     ExternalField,
     HarmonicTrap,
     ScaledPotential,
+)
+from controlmd.potentials.fields import (
+    BasisField,
+    Confinement,
+    FieldNetwork,
+    NeuralField,
+    mean_square_force,
 )
 from controlmd.potentials.neural import NeuralPair
 from controlmd.potentials.pair import (
@@ -18,21 +26,24 @@ from controlmd.potentials.pair import (
     lennard_jones,
     morse,
     soft_sphere,
-    validate_configuration,
 )
 from controlmd.potentials.tabulated import TabulatedPair
 
 __all__ = [
     "WCA",
+    "BasisField",
+    "Confinement",
     "ConstantForce",
     "CosineDihedral",
     "ExternalField",
     "FENEBond",
+    "FieldNetwork",
     "HarmonicAngle",
     "HarmonicBond",
     "HarmonicTrap",
     "LennardJones",
     "Morse",
+    "NeuralField",
     "NeuralPair",
     "PairPotential",
     "Potential",
@@ -42,6 +53,7 @@ __all__ = [
     "TabulatedPair",
     "energy_and_forces",
     "lennard_jones",
+    "mean_square_force",
     "morse",
     "soft_sphere",
     "validate_configuration",

@@ -14,9 +14,11 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from controlmd.errors import ControlMDError
+
 Tensor = torch.Tensor
 
-__all__ = ["Potential", "SumPotential", "energy_and_forces"]
+__all__ = ["Potential", "SumPotential"]
 
 
 class Potential(nn.Module, ABC):
@@ -37,7 +39,8 @@ class Potential(nn.Module, ABC):
     def energy_and_forces(
         self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(E [B], F = -dE/dR [B, N, d])``; see :func:`energy_and_forces`.
+        """``(E [B], F = -dE/dR [B, N, d])``, unchecked (the hot path); the checked entry point
+        is :func:`controlmd.potentials.energy_and_forces`.
 
         Subclasses with analytic forces override this; they are tested against autograd.
         """
@@ -49,8 +52,8 @@ class Potential(nn.Module, ABC):
     def __add__(self, other: Potential) -> SumPotential:
         if not isinstance(other, Potential):
             return NotImplemented
-        left = list(self.terms) if isinstance(self, SumPotential) else [self]
-        right = list(other.terms) if isinstance(other, SumPotential) else [other]
+        left = self.potentials() if isinstance(self, SumPotential) else [self]
+        right = other.potentials() if isinstance(other, SumPotential) else [other]
         return SumPotential(left + right)
 
 
@@ -61,41 +64,36 @@ class SumPotential(Potential):
         super().__init__()
         self.terms = nn.ModuleList(terms)
 
+    def potentials(self) -> list[Potential]:
+        """The terms as a list (``nn.ModuleList`` iterates as plain ``nn.Module`` s)."""
+        terms: list[Potential] = []
+        for term in self.terms:
+            if not isinstance(term, Potential):
+                raise TypeError(f"SumPotential terms must be Potentials, got {type(term).__name__}")
+            terms.append(term)
+        return terms
+
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
-        return sum(term.energy(R, t) for term in self.terms)  # type: ignore[return-value]
+        E_total: Tensor | None = None
+        for term in self.potentials():
+            E = term.energy(R, t)
+            E_total = E if E_total is None else E_total + E
+        if E_total is None:
+            raise ControlMDError("SumPotential has no terms")
+        return E_total
 
     def energy_and_forces(
         self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
     ) -> tuple[Tensor, Tensor]:
         E_total: Tensor | None = None
         F_total: Tensor | None = None
-        for term in self.terms:
-            E, F = term.energy_and_forces(R, t, create_graph=create_graph)  # type: ignore[operator]
+        for term in self.potentials():
+            E, F = term.energy_and_forces(R, t, create_graph=create_graph)
             E_total = E if E_total is None else E_total + E
             F_total = F if F_total is None else F_total + F
-        assert E_total is not None and F_total is not None
+        if E_total is None or F_total is None:
+            raise ControlMDError("SumPotential has no terms")
         return E_total, F_total
-
-
-def energy_and_forces(
-    potential: Potential,
-    R: Tensor,
-    t: Tensor | float | None = None,
-    *,
-    create_graph: bool | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Energies ``[B]`` and forces ``F = -dE/dR`` ``[B, N, d]``.
-
-    Args:
-        potential: the energy.
-        R: positions ``[B, N, d]``.
-        t: time passed to time-dependent terms.
-        create_graph: keep the graph of the force computation so that losses downstream
-            of the forces (i.e. of the trajectory) can be differentiated with respect to
-            potential/field parameters and earlier states. ``None`` means
-            ``torch.is_grad_enabled()``.
-    """
-    return potential.energy_and_forces(R, t, create_graph=create_graph)
 
 
 def _autograd_energy_and_forces(

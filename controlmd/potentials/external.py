@@ -138,6 +138,10 @@ class HarmonicTrap(Potential):
         space: the box (default: free space).
     """
 
+    stiffness: Tensor | Protocol  # buffer [] (energy / length^2) or a 1-channel protocol
+    center: Tensor | Protocol  # buffer [] or [d] (length) or a d-channel protocol
+    particles: Tensor | None  # buffer [n] of trapped indices; None = all
+
     def __init__(
         self,
         stiffness: float | Tensor | Protocol,
@@ -216,15 +220,20 @@ class ConstantForce(Potential):
     the energy jump by ``f . L``; the forces are unaffected).
 
     Args:
-        force: ``f`` (force units) or a Protocol.
+        force: ``f`` (force units), or a Protocol (any module mapping ``t`` to ``u(t)``).
         particles: indices of the pulled beads (default: all).
         weights: per-bead multipliers ``[n_particles]`` (default: ones).
         direction: unit vector ``[d]`` for a 1-channel force protocol (normalized here).
     """
 
+    force: Tensor | nn.Module  # buffer [] or [d] (force units), or a protocol-like module of t
+    particles: Tensor | None  # buffer [n] of pulled indices; None = all
+    weights: Tensor | None  # buffer [n]; None = ones
+    direction: Tensor | None  # buffer [d], unit norm
+
     def __init__(
         self,
-        force: float | Sequence[float] | Tensor | Protocol,
+        force: float | Sequence[float] | Tensor | Protocol | nn.Module,
         particles: Sequence[int] | Tensor | None = None,
         *,
         weights: Sequence[float] | Tensor | None = None,
@@ -338,4 +347,12 @@ class ScaledPotential(Potential):
 
     def virial(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
         """Scaled virial of the base term (when the base has one)."""
-        return self.scale_at(t, R) * self.base.virial(R, t)  # type: ignore[operator]
+        scale = self.scale_at(t, R)
+        base_virial = getattr(self.base, "virial", None)
+        if not callable(base_virial):
+            raise ControlMDError(
+                f"{type(self.base).__name__} has no virial: pressure is defined for pair and "
+                "bonded terms only"
+            )
+        W: Tensor = base_virial(R, t)
+        return scale * W

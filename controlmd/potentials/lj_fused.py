@@ -51,11 +51,11 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from controlmd.errors import ControlMDError
 
@@ -180,7 +180,7 @@ def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
-def _k(x: Scalar, like: Tensor) -> Scalar:
+def _k(x: Scalar, like: Tensor) -> Tensor:
     """A Python number as a cached 0-d tensor of ``like``'s dtype (a CPU scalar, usable
     with tensors on any device): ``float32_tensor * 0.5`` converts the wrapped double
     ``0.5`` to float32 at every call (~1 us on CPU), a ready 0-d tensor does not.
@@ -194,7 +194,9 @@ def _row_sum(X: Tensor) -> Tensor:
     return torch.mv(X, X.new_ones(X.shape[1]))
 
 
-def _pair_terms(dR: Tensor, sigma: Scalar, eps: Scalar, rc: float, shift: str, want_energy: bool):
+def _pair_terms(
+    dR: Tensor, sigma: Scalar, eps: Scalar, rc: float, shift: str, want_energy: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Per-pair ``g`` (``F_i = g dR``), ``u`` (if wanted), ``inv = 1/r2`` (0 outside the
     cutoff) and ``s6 = (sigma^2/r2)^3`` (0 outside), from pair-major displacements
     ``[M, d]``."""
@@ -204,7 +206,7 @@ def _pair_terms(dR: Tensor, sigma: Scalar, eps: Scalar, rc: float, shift: str, w
     if rc != _INF:
         # 1/r2 > 1/rc^2, i.e. inside the cutoff, or 0 (one in-place op; bool masks and
         # where take slow paths on CPU); the mask of inside pairs is then sign(inv)
-        torch.nn.functional.threshold_(inv, 1.0 / (rc * rc), 0.0)
+        torch.threshold_(inv, 1.0 / (rc * rc), 0.0)
         if want_energy and shift != "none":
             mask = torch.sign(inv)
     if isinstance(sigma, float) and sigma == 1.0:
@@ -276,8 +278,10 @@ def lj_kernel(
     """
     dR = _displacements(R, pairs, displacement)
     g, u, _, _ = _pair_terms(dR, sigma, epsilon, r_cut, shift, want_energy=True)
+    if u is None:
+        raise RuntimeError("_pair_terms returned no pair energies with want_energy=True")
     F = _scatter_pairs(dR * g.unsqueeze(1), pairs, R.shape)
-    return _per_replica(u, pairs), F, dR  # type: ignore[arg-type]
+    return _per_replica(u, pairs), F, dR
 
 
 class LJEnergyForces(torch.autograd.Function):
@@ -292,8 +296,8 @@ class LJEnergyForces(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
+    def forward(
+        ctx: Any,
         R: Tensor,
         sigma: Tensor,
         epsilon: Tensor,
@@ -309,7 +313,7 @@ class LJEnergyForces(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, gE: Tensor | None, gF: Tensor | None):  # type: ignore[override]
+    def backward(ctx: Any, gE: Tensor | None, gF: Tensor | None) -> tuple[Tensor | None, ...]:
         R, sigma, eps = ctx.saved_tensors
         shape, pairs, displacement, rc, shift = ctx.meta
         dR = _displacements(R, pairs, displacement)
@@ -337,6 +341,10 @@ class LJEnergyForces(torch.autograd.Function):
         if need_eps:
             acc = torch.zeros((), dtype=dR.dtype, device=dR.device)
             if gEp is not None:
+                if u is None:  # want_u holds: need_eps and gE given
+                    raise RuntimeError(
+                        "LJ backward: pair energies missing for the epsilon gradient"
+                    )
                 acc = acc + (gEp * u).sum()
             if wd is not None:
                 acc = acc + torch.dot(wd, g)
@@ -358,7 +366,17 @@ def _hessian_coefficient(
     return gp
 
 
-def _sigma_derivative(dR, inv, s6, sigma, eps, rc, shift, gEp, wd) -> Tensor:
+def _sigma_derivative(
+    dR: Tensor,
+    inv: Tensor,
+    s6: Tensor,
+    sigma: Scalar,
+    eps: Scalar,
+    rc: float,
+    shift: str,
+    gEp: Tensor | None,
+    wd: Tensor | None,
+) -> Tensor:
     """``sum_pairs gE sigma du/dsigma + (w . dR) sigma dg/dsigma``."""
     _, _, su_c, sdu_c = _cutoff_constants(sigma, eps, rc, shift)
     acc = torch.zeros((), dtype=dR.dtype, device=dR.device)
@@ -422,7 +440,8 @@ def _pair_index(potential: LennardJones, R: Tensor) -> PairIndex:
         if hit is None or hit[0] is not nb or hit[1] != d or hit[2] != R.dtype:
             hit = (nb, d, R.dtype, PairIndex.from_flat(nb.i, nb.j, B, N, d, R.dtype))
             cache["neighbor_list"] = hit
-        return hit[3]
+        nb_index: PairIndex = hit[3]
+        return nb_index
     key = (B, N, d, R.dtype, R.device)
     if key not in cache:
         if sel.pairs is not None:
@@ -437,7 +456,8 @@ def _pair_index(potential: LennardJones, R: Tensor) -> PairIndex:
         cache[key] = PairIndex.from_flat(
             (offset + i).reshape(-1), (offset + j).reshape(-1), B, N, d, R.dtype
         )
-    return cache[key]
+    index: PairIndex = cache[key]
+    return index
 
 
 def _displacement(potential: LennardJones) -> DisplacementFn:
@@ -453,14 +473,23 @@ def _displacement(potential: LennardJones) -> DisplacementFn:
     return cached[1]
 
 
+def _parameter_tensor(value: object, name: str) -> Tensor:
+    """A LennardJones parameter (a buffer or ``nn.Parameter``), checked to be a tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"LennardJones.{name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
 def _scalars(potential: LennardJones) -> tuple[float, float, float]:
     """``(sigma, epsilon, r_cut)`` as Python numbers, cached until a parameter changes
     (so no device synchronisation per step)."""
-    params = (potential.sigma, potential.epsilon, potential.r_cut)
+    sigma_p = _parameter_tensor(potential.sigma, "sigma")
+    eps_p = _parameter_tensor(potential.epsilon, "epsilon")
+    params = (sigma_p, eps_p, potential.r_cut)
     key = tuple((p.data_ptr(), p._version) if p is not None else None for p in params)
     cached = potential.__dict__.get("_fused_scalars")
     if cached is None or cached[0] != key:
-        sigma, eps = potential.sigma.detach(), potential.epsilon.detach()
+        sigma, eps = sigma_p.detach(), eps_p.detach()
         rc_t = potential.cutoff({"sigma": sigma, "epsilon": eps}, sigma)
         rc = _INF if rc_t is None else float(rc_t)
         cached = (key, (float(sigma), float(eps), rc))
@@ -486,10 +515,13 @@ def lj_energy_and_forces(
     pairs = _pair_index(potential, R)
     disp = _displacement(potential)
     if create_graph:
-        sigma = potential.sigma.to(R.dtype)
-        eps = potential.epsilon.to(R.dtype)
+        sigma = _parameter_tensor(potential.sigma, "sigma").to(R.dtype)
+        eps = _parameter_tensor(potential.epsilon, "epsilon").to(R.dtype)
         if R.requires_grad or sigma.requires_grad or eps.requires_grad:
-            return LJEnergyForces.apply(R, sigma, eps, pairs, disp, rc, potential.shift)
+            EF: tuple[Tensor, Tensor] = LJEnergyForces.apply(
+                R, sigma, eps, pairs, disp, rc, potential.shift
+            )
+            return EF
     with torch.no_grad():
         E, F, _ = lj_kernel(R.detach(), pairs, disp, sigma_f, eps_f, rc, potential.shift)
     return E, F

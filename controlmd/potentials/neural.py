@@ -67,6 +67,8 @@ class NeuralPair(PairPotential):
         pairs, exclude, neighbor_list: pair selection.
     """
 
+    centers: Tensor  # buffer [n_basis]: centers of the Gaussian distance basis
+
     def __init__(
         self,
         space: Space | None = None,
@@ -134,24 +136,32 @@ class NeuralPair(PairPotential):
 
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
         prior = params["epsilon_prior"] * (params["sigma_prior"] / r) ** self.prior_power
-        learned = self.mlp_term(r) if self.grid_points is None else self._interpolated_mlp_term(r)
+        learned = (
+            self.mlp_term(r)
+            if self.grid_points is None
+            else self._interpolated_mlp_term(r, self.grid_points)
+        )
         return (prior + learned) * smooth_switch(r, self.r_on, self.r_cut_value)
 
     def mlp_term(self, r: Tensor) -> Tensor:
         """The MLP's contribution ``MLP(phi(r))`` (energy; same shape as ``r``)."""
-        w = self.mlp[0].weight
+        dtype = self._mlp_dtype()
         phi = torch.exp(
-            -0.5
-            * ((r.to(w.dtype).unsqueeze(-1) - self.centers.to(w.dtype)) / self.basis_width) ** 2
+            -0.5 * ((r.to(dtype).unsqueeze(-1) - self.centers.to(dtype)) / self.basis_width) ** 2
         )
-        return self.mlp(phi).squeeze(-1).to(r.dtype)
+        out: Tensor = self.mlp(phi)
+        return out.squeeze(-1).to(r.dtype)
 
-    def _interpolated_mlp_term(self, r: Tensor) -> Tensor:
-        K = int(self.grid_points)  # type: ignore[arg-type]
+    def _mlp_dtype(self) -> torch.dtype:
+        """dtype of the MLP's weights (that of its first layer's weight)."""
+        return next(self.mlp.parameters()).dtype
+
+    def _interpolated_mlp_term(self, r: Tensor, grid_points: int) -> Tensor:
+        K = int(grid_points)
         h = self.r_cut_value / (K - 1)
         with torch.enable_grad():
             nodes = torch.linspace(
-                0.0, self.r_cut_value, K, dtype=self.mlp[0].weight.dtype
+                0.0, self.r_cut_value, K, dtype=self._mlp_dtype()
             ).requires_grad_(True)
             values = self.mlp_term(nodes)
             (slopes,) = torch.autograd.grad(values.sum(), nodes, create_graph=True)

@@ -35,7 +35,7 @@ from controlmd._validation import check_choice, check_positions, check_positive
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.neighbors import index_pairs
 from controlmd.potentials import lj_fused
-from controlmd.potentials.base import Potential, SumPotential
+from controlmd.potentials.base import Potential
 from controlmd.space import Space, free
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ __all__ = [
     "lennard_jones",
     "morse",
     "soft_sphere",
-    "validate_configuration",
 ]
 
 SHIFTS = ("energy", "force", "none")
@@ -374,7 +373,7 @@ class PairPotential(Potential):
         if rc is None:
             return self.pair_energy(torch.sqrt(r2), **params)
         rc2 = rc.detach() ** 2
-        inside = r2 < rc2
+        inside = ~(r2 >= rc2)  # a NaN distance stays inside: NaN positions give a NaN energy
         # Outside the cutoff evaluate at r_c, so no inf/NaN enters the graph through where().
         r = torch.sqrt(torch.where(inside, r2, rc2))
         u = self.pair_energy(r, **params)
@@ -460,9 +459,9 @@ class LennardJones(PairPotential):
         (:mod:`controlmd.potentials.lj_fused`) for scalar sigma/epsilon/r_cut, with an
         analytic backward under ``create_graph``; autograd otherwise (per-pair parameters,
         subclasses that change the energy)."""
-        if self.fused_supported():
-            if R.ndim != 3:
-                check_positions("R", R)
+        if R.ndim != 3:
+            check_positions("R", R)
+        if self.fused_supported() and R.shape[0] > 0:  # the kernel needs >= 1 replica
             return lj_fused.lj_energy_and_forces(self, R, create_graph=create_graph)
         return super().energy_and_forces(R, t, create_graph=create_graph)
 
@@ -606,74 +605,3 @@ class Morse(PairPotential):
 
     def pair_energy(self, r: Tensor, **params: Tensor) -> Tensor:
         return morse(r, params["sigma"], params["epsilon"], params["alpha"])
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def validate_configuration(
-    potential: Potential,
-    R: Tensor,
-    t: Tensor | float | None = None,
-    *,
-    space: Space | None = None,
-    name: str = "R",
-) -> None:
-    """Check positions once, at a boundary (initial state, before a run).
-
-    Raises :class:`~controlmd.errors.ControlMDError` for a wrong shape, NaN/inf positions,
-    or a configuration whose energy or forces are not finite (overlapping particles whose
-    forces overflow); the message names the replica, the closest pair and its distance.
-
-    Args:
-        potential: the energy.
-        R: positions ``[B, N, d]``.
-        t: time for time-dependent terms.
-        space: box used to find the closest pair (default: the potential's ``space``).
-        name: the argument name used in messages.
-    """
-    check_positions(name, R)
-    with torch.no_grad():
-        E, F = potential.energy_and_forces(R.detach(), t, create_graph=False)
-    bad = ~(torch.isfinite(E) & torch.isfinite(F).flatten(1).all(dim=1))
-    if not bool(bad.any()):
-        return
-    b = int(bad.nonzero()[0])
-    msg = f"{name}: energy or forces of replica {b} are not finite (E = {float(E[b]):.6g})"
-    hints = [h for term in _leaf_terms(potential) if (h := _diagnose(term, R)) is not None]
-    if hints:
-        raise ControlMDError(msg + "; " + "; ".join(hints))
-    space = space if space is not None else _find_space(potential)
-    N = R.shape[1]
-    if N > 1:
-        i, j = torch.triu_indices(N, N, offset=1)
-        dR = space.displacement(R[b, i], R[b, j]).detach()
-        r = torch.linalg.vector_norm(dR, dim=-1)
-        k = int(torch.argmin(r))
-        msg += (
-            f"; closest pair: particles {int(i[k])} and {int(j[k])} at distance {float(r[k]):.6g}, "
-            "so repulsive forces overflow. Start from non-overlapping positions (a lattice, or "
-            "push overlapping particles apart first)"
-        )
-    raise ControlMDError(msg)
-
-
-def _leaf_terms(potential: Potential) -> list[Potential]:
-    """The terms of a sum, looking through wrappers that hold a ``base`` term."""
-    if isinstance(potential, SumPotential):
-        return [leaf for term in potential.terms for leaf in _leaf_terms(term)]  # type: ignore[arg-type]
-    base = getattr(potential, "base", None)
-    return _leaf_terms(base) if isinstance(base, Potential) else [potential]
-
-
-def _diagnose(term: Potential, R: Tensor) -> str | None:
-    diagnose = getattr(term, "diagnose", None)
-    return diagnose(R) if callable(diagnose) else None
-
-
-def _find_space(potential: Potential) -> Space:
-    for term in _leaf_terms(potential):
-        s = getattr(term, "space", None)
-        if isinstance(s, Space) and s.periodic:
-            return s
-    return free()

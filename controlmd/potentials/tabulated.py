@@ -14,7 +14,7 @@ gradients reach every table entry.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,7 +48,8 @@ def _natural_spline_map(x: Tensor) -> Tensor:
         Bm[k, k - 1] = 1.0 / h[k - 1]
         Bm[k, k] = -1.0 / h[k - 1] - 1.0 / h[k]
         Bm[k, k + 1] = 1.0 / h[k]
-    return torch.linalg.solve(A, Bm)
+    M: Tensor = torch.linalg.solve(A, Bm)
+    return M
 
 
 class TabulatedPair(PairPotential):
@@ -64,6 +65,10 @@ class TabulatedPair(PairPotential):
         learnable: make the table values an ``nn.Parameter``.
         pairs, exclude, neighbor_list: pair selection (see :class:`~controlmd.potentials.pair.PairPotential`).
     """
+
+    grid: Tensor  # buffer [K]: r_k
+    values: Tensor  # buffer or nn.Parameter [K]: u_k
+    _spline: Tensor  # buffer [K, K] (cubic) mapping values to spline moments, else [0, 0]
 
     def __init__(
         self,
@@ -125,11 +130,11 @@ class TabulatedPair(PairPotential):
         fn: Callable[[Tensor], Tensor],
         r: Sequence[float] | Tensor,
         space: Space | None = None,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> TabulatedPair:
         """Tabulate ``fn`` (a function of a distance tensor) on the grid ``r``."""
         grid = torch.as_tensor(r, dtype=torch.float64)
-        return cls(space, r=grid, u=fn(grid), **kwargs)  # type: ignore[arg-type]
+        return cls(space, r=grid, u=fn(grid), **kwargs)
 
     @torch.no_grad()
     def set_table(self, u: Tensor) -> None:

@@ -14,7 +14,10 @@ Kinds (names of the registry used by ``[protocol] kind = ...`` in experiment fil
 ``piecewise_constant`` ``K`` equal pieces (the gymnasium env's K-step episode)
 ``table``            replay of a sampled table (linear interpolation or hold)
 ``feedback_mlp``     u(t, obs): MLP of time features and task observations
+``neural_field``     ``mlp`` channels plus a trainable field V_theta(x, t) (spatial control)
 ``none``             no channels (tasks without control that learn their Hamiltonian)
+``endpoints``        any kind inside, with fixed values before ``t = 0`` and after ``T``
+                     (jumps at both ends, counted as work by the integrators)
 ==================== ===================================================================
 
 Every kind takes ``low``/``high`` (tanh squashing into the bounds), optional fixed
@@ -35,6 +38,8 @@ from controlmd.protocols.base import (
     register_protocol,
 )
 from controlmd.protocols.basis import ChebyshevSeries, CubicSpline, FourierSeries
+from controlmd.protocols.endpoints import Endpoints
+from controlmd.protocols.field import NeuralFieldProtocol
 from controlmd.protocols.fixed import HeldControl, NoControl
 from controlmd.protocols.neural import FeedbackMLP, MLPProtocol
 from controlmd.protocols.piecewise import PiecewiseConstant, Tabulated
@@ -43,11 +48,13 @@ __all__ = [
     "PROTOCOL_FILE_FORMAT",
     "ChebyshevSeries",
     "CubicSpline",
+    "Endpoints",
     "FeedbackMLP",
     "FourierSeries",
     "HeldControl",
     "InitSpec",
     "MLPProtocol",
+    "NeuralFieldProtocol",
     "NoControl",
     "PiecewiseConstant",
     "Protocol",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_int, check_positive
+from controlmd.checkpoint import load_torch_file
 from controlmd.errors import ControlMDError
 
 Tensor = torch.Tensor
@@ -49,6 +51,12 @@ class Protocol(nn.Module):
         start, end: fixed values ``u(0)``, ``u(T)`` (scalars or ``[k]``, strictly inside the
             bounds), enforced exactly; ``None`` leaves that end free.
         fluence_weight: weight ``w >= 0`` of :meth:`penalty` ``= w * integral |u|^2 dt``.
+        release_fraction: ``f`` in ``[0, 0.5)``: on the last fraction ``f`` of the horizon
+            every channel equals ``release_value`` (see :meth:`release_weight`); 0 disables.
+        release_value: the no-control value of each channel (scalar or ``[k]``; the config
+            fills in the task's ``default_control()``); required when ``f > 0`` and ``k > 0``.
+        field_cost_weight: weight ``>= 0`` of the task's field-cost penalty
+            ``w * integral mean_i |F_i|^2 dt`` (tasks with spatial fields add it to their loss).
     """
 
     feedback: bool = False
@@ -69,14 +77,29 @@ class Protocol(nn.Module):
         start: float | list[float] | Tensor | None = None,
         end: float | list[float] | Tensor | None = None,
         fluence_weight: float = 0.0,
+        release_fraction: float = 0.0,
+        release_value: float | list[float] | Tensor | None = None,
+        field_cost_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_int("dim", dim, minimum=self.min_dim)
         check_positive("t_final", t_final)
         check_positive("fluence_weight", fluence_weight, allow_zero=True)
+        check_positive("field_cost_weight", field_cost_weight, allow_zero=True)
+        if not 0.0 <= release_fraction < 0.5:
+            raise ControlMDError(f"release_fraction must be in [0, 0.5), got {release_fraction!r}")
         self.dim = dim
         self.t_final = float(t_final)
         self.fluence_weight = float(fluence_weight)
+        self.field_cost_weight = float(field_cost_weight)
+        self.release_fraction = float(release_fraction)
+        released = _as_bounds("release_value", release_value, dim)
+        if release_fraction > 0 and dim > 0 and released is None:
+            raise ControlMDError(
+                f"release_fraction = {release_fraction} needs release_value, the no-control "
+                "value of each channel"
+            )
+        self.register_buffer("release_value", released)
         lo, hi = _as_bounds("low", low, dim), _as_bounds("high", high, dim)
         if (lo is None) != (hi is None):
             raise ControlMDError("give both low and high bounds, or neither")
@@ -164,9 +187,31 @@ class Protocol(nn.Module):
     def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
         """u(t): ``t`` 0-d -> ``[k]``; ``t`` ``[T]`` -> ``[T, k]``."""
         t = torch.as_tensor(t, dtype=self._dtype())
+        if not bool(torch.isfinite(t).all()):
+            raise ControlMDError(f"protocol time t must be finite, got {t.tolist()!r}")
         scalar = t.ndim == 0
         u = self.squash(self._raw_with_ends(t.reshape(-1)))
+        if self.release_fraction > 0 and self.release_value is not None:
+            w = self.release_weight(t.reshape(-1)).unsqueeze(-1)
+            u0 = self.release_value.to(u)
+            u = torch.where(w >= 1.0, u0, (1.0 - w) * u + w * u0)
         return u[0] if scalar else u
+
+    def release_weight(self, t: Tensor) -> Tensor:
+        """Weight ``w(t)`` of the no-control value, same shape as ``t``: 0 before
+        ``T (1 - f) - 0.02 T``, ``(1 - cos(pi x)) / 2`` across the 0.02 T switch, exactly 1
+        from ``T (1 - f)`` on (all 0 when ``f = 0``)."""
+        if self.release_fraction == 0.0:
+            return torch.zeros_like(t)
+        end = self.t_final * (1.0 - self.release_fraction)
+        begin = end - 0.02 * self.t_final
+        x = ((t - begin) / (end - begin)).clamp(0.0, 1.0)
+        w = 0.5 * (1.0 - torch.cos(math.pi * x))
+        return torch.where(t >= end, torch.ones_like(w), w)
+
+    def release_envelope(self, t: Tensor) -> Tensor:
+        """``1 - release_weight(t)``: multiplies fields whose no-control value is zero."""
+        return 1.0 - self.release_weight(t)
 
     def breakpoints(self) -> list[float]:
         """Times at which u(t) jumps (handed to adaptive solvers as ``jump_t``)."""
@@ -351,7 +396,7 @@ def make_protocol(kind: str, *, init: InitSpec | None = None, **params: Any) -> 
 
 def load_protocol(path: str | Path) -> Protocol:
     """Rebuild a protocol written by :meth:`Protocol.save`."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+    blob = load_torch_file(path, "protocol file")
     if not isinstance(blob, dict) or blob.get("format") != PROTOCOL_FILE_FORMAT:
         raise ControlMDError(
             f"{path} is not a controlmd protocol file (format {PROTOCOL_FILE_FORMAT})"

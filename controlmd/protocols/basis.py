@@ -89,6 +89,8 @@ class CubicSpline(_LinearBasisProtocol):
         dim, t_final, low, high, start, end, fluence_weight: see :class:`Protocol`.
     """
 
+    _moments: Tensor  # buffer [K, K]: knot values -> spline second derivatives
+
     def __init__(self, *, dim: int = 1, t_final: float, n_knots: int = 8, **base: Any) -> None:
         check_int("n_knots", n_knots, minimum=2)
         self.n_knots = n_knots

@@ -38,11 +38,14 @@ class _MLPWithSkip(nn.Module):
         nn.init.zeros_(self.skip.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x) + self.skip(x)
+        out: Tensor = self.net(x) + self.skip(x)
+        return out
 
     def fit_readout(self, x: Tensor, target: Tensor) -> None:
         """Least-squares output and skip layers on the hidden features (start of an MLP fit)."""
         head = self.net[-1]
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"the MLP's output layer must be nn.Linear, got {type(head).__name__}")
         x = x.to(head.weight)
         H = self.net[:-1](x)
         A = torch.cat([H, x, torch.ones_like(H[:, :1])], dim=1)
@@ -103,7 +106,8 @@ class MLPProtocol(Protocol):
         self.net = _MLPWithSkip(1 + 2 * n_frequencies, list(hidden), dim, activation)
 
     def raw(self, t: Tensor) -> Tensor:
-        return self.net(_time_features(t / self.t_final, self.n_frequencies))
+        out: Tensor = self.net(_time_features(t / self.t_final, self.n_frequencies))
+        return out
 
     def _fit_raw(self, t: Tensor, raw_target: Tensor) -> None:
         self.net.fit_readout(_time_features(t / self.t_final, self.n_frequencies), raw_target)
@@ -152,7 +156,8 @@ class FeedbackMLP(Protocol):
     def raw_feedback(self, t: Tensor, obs: Tensor) -> Tensor:
         """Unsquashed values for times ``t [T]`` and observations ``obs [T, obs_dim]``."""
         features = _time_features(t / self.t_final, self.n_frequencies)
-        return self.net(torch.cat([features, obs.to(features) / self.obs_scale], dim=-1))
+        out: Tensor = self.net(torch.cat([features, obs.to(features) / self.obs_scale], dim=-1))
+        return out
 
     def raw(self, t: Tensor) -> Tensor:
         return self.raw_feedback(

@@ -26,6 +26,7 @@ class PiecewiseConstant(Protocol):
         init: initial values, scalar, ``[k]`` or ``[K, k]`` (inside the bounds); also any
             :data:`InitSpec`, then each piece takes the value at its midpoint.
         dim, t_final, low, high, fluence_weight: see :class:`Protocol`.
+        release_fraction, release_value, field_cost_weight: see :class:`Protocol`.
     """
 
     init_in_constructor = True
@@ -40,9 +41,19 @@ class PiecewiseConstant(Protocol):
         high: float | list[float] | Tensor | None = None,
         init: InitSpec | None = None,
         fluence_weight: float = 0.0,
+        release_fraction: float = 0.0,
+        release_value: float | list[float] | Tensor | None = None,
+        field_cost_weight: float = 0.0,
     ) -> None:
         super().__init__(
-            dim=dim, t_final=t_final, low=low, high=high, fluence_weight=fluence_weight
+            dim=dim,
+            t_final=t_final,
+            low=low,
+            high=high,
+            fluence_weight=fluence_weight,
+            release_fraction=release_fraction,
+            release_value=release_value,
+            field_cost_weight=field_cost_weight,
         )
         check_int("n_pieces", n_pieces)
         self.n_pieces = n_pieces
@@ -51,7 +62,7 @@ class PiecewiseConstant(Protocol):
             target = self._piece_values(init)
             self._check_inside_bounds(target)
             values = self.unsquash(target)
-        elif self.low is not None:
+        elif isinstance(self.low, Tensor) and isinstance(self.high, Tensor):  # bounded
             values = self.unsquash(0.5 * (self.low + self.high).expand(n_pieces, dim))
         self.values = nn.Parameter(values)
 
@@ -98,7 +109,10 @@ class Tabulated(Protocol):
         interpolation: ``linear`` or ``hold``.
         t_final: horizon (default: the last time).
         low, high, fluence_weight: see :class:`Protocol`.
+        release_fraction, release_value, field_cost_weight: see :class:`Protocol`.
     """
+
+    times: Tensor  # buffer [n]
 
     def __init__(
         self,
@@ -110,6 +124,9 @@ class Tabulated(Protocol):
         low: float | list[float] | Tensor | None = None,
         high: float | list[float] | Tensor | None = None,
         fluence_weight: float = 0.0,
+        release_fraction: float = 0.0,
+        release_value: float | list[float] | Tensor | None = None,
+        field_cost_weight: float = 0.0,
     ) -> None:
         check_choice("interpolation", interpolation, ["linear", "hold"])
         ts = torch.as_tensor(times, dtype=torch.float64).flatten()
@@ -127,6 +144,9 @@ class Tabulated(Protocol):
             low=low,
             high=high,
             fluence_weight=fluence_weight,
+            release_fraction=release_fraction,
+            release_value=release_value,
+            field_cost_weight=field_cost_weight,
         )
         self.interpolation = interpolation
         self.register_buffer("times", ts)

@@ -23,10 +23,25 @@ Control channels (``controls``, in the order given)
     ===========  ==================================  =============  =============  =======
     epsilon      Morse well depth eps(t)             ``eps_min``    ``eps_max``    epsilon
     temperature  bath kT(t) (noise and diffusion)    ``kT_min``     ``kT_max``     epsilon
+    basis        coefficients c_k(t) of a fixed      -basis_max     basis_max      epsilon
+                 spatial basis (K channels c0..),
+                 :class:`~controlmd.potentials.BasisField`
+    confinement  stiffness k(t) of 0.5 k |r - c|^2,  0              confinement_   epsilon/
+                 c the box centre (minimum image)                   max            sigma^2
+    field        a neural field V_theta(x, t) (no    -field_max     field_max      epsilon
+                 u(t) channel: the network lives in  (of V)         (of V)
+                 a ``neural_field`` protocol)
     ===========  ==================================  =============  =============  =======
 
     Without the epsilon channel the depth is ``epsilon``; without the temperature channel
-    the bath is at ``kT``.
+    the bath is at ``kT``; the spatial fields (basis, confinement, field) are zero when not
+    controlled, which is also their no-control value. ``max_field`` bounds ``|V|``.
+
+    Field cost: with a spatial field the final state carries ``aux["field_cost"]`` ``[B]``
+    = ``integral mean_i |F_i(t)|^2 dt`` of the field's force (trapezoid over frames every
+    ``field_cost_every`` steps, plus the last step), differentiable; ``[protocol]
+    field_cost_weight`` adds ``w * mean_b field_cost`` to the loss, and evaluation reports
+    its mean.
 
 Observation (feedback protocols, gymnasium env)
     =====  ===========================================  ======  =====
@@ -64,32 +79,41 @@ Units
     temperature, time tau = gamma sigma^2 / epsilon (the time to diffuse ~sigma at kT = 1).
 
 Arguments
-    ==============  =========  ============  ==============================================
-    name            type       default       effect
-    ==============  =========  ============  ==============================================
-    n_particles     int        7             disks per replica
-    cluster_size    int        7             target cluster size (<= n_particles)
-    target_bonds    int        12            bonds of the target cluster
-    area_fraction   float      0.15          sets the box side L
-    controls        list[str]  ["epsilon"]   "epsilon" and/or "temperature"
-    epsilon         float      6.0           well depth when not controlled
-    kT              float      1.0           temperature when not controlled
-    eps_min         float      2.0           epsilon bounds
-    eps_max         float      10.0
-    kT_min          float      0.5           temperature bounds
-    kT_max          float      2.0
-    alpha           float      6.0           Morse inverse width (1/sigma)
-    r_cut           float      2.5           Morse cutoff (sigma)
-    gamma           float      1.0           friction
-    dt              float      3e-4          time step (tau)
-    n_steps         int        6000          steps per episode
-    bond_cutoff     float      1.25          bond graph cutoff (sigma)
-    bond_width      float      0.05          surrogate switch width (sigma)
-    surrogate       str        "bonds"       "bonds" or "yield"
-    ==============  =========  ============  ==============================================
+    ================  =========  ============  ==============================================
+    name              type       default       effect
+    ================  =========  ============  ==============================================
+    n_particles       int        7             disks per replica
+    cluster_size      int        7             target cluster size (<= n_particles)
+    target_bonds      int        12            bonds of the target cluster
+    area_fraction     float      0.15          sets the box side L
+    controls          list[str]  ["epsilon"]   from "epsilon", "temperature", "basis",
+                                               "confinement", "field"
+    epsilon           float      6.0           well depth when not controlled
+    kT                float      1.0           temperature when not controlled
+    eps_min           float      2.0           epsilon bounds
+    eps_max           float      10.0
+    kT_min            float      0.5           temperature bounds
+    kT_max            float      2.0
+    alpha             float      6.0           Morse inverse width (1/sigma)
+    r_cut             float      2.5           Morse cutoff (sigma)
+    gamma             float      1.0           friction
+    dt                float      3e-4          time step (tau)
+    n_steps           int        6000          steps per episode
+    bond_cutoff       float      1.25          bond graph cutoff (sigma)
+    bond_width        float      0.05          surrogate switch width (sigma)
+    surrogate         str        "bonds"       "bonds" or "yield"
+    basis_kind        str        "gaussian"    "gaussian" (wells on a grid) or "fourier"
+    basis_grid        int        3             wells per axis (gaussian)
+    basis_width       float      1.0           well width (gaussian, <= L/3)
+    basis_modes       int        1             highest mode per axis (fourier)
+    basis_max         float      10.0          bound of each basis coefficient |c_k|
+    confinement_max   float      100.0         upper bound of the confinement stiffness
+    field_cost_every  int        10            steps between field-cost frames
+    ================  =========  ============  ==============================================
 
 Version history
-    v0: initial version.
+    v0: initial version. Spatial channels (basis, confinement, field) and the field cost
+    added later without changing the defaults or the existing channels.
 """
 
 from __future__ import annotations
@@ -97,7 +121,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -108,9 +132,17 @@ from controlmd.dynamics.brownian import Brownian
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.potentials.external import ScaledPotential
+from controlmd.potentials.fields import (
+    BASIS_KINDS,
+    BasisField,
+    Confinement,
+    NeuralField,
+    mean_square_force,
+)
 from controlmd.potentials.pair import Morse
-from controlmd.protocols import Protocol
+from controlmd.protocols import NeuralFieldProtocol, Protocol
 from controlmd.rng import ReplicaRNG
+from controlmd.simulate import simulate
 from controlmd.space import periodic
 from controlmd.structures import (
     bond_graph,
@@ -122,11 +154,15 @@ from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_cont
 from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
 
+if TYPE_CHECKING:
+    from controlmd.logger import Logger
+
 Tensor = torch.Tensor
 
 __all__ = ["Assembly", "random_gas"]
 
-CHANNELS = ("epsilon", "temperature")
+CHANNELS = ("epsilon", "temperature", "basis", "confinement", "field")
+SPATIAL = ("basis", "confinement", "field")
 SURROGATES = ("bonds", "yield")
 _MIN_START_DISTANCE = 1.05
 
@@ -224,6 +260,13 @@ class Assembly(RunArtifacts):
         bond_cutoff: float = 1.25,
         bond_width: float = 0.05,
         surrogate: str = "bonds",
+        basis_kind: str = "gaussian",
+        basis_grid: int = 3,
+        basis_width: float = 1.0,
+        basis_modes: int = 1,
+        basis_max: float = 10.0,
+        confinement_max: float = 100.0,
+        field_cost_every: int = 10,
     ) -> None:
         check_int("n_particles", n_particles, minimum=2)
         check_int("cluster_size", cluster_size, minimum=2)
@@ -252,6 +295,8 @@ class Assembly(RunArtifacts):
             ("dt", dt),
             ("bond_cutoff", bond_cutoff),
             ("bond_width", bond_width),
+            ("basis_max", basis_max),
+            ("confinement_max", confinement_max),
         ):
             check_positive(name, value)
         if not eps_min < eps_max:
@@ -272,7 +317,9 @@ class Assembly(RunArtifacts):
                 f"sqrt(3) of a hexagonal cluster, got {bond_cutoff}"
             )
         check_int("n_steps", n_steps)
+        check_int("field_cost_every", field_cost_every)
         check_choice("surrogate", surrogate, SURROGATES)
+        check_choice("basis_kind", basis_kind, BASIS_KINDS)
         self.n_particles = n_particles
         self.cluster_size = cluster_size
         self.target_bonds = target_bonds
@@ -291,17 +338,38 @@ class Assembly(RunArtifacts):
         self.bond_width = float(bond_width)
         self.surrogate = surrogate
         self.channel_kinds = tuple(controls)
-        self._slot = {kind: k for k, kind in enumerate(controls)}
-        bounds = {
-            "epsilon": (eps_min, eps_max, "epsilon"),
-            "temperature": (kT_min, kT_max, "epsilon"),
+        self.basis_max = float(basis_max)
+        self.confinement_max = float(confinement_max)
+        self.field_cost_every = field_cost_every
+        self._basis_args = {
+            "basis": basis_kind,
+            "n_grid": basis_grid,
+            "width": basis_width,
+            "n_modes": basis_modes,
         }
-        names = tuple("eps" if c == "epsilon" else "kT" for c in controls)
+        n_basis = 0
+        if "basis" in controls:
+            n_basis = BasisField(self.space, _Constant(0.0), **self._basis_args).n_basis
+        rows: dict[str, list[tuple[str, float, float, str, float]]] = {
+            "epsilon": [("eps", eps_min, eps_max, "epsilon", self.epsilon)],
+            "temperature": [("kT", kT_min, kT_max, "epsilon", self.kT)],
+            "basis": [
+                (f"c{k}", -self.basis_max, self.basis_max, "epsilon", 0.0) for k in range(n_basis)
+            ],
+            "confinement": [("k", 0.0, self.confinement_max, "epsilon/sigma^2", 0.0)],
+            "field": [],
+        }
+        self._slot: dict[str, int] = {}
+        channels: list[tuple[str, float, float, str, float]] = []
+        for kind in controls:
+            self._slot[kind] = len(channels)
+            channels += rows[kind]
+        self._default = [row[4] for row in channels]
         self.controls = ControlChannels(
-            names,
-            tuple(float(bounds[c][0]) for c in controls),
-            tuple(float(bounds[c][1]) for c in controls),
-            tuple(bounds[c][2] for c in controls),
+            tuple(row[0] for row in channels),
+            tuple(float(row[1]) for row in channels),
+            tuple(float(row[2]) for row in channels),
+            tuple(row[3] for row in channels),
         )
         # Morse with unit depth; the depth eps(t) enters through ScaledPotential.
         self._morse = Morse(
@@ -311,10 +379,79 @@ class Assembly(RunArtifacts):
     # ------------------------------------------------------------------ Task interface
 
     def potential(self, protocol: Protocol | None) -> Potential:
-        """``eps(t) * Morse`` (eps from the protocol's channel, or the constant ``epsilon``)."""
+        """``eps(t) * Morse`` (eps from the protocol's channel, or the constant ``epsilon``)
+        plus the spatial control field (:meth:`field_potential`) when there is one."""
         if protocol is not None and "epsilon" in self._slot:
-            return ScaledPotential(self._morse, protocol, channel=self._slot["epsilon"])
-        return ScaledPotential(self._morse, _Constant(self.epsilon), channel=0)
+            pair = ScaledPotential(self._morse, protocol, channel=self._slot["epsilon"])
+        else:
+            pair = ScaledPotential(self._morse, _Constant(self.epsilon), channel=0)
+        field = self.field_potential(protocol)
+        return pair if field is None else pair + field
+
+    def field_potential(self, protocol: Protocol | None) -> Potential | None:
+        """The spatial control terms driven by ``protocol`` (basis field, confinement,
+        neural field), summed; ``None`` when the task has none or ``protocol`` is ``None``."""
+        if protocol is None:
+            return None
+        terms: list[Potential] = []
+        if "basis" in self._slot:
+            terms.append(
+                BasisField(self.space, protocol, channel=self._slot["basis"], **self._basis_args)
+            )
+        if "confinement" in self._slot:
+            terms.append(Confinement(self.space, protocol, channel=self._slot["confinement"]))
+        if "field" in self._slot and isinstance(protocol, NeuralFieldProtocol):
+            terms.append(
+                NeuralField(protocol.field, self.space, envelope=protocol.release_envelope)
+            )
+        if not terms:
+            return None
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
+
+    def check_protocol(self, protocol: Protocol) -> None:
+        """A ``field`` control needs a ``neural_field`` protocol (2-D, Fourier features),
+        and a ``neural_field`` protocol needs the ``field`` control."""
+        super().check_protocol(protocol)
+        has_field = isinstance(protocol, NeuralFieldProtocol)
+        if "field" in self._slot and not has_field:
+            raise ControlMDError(
+                f"controls include 'field' but the protocol kind is {protocol.kind!r}; use "
+                "kind = 'neural_field' (or drop 'field' from controls)"
+            )
+        if has_field and "field" not in self._slot:
+            raise ControlMDError(
+                "a neural_field protocol needs 'field' in the task's controls, got "
+                f"{list(self.channel_kinds)}"
+            )
+        if isinstance(protocol, NeuralFieldProtocol):
+            if protocol.field.dim != 2:
+                raise ControlMDError(
+                    f"field_dim = {protocol.field.dim}, but the assembly disks move in d = 2"
+                )
+            if protocol.field.features != "fourier":
+                raise ControlMDError(
+                    f"field_features = {protocol.field.features!r}: the assembly box is "
+                    "periodic, use 'fourier'"
+                )
+
+    def max_field(self, protocol: Protocol) -> float | None:
+        """Bound on ``|V(x, t)|`` summed over the spatial terms (energy units): neural
+        ``V_max``; ``basis_max max_x sum_k |b_k(x)|`` (on a grid); ``confinement_max L^2 / 4``
+        (``0.5 k |r - c|^2`` at a box corner)."""
+        if not any(kind in self._slot for kind in SPATIAL):
+            return None
+        bound = 0.0
+        if "basis" in self._slot:
+            basis = BasisField(self.space, protocol, **self._basis_args)
+            bound += self.basis_max * basis.max_abs_sum()
+        if "confinement" in self._slot:
+            bound += self.confinement_max * self.box**2 / 4.0
+        if "field" in self._slot and isinstance(protocol, NeuralFieldProtocol):
+            bound += protocol.field.v_max
+        return bound
 
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
         rng = ReplicaRNG(seed, n_replicas, first_replica=first_replica)
@@ -331,14 +468,57 @@ class Assembly(RunArtifacts):
     def _dynamics(self, potential: Potential, kT: Any) -> Brownian:
         return Brownian(potential, dt=self.dt, kT=kT, gamma=self.gamma, space=self.space)
 
+    def advance(
+        self, state: State, protocol: Protocol, n_steps: int, **simulate_options: Any
+    ) -> State:
+        """Simulate ``n_steps``; with a spatial field, also accumulate the field cost
+        ``integral mean_i |F_i|^2 dt`` into ``aux["field_cost"]`` ``[B]`` (trapezoid over
+        frames every ``field_cost_every`` steps and the last step; differentiable)."""
+        integrator = self.integrator(protocol)
+        field = self.field_potential(protocol)
+        if field is None or n_steps == 0:
+            return simulate(integrator, state, n_steps, **simulate_options).final
+        if simulate_options.get("gradient") == "reversible":
+            raise ControlMDError(
+                "gradient = 'reversible' keeps no frames, so the field cost cannot be "
+                "accumulated; use 'direct' or 'checkpoint'"
+            )
+
+        def rate(s: State) -> Tensor:
+            return mean_square_force(field, s.R, s.t)
+
+        traj = simulate(
+            integrator,
+            state,
+            n_steps,
+            record_every=self.field_cost_every,
+            observables={"rate": rate},
+            **simulate_options,
+        )
+        final = traj.final
+        times, values = traj.times.to(torch.float64), traj.records["rate"].to(torch.float64)
+        if float(times[-1]) < float(final.t) - 0.5 * self.dt:
+            times = torch.cat([times, final.t.reshape(1).to(times)])
+            values = torch.cat([values, rate(final).to(values).unsqueeze(0)])
+        cost = torch.trapezoid(values, times, dim=0)
+        previous = state.aux.get("field_cost")
+        if previous is not None:
+            cost = cost + previous.to(cost)
+        return final.replace(aux={**final.aux, "field_cost": cost})
+
     def loss(self, state: State) -> Tensor:
         if self.surrogate == "yield":
-            return 1.0 - self.metric(state).mean()
-        n_max = self.target_bonds * self.n_particles / self.cluster_size
-        bonds = smooth_bond_count(
-            state.R, self.bond_cutoff, width=self.bond_width, space=self.space
-        )
-        return (1.0 - bonds / n_max).mean()
+            loss = 1.0 - self.metric(state).mean()
+        else:
+            n_max = self.target_bonds * self.n_particles / self.cluster_size
+            bonds = smooth_bond_count(
+                state.R, self.bond_cutoff, width=self.bond_width, space=self.space
+            )
+            loss = (1.0 - bonds / n_max).mean()
+        weight = 0.0 if self._protocol is None else self._protocol.field_cost_weight
+        if weight > 0 and "field_cost" in state.aux:
+            loss = loss + weight * state.aux["field_cost"].mean().to(loss)
+        return loss
 
     def metric(self, state: State) -> Tensor:
         with torch.no_grad():
@@ -358,11 +538,9 @@ class Assembly(RunArtifacts):
             ).to(torch.float64)
 
     def default_control(self) -> Tensor:
-        """The uncontrolled value ``[k]``: the constant ``epsilon`` and ``kT``."""
-        return torch.tensor(
-            [self.epsilon if c == "epsilon" else self.kT for c in self.channel_kinds],
-            dtype=torch.float64,
-        )
+        """The uncontrolled value ``[k]``: the constant ``epsilon`` and ``kT``, zero field
+        coefficients and confinement."""
+        return torch.tensor(self._default, dtype=torch.float64)
 
     def extras(self) -> dict[str, Any]:
         return {
@@ -393,6 +571,71 @@ class Assembly(RunArtifacts):
         return target_cluster_fraction(
             A, size=self.cluster_size, n_bonds=self.target_bonds, max_degree=max_degree
         ).to(torch.float64)
+
+    # ------------------------------------------------------------------ field maps
+
+    def field_map(self, protocol: Protocol, times: Tensor, *, n_grid: int = 48) -> Tensor | None:
+        """The spatial control potential ``V(x, t)`` felt by one disk (energy units) on an
+        ``n_grid^2`` grid of the box at each of ``times`` ``[n_t]``: ``[n_t, n_grid, n_grid]``
+        (axis 1 is x, axis 2 is y), or ``None`` without a spatial field."""
+        field = self.field_potential(protocol)
+        if field is None:
+            return None
+        check_int("n_grid", n_grid)
+        ax = (torch.arange(n_grid, dtype=torch.float64) + 0.5) * self.box / n_grid
+        X = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).reshape(-1, 1, 2)
+        with torch.no_grad():
+            maps = [field.energy(X, t).reshape(n_grid, n_grid) for t in times]
+        return torch.stack(maps).to(torch.float64)
+
+    def save_field_maps(
+        self, protocol: Protocol, path: str | Path, *, n_times: int = 6, n_grid: int = 48
+    ) -> Path | None:
+        """Heat maps of :meth:`field_map` at ``n_times`` equally spaced times of ``[0, T]``
+        (one colour scale for all panels), written to ``path`` (PNG); ``None`` without a
+        spatial field."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from controlmd.plotting import save_figure
+
+        check_int("n_times", n_times, minimum=2)
+        times = torch.linspace(0.0, self.horizon, n_times, dtype=torch.float64)
+        maps = self.field_map(protocol, times, n_grid=n_grid)
+        if maps is None:
+            return None
+        scale = max(float(maps.abs().max()), 1e-12)
+        fig = Figure(figsize=(2.4 * n_times, 2.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, n_times, squeeze=False)[0]
+        image = None
+        for ax, t, V in zip(axes, times.tolist(), maps):
+            image = ax.imshow(
+                V.T.numpy(),
+                origin="lower",
+                extent=(0.0, self.box, 0.0, self.box),
+                cmap="RdBu_r",
+                vmin=-scale,
+                vmax=scale,
+            )
+            ax.set_title(f"t = {t / self.horizon:.2f} T", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(image, ax=list(axes), label="V (epsilon)", shrink=0.8)
+        out = Path(path)
+        save_figure(fig, out)
+        return out
+
+    def finish_run(
+        self, run_dir: str | Path, logger: Logger | None = None, step: int = 0
+    ) -> dict[str, Any]:
+        """The final-replica artifacts and, with a spatial field, ``field_maps.png``."""
+        summary = super().finish_run(run_dir, logger, step)
+        if self._protocol is not None:
+            path = self.save_field_maps(self._protocol, Path(run_dir) / "field_maps.png")
+            if path is not None:
+                summary["artifacts"] = [*summary.get("artifacts", []), path.name]
+        return summary
 
     # ------------------------------------------------------------------ artifacts
 

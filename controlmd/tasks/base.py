@@ -18,6 +18,8 @@ hook                       required  used by
 ``default_control``        no        the no-control value: release windows, ``eval
                                      --baseline constant``, constant sweeps
 ``exact_metric``           no        noise-free metric of a protocol (trap_drag)
+``check_protocol``         no        config, trainer: refuse a protocol the task cannot use
+``max_field``              no        ``eval``: the largest |V| a protocol's field allows
 ``reference_protocol``     no        a known optimum drawn beside trained protocols
 ``parameters``             no        learning tasks' own trainable Hamiltonian
 ``state_dict`` / ``load``  no        checkpoints of a task's own trainable state
@@ -38,6 +40,7 @@ faster exact path).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +235,22 @@ class Task(ABC, Generic[StateT]):
         state = self.initial_state(n_replicas, seed, first_replica=first_replica)
         return self.advance(state, protocol, self.n_steps, **simulate_options)
 
+    def check_protocol(self, protocol: Protocol) -> None:
+        """Raise :class:`~controlmd.errors.ControlMDError` unless ``protocol`` has this
+        task's number of control channels and its horizon; tasks with more requirements
+        (e.g. a spatial field channel that needs a field protocol) extend it, calling
+        ``super().check_protocol(protocol)`` first."""
+        if protocol.dim != self.controls.dim:
+            raise ControlMDError(
+                f"dim = {protocol.dim} but task {self.name!r} has {self.controls.dim} "
+                "control channel(s)"
+            )
+        if not math.isclose(protocol.t_final, self.horizon, rel_tol=1e-9):
+            raise ControlMDError(
+                f"t_final = {protocol.t_final} differs from task {self.name!r}'s horizon "
+                f"{self.horizon}"
+            )
+
     def default_control(self) -> Tensor | None:
         """The channel values ``[k]`` that mean "no control" (H0 as built), or ``None`` when
         the task has no such value. Release windows switch every channel to it, and
@@ -241,6 +260,11 @@ class Task(ABC, Generic[StateT]):
     def exact_metric(self, protocol: Protocol) -> float | None:
         """The noise-free metric of ``protocol`` where the task can compute it (default:
         ``None``)."""
+        return None
+
+    def max_field(self, protocol: Protocol) -> float | None:
+        """The largest ``|V|`` (energy units) the spatial control field of ``protocol``
+        can reach, or ``None`` when the task has no spatial field."""
         return None
 
     def reference_protocol(self) -> tuple[Tensor, Tensor] | None:

@@ -448,7 +448,7 @@ class Isomerization(Task[QuantumState]):
         t_mid = (
             torch.arange(first_step, first_step + n_steps, dtype=torch.float64) + 0.5
         ) * self.dt
-        u = protocol(t_mid)  # [K, k] or [K, B, k]
+        u: Tensor = protocol(t_mid)  # [K, k] or [K, B, k]
         per_replica = u.ndim == 3
         if self.field_mode == "direct":
             field = u[..., 0]
@@ -520,6 +520,7 @@ class Isomerization(Task[QuantumState]):
         method: str = "dopri5",
         rtol: float = 1e-9,
         atol: float = 1e-11,
+        **unknown: Any,
     ) -> QuantumState:
         """Propagate ``n_steps`` steps of ``dt`` under ``protocol``.
 
@@ -530,7 +531,12 @@ class Isomerization(Task[QuantumState]):
         :param window: accepted for the trainer's ``checkpoint`` option; not needed.
         :param propagator: ``split`` (default) or ``ode`` (torchdiffeq, solver ``method``).
         :param rtol, atol: tolerances of adaptive ODE solvers.
+        :param unknown: other simulate options (of particle tasks) are refused.
         """
+        if unknown:
+            raise TypeError(
+                f"Isomerization.advance() got unexpected keyword arguments {sorted(unknown)}"
+            )
         check_int("n_steps", n_steps)
         check_choice("gradient", gradient, _GRADIENTS)
         check_choice("propagator", propagator, _PROPAGATORS)

@@ -43,12 +43,22 @@ Control channels (``controls``, in the order given; any combination)
                  bias ``sum_m u_m(t) sum_p g_m(r_p)`` with
                  Gaussians ``g_m`` (centres ``bias_centers``,
                  width ``bias_width``) over ``bias_pairs``
+    torsion      ``torsion_channels`` amplitudes a(t) of   0               ``torsion_max`` epsilon
+                 the native-torsion bias
+                 ``sum_k a_k(t) [1 - cos(phi_k - phi*_k)]``
+                 (one amplitude for every torsion, or one
+                 per torsion: ``torsion_channels = "each"``)
     ===========  ========================================  ==============  ==============  =======
 
     The bias acts on all pairs ``|i - j| >= 3`` (``bias_pairs = "all"``, no knowledge of
     the target) or on the native pairs only (``"native"``); a ``fluence_weight`` in
     ``[protocol]`` adds the penalty ``w * integral |u|^2 dt`` so that it cannot simply
     restrain every pair to its native distance.
+
+    The ``epsilon``, ``bias = "native"`` and ``torsion`` channels are native-informed: they
+    are built from the target structure (native contacts, native torsions), as the Go model
+    itself is. No channel is keyed to a bead's index along the chain except the tweezer
+    pairs, which the user names.
 
 Observation (feedback protocols, gymnasium env)
     =====  =============================  ========  =====
@@ -101,6 +111,8 @@ Arguments
     bias_width         float      0.25               Gaussian width (sigma)
     bias_max           float      0.5                bias amplitude bound per pair
     bias_pairs         str        "all"              "all" (|i-j| >= 3) or "native"
+    torsion_max        float      5.0                torsion amplitude bound (eps)
+    torsion_channels   str        "one"              "one" amplitude or "each" torsion
     gamma              float      0.5                Langevin collision rate (1/tau)
     dt                 float      0.02               time step (tau)
     n_steps            int        2000               steps per episode
@@ -121,6 +133,7 @@ Arguments
 
 Version history
     v0: initial version.
+    v1: the torsion channel.
 """
 
 from __future__ import annotations
@@ -152,19 +165,21 @@ from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.structures import hairpin, helix, kabsch_align, kabsch_rmsd
 from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
-from controlmd.tasks.base import ControlChannels
+from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
 
 Tensor = torch.Tensor
 
-__all__ = ["OneGraph", "PairBias", "PolymerFold", "random_coil"]
+__all__ = ["OneGraph", "PairBias", "PolymerFold", "TorsionBias", "random_coil"]
 
 TARGETS = ("helix", "hairpin")
-CHANNELS = ("temperature", "epsilon", "tweezers", "bias")
+CHANNELS = ("temperature", "epsilon", "tweezers", "bias", "torsion")
 
 
 class _Select(nn.Module):
     """Channels ``index`` of a protocol: ``u(t)[..., index]`` (``[k']`` or ``[B, k']``)."""
+
+    index: Tensor  # buffer [k'] of channel indices
 
     def __init__(self, protocol: Protocol, index: Sequence[int]) -> None:
         super().__init__()
@@ -174,7 +189,8 @@ class _Select(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.protocol(t)[..., self.index]
+        u: Tensor = self.protocol(t)
+        return u[..., self.index]
 
 
 class OneGraph(Potential):
@@ -204,6 +220,9 @@ class PairBias(nn.Module):
     ``forward(R [B, N, d], u [M] or [B, M]) -> [B]`` (energy per replica, epsilon).
     """
 
+    pairs: Tensor  # buffer [P, 2] (long)
+    centers: Tensor  # buffer [M] (sigma)
+
     def __init__(self, pairs: Tensor, centers: Tensor, width: float) -> None:
         super().__init__()
         self.register_buffer("pairs", pairs.long(), persistent=False)
@@ -219,6 +238,39 @@ class PairBias(nn.Module):
 
     def forward(self, R: Tensor, u: Tensor) -> Tensor:
         return (self.features(R) * u.to(R)).sum(-1)
+
+
+class TorsionBias(nn.Module):
+    """Coupling of the native-torsion bias: ``E_b = sum_k a_k [1 - cos(phi_k - phi*_k)]``.
+
+    Args:
+        dihedrals: bead quadruples ``[K, 4]`` of the torsions.
+        phi0: native torsions ``[K]`` (rad).
+
+    ``forward(R [B, N, 3], a [M] or [B, M]) -> [B]`` (epsilon), with ``M = 1`` (one
+    amplitude for every torsion) or ``M = K`` (one per torsion).
+    """
+
+    dihedrals: Tensor  # buffer [K, 4] (long)
+    phi0: Tensor  # buffer [K] (rad)
+
+    def __init__(self, dihedrals: Tensor, phi0: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("dihedrals", dihedrals.long(), persistent=False)
+        self.register_buffer("phi0", phi0.to(torch.float64), persistent=False)
+
+    def misfit(self, R: Tensor) -> Tensor:
+        """``1 - cos(phi_k - phi*_k)`` per torsion ``[B, K]`` (0 native, 2 flipped)."""
+        X = [R[:, self.dihedrals[:, a]] for a in range(4)]
+        phi = dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2])
+        return 1.0 - torch.cos(phi - self.phi0.to(R))
+
+    def forward(self, R: Tensor, a: Tensor) -> Tensor:
+        m = self.misfit(R)
+        a = a.to(R)
+        if a.shape[-1] == 1:
+            return a[..., 0] * m.sum(-1)
+        return (m * a).sum(-1)
 
 
 def random_coil(
@@ -320,6 +372,7 @@ class PolymerFold(RunArtifacts):
     metric_name = "folded_fraction"
     higher_is_better = True
     units = "reduced LJ units: length sigma, energy epsilon (kT in epsilon), mass m, time tau = sigma sqrt(m/epsilon)"
+    capabilities = TaskCapabilities(estimators=("pathwise", "score", "forward"))
 
     def __init__(
         self,
@@ -339,6 +392,8 @@ class PolymerFold(RunArtifacts):
         bias_width: float = 0.25,
         bias_max: float = 0.5,
         bias_pairs: str = "all",
+        torsion_max: float = 5.0,
+        torsion_channels: str = "one",
         gamma: float = 0.5,
         dt: float = 0.02,
         n_steps: int = 2000,
@@ -375,6 +430,7 @@ class PolymerFold(RunArtifacts):
             ("force_max", force_max),
             ("bias_width", bias_width),
             ("bias_max", bias_max),
+            ("torsion_max", torsion_max),
             ("gamma", gamma),
             ("dt", dt),
             ("k_bond", k_bond),
@@ -401,6 +457,7 @@ class PolymerFold(RunArtifacts):
             raise ControlMDError(f"q_folded must be in (0, 1], got {q_folded}")
         check_int("n_steps", n_steps)
         check_choice("bias_pairs", bias_pairs, ["all", "native"])
+        check_choice("torsion_channels", torsion_channels, ["one", "each"])
 
         self.target_name = target
         self.target = R_native
@@ -427,6 +484,7 @@ class PolymerFold(RunArtifacts):
         self._b0 = (R_native[1:] - R_native[:-1]).norm(dim=-1)
         self._theta0 = bond_angle(R_native[:-2] - R_native[1:-1], R_native[2:] - R_native[1:-1])
         self._phi0 = self._torsions(R_native[None])[0]
+        self._torsion_bias = TorsionBias(self._dihedrals, self._phi0)
         self.k_bond, self.k_angle = float(k_bond), float(k_angle)
         self.k_dihedral, self.k_dihedral3 = float(k_dihedral), float(k_dihedral3)
         self.contact_alpha = float(contact_alpha)
@@ -487,6 +545,12 @@ class PolymerFold(RunArtifacts):
             elif kind == "tweezers":
                 for i, j in self.tweezer_pairs:
                     add(f"force_{i}_{j}", -force_max, force_max, "epsilon/sigma")
+            elif kind == "torsion":
+                if torsion_channels == "one":
+                    add("torsion", 0.0, torsion_max, "epsilon")
+                else:
+                    for k in range(self._dihedrals.shape[0]):
+                        add(f"torsion_{k}", 0.0, torsion_max, "epsilon")
             else:
                 for m in range(n_bias):
                     add(f"bias_{m}", -bias_max, bias_max, "epsilon")
@@ -548,6 +612,9 @@ class PolymerFold(RunArtifacts):
         if "bias" in self._slots:
             bias = PairBias(self.bias_index, self.bias_centers, self.bias_width)
             total = total + ExternalField(bias, _Select(protocol, self._slots["bias"]))
+        if "torsion" in self._slots:
+            select = _Select(protocol, self._slots["torsion"])
+            total = total + ExternalField(self._torsion_bias, select)
         return total
 
     # ------------------------------------------------------------------ Task interface
@@ -598,7 +665,7 @@ class PolymerFold(RunArtifacts):
 
     def default_control(self) -> Tensor:
         """The control value ``[k]`` that leaves H0 and the bath as built (no control):
-        the bath ``kT``, epsilon scale 1, zero forces and bias."""
+        the bath ``kT``, epsilon scale 1, zero forces, bias and torsion bias."""
         u = torch.zeros(self.controls.dim, dtype=torch.float64)
         if "temperature" in self._slots:
             u[self._slots["temperature"][0]] = self.kT
@@ -626,7 +693,7 @@ class PolymerFold(RunArtifacts):
 
     def torsion_misfit(self, R: Tensor) -> Tensor:
         """``mean_k (1 - cos(phi_k - phi*_k)) / 2`` per replica ``[B]`` (0 native, 1 all flipped)."""
-        return (0.5 * (1.0 - torch.cos(self._torsions(R) - self._phi0.to(R)))).mean(-1)
+        return 0.5 * self._torsion_bias.misfit(R).mean(-1)
 
     def contact_fraction(self, R: Tensor) -> Tensor:
         """Exact Q ``[B]``."""

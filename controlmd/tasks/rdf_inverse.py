@@ -164,6 +164,7 @@ from controlmd.errors import ControlMDError
 from controlmd.lattice import LATTICES, lattice
 from controlmd.numerics import interp
 from controlmd.observables import rdf, rdf_histogram
+from controlmd.potentials.base import Potential
 from controlmd.potentials.factory import (
     PAIR_FAMILIES,
     PAIR_FILE_FORMAT,
@@ -415,10 +416,10 @@ class RDFInverse(Task[State]):
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _nose_hoover(self, pair: PairPotential, kT: float | None = None) -> NoseHooverChain:
-        """The task's Nose-Hoover chain on ``pair``, at the task's ``kT`` unless given."""
+    def _nose_hoover(self, potential: Potential, kT: float | None = None) -> NoseHooverChain:
+        """The task's Nose-Hoover chain on ``potential``, at the task's ``kT`` unless given."""
         return NoseHooverChain(
-            pair,
+            potential,
             dt=self.dt,
             kT=self.kT if kT is None else kT,
             space=self.space,
@@ -906,6 +907,8 @@ class RDFInverse(Task[State]):
         melt = self.n_equilibrate // 2
         with torch.no_grad():
             state = simulate(hot, state, melt, gradient="none").final
+            if state.P is None:
+                raise RuntimeError("a Nose-Hoover state must carry momenta")
             state = dynamics.init(state.R, P=state.P * math.sqrt(0.5))
             return simulate(dynamics, state, self.n_equilibrate - melt, gradient="none").final
 
@@ -989,7 +992,10 @@ def make_target(
         n_equilibrate=n_equilibrate,
         r_max=min(2.3, 0.5 * side - 0.2),
     )
-    half = 0.5 * float(task.space.box.min())
+    box = task.space.box
+    if box is None:
+        raise RuntimeError("the RDF task's space must be a periodic box")
+    half = 0.5 * float(box.min())
     n_bins = math.floor(half / bin_width + 1e-9)
     n_per = math.ceil(frames / replicas)
     sample = task.sample_rdf(

@@ -50,7 +50,8 @@ Starting state
 
 Episode end
     Truncation at ``t_f`` (``n_steps`` steps); no termination. The final jump to
-    ``lambda_f`` is added to the work by the last step.
+    ``lambda_f`` is added to the work by the last step (the closing jump of
+    :class:`~controlmd.protocols.Endpoints`).
 
 Units
     Reduced units: length sigma, energy epsilon (kT in epsilon), time tau; mobility in
@@ -72,6 +73,8 @@ Arguments
 
 Version history
     v0: initial version.
+    v0 (same numbers): the boundary values are a public
+    :class:`~controlmd.protocols.Endpoints`; the dynamics count both jumps.
 """
 
 from __future__ import annotations
@@ -83,11 +86,11 @@ import torch
 from torch import nn
 
 from controlmd._validation import check_choice, check_int, check_positive
-from controlmd.dynamics.base import Integrator, State
+from controlmd.dynamics.base import Integrator, IntegratorWrapper, State
 from controlmd.dynamics.brownian import Brownian
 from controlmd.errors import ControlMDError
 from controlmd.potentials.external import HarmonicTrap
-from controlmd.protocols import Protocol
+from controlmd.protocols import Endpoints, Protocol
 from controlmd.rng import ReplicaRNG
 from controlmd.tasks.base import ControlChannels, Task, TaskCapabilities
 from controlmd.tasks.registry import register_task
@@ -181,17 +184,18 @@ class TrapDrag(Task[State]):
 
     def integrator(self, protocol: Protocol) -> Integrator:
         center = _TrapCenter(protocol, dt=self.dt)
+        # lambda(0-) = 0 and lambda(t_f+) = lambda_f: both jumps are counted as work by
+        # Brownian (the closing one by the last step)
+        ends = Endpoints(center, initial=0.0, final=self.lambda_f, dim=1, t_final=self.t_f)
         inner = Brownian(
-            HarmonicTrap(self.k, center),
+            HarmonicTrap(self.k, ends),
             dt=self.dt,
             kT=self.kT,
             gamma=1.0 / self.mu,
             method=self.method,
             track_work=True,
         )
-        return _TrapDragDynamics(
-            inner, center, lambda_f=self.lambda_f, k=self.k, n_steps=self.n_steps
-        )
+        return _FeedbackHold(inner, center) if protocol.feedback else inner
 
     def loss(self, state: State) -> Tensor:
         return state.aux["work"].mean()
@@ -296,11 +300,12 @@ class TrapDrag(Task[State]):
 
 
 class _TrapCenter(nn.Module):
-    """Trap centre seen by the dynamics at integrator time ``t``.
+    """Trap centre on ``[0, t_f]`` seen by the dynamics at integrator time ``t``.
 
-    With ``n`` the step nearest to ``t / dt``: ``lambda(0-) = 0`` for ``n = 0``, otherwise
-    the protocol at the midpoint ``(n - 1/2) dt`` of the step ending at ``n dt``. For feedback protocols the dynamics hold the
-    per-replica values of the current step (:meth:`hold`).
+    With ``n`` the step nearest to ``t / dt``: the protocol at the midpoint ``(n - 1/2) dt``
+    of the step ending at ``n dt`` (the dynamics read ``t_n -+ eps``; the boundary values
+    come from :class:`~controlmd.protocols.Endpoints`). For feedback protocols the dynamics
+    hold the per-replica values of the current step (:meth:`hold`).
     """
 
     def __init__(self, protocol: Protocol, *, dt: float) -> None:
@@ -318,56 +323,25 @@ class _TrapCenter(nn.Module):
         if self._held is not None:
             t_start, previous, current = self._held
             return previous if t_value < t_start + 0.5 * self.dt else current
-        n = math.floor(
-            t_value / self.dt + 0.5
-        )  # the step ending at n dt (the dynamics read t_n -+ eps)
-        if n <= 0:
-            return torch.zeros(1, dtype=torch.float64)
+        n = math.floor(t_value / self.dt + 0.5)  # the step ending at n dt
         return self.protocol(torch.tensor((n - 0.5) * self.dt, dtype=torch.float64))
 
 
-class _TrapDragDynamics(Integrator):
-    """Brownian dynamics of the trap, plus the boundary jump to ``lambda_f`` after the last step."""
+class _FeedbackHold(IntegratorWrapper):
+    """Brownian dynamics of the trap under a feedback protocol: before each step, the
+    centre ``lambda_n = u((n + 1/2) dt, x_n)`` is computed per replica and held."""
 
-    stochastic = True
-
-    def __init__(
-        self, inner: Brownian, center: _TrapCenter, *, lambda_f: float, k: float, n_steps: int
-    ) -> None:
-        super().__init__(inner.potential, dt=inner.dt, space=inner.space)
-        self.inner = inner
+    def __init__(self, inner: Brownian, center: _TrapCenter) -> None:
+        super().__init__(inner)
         self.center = center
-        self.lambda_f = lambda_f
-        self.k = k
-        self.n_steps = n_steps
-
-    def init(
-        self,
-        R: Tensor,
-        *,
-        kT: float | None = None,
-        rng: ReplicaRNG | None = None,
-        P: Tensor | None = None,
-    ) -> State:
-        return self.inner.init(R, kT=kT, rng=rng, P=P)
 
     def step(self, state: State) -> State:
-        protocol = self.center.protocol
-        if protocol.feedback:
-            B = state.n_replicas
-            previous = state.aux.get("trap_center", state.R.new_zeros(B, 1))
-            n = round(float(state.t) / self.dt)
-            t_mid = torch.tensor((n + 0.5) * self.dt, dtype=torch.float64)
-            current = protocol(t_mid, obs=state.R[:, :, 0]).to(state.R)
-            self.center.hold(state.t, previous, current)
-            new = self.inner.step(state)
-            new.aux["trap_center"] = current
-        else:
-            new = self.inner.step(state)
-        if new.step == self.n_steps:
-            x = new.R[:, 0, 0]
-            last = self.center(new.t).to(x)
-            last = last[:, 0] if last.ndim == 2 else last[0]
-            jump = 0.5 * self.k * ((x - self.lambda_f) ** 2 - (x - last) ** 2)
-            new.aux["work"] = new.aux["work"] + jump
+        B = state.n_replicas
+        previous = state.aux.get("trap_center", state.R.new_zeros(B, 1))
+        n = round(float(state.t) / self.dt)
+        t_mid = torch.tensor((n + 0.5) * self.dt, dtype=torch.float64)
+        current = self.center.protocol(t_mid, obs=state.R[:, :, 0]).to(state.R)
+        self.center.hold(state.t, previous, current)
+        new = self.inner.step(state)
+        new.aux["trap_center"] = current
         return new

@@ -1,0 +1,1 @@
+"""Tasks written from their equations alone, as a user would (docs/extending.md)."""
