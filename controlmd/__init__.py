@@ -95,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "XYZReporter": "controlmd.reporters",
     "ReplicaRNG": "controlmd.rng",
     "replica_seed": "controlmd.rng",
+    "use_rng": "controlmd.rng",
     "Trajectory": "controlmd.simulate",
     "simulate": "controlmd.simulate",
     "simulate_ode": "controlmd.simulate",
@@ -198,6 +199,7 @@ __all__ = [
     "simulate_ode",
     "task_names",
     "temperature",
+    "use_rng",
     "validate_configuration",
     "write_xyz",
 ]
@@ -307,7 +309,7 @@ if TYPE_CHECKING:
         register_protocol,
     )
     from controlmd.reporters import IntervalReporter, MemoryReporter, StateDataReporter, XYZReporter
-    from controlmd.rng import ReplicaRNG, replica_seed
+    from controlmd.rng import ReplicaRNG, replica_seed, use_rng
     from controlmd.simulate import Trajectory, simulate, simulate_ode
     from controlmd.space import Space, free, periodic
     from controlmd.tasks import ControlChannels, Task, get_task, register_task, task_names

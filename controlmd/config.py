@@ -2,7 +2,8 @@
 
 ::
 
-    [experiment]            name (required), seed = 0, notes = ""
+    [experiment]            name (required), seed = 0, notes = "",
+                            rng = "mt19937" | "philox" (per-replica noise streams)
     [task]                  name (required) + the task's constructor arguments
     [protocol]              kind (required) + the protocol's constructor arguments, and
                             init (initial u(t): a number or values at equally spaced knots)
@@ -36,6 +37,7 @@ from controlmd.errors import ConfigError, ControlMDError
 from controlmd.estimators import ESTIMATORS as _ESTIMATOR_CLASSES
 from controlmd.files import atomic_write_text
 from controlmd.protocols import Protocol, make_protocol, protocol_class, protocol_names
+from controlmd.rng import RNG_KINDS
 from controlmd.tasks import Task, task_class, task_names
 from controlmd.tomlfile import check_run_name, dumps, read_toml
 from controlmd.trainer import LR_SCHEDULES, OPTIMIZERS, SIMULATION_GRADIENTS
@@ -130,6 +132,13 @@ EXPERIMENT_KEYS: dict[str, Field] = {
         int, 0, non_negative, doc="seed of protocol init, training and evaluation streams"
     ),
     "notes": Field(str, "", doc="free text"),
+    "rng": Field(
+        str,
+        "mt19937",
+        choices=RNG_KINDS,
+        doc="per-replica noise streams (controlmd.rng): 'mt19937' (one generator per replica, "
+        "the default and what runs without the key used) or 'philox' (counter-based, batched)",
+    ),
 }
 
 TRAIN_KEYS: dict[str, Field] = {
@@ -305,6 +314,12 @@ def resolve_config(raw: dict[str, Any]) -> Config:
     if train["gradient"] in ("checkpoint", "truncated") and train["window"] < 1:
         raise ConfigError(
             f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"
+        )
+    if cfg["experiment"]["rng"] == "philox" and train["gradient"] == "checkpoint":
+        raise ConfigError(
+            "[experiment] rng = 'philox' does not yet replay its streams in checkpointed "
+            "windows ([train] gradient = 'checkpoint'); use gradient = 'direct' or "
+            "'truncated', or rng = 'mt19937'"
         )
     if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow"):
         raise ConfigError(

@@ -30,7 +30,7 @@ from controlmd.errors import ConfigError, RunInterrupted
 from controlmd.files import read_json
 from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
 from controlmd.protocols import Protocol
-from controlmd.rng import FINAL_SEED_OFFSET
+from controlmd.rng import FINAL_SEED_OFFSET, use_rng
 from controlmd.runfolder import RunFolder, default_run_dir
 from controlmd.tasks.base import Task
 from controlmd.trainer import Trainer
@@ -126,7 +126,7 @@ def run_experiment(
                 (resume / "metrics.json").unlink()  # more iterations: the run goes on
         run_dir = folder.path if folder is not None else Path(out or ".")
         run_dir = Path(dist_ctx.broadcast_object(str(run_dir)))  # scale-out: rank 0's choice
-        with StopOnSignal() as stop:
+        with StopOnSignal() as stop, use_rng(cfg["experiment"]["rng"]):
             return _train(cfg, run_dir, checkpoint, stop, progress=progress, dist_ctx=dist_ctx)
     finally:
         if folder is not None:

@@ -1,21 +1,47 @@
 """Per-replica random streams.
 
-Replica ``i`` of a batch seeded ``s`` draws from its own ``torch.Generator`` seeded
-``replica_seed(s, i) = s + i * SEED_STRIDE``. Because ``replica_seed(s, 0) == s``, replica
-``i`` of a batch seeded ``s`` is bit-identical to a one-replica run seeded
-``replica_seed(s, i)``, whatever the batch size (the gymnasium envs and the distributed
-trainer rely on this).
+Replica ``i`` of a batch seeded ``s`` draws from its own stream, determined by
+``replica_seed(s, i) = s + i * SEED_STRIDE`` alone. Because ``replica_seed(s, 0) == s``,
+replica ``i`` of a batch seeded ``s`` is bit-identical to a one-replica run seeded
+``replica_seed(s, i)``, whatever the batch size or the other replicas in it (the gymnasium
+envs and the distributed trainer rely on this).
 
-torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds that agree
-modulo 2**32 give the same stream: keep ``seed + B * SEED_STRIDE`` below 2**32 (B < 4294
-replicas for seed 0) when every replica's stream must be distinct.
+Two kinds of stream (``kind``, or the default set by :func:`use_rng` /
+``[experiment] rng``):
+
+* ``"mt19937"`` (the default): one ``torch.Generator`` per replica, seeded
+  ``replica_seed(s, i)``; a draw loops over the generators in Python, so its cost grows
+  with ``B`` at a few microseconds per replica. torch's CPU generator keeps only the low
+  32 bits of a seed, so seeds that agree modulo 2**32 give the same stream: keep
+  ``seed + B * SEED_STRIDE`` below 2**32 (B < 4294 replicas for seed 0) when every
+  replica's stream must be distinct.
+* ``"philox"``: counter-based. Philox4x32-10 (Salmon et al., SC'11) with the fixed key
+  :data:`PHILOX_KEY` maps the 128-bit counter ``(block, replica_seed(s, i))`` (the 64-bit
+  block index in the low words, the 64-bit replica seed in the high words) to four
+  32-bit words; each block gives two 53-bit uniforms ``U(2b), U(2b+1)`` (slots) and, by the
+  Box–Muller transform, the two standard normals of slots ``2b`` and ``2b + 1``. A
+  replica's stream is the slot sequence, so a draw of ``[B, *shape]`` for every replica is
+  a handful of batched integer tensor operations (no Python loop over replicas), distinct
+  for all replica seeds below 2**64. Normals are computed in float64 and rounded to the
+  requested dtype, so float32 and float64 runs see the same noise.
+
+Both kinds give the initial configurations of tasks that sample them replica by replica
+(:attr:`ReplicaRNG.generators`) from the same mt19937 generators, so switching the kind
+changes only the noise of the dynamics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 
-from controlmd._validation import check_int
+from controlmd._validation import check_choice, check_int
+from controlmd.errors import ControlMDError
 
 Tensor = torch.Tensor
 
@@ -33,14 +59,41 @@ FINAL_SEED_OFFSET = 1_877_134_342
 RESCORE_SEED_OFFSET = 573_356_475
 """Re-scoring a finished protocol on fresh replicas (compare, sweeps) uses this offset."""
 
+RNG_KINDS = ("mt19937", "philox")
+"""The stream kinds (``[experiment] rng``); ``"mt19937"`` is the default."""
+
+PHILOX_KEY = (0xA4093822, 0x299F31D0)
+"""The fixed 64-bit Philox key (two 32-bit words, digits of pi); the seed is in the counter."""
+
 __all__ = [
     "EVAL_SEED_OFFSET",
     "FINAL_SEED_OFFSET",
+    "PHILOX_KEY",
     "RESCORE_SEED_OFFSET",
+    "RNG_KINDS",
     "SEED_STRIDE",
     "ReplicaRNG",
+    "compile_philox",
+    "default_rng_kind",
+    "philox4x32",
     "replica_seed",
+    "use_rng",
 ]
+
+_DEFAULT_KIND: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "controlmd_rng_kind", default="mt19937"
+)
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUNDS = 10
+# Round keys of the fixed key: Python ints, folded into the rounds' xors.
+_ROUND_KEYS = tuple(
+    ((PHILOX_KEY[0] + r * _PHILOX_W[0]) & _M32, (PHILOX_KEY[1] + r * _PHILOX_W[1]) & _M32)
+    for r in range(_PHILOX_ROUNDS)
+)
+_TWO_POW_M53 = 2.0**-53
 
 
 def replica_seed(seed: int, index: int) -> int:
@@ -48,18 +101,100 @@ def replica_seed(seed: int, index: int) -> int:
     return int(seed) + int(index) * SEED_STRIDE
 
 
-class ReplicaRNG:
-    """``B`` independent generators, one per replica.
+def default_rng_kind() -> str:
+    """The kind a :class:`ReplicaRNG` built without ``kind`` gets (see :func:`use_rng`)."""
+    return _DEFAULT_KIND.get()
 
-    Draws are made replica by replica, so each replica's stream is independent of ``B``.
+
+@contextlib.contextmanager
+def use_rng(kind: str) -> Iterator[None]:
+    """Within the block, :class:`ReplicaRNG` built without ``kind`` are of ``kind``
+    (``"mt19937"`` or ``"philox"``); this is how ``[experiment] rng`` reaches the tasks.
+
+    Example::
+
+        >>> with use_rng("philox"):
+        ...     ReplicaRNG(0, 3).kind
+        'philox'
+    """
+    check_choice("rng", kind, RNG_KINDS)
+    token = _DEFAULT_KIND.set(kind)
+    try:
+        yield
+    finally:
+        _DEFAULT_KIND.reset(token)
+
+
+def philox4x32(
+    c0: Tensor, c1: Tensor | int, c2: Tensor | int, c3: Tensor | int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 with key :data:`PHILOX_KEY`, in int64 tensor operations.
+
+    Each argument holds one 32-bit word of the counter (values in ``[0, 2**32)``, int64,
+    mutually broadcastable; ``c0`` the lowest word). Returns the four output words, int64
+    tensors of the broadcast shape with values in ``[0, 2**32)``. The 32 x 32 -> 64-bit
+    products are exact: int64 multiplication wraps modulo 2**64, and the high word is read
+    with a masked shift.
+    """
+    for k0, k1 in _ROUND_KEYS:
+        p0 = c0 * _PHILOX_M[0]
+        p1 = c2 * _PHILOX_M[1]
+        n0 = ((p1 >> 32).bitwise_and_(_M32) ^ c1).bitwise_xor_(k0)
+        n2 = ((p0 >> 32).bitwise_and_(_M32) ^ c3).bitwise_xor_(k1)
+        c0, c1, c2, c3 = n0, p1.bitwise_and_(_M32), n2, p0.bitwise_and_(_M32)
+    return c0, c1, c2, c3  # type: ignore[return-value]
+
+
+def _uniform_pairs(
+    block_low: Tensor, block_high: Tensor | int, seed_low: Tensor, seed_high: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Philox blocks -> two 53-bit uniforms each (float64 ``[B, count]``, exact)."""
+    w0, w1, w2, w3 = philox4x32(block_low.view(1, -1), block_high, seed_low, seed_high)
+    u0 = ((w0 << 21) | (w1 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
+    u1 = ((w2 << 21) | (w3 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
+    return u0, u1
+
+
+_COMPILE: dict[str, Any] = {"enabled": False, "kernel": None}
+
+
+def compile_philox(enabled: bool = True) -> None:
+    """Draw philox blocks with a ``torch.compile``-d kernel (one fused loop instead of ~130
+    tensor operations per draw; the integer arithmetic is exact, so the streams are
+    bit-identical to the eager ones). The first draw of each new shape class compiles
+    (tens of seconds to minutes on a CPU, needs a C++ compiler there); off by default.
+    """
+    _COMPILE["enabled"] = bool(enabled)
+
+
+def _compiled_kernel() -> Callable[..., tuple[Tensor, Tensor]]:
+    if _COMPILE["kernel"] is None:
+        _COMPILE["kernel"] = torch.compile(_uniform_pairs, dynamic=True)
+    return _COMPILE["kernel"]
+
+
+class ReplicaRNG:
+    """``B`` independent random streams, one per replica.
+
+    Each replica's stream depends only on its replica seed ``replica_seed(seed,
+    first_replica + i)``, never on ``B`` or on the other replicas.
 
     Args:
         seed: batch seed ``s``.
         n_replicas: ``B``.
         first_replica: global index of the first replica held here (for sharding a batch
             across processes: rank r holds replicas ``first_replica ... first_replica+B-1``).
-        device: where the generators live.
+        device: where the generators live and draws are made.
+        kind: ``"mt19937"`` (one ``torch.Generator`` per replica) or ``"philox"``
+            (counter-based, batched); ``None`` takes :func:`default_rng_kind`.
+
+    Attributes:
+        kind: the stream kind.
+        position: ``"philox"`` only: the next slot of every replica's stream (each
+            uniform or normal drawn takes one slot).
     """
+
+    kind = "mt19937"
 
     def __init__(
         self,
@@ -68,24 +203,66 @@ class ReplicaRNG:
         *,
         first_replica: int = 0,
         device: torch.device | str = "cpu",
+        kind: str | None = None,
     ) -> None:
         check_int("n_replicas", n_replicas)
         check_int("first_replica", first_replica, minimum=0)
+        kind = default_rng_kind() if kind is None else kind
+        check_choice("kind", kind, RNG_KINDS)
+        self.kind = kind
         self.seed = int(seed)
         self.first_replica = first_replica
         self.device = torch.device(device)
-        self.generators = []
-        for i in range(n_replicas):
+        self._n = n_replicas
+        self._generators: list[torch.Generator] | None = None
+        if kind == "philox":
+            self.position = 0
+            self._spare: tuple[int, Tensor] | None = None
+            last = replica_seed(self.seed, first_replica + n_replicas - 1)
+            if self.seed < 0 or last >= 2**64:
+                raise ControlMDError(
+                    f"philox streams need replica seeds in [0, 2**64): seed={self.seed} with "
+                    f"replicas {first_replica}..{first_replica + n_replicas - 1} gives {last}"
+                )
+            base = replica_seed(self.seed, first_replica)
+            index = torch.arange(n_replicas, dtype=torch.int64, device=self.device)
+            # the replica seeds' 32-bit halves (counter words 2 and 3), [B, 1]
+            low = (index * SEED_STRIDE + (base & _M32)).view(-1, 1)
+            self._seed_words = (low & _M32, ((low >> 32) + (base >> 32)) & _M32)
+        else:
+            self._generators = self._make_generators()
+
+    def _make_generators(self) -> list[torch.Generator]:
+        out = []
+        for i in range(self._n):
             g = torch.Generator(device=self.device)
-            g.manual_seed(replica_seed(self.seed, first_replica + i) % (2**63))
-            self.generators.append(g)
+            g.manual_seed(replica_seed(self.seed, self.first_replica + i) % (2**63))
+            out.append(g)
+        return out
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """One mt19937 ``torch.Generator`` per replica, seeded ``replica_seed(seed, i)``:
+        the noise of ``kind="mt19937"`` streams, and, for both kinds, what tasks sample
+        initial configurations from replica by replica (built on first use for
+        ``"philox"``; they are not part of a philox stream's state)."""
+        if self._generators is None:
+            self._generators = self._make_generators()
+        return self._generators
+
+    @generators.setter
+    def generators(self, value: list[torch.Generator]) -> None:
+        self._generators = value
 
     @property
     def n_replicas(self) -> int:
-        return len(self.generators)
+        """``B``."""
+        return self._n if self._generators is None else len(self._generators)
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
-        """Standard normal draws of shape ``[B, *shape]``."""
+        """Standard normal draws of shape ``[B, *shape]`` (on :attr:`device`)."""
+        if self.kind == "philox":
+            return self._philox_normals(math.prod(shape)).reshape(self.n_replicas, *shape).to(dtype)
         return torch.stack(
             [
                 torch.randn(shape, generator=g, dtype=dtype, device=self.device)
@@ -94,7 +271,11 @@ class ReplicaRNG:
         )
 
     def rand(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
-        """Uniform [0, 1) draws of shape ``[B, *shape]``."""
+        """Uniform [0, 1) draws of shape ``[B, *shape]`` (on :attr:`device`)."""
+        if self.kind == "philox":
+            return (
+                self._philox_uniforms(math.prod(shape)).reshape(self.n_replicas, *shape).to(dtype)
+            )
         return torch.stack(
             [
                 torch.rand(shape, generator=g, dtype=dtype, device=self.device)
@@ -102,23 +283,104 @@ class ReplicaRNG:
             ]
         )
 
+    def _philox_blocks(self, first: int, count: int) -> tuple[Tensor, Tensor]:
+        """The two uniforms ``U(2b), U(2b+1)`` of blocks ``first ... first+count-1`` of
+        every replica: two float64 tensors ``[B, count]`` in ``[0, 1)``."""
+        block = torch.arange(first, first + count, dtype=torch.int64, device=self.device)
+        high = first >> 32 if (first + count - 1) >> 32 == first >> 32 else block >> 32
+        kernel = _compiled_kernel() if _COMPILE["enabled"] else _uniform_pairs
+        return kernel(block & _M32, high, *self._seed_words)
+
+    def _philox_uniforms(self, m: int) -> Tensor:
+        """Slots ``position ... position+m-1`` as uniforms ``[B, m]``; advances the stream."""
+        p = self.position
+        first, last = p // 2, (p + m - 1) // 2
+        u0, u1 = self._philox_blocks(first, last - first + 1)
+        u = torch.stack((u0, u1), dim=-1).view(self.n_replicas, -1)[:, p % 2 : p % 2 + m]
+        self.position, self._spare = p + m, None
+        return u
+
+    def _philox_normals(self, m: int) -> Tensor:
+        """Slots ``position ... position+m-1`` as standard normals ``[B, m]`` float64;
+        advances the stream. Box–Muller gives a block's two normals together; when a draw
+        ends inside a block, the block's second normal is kept for the next draw."""
+        p, parts = self.position, []
+        if m == 0:
+            return torch.empty(self.n_replicas, 0, dtype=torch.float64, device=self.device)
+        if p % 2 == 1:
+            spare = self._spare
+            if spare is not None and spare[0] == p:
+                parts.append(spare[1])
+                p, m = p + 1, m - 1
+        self._spare = None
+        if m > 0:
+            first, last = p // 2, (p + m - 1) // 2
+            u0, u1 = self._philox_blocks(first, last - first + 1)
+            radius = u0.neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # u0 in [0, 1) -> 1 - u0 > 0
+            angle = u1.mul_(2.0 * math.pi)
+            z = torch.stack((radius * torch.cos(angle), radius.mul_(torch.sin(angle))), dim=-1)
+            z = z.view(self.n_replicas, -1)
+            offset = p % 2
+            end = offset + m
+            if end < z.shape[1]:
+                self._spare = (p + m, z[:, end : end + 1])
+            parts.append(z[:, offset:end])
+        self.position = p + m
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def get_state(self) -> list[Tensor]:
-        """Generator states, for exact-resume checkpoints."""
+        """Per-replica stream states, for exact-resume checkpoints (mt19937: generator
+        states; philox: the slot position, a one-element int64 tensor per replica)."""
+        if self.kind == "philox":
+            return [torch.tensor([self.position], dtype=torch.int64)] * self.n_replicas
         return [g.get_state() for g in self.generators]
 
     def set_state(self, states: list[Tensor]) -> None:
-        if len(states) != len(self.generators):
+        """Restore states from :meth:`get_state`."""
+        if len(states) != self.n_replicas:
             raise ValueError(
-                f"RNG state holds {len(states)} replicas, this ReplicaRNG has {len(self.generators)}"
+                f"RNG state holds {len(states)} replicas, this ReplicaRNG has {self.n_replicas}"
             )
+        if self.kind == "philox":
+            positions = {int(s.reshape(-1)[0]) for s in states}
+            if len(positions) != 1 or any(s.numel() != 1 for s in states):
+                raise ValueError("a philox RNG state holds one common position for all replicas")
+            self.position, self._spare = positions.pop(), None
+            return
         for g, s in zip(self.generators, states):
             g.set_state(s)
 
+    def restored(self, states: list[Tensor]) -> ReplicaRNG:
+        """A new RNG of the same kind and replicas holding ``states`` (``self`` untouched):
+        replays a stretch of every stream, e.g. in a recomputed checkpoint window."""
+        new = ReplicaRNG(
+            self.seed,
+            self.n_replicas,
+            first_replica=self.first_replica,
+            device=self.device,
+            kind=self.kind,
+        )
+        new.set_state(states)
+        return new
+
     def select(self, index: int) -> ReplicaRNG:
-        """A one-replica RNG sharing replica ``index``'s generator (state advances together)."""
+        """A one-replica RNG continuing replica ``index``'s stream. mt19937: it shares the
+        replica's generator (their states advance together); philox: an independent copy at
+        the current position (the batch's position is shared by all its replicas)."""
+        if self.kind == "philox":
+            new = ReplicaRNG(
+                self.seed,
+                1,
+                first_replica=self.first_replica + index,
+                device=self.device,
+                kind="philox",
+            )
+            new.position = self.position
+            return new
         new = ReplicaRNG.__new__(ReplicaRNG)
         new.seed = self.seed
         new.first_replica = self.first_replica + index
         new.device = self.device
-        new.generators = [self.generators[index]]
+        new._n = 1
+        new._generators = [self.generators[index]]
         return new

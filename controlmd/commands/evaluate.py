@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from controlmd.config import build_task, read_run_config
     from controlmd.errors import ConfigError
     from controlmd.protocols import load_protocol
-    from controlmd.rng import RESCORE_SEED_OFFSET
+    from controlmd.rng import RESCORE_SEED_OFFSET, use_rng
 
     check_int("--seeds", args.seeds)
     cfg = read_run_config(args.run_dir)
@@ -76,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
                 f"--baseline scores one batch seed (--seed); got --seeds {args.seeds}"
             )
         baseline = _baseline(args.baseline, task, protocol)
-        return _paired(task, protocol, baseline, replicas, seed, cfg, args, out)
-    return _unpaired(task, protocol, replicas, seed, cfg, args, out)
+        with use_rng(cfg["experiment"]["rng"]):  # the run's noise streams
+            return _paired(task, protocol, baseline, replicas, seed, cfg, args, out)
+    with use_rng(cfg["experiment"]["rng"]):
+        return _unpaired(task, protocol, replicas, seed, cfg, args, out)
 
 
 def _baseline(spec: str, task: Task[Any], protocol: Protocol) -> Protocol:
