@@ -315,12 +315,6 @@ def resolve_config(raw: dict[str, Any]) -> Config:
         raise ConfigError(
             f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"
         )
-    if cfg["experiment"]["rng"] == "philox" and train["gradient"] == "checkpoint":
-        raise ConfigError(
-            "[experiment] rng = 'philox' does not yet replay its streams in checkpointed "
-            "windows ([train] gradient = 'checkpoint'); use gradient = 'direct' or "
-            "'truncated', or rng = 'mt19937'"
-        )
     if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow"):
         raise ConfigError(
             "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "

@@ -74,7 +74,6 @@ from controlmd.dynamics.base import (
 from controlmd.dynamics.reversible import simulate_reversible
 from controlmd.errors import ControlMDError, SimulationDivergedError
 from controlmd.reporters import Reporter
-from controlmd.rng import ReplicaRNG
 
 Tensor = torch.Tensor
 Observable = Callable[[State], Tensor]
@@ -314,7 +313,7 @@ def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State
             R=values["R"],
             P=values.get("P"),
             aux={**state.aux, **{k: values[f"aux:{k}"] for k in keys}},
-            rng=None if rng is None else _rng_copy(rng, start),  # type: ignore[arg-type]
+            rng=None if rng is None else rng.restored(start),  # type: ignore[arg-type]
         )
         s = _segment(integrator, s, n)
         last[:] = [s]
@@ -362,20 +361,6 @@ class _Window(torch.autograd.Function):
             else (None,) * (len(inputs) + len(params))
         )
         return (None, None, *grads)
-
-
-def _rng_copy(rng: ReplicaRNG, states: list[Tensor]) -> ReplicaRNG:
-    """Fresh generators holding ``states`` (the original generators are not touched)."""
-    new = ReplicaRNG.__new__(ReplicaRNG)
-    new.seed = rng.seed
-    new.first_replica = rng.first_replica
-    new.device = rng.device
-    new.generators = []
-    for s in states:
-        g = torch.Generator(device=rng.device)
-        g.set_state(s)
-        new.generators.append(g)
-    return new
 
 
 def _snapshot(state: State) -> tuple[State, list[Tensor] | None]:
@@ -445,7 +430,7 @@ def _locate_divergence(
     at the first bad step."""
     state, rng_states = good
     if rng_states is not None and state.rng is not None:
-        state = state.replace(rng=_rng_copy(state.rng, rng_states))
+        state = state.replace(rng=state.rng.restored(rng_states))
     with torch.no_grad():
         while state.step < bad.step:
             state = integrator.step(state)

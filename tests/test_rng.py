@@ -16,6 +16,7 @@ from controlmd.dynamics.langevin import Langevin
 from controlmd.errors import ConfigError, ControlMDError
 from controlmd.experiment import run_experiment
 from controlmd.potentials.external import HarmonicTrap
+from controlmd.protocols import make_protocol
 from controlmd.rng import (
     SEED_STRIDE,
     ReplicaRNG,
@@ -26,6 +27,7 @@ from controlmd.rng import (
     use_rng,
 )
 from controlmd.simulate import simulate
+from controlmd.tasks import get_task
 
 F64 = torch.float64
 
@@ -192,8 +194,8 @@ plots = false
 
 
 def test_experiment_rng_key(tmp_path: Path) -> None:
-    """``[experiment] rng``: absent (old run folders) reads as mt19937; philox is taken;
-    a bad value and philox with checkpointed windows raise naming the key."""
+    """``[experiment] rng``: absent (old run folders) reads as mt19937; philox is taken
+    (also with checkpointed windows); a bad value raises naming the key."""
     path = tmp_path / "exp.toml"
     path.write_text(_TINY.format(extra="", train=""))
     assert load_config(path)["experiment"]["rng"] == "mt19937"
@@ -205,8 +207,24 @@ def test_experiment_rng_key(tmp_path: Path) -> None:
     path.write_text(
         _TINY.format(extra='rng = "philox"', train='gradient = "checkpoint"\nwindow = 5')
     )
-    with pytest.raises(ConfigError, match="gradient = 'checkpoint'"):
-        load_config(path)
+    assert load_config(path)["train"]["gradient"] == "checkpoint"
+
+
+@pytest.mark.parametrize("kind", ["mt19937", "philox"])
+def test_checkpointed_windows_replay_the_streams(kind: str) -> None:
+    """A checkpointed gradient recomputes each window from its start with the streams
+    restored there: the same gradient as direct backprop, for either kind of stream."""
+    task = get_task("trap_drag", n_steps=20)
+    grads = []
+    for gradient in ("direct", "checkpoint"):
+        protocol = make_protocol(
+            "chebyshev", dim=1, t_final=task.horizon, degree=3, low=-10.0, high=15.0
+        )
+        with use_rng(kind):
+            final = task.rollout(protocol, 8, seed=3, gradient=gradient, window=5)
+        task.loss(final).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in protocol.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
 
 
 def test_experiment_runs_with_the_configured_rng(
