@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +77,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def json_safe(obj: Any) -> Any:
+def json_safe(obj: Any, *, fallback: Callable[[Any], Any] | None = None) -> Any:
     """``obj`` with tensors and numpy values turned into lists and numbers, tuples into
-    lists, dict keys into strings and non-finite floats into ``None`` (JSON has no NaN)."""
+    lists, dict keys into strings and non-finite floats into ``None`` (JSON has no NaN);
+    with ``fallback`` (e.g. ``str``), any other non-JSON value goes through it."""
     if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, fallback=fallback) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, fallback=fallback) for v in obj]
     if hasattr(obj, "tolist") and type(obj).__module__.split(".")[0] in ("torch", "numpy"):
-        return json_safe(obj.tolist())
+        return json_safe(obj.tolist(), fallback=fallback)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if fallback is not None and not isinstance(obj, bool | int | float | str | type(None)):
+        return fallback(obj)
     return obj
 
 
