@@ -392,9 +392,7 @@ def _resolve_sb3(method: str, algo: str, values: dict[str, Any]) -> dict[str, An
     from stable_baselines3 import PPO, SAC
 
     cls = {"ppo": PPO, "sac": SAC}[algo]
-    accepted = [
-        n for n in inspect.signature(cls.__init__).parameters if n not in ("self", *_SB3_RESERVED)
-    ]
+    accepted = [n for n in inspect.signature(cls).parameters if n not in ("self", *_SB3_RESERVED)]
     env = dict(ENV_DEFAULTS)
     params = dict(SB3_DEFAULTS[algo])
     for key, value in values.items():
@@ -1045,7 +1043,8 @@ def summarize(
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
-    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if values and len(present) == len(values) else None
 
 
 def _efficiency_cell(entry: dict[str, Any] | None) -> str:
