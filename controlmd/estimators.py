@@ -327,7 +327,7 @@ class _ChunkedEstimator(GradientEstimator):
 
 def _segments(shard: Shard, replicas: int, n_groups: int, chunk: int) -> list[_Segment]:
     """This rank's blocks: contiguous groups cut into pieces of at most ``chunk`` replicas."""
-    out = []
+    out: list[_Segment] = []
     for g in range(n_groups):
         lo = max(g * replicas // n_groups, shard.first)
         hi = min((g + 1) * replicas // n_groups, shard.stop)
@@ -712,8 +712,8 @@ def transition_log_prob(integrator: Integrator, state: State, R_next: Tensor) ->
     carry their dependence on the protocol parameters.
     """
     B = state.n_replicas
-    mean = integrator.step(state.replace(rng=_ConstantNoise(0.0, B))).R  # type: ignore[arg-type]
-    shifted = integrator.step(state.replace(rng=_ConstantNoise(1.0, B))).R  # type: ignore[arg-type]
+    mean = integrator.step(state.replace(rng=_ConstantNoise(0.0, B))).R
+    shifted = integrator.step(state.replace(rng=_ConstantNoise(1.0, B))).R
     displacement = integrator.space.displacement
     width = displacement(shifted, mean)
     z = displacement(R_next, mean) / width

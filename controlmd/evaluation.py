@@ -154,10 +154,10 @@ def evaluate_paired(
     while done < n_replicas:
         b = min(chunk, n_replicas - done)
         for key, p in (("a", protocol), ("b", baseline)):
-            values, cost = _score(task, p, b, seed, done)
+            values, field_cost = _score(task, p, b, seed, done)
             parts[key].append(values)
-            if cost is not None:
-                parts["cost_" + key].append(cost.detach().to(torch.float64))
+            if field_cost is not None:
+                parts["cost_" + key].append(field_cost.detach().to(torch.float64))
         done += b
     a, b_ = torch.cat(parts["a"]), torch.cat(parts["b"])
     diff = a - b_

@@ -126,7 +126,7 @@ def use_rng(kind: str) -> Iterator[None]:
 
 
 def philox4x32(
-    c0: Tensor, c1: Tensor | int, c2: Tensor | int, c3: Tensor | int
+    c0: Tensor, c1: Tensor | int, c2: Tensor, c3: Tensor | int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox4x32-10 with key :data:`PHILOX_KEY`, in int64 tensor operations.
 

@@ -58,6 +58,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -317,7 +318,12 @@ def _checkpointed_segment(integrator: Integrator, state: State, n: int) -> State
         )
         s = _segment(integrator, s, n)
         last[:] = [s]
-        outs = [s.R] + ([s.P] if state.P is not None else []) + [s.aux[k] for k in keys]
+        outs = [s.R]
+        if state.P is not None:
+            if s.P is None:
+                raise ControlMDError(f"{type(integrator).__name__}.step dropped the momenta P")
+            outs.append(s.P)
+        outs += [s.aux[k] for k in keys]
         return tuple(o.clone() if any(o is x for x in tensors) else o for o in outs)
 
     inputs = [state.R] + ([state.P] if state.P is not None else []) + [state.aux[k] for k in keys]
@@ -339,14 +345,19 @@ class _Window(torch.autograd.Function):
     """A window of steps as one autograd node: forward without a graph, backward by rerun."""
 
     @staticmethod
-    def forward(ctx, run, n_inputs, *args):  # type: ignore[no-untyped-def, override]
+    def forward(
+        ctx: Any,
+        run: Callable[[Sequence[Tensor]], tuple[Tensor, ...]],
+        n_inputs: int,
+        *args: Tensor,
+    ) -> tuple[Tensor, ...]:
         ctx.run, ctx.n_inputs = run, n_inputs
         ctx.save_for_backward(*args)
         with torch.no_grad():
             return run(args[:n_inputs])
 
     @staticmethod
-    def backward(ctx, *grad_outputs):  # type: ignore[no-untyped-def, override]
+    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         inputs = [x.detach().requires_grad_(True) for x in saved[: ctx.n_inputs]]
         params = list(saved[ctx.n_inputs :])
@@ -552,6 +563,17 @@ def _check_simulate_inputs(
             )
 
 
+class _ODEIntegrator(Protocol):
+    """The deterministic integrators that :func:`simulate_ode` accepts (``NVE``,
+    ``NoseHooverChain``, and wrappers of them, which forward the three methods)."""
+
+    def ode_state(self, state: State) -> tuple[Tensor, ...]: ...
+
+    def vector_field(self, t: Tensor, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]: ...
+
+    def from_ode_state(self, y: tuple[Tensor, ...], t: Tensor, template: State) -> State: ...
+
+
 class _VectorField(nn.Module):
     """``f(t, y)`` on one interval ``[a, b]`` between protocol jumps, for torchdiffeq.
 
@@ -560,7 +582,7 @@ class _VectorField(nn.Module):
     interval's control. Counts evaluations (each one force evaluation).
     """
 
-    def __init__(self, integrator: Integrator, a: float, b: float, *, clamp: bool) -> None:
+    def __init__(self, integrator: _ODEIntegrator, a: float, b: float, *, clamp: bool) -> None:
         super().__init__()
         self.integrator = integrator
         self.nfe = 0
@@ -573,7 +595,7 @@ class _VectorField(nn.Module):
             # odeint_adjoint's forward solve runs under no_grad on views of a tensor that
             # requires grad; the autograd force needs plain tensors there
             y = tuple(x.detach() for x in y)
-        return self.integrator.vector_field(t.clamp(self.lo, self.hi), y)  # type: ignore[operator]
+        return self.integrator.vector_field(t.clamp(self.lo, self.hi), y)
 
 
 def simulate_ode(
@@ -585,8 +607,8 @@ def simulate_ode(
     adjoint: bool = True,
     rtol: float = 1e-7,
     atol: float = 1e-9,
-    options: dict | None = None,
-    adjoint_options: dict | None = None,
+    options: dict[str, Any] | None = None,
+    adjoint_options: dict[str, Any] | None = None,
     observables: Mapping[str, Observable] | None = None,
 ) -> Trajectory:
     """Integrate a deterministic integrator's equations of motion with torchdiffeq.
@@ -621,6 +643,7 @@ def simulate_ode(
             f"simulate_ode needs a deterministic integrator with a vector field (NVE, "
             f"NoseHooverChain); {type(integrator).__name__} has none: use simulate()"
         )
+    ode = cast(_ODEIntegrator, integrator)  # checked just above
     check_choice("method", method, ODE_METHODS)
     t0 = state.t.detach().to(torch.float64)
     times = torch.as_tensor(t_final, dtype=torch.float64)
@@ -642,7 +665,7 @@ def simulate_ode(
     params = tuple(p for p in integrator.parameters() if p.requires_grad)
     jumps = breakpoints(integrator, float(grid[0]), float(grid[-1]))
     edges = [float(grid[0]), *jumps, float(grid[-1])]
-    y = integrator.ode_state(state)  # type: ignore[attr-defined]
+    y = ode.ode_state(state)
     frames: list[tuple[Tensor, ...]] = [y]  # the solution at each grid time
     nfe = 0
     # One solve per interval between protocol jumps, with the field evaluated strictly
@@ -650,7 +673,7 @@ def simulate_ode(
     for a, b in itertools.pairwise(edges):
         inner = grid[(grid > a + jump_tolerance(a)) & (grid < b - jump_tolerance(b))]
         times = torch.cat([grid.new_tensor([a]), inner, grid.new_tensor([b])])
-        func = _VectorField(integrator, a, b, clamp=bool(jumps))
+        func = _VectorField(ode, a, b, clamp=bool(jumps))
         if adjoint:
             sol = odeint_adjoint(
                 func,
@@ -678,19 +701,17 @@ def simulate_ode(
     ys = tuple(torch.stack([f[j] for f in frames]) for j in range(len(y)))
 
     def state_at(i: int) -> State:
-        return integrator.from_ode_state(  # type: ignore[attr-defined]
-            tuple(y[i] for y in ys), grid[i], state
-        )
+        return ode.from_ode_state(tuple(series[i] for series in ys), grid[i], state)
 
     if observables is None:
         observables = {"R": _positions} if record_all else {}
     records: dict[str, Tensor] = {}
     if observables:
-        frames = [state_at(i) for i in range(offset, grid.numel())]
-        records = {name: torch.stack([fn(s) for s in frames]) for name, fn in observables.items()}
+        states = [state_at(i) for i in range(offset, grid.numel())]
+        records = {name: torch.stack([fn(s) for s in states]) for name, fn in observables.items()}
     final = state_at(grid.numel() - 1)
-    for y in ys:
-        if not bool(torch.isfinite(y[-1].detach()).all()):
+    for series in ys:
+        if not bool(torch.isfinite(series[-1].detach()).all()):
             raise SimulationDivergedError(
                 "the ODE solution became non-finite", step=final.step, time=float(grid[-1])
             )

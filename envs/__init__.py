@@ -63,9 +63,16 @@ def make_vector_env(entry_point: str, num_envs: int = 1, **kwargs: Any) -> Any:
     of the env class at ``entry_point`` (its task and default control interval)."""
     from gymnasium.envs.registration import load_env_creator
 
+    from controlmd.errors import ControlMDError
+    from controlmd_envs.task_env import TaskEnv
     from controlmd_envs.vec_env import ControlVectorEnv
 
-    cls = load_env_creator(entry_point)
+    creator: object = load_env_creator(entry_point)  # an env class or a factory function
+    if not (isinstance(creator, type) and issubclass(creator, TaskEnv)):
+        raise ControlMDError(
+            f"vector entry point {entry_point!r} must name a TaskEnv subclass, got {creator!r}"
+        )
+    cls: type[TaskEnv] = creator
     if kwargs.get("control_interval") is None:
         kwargs["control_interval"] = cls.default_control_interval
     return ControlVectorEnv(cls.task_name, num_envs, **kwargs)

@@ -121,6 +121,8 @@ class EpisodeControl(Protocol):
         n_pieces: ``K``.
     """
 
+    values: Tensor  # buffer [B, K, k]
+
     def __init__(self, *, dim: int, t_final: float, n_pieces: int) -> None:
         super().__init__(dim=dim, t_final=t_final)
         self.n_pieces = n_pieces
@@ -162,6 +164,8 @@ class EpisodeControl(Protocol):
 
 class _ReplicaPieces(Protocol):
     """The ``K`` pieces ``[K, k]`` of one replica of an :class:`EpisodeControl`."""
+
+    values: Tensor  # buffer [K, k]
 
     def __init__(self, control: EpisodeControl, values: Tensor) -> None:
         super().__init__(dim=control.dim, t_final=control.t_final)
@@ -217,10 +221,13 @@ class ReplicaBatch:
                 f"unknown observation {observation!r}; expected one of: {', '.join(OBSERVATIONS)}"
             )
         if task.controls.dim < 1:
+            # only design tasks (rdf_inverse) name their parameters; Task does not declare it
+            named = getattr(task, "named_parameters", None)
+            names = [n for n, _ in named()] if named is not None else []
             raise ControlMDError(
                 f"task {task.name!r} has no env: it has no time-dependent control "
                 f"(controls.dim = 0) for an agent to set step by step; its parameters "
-                f"({', '.join(n for n, _ in task.named_parameters()) or 'none'}) are fitted "
+                f"({', '.join(names) or 'none'}) are fitted "
                 "once for the whole simulation (a design problem: controlmd run / controlmd ibi)"
             )
         if control_interval is None:
@@ -615,7 +622,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
             raise gym.error.ResetNeeded(
                 "cannot call step() before reset() or after the episode ended (terminated = True); call reset()"
             )
-        a = check_actions(action, self.action_space.shape)
+        a = check_actions(action, (self.batch.action_dim,))  # = action_space.shape
         obs, reward, terminated, terms = self.batch.step(a[None, :])
         self._needs_reset = terminated
         info: dict[str, Any] = {

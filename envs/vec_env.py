@@ -179,9 +179,9 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
         """Hold ``actions`` ``[num_envs, k]`` (normalized, in [-1, 1]) for one control interval."""
         B = self.num_envs
         if self._autoreset:  # NEXT_STEP: this step only starts the next episode
-            obs, info = self._start(int(self.np_random.integers(0, SEED_BOUND - B)))
+            obs, reset_info = self._start(int(self.np_random.integers(0, SEED_BOUND - B)))
             zeros = np.zeros(B, dtype=bool)
-            return obs, np.zeros(B), zeros, zeros.copy(), info
+            return obs, np.zeros(B), zeros, zeros.copy(), reset_info
         if self.batch.state is None or self.batch.done:
             raise ControlMDError("ControlVectorEnv: call reset() before step()")
         a = check_actions(actions, (B, self.batch.action_dim))
@@ -303,10 +303,10 @@ class BatchedControlVecEnv(BatchCounters, VecEnv):
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         """Attributes are shared by all replicas: ``getattr(self, attr_name)`` per index."""
-        return [getattr(self, attr_name)] * len(self._get_indices(indices))
+        return [getattr(self, attr_name)] * len(list(self._get_indices(indices)))
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        if indices is not None and len(self._get_indices(indices)) != self.num_envs:
+        if indices is not None and len(list(self._get_indices(indices))) != self.num_envs:
             raise ControlMDError(
                 "BatchedControlVecEnv: attributes are shared by all replicas; set them for all"
             )
@@ -320,10 +320,10 @@ class BatchedControlVecEnv(BatchCounters, VecEnv):
         **method_kwargs: Any,
     ) -> list[Any]:
         result = getattr(self, method_name)(*method_args, **method_kwargs)
-        return [result] * len(self._get_indices(indices))
+        return [result] * len(list(self._get_indices(indices)))
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
-        return [False] * len(self._get_indices(indices))
+        return [False] * len(list(self._get_indices(indices)))
 
 
 def _item(value: Any) -> Any:

@@ -157,3 +157,9 @@ def test_actions_past_the_bounds_by_rounding_are_clipped() -> None:
     assert info["u"][0] == env.task.controls.high[0]
     with pytest.raises(gym.error.InvalidAction):
         env.step(np.array([1.0 + 1e-3]))
+
+
+def test_make_vector_env_rejects_an_entry_point_that_is_not_a_task_env() -> None:
+    # ControlEnv takes the task as an argument, so it has no task_name to vectorize
+    with pytest.raises(ControlMDError, match="must name a TaskEnv subclass"):
+        controlmd_envs.make_vector_env("controlmd_envs.control_env:ControlEnv", num_envs=2)

@@ -173,7 +173,7 @@ def _unpaired(
     from controlmd.checkpoint import atomic_write_json
     from controlmd.evaluation import evaluate
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for j in range(args.seeds):
         result = evaluate(task, protocol, replicas, base + j, chunk=cfg["eval"]["chunk"])
         rows.append(

@@ -99,6 +99,7 @@ class Brownian(Integrator):
     """
 
     stochastic = True
+    _gamma: Tensor  # buffer: friction coefficient, [] or [N]
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class Langevin(MomentumIntegrator):
     """
 
     stochastic = True
+    _gamma: Tensor  # buffer: collision rate, [] or [N]
 
     def __init__(
         self,

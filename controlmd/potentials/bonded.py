@@ -61,6 +61,7 @@ class _Bonded(Potential):
 
     width: int = 2
     index_name: str = "bonds"
+    index: Tensor  # buffer [M, width]: the particles of each term
 
     def __init__(self, index: Tensor | Sequence[Sequence[int]], space: Space | None) -> None:
         super().__init__()
@@ -163,6 +164,8 @@ class FENEBond(_Bonded):
         space: the box (default: free space).
         learnable: ``True`` or names among ``("k", "R0")``.
     """
+
+    R0: Tensor  # buffer or nn.Parameter (see register_params), [] or [M]
 
     def __init__(
         self,

@@ -111,6 +111,8 @@ class FieldNetwork(nn.Module):
     :param activation: ``tanh``, ``silu`` or ``gelu``.
     """
 
+    wave_vectors: Tensor  # buffer [M, d]
+
     def __init__(
         self,
         *,
@@ -212,6 +214,8 @@ class NeuralField(Potential):
     :param envelope: ``t -> [0, 1]`` multiplying the field (a release window), or ``None``.
     """
 
+    species: Tensor | None  # buffer [N] when given
+
     def __init__(
         self,
         network: FieldNetwork,
@@ -248,7 +252,7 @@ class NeuralField(Potential):
             raise ControlMDError(
                 f"species has {self.species.shape[0]} entries for N = {R.shape[1]} particles"
             )
-        V = self.network(self.network.position_features(R, self.space), t, self.species)
+        V: Tensor = self.network(self.network.position_features(R, self.space), t, self.species)
         if self.envelope is not None:
             V = V * torch.as_tensor(self.envelope(torch.as_tensor(t, dtype=torch.float64))).to(V)
         return V.to(R.dtype)
@@ -279,6 +283,11 @@ class BasisField(Potential):
     :param n_modes: highest mode per axis (fourier).
     :param channel: first protocol channel of the coefficients.
     """
+
+    # Buffers: centres [K, d] and images [3^d, d] (gaussian) or wave_vectors [M, d] (fourier).
+    centres: Tensor
+    images: Tensor
+    wave_vectors: Tensor
 
     def __init__(
         self,
@@ -336,7 +345,10 @@ class BasisField(Potential):
             dR = dR.unsqueeze(-2) + self.images.to(R)  # [B, N, K, 3^d, d]
             r2 = (dR * dR).sum(-1)
             return torch.exp(-r2 / (2.0 * self.width**2)).sum(-1)
-        phase = 2.0 * math.pi * (R / self.space.box.to(R)) @ self.wave_vectors.to(R).T  # type: ignore[union-attr]
+        box = self.space.box
+        if box is None:
+            raise ControlMDError("basis = 'fourier' needs a periodic box; the space is free")
+        phase = 2.0 * math.pi * (R / box.to(R)) @ self.wave_vectors.to(R).T
         return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
     def coefficients(self, t: Tensor | float | None, like: Tensor) -> Tensor:
@@ -379,6 +391,8 @@ class Confinement(Potential):
     :param channel: which protocol channel is ``k``.
     :param center: ``c`` ``[d]`` (default: the box centre ``L/2``; the origin in free space).
     """
+
+    center: Tensor  # buffer [d] (or [1] in free space by default)
 
     def __init__(
         self,

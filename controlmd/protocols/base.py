@@ -66,6 +66,13 @@ class Protocol(nn.Module):
     """Whether the kind's constructor takes ``init`` itself (:func:`make_protocol` passes it)."""
     """Fewest channels a kind accepts (0 only for :class:`NoControl`)."""
     _spec: dict[str, Any]
+    # Buffers (registered in __init__; None when not given), annotated because
+    # nn.Module.__getattr__ is typed ``Tensor | Module``.
+    low: Tensor | None
+    high: Tensor | None
+    start_value: Tensor | None
+    end_value: Tensor | None
+    release_value: Tensor | None
 
     def __init__(
         self,
@@ -158,14 +165,14 @@ class Protocol(nn.Module):
         """Unsquashed values: ``t`` ``[T]`` -> ``[T, k]``."""
 
     def squash(self, raw: Tensor) -> Tensor:
-        if self.low is None:
+        if self.low is None or self.high is None:
             return raw
         lo, hi = self.low.to(raw), self.high.to(raw)
         return lo + (hi - lo) * 0.5 * (1.0 + torch.tanh(raw))
 
     def unsquash(self, u: Tensor) -> Tensor:
         """Inverse of :meth:`squash` (values strictly inside the bounds)."""
-        if self.low is None:
+        if self.low is None or self.high is None:
             return u
         lo, hi = self.low.to(u), self.high.to(u)
         y = (2.0 * (u - lo) / (hi - lo) - 1.0).clamp(-1 + 1e-12, 1 - 1e-12)
@@ -282,7 +289,7 @@ class Protocol(nn.Module):
     def _check_inside_bounds(self, target: Tensor) -> None:
         """Raise unless the init values ``target`` ``[n, k]`` lie strictly inside the bounds
         (tanh squashing never reaches a bound, and a value at one would have no gradient)."""
-        if self.low is None:
+        if self.low is None or self.high is None:
             return
         margin = 1e-6 * (self.high - self.low).to(target)
         inside = (target > self.low.to(target) + margin) & (target < self.high.to(target) - margin)

@@ -121,7 +121,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
@@ -167,8 +167,19 @@ SURROGATES = ("bonds", "yield")
 _MIN_START_DISTANCE = 1.05
 
 
+class _BasisArgs(TypedDict):
+    """The :class:`BasisField` keyword arguments fixed by the task's configuration."""
+
+    basis: str
+    n_grid: int
+    width: float
+    n_modes: int
+
+
 class _Constant(nn.Module):
     """A constant control value ``[1]`` (the epsilon scale when it is not a channel)."""
+
+    value: Tensor  # buffer [1]
 
     def __init__(self, value: float) -> None:
         super().__init__()
@@ -341,7 +352,7 @@ class Assembly(RunArtifacts):
         self.basis_max = float(basis_max)
         self.confinement_max = float(confinement_max)
         self.field_cost_every = field_cost_every
-        self._basis_args = {
+        self._basis_args: _BasisArgs = {
             "basis": basis_kind,
             "n_grid": basis_grid,
             "width": basis_width,
@@ -621,6 +632,8 @@ class Assembly(RunArtifacts):
             ax.set_title(f"t = {t / self.horizon:.2f} T", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
+        if image is None:
+            raise ControlMDError(f"no field map drawn (n_times = {n_times})")
         fig.colorbar(image, ax=list(axes), label="V (epsilon)", shrink=0.8)
         out = Path(path)
         save_figure(fig, out)
