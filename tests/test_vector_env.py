@@ -104,10 +104,13 @@ def test_envs_pickle_and_async_vector_env_gives_the_same_replicas() -> None:
     assert data_equivalence(copy.reset(seed=3), env.unwrapped.reset(seed=3), exact=True)
     vec = pickle.loads(pickle.dumps(ControlVectorEnv("trap_drag", 2, control_interval=25)))
     assert vec.num_envs == 2 and vec.n_intervals == 4
+    # spawned workers: a forked child of a process whose OpenMP pool is running (torch with
+    # more than one thread) can hang in its first parallel region (docs/rl.md)
     async_envs = gym.make_vec(
         "controlmd/TrapDrag-v0",
         num_envs=2,
         vectorization_mode="async",
+        vector_kwargs={"context": "spawn"},
         control_interval=25,
         observation="features",
     )
