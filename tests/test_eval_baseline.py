@@ -14,6 +14,7 @@ from controlmd.cli import main
 from controlmd.config import build_protocol, build_task, resolve_config, write_config
 from controlmd.evaluation import evaluate, evaluate_paired
 from controlmd.protocols import Tabulated
+from controlmd.tasks.base import Task
 
 KEYS = {
     "metric_name",
@@ -112,11 +113,11 @@ def test_a_protocol_against_itself_differs_by_exactly_zero(tmp_path: Path) -> No
     assert r["baseline_field_cost"] == r["field_cost"]
 
 
-def test_common_random_numbers_shrink_the_standard_error() -> None:
-    """Two nearby protocols on the same replicas: the paired SE is below the unpaired one."""
+def _two_disks(n_steps: int) -> Task:
+    """A two-disk assembly task (one bond to form), cheap to score many times."""
     cfg = resolve_config(
         {
-            "experiment": {"name": "crn"},
+            "experiment": {"name": "pair"},
             "task": {
                 "name": "assembly",
                 "n_particles": 2,
@@ -125,13 +126,18 @@ def test_common_random_numbers_shrink_the_standard_error() -> None:
                 "r_cut": 1.6,
                 "alpha": 4.0,
                 "dt": 1e-3,
-                "n_steps": 150,
+                "n_steps": n_steps,
             },
             "protocol": {"kind": "table", "times": [0.0], "values": [[3.0]]},
             "train": {"iterations": 0},
         }
     )
-    task = build_task(cfg)
+    return build_task(cfg)
+
+
+def test_common_random_numbers_shrink_the_standard_error() -> None:
+    """Two nearby protocols on the same replicas: the paired SE is below the unpaired one."""
+    task = _two_disks(150)
     a = Tabulated(times=[0.0], values=[[3.0]], t_final=task.horizon)
     b = Tabulated(times=[0.0], values=[[3.3]], t_final=task.horizon)
     r = evaluate_paired(task, a, b, 256, 5)
@@ -163,24 +169,7 @@ def _config_of(run: Path) -> dict:
 
 
 def test_paired_result_does_not_depend_on_the_chunk() -> None:
-    cfg = resolve_config(
-        {
-            "experiment": {"name": "chunk"},
-            "task": {
-                "name": "assembly",
-                "n_particles": 2,
-                "cluster_size": 2,
-                "target_bonds": 1,
-                "r_cut": 1.6,
-                "alpha": 4.0,
-                "dt": 1e-3,
-                "n_steps": 60,
-            },
-            "protocol": {"kind": "table", "times": [0.0], "values": [[3.0]]},
-            "train": {"iterations": 0},
-        }
-    )
-    task = build_task(cfg)
+    task = _two_disks(60)
     a = Tabulated(times=[0.0], values=[[3.0]], t_final=task.horizon)
     b = Tabulated(times=[0.0], values=[[5.0]], t_final=task.horizon)
     whole, parts = evaluate_paired(task, a, b, 40, 9), evaluate_paired(task, a, b, 40, 9, chunk=7)
