@@ -192,9 +192,13 @@ class Protocol(nn.Module):
         return r
 
     def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
-        """u(t): ``t`` 0-d -> ``[k]``; ``t`` ``[T]`` -> ``[T, k]``."""
+        """u(t): ``t`` 0-d -> ``[k]``; ``t`` ``[T]`` -> ``[T, k]``.
+
+        A non-finite ``t`` is refused where checking costs no device synchronization (a
+        Python number or a CPU tensor); on an accelerator the simulation's own finiteness
+        check (every ``check_every`` steps) catches its consequences."""
         t = torch.as_tensor(t, dtype=self._dtype())
-        if not bool(torch.isfinite(t).all()):
+        if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
             raise ControlMDError(f"protocol time t must be finite, got {t.tolist()!r}")
         scalar = t.ndim == 0
         u = self.squash(self._raw_with_ends(t.reshape(-1)))
