@@ -1,10 +1,11 @@
-"""Throughput cost of ``MKL_CBWR=COMPATIBLE`` (the CLI's default for bitwise-reproducible
-runs across processes, docs/reliability.md).
+"""Throughput cost of MKL's reproducibility modes: the CLI's default ``MKL_CBWR=AUTO``
+(bitwise-reproducible runs across processes on one CPU type, docs/reliability.md),
+``MKL_CBWR=COMPATIBLE`` (also across CPU types) and ``CONTROLMD_MKL_CBWR=off`` (MKL's own
+dispatch).
 
-Runs ``controlmd run EXPERIMENT`` in fresh processes, alternating the default
-(``MKL_CBWR=COMPATIBLE``) and ``CONTROLMD_MKL_CBWR=off`` (MKL's own dispatch), and reports
-the median child CPU time of each over ``--runs`` interleaved pairs, and whether the runs
-of each setting agree bit for bit.
+Runs ``controlmd run EXPERIMENT`` in fresh processes, rotating through the settings, and
+reports the median child CPU time of each over ``--runs`` interleaved rounds, and whether
+the runs of each setting agree bit for bit.
 
     python benchmarks/mkl_cbwr.py experiments/demo.toml --runs 5 --set train.iterations=10 \
         --json cbwr.json
@@ -23,7 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETTINGS = {"compatible": {}, "off": {"CONTROLMD_MKL_CBWR": "off"}}
+SETTINGS = {
+    "auto": {},  # the CLI's default
+    "compatible": {"MKL_CBWR": "COMPATIBLE"},
+    "off": {"CONTROLMD_MKL_CBWR": "off"},
+}
 
 
 def _child_cpu() -> float:
@@ -43,7 +48,7 @@ def run_once(
         cmd,
         check=True,
         stdout=subprocess.DEVNULL,
-        env={k: v for k, v in {**os.environ, **env}.items() if k != "MKL_CBWR"},
+        env={**{k: v for k, v in os.environ.items() if k != "MKL_CBWR"}, **env},
     )
     cpu = _child_cpu() - before
     return cpu, hashlib.sha256((out / "protocol.pt").read_bytes()).hexdigest()
@@ -78,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "cpu_s": cpu,
         "median_cpu_s": med,
-        "cost": med["compatible"] / med["off"] - 1.0,
+        "cost_vs_off": {name: med[name] / med["off"] - 1.0 for name in SETTINGS},
         "distinct_results": {name: len(d) for name, d in digests.items()},
         "load_average": os.getloadavg(),
     }
+    costs = ", ".join(
+        f"{name} {med[name]:.2f} ({100 * result['cost_vs_off'][name]:+.1f} %)" for name in SETTINGS
+    )
     print(
-        f"median CPU s: compatible {med['compatible']:.2f}, off {med['off']:.2f} "
-        f"(cost {100 * result['cost']:+.1f} %); distinct protocol.pt per setting: "
+        f"median CPU s (vs off): {costs}; distinct protocol.pt per setting: "
         f"{result['distinct_results']}; load {result['load_average'][0]:.1f}"
     )
     if args.json:

@@ -101,6 +101,7 @@ from controlmd_envs.compare_summary import (
     sample_efficiency,
     summarize,
 )
+from controlmd_envs.start_value import start_value
 
 __all__ = [
     "COMPARE_KEYS",
@@ -378,6 +379,7 @@ def _start_evaluations(cfg: Config, out_dir: Path) -> dict[str, Any]:
         "m0_final": final.mean,
         "m0_final_se": final.se,
         "m0_exact": _exact_metric(task, protocol),
+        "start_value": start_value(task).as_dict(),
         "initial": asdict(initial),
     }
     atomic_write_json(out_dir / "start.json", start)
@@ -426,6 +428,7 @@ def summarize_folder(out_dir: str | Path) -> dict[str, Any]:
         m0=start["m0"],
         m0_final=start["m0_final"],
         m0_exact=start.get("m0_exact"),
+        start=start.get("start_value"),
         jobs=jobs,
     )
     _write_outputs(out_dir, result)

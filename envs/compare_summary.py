@@ -155,6 +155,15 @@ def _curve(run: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
+def _start_value_text(start: dict[str, Any] | None) -> str:
+    if start is None:
+        return ""
+    return (
+        f" The task's start value (docs, env info): {start['mean']:.4g} ± {start['se']:.2g} on "
+        f"{start['replicas']} replicas seeded {start['seed']}."
+    )
+
+
 def summarize(
     cfg: Config,
     task: Task,
@@ -163,6 +172,7 @@ def summarize(
     m0: float,
     m0_final: float,
     m0_exact: float | None = None,
+    start: dict[str, Any] | None = None,
     jobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The content of ``comparison.json``: jobs, learning curves, runs, summaries per
@@ -172,6 +182,9 @@ def summarize(
     :param m0: the starting protocol's metric on the curve-evaluation replicas.
     :param m0_final: the same on the final-evaluation replicas.
     :param m0_exact: its noise-free metric, where the task has ``exact_metric``.
+    :param start: the task's documented start value
+        (:meth:`~controlmd_envs.start_value.StartValue.as_dict`; the envs' final-step
+        ``info["start_value"]``).
     :param jobs: ``{method, seed, status, message}`` of every job (default: the runs, done).
     """
     comp = cfg["compare"]
@@ -254,6 +267,7 @@ def summarize(
         "m0": m0,
         "m0_final": m0_final,
         "m0_exact": m0_exact,
+        "start_value": start,
         "m_best": (max if task.higher_is_better else min)(finals) if finals else None,
         "task_extras": {k: v for k, v in extras.items() if isinstance(v, int | float | str | bool)},
         "jobs": jobs,
@@ -293,7 +307,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"charged), {len(result['seeds'])} seeds{incomplete}. Start (middle of the bounds): "
         f"{result['m0']:.4g} on the {result['eval_replicas']} curve replicas, "
         f"{result['m0_final']:.4g} on the {result['final_replicas']} final ones"
-        + ("." if result.get("m0_exact") is None else f", {result['m0_exact']:.4g} exact."),
+        + ("." if result.get("m0_exact") is None else f", {result['m0_exact']:.4g} exact.")
+        + _start_value_text(result.get("start_value")),
         "",
         f"| method | final {name} (mean ± sd) | exact, noise-free (mean) | best seed | "
         "training MD steps | eval MD steps | grad steps | CPU s (training) | wall s | "

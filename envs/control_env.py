@@ -23,6 +23,7 @@ constructor arguments (gymnasium's ``EzPickle``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, SupportsFloat
@@ -38,6 +39,7 @@ from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol
 from controlmd.search import actions_to_protocol, protocol_to_actions
 from controlmd.tasks.base import Task
+from controlmd_envs.start_value import StartValue, start_value
 
 Tensor = torch.Tensor
 
@@ -70,6 +72,17 @@ SEED_BOUND = 2**32
 ACTION_ROUNDING = 1e-6
 """Actions outside [-1, 1] by at most this much (float rounding) are clipped to it
 (gymnasium's convention for ``Box`` actions); farther outside is an error."""
+
+
+def task_key(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> str | None:
+    """The configuration of a task given by name (its name and keyword arguments as
+    sorted JSON), under which its start value is cached; ``None`` for a Task object."""
+    if not isinstance(task, str):
+        return None
+    from controlmd_envs import ENV_IDS
+
+    name = ENV_IDS.get(task, task)
+    return json.dumps([name, task_kwargs or {}], sort_keys=True, default=str)
 
 
 def make_task(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> Task:
@@ -201,6 +214,8 @@ class ReplicaBatch:
     :param shaping_gamma: ``gamma`` of the shaping term (1: undiscounted).
     :param reward_scale: positive factor on every reward (leaves the optimum unchanged).
     :param feature_scale: ``s``, scalar or one value per observed quantity (> 0).
+    :param start_key: the task's configuration under which its start value is cached
+        (:func:`~controlmd_envs.start_value.start_value`; ``None``: the task object).
     """
 
     def __init__(
@@ -213,6 +228,7 @@ class ReplicaBatch:
         shaping_gamma: float = 1.0,
         reward_scale: float = 1.0,
         feature_scale: float | Sequence[float] = 1.0,
+        start_key: str | None = None,
     ) -> None:
         if not isinstance(task, Task):
             raise ControlMDError(f"task must be a controlmd Task, got {type(task).__name__}")
@@ -256,6 +272,7 @@ class ReplicaBatch:
         if not _finite_number(shaping_gamma) or not 0.0 < shaping_gamma <= 1.0:
             raise ControlMDError(f"shaping_gamma must be in (0, 1], got {shaping_gamma!r}")
         self.task = task
+        self.start_key = start_key
         self.control_interval = control_interval
         self.n_intervals = task.n_steps // control_interval
         self.observation = observation
@@ -355,6 +372,11 @@ class ReplicaBatch:
                 f"task {self.task.name!r}: the metric is not finite for some replicas: {values}"
             )
         return values
+
+    def start_value(self) -> StartValue:
+        """The task's start value: the metric of the initial protocol (zero actions) on
+        fixed replicas, computed once per process (:mod:`controlmd_envs.start_value`)."""
+        return start_value(self.task, key=self.start_key)
 
     def exact_metric(self) -> np.ndarray | None:
         """The task's noise-free metric ``[B]`` of each replica's episode as an open-loop
@@ -517,7 +539,9 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
     accumulates (the work of ``trap_drag``) it makes the reward dense. Every reward is
     multiplied by ``reward_scale``. ``info`` holds ``reward_metric``, ``reward_shaping``
     (their sum is the reward), ``u`` (the physical control held), ``md_steps`` (MD steps
-    of this episode so far), ``time`` (``t / T``) and, at the end, ``metric``.
+    of this episode so far), ``time`` (``t / T``) and, at the end, ``metric`` and
+    ``start_value`` (the task's documented start value, the metric of zero actions on fixed
+    replicas: :mod:`controlmd_envs.start_value`; computed at the end of the first episode).
 
     ## Starting State
     ``task.initial_state(1, 0, first_replica=s)``: ``reset(seed=s)`` gives replica ``s``
@@ -597,6 +621,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
             shaping_gamma=shaping_gamma,
             reward_scale=reward_scale,
             feature_scale=feature_scale,
+            start_key=task_key(task, task_kwargs),
         )
         self.render_mode = render_mode
         self.action_space = spaces.Box(-1.0, 1.0, (self.batch.action_dim,), dtype=np.float32)
@@ -634,6 +659,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
         }
         if terminated:
             info["metric"] = float(terms["metric"][0])
+            info["start_value"] = self.batch.start_value().mean
             if "exact_metric" in terms:
                 info["exact_metric"] = float(terms["exact_metric"][0])
         self._history.append((info["time"], info["u"]))

@@ -26,7 +26,7 @@ observations and infos, masks ``_final_obs`` / ``_final_info``).
 Infos are gymnasium's vector infos (an array per key, with a boolean mask ``_key``):
 ``reward_metric``, ``reward_shaping``, ``u`` ``[num_envs, k]``, ``md_steps``, ``time``; the
 last step of an episode adds ``metric`` (the task's exact metric of each replica's final
-state) and, where the task has one (``trap_drag``), ``exact_metric`` (the noise-free
+state), ``start_value`` (the task's start value, :mod:`controlmd_envs.start_value`) and, where the task has one (``trap_drag``), ``exact_metric`` (the noise-free
 metric of each replica's actions as an open-loop protocol: the mean work for those
 pieces). ``reset`` gives ``task_seed`` (the ``ControlEnv`` seed of each env).
 """
@@ -51,6 +51,7 @@ from controlmd_envs.control_env import (
     ReplicaBatch,
     check_actions,
     make_task,
+    task_key,
 )
 
 __all__ = ["BatchedControlVecEnv", "ControlVectorEnv"]
@@ -130,6 +131,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
             shaping_gamma=shaping_gamma,
             reward_scale=reward_scale,
             feature_scale=feature_scale,
+            start_key=task_key(task, task_kwargs),
         )
         self.num_envs = num_envs
         self.render_mode = None
@@ -196,6 +198,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
         }
         if terminated:
             info["metric"] = terms["metric"]
+            info["start_value"] = np.full(B, self.batch.start_value().mean)
             if "exact_metric" in terms:
                 info["exact_metric"] = terms["exact_metric"]
             self.episodes += 1

@@ -5,7 +5,11 @@ on the same fresh replicas (common random numbers). Prints one JSON line per sch
 
     python experiments/assembly_handmade_grid.py --replicas 64 --seed 101 > grid.jsonl
 
-Select the best on one seed, then compare it on another (``--only K,TOFF --seed S``).
+Select the best on one seed, then compare it on another (``--only K,TOFF --seed S``). The
+yield-vs-field-cost curve of issue 15 scans k at one switch-off time::
+
+    python experiments/assembly_handmade_grid.py --replicas 512 --seed 303 \
+        --ks 1 2 3 5 10 20 30 50 100 --toffs 0.9 > pareto_handmade.jsonl
 """
 
 from __future__ import annotations
@@ -52,11 +56,13 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=64)
     ap.add_argument("--seed", type=int, default=101)
     ap.add_argument("--only", help="K,TOFF: score one schedule")
+    ap.add_argument("--ks", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
+    ap.add_argument("--toffs", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     args = ap.parse_args()
     task = Assembly(controls=["confinement"], confinement_max=100.0)
     t0 = time.time()
     base, _ = per_replica(task, constant_protocol(task), args.replicas, args.seed)
-    grid = [(k, t) for k in (3.0, 10.0, 30.0, 100.0) for t in (0.5, 0.8, 0.9)]
+    grid = [(k, t) for k in args.ks for t in args.toffs]
     if args.only:
         k, t = (float(x) for x in args.only.split(","))
         grid = [(k, t)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 # The CLI's default (controlmd/cli.py), set before torch loads MKL: tests that compare an
-# in-process run with a CLI subprocess then use the same reduction paths on any CPU.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+# in-process run with a CLI subprocess then use the same reduction paths.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import torch
 

@@ -25,6 +25,8 @@ from controlmd_envs.compare import (
     sample_efficiency,
     summarize_folder,
 )
+from controlmd_envs.control_env import ControlEnv
+from controlmd_envs.start_value import START_REPLICAS, START_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (ROOT / "experiments" / "trap_drag_compare_smoke.toml").read_text()
@@ -51,6 +53,16 @@ def test_comparison_end_to_end(tmp_path: Path) -> None:
     assert result["metric_name"] == "mean_work" and result["higher_is_better"] is False
     # the common start (trap at the middle, 5 = lambda_f: one jump) costs k lambda_f^2 / 2
     assert result["m0_exact"] == pytest.approx(12.5, rel=1e-12) and "12.5 exact" in table
+    # the task's documented start value: the number the envs put in their final info
+    env = ControlEnv("trap_drag", task_kwargs={"n_steps": 20, "low": -2.5, "high": 12.5})
+    env.reset(seed=0)
+    info: dict = {}
+    for _ in range(env.n_intervals):
+        *_, info = env.step(np.zeros(1, dtype=np.float32))
+    start = result["start_value"]
+    assert start["mean"] == info["start_value"] and start["exact"] == result["m0_exact"]
+    assert (start["replicas"], start["seed"]) == (START_REPLICAS, START_SEED)
+    assert f"{start['mean']:.4g} ± " in table
     assert [(j["method"], j["seed"], j["status"]) for j in result["jobs"]] == [
         (m, s, "done") for m in result["methods"] for s in (3, 4)
     ]

@@ -675,3 +675,15 @@ def test_paper_starting_pulse_and_vertical_yields() -> None:
     )
     assert float(grid.mean()) == pytest.approx(y, abs=1e-4)
     assert math.isclose(float(state.aux["fluence"][0]) / iso.FS, 0.0853, rel_tol=0.01)
+
+
+def test_declared_deterministic_every_replica_and_seed_gives_the_same_yield(
+    task: Isomerization,
+) -> None:
+    """``capabilities.deterministic`` (one replica is the ensemble: the start value uses one)."""
+    assert task.capabilities.deterministic
+    field = _random_field(task, 3)
+    with torch.no_grad():
+        a = task.metric(task.rollout(field, 3, 0, gradient="none"))
+        b = task.metric(task.rollout(field, 2, 12345, gradient="none"))
+    assert torch.equal(a, a[:1].expand(3)) and torch.equal(b, a[:2])

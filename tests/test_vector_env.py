@@ -13,9 +13,12 @@ from gymnasium.vector import AutoresetMode
 
 import controlmd_envs
 from controlmd.errors import ControlMDError
+from controlmd.evaluation import evaluate
+from controlmd.rng import EVAL_SEED_OFFSET
 from controlmd.search import actions_to_protocol
 from controlmd.tasks import get_task
 from controlmd_envs.control_env import ControlEnv
+from controlmd_envs.start_value import START_REPLICAS, START_SEED, start_value
 from controlmd_envs.vec_env import BatchedControlVecEnv, ControlVectorEnv
 
 # Short episodes (4 steps) keep the tests fast; the stepping is the same.
@@ -166,3 +169,31 @@ def test_make_vector_env_rejects_an_entry_point_that_is_not_a_task_env() -> None
     # ControlEnv takes the task as an argument, so it has no task_name to vectorize
     with pytest.raises(ControlMDError, match="must name a TaskEnv subclass"):
         controlmd_envs.make_vector_env("controlmd_envs.control_env:ControlEnv", num_envs=2)
+
+
+def test_start_value_is_one_number_in_every_env_and_a_seed_0_comparison_start() -> None:
+    """The documented start value (zero actions: the middle of the bounds) is what the single
+    env, the vector env and the SB3 adapter report at the end of an episode, and the ``m0`` of
+    a comparison with experiment seed 0 and 128 evaluation replicas."""
+    kwargs = {"n_steps": 20, "low": -2.5, "high": 12.5}
+    single = ControlEnv("trap_drag", task_kwargs=kwargs, control_interval=5)
+    vector = ControlVectorEnv("trap_drag", 3, task_kwargs=kwargs, control_interval=5)
+    sb3 = BatchedControlVecEnv("trap_drag", 2, task_kwargs=kwargs, control_interval=5, seed=1)
+    single.reset(seed=7)
+    vector.reset(seed=7)
+    sb3.reset()
+    for _ in range(4):
+        *_, info_single = single.step(single.action_space.sample())
+        *_, info_vector = vector.step(vector.action_space.sample())
+        sb3.step_async(np.zeros((2, 1)))
+        *_, infos_sb3 = sb3.step_wait()
+    task = get_task("trap_drag", **kwargs)
+    zero = actions_to_protocol(np.zeros((1, 1)), task)
+    m0 = evaluate(task, zero, START_REPLICAS, START_SEED).mean  # compare: seed 0 + offset
+    assert START_SEED == 0 + EVAL_SEED_OFFSET
+    assert info_single["start_value"] == m0
+    assert info_vector["_start_value"].all() and np.all(info_vector["start_value"] == m0)
+    assert [i["start_value"] for i in infos_sb3] == [m0, m0]
+    # the trap at the middle (5) from 0 to 5 in one jump at the end: k 5^2 / 2 on average
+    assert start_value(task).exact == pytest.approx(12.5, rel=1e-12)
+    assert m0 == pytest.approx(12.5, abs=5 * start_value(task).se)

@@ -123,11 +123,14 @@ class TaskCapabilities:
             ``forward``); ``score`` also needs the dynamics it is implemented for.
         adjoint: whether ``gradient = "adjoint"`` applies (deterministic ODE dynamics).
         env: whether a gymnasium env can act on the task (it has control channels).
+        deterministic: every replica follows the same dynamics from the same start (no
+            noise, no random initial state), so one replica is the whole ensemble.
     """
 
     estimators: tuple[str, ...] = ("pathwise", "forward")
     adjoint: bool = False
     env: bool = True
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.estimators if e not in ESTIMATOR_NAMES]

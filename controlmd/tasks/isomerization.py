@@ -254,7 +254,9 @@ class Isomerization(Task[QuantumState]):
     metric_name = "quantum_yield"
     higher_is_better = True
     units = "energy and field eV (unit dipole), time hbar/eV (1 fs = 1.519267 hbar/eV)"
-    capabilities = TaskCapabilities(estimators=("pathwise", "forward"), adjoint=True)
+    capabilities = TaskCapabilities(
+        estimators=("pathwise", "forward"), adjoint=True, deterministic=True
+    )
 
     def __init__(
         self,
