@@ -579,6 +579,7 @@ def make_vec_env(task: Task, env: dict[str, Any], *, control_interval: int, seed
         "shaping_gamma": env["shaping_gamma"],
         "reward_scale": env["reward_scale"],
         "feature_scale": env["feature_scale"],
+        "report_start_value": False,  # the harness writes the start value itself
     }
     if kind == "batched":
         return BatchedControlVecEnv(task, env["n_envs"], seed=seed, **settings)

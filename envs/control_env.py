@@ -541,7 +541,8 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
     (their sum is the reward), ``u`` (the physical control held), ``md_steps`` (MD steps
     of this episode so far), ``time`` (``t / T``) and, at the end, ``metric`` and
     ``start_value`` (the task's documented start value, the metric of zero actions on fixed
-    replicas: :mod:`controlmd_envs.start_value`; computed at the end of the first episode).
+    replicas: :mod:`controlmd_envs.start_value`; computed at the end of the first episode;
+    ``report_start_value=False`` leaves it out and saves that evaluation).
 
     ## Starting State
     ``task.initial_state(1, 0, first_replica=s)``: ``reset(seed=s)`` gives replica ``s``
@@ -567,6 +568,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
     shaping_gamma      float               1.0          ``gamma`` of the shaping term
     reward_scale       float               1.0          factor on every reward (> 0)
     feature_scale      float or [float]    1.0          scale of observed quantities
+    report_start_value bool                True         ``info["start_value"]`` at the end
     render_mode        str or None         None         ``"rgb_array"``
     =================  ==================  ===========  ======================================
 
@@ -594,6 +596,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
         shaping_gamma: float = 1.0,
         reward_scale: float = 1.0,
         feature_scale: float | Sequence[float] = 1.0,
+        report_start_value: bool = True,
         render_mode: str | None = None,
     ) -> None:
         EzPickle.__init__(
@@ -606,6 +609,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
             shaping_gamma=shaping_gamma,
             reward_scale=reward_scale,
             feature_scale=feature_scale,
+            report_start_value=report_start_value,
             render_mode=render_mode,
         )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -623,6 +627,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
             feature_scale=feature_scale,
             start_key=task_key(task, task_kwargs),
         )
+        self.report_start_value = bool(report_start_value)
         self.render_mode = render_mode
         self.action_space = spaces.Box(-1.0, 1.0, (self.batch.action_dim,), dtype=np.float32)
         low, high = self.batch.observation_bounds()
@@ -659,7 +664,8 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
         }
         if terminated:
             info["metric"] = float(terms["metric"][0])
-            info["start_value"] = self.batch.start_value().mean
+            if self.report_start_value:
+                info["start_value"] = self.batch.start_value().mean
             if "exact_metric" in terms:
                 info["exact_metric"] = float(terms["exact_metric"][0])
         self._history.append((info["time"], info["u"]))

@@ -70,7 +70,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
     :param num_envs: number of replicas (sub-environments).
     :param task_kwargs: arguments of the named task.
     :param control_interval, observation, shaping, shaping_gamma, reward_scale,
-        feature_scale: see :class:`~controlmd_envs.control_env.ControlEnv`.
+        feature_scale, report_start_value: see :class:`~controlmd_envs.control_env.ControlEnv`.
     :param autoreset_mode: ``AutoresetMode.NEXT_STEP`` (default) or ``SAME_STEP``.
     :param render_mode: only ``None`` (no rendering of the batch).
     """
@@ -89,6 +89,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
         shaping_gamma: float = 1.0,
         reward_scale: float = 1.0,
         feature_scale: float | Sequence[float] = 1.0,
+        report_start_value: bool = True,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
     ) -> None:
@@ -103,6 +104,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
             shaping_gamma=shaping_gamma,
             reward_scale=reward_scale,
             feature_scale=feature_scale,
+            report_start_value=report_start_value,
             autoreset_mode=autoreset_mode,
             render_mode=render_mode,
         )
@@ -133,6 +135,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
             feature_scale=feature_scale,
             start_key=task_key(task, task_kwargs),
         )
+        self.report_start_value = bool(report_start_value)
         self.num_envs = num_envs
         self.render_mode = None
         low, high = self.batch.observation_bounds()
@@ -198,7 +201,8 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
         }
         if terminated:
             info["metric"] = terms["metric"]
-            info["start_value"] = np.full(B, self.batch.start_value().mean)
+            if self.report_start_value:
+                info["start_value"] = np.full(B, self.batch.start_value().mean)
             if "exact_metric" in terms:
                 info["exact_metric"] = terms["exact_metric"]
             self.episodes += 1
@@ -237,7 +241,8 @@ class BatchedControlVecEnv(BatchCounters, VecEnv):
     :param n_envs: number of replicas (sub-environments).
     :param seed: seed of the first reset (``None``: drawn from the OS).
     :param kwargs: ``task_kwargs``, ``control_interval``, ``observation``, ``shaping``,
-        ``shaping_gamma``, ``reward_scale``, ``feature_scale`` of :class:`ControlVectorEnv`.
+        ``shaping_gamma``, ``reward_scale``, ``feature_scale``, ``report_start_value`` of
+        :class:`ControlVectorEnv`.
     """
 
     def __init__(

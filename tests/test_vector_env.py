@@ -197,3 +197,10 @@ def test_start_value_is_one_number_in_every_env_and_a_seed_0_comparison_start() 
     # the trap at the middle (5) from 0 to 5 in one jump at the end: k 5^2 / 2 on average
     assert start_value(task).exact == pytest.approx(12.5, rel=1e-12)
     assert m0 == pytest.approx(12.5, abs=5 * start_value(task).se)
+    quiet = ControlVectorEnv(
+        "trap_drag", 2, task_kwargs=kwargs, control_interval=5, report_start_value=False
+    )
+    quiet.reset(seed=0)
+    for _ in range(4):
+        *_, info = quiet.step(quiet.action_space.sample())
+    assert "metric" in info and "start_value" not in info
