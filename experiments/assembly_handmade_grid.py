@@ -9,7 +9,7 @@ Select the best on one seed, then compare it on another (``--only K,TOFF --seed 
 yield-vs-field-cost curve of issue 15 scans k at one switch-off time::
 
     python experiments/assembly_handmade_grid.py --replicas 512 --seed 303 \
-        --ks 1 2 3 5 10 20 30 50 100 --toffs 0.9 > pareto_handmade.jsonl
+        --ks 1 2 3 5 10 20 30 50 100 --toffs 0.9 --field-cost-every 20 > pareto_handmade.jsonl
 """
 
 from __future__ import annotations
@@ -58,8 +58,13 @@ def main() -> None:
     ap.add_argument("--only", help="K,TOFF: score one schedule")
     ap.add_argument("--ks", type=float, nargs="+", default=[3.0, 10.0, 30.0, 100.0])
     ap.add_argument("--toffs", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    ap.add_argument(
+        "--field-cost-every", type=int, default=10, help="steps between field-cost frames"
+    )
     args = ap.parse_args()
-    task = Assembly(controls=["confinement"], confinement_max=100.0)
+    task = Assembly(
+        controls=["confinement"], confinement_max=100.0, field_cost_every=args.field_cost_every
+    )
     t0 = time.time()
     base, _ = per_replica(task, constant_protocol(task), args.replicas, args.seed)
     grid = [(k, t) for k in args.ks for t in args.toffs]

@@ -229,6 +229,14 @@ def test_score_function_refuses_deterministic_dynamics(dynamics: str) -> None:
         Trainer(task, _pieces(task), estimator="score")
 
 
+def test_score_function_refuses_a_field_cost_it_would_ignore() -> None:
+    task = _LangevinTrap()
+    protocol = _pieces(task)
+    protocol.field_cost_weight = 1e-3
+    with pytest.raises(ControlMDError, match="field_cost_weight = 0.001 would be ignored"):
+        Trainer(task, protocol, estimator="score")
+
+
 def test_one_window_is_the_pathwise_estimator() -> None:
     task = _LangevinTrap(quartic=0.3)
     a = Trainer(task, _pieces(task), replicas=32).estimate_gradient(4, with_variance=True)

@@ -34,6 +34,12 @@ class ScoreEstimator(_ChunkedEstimator):
 
     def check(self, task: Task[Any], protocol: Protocol, params: Sequence[nn.Parameter]) -> None:
         super().check(task, protocol, params)
+        if protocol.field_cost_weight > 0:
+            raise ControlMDError(
+                f"estimator = 'score' steps the integrator itself and does not accumulate the "
+                f"field cost, so [protocol] field_cost_weight = {protocol.field_cost_weight!r} "
+                "would be ignored; use 'pathwise' (or 'multiwindow'), or field_cost_weight = 0"
+            )
         integrator = task.integrator(protocol)
         if not integrator.stochastic:
             raise ControlMDError(
