@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,8 @@ class StartValue:
         }
 
 
-_CACHE: dict[tuple[str, str], StartValue] = {}
+_BY_KEY: dict[str, StartValue] = {}
+_BY_TASK: weakref.WeakKeyDictionary[Task, StartValue] = weakref.WeakKeyDictionary()
 
 
 def start_value(task: Task, *, key: str | None = None) -> StartValue:
@@ -71,17 +73,17 @@ def start_value(task: Task, *, key: str | None = None) -> StartValue:
     :data:`START_SEED`.
 
     :param task: the task.
-    :param key: a description of the task's configuration (e.g. its keyword arguments as
-        JSON) under which the value is cached for this process; ``None`` caches by the task
-        object's identity.
+    :param key: a description of the task's configuration (e.g. its name and keyword
+        arguments as JSON) under which the value is cached for this process; ``None``
+        caches it on the task object (for as long as the object lives).
     """
-    cache_key = (task.name, key if key is not None else f"id:{id(task)}")
-    if cache_key not in _CACHE:
+    cached = _BY_KEY.get(key) if key is not None else _BY_TASK.get(task)
+    if cached is None:
         protocol = actions_to_protocol(np.zeros((1, task.controls.dim)), task)
         replicas = 1 if task.capabilities.deterministic else START_REPLICAS
         result = evaluate(task, protocol, replicas, START_SEED)
         exact = task.exact_metric(protocol)
-        _CACHE[cache_key] = StartValue(
+        cached = StartValue(
             task=task.name,
             metric_name=task.metric_name,
             mean=result.mean,
@@ -90,7 +92,11 @@ def start_value(task: Task, *, key: str | None = None) -> StartValue:
             replicas=replicas,
             seed=START_SEED,
         )
-    return _CACHE[cache_key]
+        if key is not None:
+            _BY_KEY[key] = cached
+        else:
+            _BY_TASK[task] = cached
+    return cached
 
 
 def main(argv: list[str] | None = None) -> int:
