@@ -23,7 +23,6 @@ constructor arguments (gymnasium's ``EzPickle``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any, SupportsFloat
@@ -39,7 +38,7 @@ from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol
 from controlmd.search import actions_to_protocol, protocol_to_actions
 from controlmd.tasks.base import Task
-from controlmd_envs.start_value import StartValue, start_value
+from controlmd_envs.start_value import StartValue, start_value, task_key
 
 Tensor = torch.Tensor
 
@@ -72,17 +71,6 @@ SEED_BOUND = 2**32
 ACTION_ROUNDING = 1e-6
 """Actions outside [-1, 1] by at most this much (float rounding) are clipped to it
 (gymnasium's convention for ``Box`` actions); farther outside is an error."""
-
-
-def task_key(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> str | None:
-    """The configuration of a task given by name (its name and keyword arguments as
-    sorted JSON), under which its start value is cached; ``None`` for a Task object."""
-    if not isinstance(task, str):
-        return None
-    from controlmd_envs import ENV_IDS
-
-    name = ENV_IDS.get(task, task)
-    return json.dumps([name, task_kwargs or {}], sort_keys=True, default=str)
 
 
 def make_task(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> Task:

@@ -30,7 +30,7 @@ from controlmd.rng import EVAL_SEED_OFFSET
 from controlmd.search import actions_to_protocol
 from controlmd.tasks.base import Task
 
-__all__ = ["START_REPLICAS", "START_SEED", "StartValue", "start_value"]
+__all__ = ["START_REPLICAS", "START_SEED", "StartValue", "start_value", "task_key"]
 
 START_REPLICAS = 128
 """Replicas the start value is averaged over."""
@@ -61,6 +61,17 @@ class StartValue:
             "replicas": self.replicas,
             "seed": self.seed,
         }
+
+
+def task_key(task: Task | str, task_kwargs: dict[str, Any] | None = None) -> str | None:
+    """The configuration of a task given by name (its name and keyword arguments as
+    sorted JSON), under which its start value is cached; ``None`` for a Task object."""
+    if not isinstance(task, str):
+        return None
+    from controlmd_envs import ENV_IDS
+
+    name = ENV_IDS.get(task, task)
+    return json.dumps([name, task_kwargs or {}], sort_keys=True, default=str)
 
 
 _BY_KEY: dict[str, StartValue] = {}
@@ -102,13 +113,13 @@ def start_value(task: Task, *, key: str | None = None) -> StartValue:
 def main(argv: list[str] | None = None) -> int:
     """Print the start value of every registered env's task (default settings) as JSON lines."""
     import controlmd_envs
-    from controlmd_envs.control_env import make_task, task_key
+    from controlmd.tasks import get_task
 
     names = (argv if argv is not None else sys.argv[1:]) or sorted(
         set(controlmd_envs.ENV_IDS.values())
     )
     for name in names:
-        value = start_value(make_task(name), key=task_key(name))
+        value = start_value(get_task(name), key=task_key(name))
         print(json.dumps(value.as_dict()), flush=True)
     return 0
 

@@ -51,8 +51,8 @@ from controlmd_envs.control_env import (
     ReplicaBatch,
     check_actions,
     make_task,
-    task_key,
 )
+from controlmd_envs.start_value import task_key
 
 __all__ = ["BatchedControlVecEnv", "ControlVectorEnv"]
 
