@@ -233,7 +233,7 @@ def test_score_function_refuses_a_field_cost_it_would_ignore() -> None:
     task = _LangevinTrap()
     protocol = _pieces(task)
     protocol.field_cost_weight = 1e-3
-    with pytest.raises(ControlMDError, match="field_cost_weight = 0.001 would be ignored"):
+    with pytest.raises(ControlMDError, match=r"field_cost_weight = 0\.001 would be ignored"):
         Trainer(task, protocol, estimator="score")
 
 
