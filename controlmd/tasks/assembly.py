@@ -132,17 +132,10 @@ from controlmd.dynamics.brownian import Brownian
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.potentials.external import ScaledPotential
-from controlmd.potentials.fields import (
-    BASIS_KINDS,
-    BasisField,
-    Confinement,
-    NeuralField,
-    mean_square_force,
-)
+from controlmd.potentials.fields import BASIS_KINDS, BasisField, Confinement
 from controlmd.potentials.pair import Morse
-from controlmd.protocols import NeuralFieldProtocol, Protocol
+from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
-from controlmd.simulate import simulate
 from controlmd.space import periodic
 from controlmd.structures import (
     bond_graph,
@@ -150,7 +143,8 @@ from controlmd.structures import (
     smooth_bond_count,
     target_cluster_fraction,
 )
-from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
+from controlmd.tasks._artifacts import ChannelSchedule, check_controls, panel_grid
+from controlmd.tasks._field_channel import FieldChannelTask
 from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
 
@@ -230,7 +224,7 @@ def _min_image_sq(dx: float, dy: float, box: float) -> float:
 
 
 @register_task
-class Assembly(RunArtifacts):
+class Assembly(FieldChannelTask):
     """Maximize the yield of compact heptamers; see the module docstring.
 
     Example:
@@ -248,6 +242,8 @@ class Assembly(RunArtifacts):
     higher_is_better = True
     units = "reduced units: length sigma (disk diameter), energy epsilon (kT = 1 by default), time tau = gamma sigma^2 / epsilon"
     capabilities = TaskCapabilities(estimators=("pathwise", "score", "forward"))
+    field_system = "the assembly disks"
+    field_region = "the assembly box"
 
     def __init__(
         self,
@@ -337,6 +333,7 @@ class Assembly(RunArtifacts):
         self.area_fraction = float(area_fraction)
         self.box = math.sqrt(n_particles * math.pi / 4.0 / area_fraction)
         self.space = periodic(self.box, dim=2)
+        self.spatial_dim = 2
         self.space.check_cutoff("r_cut", r_cut)
         self.epsilon = float(epsilon)
         self.kT = float(kT)
@@ -411,42 +408,15 @@ class Assembly(RunArtifacts):
             )
         if "confinement" in self._slot:
             terms.append(Confinement(self.space, protocol, channel=self._slot["confinement"]))
-        if "field" in self._slot and isinstance(protocol, NeuralFieldProtocol):
-            terms.append(
-                NeuralField(protocol.field, self.space, envelope=protocol.release_envelope)
-            )
+        neural = self.neural_field(protocol)
+        if neural is not None:
+            terms.append(neural)
         if not terms:
             return None
         total = terms[0]
         for term in terms[1:]:
             total = total + term
         return total
-
-    def check_protocol(self, protocol: Protocol) -> None:
-        """A ``field`` control needs a ``neural_field`` protocol (2-D, Fourier features),
-        and a ``neural_field`` protocol needs the ``field`` control."""
-        super().check_protocol(protocol)
-        has_field = isinstance(protocol, NeuralFieldProtocol)
-        if "field" in self._slot and not has_field:
-            raise ControlMDError(
-                f"controls include 'field' but the protocol kind is {protocol.kind!r}; use "
-                "kind = 'neural_field' (or drop 'field' from controls)"
-            )
-        if has_field and "field" not in self._slot:
-            raise ControlMDError(
-                "a neural_field protocol needs 'field' in the task's controls, got "
-                f"{list(self.channel_kinds)}"
-            )
-        if isinstance(protocol, NeuralFieldProtocol):
-            if protocol.field.dim != 2:
-                raise ControlMDError(
-                    f"field_dim = {protocol.field.dim}, but the assembly disks move in d = 2"
-                )
-            if protocol.field.features != "fourier":
-                raise ControlMDError(
-                    f"field_features = {protocol.field.features!r}: the assembly box is "
-                    "periodic, use 'fourier'"
-                )
 
     def max_field(self, protocol: Protocol) -> float | None:
         """Bound on ``|V(x, t)|`` summed over the spatial terms (energy units): neural
@@ -460,8 +430,7 @@ class Assembly(RunArtifacts):
             bound += self.basis_max * basis.max_abs_sum()
         if "confinement" in self._slot:
             bound += self.confinement_max * self.box**2 / 4.0
-        if "field" in self._slot and isinstance(protocol, NeuralFieldProtocol):
-            bound += protocol.field.v_max
+        bound += super().max_field(protocol) or 0.0
         return bound
 
     def initial_state(self, n_replicas: int, seed: int, *, first_replica: int = 0) -> State:
@@ -479,44 +448,6 @@ class Assembly(RunArtifacts):
     def _dynamics(self, potential: Potential, kT: Any) -> Brownian:
         return Brownian(potential, dt=self.dt, kT=kT, gamma=self.gamma, space=self.space)
 
-    def advance(
-        self, state: State, protocol: Protocol, n_steps: int, **simulate_options: Any
-    ) -> State:
-        """Simulate ``n_steps``; with a spatial field, also accumulate the field cost
-        ``integral mean_i |F_i|^2 dt`` into ``aux["field_cost"]`` ``[B]`` (trapezoid over
-        frames every ``field_cost_every`` steps and the last step; differentiable)."""
-        integrator = self.integrator(protocol)
-        field = self.field_potential(protocol)
-        if field is None or n_steps == 0:
-            return simulate(integrator, state, n_steps, **simulate_options).final
-        if simulate_options.get("gradient") == "reversible":
-            raise ControlMDError(
-                "gradient = 'reversible' keeps no frames, so the field cost cannot be "
-                "accumulated; use 'direct' or 'checkpoint'"
-            )
-
-        def rate(s: State) -> Tensor:
-            return mean_square_force(field, s.R, s.t)
-
-        traj = simulate(
-            integrator,
-            state,
-            n_steps,
-            record_every=self.field_cost_every,
-            observables={"rate": rate},
-            **simulate_options,
-        )
-        final = traj.final
-        times, values = traj.times.to(torch.float64), traj.records["rate"].to(torch.float64)
-        if float(times[-1]) < float(final.t) - 0.5 * self.dt:
-            times = torch.cat([times, final.t.reshape(1).to(times)])
-            values = torch.cat([values, rate(final).to(values).unsqueeze(0)])
-        cost = torch.trapezoid(values, times, dim=0)
-        previous = state.aux.get("field_cost")
-        if previous is not None:
-            cost = cost + previous.to(cost)
-        return final.replace(aux={**final.aux, "field_cost": cost})
-
     def loss(self, state: State) -> Tensor:
         if self.surrogate == "yield":
             loss = 1.0 - self.metric(state).mean()
@@ -526,10 +457,7 @@ class Assembly(RunArtifacts):
                 state.R, self.bond_cutoff, width=self.bond_width, space=self.space
             )
             loss = (1.0 - bonds / n_max).mean()
-        weight = 0.0 if self._protocol is None else self._protocol.field_cost_weight
-        if weight > 0 and "field_cost" in state.aux:
-            loss = loss + weight * state.aux["field_cost"].mean().to(loss)
-        return loss
+        return self.add_field_cost(loss, state)
 
     def metric(self, state: State) -> Tensor:
         with torch.no_grad():

@@ -48,6 +48,12 @@ Control channels (``controls``, in the order given; any combination)
                  ``sum_k a_k(t) [1 - cos(phi_k - phi*_k)]``
                  (one amplitude for every torsion, or one
                  per torsion: ``torsion_channels = "each"``)
+    field        a neural field ``V_theta(x - x_com, t)``  ``-field_max``  ``field_max``   epsilon
+                 felt by every bead, ``sum_i V(r_i -       (of V)          (of V)
+                 r_com, t)`` (no u(t) channel: the
+                 network lives in a ``neural_field``
+                 protocol; 3-D Cartesian features
+                 relative to the chain's centre of mass)
     ===========  ========================================  ==============  ==============  =======
 
     The bias acts on all pairs ``|i - j| >= 3`` (``bias_pairs = "all"``, no knowledge of
@@ -59,6 +65,19 @@ Control channels (``controls``, in the order given; any combination)
     are built from the target structure (native contacts, native torsions), as the Go model
     itself is. No channel is keyed to a bead's index along the chain except the tweezer
     pairs, which the user names.
+
+    The ``field`` channel is native-blind and index-blind: ``V`` sees only a bead's position
+    relative to the chain's centre of mass and the time (``[protocol] kind =
+    "neural_field"`` with ``field_dim = 3``, ``field_features = "cartesian"``,
+    ``field_com_relative = true``, ``field_species = 1``; anything else is refused, naming
+    the key). As the field moves with the chain, its forces sum to zero: it shapes the
+    chain but cannot push it as a whole. ``max_field`` is ``field_max``; a release window
+    (``[protocol] release_fraction = f``) makes the field exactly zero from ``T (1 - f)`` on.
+    Field cost: with the field the final state carries ``aux["field_cost"]`` ``[B]`` =
+    ``integral mean_i |F_i(t)|^2 dt`` of the field's force (epsilon^2 tau / sigma^2;
+    trapezoid over frames every ``field_cost_every`` steps, plus the last step),
+    differentiable; ``[protocol] field_cost_weight`` adds ``w * mean_b field_cost`` to the
+    loss, and evaluation reports its mean.
 
 Observation (feedback protocols, gymnasium env)
     =====  =============================  ========  =====
@@ -129,11 +148,13 @@ Arguments
     contact_tolerance  float      0.2                contact formed: |r - d*| < tol d*
     q_sharpness        float      10.0               surrogate Q sharpness
     w_dihedral         float      1.0                surrogate torsion weight
+    field_cost_every   int        10                 steps between field-cost frames
     =================  =========  =================  =====================================
 
 Version history
     v0: initial version.
     v1: the torsion channel.
+    v2: the field channel and its field cost (defaults and the other channels unchanged).
 """
 
 from __future__ import annotations
@@ -163,8 +184,10 @@ from controlmd.potentials.external import ConstantForce, ExternalField, ScaledPo
 from controlmd.potentials.pair import WCA, LennardJones, Morse
 from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
+from controlmd.space import free
 from controlmd.structures import hairpin, helix, kabsch_align, kabsch_rmsd
-from controlmd.tasks._artifacts import ChannelSchedule, RunArtifacts, check_controls, panel_grid
+from controlmd.tasks._artifacts import ChannelSchedule, check_controls, panel_grid
+from controlmd.tasks._field_channel import FieldChannelTask
 from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
 
@@ -173,7 +196,7 @@ Tensor = torch.Tensor
 __all__ = ["OneGraph", "PairBias", "PolymerFold", "TorsionBias", "random_coil"]
 
 TARGETS = ("helix", "hairpin")
-CHANNELS = ("temperature", "epsilon", "tweezers", "bias", "torsion")
+CHANNELS = ("temperature", "epsilon", "tweezers", "bias", "torsion", "field")
 
 
 class _Select(nn.Module):
@@ -354,7 +377,7 @@ def _one_coil(
 
 
 @register_task
-class PolymerFold(RunArtifacts):
+class PolymerFold(FieldChannelTask):
     """Fold a Go-like chain into its target (helix or hairpin); see the module docstring.
 
     Example:
@@ -373,6 +396,8 @@ class PolymerFold(RunArtifacts):
     higher_is_better = True
     units = "reduced LJ units: length sigma, energy epsilon (kT in epsilon), mass m, time tau = sigma sqrt(m/epsilon)"
     capabilities = TaskCapabilities(estimators=("pathwise", "score", "forward"))
+    field_system = "the polymer_fold beads"
+    field_region = "the polymer_fold chain"
 
     def __init__(
         self,
@@ -410,6 +435,7 @@ class PolymerFold(RunArtifacts):
         contact_tolerance: float = 0.2,
         q_sharpness: float = 10.0,
         w_dihedral: float = 1.0,
+        field_cost_every: int = 10,
     ) -> None:
         check_choice("target", target, TARGETS)
         R_native = helix() if target == "helix" else hairpin()
@@ -456,6 +482,7 @@ class PolymerFold(RunArtifacts):
         if not 0.0 < q_folded <= 1.0:
             raise ControlMDError(f"q_folded must be in (0, 1], got {q_folded}")
         check_int("n_steps", n_steps)
+        check_int("field_cost_every", field_cost_every)
         check_choice("bias_pairs", bias_pairs, ["all", "native"])
         check_choice("torsion_channels", torsion_channels, ["one", "each"])
 
@@ -466,6 +493,9 @@ class PolymerFold(RunArtifacts):
         self.gamma = float(gamma)
         self.dt = float(dt)
         self.n_steps = n_steps
+        self.field_cost_every = field_cost_every
+        self.space = free()
+        self.spatial_dim = int(R_native.shape[-1])
         self.q_folded = float(q_folded)
         self.rmsd_folded = float(rmsd_folded)
         self.contact_tolerance = float(contact_tolerance)
@@ -551,6 +581,8 @@ class PolymerFold(RunArtifacts):
                 else:
                     for k in range(self._dihedrals.shape[0]):
                         add(f"torsion_{k}", 0.0, torsion_max, "epsilon")
+            elif kind == "field":
+                pass  # no u(t) channel: the network lives in the neural_field protocol
             else:
                 for m in range(n_bias):
                     add(f"bias_{m}", -bias_max, bias_max, "epsilon")
@@ -596,7 +628,8 @@ class PolymerFold(RunArtifacts):
         return bonded + repulsion, attraction
 
     def potential(self, protocol: Protocol) -> Potential:
-        """``H0 + H_ctrl`` with the protocol's channels wired in."""
+        """``H0 + H_ctrl`` with the protocol's channels wired in (and the neural field of a
+        ``neural_field`` protocol, :meth:`field_potential`)."""
         attraction = self._h0_attraction
         if "epsilon" in self._slots:
             attraction = ScaledPotential(attraction, protocol, channel=self._slots["epsilon"][0])
@@ -615,7 +648,8 @@ class PolymerFold(RunArtifacts):
         if "torsion" in self._slots:
             select = _Select(protocol, self._slots["torsion"])
             total = total + ExternalField(self._torsion_bias, select)
-        return total
+        field = self.field_potential(protocol)
+        return total if field is None else total + field
 
     # ------------------------------------------------------------------ Task interface
 
@@ -649,7 +683,7 @@ class PolymerFold(RunArtifacts):
         per_replica = 1.0 - q
         if self.w_dihedral > 0 and self._phi0.numel() > 0:
             per_replica = per_replica + self.w_dihedral * self.torsion_misfit(R)
-        return per_replica.mean()
+        return self.add_field_cost(per_replica.mean(), state)
 
     def metric(self, state: State) -> Tensor:
         with torch.no_grad():
