@@ -230,7 +230,7 @@ class Assembly(FieldChannelTask):
     Example:
         >>> task = Assembly(n_steps=10)
         >>> round(task.box, 3), task.controls.names
-        (6.051, ('epsilon',))
+        (6.054, ('eps',))
         >>> from controlmd.protocols import PiecewiseConstant
         >>> u = PiecewiseConstant(t_final=task.horizon, n_pieces=2, low=2.0, high=10.0, init=6.0)
         >>> task.metric(task.rollout(u, 4, seed=0, gradient="none")).tolist()
