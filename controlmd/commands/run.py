@@ -176,7 +176,8 @@ def _print_result(result: Any) -> None:
         f"{m['wall_s']:.1f} s"
     )
     print(f"run folder: {result.run_dir}")
-    print(f"view it:    tensorboard --logdir {result.run_dir / 'tb'}")
+    if (result.run_dir / "tb").is_dir():  # [logging] tensorboard = false writes none
+        print(f"view it:    tensorboard --logdir {result.run_dir / 'tb'}")
 
 
 def _run_seeds(args: argparse.Namespace) -> int:
