@@ -109,10 +109,22 @@ def main() -> None:
         np.maximum(costs, 1.0), yields, yerr=se, marker="o", label="hand-made k scan (off 0.9 T)"
     )
     for p in handmade:
-        ax.annotate(f"{p['k']:g}", (max(p["field_cost"], 1.0), p["mean"]), fontsize=7)
-    for p in trained:
+        ax.annotate(
+            f"k={p['k']:g}",
+            (max(p["field_cost"], 1.0), p["mean"]),
+            xytext=(4, 6),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    for j, p in enumerate(trained):
         ax.errorbar(p["field_cost"], p["mean"], yerr=p["se"], marker="*", ms=12, ls="none")
-        ax.annotate(p["label"], (p["field_cost"], p["mean"]), fontsize=7)
+        ax.annotate(
+            p["label"],
+            (p["field_cost"], p["mean"]),
+            xytext=(4, -14 - 9 * j),
+            textcoords="offset points",
+            fontsize=7,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("field cost ∫ mean_i |F_i|² dt (constant: drawn at 1)")
     ax.set_ylabel("heptamer yield")

@@ -70,8 +70,17 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= TOL * max(1.0, abs(a))
+# Per-parameter gradient SNRs (|mean| / sd over replica groups) divide group sums in which
+# per-replica gradients largely cancel, so a reassociated sum (shards reduced across ranks)
+# moves them far more than anything else: measured worst relative change over this run,
+# one vs two processes, 7e-11 with MKL_CBWR=COMPATIBLE and 1e-9 with AUTO, while every
+# other logged quantity moved by <= 7e-13 (grad_norm) in both.
+SNR_TOL = 1e-8
+
+
+def _close(a: float, b: float, key: str = "") -> bool:
+    tol = SNR_TOL if "grad_snr/" in key else TOL
+    return abs(a - b) <= tol * max(1.0, abs(a))
 
 
 # ---------------------------------------------------------------------- sharding rule
@@ -208,7 +217,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         if key in ("wall_s", "cpu_s", "world_size"):
             continue
         if isinstance(value, float):
-            assert _close(value, two[key]), (key, value, two[key])
+            assert _close(value, two[key], key), (key, value, two[key])
         else:
             assert value == two[key], key
 
@@ -238,7 +247,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
             if key.startswith("time/"):
                 continue
             checked.add(key)
-            assert _close(value, r2[key]), (key, value, r2[key])
+            assert _close(value, r2[key], key), (key, value, r2[key])
     assert {"train/loss", "train/grad_norm", "train/grad_var", "outcome/metric"} <= checked
 
 
