@@ -120,12 +120,29 @@ class EpisodeControl(Protocol):
         dim: channels ``k``.
         t_final: horizon ``T``.
         n_pieces: ``K``.
+        release_fraction, release_value: the release window of
+            :class:`~controlmd.protocols.Protocol` (every channel switched smoothly to
+            ``release_value``, the task's no-control value, over ``[T (1 - f) - 0.02 T,
+            T (1 - f)]`` and held there; the agent's actions there are ignored).
     """
 
     values: Tensor  # buffer [B, K, k]
 
-    def __init__(self, *, dim: int, t_final: float, n_pieces: int) -> None:
-        super().__init__(dim=dim, t_final=t_final)
+    def __init__(
+        self,
+        *,
+        dim: int,
+        t_final: float,
+        n_pieces: int,
+        release_fraction: float = 0.0,
+        release_value: Tensor | None = None,
+    ) -> None:
+        super().__init__(
+            dim=dim,
+            t_final=t_final,
+            release_fraction=release_fraction,
+            release_value=release_value,
+        )
         self.n_pieces = n_pieces
         self.register_buffer("values", torch.zeros(1, n_pieces, dim, dtype=torch.float64))
 
@@ -150,8 +167,17 @@ class EpisodeControl(Protocol):
         """``t`` 0-d -> ``[B, k]``; ``t`` ``[T]`` -> ``[T, B, k]``."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if t.ndim == 0:
-            return self.values[:, self.piece_index(t)]
-        return self.values[:, self.piece_index(t.reshape(-1))].transpose(0, 1)
+            return self.released(t, self.values[:, self.piece_index(t)])
+        t = t.reshape(-1)
+        return self.released(t, self.values[:, self.piece_index(t)].transpose(0, 1))
+
+    def released(self, t: Tensor, u: Tensor) -> Tensor:
+        """``u`` (leading dimension ``t``'s, if any) with the release window applied."""
+        if self.release_fraction == 0.0 or self.release_value is None:
+            return u
+        w = self.release_weight(t).reshape(*t.shape, *([1] * (u.ndim - t.ndim)))
+        u0 = self.release_value.to(u)
+        return torch.where(w >= 1.0, u0, (1.0 - w) * u + w * u0)
 
     def breakpoints(self) -> list[float]:
         return [self.t_final * j / self.n_pieces for j in range(1, self.n_pieces)]
@@ -172,14 +198,15 @@ class _ReplicaPieces(Protocol):
         super().__init__(dim=control.dim, t_final=control.t_final)
         self.n_pieces = control.n_pieces
         self.register_buffer("values", values.clone())
-        self._index = control.piece_index
+        self._control = control
 
     def raw(self, t: Tensor) -> Tensor:
         raise NotImplementedError  # forward is overridden
 
     def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
-        return self.values[self._index(t.reshape(-1))].reshape(*t.shape, self.dim)
+        u = self.values[self._control.piece_index(t.reshape(-1))].reshape(*t.shape, self.dim)
+        return self._control.released(t, u)
 
     def breakpoints(self) -> list[float]:
         return [self.t_final * j / self.n_pieces for j in range(1, self.n_pieces)]
@@ -204,6 +231,9 @@ class ReplicaBatch:
     :param feature_scale: ``s``, scalar or one value per observed quantity (> 0).
     :param start_key: the task's configuration under which its start value is cached
         (:func:`~controlmd_envs.start_value.start_value`; ``None``: the task object).
+    :param release_fraction: ``f`` in ``[0, 0.5)``: on the last fraction ``f`` of the horizon
+        every channel is the task's no-control value (``task.default_control()``), as
+        ``[protocol] release_fraction`` does for a trained protocol (0: off).
     """
 
     def __init__(
@@ -217,6 +247,7 @@ class ReplicaBatch:
         reward_scale: float = 1.0,
         feature_scale: float | Sequence[float] = 1.0,
         start_key: str | None = None,
+        release_fraction: float = 0.0,
     ) -> None:
         if not isinstance(task, Task):
             raise ControlMDError(f"task must be a controlmd Task, got {type(task).__name__}")
@@ -271,8 +302,22 @@ class ReplicaBatch:
         self.action_dim = task.controls.dim
         self.low = task.controls.low_tensor()
         self.high = task.controls.high_tensor()
+        if not _finite_number(release_fraction):
+            raise ControlMDError(
+                f"release_fraction must be a number in [0, 0.5), got {release_fraction!r}"
+            )
+        release_value = task.default_control() if release_fraction else None
+        if release_fraction and release_value is None:
+            raise ControlMDError(
+                f"release_fraction = {release_fraction!r}: task {task.name!r} has no "
+                "no-control value (default_control() is None) to release to"
+            )
         self.control = EpisodeControl(
-            dim=self.action_dim, t_final=task.horizon, n_pieces=self.n_intervals
+            dim=self.action_dim,
+            t_final=task.horizon,
+            n_pieces=self.n_intervals,
+            release_fraction=float(release_fraction),
+            release_value=release_value,
         )
         self.n_features = 0 if observation == "time" else self._probe_features()
         self.feature_scale = self._feature_scales(feature_scale)
@@ -557,6 +602,9 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
     reward_scale       float               1.0          factor on every reward (> 0)
     feature_scale      float or [float]    1.0          scale of observed quantities
     report_start_value bool                True         ``info["start_value"]`` at the end
+    release_fraction   float               0.0          last fraction of the horizon at
+                                                        the no-control value (actions
+                                                        there are ignored)
     render_mode        str or None         None         ``"rgb_array"``
     =================  ==================  ===========  ======================================
 
@@ -585,6 +633,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
         reward_scale: float = 1.0,
         feature_scale: float | Sequence[float] = 1.0,
         report_start_value: bool = True,
+        release_fraction: float = 0.0,
         render_mode: str | None = None,
     ) -> None:
         EzPickle.__init__(
@@ -598,6 +647,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
             reward_scale=reward_scale,
             feature_scale=feature_scale,
             report_start_value=report_start_value,
+            release_fraction=release_fraction,
             render_mode=render_mode,
         )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -614,6 +664,7 @@ class ControlEnv(BatchCounters, gym.Env[np.ndarray, np.ndarray], EzPickle):
             reward_scale=reward_scale,
             feature_scale=feature_scale,
             start_key=task_key(task, task_kwargs),
+            release_fraction=release_fraction,
         )
         self.report_start_value = bool(report_start_value)
         self.render_mode = render_mode

@@ -70,7 +70,8 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
     :param num_envs: number of replicas (sub-environments).
     :param task_kwargs: arguments of the named task.
     :param control_interval, observation, shaping, shaping_gamma, reward_scale,
-        feature_scale, report_start_value: see :class:`~controlmd_envs.control_env.ControlEnv`.
+        feature_scale, report_start_value, release_fraction: see
+        :class:`~controlmd_envs.control_env.ControlEnv`.
     :param autoreset_mode: ``AutoresetMode.NEXT_STEP`` (default) or ``SAME_STEP``.
     :param render_mode: only ``None`` (no rendering of the batch).
     """
@@ -90,6 +91,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
         reward_scale: float = 1.0,
         feature_scale: float | Sequence[float] = 1.0,
         report_start_value: bool = True,
+        release_fraction: float = 0.0,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
     ) -> None:
@@ -105,6 +107,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
             reward_scale=reward_scale,
             feature_scale=feature_scale,
             report_start_value=report_start_value,
+            release_fraction=release_fraction,
             autoreset_mode=autoreset_mode,
             render_mode=render_mode,
         )
@@ -134,6 +137,7 @@ class ControlVectorEnv(BatchCounters, VectorEnv, EzPickle):
             reward_scale=reward_scale,
             feature_scale=feature_scale,
             start_key=task_key(task, task_kwargs),
+            release_fraction=release_fraction,
         )
         self.report_start_value = bool(report_start_value)
         self.num_envs = num_envs
@@ -241,8 +245,8 @@ class BatchedControlVecEnv(BatchCounters, VecEnv):
     :param n_envs: number of replicas (sub-environments).
     :param seed: seed of the first reset (``None``: drawn from the OS).
     :param kwargs: ``task_kwargs``, ``control_interval``, ``observation``, ``shaping``,
-        ``shaping_gamma``, ``reward_scale``, ``feature_scale``, ``report_start_value`` of
-        :class:`ControlVectorEnv`.
+        ``shaping_gamma``, ``reward_scale``, ``feature_scale``, ``report_start_value``,
+        ``release_fraction`` of :class:`ControlVectorEnv`.
     """
 
     def __init__(

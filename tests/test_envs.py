@@ -274,3 +274,46 @@ def test_episode_control_matches_piecewise_constant_pieces() -> None:
         control.set(j, reference(torch.tensor((j + 0.5) * T / K)).expand(2, 1))
     torch.testing.assert_close(control(t)[:, 1], reference(t), rtol=0, atol=0)
     assert control.breakpoints() == reference.breakpoints()
+
+
+def test_release_window_makes_the_episode_the_released_protocol() -> None:
+    """With ``release_fraction`` an episode is the K-piece protocol with the same release
+    window (every channel smoothly to the task's no-control value, then held): the same
+    final positions for the same replica; actions held wholly inside the window are ignored."""
+    kwargs = {"n_steps": 40}
+    task = get_task("polymer_fold", **kwargs)
+    actions = np.array([[0.3], [-0.2], [0.6], [0.9]])
+
+    def episode(acts: np.ndarray) -> torch.Tensor:
+        env = ControlEnv(
+            "polymer_fold", task_kwargs=kwargs, control_interval=10, release_fraction=0.25
+        )
+        env.reset(seed=3)
+        for a in acts:
+            env.step(a.astype(np.float64))
+        return env.batch.state.R.clone()
+
+    R = episode(actions)
+    low, high = task.controls.low[0], task.controls.high[0]
+    released = PiecewiseConstant(
+        t_final=task.horizon,
+        n_pieces=4,
+        low=low,
+        high=high,
+        init=torch.tensor(low + (high - low) * 0.5 * (actions + 1.0)),
+        release_fraction=0.25,
+        release_value=task.default_control(),
+    )
+    with torch.no_grad():
+        state = task.rollout(released, 1, 0, first_replica=3, gradient="none")
+        plain = task.rollout(
+            actions_to_protocol(actions, task), 1, 0, first_replica=3, gradient="none"
+        )
+    torch.testing.assert_close(R, state.R, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(R, plain.R)  # the window changed the dynamics
+    # the last piece [0.75 T, T] is wholly inside the window (exact from 0.75 T on)
+    torch.testing.assert_close(episode(np.vstack([actions[:3], [[-0.9]]])), R, rtol=0, atol=0)
+    with pytest.raises(ControlMDError, match="release_fraction must be in"):
+        ControlEnv("polymer_fold", task_kwargs=kwargs, control_interval=10, release_fraction=0.6)
+    with pytest.raises(ControlMDError, match="has no no-control value"):
+        ControlEnv("trap_drag", control_interval=5, release_fraction=0.1)
