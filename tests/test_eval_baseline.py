@@ -33,23 +33,24 @@ KEYS = {
     "max_field",
 }
 
+# Two sticky disks that form one bond: the cheapest assembly task to score many times.
+TWO_DISKS = {
+    "name": "assembly",
+    "n_particles": 2,
+    "cluster_size": 2,
+    "target_bonds": 1,
+    "r_cut": 1.6,
+    "alpha": 4.0,
+    "dt": 1e-3,
+}
+
 
 def _run_folder(path: Path, k: float) -> Path:
     """A tiny finished run: 2 disks that bond, eps and a confinement k switched off by
     the release window (the protocol is written, not trained)."""
     raw = {
         "experiment": {"name": "eval_baseline_test", "seed": 0},
-        "task": {
-            "name": "assembly",
-            "n_particles": 2,
-            "cluster_size": 2,
-            "target_bonds": 1,
-            "r_cut": 1.6,
-            "alpha": 4.0,
-            "dt": 1e-3,
-            "n_steps": 150,
-            "controls": ["epsilon", "confinement"],
-        },
+        "task": {**TWO_DISKS, "n_steps": 150, "controls": ["epsilon", "confinement"]},
         "protocol": {
             "kind": "table",
             "times": [0.0, 0.15],
@@ -118,16 +119,7 @@ def _two_disks(n_steps: int) -> Task:
     cfg = resolve_config(
         {
             "experiment": {"name": "pair"},
-            "task": {
-                "name": "assembly",
-                "n_particles": 2,
-                "cluster_size": 2,
-                "target_bonds": 1,
-                "r_cut": 1.6,
-                "alpha": 4.0,
-                "dt": 1e-3,
-                "n_steps": n_steps,
-            },
+            "task": {**TWO_DISKS, "n_steps": n_steps},
             "protocol": {"kind": "table", "times": [0.0], "values": [[3.0]]},
             "train": {"iterations": 0},
         }
