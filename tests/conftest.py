@@ -6,7 +6,7 @@ import os
 
 # The CLI's default (controlmd/cli.py), set before torch loads MKL: tests that compare an
 # in-process run with a CLI subprocess then use the same reduction paths.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import torch
 
