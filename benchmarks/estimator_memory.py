@@ -14,7 +14,9 @@ with ``--windows`` windows) and reads the process's peak resident set size (``Vm
 before and after. With ``--chunk`` > 0 the estimators simulate blocks of that many
 replicas (``[train] chunk``), so the peak should not grow with the replica count;
 ``pathwise`` is also run with ``chunk = 0`` (``pathwise_whole``), today's default, for
-comparison. Prints a table; ``--json`` writes the rows.
+comparison. The simulation's gradient path is the experiment's ``[train] gradient`` and
+``window`` (``--set train.gradient=checkpoint --set train.window=50``: stored states, each
+window's noise replayed). Prints a table; ``--json`` writes the rows.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ if estimator != "score":
 task = build_task(cfg)
 protocol = build_protocol(cfg, task)
 name = "pathwise" if estimator == "pathwise_whole" else estimator
+train = cfg["train"]
 trainer = Trainer(task, protocol, replicas=replicas, estimator=name, chunk=chunk,
-                  windows=windows if name == "multiwindow" else 1, variance_every=0)
+                  windows=windows if name == "multiwindow" else 1, variance_every=0,
+                  gradient=train["gradient"], window=train["window"] or None)
 before = hwm()
 t0 = time.perf_counter()
 trainer.estimate_gradient(0)

@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/gradient_snr.py experiments/polymer_fold.toml --budget 1000000 \
         --pieces 8 --groups 8 --json experiments/results/gradient_snr_polymer_fold.json \
-        [--estimators pathwise last_window multiwindow score] [--set task.n_steps=400]
+        [--estimators pathwise last_window multiwindow score mixed] [--set task.n_steps=400]
 
 The experiment's task is built as configured; the protocol is a ``--pieces``-piece
 piecewise-constant protocol of channel 0 held at the experiment's initial value (``[protocol]
@@ -29,7 +29,13 @@ Estimators (``--estimators``):
   of the experiment when it truncates, else one piece): today's practice;
 * ``multiwindow``: ``--pieces`` windows (one per piece), each window's surrogate at its end;
 * ``score``: the score-function estimator on the exact metric itself (loss ``1 - metric``
-  when higher is better), leave-one-out baseline, blocks of ``--chunk`` replicas.
+  when higher is better), leave-one-out baseline, blocks of ``--chunk`` replicas;
+* ``mixed``: the score function for the steps before the last piece, the pathwise derivative
+  of the smooth surrogate through the last piece (``--pieces`` windows), blocks of
+  ``--chunk`` replicas: unbiased for the surrogate's expected value.
+
+``--add-to RESULT.json`` adds estimators to an earlier results file of the same settings,
+reusing its finite difference (the expensive part).
 
 ``python benchmarks/gradient_snr.py RESULT.json`` prints a results file as a markdown table
 (``snr``, then ``+``/``-`` for the sign's agreement, ``*`` for a counted piece).
@@ -65,7 +71,7 @@ from controlmd.protocols import PiecewiseConstant, Protocol
 from controlmd.rng import use_rng
 from controlmd.tasks.base import Task
 
-ESTIMATOR_CHOICES = ("pathwise", "last_window", "multiwindow", "score")
+ESTIMATOR_CHOICES = ("pathwise", "last_window", "multiwindow", "score", "mixed")
 
 
 class ExactMetricLoss(Task[State]):
@@ -119,7 +125,7 @@ def group_gradients(
 ) -> torch.Tensor:
     """``[groups, pieces]``: d loss / d u_k (channel 0) of each independent group."""
     est = make_estimator(
-        estimator, chunk=chunk, windows=windows if estimator == "multiwindow" else 1
+        estimator, chunk=chunk, windows=windows if estimator in ("multiwindow", "mixed") else 1
     )
     params = [protocol.values]
     out = []
@@ -211,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         default=-1,
         help="replicas of the finite difference (-1: as the estimators; 0: none, no piece counted)",
     )
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        default=None,
+        help="a results file of the same settings: reuse its finite difference, keep its "
+        "estimators and add this run's (write with --json, e.g. to the same file)",
+    )
     parser.add_argument("--chunk", type=int, default=64, help="replicas simulated at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -271,7 +284,20 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
 
     t0 = time.perf_counter()
     fd_replicas = replicas if args.fd_replicas < 0 else args.fd_replicas
-    if fd_replicas > 0:
+    if args.add_to is not None:  # its finite difference and estimators, this run's added
+        earlier = json.loads(args.add_to.read_text())
+        for key in ("experiment", "n_steps", "pieces", "budget_replica_steps", "groups", "fd_step"):
+            if earlier[key] != result[key]:
+                raise SystemExit(
+                    f"--add-to {args.add_to}: its {key} is {earlier[key]!r}, this run's {result[key]!r}"
+                )
+        result["estimators"] = earlier["estimators"]
+        result["commands"] = [*earlier.get("commands", [earlier["command"]]), command]
+        fd = torch.tensor(earlier["finite_difference"]["value"], dtype=torch.float64)
+        fd_se = torch.tensor(earlier["finite_difference"]["se"], dtype=torch.float64)
+        fd_replicas = earlier["finite_difference"]["replicas"]
+        fd_wall = earlier["finite_difference"]["wall_s"]
+    elif fd_replicas > 0:
         fd, fd_se = finite_difference(
             task,
             piece_protocol(task, args.pieces, value),
@@ -288,7 +314,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
         "value": fd.tolist(),
         "se": fd_se.tolist(),
         "counted": counted,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": fd_wall if args.add_to is not None else time.perf_counter() - t0,
     }
     write()
     print(
@@ -316,7 +342,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
                 per_group,
                 args.groups,
                 args.seed,
-                args.chunk if name == "multiwindow" else 0,
+                args.chunk if name in ("multiwindow", "mixed") else 0,
                 args.pieces,
             )
         mean, se = G.mean(0), G.std(0) / math.sqrt(args.groups)

@@ -153,7 +153,7 @@ TRAIN_KEYS: dict[str, Field] = {
     "chunk": Field(
         int, 0, non_negative, doc="replicas simulated at once by the estimator (0: all)"
     ),
-    "windows": Field(int, 1, at_least(1), doc="windows of estimator = 'multiwindow'"),
+    "windows": Field(int, 1, at_least(1), doc="windows of estimator = 'multiwindow' or 'mixed'"),
     "window_weights": Field(
         list,
         [],
@@ -315,7 +315,7 @@ def resolve_config(raw: dict[str, Any]) -> Config:
         raise ConfigError(
             f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"
         )
-    if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow"):
+    if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow", "mixed"):
         raise ConfigError(
             "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
             f"compare; estimator = {train['estimator']!r} gives a surrogate only. Use estimator = "
@@ -327,10 +327,16 @@ def resolve_config(raw: dict[str, Any]) -> Config:
                 f"[train] window_weights has {len(train['window_weights'])} entries; expected "
                 f"one per window (windows = {train['windows']})"
             )
-    elif train["windows"] != 1 or train["window_weights"]:
+    elif train["window_weights"] or (train["windows"] != 1 and train["estimator"] != "mixed"):
         raise ConfigError(
-            f"[train] windows / window_weights apply to estimator = 'multiwindow' only, got "
-            f"estimator = {train['estimator']!r}, windows = {train['windows']}"
+            f"[train] windows apply to estimator = 'multiwindow' or 'mixed', window_weights to "
+            f"'multiwindow' only; got estimator = {train['estimator']!r}, windows = "
+            f"{train['windows']}, window_weights = {train['window_weights']}"
+        )
+    if train["estimator"] == "mixed" and train["gradient"] not in ("direct", "checkpoint"):
+        raise ConfigError(
+            f"[train] estimator = 'mixed' differentiates its last window in full; gradient = "
+            f"{train['gradient']!r} would not; use 'direct' or 'checkpoint'"
         )
     if train["chunk"] and train["estimator"] == "forward":
         raise ConfigError(

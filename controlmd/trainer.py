@@ -73,12 +73,14 @@ class Trainer:
     :param window: steps per checkpoint / truncation window (required by those paths).
     :param clip: maximum gradient norm (``None`` or 0: no clipping).
     :param estimator: a name of :data:`controlmd.estimators.ESTIMATORS` (``pathwise``,
-        ``score``, ``multiwindow``, ``forward``), among those the task declares in
-        ``capabilities`` (``multiwindow`` wherever ``pathwise`` applies).
+        ``score``, ``multiwindow``, ``mixed``, ``forward``), among those the task declares in
+        ``capabilities`` (``multiwindow`` wherever ``pathwise`` applies, ``mixed`` where both
+        ``pathwise`` and ``score`` do).
     :param chunk: replicas simulated and differentiated at once (0: all); the gradient is
         summed over blocks, so peak memory does not grow with ``replicas`` (``pathwise``,
-        ``score``, ``multiwindow``).
-    :param windows: windows of the ``multiwindow`` estimator (equal shares of the horizon).
+        ``score``, ``multiwindow``, ``mixed``).
+    :param windows: windows of the ``multiwindow`` and ``mixed`` estimators (equal shares of
+        the horizon).
     :param window_weights: one weight >= 0 per window (``multiwindow``; default all 1).
     :param lr_schedule: ``constant``, ``cosine`` (to ``lr_min`` at ``schedule_iterations``),
         ``exponential`` (``lr * lr_gamma**i``) or ``step`` (``lr * lr_gamma**(i // lr_step)``).
@@ -185,7 +187,7 @@ class Trainer:
             estimator, chunk=chunk, windows=windows, window_weights=window_weights
         )
         self._estimator.check(task, protocol, params)
-        if optimizer == "lbfgs" and estimator in ("score", "multiwindow"):
+        if optimizer == "lbfgs" and estimator in ("score", "multiwindow", "mixed"):
             raise ControlMDError(
                 f"optimizer = 'lbfgs' cannot use estimator = {estimator!r} (its gradient is not "
                 "that of the objective the line search compares)"

@@ -26,10 +26,14 @@ which it supports in ``capabilities.estimators``.
   window ``k`` only and the windows' gradients are summed. Biased (an early window is
   credited with the loss at its own end, not with the final outcome) but finite; with one
   window it is the pathwise estimator.
+* ``"mixed"``: the score function for the steps before the last of ``windows`` equal
+  windows, the pathwise derivative (of the task's loss) through the last window from the
+  sampled state at its start: ``grad <L> = < (L - b) dlog P[x_1..x_s | theta]/dtheta > +
+  < dL/dtheta |_{x_s} >``, unbiased; with one window it is ``pathwise`` on the loss.
 * ``"forward"``: forward-mode AD, one dual-number rollout per protocol parameter (for
   protocols with few parameters; at most :data:`MAX_FORWARD_PARAMETERS`).
 
-``chunk`` (``pathwise``, ``score``, ``multiwindow``): replicas are simulated and
+``chunk`` (``pathwise``, ``score``, ``multiwindow``, ``mixed``): replicas are simulated and
 differentiated in blocks of at most ``chunk``, and the per-replica gradient contributions
 summed, so peak memory does not grow with the replica count (the score function's
 leave-one-out baseline is applied after the last block, from the sums of ``L_i dlog P_i``
@@ -56,6 +60,7 @@ from controlmd.estimators.base import (
     total_norm,
 )
 from controlmd.estimators.forward import ForwardEstimator
+from controlmd.estimators.mixed import MixedEstimator
 from controlmd.estimators.pathwise import MultiWindowEstimator, PathwiseEstimator
 from controlmd.estimators.score import ScoreEstimator, score_rollout, transition_log_prob
 
@@ -66,6 +71,7 @@ __all__ = [
     "ForwardEstimator",
     "GradientEstimate",
     "GradientEstimator",
+    "MixedEstimator",
     "MultiWindowEstimator",
     "PathwiseEstimator",
     "RolloutBatch",
@@ -81,7 +87,13 @@ __all__ = [
 
 ESTIMATORS: dict[str, type[GradientEstimator]] = {
     cls.name: cls
-    for cls in (PathwiseEstimator, ScoreEstimator, MultiWindowEstimator, ForwardEstimator)
+    for cls in (
+        PathwiseEstimator,
+        ScoreEstimator,
+        MultiWindowEstimator,
+        MixedEstimator,
+        ForwardEstimator,
+    )
 }
 """Estimator name -> class (``[train] estimator``)."""
 
@@ -91,20 +103,25 @@ def make_estimator(
 ) -> GradientEstimator:
     """The estimator registered as ``name``; an unknown name lists the valid ones.
 
-    :param chunk: replicas simulated at once (0: all); ``pathwise``, ``score`` and
-        ``multiwindow``.
-    :param windows: number of windows (``multiwindow`` only).
+    :param chunk: replicas simulated at once (0: all); ``pathwise``, ``score``,
+        ``multiwindow`` and ``mixed``.
+    :param windows: number of windows (``multiwindow`` and ``mixed``).
     :param window_weights: one weight >= 0 per window (``multiwindow`` only; default all 1).
     """
     if name not in ESTIMATORS:
         raise ControlMDError(
             f"unknown estimator {name!r}; expected one of: {', '.join(ESTIMATORS)}"
         )
-    if name != "multiwindow" and (windows != 1 or window_weights):
+    if (name not in ("multiwindow", "mixed") and windows != 1) or (
+        name != "multiwindow" and window_weights
+    ):
         raise ControlMDError(
-            f"windows / window_weights apply to estimator = 'multiwindow' only, got estimator = "
-            f"{name!r} with windows = {windows}, window_weights = {list(window_weights or [])}"
+            f"windows apply to estimator = 'multiwindow' or 'mixed', window_weights to "
+            f"'multiwindow' only; got estimator = {name!r} with windows = {windows}, "
+            f"window_weights = {list(window_weights or [])}"
         )
+    if name == "mixed":
+        return MixedEstimator(chunk=chunk, windows=windows)
     if name == "multiwindow":
         return MultiWindowEstimator(
             chunk=chunk, windows=windows, window_weights=list(window_weights or []) or None

@@ -75,13 +75,19 @@ class GradientEstimator(ABC):
     returns a :class:`GradientEstimate`."""
 
     name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Estimators the task must support for this one to apply (default: its own name)."""
 
     def check(self, task: Task[Any], protocol: Protocol, params: Sequence[nn.Parameter]) -> None:
         """Raise :class:`ControlMDError` naming why this estimator cannot train ``task``."""
-        if self.name not in task.capabilities.estimators:
+        missing = [
+            n for n in self.requires or (self.name,) if n not in task.capabilities.estimators
+        ]
+        if missing:
+            needs = "" if missing == [self.name] else f" (it needs {' and '.join(missing)})"
             raise ControlMDError(
-                f"estimator = {self.name!r} is not supported by task {task.name!r}; it supports "
-                f"{list(task.capabilities.estimators)}"
+                f"estimator = {self.name!r} is not supported by task {task.name!r}{needs}; it "
+                f"supports {list(task.capabilities.estimators)}"
             )
 
     @abstractmethod

@@ -36,7 +36,7 @@ class ScoreEstimator(_ChunkedEstimator):
         super().check(task, protocol, params)
         if protocol.field_cost_weight > 0:
             raise ControlMDError(
-                f"estimator = 'score' steps the integrator itself and does not accumulate the "
+                f"estimator = {self.name!r} steps the integrator itself and does not accumulate the "
                 f"field cost, so [protocol] field_cost_weight = {protocol.field_cost_weight!r} "
                 "would be ignored; use 'pathwise' (or 'multiwindow'), or field_cost_weight = 0"
             )
@@ -60,12 +60,19 @@ class ScoreEstimator(_ChunkedEstimator):
                 f"Langevin BAOAB; task {task.name!r} uses {type(integrator).__name__}; use 'pathwise'"
             )
 
+    def rollout(
+        self, batch: RolloutBatch, seed: int, first: int, count: int
+    ) -> tuple[State, Tensor]:
+        """Final states of replicas ``first ... first + count - 1`` (their explicit dependence
+        on the parameters kept) and ``log P`` ``[count]`` of the score-function part."""
+        return score_rollout(batch.task, batch.protocol, count, seed, first_replica=first)
+
     def segment(
         self, batch: RolloutBatch, seed: int, first: int, count: int, *, whole_batch: bool
     ) -> _SegmentGradient:
         task, params, B = batch.task, batch.params, batch.replicas
         with torch.enable_grad():
-            state, log_p = score_rollout(task, batch.protocol, count, seed, first_replica=first)
+            state, log_p = self.rollout(batch, seed, first, count)
             explicit = task.loss(state) * count
         L = per_replica_losses(task, state)
         log_p = log_p.to(torch.float64)
@@ -82,13 +89,20 @@ class ScoreEstimator(_ChunkedEstimator):
 
 
 def score_rollout(
-    task: Task[Any], protocol: Protocol, n_replicas: int, seed: int, *, first_replica: int = 0
+    task: Task[Any],
+    protocol: Protocol,
+    n_replicas: int,
+    seed: int,
+    *,
+    first_replica: int = 0,
+    n_steps: int | None = None,
 ) -> tuple[State, Tensor]:
-    """One episode along a position path held fixed for the score-function estimator.
+    """An episode (or its first ``n_steps`` steps; default the task's ``n_steps``) along a
+    position path held fixed for the score-function estimator.
 
-    :return: the final state (positions detached; momenta and accumulators with their
-        explicit dependence on the protocol) and ``log P[path | theta]`` ``[B]`` (up to a
-        constant), the sum of the transition log-densities of every step.
+    :return: the state after the last step (positions detached; momenta and accumulators
+        with their explicit dependence on the protocol) and ``log P[path | theta]`` ``[B]``
+        (up to a constant), the sum of the transition log-densities of every step.
     """
     state = task.initial_state(n_replicas, seed, first_replica=first_replica)
     integrator = task.integrator(protocol)
@@ -96,9 +110,10 @@ def score_rollout(
     # as in simulate(): the cached force is refreshed at the start and at protocol jumps,
     # and times come from the step count
     t_start = state.t
-    jumps = jump_steps(integrator, float(t_start), task.n_steps)
+    steps = task.n_steps if n_steps is None else n_steps
+    jumps = jump_steps(integrator, float(t_start), steps)
     state = integrator.prepare(state.replace(R=state.R.detach()))
-    for k in range(1, task.n_steps + 1):
+    for k in range(1, steps + 1):
         if isinstance(integrator, Langevin):
             state, lp = integrator.score_step(state)
         else:
