@@ -9,8 +9,8 @@ Usage::
 Each (estimator, replicas) pair runs in its own subprocess (so peak RSS is its own): it
 builds the experiment's task and protocol, then times one
 ``Trainer.estimate_gradient`` (a training iteration's gradient; ``score`` on the task's
-configured loss, ``pathwise`` and ``multiwindow`` on the smooth surrogate, ``multiwindow``
-with ``--windows`` windows) and reads the process's peak resident set size (``VmHWM``)
+configured loss, ``pathwise``, ``multiwindow`` and ``mixed`` on the smooth surrogate, the last
+two with ``--windows`` windows) and reads the process's peak resident set size (``VmHWM``)
 before and after. With ``--chunk`` > 0 the estimators simulate blocks of that many
 replicas (``[train] chunk``), so the peak should not grow with the replica count;
 ``pathwise`` is also run with ``chunk = 0`` (``pathwise_whole``), today's default, for
@@ -49,7 +49,7 @@ protocol = build_protocol(cfg, task)
 name = "pathwise" if estimator == "pathwise_whole" else estimator
 train = cfg["train"]
 trainer = Trainer(task, protocol, replicas=replicas, estimator=name, chunk=chunk,
-                  windows=windows if name == "multiwindow" else 1, variance_every=0,
+                  windows=windows if name in ("multiwindow", "mixed") else 1, variance_every=0,
                   gradient=train["gradient"], window=train["window"] or None)
 before = hwm()
 t0 = time.perf_counter()

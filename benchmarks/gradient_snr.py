@@ -24,7 +24,8 @@ groups (seeds ``--seed + g``); per piece ``k``:
 
 Estimators (``--estimators``):
 
-* ``pathwise``: the task's smooth surrogate differentiated through the whole horizon;
+* ``pathwise``: the task's smooth surrogate differentiated through the whole horizon (in
+  blocks of ``--chunk`` replicas: the same gradient, bounded memory);
 * ``last_window``: the same, truncated to the last ``--window`` steps (``[train] window``
   of the experiment when it truncates, else one piece): today's practice;
 * ``multiwindow``: ``--pieces`` windows (one per piece), each window's surrogate at its end;
@@ -342,7 +343,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
                 per_group,
                 args.groups,
                 args.seed,
-                args.chunk if name in ("multiwindow", "mixed") else 0,
+                args.chunk,
                 args.pieces,
             )
         mean, se = G.mean(0), G.std(0) / math.sqrt(args.groups)
