@@ -79,6 +79,16 @@ def _select(R: Tensor, index: Tensor | None, bounds: tuple[int, int], name: str)
     return R[:, index]
 
 
+def _sum_squares(dR: Tensor) -> Tensor:
+    """``sum dR^2`` over the last two dimensions of ``dR`` ``[B, n, d]`` -> ``[B]``. One
+    particle in 1-D (``n d = 1``) takes no reduction (a reduction over [B, 1, 1] costs
+    several elementwise operations): the sum of one square is that square, bit for bit."""
+    sq = dR * dR
+    if sq.shape[-1] * sq.shape[-2] == 1:
+        return sq.reshape(sq.shape[:-2])
+    return sq.sum(dim=(-1, -2))
+
+
 def _bounds(index: Tensor | None) -> tuple[int, int]:
     return (0, -1) if index is None else (int(index.min()), int(index.max()))
 
@@ -214,7 +224,7 @@ class HarmonicTrap(Potential):
         needs the energy several times at one time evaluates the protocol once)."""
         X = _select(R, self.particles, self._bounds, "particles")
         dR = self.space.displacement(X, center)
-        return 0.5 * stiffness * (dR * dR).sum(dim=(-1, -2))
+        return 0.5 * stiffness * _sum_squares(dR)
 
     def energy_and_forces(
         self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
@@ -228,7 +238,7 @@ class HarmonicTrap(Potential):
             return super().energy_and_forces(R, t, create_graph=create_graph)
         half_k = 0.5 * self.stiffness_at(t, R)
         dR = R - self.center_at(t, R)
-        E = half_k * (dR * dR).sum(dim=(-1, -2))
+        E = half_k * _sum_squares(dR)
         g = (half_k.view(-1, 1, 1) if half_k.ndim == 1 else half_k) * dR
         return E.detach(), (g + g).neg_().detach()
 
