@@ -239,18 +239,55 @@ class Brownian(Integrator):
         """Exact OU displacement ``x_{n+1} - x_n`` under the trap's stiffness ``k`` (``[]``
         or ``[B]``) and centre ``c`` (from :meth:`HarmonicTrap.center_at`)."""
         trap: HarmonicTrap = self.potential  # type: ignore[assignment]
+        if trap.particles is None:
+            drift_factor, amplitude = self._ou_factors(R, k, kT, mu)
+            return drift_factor * trap.space.displacement(R, c) + amplitude * xi
         k = per_replica(k, R)
         decay = torch.exp(-mu * k * self.dt)
         drift = (decay - 1.0) * trap.space.displacement(R, c)
         var = kT / k * (1.0 - decay * decay)
-        if trap.particles is not None:
-            trapped = torch.zeros(1, R.shape[1], 1, dtype=torch.bool, device=R.device)
-            trapped[:, trap.particles.to(R.device)] = True
-            drift = torch.where(trapped, drift, torch.zeros_like(drift))
-            var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
+        trapped = torch.zeros(1, R.shape[1], 1, dtype=torch.bool, device=R.device)
+        trapped[:, trap.particles.to(R.device)] = True
+        drift = torch.where(trapped, drift, torch.zeros_like(drift))
+        var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
+        return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
+
+    def _ou_factors(self, R: Tensor, k: Tensor, kT: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """``(e^{-mu k dt} - 1, sqrt(kT/k (1 - e^{-2 mu k dt})))``, broadcastable against
+        ``R``: the exact OU step is ``x += drift_factor (x - c) + amplitude xi``. Computed
+        once per dtype and device when the stiffness is a fixed tensor and ``kT`` a number
+        (no graph either way), else at every step."""
+        trap: HarmonicTrap = self.potential  # type: ignore[assignment]
+        stiffness, gamma = trap.stiffness, self._gamma
+        key = None
+        if (
+            isinstance(stiffness, Tensor)
+            and not stiffness.requires_grad
+            and isinstance(self.kT, int | float)
+        ):
+            key = (
+                R.dtype,
+                R.device,
+                self.dt,
+                self.kT,
+                stiffness.data_ptr(),
+                stiffness._version,
+                gamma.data_ptr(),
+                gamma._version,
+            )
+            hit = self.__dict__.get("_ou_cache")
+            if hit is not None and hit[0] == key:
+                cached: tuple[Tensor, Tensor] = hit[1]
+                return cached
+        k = per_replica(k, R)
+        decay = torch.exp(-mu * k * self.dt)
+        var = kT / k * (1.0 - decay * decay)
         # clamped: at kT = 0 the variance is 0 and sqrt's infinite slope would turn the
         # gradient in a learnable stiffness into NaN (no effect on any variance > 1e-308)
-        return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
+        factors = (decay - 1.0, torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)))
+        if key is not None:
+            self.__dict__["_ou_cache"] = (key, factors)
+        return factors
 
 
 def _check_trap(potential: Potential) -> None:
