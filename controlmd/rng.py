@@ -225,7 +225,8 @@ def _uniform_pairs(
 def _uniform_pairs_words(
     block_low: Tensor, block_high: Tensor | int, seed_low: Tensor, seed_high: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_uniform_pairs` word by word (:func:`_philox_words`), for ``torch.compile``."""
+    """:func:`_uniform_pairs` word by word (:func:`_philox_words`): what ``torch.compile``
+    fuses, and the eager form for large draws (same bits)."""
     w0, w1, w2, w3 = _philox_words(block_low.view(1, -1), block_high, seed_low, seed_high)
     u0 = ((w0 << 21) | (w1 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
     u1 = ((w2 << 21) | (w3 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)

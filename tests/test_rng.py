@@ -22,7 +22,7 @@ from controlmd.rng import (
     ReplicaRNG,
     _philox_words,
     _uniform_pairs,
-    _uniform_pairs_fused,
+    _uniform_pairs_words,
     compile_philox,
     default_rng_kind,
     philox4x32,
@@ -321,5 +321,5 @@ def test_stacked_philox_equals_the_word_form() -> None:
     seeds = torch.randint(0, 2**32, (5, 2), generator=g, dtype=torch.int64)
     for high in (block >> 32, 1):
         args = (block & 0xFFFFFFFF, high, seeds[:, :1], seeds[:, 1:])
-        for a, b in zip(_uniform_pairs(*args), _uniform_pairs_fused(*args)):
+        for a, b in zip(_uniform_pairs(*args), _uniform_pairs_words(*args)):
             assert torch.equal(a, b)
