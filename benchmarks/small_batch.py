@@ -17,8 +17,9 @@ Workloads (built from the shipped tasks; reduced units of each task):
   global generator, work accumulated in the overdamped case).
 
 ``--rng philox-compiled`` times philox streams drawn by the ``torch.compile``-d block
-kernel (:func:`controlmd.rng.compile_philox`; bit-identical streams), compile time
-excluded (one untimed run first).
+kernel (:func:`controlmd.rng.compile_philox`; bit-identical streams), ``philox-fused``
+with the Box–Muller transform compiled into it too (``compile_philox(box_muller=True)``:
+normals within ~2 ulp of the eager ones), compile time excluded (one untimed run first).
 
 Rates are replica-steps per second, B * steps / wall, the median of ``--repeats`` runs
 interleaved across engines and RNG kinds (controlmd with ``rng = "mt19937"`` and
@@ -98,8 +99,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--rng",
         nargs="+",
         default=["mt19937", "philox"],
-        choices=("mt19937", "philox", "philox-compiled"),
-        help="noise streams; philox-compiled: philox with controlmd.rng.compile_philox()",
+        choices=("mt19937", "philox", "philox-compiled", "philox-fused"),
+        help="noise streams; philox-compiled: philox with controlmd.rng.compile_philox(); "
+        "philox-fused: compile_philox(box_muller=True)",
     )
     p.add_argument(
         "--forces",
@@ -179,7 +181,8 @@ def controlmd_case(
         integ = task.integrator(proto)
     integ = integ.to(device=device, dtype=dtype)
 
-    kind = "philox" if rng == "philox-compiled" else rng
+    kind = "philox" if rng.startswith("philox") else rng
+    compiled = rng in ("philox-compiled", "philox-fused")
 
     def fresh_state() -> Any:
         with use_rng(kind):
@@ -206,7 +209,7 @@ def controlmd_case(
         return s
 
     def run() -> dict[str, Any]:
-        compile_philox(rng == "philox-compiled")
+        compile_philox(compiled, box_muller=rng == "philox-fused")
         try:
             return timed()
         finally:
@@ -234,7 +237,7 @@ def controlmd_case(
         out["wall_s"] = time.perf_counter() - t0
         return out
 
-    if rng == "philox-compiled":
+    if compiled:
         run()  # compiles the kernel for this run's shapes (excluded, like JAX's compile)
     return run
 

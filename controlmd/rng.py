@@ -136,6 +136,60 @@ def philox4x32(
     products are exact: int64 multiplication wraps modulo 2**64, and the high word is read
     with a masked shift.
     """
+    device = next(c.device for c in (c0, c1, c2, c3) if isinstance(c, Tensor))
+    w0, w1, w2, w3 = torch.broadcast_tensors(
+        *(torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c0, c1, c2, c3))
+    )
+    x, y = torch.stack((w0, w2)), torch.stack((w3, w1))
+    t, y = _philox_stacked(x, y)
+    return t[1], y[1], t[0], y[0]
+
+
+def _philox_constants(device: torch.device, ndim: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The multipliers ``[M0, M1]`` and the flipped round keys ``[k1_r, k0_r]`` of
+    :func:`_philox_stacked` as int64 ``[2, 1, ...]`` tensors of ``ndim`` dimensions on
+    ``device`` (built once per device and ``ndim``)."""
+    hit = _CONSTANTS.get((device, ndim))
+    if hit is None:
+        shape = (2,) + (1,) * (ndim - 1)
+        m = torch.tensor(_PHILOX_M, dtype=torch.int64, device=device).view(shape)
+        keys = tuple(
+            torch.tensor((k1, k0), dtype=torch.int64, device=device).view(shape)
+            for k0, k1 in _ROUND_KEYS
+        )
+        hit = _CONSTANTS[(device, ndim)] = (m, keys)
+    return hit
+
+
+_CONSTANTS: dict[tuple[torch.device, int], tuple[Tensor, tuple[Tensor, ...]]] = {}
+
+
+def _philox_stacked(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The ten Philox rounds on the counter words held two by two, for eager dispatch:
+    ``x = [c0, c2]`` (the multiplied words) and ``y = [c3, c1]`` (int64 ``[2, ...]``,
+    broadcastable, values in ``[0, 2**32)``). Returns ``(t, y)`` with ``t = [w2, w0]``
+    and ``y = [w3, w1]``, the output words, int64 ``[2, ...]``.
+
+    One round is ``(c0, c1, c2, c3) -> (hi(c2 M1) ^ c1 ^ k0, lo(c2 M1), hi(c0 M0) ^ c3 ^ k1,
+    lo(c0 M0))``: with ``P = [c0 M0, c2 M1]``, the new ``[c3, c1]`` is ``lo(P)`` and the
+    new ``[c2, c0]`` is ``hi(P) ^ y ^ [k1, k0]``, flipped to ``[c0, c2]`` for the next
+    multiplication: 7 tensor operations per round instead of 12 for the four words apart.
+    """
+    m, keys = _philox_constants(x.device, max(x.ndim, y.ndim))
+    t = x
+    for r, k in enumerate(keys):
+        p = (t if r == 0 else t.flip(0)) * m
+        t = (p >> 32).bitwise_and_(_M32).bitwise_xor_(y).bitwise_xor_(k)
+        y = p.bitwise_and_(_M32)
+    return t, y
+
+
+def _philox_words(
+    c0: Tensor, c1: Tensor | int, c2: Tensor, c3: Tensor | int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`philox4x32` written word by word with Python-int constants (same words, bit
+    for bit): the form ``torch.compile`` fuses into one elementwise loop, and the faster
+    eager form for large draws (:data:`_STACKED_MAX_BLOCKS`)."""
     for k0, k1 in _ROUND_KEYS:
         p0 = c0 * _PHILOX_M[0]
         p1 = c2 * _PHILOX_M[1]
@@ -145,32 +199,100 @@ def philox4x32(
     return c0, c1, c2, c3  # type: ignore[return-value]
 
 
+_STACKED_MAX_BLOCKS = 1 << 17
+"""Eager draws of fewer blocks (replicas x blocks per replica) use the stacked rounds of
+:func:`_philox_stacked` (fewer, dispatch-bound operations: 0.70 against 0.81 ms for 512 x 7
+blocks), larger ones the word-by-word form (the stacked form's flips and doubled tensors
+cost more than the dispatch they save: 283 against 257 ms for 10^6 blocks)."""
+
+
 def _uniform_pairs(
     block_low: Tensor, block_high: Tensor | int, seed_low: Tensor, seed_high: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Philox blocks -> two 53-bit uniforms each (float64 ``[B, count]``, exact)."""
-    w0, w1, w2, w3 = philox4x32(block_low.view(1, -1), block_high, seed_low, seed_high)
+    """Philox blocks -> their two 53-bit uniforms ``U(2b), U(2b+1)`` (float64 ``[B, count]``
+    each, exact), in the stacked form of :func:`_philox_stacked` (eager draws).
+
+    ``block_low`` ``[count]`` and ``block_high`` (an int, or ``[count]``) are the block
+    index's 32-bit halves, ``seed_low`` and ``seed_high`` ``[B, 1]`` the replica seed's."""
+    x = torch.stack(torch.broadcast_tensors(block_low.view(1, -1), seed_low))
+    high = torch.as_tensor(block_high, device=seed_high.device)
+    y = torch.stack(torch.broadcast_tensors(seed_high, high.view(1, -1) if high.ndim else high))
+    t, y = _philox_stacked(x, y)
+    u = ((t << 21) | (y >> 11)).to(torch.float64).mul_(_TWO_POW_M53)  # [U(2b+1), U(2b)]
+    return u[1], u[0]
+
+
+def _uniform_pairs_words(
+    block_low: Tensor, block_high: Tensor | int, seed_low: Tensor, seed_high: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_uniform_pairs` word by word (:func:`_philox_words`): what ``torch.compile``
+    fuses, and the eager form for large draws (same bits)."""
+    w0, w1, w2, w3 = _philox_words(block_low.view(1, -1), block_high, seed_low, seed_high)
     u0 = ((w0 << 21) | (w1 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
     u1 = ((w2 << 21) | (w3 >> 11)).to(torch.float64).mul_(_TWO_POW_M53)
     return u0, u1
 
 
-_COMPILE: dict[str, Any] = {"enabled": False, "kernel": None}
+def _box_muller(u0: Tensor, u1: Tensor) -> Tensor:
+    """Uniforms ``U(2b), U(2b+1)`` ``[B, count]`` (float64, overwritten) -> the block's two
+    standard normals ``sqrt(-2 log(1 - U(2b))) (cos, sin)(2 pi U(2b+1))``, interleaved as
+    slots: float64 ``[B, 2 count]``. Eager draws: the products are written into the
+    interleaved result (``torch.stack`` along a new last dimension is a slow strided copy,
+    23 ms for 10^6 blocks)."""
+    radius = u0.neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # u0 in [0, 1) -> 1 - u0 > 0
+    angle = u1.mul_(2.0 * math.pi)
+    z = radius.new_empty(*radius.shape, 2)
+    torch.mul(radius, torch.cos(angle), out=z[..., 0])
+    torch.mul(radius, torch.sin(angle), out=z[..., 1])
+    return z.view(z.shape[0], -1)
 
 
-def compile_philox(enabled: bool = True) -> None:
-    """Draw philox blocks with a ``torch.compile``-d kernel (one fused loop instead of ~130
-    tensor operations per draw; the integer arithmetic is exact, so the streams are
-    bit-identical to the eager ones). The first draw of each new shape class compiles
-    (tens of seconds to minutes on a CPU, needs a C++ compiler there); off by default.
+def _box_muller_fused(u0: Tensor, u1: Tensor) -> Tensor:
+    """:func:`_box_muller`'s arithmetic in the form ``torch.compile`` fuses (``stack``)."""
+    radius = (1.0 - u0).log() * -2.0
+    radius = radius.sqrt()
+    angle = u1 * (2.0 * math.pi)
+    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
+    return z.view(z.shape[0], -1)
+
+
+def _normal_pairs_words(
+    block_low: Tensor, block_high: Tensor | int, seed_low: Tensor, seed_high: Tensor
+) -> Tensor:
+    """The two normals of each Philox block (arguments as :func:`_uniform_pairs`),
+    interleaved as slots, float64 ``[B, 2 count]``, in the word-by-word form: what
+    ``compile_philox(box_muller=True)`` compiles (Philox rounds, uniforms and Box–Muller
+    in one kernel)."""
+    return _box_muller_fused(*_uniform_pairs_words(block_low, block_high, seed_low, seed_high))
+
+
+_COMPILE: dict[str, Any] = {"enabled": False, "box_muller": False}
+
+
+def compile_philox(enabled: bool = True, *, box_muller: bool = False) -> None:
+    """Draw philox blocks with ``torch.compile``-d kernels: the Philox rounds and the
+    uniforms fused in one loop instead of ~75 tensor operations per draw. The integer
+    arithmetic is exact, so the streams are bit-identical to the eager ones (slow test
+    ``test_compiled_philox_is_bit_identical``). The first draw of each new shape class
+    compiles (tens of seconds to minutes on a CPU, needs a C++ compiler there); off by
+    default.
+
+    ``box_muller=True`` also compiles the Box–Muller transform of normal draws into the
+    kernel. The compiled ``log``/``cos``/``sin`` are not the eager ones: such normals
+    differ from the eager (and default compiled) stream's by up to ~2 ulp (measured: 4 %
+    of them differ, by at most 2.1 ulp; slow test ``test_fused_box_muller_normals``); they
+    remain a per-replica stream, independent of the batch. Uniforms are unchanged.
     """
     _COMPILE["enabled"] = bool(enabled)
+    _COMPILE["box_muller"] = bool(enabled and box_muller)
 
 
-def _compiled_kernel() -> Callable[..., tuple[Tensor, Tensor]]:
-    if _COMPILE["kernel"] is None:
-        _COMPILE["kernel"] = torch.compile(_uniform_pairs, dynamic=True)
-    return _COMPILE["kernel"]
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``torch.compile``-d ``fn`` (compiled once per process, shapes dynamic)."""
+    key = fn.__name__
+    if key not in _COMPILE:
+        _COMPILE[key] = torch.compile(fn, dynamic=True)
+    return _COMPILE[key]
 
 
 class ReplicaRNG:
@@ -283,19 +405,31 @@ class ReplicaRNG:
             ]
         )
 
-    def _philox_blocks(self, first: int, count: int) -> tuple[Tensor, Tensor]:
-        """The two uniforms ``U(2b), U(2b+1)`` of blocks ``first ... first+count-1`` of
-        every replica: two float64 tensors ``[B, count]`` in ``[0, 1)``."""
+    def _block_args(self, first: int, count: int) -> tuple[Tensor, Tensor | int, Tensor, Tensor]:
+        """The counter words of blocks ``first ... first+count-1`` of every replica: the
+        block index's low word ``[count]`` and high word (an int when all blocks share it,
+        else ``[count]``), and the replica seeds' two words ``[B, 1]``."""
         block = torch.arange(first, first + count, dtype=torch.int64, device=self.device)
         high = first >> 32 if (first + count - 1) >> 32 == first >> 32 else block >> 32
-        kernel = _compiled_kernel() if _COMPILE["enabled"] else _uniform_pairs
-        return kernel(block & _M32, high, *self._seed_words)
+        return (block & _M32, high, *self._seed_words)
+
+    def _uniform_kernel(self, count: int) -> Callable[..., tuple[Tensor, Tensor]]:
+        """What draws ``count`` blocks per replica as uniform pairs: the compiled kernel
+        (:func:`compile_philox`), else the eager form that is faster at this size (both
+        give the same bits)."""
+        if _COMPILE["enabled"]:
+            return _compiled(_uniform_pairs_words)
+        return (
+            _uniform_pairs
+            if count * self.n_replicas < _STACKED_MAX_BLOCKS
+            else _uniform_pairs_words
+        )
 
     def _philox_uniforms(self, m: int) -> Tensor:
         """Slots ``position ... position+m-1`` as uniforms ``[B, m]``; advances the stream."""
         p = self.position
         first, last = p // 2, (p + m - 1) // 2
-        u0, u1 = self._philox_blocks(first, last - first + 1)
+        u0, u1 = self._uniform_kernel(last - first + 1)(*self._block_args(first, last - first + 1))
         u = torch.stack((u0, u1), dim=-1).view(self.n_replicas, -1)[:, p % 2 : p % 2 + m]
         self.position, self._spare = p + m, None
         return u
@@ -315,11 +449,11 @@ class ReplicaRNG:
         self._spare = None
         if m > 0:
             first, last = p // 2, (p + m - 1) // 2
-            u0, u1 = self._philox_blocks(first, last - first + 1)
-            radius = u0.neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # u0 in [0, 1) -> 1 - u0 > 0
-            angle = u1.mul_(2.0 * math.pi)
-            z = torch.stack((radius * torch.cos(angle), radius.mul_(torch.sin(angle))), dim=-1)
-            z = z.view(self.n_replicas, -1)
+            args = self._block_args(first, last - first + 1)
+            if _COMPILE["box_muller"]:
+                z = _compiled(_normal_pairs_words)(*args)
+            else:
+                z = _box_muller(*self._uniform_kernel(last - first + 1)(*args))
             offset = p % 2
             end = offset + m
             if end < z.shape[1]:

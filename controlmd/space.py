@@ -43,6 +43,12 @@ class Space:
     def periodic(self) -> bool:
         return self.box is not None
 
+    @property
+    def is_free(self) -> bool:
+        """Built by :func:`free`: the displacement is the plain difference ``Ra - Rb``, whose
+        derivative is the identity (analytic forces use this)."""
+        return self.displacement is _free_displacement and self.box is None
+
     def __iter__(self) -> Iterator[Callable[[Tensor, Tensor], Tensor]]:
         yield self.displacement
         yield self.shift
@@ -70,16 +76,17 @@ class Space:
             )
 
 
+def _free_displacement(Ra: Tensor, Rb: Tensor) -> Tensor:
+    return Ra - Rb
+
+
+def _free_shift(R: Tensor, dR: Tensor) -> Tensor:
+    return R + dR
+
+
 def free() -> Space:
     """Free (non-periodic) space: plain differences, no wrapping."""
-
-    def displacement(Ra: Tensor, Rb: Tensor) -> Tensor:
-        return Ra - Rb
-
-    def shift(R: Tensor, dR: Tensor) -> Tensor:
-        return R + dR
-
-    return Space(displacement, shift, None)
+    return Space(_free_displacement, _free_shift, None)
 
 
 def periodic(box: float | Tensor | list[float], *, dim: int | None = None) -> Space:

@@ -555,3 +555,33 @@ def test_neural_pair_grid_interpolation_converges_at_fourth_order_with_its_gradi
     g_grid = torch.autograd.grad(E_grid.sum(), list(gridded.mlp.parameters()))
     for a, b in zip(g_exact, g_grid):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_harmonic_trap_closed_form_forces_are_autograd_bits(dtype: torch.dtype) -> None:
+    """Without a force graph, HarmonicTrap's closed-form forces (free space, all particles)
+    are the bits autograd gives, for fixed, protocol and per-replica stiffness, down to
+    subnormal displacements; with a graph (or selected particles) autograd is used."""
+    from controlmd.potentials.base import _autograd_energy_and_forces
+    from controlmd.protocols import HeldControl
+
+    held = HeldControl(dim=1, t_final=1.0)
+    held.set(torch.tensor([[0.7], [1.3], [2.0]], dtype=torch.float64))
+    traps = [
+        HarmonicTrap(1.7, [0.3, -0.2]),
+        HarmonicTrap(0.37, PiecewiseConstant(dim=2, t_final=1.0, n_pieces=2, low=-1.0, high=1.0)),
+        HarmonicTrap(held, [0.1, 0.2]),
+    ]
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    for trap in traps:
+        trap = trap.to(dtype)
+        for scale in (1.0, 1e3, 1e-160):
+            R = (torch.randn(3, 4, 2, generator=g, dtype=torch.float64) * scale).to(dtype)
+            E0, F0 = _autograd_energy_and_forces(trap, R, t, create_graph=False)
+            with torch.no_grad():
+                E1, F1 = trap.energy_and_forces(R, t)
+            assert torch.equal(E0, E1) and torch.equal(F0, F1)
+    R = torch.randn(3, 4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    _, F = HarmonicTrap(1.0, [0.0, 0.0]).energy_and_forces(R, t, create_graph=True)
+    assert F.requires_grad

@@ -20,6 +20,9 @@ from controlmd.protocols import make_protocol
 from controlmd.rng import (
     SEED_STRIDE,
     ReplicaRNG,
+    _philox_words,
+    _uniform_pairs,
+    _uniform_pairs_words,
     compile_philox,
     default_rng_kind,
     philox4x32,
@@ -275,3 +278,48 @@ def test_compiled_philox_is_bit_identical() -> None:
     for a, b in zip(ref, got):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.slow
+def test_fused_box_muller_normals() -> None:
+    """compile_philox(box_muller=True): normals within 3 ulp of the eager ones (the
+    compiled log/cos/sin are not the eager ones), uniforms bit-identical, and still one
+    stream per replica: replica i of a batch = a one-replica run, float32 = float64
+    rounded."""
+    B = 1000
+    eager = ReplicaRNG(9, B, kind="philox")
+    ref = [eager.randn(3), eager.rand(2), eager.randn(1, 1), eager.randn(2)]
+    compile_philox(True, box_muller=True)
+    try:
+        fused = ReplicaRNG(9, B, kind="philox")
+        got = [fused.randn(3), fused.rand(2), fused.randn(1, 1), fused.randn(2)]
+        ones = []
+        for i in (0, 517, B - 1):
+            one = ReplicaRNG(replica_seed(9, i), 1, kind="philox")
+            ones.append([one.randn(3), one.rand(2), one.randn(1, 1), one.randn(2)])
+        single = ReplicaRNG(9, B, kind="philox").randn(3, dtype=torch.float32)
+    finally:
+        compile_philox(False)
+    assert torch.equal(ref[1], got[1])
+    for x, y in zip(ref, got):
+        assert ((x - y).abs() <= 3 * torch.finfo(F64).eps * x.abs()).all()
+    for i, one in zip((0, 517, B - 1), ones):
+        for x, y in zip(got, one):
+            assert torch.equal(x[i], y[0])
+    assert torch.equal(single, got[0].float())
+
+
+def test_stacked_philox_equals_the_word_form() -> None:
+    """The eager draws' stacked rounds (two words per tensor) and the word-by-word form
+    that torch.compile fuses give the same words and uniforms, bit for bit, including
+    counters whose block index crosses 2**32."""
+    g = torch.Generator().manual_seed(0)
+    c = [torch.randint(0, 2**32, (257,), generator=g, dtype=torch.int64) for _ in range(4)]
+    for a, b in zip(philox4x32(*c), _philox_words(*c)):
+        assert torch.equal(a, b)
+    block = torch.arange(2**32 - 3, 2**32 + 4, dtype=torch.int64)
+    seeds = torch.randint(0, 2**32, (5, 2), generator=g, dtype=torch.int64)
+    for high in (block >> 32, 1):
+        args = (block & 0xFFFFFFFF, high, seeds[:, :1], seeds[:, 1:])
+        for a, b in zip(_uniform_pairs(*args), _uniform_pairs_words(*args)):
+            assert torch.equal(a, b)

@@ -135,3 +135,24 @@ def test_bad_arguments() -> None:
         TrapDrag(method="euler_maruyama", k=50.0, n_steps=10)
     with pytest.raises(ControlMDError, match="lambda_f must be a finite number"):
         TrapDrag(lambda_f=float("nan"))
+
+
+@pytest.mark.parametrize("method", ["exact_ou", "euler_maruyama"])
+def test_trajectory_bits_do_not_depend_on_grad_mode(method: str) -> None:
+    """Without a graph the exact-OU step reads the trap's controls once per step; with one
+    each term reads them itself: positions, work and heat are the same bits."""
+    task = TrapDrag(n_steps=40, method=method)
+    proto = make_protocol("chebyshev", dim=1, t_final=1.0, degree=3, init=[0.0, 5.0, 1.0, -0.5])
+    integ = task.integrator(proto)
+    finals = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            state = task.initial_state(6, 2)
+            for _ in range(task.n_steps):
+                state = integ.step(state)
+        finals.append(state)
+    a, b = finals
+    assert b.aux["work"].requires_grad
+    for key in ("work", "heat"):
+        assert torch.equal(a.aux[key], b.aux[key].detach())
+    assert torch.equal(a.R, b.R.detach())

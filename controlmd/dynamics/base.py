@@ -291,9 +291,12 @@ class Integrator(nn.Module, ABC):
         control is continuous)."""
         return self.potential.energy(R, t + self.t_eps) - self.potential.energy(R, t - self.t_eps)
 
-    def _is_closing(self, t: Tensor) -> bool:
+    def _is_closing(self, t: Tensor, closing: list[float] | None = None) -> bool:
+        """Whether ``t`` is a closing jump (``closing``: :func:`closing_jumps` of ``self``,
+        when the caller has it already)."""
         tv = float(t)
-        return any(abs(tv - c) <= 10 * self.t_eps for c in closing_jumps(self))
+        closing = closing_jumps(self) if closing is None else closing
+        return any(abs(tv - c) <= 10 * self.t_eps for c in closing)
 
     def opening_jump_work(self, R: Tensor, t: Tensor) -> Tensor:
         """Work ``[B]`` of a jump at the start ``t`` of a step, at ``R`` ``[B, N, d]`` (zero

@@ -53,6 +53,7 @@ from controlmd.dynamics.base import (
     Schedule,
     State,
     check_schedule,
+    closing_jumps,
     evaluate_schedule,
     per_replica,
 )
@@ -126,15 +127,19 @@ class Brownian(Integrator):
         self.track_work = bool(track_work)
 
     def mobility_like(self, R: Tensor) -> Tensor:
-        """Mobility ``mu = 1/gamma`` broadcastable against ``R`` ``[B, N, d]``."""
-        g = self._gamma.to(R)
-        if g.ndim == 1:
-            if g.shape[0] != R.shape[1]:
-                raise ControlMDError(
-                    f"gamma has {g.shape[0]} entries but there are N = {R.shape[1]} particles"
-                )
-            g = g.view(1, -1, 1)
-        return 1.0 / g
+        """Mobility ``mu = 1/gamma`` broadcastable against ``R`` ``[B, N, d]`` (converted to
+        ``R``'s dtype and device once, not at every step; read-only)."""
+        g = self._gamma
+        if g.ndim == 1 and g.shape[0] != R.shape[1]:
+            raise ControlMDError(
+                f"gamma has {g.shape[0]} entries but there are N = {R.shape[1]} particles"
+            )
+        key = (R.dtype, R.device, g.data_ptr(), g._version)
+        hit = self.__dict__.get("_mobility_like")
+        if hit is None or hit[0] != key:
+            mu = 1.0 / g.to(R)
+            hit = self.__dict__["_mobility_like"] = (key, mu.view(1, -1, 1) if mu.ndim else mu)
+        return hit[1]
 
     def control_schedules(self) -> dict[str, tuple[Schedule, bool]]:
         return {"kT": (self.kT, True)}
@@ -173,47 +178,116 @@ class Brownian(Integrator):
         kT = per_replica(evaluate_schedule(self.kT, tc), R)
         mu = self.mobility_like(R)
         xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
+        E_end = None
         if self.method == "euler_maruyama":
             E1, F = self.potential.energy_and_forces(R, tc)
             dR = mu * F * self.dt + torch.sqrt(2.0 * kT * mu * self.dt) * xi
-        else:
+            R1 = self.space.shift(R, dR)
+        elif torch.is_grad_enabled():  # each term reads the protocol itself: the graph,
+            # and the order in which backward sums the gradients, stay those of separate reads
+            trap: HarmonicTrap = self.potential  # type: ignore[assignment]
             if self.track_work:
-                E1 = self.potential.energy(R, tc)
-            dR = self._ou_displacement(R, tc, kT, mu, xi)
-        R1 = self.space.shift(R, dR)
+                E1 = trap.energy(R, tc)
+            k, c = trap.stiffness_at(tc, R), trap.center_at(tc, R)
+            R1 = self.space.shift(R, self._ou_displacement(R, k, c, kT, mu, xi))
+        else:  # no graph: the trap's controls at tc, read once for the move and both energies
+            trap = self.potential  # type: ignore[assignment]
+            k, c = trap.stiffness_at(tc, R), trap.center_at(tc, R)
+            if self.track_work:
+                E1 = trap.energy_at(R, k, c)
+            R1 = self.space.shift(R, self._ou_displacement(R, k, c, kT, mu, xi))
+            if self.track_work:
+                E_end = trap.energy_at(R1, k, c)
         if self.track_work:
-            aux = self._account(aux, R, R1, t, t1, E1)
+            aux = self._account(aux, R, R1, t, t1, E1, E_end)
         return state.replace(R=R1, t=t1, step=state.step + 1, aux=aux)
 
     def _account(
-        self, aux: dict[str, Tensor], R: Tensor, R1: Tensor, t: Tensor, t1: Tensor, E1: Tensor
+        self,
+        aux: dict[str, Tensor],
+        R: Tensor,
+        R1: Tensor,
+        t: Tensor,
+        t1: Tensor,
+        E1: Tensor,
+        E_end: Tensor | None,
     ) -> dict[str, Tensor]:
         """Work and heat of one step (module docstring): the control change at ``x_n``
         (from ``t_n^-``, or ``t_n^+`` after a closing jump, to ``t_{n+1}^-``), the heat
-        ``E(x_n) - E(x_{n+1})`` released by the move under the control of the step, and a
-        closing jump at ``t_{n+1}`` at ``x_{n+1}``."""
-        zeros = R.new_zeros(R.shape[0])
-        t_before = t + self.t_eps if self._is_closing(t) else t - self.t_eps
-        work = aux.get("work", zeros) + E1 - self.potential.energy(R, t_before)
-        heat = aux.get("heat", zeros) + E1 - self.potential.energy(R1, t1 - self.t_eps)
-        return {**aux, "work": work + self.closing_jump_work(R1, t1), "heat": heat}
+        ``E(x_n) - E(x_{n+1})`` released by the move under the control of the step (``E1``
+        and ``E_end`` ``[B]``, the latter computed here when ``None``), and a closing jump
+        at ``t_{n+1}`` at ``x_{n+1}``."""
+        closing = closing_jumps(self)
+        t_before = t + self.t_eps if self._is_closing(t, closing) else t - self.t_eps
+        if E_end is None:
+            E_end = self.potential.energy(R1, t1 - self.t_eps)
+        work, heat = aux.get("work"), aux.get("heat")
+        if work is None or heat is None:
+            zeros = R.new_zeros(R.shape[0])
+            work, heat = aux.get("work", zeros), aux.get("heat", zeros)
+        work = work + E1 - self.potential.energy(R, t_before)
+        heat = heat + E1 - E_end
+        # a closing jump's work; elsewhere closing_jump_work's zeros were added, which
+        # changed no bit (work is never -0.0: E1 >= +0)
+        if self._is_closing(t1, closing):
+            work = work + self.control_jump_work(R1, t1)
+        return {**aux, "work": work, "heat": heat}
 
-    def _ou_displacement(self, R: Tensor, t1: Tensor, kT: Tensor, mu: Tensor, xi: Tensor) -> Tensor:
-        """Exact OU displacement ``x_{n+1} - x_n`` under the trap's control at ``t1``."""
+    def _ou_displacement(
+        self, R: Tensor, k: Tensor, c: Tensor, kT: Tensor, mu: Tensor, xi: Tensor
+    ) -> Tensor:
+        """Exact OU displacement ``x_{n+1} - x_n`` under the trap's stiffness ``k`` (``[]``
+        or ``[B]``) and centre ``c`` (from :meth:`HarmonicTrap.center_at`)."""
         trap: HarmonicTrap = self.potential  # type: ignore[assignment]
-        k = per_replica(trap.stiffness_at(t1, R), R)
-        c = trap.center_at(t1, R)
+        if trap.particles is None:
+            drift_factor, amplitude = self._ou_factors(R, k, kT, mu)
+            return drift_factor * trap.space.displacement(R, c) + amplitude * xi
+        k = per_replica(k, R)
         decay = torch.exp(-mu * k * self.dt)
         drift = (decay - 1.0) * trap.space.displacement(R, c)
         var = kT / k * (1.0 - decay * decay)
-        if trap.particles is not None:
-            trapped = torch.zeros(1, R.shape[1], 1, dtype=torch.bool, device=R.device)
-            trapped[:, trap.particles.to(R.device)] = True
-            drift = torch.where(trapped, drift, torch.zeros_like(drift))
-            var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
+        trapped = torch.zeros(1, R.shape[1], 1, dtype=torch.bool, device=R.device)
+        trapped[:, trap.particles.to(R.device)] = True
+        drift = torch.where(trapped, drift, torch.zeros_like(drift))
+        var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
+        return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
+
+    def _ou_factors(self, R: Tensor, k: Tensor, kT: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+        """``(e^{-mu k dt} - 1, sqrt(kT/k (1 - e^{-2 mu k dt})))``, broadcastable against
+        ``R``: the exact OU step is ``x += drift_factor (x - c) + amplitude xi``. Computed
+        once per dtype and device when the stiffness is a fixed tensor and ``kT`` a number
+        (no graph either way), else at every step."""
+        trap: HarmonicTrap = self.potential  # type: ignore[assignment]
+        stiffness, gamma = trap.stiffness, self._gamma
+        key = None
+        if (
+            isinstance(stiffness, Tensor)
+            and not stiffness.requires_grad
+            and isinstance(self.kT, int | float)
+        ):
+            key = (
+                R.dtype,
+                R.device,
+                self.dt,
+                self.kT,
+                stiffness.data_ptr(),
+                stiffness._version,
+                gamma.data_ptr(),
+                gamma._version,
+            )
+            hit = self.__dict__.get("_ou_cache")
+            if hit is not None and hit[0] == key:
+                cached: tuple[Tensor, Tensor] = hit[1]
+                return cached
+        k = per_replica(k, R)
+        decay = torch.exp(-mu * k * self.dt)
+        var = kT / k * (1.0 - decay * decay)
         # clamped: at kT = 0 the variance is 0 and sqrt's infinite slope would turn the
         # gradient in a learnable stiffness into NaN (no effect on any variance > 1e-308)
-        return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
+        factors = (decay - 1.0, torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)))
+        if key is not None:
+            self.__dict__["_ou_cache"] = (key, factors)
+        return factors
 
 
 def _check_trap(potential: Potential) -> None:

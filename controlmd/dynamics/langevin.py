@@ -135,8 +135,7 @@ class Langevin(MomentumIntegrator):
         R, P, t = state.R, state.P, state.t
         assert P is not None
         m = self.mass_like(R)
-        g = self._gamma.to(R)
-        c = torch.exp(-(g.view(1, -1, 1) if g.ndim == 1 else g) * self.dt)
+        c = self._damping_like(R)
         F = state.aux.get("force")
         if F is None:
             F = self.force(R, t + self.t_eps)
@@ -149,10 +148,9 @@ class Langevin(MomentumIntegrator):
         if self.track_work:  # the control update, at the midpoint of the drift
             dW = self.potential.energy(R, t + self.dt - self.t_eps)
             aux = add_to(aux, "work", dW - self.potential.energy(R, t + self.t_eps))
-        kT = per_replica(evaluate_schedule(self.kT, t + h), R)
         xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
         K_before = kinetic_energy(P, m) if self.track_work else None
-        P = c * P + torch.sqrt((1.0 - c * c) * m * kT) * xi
+        P = c * P + self._noise_scale(R, t + h) * xi
         if K_before is not None:
             aux = add_to(aux, "heat", K_before - kinetic_energy(P, m))
         R = self.space.shift(R, h * P / m)
@@ -163,6 +161,34 @@ class Langevin(MomentumIntegrator):
         P = P + h * F
         aux["force"] = F
         return state.replace(R=R, P=P, t=t1, step=state.step + 1, aux=aux)
+
+    def _damping_like(self, R: Tensor) -> Tensor:
+        """``c = exp(-gamma dt)`` broadcastable against ``R`` (``[]`` or ``[1, N, 1]``),
+        computed once per dtype and device, not at every step; read-only."""
+        g = self._gamma
+        key = (R.dtype, R.device, self.dt, g.data_ptr(), g._version)
+        hit = self.__dict__.get("_damping")
+        if hit is None or hit[0] != key:
+            g = g.to(R)
+            hit = self.__dict__["_damping"] = (
+                key,
+                torch.exp(-(g.view(1, -1, 1) if g.ndim == 1 else g) * self.dt),
+            )
+        return hit[1]
+
+    def _noise_scale(self, R: Tensor, t: Tensor) -> Tensor:
+        """The O step's noise amplitude ``sqrt((1 - c^2) m kT(t))`` broadcastable against
+        ``R``; cached like :meth:`_damping_like` when ``kT`` is a number."""
+        c, m = self._damping_like(R), self.mass_like(R)
+        if not isinstance(self.kT, int | float):
+            kT = per_replica(evaluate_schedule(self.kT, t), R)
+            return torch.sqrt((1.0 - c * c) * m * kT)
+        key = (c, m, self.kT)
+        hit = self.__dict__.get("_noise")
+        if hit is None or hit[0][0] is not c or hit[0][1] is not m or hit[0][2] != self.kT:
+            kT = per_replica(evaluate_schedule(self.kT, t), R)
+            hit = self.__dict__["_noise"] = (key, torch.sqrt((1.0 - c * c) * m * kT))
+        return hit[1]
 
     def score_step(self, state: State) -> tuple[State, Tensor]:
         """One BAOAB step along a fixed position path, for the score-function estimator.

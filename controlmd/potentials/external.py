@@ -79,6 +79,16 @@ def _select(R: Tensor, index: Tensor | None, bounds: tuple[int, int], name: str)
     return R[:, index]
 
 
+def _sum_squares(dR: Tensor) -> Tensor:
+    """``sum dR^2`` over the last two dimensions of ``dR`` ``[B, n, d]`` -> ``[B]``. One
+    particle in 1-D (``n d = 1``) takes no reduction (a reduction over [B, 1, 1] costs
+    several elementwise operations): the sum of one square is that square, bit for bit."""
+    sq = dR * dR
+    if sq.shape[-1] * sq.shape[-2] == 1:
+        return sq.reshape(sq.shape[:-2])
+    return sq.sum(dim=(-1, -2))
+
+
 def _bounds(index: Tensor | None) -> tuple[int, int]:
     return (0, -1) if index is None else (int(index.min()), int(index.max()))
 
@@ -205,9 +215,32 @@ class HarmonicTrap(Potential):
         return self.stiffness.to(like.dtype)
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        c = self.center_at(t, R)
+        return self.energy_at(R, self.stiffness_at(t, R), c)
+
+    def energy_at(self, R: Tensor, stiffness: Tensor, center: Tensor) -> Tensor:
+        """Energy ``[B]`` of ``R`` ``[B, N, d]`` under given controls: ``stiffness`` from
+        :meth:`stiffness_at` and ``center`` from :meth:`center_at` (so that a step that
+        needs the energy several times at one time evaluates the protocol once)."""
         X = _select(R, self.particles, self._bounds, "particles")
-        dR = self.space.displacement(X, self.center_at(t, R))
-        return 0.5 * self.stiffness_at(t, R) * (dR * dR).sum(dim=(-1, -2))
+        dR = self.space.displacement(X, center)
+        return 0.5 * stiffness * _sum_squares(dR)
+
+    def energy_and_forces(
+        self, R: Tensor, t: Tensor | float | None = None, *, create_graph: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(E [B], F [B, N, d])``. Without a graph of the forces (``create_graph`` false,
+        or ``None`` with gradients disabled), all particles trapped in free space: the closed
+        form ``F = -(g + g)``, ``g = (k/2) (x - c)``, the very operations autograd performs on
+        :meth:`energy` (same bits, no backward pass). Otherwise autograd."""
+        graph = torch.is_grad_enabled() if create_graph is None else create_graph
+        if graph or self.particles is not None or not self.space.is_free:
+            return super().energy_and_forces(R, t, create_graph=create_graph)
+        half_k = 0.5 * self.stiffness_at(t, R)
+        dR = R - self.center_at(t, R)
+        E = half_k * _sum_squares(dR)
+        g = (half_k.view(-1, 1, 1) if half_k.ndim == 1 else half_k) * dR
+        return E.detach(), (g + g).neg_().detach()
 
 
 class ConstantForce(Potential):
