@@ -38,6 +38,10 @@ Estimators (``--estimators``):
 ``--add-to RESULT.json`` adds estimators to an earlier results file of the same settings,
 reusing its finite difference (the expensive part).
 
+``python benchmarks/gradient_snr.py ESTIMATES.json --fd-from FD.json --json OUT.json`` judges
+the estimators of one results file (e.g. a run with ``--fd-replicas 0``) against the finite
+difference of another of the same settings, so the two can run side by side.
+
 ``python benchmarks/gradient_snr.py RESULT.json`` prints a results file as a markdown table
 (``snr``, then ``+``/``-`` for the sign's agreement, ``*`` for a counted piece).
 
@@ -168,6 +172,36 @@ def finite_difference(
     return value, se
 
 
+def judge(rows: list[dict[str, Any]], fd: dict[str, Any], higher_is_better: bool) -> bool:
+    """Set each piece's ``sign_agrees`` and ``counted`` against the finite difference ``fd``
+    (its ``value`` and ``counted`` per piece); return ``all_counted_ok``: SNR >= 1 with the
+    right sign on every counted piece, and at least one piece counted."""
+    improve = -1.0 if higher_is_better else 1.0  # d loss points against d metric
+    for row, value, counted in zip(rows, fd["value"], fd["counted"]):
+        agrees = math.copysign(1.0, row["mean"]) == math.copysign(1.0, improve * value)
+        row["sign_agrees"] = bool(agrees) and row["mean"] != 0.0
+        row["counted"] = bool(counted)
+    counted_rows = [r for r in rows if r["counted"]]
+    return bool(counted_rows) and all(r["snr"] >= 1.0 and r["sign_agrees"] for r in counted_rows)
+
+
+def rejudge(estimates: Path, fd_file: Path) -> dict[str, Any]:
+    """The estimators of ``estimates`` judged against the finite difference of ``fd_file``
+    (same experiment, horizon, pieces and step; the two can run side by side)."""
+    result, other = json.loads(estimates.read_text()), json.loads(fd_file.read_text())
+    for key in ("experiment", "n_steps", "pieces", "fd_step", "control_value"):
+        if result[key] != other[key]:
+            raise SystemExit(
+                f"--fd-from {fd_file}: its {key} is {other[key]!r}, not {result[key]!r}"
+            )
+    result["finite_difference"] = {**other["finite_difference"], "command": other["command"]}
+    for est in result["estimators"].values():
+        est["all_counted_ok"] = judge(
+            est["pieces"], result["finite_difference"], result["higher_is_better"]
+        )
+    return result
+
+
 def table(path: Path) -> str:
     """A results file as a markdown table: one row per estimator, one column per piece."""
     result = json.loads(path.read_text())
@@ -201,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) == 1 and argv[0].endswith(".json"):
         print(table(Path(argv[0])))
         return 0
+    if len(argv) == 5 and argv[0].endswith(".json") and argv[1] == "--fd-from":
+        result = rejudge(Path(argv[0]), Path(argv[2]))
+        out = Path(argv[4])  # --json OUT
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(table(out))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment")
     parser.add_argument("--budget", type=float, default=1e6, help="replica-steps per estimate")
@@ -226,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         "estimators and add this run's (write with --json, e.g. to the same file)",
     )
     parser.add_argument("--chunk", type=int, default=64, help="replicas simulated at once")
+    parser.add_argument(
+        "--fd-chunk",
+        type=int,
+        default=0,
+        help="replicas per finite-difference rollout (0: --chunk)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"
@@ -305,7 +351,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
             fd_replicas,
             args.seed + 1000,
             h,
-            args.chunk,
+            args.fd_chunk or args.chunk,
         )
     else:
         fd = fd_se = torch.zeros(args.pieces, dtype=torch.float64)
@@ -321,7 +367,6 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
     print(
         f"{task.name}: {replicas} replicas x {task.n_steps} steps, FD {fd.tolist()} +- {fd_se.tolist()}"
     )
-    improve = -1.0 if task.higher_is_better else 1.0  # d loss points against d metric
     for name in args.estimators:
         protocol = piece_protocol(task, args.pieces, value)
         t1 = time.perf_counter()
@@ -347,27 +392,19 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
                 args.pieces,
             )
         mean, se = G.mean(0), G.std(0) / math.sqrt(args.groups)
-        rows = []
-        for k in range(args.pieces):
-            snr = abs(float(mean[k])) / float(se[k]) if float(se[k]) > 0 else 0.0
-            agrees = bool(
-                math.copysign(1.0, float(mean[k])) == math.copysign(1.0, improve * float(fd[k]))
-            )
-            rows.append(
-                {
-                    "piece": k,
-                    "steps_before_end": round((args.pieces - k) * piece_steps),
-                    "mean": float(mean[k]),
-                    "se": float(se[k]),
-                    "snr": snr,
-                    "sign_agrees": agrees if float(mean[k]) != 0.0 else False,
-                    "counted": counted[k],
-                }
-            )
-        ok = all(r["snr"] >= 1.0 and r["sign_agrees"] for r in rows if r["counted"])
+        rows = [
+            {
+                "piece": k,
+                "steps_before_end": round((args.pieces - k) * piece_steps),
+                "mean": float(mean[k]),
+                "se": float(se[k]),
+                "snr": abs(float(mean[k])) / float(se[k]) if float(se[k]) > 0 else 0.0,
+            }
+            for k in range(args.pieces)
+        ]
         result["estimators"][name] = {
             "pieces": rows,
-            "all_counted_ok": ok and any(counted),
+            "all_counted_ok": judge(rows, result["finite_difference"], task.higher_is_better),
             "wall_s": time.perf_counter() - t1,
         }
         result["loadavg_end"] = os.getloadavg()
