@@ -189,7 +189,7 @@ def rejudge(estimates: Path, fd_file: Path) -> dict[str, Any]:
     """The estimators of ``estimates`` judged against the finite difference of ``fd_file``
     (same experiment, horizon, pieces and step; the two can run side by side)."""
     result, other = json.loads(estimates.read_text()), json.loads(fd_file.read_text())
-    for key in ("experiment", "n_steps", "pieces", "fd_step", "control_value"):
+    for key in ("experiment", "n_steps", "pieces", "fd_step", "control_value", "rng"):
         if result[key] != other[key]:
             raise SystemExit(
                 f"--fd-from {fd_file}: its {key} is {other[key]!r}, not {result[key]!r}"
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) == 1 and argv[0].endswith(".json"):
         print(table(Path(argv[0])))
         return 0
-    if len(argv) == 5 and argv[0].endswith(".json") and argv[1] == "--fd-from":
+    if len(argv) == 5 and argv[0].endswith(".json") and argv[1::2] == ["--fd-from", "--json"]:
         result = rejudge(Path(argv[0]), Path(argv[2]))
         out = Path(argv[4])  # --json OUT
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -333,7 +333,8 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
     fd_replicas = replicas if args.fd_replicas < 0 else args.fd_replicas
     if args.add_to is not None:  # its finite difference and estimators, this run's added
         earlier = json.loads(args.add_to.read_text())
-        for key in ("experiment", "n_steps", "pieces", "budget_replica_steps", "groups", "fd_step"):
+        keys = ("experiment", "n_steps", "pieces", "budget_replica_steps", "groups", "fd_step")
+        for key in (*keys, "control_value", "rng"):
             if earlier[key] != result[key]:
                 raise SystemExit(
                     f"--add-to {args.add_to}: its {key} is {earlier[key]!r}, this run's {result[key]!r}"

@@ -333,6 +333,11 @@ def resolve_config(raw: dict[str, Any]) -> Config:
             f"'multiwindow' only; got estimator = {train['estimator']!r}, windows = "
             f"{train['windows']}, window_weights = {train['window_weights']}"
         )
+    if train["estimator"] == "mixed" and train["windows"] < 2:
+        raise ConfigError(
+            f"[train] estimator = 'mixed' needs windows >= 2 (the last one pathwise, the steps "
+            f"before it by the score function), got windows = {train['windows']}"
+        )
     if train["estimator"] == "mixed" and train["gradient"] not in ("direct", "checkpoint"):
         raise ConfigError(
             f"[train] estimator = 'mixed' differentiates its last window in full; gradient = "

@@ -41,6 +41,7 @@ from controlmd.errors import ConfigError, ControlMDError
 from controlmd.estimators import (
     ESTIMATORS,
     GradientEstimate,
+    MixedEstimator,
     RolloutBatch,
     make_estimator,
     total_norm,
@@ -187,6 +188,8 @@ class Trainer:
             estimator, chunk=chunk, windows=windows, window_weights=window_weights
         )
         self._estimator.check(task, protocol, params)
+        if isinstance(self._estimator, MixedEstimator):
+            self._estimator.check_gradient(gradient)
         if optimizer == "lbfgs" and estimator in ("score", "multiwindow", "mixed"):
             raise ControlMDError(
                 f"optimizer = 'lbfgs' cannot use estimator = {estimator!r} (its gradient is not "

@@ -354,3 +354,31 @@ def test_a_bath_schedule_leaving_its_range_is_named_with_its_time(cls: type) -> 
     with pytest.raises(SimulationDivergedError, match=r"step 51 \(t = 0\.51\)") as info:
         simulate(integ, s0, 100, gradient="none", check_every=10)
     assert "the control kT(t = 0.50" in str(info.value) and "must be >= 0" in str(info.value)
+
+
+@pytest.mark.parametrize("integrator", ["brownian_exact_ou", "langevin"])
+def test_a_learnable_friction_can_be_differentiated_run_after_run(integrator: str) -> None:
+    """Cached step factors (1/gamma, exp(-gamma dt), the noise amplitude) are not reused
+    across runs when gamma requires grad: the second run's gradient is its own (a cached
+    factor holding the first run's graph failed with 'backward through the graph a second
+    time'), and equals a fresh integrator's."""
+    gamma = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+
+    def build() -> Brownian | Langevin:
+        if integrator == "langevin":
+            return Langevin(HarmonicTrap(1.0, 0.0), dt=0.01, kT=1.0, gamma=gamma)
+        return Brownian(HarmonicTrap(1.0, 0.0), dt=0.01, kT=1.0, gamma=gamma, method="exact_ou")
+
+    def grad(integ: Brownian | Langevin, seed: int) -> float:
+        R = torch.full((4, 1, 1), 0.3, dtype=torch.float64, requires_grad=True)
+        P = torch.zeros_like(R) if integrator == "langevin" else None
+        state = integ.init(R, P=P, rng=ReplicaRNG(seed, 4))
+        final = simulate(integ, state, 5, gradient="direct").final
+        loss = final.R.pow(2).sum() + (final.P.pow(2).sum() if final.P is not None else 0.0)
+        (g,) = torch.autograd.grad(loss, gamma)
+        return float(g)
+
+    shared = build()
+    first, second = grad(shared, 0), grad(shared, 1)
+    assert first != 0.0 and second != 0.0
+    assert second == grad(build(), 1)

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from controlmd.config import resolve_config
+from controlmd.distributed import DistributedContext
 from controlmd.dynamics.base import ControlSchedule, Integrator, State
 from controlmd.dynamics.langevin import Langevin
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
 from controlmd.errors import ConfigError, ControlMDError
-from controlmd.estimators import MultiWindowEstimator, score_rollout
+from controlmd.estimators import (
+    MixedEstimator,
+    MultiWindowEstimator,
+    PathwiseEstimator,
+    RolloutBatch,
+    score_rollout,
+)
 from controlmd.potentials.base import Potential
 from controlmd.protocols import Protocol, make_protocol
 from controlmd.rng import ReplicaRNG
@@ -252,59 +259,91 @@ def test_chunks_give_the_same_gradient_and_variance() -> None:
 @pytest.mark.parametrize("dynamics", ["nve", "nhc"])
 def test_score_function_refuses_deterministic_dynamics(dynamics: str, estimator: str) -> None:
     task = _LangevinTrap(dynamics=dynamics)
+    windows = 2 if estimator == "mixed" else 1
     with pytest.raises(ControlMDError, match="deterministic: its only randomness is the initial"):
-        Trainer(task, _pieces(task), estimator=estimator)
+        Trainer(task, _pieces(task), estimator=estimator, windows=windows)
+
+
+def _batch(task: Task[Any], protocol: Protocol, replicas: int, **options: Any) -> RolloutBatch:
+    return RolloutBatch(
+        task=task,
+        protocol=protocol,
+        params=list(protocol.parameters()),  # type: ignore[arg-type]
+        replicas=replicas,
+        shard=DistributedContext().shard(replicas),
+        simulate_options={"gradient": "direct", **options},
+    )
 
 
 def test_mixed_with_one_window_is_the_pathwise_estimator() -> None:
-    """No score-function steps: the pathwise derivative of the task's loss, same noise."""
+    """No score-function steps: the pathwise derivative of the task's loss, same noise (the
+    trainer asks for windows >= 2; the estimator itself allows one)."""
     task = _LangevinTrap(quartic=0.3)
-    a = Trainer(task, _pieces(task), replicas=32).estimate_gradient(4)
-    b = Trainer(task, _pieces(task), replicas=32, estimator="mixed", windows=1).estimate_gradient(4)
+    protocol = _pieces(task)
+    a = PathwiseEstimator().estimate(_batch(task, protocol, 32), 4, with_variance=False)
+    b = MixedEstimator(windows=1).estimate(_batch(task, protocol, 32), 4, with_variance=False)
     torch.testing.assert_close(_flat(a.grads), _flat(b.grads), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-14, atol=0)
 
 
 def test_mixed_visits_the_ordinary_trajectory_and_scores_only_the_early_steps() -> None:
-    """The final states are those of the plain rollout; the score-function part covers the
+    """The final states are those of the plain rollout (to round-off when the window boundary
+    is a protocol jump; to O(t_eps) for a smooth protocol, whose force the restart at the
+    boundary evaluates at t_s + eps instead of t_s - eps); the score-function part covers the
     steps before the last window: its parameters' gradient through log P vanishes for a
     protocol piece that acts only inside the last window."""
-    from controlmd.distributed import DistributedContext
-    from controlmd.estimators import MixedEstimator, RolloutBatch
-
     task = _LangevinTrap(quartic=0.3)
+    for protocol, atol in ((_pieces(task), 1e-12), (_smooth(task), 1e-7)):
+        with torch.no_grad():
+            ref = task.rollout(protocol, 8, 5)
+        state, log_p = MixedEstimator(windows=2).rollout(_batch(task, protocol, 8), 5, 0, 8)
+        assert state.P is not None and ref.P is not None
+        torch.testing.assert_close(state.R, ref.R, rtol=0, atol=atol)
+        torch.testing.assert_close(state.P, ref.P, rtol=0, atol=atol)
     protocol = _pieces(task)  # two pieces: steps 1-10 and 11-20
-    with torch.no_grad():
-        ref = task.rollout(protocol, 8, 5)
-    batch = RolloutBatch(
-        task=task,
-        protocol=protocol,
-        params=list(protocol.parameters()),  # type: ignore[arg-type]
-        replicas=8,
-        shard=DistributedContext().shard(8),
-        simulate_options={"gradient": "direct"},
-    )
-    state, log_p = MixedEstimator(windows=2).rollout(batch, 5, 0, 8)
-    assert state.P is not None and ref.P is not None
-    torch.testing.assert_close(state.R, ref.R, rtol=0, atol=1e-12)
-    torch.testing.assert_close(state.P, ref.P, rtol=0, atol=1e-12)
+    _, log_p = MixedEstimator(windows=2).rollout(_batch(task, protocol, 8), 5, 0, 8)
     (g,) = torch.autograd.grad(log_p.sum(), list(protocol.parameters()))
     assert bool((g[1] == 0).all()) and bool((g[0] != 0).any())
+
+
+class _CountingTrap(_LangevinTrap):
+    """The trap with a loss that has no pathwise derivative (a count, like assembly's yield)."""
+
+    def loss(self, state: State) -> Tensor:
+        with torch.no_grad():
+            return (state.R[:, 0, 0] > 1.0).to(torch.float64).mean()
 
 
 def test_mixed_estimator_is_refused_where_it_does_not_apply() -> None:
     task = _LangevinTrap()
     with pytest.raises(ControlMDError, match="windows = 21 exceeds the task's n_steps = 20"):
         Trainer(task, _pieces(task), estimator="mixed", windows=21)
+    with pytest.raises(ControlMDError, match=r"'mixed' needs windows >= 2 .* got windows = 1"):
+        Trainer(task, _pieces(task), estimator="mixed")
     pathwise_only = _LangevinTrap()
     pathwise_only.capabilities = TaskCapabilities(estimators=("pathwise",))  # type: ignore[misc]
     with pytest.raises(ControlMDError, match=r"'mixed' is not supported .* \(it needs score\)"):
-        Trainer(pathwise_only, _pieces(pathwise_only), estimator="mixed")
-    trainer = Trainer(
-        task, _pieces(task), estimator="mixed", windows=2, gradient="truncated", window=5
-    )
+        Trainer(pathwise_only, _pieces(pathwise_only), estimator="mixed", windows=2)
     with pytest.raises(ControlMDError, match="gradient = 'truncated' would not"):
+        Trainer(task, _pieces(task), estimator="mixed", windows=2, gradient="truncated", window=5)
+    counting = _CountingTrap()
+    trainer = Trainer(counting, _pieces(counting), estimator="mixed", windows=2, replicas=4)
+    with pytest.raises(ControlMDError, match="loss has no pathwise derivative"):
         trainer.estimate_gradient(0)
+
+
+@pytest.mark.parametrize("estimator", ["score", "mixed"])
+def test_score_function_refuses_langevin_work_it_would_not_count(estimator: str) -> None:
+    task = _LangevinTrap()
+    integrator = task.integrator
+    task.integrator = lambda p: _with_work(integrator(p))  # type: ignore[method-assign]
+    with pytest.raises(ControlMDError, match=r"does not count work or heat; .* tracks work"):
+        Trainer(task, _pieces(task), estimator=estimator, windows=2 if estimator == "mixed" else 1)
+
+
+def _with_work(integrator: Integrator) -> Integrator:
+    integrator.track_work = True  # type: ignore[attr-defined]
+    return integrator
 
 
 def test_score_function_refuses_a_field_cost_it_would_ignore() -> None:
@@ -379,6 +418,7 @@ def _raw(train: dict[str, Any]) -> dict[str, Any]:
         ({"estimator": "multiwindow", "window_weights": [1.0, -1.0]}, r"window_weights must be"),
         ({"estimator": "pathwise", "windows": 4}, r"\[train\] windows apply to estimator ="),
         ({"estimator": "mixed", "window_weights": [1.0]}, r"window_weights to 'multiwindow' only"),
+        ({"estimator": "mixed"}, r"\[train\] estimator = 'mixed' needs windows >= 2"),
         (
             {"estimator": "mixed", "windows": 2, "gradient": "truncated", "window": 3},
             "'mixed' differentiates its last window in full",

@@ -128,12 +128,17 @@ class Brownian(Integrator):
 
     def mobility_like(self, R: Tensor) -> Tensor:
         """Mobility ``mu = 1/gamma`` broadcastable against ``R`` ``[B, N, d]`` (converted to
-        ``R``'s dtype and device once, not at every step; read-only)."""
+        ``R``'s dtype and device once, not at every step, unless ``gamma`` requires grad;
+        read-only; a ``gamma`` changed in place through ``.data`` is not seen: assign a new
+        tensor)."""
         g = self._gamma
         if g.ndim == 1 and g.shape[0] != R.shape[1]:
             raise ControlMDError(
                 f"gamma has {g.shape[0]} entries but there are N = {R.shape[1]} particles"
             )
+        if g.requires_grad:  # a cached value would hold this call's graph
+            mu = 1.0 / g.to(R)
+            return mu.view(1, -1, 1) if mu.ndim else mu
         key = (R.dtype, R.device, g.data_ptr(), g._version)
         hit = self.__dict__.get("_mobility_like")
         if hit is None or hit[0] != key:
@@ -263,6 +268,7 @@ class Brownian(Integrator):
         if (
             isinstance(stiffness, Tensor)
             and not stiffness.requires_grad
+            and not gamma.requires_grad
             and isinstance(self.kT, int | float)
         ):
             key = (

@@ -164,8 +164,12 @@ class Langevin(MomentumIntegrator):
 
     def _damping_like(self, R: Tensor) -> Tensor:
         """``c = exp(-gamma dt)`` broadcastable against ``R`` (``[]`` or ``[1, N, 1]``),
-        computed once per dtype and device, not at every step; read-only."""
+        computed once per dtype and device, not at every step, unless ``gamma`` requires grad;
+        read-only (a ``gamma`` changed in place through ``.data`` is not seen)."""
         g = self._gamma
+        if g.requires_grad:  # a cached value would hold this call's graph
+            g = g.to(R)
+            return torch.exp(-(g.view(1, -1, 1) if g.ndim == 1 else g) * self.dt)
         key = (R.dtype, R.device, self.dt, g.data_ptr(), g._version)
         hit = self.__dict__.get("_damping")
         if hit is None or hit[0] != key:
@@ -180,7 +184,7 @@ class Langevin(MomentumIntegrator):
         """The O step's noise amplitude ``sqrt((1 - c^2) m kT(t))`` broadcastable against
         ``R``; cached like :meth:`_damping_like` when ``kT`` is a number."""
         c, m = self._damping_like(R), self.mass_like(R)
-        if not isinstance(self.kT, int | float):
+        if not isinstance(self.kT, int | float) or c.requires_grad or m.requires_grad:
             kT = per_replica(evaluate_schedule(self.kT, t), R)
             return torch.sqrt((1.0 - c * c) * m * kT)
         key = (c, m, self.kT)

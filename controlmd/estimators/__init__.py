@@ -121,6 +121,12 @@ def make_estimator(
             f"window_weights = {list(window_weights or [])}"
         )
     if name == "mixed":
+        if windows < 2:
+            raise ControlMDError(
+                f"estimator = 'mixed' needs windows >= 2 (the last one pathwise, the steps "
+                f"before it by the score function), got windows = {windows}; with one window it "
+                "is estimator = 'pathwise'"
+            )
         return MixedEstimator(chunk=chunk, windows=windows)
     if name == "multiwindow":
         return MultiWindowEstimator(

@@ -43,7 +43,7 @@ class ScoreEstimator(_ChunkedEstimator):
         integrator = task.integrator(protocol)
         if not integrator.stochastic:
             raise ControlMDError(
-                f"estimator = 'score' needs stochastic dynamics with a known path density; task "
+                f"estimator = {self.name!r} needs stochastic dynamics with a known path density; task "
                 f"{task.name!r} uses {type(integrator).__name__}, which is deterministic: its only "
                 "randomness is the initial state, which does not depend on the protocol, so there "
                 "is no score term. Use 'pathwise' or 'multiwindow'"
@@ -51,13 +51,19 @@ class ScoreEstimator(_ChunkedEstimator):
         state = task.initial_state(1, 0)
         if not isinstance(state, State):
             raise ControlMDError(
-                f"estimator = 'score' needs particle States; task {task.name!r} has "
+                f"estimator = {self.name!r} needs particle States; task {task.name!r} has "
                 f"{type(state).__name__}; use 'pathwise'"
             )
         if state.P is not None and not isinstance(integrator, Langevin):
             raise ControlMDError(
-                f"estimator = 'score' knows the path density of overdamped dynamics and of "
+                f"estimator = {self.name!r} knows the path density of overdamped dynamics and of "
                 f"Langevin BAOAB; task {task.name!r} uses {type(integrator).__name__}; use 'pathwise'"
+            )
+        if isinstance(integrator, Langevin) and integrator.track_work:
+            raise ControlMDError(
+                f"estimator = {self.name!r} steps Langevin along a fixed position path "
+                f"(Langevin.score_step), which does not count work or heat; task {task.name!r} "
+                "tracks work (track_work = True); use 'pathwise'"
             )
 
     def rollout(
