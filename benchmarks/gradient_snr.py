@@ -336,6 +336,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> int:
     if args.add_to is not None:  # its finite difference and estimators, this run's added
         earlier = json.loads(args.add_to.read_text())
         keys = ("experiment", "n_steps", "pieces", "budget_replica_steps", "groups", "fd_step")
+        earlier.setdefault("rng", "mt19937")  # files from before the key: the only kind then
         for key in (*keys, "control_value", "rng"):
             if earlier[key] != result[key]:
                 raise SystemExit(

@@ -392,7 +392,7 @@ def make_protocol(kind: str, *, init: InitSpec | None = None, **params: Any) -> 
 
     Example:
         >>> p = make_protocol("chebyshev", dim=1, t_final=1.0, degree=3, init=[0.0, 5.0])
-        >>> round(float(p(torch.tensor(0.5))[0]), 6)
+        >>> round(float(p(torch.tensor(0.5))[0].detach()), 6)
         2.5
     """
     cls = protocol_class(kind)
