@@ -187,10 +187,10 @@ def judge(rows: list[dict[str, Any]], fd: dict[str, Any], higher_is_better: bool
 
 def rejudge(estimates: Path, fd_file: Path) -> dict[str, Any]:
     """The estimators of ``estimates`` judged against the finite difference of ``fd_file``
-    (same experiment, horizon, pieces, control value and noise; the step ``fd_step`` is the
-    finite difference's own; the two can run side by side)."""
+    (same experiment, horizon, pieces and control value; the step ``fd_step`` and the noise
+    are the finite difference's own; the two can run side by side)."""
     result, other = json.loads(estimates.read_text()), json.loads(fd_file.read_text())
-    for key in ("experiment", "n_steps", "pieces", "control_value", "rng"):
+    for key in ("experiment", "n_steps", "pieces", "control_value"):
         if result[key] != other[key]:
             raise SystemExit(
                 f"--fd-from {fd_file}: its {key} is {other[key]!r}, not {result[key]!r}"
