@@ -266,7 +266,8 @@ def _normal_pairs_words(
     return _box_muller_fused(*_uniform_pairs_words(block_low, block_high, seed_low, seed_high))
 
 
-_COMPILE: dict[str, Any] = {"enabled": False, "box_muller": False}
+_COMPILE: dict[str, bool] = {"enabled": False, "box_muller": False}
+_COMPILED: dict[str, Callable[..., Any]] = {}  # function name -> its compiled form
 
 
 def compile_philox(enabled: bool = True, *, box_muller: bool = False) -> None:
@@ -290,9 +291,9 @@ def compile_philox(enabled: bool = True, *, box_muller: bool = False) -> None:
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The ``torch.compile``-d ``fn`` (compiled once per process, shapes dynamic)."""
     key = fn.__name__
-    if key not in _COMPILE:
-        _COMPILE[key] = torch.compile(fn, dynamic=True)
-    return _COMPILE[key]
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True)
+    return _COMPILED[key]
 
 
 class ReplicaRNG:
