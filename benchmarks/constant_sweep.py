@@ -9,8 +9,10 @@ Usage::
 
 The task is built from the experiment file's ``[task]`` section (``--set`` overrides as in
 ``controlmd run``). Every protocol is scored on the same fresh replicas (seed ``--seed``,
-common random numbers), ``--replicas`` of them, with the task's exact metric; the table
-gives mean +- standard error. Protocols:
+common random numbers; noise from the experiment's ``[experiment] rng``, e.g. ``--set
+experiment.rng=philox``), ``--replicas`` of them, with the task's exact metric; the table
+gives mean +- standard error and the paired difference from no control (mean +- SE of the
+per-replica difference). Protocols:
 
 * ``constant`` at each value of the sweep (``--n-values`` equally spaced over the channel's
   bounds, or ``--values``);
@@ -42,6 +44,7 @@ from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, load_config
 from controlmd.errors import ControlMDError
 from controlmd.protocols import Protocol, Tabulated
+from controlmd.rng import use_rng
 from controlmd.tasks.base import Task
 
 
@@ -61,20 +64,28 @@ def per_replica_metric(
     return torch.cat(values)
 
 
+def mean_se(v: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the per-replica values ``v`` ``[n]``."""
+    se = float(v.std(unbiased=True)) / math.sqrt(v.numel()) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se
+
+
 def score(
     task: Task, protocol: Protocol, *, replicas: int, chunk: int, seed: int
-) -> dict[str, float]:
-    """Exact metric of ``protocol`` on ``replicas`` fresh replicas: mean, SE, MD steps, wall."""
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Exact metric of ``protocol`` on ``replicas`` fresh replicas: (mean, SE, MD steps, wall;
+    the per-replica values ``[replicas]``)."""
     t0 = time.perf_counter()
     v = per_replica_metric(task, protocol, replicas=replicas, chunk=chunk, seed=seed)
-    se = float(v.std(unbiased=True)) / math.sqrt(v.numel()) if v.numel() > 1 else float("nan")
-    return {
-        "mean": float(v.mean()),
+    mean, se = mean_se(v)
+    summary = {
+        "mean": mean,
         "se": se,
         "n": int(v.numel()),
         "md_steps": int(v.numel()) * task.n_steps,
         "wall_s": time.perf_counter() - t0,
     }
+    return summary, v
 
 
 def table_protocol(task: Task, start: float, end: float) -> Protocol:
@@ -176,30 +187,41 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"replicas": args.replicas, "chunk": args.chunk, "seed": args.seed}
     t0 = time.perf_counter()
 
-    def run(label: str, protocol: Protocol) -> dict[str, float]:
-        result = score(task, protocol, **opts)
+    per_replica: list[tuple[dict[str, Any], torch.Tensor]] = []
+
+    def run(label: str, protocol: Protocol, **meta: Any) -> dict[str, Any]:
+        with use_rng(cfg["experiment"]["rng"]):
+            summary, values = score(task, protocol, **opts)
+        result = {**meta, **summary}
+        per_replica.append((result, values))
         print(
             f"{label:>22s}: {result['mean']:.4f} +- {result['se']:.4f}  ({result['wall_s']:.0f} s)",
             flush=True,
         )
         return result
 
+    def pair_with(no_control: dict[str, Any]) -> None:
+        """Add ``paired_vs_no_control`` (mean and SE of the per-replica difference) to every
+        scored protocol: all ran on the same replicas and noise."""
+        v0 = next(v for r, v in per_replica if r is no_control)
+        for result, values in per_replica:
+            diff, se = mean_se(values - v0)
+            result["paired_vs_no_control"] = {"mean": diff, "se": se}
+
     def score_holds(into: dict[str, dict[str, Any]]) -> None:
         for spec in args.hold:
             label, protocol = hold_protocol(task, spec)
-            into[f"hold {label}"] = {"spec": spec, **run(label, protocol)}
+            into[f"hold {label}"] = run(label, protocol, spec=spec)
 
     command = "python benchmarks/constant_sweep.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     if args.holds_only:
         results = {
-            "no_control": {
-                "value": u0,
-                **run(f"no control ({u0:.4g})", table_protocol(task, u0, u0)),
-            }
+            "no_control": run(f"no control ({u0:.4g})", table_protocol(task, u0, u0), value=u0)
         }
         score_holds(results)
+        pair_with(results["no_control"])
         out = (
             Path(args.out)
             if args.out
@@ -211,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "channel": task.controls.names[0],
             "replicas": args.replicas,
             "seed": args.seed,
+            "rng": cfg["experiment"]["rng"],
             "n_steps": task.n_steps,
             "protocols": results,
             "wall_s": time.perf_counter() - t0,
@@ -218,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         atomic_write_text(out, json.dumps(doc, indent=2))
         lines = [
-            f"| protocol | {doc['channel']} (from time fraction: value) | metric | SE |",
-            "| --- | --- | --- | --- |",
+            f"| protocol | {doc['channel']} (from time fraction: value) | metric | SE "
+            "| paired vs no control |",
+            "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} |"
+            f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} | {_paired_cell(b)} |"
             for name, b in results.items()
         ]
         lines += ["", f"Command: `{command}` ({doc['wall_s']:.0f} s)", ""]
@@ -230,17 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
 
-    sweep = [{"value": v, **run(f"constant {v:.4g}", table_protocol(task, v, v))} for v in values]
+    sweep = [run(f"constant {v:.4g}", table_protocol(task, v, v), value=v) for v in values]
     same = [s for s in sweep if math.isclose(s["value"], u0)]  # same replicas: same result
+    no_control = (
+        same[0] if same else run(f"no control ({u0:.4g})", table_protocol(task, u0, u0), value=u0)
+    )
     baselines = {
-        "no_control": {
-            "value": u0,
-            **(same[0] if same else run(f"no control ({u0:.4g})", table_protocol(task, u0, u0))),
-        },
-        "ramp_up": {"start": lo, "end": hi, **run("ramp up", table_protocol(task, lo, hi))},
-        "ramp_down": {"start": hi, "end": lo, **run("ramp down", table_protocol(task, hi, lo))},
+        "no_control": no_control,
+        "ramp_up": run("ramp up", table_protocol(task, lo, hi), start=lo, end=hi),
+        "ramp_down": run("ramp down", table_protocol(task, hi, lo), start=hi, end=lo),
     }
     score_holds(baselines)
+    pair_with(no_control)
     g = gate(sweep)
     baselines["best_constant"] = next(s for s in sweep if s["value"] == g["best_value"])
     out = (
@@ -257,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "bounds": [lo, hi],
         "replicas": args.replicas,
         "seed": args.seed,
+        "rng": cfg["experiment"]["rng"],
         "n_steps": task.n_steps,
         "dt": task.dt,
         "sweep": sweep,
@@ -284,21 +310,29 @@ def _value_cell(b: dict[str, Any]) -> str:
     return f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
 
 
+def _paired_cell(b: dict[str, Any]) -> str:
+    """Mean +- SE of the per-replica difference from no control (files from before: blank)."""
+    pv = b.get("paired_vs_no_control")
+    return f"{pv['mean']:+.4f} +- {pv['se']:.4f}" if pv else ""
+
+
 def _markdown(r: dict[str, Any]) -> str:
     lines = [
         f"Gate and baselines: {r['task']} ({r['metric_name']} vs constant {r['channel']} [{r['unit']}]), "
         f"{r['replicas']} replicas each, {r['n_steps']} steps of dt = {r['dt']:g}",
         "",
-        "| protocol | value | metric | SE | MD steps |",
-        "| --- | --- | --- | --- | --- |",
+        "| protocol | value | metric | SE | paired vs no control | MD steps |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in r["sweep"]:
         lines.append(
-            f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {s['md_steps']:.3g} |"
+            f"| constant | {s['value']:.4g} | {s['mean']:.4f} | {s['se']:.4f} | {_paired_cell(s)} "
+            f"| {s['md_steps']:.3g} |"
         )
     for name, b in r["baselines"].items():
         lines.append(
-            f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} | {b['md_steps']:.3g} |"
+            f"| {name} | {_value_cell(b)} | {b['mean']:.4f} | {b['se']:.4f} | {_paired_cell(b)} "
+            f"| {b['md_steps']:.3g} |"
         )
     g = r["gate"]
     lines += [
