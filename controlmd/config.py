@@ -40,7 +40,7 @@ from controlmd.protocols import Protocol, make_protocol, protocol_class, protoco
 from controlmd.rng import RNG_KINDS
 from controlmd.tasks import Task, task_class, task_names
 from controlmd.tomlfile import check_run_name, dumps, read_toml
-from controlmd.trainer import LR_SCHEDULES, OPTIMIZERS, SIMULATION_GRADIENTS
+from controlmd.trainer import LR_SCHEDULES, OPTIMIZERS, SIMULATION_GRADIENTS, build_estimator
 
 __all__ = [
     "EVAL_KEYS",
@@ -315,38 +315,17 @@ def resolve_config(raw: dict[str, Any]) -> Config:
         raise ConfigError(
             f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"
         )
-    if train["optimizer"] == "lbfgs" and train["estimator"] in ("score", "multiwindow", "mixed"):
-        raise ConfigError(
-            "[train] optimizer = 'lbfgs' needs an objective whose value its line search can "
-            f"compare; estimator = {train['estimator']!r} gives a surrogate only. Use estimator = "
-            "'pathwise' or 'forward'"
+    try:
+        build_estimator(
+            train["estimator"],
+            chunk=train["chunk"],
+            windows=train["windows"],
+            window_weights=train["window_weights"] or None,
+            gradient=train["gradient"],
+            optimizer=train["optimizer"],
         )
-    if train["estimator"] == "multiwindow":
-        if train["window_weights"] and len(train["window_weights"]) != train["windows"]:
-            raise ConfigError(
-                f"[train] window_weights has {len(train['window_weights'])} entries; expected "
-                f"one per window (windows = {train['windows']})"
-            )
-    elif train["window_weights"] or (train["windows"] != 1 and train["estimator"] != "mixed"):
-        raise ConfigError(
-            f"[train] windows apply to estimator = 'multiwindow' or 'mixed', window_weights to "
-            f"'multiwindow' only; got estimator = {train['estimator']!r}, windows = "
-            f"{train['windows']}, window_weights = {train['window_weights']}"
-        )
-    if train["estimator"] == "mixed" and train["windows"] < 2:
-        raise ConfigError(
-            f"[train] estimator = 'mixed' needs windows >= 2 (the last one pathwise, the steps "
-            f"before it by the score function), got windows = {train['windows']}"
-        )
-    if train["estimator"] == "mixed" and train["gradient"] not in ("direct", "checkpoint"):
-        raise ConfigError(
-            f"[train] estimator = 'mixed' differentiates its last window in full; gradient = "
-            f"{train['gradient']!r} would not; use 'direct' or 'checkpoint'"
-        )
-    if train["chunk"] and train["estimator"] == "forward":
-        raise ConfigError(
-            f"[train] chunk = {train['chunk']} does not apply to estimator = 'forward'; use chunk = 0"
-        )
+    except ControlMDError as exc:
+        raise ConfigError(f"[train] {exc}") from None
     cfg["task"] = resolve_task_section(raw["task"])
     task = build_task(cfg)
     cfg["protocol"] = _protocol_section(raw["protocol"], task)

@@ -41,6 +41,7 @@ from controlmd.errors import ConfigError, ControlMDError
 from controlmd.estimators import (
     ESTIMATORS,
     GradientEstimate,
+    GradientEstimator,
     MixedEstimator,
     RolloutBatch,
     make_estimator,
@@ -59,6 +60,31 @@ __all__ = ["LR_SCHEDULES", "OPTIMIZERS", "SIMULATION_GRADIENTS", "Trainer", "tas
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lbfgs")
 SIMULATION_GRADIENTS = ("direct", "checkpoint", "truncated", "adjoint")
 LR_SCHEDULES = ("constant", "cosine", "exponential", "step")
+
+
+def build_estimator(
+    name: str,
+    *,
+    chunk: int = 0,
+    windows: int = 1,
+    window_weights: Sequence[float] | None = None,
+    gradient: str = "direct",
+    optimizer: str = "adam",
+) -> GradientEstimator:
+    """The estimator ``name`` with its options (:func:`~controlmd.estimators.make_estimator`),
+    checked against the simulation ``gradient`` path and the ``optimizer`` it will serve:
+    ``mixed`` needs its last window differentiated in full, and L-BFGS's line search needs
+    the gradient of the objective it compares (not a surrogate's). The one check of these
+    options, for the :class:`Trainer` and the config's ``[train]`` section alike."""
+    est = make_estimator(name, chunk=chunk, windows=windows, window_weights=window_weights)
+    if isinstance(est, MixedEstimator):
+        est.check_gradient(gradient)
+    if optimizer == "lbfgs" and name in ("score", "multiwindow", "mixed"):
+        raise ControlMDError(
+            f"optimizer = 'lbfgs' cannot use estimator = {name!r} (its gradient is not that of "
+            "the objective the line search compares); use 'pathwise' or 'forward'"
+        )
+    return est
 
 
 class Trainer:
@@ -184,17 +210,15 @@ class Trainer:
             )
         n_params = sum(p.numel() for p in params)
         check_int("chunk", chunk, minimum=0)
-        self._estimator = make_estimator(
-            estimator, chunk=chunk, windows=windows, window_weights=window_weights
+        self._estimator = build_estimator(
+            estimator,
+            chunk=chunk,
+            windows=windows,
+            window_weights=window_weights,
+            gradient=gradient,
+            optimizer=optimizer,
         )
         self._estimator.check(task, protocol, params)
-        if isinstance(self._estimator, MixedEstimator):
-            self._estimator.check_gradient(gradient)
-        if optimizer == "lbfgs" and estimator in ("score", "multiwindow", "mixed"):
-            raise ControlMDError(
-                f"optimizer = 'lbfgs' cannot use estimator = {estimator!r} (its gradient is not "
-                "that of the objective the line search compares)"
-            )
         self.task = task
         self.protocol = protocol
         self.optimizer_name = optimizer
