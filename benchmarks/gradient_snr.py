@@ -234,14 +234,19 @@ def table(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        print(table(Path(argv[0])))
-        return 0
-    if len(argv) == 5 and argv[0].endswith(".json") and argv[1::2] == ["--fd-from", "--json"]:
-        result = rejudge(Path(argv[0]), Path(argv[2]))
-        out = Path(argv[4])  # --json OUT
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(table(out))
+    if argv and argv[0].endswith(".json"):  # a results file: print it, or judge it anew
+        files = argparse.ArgumentParser(description="print or re-judge a results file")
+        files.add_argument("results", type=Path)
+        files.add_argument("--fd-from", type=Path, help="judge against this file's FD")
+        files.add_argument("--json", type=Path, help="write the re-judged results here")
+        given = files.parse_args(argv)
+        if (given.fd_from is None) != (given.json is None):
+            files.error("--fd-from and --json go together")
+        if given.fd_from is not None:
+            given.json.write_text(
+                json.dumps(rejudge(given.results, given.fd_from), indent=1) + "\n"
+            )
+        print(table(given.json or given.results))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment")
