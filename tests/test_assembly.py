@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from systems import TWO_DISKS
 
 from controlmd.dynamics.base import State
 from controlmd.errors import ControlMDError
@@ -202,17 +203,7 @@ def test_a_quick_training_run_improves_the_exact_metric(tmp_path) -> None:
 
     raw = {
         "experiment": {"name": "assembly_dimer_test", "seed": 0},
-        "task": {
-            "name": "assembly",
-            "n_particles": 2,
-            "cluster_size": 2,
-            "target_bonds": 1,
-            "r_cut": 1.6,
-            "alpha": 4.0,
-            "dt": 1e-3,
-            "n_steps": 300,
-            "eps_min": 0.5,
-        },
+        "task": {**TWO_DISKS, "n_steps": 300, "eps_min": 0.5},
         "protocol": {"kind": "piecewise_constant", "n_pieces": 2, "init": 1.0},
         "train": {
             "optimizer": "adam",

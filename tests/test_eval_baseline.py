@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from systems import TWO_DISKS
 
 from controlmd.cli import main
 from controlmd.config import build_protocol, build_task, resolve_config, write_config
@@ -33,18 +34,8 @@ KEYS = {
     "max_field",
 }
 
+
 # Two sticky disks that form one bond: the cheapest assembly task to score many times.
-TWO_DISKS = {
-    "name": "assembly",
-    "n_particles": 2,
-    "cluster_size": 2,
-    "target_bonds": 1,
-    "r_cut": 1.6,
-    "alpha": 4.0,
-    "dt": 1e-3,
-}
-
-
 def _run_folder(path: Path, k: float) -> Path:
     """A tiny finished run: 2 disks that bond, eps and a confinement k switched off by
     the release window (the protocol is written, not trained)."""
