@@ -65,6 +65,11 @@ class Protocol(nn.Module):
     init_in_constructor: bool = False
     """Whether the kind's constructor takes ``init`` itself (:func:`make_protocol` passes it)."""
     """Fewest channels a kind accepts (0 only for :class:`NoControl`)."""
+    pure_in_time: bool = False
+    """Whether ``forward(t)`` is a deterministic function of ``t``, of the module's tensors and
+    of its plain attributes only, so that a read without a graph may be memoized
+    (:mod:`controlmd.potentials.control_memo`). The kinds shipped here say so; a subclass
+    that keeps other state (or draws random numbers) must leave it ``False``."""
     _spec: dict[str, Any]
     # Buffers (registered in __init__; None when not given), annotated because
     # nn.Module.__getattr__ is typed ``Tensor | Module``.

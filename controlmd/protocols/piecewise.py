@@ -30,6 +30,7 @@ class PiecewiseConstant(Protocol):
     """
 
     init_in_constructor = True
+    pure_in_time = True
 
     def __init__(
         self,
@@ -112,6 +113,7 @@ class Tabulated(Protocol):
         release_fraction, release_value, field_cost_weight: see :class:`Protocol`.
     """
 
+    pure_in_time = True
     times: Tensor  # buffer [n]
 
     def __init__(

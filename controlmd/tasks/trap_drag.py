@@ -314,6 +314,12 @@ class _TrapCenter(nn.Module):
         self.dt = dt
         self._held: tuple[float, Tensor, Tensor] | None = None
 
+    @property
+    def pure_in_time(self) -> bool:
+        """Whether :meth:`forward` depends on ``t`` and the protocol alone (no held
+        feedback values): see :mod:`controlmd.potentials.control_memo`."""
+        return self._held is None
+
     def hold(self, t_start: Tensor, previous: Tensor, current: Tensor) -> None:
         """Feedback: centre ``previous`` ``[B, 1]`` at ``t_start``, ``current`` after it."""
         self._held = (float(t_start), previous, current)
