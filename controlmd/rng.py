@@ -385,7 +385,8 @@ class ReplicaRNG:
     def randn(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """Standard normal draws of shape ``[B, *shape]`` (on :attr:`device`)."""
         if self.kind == "philox":
-            return self._philox_normals(math.prod(shape)).reshape(self.n_replicas, *shape).to(dtype)
+            z = self._philox_normals(math.prod(shape)).reshape(self.n_replicas, *shape)
+            return z if z.dtype == dtype else z.to(dtype)
         return torch.stack(
             [
                 torch.randn(shape, generator=g, dtype=dtype, device=self.device)

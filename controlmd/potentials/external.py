@@ -52,11 +52,15 @@ def _control_at(
         )
     time = t
 
-    def read() -> Tensor:
-        u = torch.as_tensor(
-            protocol(torch.as_tensor(time, dtype=torch.float64, device=like.device))
-        )
-        return u.to(dtype=like.dtype, device=like.device)
+    def read() -> Tensor:  # as_tensor / .to return a tensor that needs no change itself
+        tt = time
+        if not (isinstance(tt, Tensor) and tt.dtype == torch.float64 and tt.device == like.device):
+            tt = torch.as_tensor(tt, dtype=torch.float64, device=like.device)
+        u = protocol(tt)
+        u = u if isinstance(u, Tensor) else torch.as_tensor(u)
+        if u.dtype != like.dtype or u.device != like.device:
+            u = u.to(dtype=like.dtype, device=like.device)
+        return u
 
     return memoized_control(protocol, time, like, read)
 
@@ -221,7 +225,8 @@ class HarmonicTrap(Potential):
             if k.shape[-1] != 1:
                 raise ControlMDError(f"stiffness protocol must have 1 channel, got {k.shape[-1]}")
             return k[..., 0]
-        return self.stiffness.to(like.dtype)
+        k = self.stiffness
+        return k if k.dtype == like.dtype else k.to(like.dtype)
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
         c = self.center_at(t, R)

@@ -158,7 +158,10 @@ class Tabulated(Protocol):
         if self.times.numel() == 1:
             return self.values.expand(t.shape[0], self.dim)
         if self.interpolation == "linear":
-            return _interp(t, self.times.to(t), self.values)
+            times = self.times
+            if times.dtype != t.dtype or times.device != t.device:
+                times = times.to(t)
+            return _interp(t, times, self.values)
         idx = (
             torch.searchsorted(self.times.to(t).contiguous(), t.contiguous(), right=True) - 1
         ).clamp(0, self.times.numel() - 1)

@@ -330,7 +330,8 @@ class _TrapCenter(nn.Module):
             t_start, previous, current = self._held
             return previous if t_value < t_start + 0.5 * self.dt else current
         n = math.floor(t_value / self.dt + 0.5)  # the step ending at n dt
-        return self.protocol(torch.tensor((n - 0.5) * self.dt, dtype=torch.float64))
+        # scalar_tensor: the same 0-d tensor as torch.tensor(...), one operation instead of four
+        return self.protocol(torch.scalar_tensor((n - 0.5) * self.dt, dtype=torch.float64))
 
 
 class _FeedbackHold(IntegratorWrapper):
