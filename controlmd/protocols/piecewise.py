@@ -195,6 +195,8 @@ class Tabulated(Protocol):
         t0, t1 = knots[i - 1], knots[i]
         w = min(max((t - t0) / (t1 - t0), 0.0), 1.0)
         row = [a * (1.0 - w) + b * w for a, b in zip(rows[i - 1], rows[i])]
+        if len(row) == 1:  # one operation instead of torch.tensor's four
+            return torch.full((1, 1), row[0], dtype=torch.float64)
         return torch.tensor([row], dtype=torch.float64)
 
     def breakpoints(self) -> list[float]:
