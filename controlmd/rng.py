@@ -266,6 +266,11 @@ def _normal_pairs_words(
     return _box_muller_fused(*_uniform_pairs_words(block_low, block_high, seed_low, seed_high))
 
 
+_LOOKAHEAD_SLOTS = 1 << 17
+"""Normals (per batch) a one-block draw may compute ahead (1 MiB of float64)."""
+_LOOKAHEAD_MAX_BLOCKS = 8
+"""Blocks per replica a one-block draw computes at most (16 normals: 16 one-normal steps)."""
+
 _COMPILE: dict[str, bool] = {"enabled": False, "box_muller": False}
 _COMPILED: dict[str, Callable[..., Any]] = {}  # function name -> its compiled form
 
@@ -385,7 +390,8 @@ class ReplicaRNG:
     def randn(self, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
         """Standard normal draws of shape ``[B, *shape]`` (on :attr:`device`)."""
         if self.kind == "philox":
-            return self._philox_normals(math.prod(shape)).reshape(self.n_replicas, *shape).to(dtype)
+            z = self._philox_normals(math.prod(shape)).reshape(self.n_replicas, *shape)
+            return z if z.dtype == dtype else z.to(dtype)
         return torch.stack(
             [
                 torch.randn(shape, generator=g, dtype=dtype, device=self.device)
@@ -437,31 +443,48 @@ class ReplicaRNG:
 
     def _philox_normals(self, m: int) -> Tensor:
         """Slots ``position ... position+m-1`` as standard normals ``[B, m]`` float64;
-        advances the stream. Box–Muller gives a block's two normals together; when a draw
-        ends inside a block, the block's second normal is kept for the next draw."""
+        advances the stream. Box–Muller gives a block's two normals together; the normals
+        of a draw's blocks that it does not use are kept for the next draws. A draw of one
+        block (one or two normals, e.g. a 1-D one-particle step) computes
+        :meth:`_lookahead_blocks` blocks at once, whose normals serve the next draws: the
+        same slots, the same values (each normal is a function of its block and replica
+        alone), for fewer kernel calls."""
         p, parts = self.position, []
         if m == 0:
             return torch.empty(self.n_replicas, 0, dtype=torch.float64, device=self.device)
-        if p % 2 == 1:
-            spare = self._spare
-            if spare is not None and spare[0] == p:
-                parts.append(spare[1])
-                p, m = p + 1, m - 1
+        spare = self._spare
         self._spare = None
+        if spare is not None and spare[0] == p:
+            kept = spare[1]  # slots p ... p + kept.shape[1] - 1
+            take = min(m, kept.shape[1])
+            parts.append(kept[:, :take])
+            if take < kept.shape[1]:
+                self._spare = (p + take, kept[:, take:])
+            p, m = p + take, m - take
         if m > 0:
             first, last = p // 2, (p + m - 1) // 2
-            args = self._block_args(first, last - first + 1)
+            count = last - first + 1
+            if count == 1 and not _COMPILE["box_muller"]:  # the fused kernel's normals are
+                # not all computed alike at every shape (vector body, scalar tail): kept as is
+                count = self._lookahead_blocks()
+            args = self._block_args(first, count)
             if _COMPILE["box_muller"]:
                 z = _compiled(_normal_pairs_words)(*args)
             else:
-                z = _box_muller(*self._uniform_kernel(last - first + 1)(*args))
+                z = _box_muller(*self._uniform_kernel(count)(*args))
             offset = p % 2
             end = offset + m
             if end < z.shape[1]:
-                self._spare = (p + m, z[:, end : end + 1])
+                self._spare = (p + m, z[:, end:])
             parts.append(z[:, offset:end])
         self.position = p + m
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _lookahead_blocks(self) -> int:
+        """Blocks a one-block normal draw computes: up to :data:`_LOOKAHEAD_MAX_BLOCKS`,
+        while they hold at most :data:`_LOOKAHEAD_SLOTS` normals for the batch (so one
+        block at 10^6 replicas, where a draw's dispatch costs nothing beside its work)."""
+        return max(1, min(_LOOKAHEAD_MAX_BLOCKS, _LOOKAHEAD_SLOTS // (2 * self.n_replicas)))
 
     def get_state(self) -> list[Tensor]:
         """Per-replica stream states, for exact-resume checkpoints (mt19937: generator

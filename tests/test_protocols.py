@@ -213,3 +213,28 @@ def test_fit_from_a_function_of_time() -> None:
     )
     t = torch.linspace(0.0, math.pi, 50, dtype=torch.float64)
     assert float((p(t)[:, 0] - torch.sin(t)).detach().abs().max()) < 1e-3
+
+
+def test_tabulated_scalar_read_without_graph_is_bit_identical() -> None:
+    """Tabulated's Python-float interpolation at one time (no graph, float64, CPU) gives
+    the bits of the tensor interpolation, inside, on and outside the knots."""
+    from controlmd.protocols.base import _interp
+
+    g = torch.Generator().manual_seed(0)
+    times = torch.cat(
+        [torch.zeros(1), torch.rand(6, generator=g, dtype=torch.float64).sort().values + 0.01]
+    )
+    values = torch.randn(7, 3, generator=g, dtype=torch.float64) * 5
+    table = Tabulated(times=times, values=values)
+    probes = torch.cat(
+        [times, torch.rand(200, generator=g, dtype=torch.float64) * 1.4 - 0.2, torch.tensor([-0.0])]
+    )
+    for t in probes:
+        with torch.no_grad():
+            fast = table.raw(t.reshape(1))
+            slow = _interp(t.reshape(1), table.times, table.values)
+        assert fast.dtype == slow.dtype and fast.shape == slow.shape
+        assert torch.equal(fast.view(torch.int64), slow.view(torch.int64)), float(t)
+    with torch.no_grad():  # an in-place change of the table is seen
+        table.values.add_(1.0)
+        assert torch.equal(table.raw(probes[3:4]), _interp(probes[3:4], table.times, table.values))

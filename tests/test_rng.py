@@ -323,3 +323,30 @@ def test_stacked_philox_equals_the_word_form() -> None:
         args = (block & 0xFFFFFFFF, high, seeds[:, :1], seeds[:, 1:])
         for a, b in zip(_uniform_pairs(*args), _uniform_pairs_words(*args)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n_replicas", [1, 7, 10_000])
+def test_philox_lookahead_keeps_the_stream(
+    n_replicas: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-block draws computed ahead (several blocks at once, the rest kept) give the
+    bits of drawing block by block, through mixed draws, uniforms and a restored state."""
+    import controlmd.rng as rng_module
+
+    def draws(r: ReplicaRNG) -> torch.Tensor:
+        out = []
+        for i in range(30):
+            out.append(r.randn(1, 1).reshape(n_replicas, -1))
+            if i == 7:
+                out += [r.randn(3), r.randn(2, 2).reshape(n_replicas, -1), r.rand(1)]
+            if i == 15:
+                r = r.restored(r.get_state())
+            if i == 20:
+                out.append(r.randn(1, dtype=torch.float32).double())
+        return torch.cat(out, dim=1)
+
+    ahead = draws(ReplicaRNG(9, n_replicas, kind="philox"))
+    monkeypatch.setattr(rng_module, "_LOOKAHEAD_MAX_BLOCKS", 1)
+    assert ReplicaRNG(9, n_replicas, kind="philox")._lookahead_blocks() == 1
+    one_by_one = draws(ReplicaRNG(9, n_replicas, kind="philox"))
+    assert torch.equal(ahead.view(torch.int64), one_by_one.view(torch.int64))

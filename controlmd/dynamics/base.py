@@ -191,11 +191,45 @@ def closing_jumps(integrator: Integrator) -> list[float]:
     jump at ``t_k`` is counted by the step that starts at ``t_k``.
     """
     times: set[float] = set()
-    for module in integrator.modules():
-        fn = getattr(module, "closing_jumps", None)
+    for module in _submodules(integrator):
+        fn = _module_attribute(module, "closing_jumps")
         if callable(fn) and not isinstance(module, Integrator):
             times.update(float(x) for x in fn())
     return sorted(times)
+
+
+def _submodules(root: nn.Module) -> list[nn.Module]:
+    """The modules of ``root`` (itself included), each once, in ``root.modules()``'s order:
+    the same walk without building each module's dotted name (a Brownian step asks for
+    its closing jumps at every step)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return out
+
+
+_MISSING = object()
+
+
+def _module_attribute(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)`` without the cost of a miss (``nn.Module.__getattr__``
+    formats an error message for every attribute it does not find)."""
+    if type(module).__getattr__ is not nn.Module.__getattr__:  # e.g. a forwarding wrapper
+        return getattr(module, name, None)
+    if getattr(type(module), name, _MISSING) is not _MISSING or name in module.__dict__:
+        return getattr(module, name, None)
+    for store in ("_parameters", "_buffers", "_modules"):
+        held = module.__dict__.get(store)
+        if held is not None and name in held:
+            return held[name]
+    return None
 
 
 class Integrator(nn.Module, ABC):
@@ -556,8 +590,8 @@ def jump_tolerance(t: float) -> float:
 def breakpoints(integrator: Integrator, t0: float, t1: float) -> list[float]:
     """Sorted jump times of every protocol held by ``integrator`` strictly inside (t0, t1)."""
     jumps: set[float] = set()
-    for module in integrator.modules():
-        bp = getattr(module, "breakpoints", None)
+    for module in _submodules(integrator):
+        bp = _module_attribute(module, "breakpoints")
         if callable(bp):
             jumps.update(float(x) for x in bp() if t0 < float(x) < t1)
     return sorted(jumps)

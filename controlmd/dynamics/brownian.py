@@ -180,11 +180,16 @@ class Brownian(Integrator):
         t1 = t + self.dt
         tc = t1 - self.t_eps  # the control of this step: u(t_{n+1}) as a left limit
         aux = dict(state.aux)
-        kT = per_replica(evaluate_schedule(self.kT, tc), R)
+        # a constant kT is only needed where the OU factors are not cached: made then
+        kT = None if self._constant_kT() else self._kT_at(tc, R)
         mu = self.mobility_like(R)
-        xi = state.rng.randn(*R.shape[1:], dtype=R.dtype).to(R.device)  # type: ignore[union-attr]
+        xi = state.rng.randn(*R.shape[1:], dtype=R.dtype)  # type: ignore[union-attr]
+        if xi.device != R.device:
+            xi = xi.to(R.device)
         E_end = None
+        remembered = False  # whether E(x_n, t_n^-) may be the previous step's E_end
         if self.method == "euler_maruyama":
+            kT = self._kT_at(tc, R) if kT is None else kT
             E1, F = self.potential.energy_and_forces(R, tc)
             dR = mu * F * self.dt + torch.sqrt(2.0 * kT * mu * self.dt) * xi
             R1 = self.space.shift(R, dR)
@@ -194,18 +199,47 @@ class Brownian(Integrator):
             if self.track_work:
                 E1 = trap.energy(R, tc)
             k, c = trap.stiffness_at(tc, R), trap.center_at(tc, R)
-            R1 = self.space.shift(R, self._ou_displacement(R, k, c, kT, mu, xi))
+            R1 = self.space.shift(R, self._ou_displacement(R, k, c, kT, tc, mu, xi))
         else:  # no graph: the trap's controls at tc, read once for the move and both energies
             trap = self.potential  # type: ignore[assignment]
             k, c = trap.stiffness_at(tc, R), trap.center_at(tc, R)
             if self.track_work:
                 E1 = trap.energy_at(R, k, c)
-            R1 = self.space.shift(R, self._ou_displacement(R, k, c, kT, mu, xi))
+            R1 = self.space.shift(R, self._ou_displacement(R, k, c, kT, tc, mu, xi))
             if self.track_work:
-                E_end = trap.energy_at(R1, k, c)
+                E_end = self._trap_energy(R1, k, c, remember=True)
+                remembered = True
         if self.track_work:
-            aux = self._account(aux, R, R1, t, t1, E1, E_end)
+            aux = self._account(aux, R, R1, t, t1, E1, E_end, remembered)
         return state.replace(R=R1, t=t1, step=state.step + 1, aux=aux)
+
+    def _constant_kT(self) -> bool:
+        """Whether ``kT`` is a number (its tensor is then made only where needed)."""
+        return isinstance(self.kT, int | float)
+
+    def _kT_at(self, t: Tensor, R: Tensor) -> Tensor:
+        """``kT(t)`` broadcastable against ``R``: ``[]`` or ``[B, 1, 1]``."""
+        return per_replica(evaluate_schedule(self.kT, t), R)
+
+    def _trap_energy(self, R: Tensor, k: Tensor, c: Tensor, *, remember: bool) -> Tensor:
+        """``trap.energy_at(R, k, c)`` ``[B]`` without a graph. The exact-OU step's end
+        energy ``E(x_{n+1}, t_{n+1}^-)`` (``remember=True``) is the next step's energy
+        before the control change, the same operations on the same tensors (``R`` the
+        next state's positions, ``k`` and ``c`` the memoized controls of
+        :mod:`controlmd.potentials.control_memo`): it is remembered and returned then,
+        while the tensors are those, unchanged."""
+        keys = (_tensor_key(R), _tensor_key(k), _tensor_key(c))
+        memo: list[tuple[Tensor, tuple[object, ...], tuple[Tensor, Tensor], Tensor]]
+        memo = self.__dict__.setdefault("_trap_energy_memo", [])
+        for held, held_keys, _, energy in memo:
+            if held is R and held_keys == keys and None not in keys:
+                return energy
+        trap: HarmonicTrap = self.potential  # type: ignore[assignment]
+        energy = trap.energy_at(R, k, c)
+        if remember:  # two entries: a step stores its end energy before its work reads
+            # the previous step's; the tensors are held so their memory stays theirs
+            memo[:] = [*memo[-1:], (R, keys, (k, c), energy)]
+        return energy
 
     def _account(
         self,
@@ -216,12 +250,14 @@ class Brownian(Integrator):
         t1: Tensor,
         E1: Tensor,
         E_end: Tensor | None,
+        remembered: bool = False,
     ) -> dict[str, Tensor]:
         """Work and heat of one step (module docstring): the control change at ``x_n``
         (from ``t_n^-``, or ``t_n^+`` after a closing jump, to ``t_{n+1}^-``), the heat
         ``E(x_n) - E(x_{n+1})`` released by the move under the control of the step (``E1``
         and ``E_end`` ``[B]``, the latter computed here when ``None``), and a closing jump
-        at ``t_{n+1}`` at ``x_{n+1}``."""
+        at ``t_{n+1}`` at ``x_{n+1}``. ``remembered`` (exact OU without a graph): the
+        energy at ``x_n`` before the control change goes through :meth:`_trap_energy`."""
         closing = closing_jumps(self)
         t_before = t + self.t_eps if self._is_closing(t, closing) else t - self.t_eps
         if E_end is None:
@@ -230,7 +266,13 @@ class Brownian(Integrator):
         if work is None or heat is None:
             zeros = R.new_zeros(R.shape[0])
             work, heat = aux.get("work", zeros), aux.get("heat", zeros)
-        work = work + E1 - self.potential.energy(R, t_before)
+        if remembered:
+            trap: HarmonicTrap = self.potential  # type: ignore[assignment]
+            c0 = trap.center_at(t_before, R)  # the order of HarmonicTrap.energy's reads
+            E0 = self._trap_energy(R, trap.stiffness_at(t_before, R), c0, remember=False)
+        else:
+            E0 = self.potential.energy(R, t_before)
+        work = work + E1 - E0
         heat = heat + E1 - E_end
         # a closing jump's work; elsewhere closing_jump_work's zeros were added, which
         # changed no bit (work is never -0.0: E1 >= +0)
@@ -239,14 +281,23 @@ class Brownian(Integrator):
         return {**aux, "work": work, "heat": heat}
 
     def _ou_displacement(
-        self, R: Tensor, k: Tensor, c: Tensor, kT: Tensor, mu: Tensor, xi: Tensor
+        self,
+        R: Tensor,
+        k: Tensor,
+        c: Tensor,
+        kT: Tensor | None,
+        tc: Tensor,
+        mu: Tensor,
+        xi: Tensor,
     ) -> Tensor:
         """Exact OU displacement ``x_{n+1} - x_n`` under the trap's stiffness ``k`` (``[]``
-        or ``[B]``) and centre ``c`` (from :meth:`HarmonicTrap.center_at`)."""
+        or ``[B]``) and centre ``c`` (from :meth:`HarmonicTrap.center_at`); ``kT`` as from
+        :meth:`_kT_at` at ``tc``, or ``None`` to make it here if needed."""
         trap: HarmonicTrap = self.potential  # type: ignore[assignment]
         if trap.particles is None:
-            drift_factor, amplitude = self._ou_factors(R, k, kT, mu)
+            drift_factor, amplitude = self._ou_factors(R, k, kT, tc, mu)
             return drift_factor * trap.space.displacement(R, c) + amplitude * xi
+        kT = self._kT_at(tc, R) if kT is None else kT
         k = per_replica(k, R)
         decay = torch.exp(-mu * k * self.dt)
         drift = (decay - 1.0) * trap.space.displacement(R, c)
@@ -257,11 +308,13 @@ class Brownian(Integrator):
         var = torch.where(trapped, var, 2.0 * kT * mu * self.dt)
         return drift + torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny)) * xi
 
-    def _ou_factors(self, R: Tensor, k: Tensor, kT: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+    def _ou_factors(
+        self, R: Tensor, k: Tensor, kT: Tensor | None, tc: Tensor, mu: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """``(e^{-mu k dt} - 1, sqrt(kT/k (1 - e^{-2 mu k dt})))``, broadcastable against
         ``R``: the exact OU step is ``x += drift_factor (x - c) + amplitude xi``. Computed
         once per dtype and device when the stiffness is a fixed tensor and ``kT`` a number
-        (no graph either way), else at every step."""
+        (no graph either way), else at every step (``kT`` ``None``: made at ``tc``)."""
         trap: HarmonicTrap = self.potential  # type: ignore[assignment]
         stiffness, gamma = trap.stiffness, self._gamma
         key = None
@@ -285,6 +338,7 @@ class Brownian(Integrator):
             if hit is not None and hit[0] == key:
                 cached: tuple[Tensor, Tensor] = hit[1]
                 return cached
+        kT = self._kT_at(tc, R) if kT is None else kT
         k = per_replica(k, R)
         decay = torch.exp(-mu * k * self.dt)
         var = kT / k * (1.0 - decay * decay)
@@ -303,3 +357,12 @@ def _check_trap(potential: Potential) -> None:
             "method='exact_ou' is exact only for a lone harmonic trap; got potential "
             f"{type(potential).__name__}; use method='euler_maruyama' for other potentials"
         )
+
+
+def _tensor_key(x: Tensor) -> tuple[object, ...] | None:
+    """The memory, layout and version counter of ``x``: equal keys of tensors whose memory
+    is still held mean the same values (``None`` for an inference tensor, which has no
+    version counter)."""
+    if x.is_inference():
+        return None
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)

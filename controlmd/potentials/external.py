@@ -25,6 +25,7 @@ from torch import nn
 from controlmd._validation import check_int, check_positive
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
+from controlmd.potentials.control_memo import memoized_control
 from controlmd.space import Space, free
 
 if TYPE_CHECKING:
@@ -42,14 +43,26 @@ def _control_at(
     like: Tensor,
     name: str,
 ) -> Tensor:
-    """``protocol(t)`` as ``like``'s dtype: ``[k]`` or ``[B, k]``."""
+    """``protocol(t)`` as ``like``'s dtype: ``[k]`` or ``[B, k]``. Without a graph, a read
+    at a time read just before may return that read's tensor (same bits; see
+    :mod:`controlmd.potentials.control_memo`): read-only."""
     if t is None:
         raise ControlMDError(
             f"{name} is time-dependent: pass the time t to energy(R, t) / energy_and_forces(R, t)"
         )
-    t = torch.as_tensor(t, dtype=torch.float64, device=like.device)
-    u = torch.as_tensor(protocol(t))
-    return u.to(dtype=like.dtype, device=like.device)
+    time = t
+
+    def read() -> Tensor:  # as_tensor / .to return a tensor that needs no change itself
+        tt = time
+        if not (isinstance(tt, Tensor) and tt.dtype == torch.float64 and tt.device == like.device):
+            tt = torch.as_tensor(tt, dtype=torch.float64, device=like.device)
+        u = protocol(tt)
+        u = u if isinstance(u, Tensor) else torch.as_tensor(u)
+        if u.dtype != like.dtype or u.device != like.device:
+            u = u.to(dtype=like.dtype, device=like.device)
+        return u
+
+    return memoized_control(protocol, time, like, read)
 
 
 def _particle_index(particles: Sequence[int] | Tensor | None) -> Tensor | None:
@@ -212,7 +225,8 @@ class HarmonicTrap(Potential):
             if k.shape[-1] != 1:
                 raise ControlMDError(f"stiffness protocol must have 1 channel, got {k.shape[-1]}")
             return k[..., 0]
-        return self.stiffness.to(like.dtype)
+        k = self.stiffness
+        return k if k.dtype == like.dtype else k.to(like.dtype)
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
         c = self.center_at(t, R)

@@ -65,6 +65,11 @@ class Protocol(nn.Module):
     init_in_constructor: bool = False
     """Whether the kind's constructor takes ``init`` itself (:func:`make_protocol` passes it)."""
     """Fewest channels a kind accepts (0 only for :class:`NoControl`)."""
+    pure_in_time: bool = False
+    """Whether ``forward(t)`` is a deterministic function of ``t``, of the module's tensors and
+    of its plain attributes only, so that a read without a graph may be memoized
+    (:mod:`controlmd.potentials.control_memo`). The kinds shipped here say so; a subclass
+    that keeps other state (or draws random numbers) must leave it ``False``."""
     _spec: dict[str, Any]
     # Buffers (registered in __init__; None when not given), annotated because
     # nn.Module.__getattr__ is typed ``Tensor | Module``.
@@ -197,10 +202,12 @@ class Protocol(nn.Module):
         A non-finite ``t`` is refused where checking costs no device synchronization (a
         Python number or a CPU tensor); on an accelerator the simulation's own finiteness
         check (every ``check_every`` steps) catches its consequences."""
-        t = torch.as_tensor(t, dtype=self._dtype())
-        if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-            raise ControlMDError(f"protocol time t must be finite, got {t.tolist()!r}")
+        t = _as_dtype(t, self._dtype())
         scalar = t.ndim == 0
+        if t.device.type == "cpu" and not (
+            math.isfinite(t.item()) if scalar else bool(torch.isfinite(t).all())
+        ):
+            raise ControlMDError(f"protocol time t must be finite, got {t.tolist()!r}")
         u = self.squash(self._raw_with_ends(t.reshape(-1)))
         if self.release_fraction > 0 and self.release_value is not None:
             w = self.release_weight(t.reshape(-1)).unsqueeze(-1)
@@ -340,6 +347,9 @@ class Protocol(nn.Module):
         )
 
     def _dtype(self) -> torch.dtype:
+        for p in self._parameters.values():  # parameters()' first, without its generator
+            if p is not None:
+                return p.dtype
         for p in self.parameters():
             return p.dtype
         for b in self.buffers():
@@ -352,9 +362,18 @@ def _interp(t: Tensor, knots: Tensor, values: Tensor) -> Tensor:
     idx = torch.searchsorted(knots.contiguous(), t.contiguous(), right=True).clamp(
         1, knots.shape[0] - 1
     )
-    t0, t1 = knots[idx - 1], knots[idx]
+    below = idx - 1
+    t0, t1 = knots[below], knots[idx]
     w = ((t - t0) / (t1 - t0)).clamp(0.0, 1.0).unsqueeze(-1)
-    return values[idx - 1] * (1.0 - w) + values[idx] * w
+    return values[below] * (1.0 - w) + values[idx] * w
+
+
+def _as_dtype(t: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """``torch.as_tensor(t, dtype=dtype)``, without dispatching it for a tensor that is
+    already of ``dtype`` (as_tensor returns that tensor itself)."""
+    if isinstance(t, Tensor) and t.dtype == dtype:
+        return t
+    return torch.as_tensor(t, dtype=dtype)
 
 
 _PROTOCOLS: dict[str, type[Protocol]] = {}

@@ -16,6 +16,8 @@ from controlmd.protocols.base import Protocol, Tensor, register_protocol
 class _LinearBasisProtocol(Protocol):
     """``raw(t) = basis(t / T) @ coef`` with ``coef`` ``[n_basis, k]``; fitting is exact."""
 
+    pure_in_time = True
+
     def __init__(self, *, n_basis: int, **base: Any) -> None:
         super().__init__(**base)
         self.coef = nn.Parameter(torch.zeros(n_basis, self.dim, dtype=torch.float64))

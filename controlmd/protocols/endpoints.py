@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from controlmd.errors import ControlMDError
-from controlmd.protocols.base import Protocol, Tensor, _as_bounds, make_protocol, register_protocol
+from controlmd.protocols.base import (
+    Protocol,
+    Tensor,
+    _as_bounds,
+    _as_dtype,
+    make_protocol,
+    register_protocol,
+)
 
 __all__ = ["Endpoints"]
 
@@ -55,6 +62,7 @@ class Endpoints(Protocol):
         ([0.0, 1.0], [1.0])
     """
 
+    pure_in_time = True  # memoized only where the inner module is too
     inner: nn.Module
     initial_value: Tensor
     final_value: Tensor
@@ -108,7 +116,7 @@ class Endpoints(Protocol):
 
     def forward(self, t: Tensor | float, obs: Tensor | None = None) -> Tensor:
         """u(t): ``t`` 0-d -> ``[k]`` (``[B, k]`` with ``obs``); ``t`` ``[T]`` -> ``[T, k]``."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = _as_dtype(t, torch.float64)
         if t.ndim == 0:
             tv = float(t)
             if tv < 0.0 or tv > self.t_final:

@@ -20,6 +20,7 @@ class NoControl(Protocol):
     """
 
     min_dim = 0
+    pure_in_time = True
 
     def __init__(self, *, t_final: float, dim: int = 0) -> None:
         if dim != 0:
@@ -39,6 +40,8 @@ class HeldControl(Protocol):
     ``set(u)`` with ``u`` of shape ``[k]`` (same for all replicas) or ``[B, k]`` (one value
     per replica); ``forward`` returns it whatever ``t`` is.
     """
+
+    pure_in_time = True  # set() assigns a new tensor, which the memo sees
 
     def __init__(self, *, dim: int, t_final: float, value: Tensor | None = None) -> None:
         super().__init__(dim=dim, t_final=t_final)

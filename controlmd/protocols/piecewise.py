@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class PiecewiseConstant(Protocol):
     """
 
     init_in_constructor = True
+    pure_in_time = True
 
     def __init__(
         self,
@@ -112,6 +114,7 @@ class Tabulated(Protocol):
         release_fraction, release_value, field_cost_weight: see :class:`Protocol`.
     """
 
+    pure_in_time = True
     times: Tensor  # buffer [n]
 
     def __init__(
@@ -156,11 +159,45 @@ class Tabulated(Protocol):
         if self.times.numel() == 1:
             return self.values.expand(t.shape[0], self.dim)
         if self.interpolation == "linear":
-            return _interp(t, self.times.to(t), self.values)
+            if (
+                t.numel() == 1
+                and t.device.type == "cpu"
+                and t.dtype == self.values.dtype == self.times.dtype == torch.float64
+                and self.values.device.type == "cpu"
+                and not torch.is_grad_enabled()
+                and not (self.values.is_inference() or self.times.is_inference())
+            ):
+                return self._raw_at(t.item())
+            times = self.times
+            if times.dtype != t.dtype or times.device != t.device:
+                times = times.to(t)
+            return _interp(t, times, self.values)
         idx = (
             torch.searchsorted(self.times.to(t).contiguous(), t.contiguous(), right=True) - 1
         ).clamp(0, self.times.numel() - 1)
         return self.values[idx]
+
+    def _raw_at(self, t: float) -> Tensor:
+        """:func:`_interp` at one time without a graph, in Python floats: ``[1, k]``.
+
+        Float64 tables on the CPU only, where Python's float arithmetic is the tensors'
+        (IEEE double; each operation of :func:`_interp` rounded once, in the same order;
+        ``bisect_right`` is ``searchsorted(right=True)``), so the values are bit-identical,
+        in ~2 tensor operations instead of ~18. The table is read into Python once per
+        version of ``times`` and ``values`` (both held, so their identities stay theirs)."""
+        times, values = self.times, self.values
+        key = tuple((id(x), x._version, x.data_ptr()) for x in (times, values))
+        hit = self.__dict__.get("_table")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_table"] = (key, times.tolist(), values.tolist(), (times, values))
+        knots, rows = hit[1], hit[2]
+        i = min(max(bisect.bisect_right(knots, t), 1), len(knots) - 1)
+        t0, t1 = knots[i - 1], knots[i]
+        w = min(max((t - t0) / (t1 - t0), 0.0), 1.0)
+        row = [a * (1.0 - w) + b * w for a, b in zip(rows[i - 1], rows[i])]
+        if len(row) == 1:  # one operation instead of torch.tensor's four
+            return torch.full((1, 1), row[0], dtype=torch.float64)
+        return torch.tensor([row], dtype=torch.float64)
 
     def breakpoints(self) -> list[float]:
         return self.times[1:].tolist() if self.interpolation == "hold" else []

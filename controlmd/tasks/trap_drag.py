@@ -314,6 +314,12 @@ class _TrapCenter(nn.Module):
         self.dt = dt
         self._held: tuple[float, Tensor, Tensor] | None = None
 
+    @property
+    def pure_in_time(self) -> bool:
+        """Whether :meth:`forward` depends on ``t`` and the protocol alone (no held
+        feedback values): see :mod:`controlmd.potentials.control_memo`."""
+        return self._held is None
+
     def hold(self, t_start: Tensor, previous: Tensor, current: Tensor) -> None:
         """Feedback: centre ``previous`` ``[B, 1]`` at ``t_start``, ``current`` after it."""
         self._held = (float(t_start), previous, current)
@@ -324,7 +330,8 @@ class _TrapCenter(nn.Module):
             t_start, previous, current = self._held
             return previous if t_value < t_start + 0.5 * self.dt else current
         n = math.floor(t_value / self.dt + 0.5)  # the step ending at n dt
-        return self.protocol(torch.tensor((n - 0.5) * self.dt, dtype=torch.float64))
+        # scalar_tensor: the same 0-d tensor as torch.tensor(...), one operation instead of four
+        return self.protocol(torch.scalar_tensor((n - 0.5) * self.dt, dtype=torch.float64))
 
 
 class _FeedbackHold(IntegratorWrapper):
