@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from controlmd.numerics import tensor_key
+
 Tensor = torch.Tensor
 
 __all__ = ["MEMO_SIZE", "memoized_control"]
@@ -77,7 +79,7 @@ def _state_key(root: nn.Module, key: list[Any], refs: list[Any]) -> bool:
         tensors = [v for v in d.values() if type(v) not in _SKIP and issubclass(type(v), Tensor)]
         tensors += [v for v in d["_parameters"].values() if v is not None]
         tensors += [v for v in d["_buffers"].values() if v is not None]
-        key.append(tuple([(id(v), v._version, v.data_ptr()) for v in tensors]))
+        key.append(tuple([tensor_key(v) for v in tensors]))
         refs += tensors
         children = d["_modules"]
         key.append(len(children))

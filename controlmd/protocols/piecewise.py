@@ -12,6 +12,7 @@ from torch import nn
 
 from controlmd._validation import check_choice, check_int
 from controlmd.errors import ControlMDError
+from controlmd.numerics import tensor_key
 from controlmd.protocols.base import InitSpec, Protocol, Tensor, _interp, register_protocol
 
 
@@ -186,7 +187,7 @@ class Tabulated(Protocol):
         in ~2 tensor operations instead of ~18. The table is read into Python once per
         version of ``times`` and ``values`` (both held, so their identities stay theirs)."""
         times, values = self.times, self.values
-        key = tuple((id(x), x._version, x.data_ptr()) for x in (times, values))
+        key = (tensor_key(times), tensor_key(values))
         hit = self.__dict__.get("_table")
         if hit is None or hit[0] != key:
             hit = self.__dict__["_table"] = (key, times.tolist(), values.tolist(), (times, values))
