@@ -50,11 +50,23 @@ def _raw(**changes: dict) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("name", ["trap_drag.toml", "trap_drag_2.toml", "demo.toml"])
-def test_shipped_experiments_are_valid(name: str) -> None:
-    cfg = load_config(EXPERIMENTS / name)
-    assert cfg["task"]["name"] == "trap_drag"
-    assert cfg["experiment"]["name"]
+def _run_experiments() -> list[Path]:
+    """The shipped files of ``controlmd run`` (``[compare]`` and ``[ibi]`` files have their
+    own loaders and tests)."""
+    return [
+        p
+        for p in sorted(EXPERIMENTS.glob("*.toml"))
+        if not {"compare", "ibi"} & set(tomllib.loads(p.read_text()))
+    ]
+
+
+@pytest.mark.parametrize("path", _run_experiments(), ids=lambda p: p.stem)
+def test_shipped_experiments_build_their_task_protocol_and_estimator(path: Path) -> None:
+    cfg = load_config(path)  # resolves [train], the estimator's options included
+    task = build_task(cfg)
+    protocol = build_protocol(cfg, task)
+    assert cfg["experiment"]["name"] and cfg["protocol"]["t_final"] == task.horizon
+    assert protocol.dim == len(task.controls.names)
 
 
 def test_defaults_are_filled_from_schema_and_task(tmp_path: Path) -> None:
