@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 #: ``[task]`` keys of the assembly task reduced to dimers: 2 Morse disks (reduced LJ units),
-#: target one bond; add ``n_steps`` and the controls per test.
+#: target one bond (the cheapest assembly task to score many times); add ``n_steps`` and the
+#: controls per test.
 TWO_DISKS: dict[str, Any] = {
     "name": "assembly",
     "n_particles": 2,

@@ -17,6 +17,7 @@ from controlmd.config import (
     write_config,
 )
 from controlmd.errors import ConfigError
+from controlmd.tomlfile import read_toml
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -54,9 +55,7 @@ def _run_experiments() -> list[Path]:
     """The shipped files of ``controlmd run`` (``[compare]`` and ``[ibi]`` files have their
     own loaders and tests)."""
     return [
-        p
-        for p in sorted(EXPERIMENTS.glob("*.toml"))
-        if not {"compare", "ibi"} & set(tomllib.loads(p.read_text()))
+        p for p in sorted(EXPERIMENTS.glob("*.toml")) if not {"compare", "ibi"} & set(read_toml(p))
     ]
 
 

@@ -35,7 +35,6 @@ KEYS = {
 }
 
 
-# Two sticky disks that form one bond: the cheapest assembly task to score many times.
 def _run_folder(path: Path, k: float) -> Path:
     """A tiny finished run: 2 disks that bond, eps and a confinement k switched off by
     the release window (the protocol is written, not trained)."""
