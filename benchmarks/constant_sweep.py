@@ -1,5 +1,6 @@
 """The control gate and the baselines of a one-channel task: exact metric vs a constant
-control swept over its range, no control, and linear ramps, all by the same code.
+control swept over its range, no control, and linear ramps, all by the same code; with
+``--holds-only``, hand-made schedules of a task with any number of channels.
 
 Usage::
 
@@ -20,7 +21,9 @@ per-replica difference). Protocols:
   temperature, epsilon scale 1, zero force/bias), or the middle of the bounds;
 * ``ramp_up`` / ``ramp_down``: linear from the lower to the upper bound and back;
 * ``--hold LABEL=F0:V0,F1:V1,...`` (repeatable): a hand-made piecewise-constant protocol
-  holding value ``Vi`` from time fraction ``Fi`` of the horizon (``F0 = 0``) on.
+  holding value ``Vi`` from time fraction ``Fi`` of the horizon (``F0 = 0``) on; on a task
+  with several channels (``--holds-only`` only) ``Vi`` names one value per channel in the
+  order of ``[task] controls``, separated by ``/`` (``0:0.7/5,0.3:0.5/5,0.9:0.5/0``).
 
 The gate (printed and stored under ``gate``): the sweep's maximum is interior and exceeds
 both end values by more than 2 combined standard errors (non-monotone), and it lies
@@ -88,24 +91,40 @@ def score(
     return summary, v
 
 
-def table_protocol(task: Task, start: float, end: float) -> Protocol:
-    """A linear ramp ``start -> end`` over the horizon (a constant when equal), unsquashed."""
-    return Tabulated(times=[0.0, task.horizon], values=[[start], [end]])
+def table_protocol(task: Task, start: float | list[float], end: float | list[float]) -> Protocol:
+    """A linear ramp ``start -> end`` over the horizon (a constant when equal), unsquashed;
+    a list gives one value per channel."""
+    first = start if isinstance(start, list) else [start]
+    last = end if isinstance(end, list) else [end]
+    return Tabulated(times=[0.0, task.horizon], values=[first, last])
 
 
 def hold_protocol(task: Task, spec: str) -> tuple[str, Protocol]:
-    """``"LABEL=F0:V0,F1:V1,..."`` -> a protocol holding ``Vi`` from ``Fi * T`` on."""
+    """``"LABEL=F0:V0,F1:V1,..."`` -> a protocol holding ``Vi`` from ``Fi * T`` on (``Vi``:
+    ``v`` on one channel, ``v0/v1/...`` with one value per channel on several)."""
     label, sep, rows = spec.partition("=")
+    dim = task.controls.dim
     try:
-        pairs = [tuple(float(x) for x in row.split(":")) for row in rows.split(",")]
-        if not sep or any(len(p) != 2 for p in pairs) or pairs[0][0] != 0.0:
+        pairs = []
+        for row in rows.split(","):
+            fraction, colon, value = row.partition(":")
+            pairs.append((float(fraction), [float(v) for v in value.split("/")]))
+            if not colon:
+                raise ValueError
+        if not sep or pairs[0][0] != 0.0:
             raise ValueError
     except ValueError:
         raise ControlMDError(
             f"--hold expects LABEL=0:V0,F1:V1,... (fractions of the horizon), got {spec!r}"
         ) from None
+    for _, v in pairs:
+        if len(v) != dim:
+            raise ControlMDError(
+                f"--hold {spec!r}: a value names {len(v)} channel(s) but the task has {dim} "
+                f"({'/'.join(task.controls.names)})"
+            )
     times = [f * task.horizon for f, _ in pairs] + [task.horizon]
-    values = [[v] for _, v in pairs] + [[pairs[-1][1]]]
+    values = [v for _, v in pairs] + [pairs[-1][1]]
     if times[-2] >= task.horizon:
         times, values = times[:-1], values[:-1]
     return label, Tabulated(times=times, values=values, interpolation="hold")
@@ -172,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.experiment, args.overrides)
     task = build_task(cfg)
-    if task.controls.dim != 1:
+    if task.controls.dim != 1 and not args.holds_only:
         raise ControlMDError(
             f"the sweep needs a one-channel task; {task.name!r} has channels {task.controls.names}: "
-            "set [task] controls to a single channel"
+            "set [task] controls to a single channel, or score hand-made --hold schedules "
+            "with --holds-only"
         )
     lo, hi = task.controls.low[0], task.controls.high[0]
     if args.values:
@@ -183,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         values = [lo + (hi - lo) * i / (args.n_values - 1) for i in range(args.n_values)]
     default = getattr(task, "default_control", None)
-    u0 = float(default()[0]) if callable(default) else 0.5 * (lo + hi)
+    u0s = (
+        [float(v) for v in default()]
+        if callable(default)
+        else [0.5 * (a + b) for a, b in zip(task.controls.low, task.controls.high, strict=True)]
+    )
+    u0 = u0s[0]
     opts = {"replicas": args.replicas, "chunk": args.chunk, "seed": args.seed}
     t0 = time.perf_counter()
 
@@ -217,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     if args.holds_only:
+        shown = "/".join(f"{v:.4g}" for v in u0s)
         results = {
-            "no_control": run(f"no control ({u0:.4g})", table_protocol(task, u0, u0), value=u0)
+            "no_control": run(
+                f"no control ({shown})",
+                table_protocol(task, u0s, u0s),
+                value=u0 if len(u0s) == 1 else u0s,
+            )
         }
         score_holds(results)
         pair_with(results["no_control"])
@@ -230,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "task": task.name,
             "metric_name": task.metric_name,
-            "channel": task.controls.names[0],
+            "channel": "/".join(task.controls.names),
             "replicas": args.replicas,
             "seed": args.seed,
             "rng": cfg["experiment"]["rng"],
@@ -307,7 +337,10 @@ def _value_cell(b: dict[str, Any]) -> str:
     """The control value column of a scored protocol: hold spec, constant, or ramp."""
     if "spec" in b:
         return b["spec"].partition("=")[2]
-    return f"{b['value']:.4g}" if "value" in b else f"{b['start']:.4g} -> {b['end']:.4g}"
+    if "value" in b:
+        v = b["value"]
+        return "/".join(f"{x:.4g}" for x in v) if isinstance(v, list) else f"{v:.4g}"
+    return f"{b['start']:.4g} -> {b['end']:.4g}"
 
 
 def _paired_cell(b: dict[str, Any]) -> str:
