@@ -62,6 +62,7 @@ _ODE_METHODS = (
 )
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 _BACKENDS = ("auto", "numpy", "torch")  # arrays of the split-operator step loop
+PRECISIONS = ("double", "single")  # arithmetic of the split-operator step loop
 
 
 def _check_model(energies: Tensor, dipole: Tensor) -> None:
@@ -220,6 +221,12 @@ class SplitOperator(nn.Module):
         (>= 0; default 1 GiB; 0 always rebuilds the states backwards).
     :param backend: arrays of the step loop: ``"auto"`` (NumPy on CPU, torch elsewhere),
         ``"numpy"`` (CPU only) or ``"torch"``.
+    :param precision: arithmetic of the step loop: ``"double"`` (complex128) or
+        ``"single"`` (the free-step matrix, kicks and the states between steps in
+        complex64: half the bytes read per step, the step being bound by reading the
+        matrix; the basis changes, sampled states, outputs and gradients stay float64 /
+        complex128). Single precision moves the paper run's yields by < 1e-4
+        (docs/performance.md); the default keeps the double-precision loop.
     """
 
     energies: Tensor  # buffer [n], eV
@@ -236,17 +243,20 @@ class SplitOperator(nn.Module):
         h: float,
         max_stored_bytes: int = 2**30,
         backend: str = "auto",
+        precision: str = "double",
     ) -> None:
         super().__init__()
         _check_model(energies, dipole)
         check_positive("h", h)
         check_int("max_stored_bytes", max_stored_bytes, minimum=0)
         check_choice("backend", backend, _BACKENDS)
+        check_choice("precision", precision, PRECISIONS)
         if backend == "numpy" and energies.device.type != "cpu":
             raise ControlMDError(
                 f"backend = 'numpy' needs CPU tensors, got device {energies.device}; use 'auto' or 'torch'"
             )
         self.backend = backend
+        self.precision = precision
         self.h = float(h)
         self.max_stored_bytes = int(max_stored_bytes)
         m, V = torch.linalg.eigh(dipole)
@@ -302,7 +312,13 @@ class SplitOperator(nn.Module):
 
     def arrays(self) -> _Arrays:
         """The operators as arrays of the step loop (NumPy views on CPU), cached."""
-        key = (self.U.device, self.U.data_ptr(), self.U._version, self.V.data_ptr())
+        key = (
+            self.U.device,
+            self.U.data_ptr(),
+            self.U._version,
+            self.V.data_ptr(),
+            self.precision,
+        )
         if self._arrays is None or self._arrays[0] != key:
             self._arrays = (key, _Arrays(self))
         return self._arrays[1]
@@ -326,12 +342,14 @@ class _Arrays:
             c = t.detach().conj().resolve_conj()
             return c.numpy() if cpu else c
 
-        self.U = arr(prop.U)
+        single = prop.precision == "single"
+        self.U = arr(prop.U.to(torch.complex64) if single else prop.U)
         self.V, self.VT = arr(prop.V), arr(prop.V.T.contiguous())
         self.a, self.a_conj = arr(prop.half_phase), conj(prop.half_phase)
         self.m = arr(prop.mu_eigvals)
         self.m_h = arr(prop.mu_eigvals * prop.h)
-        self.cdtype = prop.U.dtype
+        self.cdtype = torch.complex64 if single else prop.U.dtype
+        self.item_bytes = 8 if single else prop.U.element_size()  # one kept amplitude
         self._spare: tuple[Any, Any] | None = None
 
     def tensor(self, x: Any) -> Tensor:
@@ -367,9 +385,20 @@ class _Arrays:
         parts = torch.view_as_real(torch.from_numpy(out) if self.xp is np else out)
         for c0 in range(0, f.shape[0], _KICK_CHUNK):
             theta = f[c0 : c0 + _KICK_CHUNK].unsqueeze(-1) * m_h
-            torch.cos(theta, out=parts[c0 : c0 + _KICK_CHUNK, ..., 0])
-            torch.sin(theta, out=parts[c0 : c0 + _KICK_CHUNK, ..., 1])
+            re, im = parts[c0 : c0 + _KICK_CHUNK, ..., 0], parts[c0 : c0 + _KICK_CHUNK, ..., 1]
+            if re.dtype == theta.dtype:
+                torch.cos(theta, out=re)
+                torch.sin(theta, out=im)
+            else:  # single precision: phases in float64, rounded once
+                re.copy_(torch.cos(theta))
+                im.copy_(torch.sin(theta))
         return out
+
+    def loop(self, x: Any) -> Any:
+        """``x`` in the step loop's complex dtype (itself when it already is)."""
+        if self.xp is np:
+            return x if x.dtype == self.U.dtype else x.astype(self.U.dtype)
+        return x.to(self.cdtype)
 
     def take(self, shape: tuple[int, ...], kick_shape: tuple[int, ...]) -> tuple[Any, Any]:
         """Arrays for the kept states and kicks: the ones a finished backward pass gave
@@ -391,6 +420,8 @@ class _Arrays:
         NumPy's batched 3-D product was 2.5x slower)."""
         xp = self.xp
         parts = xp.stack((z.real, z.imag))
+        if xp is torch and parts.dtype != M.dtype:  # single-precision states, float64 basis
+            parts = parts.to(M.dtype)
         prod = (parts.reshape(-1, parts.shape[-1]) @ M).reshape(*parts.shape[:-1], M.shape[1])
         if xp is np:
             return prod[0] + 1j * prod[1]
@@ -413,8 +444,12 @@ class _Arrays:
         return self.real_matmul(lam, self.VT) * self.a_conj
 
     def field_gradient(self, y: Any, mu: Any) -> Any:
-        """``dL/dE = -h sum_n m_n Im(y_n mu_n)`` over the last axis (``mu = conj(lambda)``)."""
-        return -((y * mu).imag @ self.m_h)
+        """``dL/dE = -h sum_n m_n Im(y_n mu_n)`` over the last axis (``mu = conj(lambda)``),
+        in float64."""
+        im = (y * mu).imag
+        if self.xp is torch and im.dtype != self.m_h.dtype:
+            im = im.to(self.m_h.dtype)
+        return -(im @ self.m_h)
 
 
 _KICK_CHUNK = 256  # steps whose kicks are computed together (bounds the [C, (B,) n] buffer)
@@ -448,7 +483,7 @@ def _sweep(
             k = c0 + j
             cur = Y[k] if store else y
             if k == 0:
-                xp.multiply(ar.to_mu(x), kick[0], out=cur)
+                xp.multiply(ar.loop(ar.to_mu(x)), kick[0], out=cur)
             else:
                 xp.matmul(Y[k - 1] if store else y, ar.U, out=tmp)
                 xp.multiply(tmp, kick[j], out=cur)
@@ -487,7 +522,7 @@ class _SplitOperatorFunction(torch.autograd.Function):
         ar = prop.arrays()
         K, (B, n) = fields.shape[0], psi0.shape
         kick_rows = B if fields.ndim == 2 else 1
-        store = K * (B + kick_rows) * n * psi0.element_size() <= ar.max_stored_bytes
+        store = K * (B + kick_rows) * n * ar.item_bytes <= ar.max_stored_bytes
         out, samples, kept = _sweep(ar, psi0, fields, steps, store=store)
         ctx.ar, ctx.kept, ctx.store, ctx.steps, ctx.shape = ar, kept, store, steps, (B, n)
         ctx.save_for_backward(fields)
@@ -519,10 +554,10 @@ class _SplitOperatorFunction(torch.autograd.Function):
         rows = [i for i, s in enumerate(steps) if s >= 1] if g_samples is not None else []
         src = {}  # k -> conj(gradient of y_k) from psi_{k+1}
         if g_samples is not None and rows:
-            mapped = ar.adjoint_to_mu(g_samples[rows]).conj()
+            mapped = ar.loop(ar.adjoint_to_mu(g_samples[rows]).conj())
             src = {steps[i] - 1: mapped[j] for j, i in enumerate(rows)}
         if g_final is not None:
-            last = ar.adjoint_to_mu(g_final).conj()
+            last = ar.loop(ar.adjoint_to_mu(g_final).conj())
             src[K - 1] = src[K - 1] + last if K - 1 in src else last
         mu = src[K - 1] + 0 if K - 1 in src else ar.zeros((B, n))
         tmp = ar.empty((B, n))

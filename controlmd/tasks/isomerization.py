@@ -119,6 +119,10 @@ Arguments
     yield_method     str    "nufft"    free-evolution yields: "nufft" (fast) or "matmul"
                                        (batched products; equal to ~1e-11)
     yield_chunk      int    1024       times per batched product ("matmul")
+    step_precision   str    "double"   split-operator step loop: "double" (complex128)
+                                       or "single" (complex64 matrix, kicks and states
+                                       between steps; ~2x faster on CPU, yields of the
+                                       paper run within 1e-4; see SplitOperator)
     cache_dir        str    ""         model cache ("" : $CONTROLMD_CACHE or
                                        ~/.cache/controlmd)
     device           str    "cpu"      where the wave functions are propagated ("cuda"
@@ -142,6 +146,7 @@ import torch
 from controlmd._validation import check_choice, check_int, check_positive
 from controlmd.dynamics.base import Integrator
 from controlmd.dynamics.schrodinger import (
+    PRECISIONS,
     SchrodingerEquation,
     SplitOperator,
     free_evolution_yield,
@@ -289,6 +294,7 @@ class Isomerization(Task[QuantumState]):
         carrier_ev: float | list[float] = 2.4,
         yield_method: str = "nufft",
         yield_chunk: int = 1024,
+        step_precision: str = "double",
         cache_dir: str = "",
         device: str = "cpu",
     ) -> None:
@@ -312,6 +318,7 @@ class Isomerization(Task[QuantumState]):
             raise ControlMDError(f"min_excitation must be in [0, 1), got {min_excitation}")
         check_int("yield_chunk", yield_chunk)
         check_choice("yield_method", yield_method, ("nufft", "matmul"))
+        check_choice("step_precision", step_precision, PRECISIONS)
         for name, value in (("pulse_omega", pulse_omega), ("pulse_tp_fs", pulse_tp_fs)):
             if not math.isfinite(value):
                 raise ControlMDError(f"{name} must be finite, got {value}")
@@ -361,7 +368,9 @@ class Isomerization(Task[QuantumState]):
         self.min_excitation = min_excitation
         self.excitation_penalty = excitation_penalty
         self.yield_chunk = yield_chunk
-        self.propagator = SplitOperator(self.model.energies, self.model.dipole, h=self.dt)
+        self.propagator = SplitOperator(
+            self.model.energies, self.model.dipole, h=self.dt, precision=step_precision
+        )
         # The yield window: grid times t_j = j t_end / (n_grid - 1), j >= n_grid - n_window.
         spacing = self.t_end / (n_grid - 1)
         grid = torch.arange(n_grid - n_window, n_grid, dtype=torch.float64) * spacing
