@@ -609,6 +609,7 @@ def test_registered_and_built_by_name(cache: str) -> None:
         ({"e_max": 0.0}, "e_max"),
         ({"e_cut": 0.05}, "e_cut"),
         ({"yield_method": "fft"}, "yield_method"),
+        ({"step_precision": "half"}, "step_precision"),
         ({"field_mode": "phase"}, "field_mode"),
         ({"min_excitation": 1.0}, "min_excitation"),
         ({"carrier_ev": -2.4}, "carrier_ev"),
