@@ -39,7 +39,6 @@ import torch
 
 from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, load_config
-from controlmd.potentials.bonded import dihedral_angle
 from controlmd.protocols import Protocol, load_protocol
 from controlmd.structures import kabsch_align, kabsch_rmsd
 
@@ -67,10 +66,8 @@ def classify(task: Any, R: torch.Tensor) -> list[dict[str, Any]]:
     """One row per chain of ``R`` ``[B, N, 3]``: Q, RMSD, class and flipped torsions."""
     Q = task.contact_fraction(R)
     D = kabsch_rmsd(R, task.target)
-    bias = task._torsion_bias
-    flipped = bias.misfit(R) > 1.0  # [B, K]
-    X = [R[:, bias.dihedrals[:, a]] for a in range(4)]
-    phi = torch.rad2deg(dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2])).mean(-1)
+    flipped = task._torsion_bias.misfit(R) > 1.0  # [B, K]
+    phi = torch.rad2deg(task.torsion_angles(R)).mean(-1)
     rows = []
     for q, d, f, p in zip(Q.tolist(), D.tolist(), flipped, phi.tolist(), strict=True):
         pattern = "".join("-" if x else "+" for x in f.tolist())

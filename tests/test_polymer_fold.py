@@ -146,7 +146,7 @@ def test_torsion_channel_biases_toward_the_native_torsions(per_torsion: bool) ->
     base = task.potential(_constant(task, [0.0] * task.controls.dim)).energy(R, t)
     E = task.potential(_constant(task, a.tolist())).energy(R, t)
     # sum_k a_k [1 - cos(phi_k - phi*_k)], phi from the bead positions
-    phi = task._torsions(R)
+    phi = task.torsion_angles(R)
     expected = ((1.0 - torch.cos(phi - task._phi0)) * a).sum(-1)
     torch.testing.assert_close(E - base, expected)
     # zero at the native structure; the mirror image (phi -> -phi) pays 1 - cos(2 phi*)

@@ -263,6 +263,13 @@ class PairBias(nn.Module):
         return (self.features(R) * u.to(R)).sum(-1)
 
 
+def _torsion_angles(R: Tensor, dihedrals: Tensor) -> Tensor:
+    """Torsions ``[B, K]`` (rad, IUPAC) of the bead quadruples ``dihedrals`` ``[K, 4]`` in
+    chains ``R`` ``[B, N, 3]``."""
+    X = [R[:, dihedrals[:, a]] for a in range(4)]
+    return dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2])
+
+
 class TorsionBias(nn.Module):
     """Coupling of the native-torsion bias: ``E_b = sum_k a_k [1 - cos(phi_k - phi*_k)]``.
 
@@ -284,9 +291,7 @@ class TorsionBias(nn.Module):
 
     def misfit(self, R: Tensor) -> Tensor:
         """``1 - cos(phi_k - phi*_k)`` per torsion ``[B, K]`` (0 native, 2 flipped)."""
-        X = [R[:, self.dihedrals[:, a]] for a in range(4)]
-        phi = dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2])
-        return 1.0 - torch.cos(phi - self.phi0.to(R))
+        return 1.0 - torch.cos(_torsion_angles(R, self.dihedrals) - self.phi0.to(R))
 
     def forward(self, R: Tensor, a: Tensor) -> Tensor:
         m = self.misfit(R)
@@ -513,7 +518,7 @@ class PolymerFold(FieldChannelTask):
         self._dihedrals = torch.stack([idx[:-3], idx[1:-2], idx[2:-1], idx[3:]], dim=1)
         self._b0 = (R_native[1:] - R_native[:-1]).norm(dim=-1)
         self._theta0 = bond_angle(R_native[:-2] - R_native[1:-1], R_native[2:] - R_native[1:-1])
-        self._phi0 = self._torsions(R_native[None])[0]
+        self._phi0 = self.torsion_angles(R_native[None])[0]
         self._torsion_bias = TorsionBias(self._dihedrals, self._phi0)
         self.k_bond, self.k_angle = float(k_bond), float(k_angle)
         self.k_dihedral, self.k_dihedral3 = float(k_dihedral), float(k_dihedral3)
@@ -721,9 +726,9 @@ class PolymerFold(FieldChannelTask):
 
     # ------------------------------------------------------------------ structure measures
 
-    def _torsions(self, R: Tensor) -> Tensor:
-        X = [R[:, self._dihedrals[:, a]] for a in range(4)]
-        return dihedral_angle(X[1] - X[0], X[2] - X[1], X[3] - X[2])
+    def torsion_angles(self, R: Tensor) -> Tensor:
+        """The chain's torsions ``[B, K]`` (rad; the native ones are the target's)."""
+        return _torsion_angles(R, self._dihedrals)
 
     def torsion_misfit(self, R: Tensor) -> Tensor:
         """``mean_k (1 - cos(phi_k - phi*_k)) / 2`` per replica ``[B]`` (0 native, 1 all flipped)."""
