@@ -3,26 +3,12 @@ several channels, and a clear error when a value names another number of channel
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from command_scripts import ROOT, load_script
 
 from controlmd.config import build_task, load_config
 from controlmd.errors import ControlMDError
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _sweep_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(
-        "constant_sweep", ROOT / "benchmarks" / "constant_sweep.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _two_channel_task():  # type: ignore[no-untyped-def]
@@ -35,7 +21,9 @@ def _two_channel_task():  # type: ignore[no-untyped-def]
 
 def test_a_two_channel_hold_holds_each_channel_from_its_time_fraction() -> None:
     task = _two_channel_task()
-    label, protocol = _sweep_module().hold_protocol(task, "hot=0:0.7/5,0.3:0.5/5,0.9:0.5/0")
+    label, protocol = load_script("benchmarks/constant_sweep.py").hold_protocol(
+        task, "hot=0:0.7/5,0.3:0.5/5,0.9:0.5/0"
+    )
     assert label == "hot"
     T = task.horizon
     for fraction, expected in ((0.1, [0.7, 5.0]), (0.5, [0.5, 5.0]), (0.95, [0.5, 0.0])):
@@ -48,4 +36,4 @@ def test_a_hold_naming_another_number_of_channels_is_refused(spec: str) -> None:
     with pytest.raises(
         ControlMDError, match=r"names \d channel\(s\) but the task has 2 \(kT/torsion\)"
     ):
-        _sweep_module().hold_protocol(_two_channel_task(), spec)
+        load_script("benchmarks/constant_sweep.py").hold_protocol(_two_channel_task(), spec)

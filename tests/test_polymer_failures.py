@@ -4,25 +4,11 @@ more than 90 degrees), and a chain torn apart is misfolded."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from command_scripts import ROOT, load_script
 
 from controlmd.config import build_task, load_config
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _failures_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(
-        "polymer_failures", ROOT / "experiments" / "polymer_failures.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_native_mirror_and_stretched_chains_are_told_apart() -> None:
@@ -30,7 +16,7 @@ def test_native_mirror_and_stretched_chains_are_told_apart() -> None:
     native = task.target.to(torch.float64)
     mirror = native * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
     stretched = 3.0 * native
-    failures = _failures_module()
+    failures = load_script("experiments/polymer_failures.py")
     rows = failures.classify(task, torch.stack((native, mirror, stretched)))
     assert [r["class"] for r in rows] == ["folded", "mirror", "misfolded"]
     assert rows[0]["q"] == 1.0 and rows[0]["rmsd"] < 1e-6 and rows[0]["flipped"] == 0

@@ -349,7 +349,6 @@ class _Arrays:
         self.m = arr(prop.mu_eigvals)
         self.m_h = arr(prop.mu_eigvals * prop.h)
         self.cdtype = torch.complex64 if single else prop.U.dtype
-        self.item_bytes = 8 if single else prop.U.element_size()  # one kept amplitude
         self._spare: tuple[Any, Any] | None = None
 
     def tensor(self, x: Any) -> Tensor:
@@ -522,7 +521,7 @@ class _SplitOperatorFunction(torch.autograd.Function):
         ar = prop.arrays()
         K, (B, n) = fields.shape[0], psi0.shape
         kick_rows = B if fields.ndim == 2 else 1
-        store = K * (B + kick_rows) * n * ar.item_bytes <= ar.max_stored_bytes
+        store = K * (B + kick_rows) * n * ar.cdtype.itemsize <= ar.max_stored_bytes
         out, samples, kept = _sweep(ar, psi0, fields, steps, store=store)
         ctx.ar, ctx.kept, ctx.store, ctx.steps, ctx.shape = ar, kept, store, steps, (B, n)
         ctx.save_for_backward(fields)
