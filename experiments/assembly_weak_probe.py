@@ -8,11 +8,16 @@ the same fresh replicas (common random numbers). Reduced LJ units, kT = 1.
 * ``--bowls C1,C2,...``: the lowest Fourier bowl ``c [cos(2 pi x / L) + cos(2 pi y / L)]``
   (``basis_kind = "fourier"``, ``basis_modes = 1``; minimum ``-2c`` at the centre, maximum
   ``+2c`` at the corners, so ``max |V| = 2c``): a box-wide funnel.
+* ``--waves V:LAMBDA:R_IN,...``: the radial wave (``controls = ["wave"]``,
+  :class:`~controlmd.potentials.RadialWave`) of amplitude ``--depth`` and wavelength
+  ``LAMBDA`` whose troughs travel inward at ``V`` sigma/tau (phase ``s = V t``), fading out
+  inside ``R_IN`` of the box centre; time-dependent, unlike the two static fields above.
 
 Prints one JSON line per field (yield, SE, paired difference and its SE, field cost, the
 largest |V| over 2,000 random points)::
 
     python experiments/assembly_weak_probe.py --replicas 256 --seed 4242 --wells 2,1.5,1 --bowls 1.5,1
+    python experiments/assembly_weak_probe.py --replicas 256 --seed 4242 --waves 2:0.8:1.2,5:0.8:1.2
 """
 
 from __future__ import annotations
@@ -29,16 +34,17 @@ from controlmd.protocols import Tabulated
 from controlmd.tasks.assembly import Assembly
 
 
-def held(task: Assembly, coefficients: list[float]) -> Tabulated:
-    """``coefficients`` held until 0.9 T, then the release window (0 from 0.9 T)."""
+def held(task: Assembly, coefficients: list[float], end: list[float] | None = None) -> Tabulated:
+    """``coefficients`` until 0.9 T (linearly to ``end`` when given), then the release
+    window (0 from 0.9 T)."""
     T = task.horizon
     return Tabulated(
         times=[0.0, 0.9 * T],
-        values=[coefficients, coefficients],
-        interpolation="hold",
+        values=[coefficients, coefficients if end is None else end],
+        interpolation="hold" if end is None else "linear",
         t_final=T,
-        low=-task.basis_max,
-        high=task.basis_max,
+        low=list(task.controls.low),
+        high=list(task.controls.high),
         release_fraction=0.1,
         release_value=[0.0] * len(coefficients),
     )
@@ -61,6 +67,9 @@ def main() -> None:
     ap.add_argument("--wells", default="", help="widths of centred Gaussian wells (sigma)")
     ap.add_argument("--depth", type=float, default=3.0, help="max |V| of the wells (kT)")
     ap.add_argument("--bowls", default="", help="coefficients c of the Fourier bowl")
+    ap.add_argument(
+        "--waves", default="", help="radial waves V:LAMBDA:R_IN (sigma/tau, sigma, sigma)"
+    )
     args = ap.parse_args()
     n = args.replicas
     base = Assembly()
@@ -70,11 +79,27 @@ def main() -> None:
     print(json.dumps({"field": "none (constant eps = 6)", "yield": float(y0.mean())}), flush=True)
     points = torch.rand(2000, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
-    def report(label: str, task: Assembly, field: BasisField, coefficients: list[float]) -> None:
+    def report(
+        label: str,
+        task: Assembly,
+        field: BasisField | None,
+        coefficients: list[float],
+        end: list[float] | None = None,
+    ) -> None:
         t0 = time.perf_counter()
-        y, cost = per_replica(task, held(task, coefficients), n, args.seed)
-        c = torch.tensor(coefficients, dtype=torch.float64)
-        v_max = float((field.basis_values(points * task.box) * c).sum(-1).abs().max())
+        protocol = held(task, coefficients, end)
+        y, cost = per_replica(task, protocol, n, args.seed)
+        if field is None:  # the wave: the largest |V| over the same points at 20 times
+            wave = task.field_potential(protocol)
+            assert wave is not None
+            with torch.no_grad():
+                v_max = max(
+                    float(wave.energy(points * task.box, t).abs().max())
+                    for t in torch.linspace(0.0, task.horizon, 20).tolist()
+                )
+        else:
+            c = torch.tensor(coefficients, dtype=torch.float64)
+            v_max = float((field.basis_values(points * task.box) * c).sum(-1).abs().max())
         d = y - y0
         row = {
             "field": label,
@@ -106,6 +131,22 @@ def main() -> None:
         coefficients = [c if is_axis else 0.0 for is_axis in axes]  # the cosines of (1,0), (0,1)
         coefficients += [0.0] * (task.controls.dim - len(coefficients))  # the sines
         report(f"fourier bowl c = {c}", task, field, coefficients)
+    for spec in [w for w in args.waves.split(",") if w]:
+        speed, wavelength, inner = (float(x) for x in spec.split(":"))
+        task = Assembly(
+            controls=["wave"],
+            wave_max=args.depth,
+            wave_wavelength=wavelength,
+            wave_inner=inner,
+            field_cost_every=20,
+        )
+        report(
+            f"radial wave v = {speed}, lambda = {wavelength}, r_in = {inner}, A = {args.depth}",
+            task,
+            None,
+            [args.depth, 0.0],
+            [args.depth, speed * 0.9 * task.horizon],
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from controlmd.potentials import (
     FieldNetwork,
     NeuralField,
     Potential,
+    RadialWave,
     mean_square_force,
 )
 from controlmd.protocols import MLPProtocol, NeuralFieldProtocol, Tabulated
@@ -84,10 +85,26 @@ def _field(kind: str) -> tuple[Potential, torch.Tensor]:
         g = torch.Generator().manual_seed(4)
         R = torch.rand(3, 4, 2, generator=g, dtype=torch.float64) * L
         return Confinement(periodic(L, dim=2), _constant([7.0])), R
+    if kind == "wave":
+        g = torch.Generator().manual_seed(7)
+        R = torch.rand(3, 4, 2, generator=g, dtype=torch.float64) * L
+        return _wave(_constant([2.5, 1.3])), R
     return _neural(kind)
 
 
-FIELDS = ["fourier", "cartesian_com", "species", "gaussian", "fourier_basis", "confinement"]
+def _wave(protocol: Tabulated) -> RadialWave:
+    return RadialWave(periodic(L, dim=2), protocol, wavelength=0.8, inner_radius=0.9)
+
+
+FIELDS = [
+    "fourier",
+    "cartesian_com",
+    "species",
+    "gaussian",
+    "fourier_basis",
+    "confinement",
+    "wave",
+]
 
 
 @pytest.mark.parametrize("kind", FIELDS)
@@ -107,7 +124,7 @@ def test_forces_are_minus_the_gradient_by_finite_differences(kind: str) -> None:
     torch.testing.assert_close(F, fd, **fd_tol().kwargs())
 
 
-@pytest.mark.parametrize("kind", ["fourier", "species", "gaussian", "fourier_basis"])
+@pytest.mark.parametrize("kind", ["fourier", "species", "gaussian", "fourier_basis", "wave"])
 def test_fields_are_periodic_in_the_box(kind: str) -> None:
     field, R = _field(kind)
     shift = torch.tensor([L, -2 * L], dtype=torch.float64)
@@ -123,6 +140,36 @@ def test_neural_field_amplitude_never_exceeds_v_max() -> None:
         V = torch.stack([field.value(R, t) for t in torch.linspace(0, T, 9)])
     assert float(V.abs().max()) <= 3.0
     assert float(V.abs().max()) > 2.9  # the bound is reached, so the check is not vacuous
+
+
+def test_radial_wave_is_bounded_flat_in_its_core_and_travels_inward() -> None:
+    amplitude, wavelength, inner = 2.5, 0.8, 0.9
+    d = torch.linspace(0.0, L / 2, 2001, dtype=torch.float64)
+    R = (L / 2 + torch.stack([d, torch.zeros_like(d)], dim=-1)).unsqueeze(0)  # [1, 2001, 2]
+
+    def profile(s: float) -> torch.Tensor:
+        return _wave(_constant([amplitude, s])).value(R, 0.0)[0]
+
+    V = profile(0.0)
+    assert float(V.min()) >= 0.0 and float(V.max()) <= amplitude
+    assert float(V.max()) > 0.99 * amplitude  # the bound is reached
+    assert float(V[d < inner - 1e-9].abs().max()) == 0.0  # the gathered core is left alone
+    # Raising the phase by ds moves every trough inward by ds (outside the fade-in zone).
+    ds = 0.2
+    outer = d > inner + wavelength / 2 + ds
+    troughs = outer & (V < 1e-3 * amplitude)
+    shifted = profile(ds)
+    moved = torch.searchsorted(d, d[troughs] - ds)
+    assert float(shifted[moved].max()) < 2e-3 * amplitude
+
+
+def test_assembly_wave_channel_and_its_bound() -> None:
+    task = Assembly(controls=["epsilon", "wave"], wave_max=3.0, wave_wavelength=0.8)
+    assert task.controls.names == ("eps", "A", "s")
+    assert task.default_control().tolist() == [6.0, 0.0, 0.0]
+    assert task.max_field(_constant([6.0, 3.0, 0.0])) == 3.0
+    field = task.field_potential(_constant([6.0, 3.0, 1.0]))
+    assert isinstance(field, RadialWave) and field.wavelength == 0.8
 
 
 def test_a_fresh_network_is_no_field() -> None:
@@ -348,6 +395,18 @@ def test_a_field_on_a_system_of_the_wrong_dimension_is_refused() -> None:
         (lambda: BasisField(free(), _constant([0.0])), "needs a periodic box"),
         (lambda: Assembly(controls=["basis"], basis_width=5.0), "basis width = 5"),
         (lambda: Assembly(controls=["fields"]), "fields"),
+        (lambda: Assembly(controls=["wave"], wave_max=-3.0), "wave_max must be > 0, got -3"),
+        (lambda: Assembly(controls=["wave"], wave_inner=2.9), "wave_inner = 2.9 does not fit"),
+        (
+            lambda: _wave(_constant([1.0])).energy(torch.zeros(1, 2, 2), 0.0),
+            r"protocol channels 0 \(amplitude\) and 1",
+        ),
+        (
+            lambda: RadialWave(
+                periodic(L, dim=2), _constant([1.0, 0.0]), wavelength=0.0, inner_radius=1.0
+            ),
+            "wave wavelength must be > 0, got 0",
+        ),
         (lambda: MLPProtocol(t_final=T, field_cost_weight=-1.0), "field_cost_weight must be >= 0"),
     ],
 )
@@ -442,3 +501,26 @@ def test_field_maps_show_the_field_and_vanish_in_the_release_window(tmp_path) ->
     assert task.save_field_maps(p, tmp_path / "maps.png", n_times=3, n_grid=8) is not None
     assert (tmp_path / "maps.png").stat().st_size > 0
     assert Assembly(n_steps=20).field_map(p, times) is None
+
+
+def test_field_section_follows_the_wave_through_the_box_centre(tmp_path) -> None:
+    task = Assembly(n_steps=20, controls=["wave"], wave_wavelength=0.8, wave_inner=1.2)
+    T = task.horizon
+    p = Tabulated(
+        times=[0.0, T],
+        values=[[3.0, 0.0], [3.0, 2.0]],
+        release_fraction=0.1,
+        release_value=[0.0, 0.0],
+    )
+    times = torch.tensor([0.0, 0.5, 0.95]) * T
+    section = task.field_section(p, times, n_points=33)
+    assert section is not None and section.shape == (3, 33)
+    x = torch.linspace(0.0, task.box, 33, dtype=torch.float64)
+    X = torch.stack([x, torch.full_like(x, task.box / 2)], dim=-1).unsqueeze(0)
+    field = task.field_potential(p)
+    assert field is not None
+    with torch.no_grad():
+        assert_close(section[1], field.value(X, times[1])[0])  # type: ignore[operator]
+    assert float(section[2].abs().max()) == 0.0  # released
+    assert task.save_field_kymograph(p, tmp_path / "k.png", n_times=5, n_points=9) is not None
+    assert Assembly(n_steps=20).field_section(p, times) is None

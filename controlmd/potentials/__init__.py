@@ -14,6 +14,7 @@ from controlmd.potentials.fields import (
     Confinement,
     FieldNetwork,
     NeuralField,
+    RadialWave,
     mean_square_force,
 )
 from controlmd.potentials.neural import NeuralPair
@@ -47,6 +48,7 @@ __all__ = [
     "NeuralPair",
     "PairPotential",
     "Potential",
+    "RadialWave",
     "ScaledPotential",
     "SoftSphere",
     "SumPotential",

@@ -14,6 +14,9 @@ energy epsilon, time tau). Positions ``R`` are ``[B, N, d]``; energies ``[B]``.
   (Gaussian wells on a grid, or Fourier modes) and coefficients from protocol channels.
 - :class:`Confinement` — ``0.5 k(t) |r - c|^2`` with the minimum-image distance to the box
   centre (the hand-made compress-and-release schedules).
+- :class:`RadialWave` — ``A(t) (1 - cos(2 pi (d + s(t)) / lambda)) / 2`` in the distance
+  ``d`` to the box centre: a radial wave whose troughs travel inward as the phase ``s(t)``
+  grows (a conveyor that gathers particles with a bounded ``|V| <= A``).
 - :func:`mean_square_force` — ``mean_i |F_i|^2``, the integrand of the field cost
   ``integral mean_i |F_i(t)|^2 dt``.
 
@@ -50,6 +53,7 @@ __all__ = [
     "Confinement",
     "FieldNetwork",
     "NeuralField",
+    "RadialWave",
     "mean_square_force",
 ]
 
@@ -407,13 +411,7 @@ class Confinement(Potential):
         self.space = space
         self.protocol = protocol
         self.channel = channel
-        if center is None:
-            c = space.box / 2.0 if space.box is not None else torch.zeros(1, dtype=torch.float64)
-        else:
-            c = torch.as_tensor(center, dtype=torch.float64)
-            if c.ndim != 1 or not bool(torch.isfinite(c).all()):
-                raise ControlMDError(f"center must be a finite [d] vector, got {c.tolist()}")
-        self.register_buffer("center", c, persistent=False)
+        self.register_buffer("center", _center(space, center), persistent=False)
 
     def stiffness_at(self, t: Tensor | float | None, like: Tensor) -> Tensor:
         """``k(t)``: ``[]`` or ``[B]``."""
@@ -424,12 +422,98 @@ class Confinement(Potential):
         return u[..., self.channel]
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
-        if self.center.shape[0] not in (1, R.shape[-1]):
-            raise ControlMDError(
-                f"center has {self.center.shape[0]} components, but the positions have d = {R.shape[-1]}"
-            )
-        dR = self.space.displacement(R, self.center.to(R))
+        dR = _from_center(self.space, self.center, R)
         return 0.5 * self.stiffness_at(t, R) * (dR * dR).sum(dim=(-1, -2))
+
+
+class RadialWave(Potential):
+    """``E(R, t) = sum_i A(t) g(d_i) (1 - cos(2 pi (d_i + s(t)) / lambda)) / 2`` with ``d_i``
+    the distance of particle ``i`` to the centre ``c`` (minimum image in a periodic box).
+
+    The troughs sit at ``d = m lambda - s(t)`` (integer ``m``): as the phase ``s`` grows
+    they travel inward at speed ``ds/dt``, carrying particles with them while the force
+    ``<= pi A / lambda`` outpaces diffusion. ``g`` is a smoothstep from 0 at ``d = r_in``
+    to 1 at ``d = r_in + lambda / 2``, so the troughs fade out around a core of radius
+    ``r_in`` where the gathered particles are left alone. ``0 <= V <= A`` everywhere.
+
+    :param space: the box (or free space, then ``c`` is the origin).
+    :param protocol: the control; channel ``channel`` is the amplitude ``A`` (energy) and
+        ``channel + 1`` the phase ``s`` (length).
+    :param wavelength: ``lambda`` (length).
+    :param inner_radius: ``r_in`` (length), ``>= 0``.
+    :param channel: the amplitude's protocol channel.
+    :param center: ``c`` ``[d]`` (default: the box centre; the origin in free space).
+    """
+
+    center: Tensor  # buffer [d] (or [1] in free space by default)
+
+    def __init__(
+        self,
+        space: Space,
+        protocol: Protocol | Callable[[Tensor], Tensor],
+        *,
+        wavelength: float,
+        inner_radius: float,
+        channel: int = 0,
+        center: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive("wave wavelength", wavelength)
+        if not (math.isfinite(inner_radius) and inner_radius >= 0):
+            raise ControlMDError(f"wave inner_radius must be >= 0, got {inner_radius!r}")
+        check_int("channel", channel, minimum=0)
+        self.space = space
+        self.protocol = protocol
+        self.channel = channel
+        self.wavelength = float(wavelength)
+        self.inner_radius = float(inner_radius)
+        self.register_buffer("center", _center(space, center), persistent=False)
+
+    def amplitude_and_phase(self, t: Tensor | float | None, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``A(t)``, ``s(t)``: each ``[]`` or ``[B]``."""
+        u = _control_at(self.protocol, t, like, "RadialWave")
+        k = u.shape[-1] if u.ndim else 1
+        if k < self.channel + 2:
+            raise ControlMDError(
+                f"the radial wave needs protocol channels {self.channel} (amplitude) and "
+                f"{self.channel + 1} (phase), but the protocol has {k}"
+            )
+        return u[..., self.channel], u[..., self.channel + 1]
+
+    def value(self, R: Tensor, t: Tensor | float | None) -> Tensor:
+        """``V(r_i, t)`` of each particle ``[B, N]``."""
+        dR = _from_center(self.space, self.center, R)
+        # The offset keeps the gradient finite at d = 0, where g (hence V) is flat anyway.
+        d = torch.sqrt((dR * dR).sum(-1) + 1e-12)
+        A, s = self.amplitude_and_phase(t, R)
+        if A.ndim:
+            A, s = A.unsqueeze(-1), s.unsqueeze(-1)
+        x = ((d - self.inner_radius) / (0.5 * self.wavelength)).clamp(0.0, 1.0)
+        g = x * x * (3.0 - 2.0 * x)
+        return A * g * 0.5 * (1.0 - torch.cos(2.0 * math.pi * (d + s) / self.wavelength))
+
+    def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
+        return self.value(R, t).sum(dim=-1)
+
+
+def _center(space: Space, center: Sequence[float] | Tensor | None) -> Tensor:
+    """The field centre ``[d]`` float64: ``center``, or the box centre ``L / 2`` (the origin
+    ``[1]`` in free space) when ``None``."""
+    if center is None:
+        return space.box / 2.0 if space.box is not None else torch.zeros(1, dtype=torch.float64)
+    c = torch.as_tensor(center, dtype=torch.float64)
+    if c.ndim != 1 or not bool(torch.isfinite(c).all()):
+        raise ControlMDError(f"center must be a finite [d] vector, got {c.tolist()}")
+    return c
+
+
+def _from_center(space: Space, center: Tensor, R: Tensor) -> Tensor:
+    """``r_i - c`` (minimum image) ``[B, N, d]``."""
+    if center.shape[0] not in (1, R.shape[-1]):
+        raise ControlMDError(
+            f"center has {center.shape[0]} components, but the positions have d = {R.shape[-1]}"
+        )
+    return space.displacement(R, center.to(R))
 
 
 def mean_square_force(potential: Potential, R: Tensor, t: Tensor | float) -> Tensor:

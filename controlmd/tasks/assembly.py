@@ -31,11 +31,15 @@ Control channels (``controls``, in the order given)
     field        a neural field V_theta(x, t) (no    -field_max     field_max      epsilon
                  u(t) channel: the network lives in  (of V)         (of V)
                  a ``neural_field`` protocol)
+    wave         a radial wave travelling inward,    A: 0           A: wave_max    epsilon
+                 two channels: amplitude A(t) and    s: -wave_      s: wave_       sigma
+                 phase s(t),                         phase_max      phase_max
+                 :class:`~controlmd.potentials.RadialWave`
     ===========  ==================================  =============  =============  =======
 
     Without the epsilon channel the depth is ``epsilon``; without the temperature channel
-    the bath is at ``kT``; the spatial fields (basis, confinement, field) are zero when not
-    controlled, which is also their no-control value. ``max_field`` bounds ``|V|``.
+    the bath is at ``kT``; the spatial fields (basis, confinement, field, wave) are zero when
+    not controlled, which is also their no-control value (for the wave: A = 0, s = 0). ``max_field`` bounds ``|V|``.
 
     Field cost: with a spatial field the final state carries ``aux["field_cost"]`` ``[B]``
     = ``integral mean_i |F_i(t)|^2 dt`` of the field's force (trapezoid over frames every
@@ -87,7 +91,7 @@ Arguments
     target_bonds      int        12            bonds of the target cluster
     area_fraction     float      0.15          sets the box side L
     controls          list[str]  ["epsilon"]   from "epsilon", "temperature", "basis",
-                                               "confinement", "field"
+                                               "confinement", "field", "wave"
     epsilon           float      6.0           well depth when not controlled
     kT                float      1.0           temperature when not controlled
     eps_min           float      2.0           epsilon bounds
@@ -108,6 +112,10 @@ Arguments
     basis_modes       int        1             highest mode per axis (fourier)
     basis_max         float      10.0          bound of each basis coefficient |c_k|
     confinement_max   float      100.0         upper bound of the confinement stiffness
+    wave_max          float      3.0           upper bound of the wave amplitude A (epsilon)
+    wave_wavelength   float      1.0           wavelength lambda of the wave (sigma)
+    wave_inner        float      1.2           radius r_in of the wave-free core (sigma)
+    wave_phase_max    float      100.0         bound of the wave phase |s| (sigma)
     field_cost_every  int        10            steps between field-cost frames
     ================  =========  ============  ==============================================
 
@@ -132,7 +140,7 @@ from controlmd.dynamics.brownian import Brownian
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.potentials.external import ScaledPotential
-from controlmd.potentials.fields import BASIS_KINDS, BasisField, Confinement
+from controlmd.potentials.fields import BASIS_KINDS, BasisField, Confinement, RadialWave
 from controlmd.potentials.pair import Morse
 from controlmd.protocols import Protocol
 from controlmd.rng import ReplicaRNG
@@ -155,8 +163,8 @@ Tensor = torch.Tensor
 
 __all__ = ["Assembly", "random_gas"]
 
-CHANNELS = ("epsilon", "temperature", "basis", "confinement", "field")
-SPATIAL = ("basis", "confinement", "field")
+CHANNELS = ("epsilon", "temperature", "basis", "confinement", "field", "wave")
+SPATIAL = ("basis", "confinement", "field", "wave")
 SURROGATES = ("bonds", "yield")
 _MIN_START_DISTANCE = 1.05
 
@@ -273,6 +281,10 @@ class Assembly(FieldChannelTask):
         basis_modes: int = 1,
         basis_max: float = 10.0,
         confinement_max: float = 100.0,
+        wave_max: float = 3.0,
+        wave_wavelength: float = 1.0,
+        wave_inner: float = 1.2,
+        wave_phase_max: float = 100.0,
         field_cost_every: int = 10,
     ) -> None:
         check_int("n_particles", n_particles, minimum=2)
@@ -304,6 +316,9 @@ class Assembly(FieldChannelTask):
             ("bond_width", bond_width),
             ("basis_max", basis_max),
             ("confinement_max", confinement_max),
+            ("wave_max", wave_max),
+            ("wave_wavelength", wave_wavelength),
+            ("wave_phase_max", wave_phase_max),
         ):
             check_positive(name, value)
         if not eps_min < eps_max:
@@ -348,6 +363,14 @@ class Assembly(FieldChannelTask):
         self.channel_kinds = tuple(controls)
         self.basis_max = float(basis_max)
         self.confinement_max = float(confinement_max)
+        self.wave_max = float(wave_max)
+        self.wave_wavelength = float(wave_wavelength)
+        self.wave_inner = float(wave_inner)
+        if "wave" in controls and not 0.0 <= wave_inner < self.box / 2.0 - 0.5 * wave_wavelength:
+            raise ControlMDError(
+                f"wave_inner = {wave_inner:g} does not fit the box: the wave-free core plus "
+                f"half a wavelength ({0.5 * wave_wavelength:g}) must stay inside L/2 = {self.box / 2.0:g}"
+            )
         self.field_cost_every = field_cost_every
         self._basis_args: _BasisArgs = {
             "basis": basis_kind,
@@ -366,6 +389,10 @@ class Assembly(FieldChannelTask):
             ],
             "confinement": [("k", 0.0, self.confinement_max, "epsilon/sigma^2", 0.0)],
             "field": [],
+            "wave": [
+                ("A", 0.0, self.wave_max, "epsilon", 0.0),
+                ("s", -float(wave_phase_max), float(wave_phase_max), "sigma", 0.0),
+            ],
         }
         self._slot: dict[str, int] = {}
         channels: list[tuple[str, float, float, str, float]] = []
@@ -398,7 +425,7 @@ class Assembly(FieldChannelTask):
 
     def field_potential(self, protocol: Protocol | None) -> Potential | None:
         """The spatial control terms driven by ``protocol`` (basis field, confinement,
-        neural field), summed; ``None`` when the task has none or ``protocol`` is ``None``."""
+        neural field, radial wave), summed; ``None`` when the task has none or ``protocol`` is ``None``."""
         if protocol is None:
             return None
         terms: list[Potential] = []
@@ -408,6 +435,16 @@ class Assembly(FieldChannelTask):
             )
         if "confinement" in self._slot:
             terms.append(Confinement(self.space, protocol, channel=self._slot["confinement"]))
+        if "wave" in self._slot:
+            terms.append(
+                RadialWave(
+                    self.space,
+                    protocol,
+                    wavelength=self.wave_wavelength,
+                    inner_radius=self.wave_inner,
+                    channel=self._slot["wave"],
+                )
+            )
         neural = self.neural_field(protocol)
         if neural is not None:
             terms.append(neural)
@@ -421,7 +458,7 @@ class Assembly(FieldChannelTask):
     def max_field(self, protocol: Protocol) -> float | None:
         """Bound on ``|V(x, t)|`` summed over the spatial terms (energy units): neural
         ``V_max``; ``basis_max max_x sum_k |b_k(x)|`` (on a grid); ``confinement_max L^2 / 4``
-        (``0.5 k |r - c|^2`` at a box corner)."""
+        (``0.5 k |r - c|^2`` at a box corner); ``wave_max``."""
         if not any(kind in self._slot for kind in SPATIAL):
             return None
         bound = 0.0
@@ -430,6 +467,8 @@ class Assembly(FieldChannelTask):
             bound += self.basis_max * basis.max_abs_sum()
         if "confinement" in self._slot:
             bound += self.confinement_max * self.box**2 / 4.0
+        if "wave" in self._slot:
+            bound += self.wave_max
         bound += super().max_field(protocol) or 0.0
         return bound
 
@@ -527,6 +566,58 @@ class Assembly(FieldChannelTask):
             maps = [field.energy(X, t).reshape(n_grid, n_grid) for t in times]
         return torch.stack(maps).to(torch.float64)
 
+    def field_section(
+        self, protocol: Protocol, times: Tensor, *, n_points: int = 97
+    ) -> Tensor | None:
+        """``V(x, L/2, t)`` felt by one disk along the horizontal line through the box centre
+        (``n_points`` equally spaced ``x`` in ``[0, L]``) at each of ``times`` ``[n_t]``:
+        ``[n_t, n_points]`` (energy units), or ``None`` without a spatial field. Drawn over
+        time it shows moving patterns (a wave's troughs travelling inward) that a few
+        snapshots cannot."""
+        field = self.field_potential(protocol)
+        if field is None:
+            return None
+        check_int("n_points", n_points, minimum=2)
+        x = torch.linspace(0.0, self.box, n_points, dtype=torch.float64)
+        X = torch.stack([x, torch.full_like(x, self.box / 2.0)], dim=-1).reshape(-1, 1, 2)
+        with torch.no_grad():
+            return torch.stack([field.energy(X, t) for t in times]).to(torch.float64)
+
+    def save_field_kymograph(
+        self, protocol: Protocol, path: str | Path, *, n_times: int = 241, n_points: int = 97
+    ) -> Path | None:
+        """:meth:`field_section` as a space-time heat map (x across, t up), written to
+        ``path`` (PNG); ``None`` without a spatial field."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from controlmd.plotting import save_figure
+
+        check_int("n_times", n_times, minimum=2)
+        times = torch.linspace(0.0, self.horizon, n_times, dtype=torch.float64)
+        section = self.field_section(protocol, times, n_points=n_points)
+        if section is None:
+            return None
+        scale = max(float(section.abs().max()), 1e-12)
+        fig = Figure(figsize=(4.8, 4.0), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        image = ax.imshow(
+            section.numpy(),
+            origin="lower",
+            aspect="auto",
+            extent=(0.0, self.box, 0.0, self.horizon),
+            cmap="RdBu_r",
+            vmin=-scale,
+            vmax=scale,
+        )
+        ax.set_xlabel("x through the box centre (sigma)")
+        ax.set_ylabel("t (tau)")
+        fig.colorbar(image, ax=ax, label="V (epsilon)")
+        out = Path(path)
+        save_figure(fig, out)
+        return out
+
     def save_field_maps(
         self, protocol: Protocol, path: str | Path, *, n_times: int = 6, n_grid: int = 48
     ) -> Path | None:
@@ -570,12 +661,17 @@ class Assembly(FieldChannelTask):
     def finish_run(
         self, run_dir: str | Path, logger: Logger | None = None, step: int = 0
     ) -> dict[str, Any]:
-        """The final-replica artifacts and, with a spatial field, ``field_maps.png``."""
+        """The final-replica artifacts and, with a spatial field, ``field_maps.png`` and
+        ``field_kymograph.png``."""
         summary = super().finish_run(run_dir, logger, step)
         if self._protocol is not None:
-            path = self.save_field_maps(self._protocol, Path(run_dir) / "field_maps.png")
-            if path is not None:
-                summary["artifacts"] = [*summary.get("artifacts", []), path.name]
+            for name, save in (
+                ("field_maps.png", self.save_field_maps),
+                ("field_kymograph.png", self.save_field_kymograph),
+            ):
+                path = save(self._protocol, Path(run_dir) / name)
+                if path is not None:
+                    summary["artifacts"] = [*summary.get("artifacts", []), path.name]
         return summary
 
     # ------------------------------------------------------------------ artifacts
