@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from systems import TWO_DISKS
+from tolerances import assert_close
 
 from controlmd.dynamics.base import State
 from controlmd.errors import ControlMDError
@@ -126,6 +127,23 @@ def test_surrogate_tracks_the_yield_on_sampled_states() -> None:
     # every heptamer has (almost) all 12 bonds; any other 7 disks have at most 11
     assert float(per_replica[y == 1].mean()) < float(per_replica[y == 0].mean())
     assert float(per_replica[y == 1].max()) < 1.5 / 12
+
+
+def test_gather_surrogate_is_the_mean_square_pair_distance_in_units_of_a_gas() -> None:
+    task = Assembly(surrogate="gather")
+    L = task.box
+    # 7 disks on a line 0.5 sigma apart across the periodic boundary: distances |i - j| / 2
+    x = (torch.arange(7, dtype=torch.float64) * 0.5 - 1.0) % L
+    R = torch.stack([x, torch.full_like(x, 2.0)], dim=-1).unsqueeze(0)
+    r2 = [((j - i) * 0.5) ** 2 for i in range(7) for j in range(i + 1, 7)]
+    expected = sum(r2) / len(r2) / (L**2 / 6)
+    assert_close(task.loss(State(R=R)), torch.tensor(expected, dtype=torch.float64))
+    # a dilute gas sits near 1 (uniform points: <r^2> = L^2 / 6, minimum image)
+    gas = float(task.loss(task.initial_state(2000, seed=3)))
+    hexagon = ((hexagonal_cluster() + 3.0) % L).unsqueeze(0)
+    assert 0.95 < gas < 1.15
+    # the hexagon's 21 pairs: 12 at 1, 6 at sqrt(3), 3 at 2 sigma: <r^2> = 42 / 21 = 2
+    assert_close(task.loss(State(R=hexagon)), torch.tensor(2.0 / (L**2 / 6), dtype=torch.float64))
 
 
 def test_loss_gradient_reaches_the_protocol() -> None:
