@@ -163,6 +163,34 @@ def test_radial_wave_is_bounded_flat_in_its_core_and_travels_inward() -> None:
     assert float(shifted[moved].max()) < 2e-3 * amplitude
 
 
+@pytest.mark.parametrize("speed", [2.0, 12.0])
+def test_a_cold_disk_rides_a_trough_or_slips_at_the_adler_rate(speed: float) -> None:
+    """Overdamped disk at kT ~ 0 starting in a trough of a wave travelling inward at ``v``. In
+    the wave's frame its offset obeys Adler's equation ``dy/dt = v - v_m sin(2 pi y /
+    lambda)``, ``v_m = pi A / (gamma lambda)``. Below ``v_m`` it locks, trailing the trough by
+    ``lambda asin(v / v_m) / (2 pi)``; above, it slips one wavelength every ``lambda /
+    sqrt(v^2 - v_m^2)``, so after 3 slips it has moved inward by exactly ``v t - 3 lambda``."""
+    amplitude, wavelength, gamma, box, dt = 3.0, 1.0, 1.0, 20.0, 2e-4
+    v_m = math.pi * amplitude / (gamma * wavelength)
+    if speed < v_m:
+        t_end = 0.5
+        expected = speed * t_end - wavelength * math.asin(speed / v_m) / (2 * math.pi)
+    else:
+        t_end = 3 * wavelength / math.sqrt(speed**2 - v_m**2)
+        expected = speed * t_end - 3 * wavelength
+    space = periodic(box, dim=2)
+    protocol = Tabulated(times=[0.0, t_end], values=[[amplitude, 0.0], [amplitude, speed * t_end]])
+    wave = RadialWave(space, protocol, wavelength=wavelength, inner_radius=0.5)
+    R0 = torch.tensor([[[box / 2 + 6.0, box / 2]]], dtype=torch.float64)  # a trough at d = 6
+    bd = Brownian(wave, dt=dt, kT=1e-8, gamma=gamma, space=space)
+    state = bd.init(R0, rng=ReplicaRNG(0, 1))
+    with torch.no_grad():
+        for _ in range(round(t_end / dt)):
+            state = bd.step(state)
+    inward = 6.0 - float((state.R[0, 0] - box / 2).norm())
+    assert abs(inward - expected) < 2e-3  # Euler-Maruyama: O(dt), 4e-4 here
+
+
 def test_assembly_wave_channel_and_its_bound() -> None:
     task = Assembly(controls=["epsilon", "wave"], wave_max=3.0, wave_wavelength=0.8)
     assert task.controls.names == ("eps", "A", "s")
