@@ -39,7 +39,8 @@ Control channels (``controls``, in the order given)
 
     Without the epsilon channel the depth is ``epsilon``; without the temperature channel
     the bath is at ``kT``; the spatial fields (basis, confinement, field, wave) are zero when
-    not controlled, which is also their no-control value (for the wave: A = 0, s = 0). ``max_field`` bounds ``|V|``.
+    not controlled, which is also their no-control value (for the wave: A = 0, s = 0).
+    ``max_field`` bounds ``|V|``.
 
     Field cost: with a spatial field the final state carries ``aux["field_cost"]`` ``[B]``
     = ``integral mean_i |F_i(t)|^2 dt`` of the field's force (trapezoid over frames every
@@ -70,11 +71,11 @@ Outcome
     count can only move replicas toward the heptamer. ``surrogate = "yield"`` uses
     ``1 - exact yield`` itself: no pathwise gradient, meant for the score-function
     estimator (``[train] estimator = "score"``), which is unbiased for the exact metric.
-    ``surrogate = "gather"``: ``mean_b mean_{i<j} |r_ij|^2 / (L^2 / 6)`` (minimum image; about 1
-    for the dilute starting gas, 0 when all disks coincide), a smooth measure of how far the
-    disks are from gathering, blind to how they bond: for controls whose job is to bring
-    the disks together (a field that sweeps them inward) it has a short-range pathwise
-    derivative where the bond count's is noise.
+    ``surrogate = "gather"``: ``mean_b mean_{i<j} |r_ij|^2 / (L^2 / 6)`` (minimum image;
+    about 1 for the dilute starting gas, 0 when all disks coincide), a smooth measure of how
+    far the disks are from gathering, blind to how they bond; meant for controls whose job
+    is to bring the disks together (on the radial wave its gradient was measured to be as
+    noisy as the bond count's: docs/fields.md).
 
 Starting state
     Disks placed uniformly at random in the box, no two closer than 1.05 sigma (a quench
