@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from constant_sweep import mean_se, per_replica_metric, table_protocol
+from constant_sweep import per_replica_metric, table_protocol
 
 from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, load_config
 from controlmd.errors import ControlMDError
+from controlmd.evaluation import mean_se
 from controlmd.rng import use_rng
 from controlmd.tasks.base import Task
 

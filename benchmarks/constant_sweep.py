@@ -46,6 +46,7 @@ import torch
 from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, load_config
 from controlmd.errors import ControlMDError
+from controlmd.evaluation import mean_se
 from controlmd.protocols import Protocol, Tabulated
 from controlmd.rng import use_rng
 from controlmd.tasks.base import Task
@@ -65,12 +66,6 @@ def per_replica_metric(
             values.append(task.metric(state).detach().to(torch.float64))
             done += b
     return torch.cat(values)
-
-
-def mean_se(v: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the per-replica values ``v`` ``[n]``."""
-    se = float(v.std(unbiased=True)) / math.sqrt(v.numel()) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
 
 
 def score(

@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "PairedEvaluation": "controlmd.evaluation",
     "evaluate": "controlmd.evaluation",
     "evaluate_paired": "controlmd.evaluation",
+    "mean_se": "controlmd.evaluation",
     "run_experiment": "controlmd.experiment",
     "write_xyz": "controlmd.io",
     "lattice": "controlmd.lattice",
@@ -184,6 +185,7 @@ __all__ = [
     "load_config",
     "load_protocol",
     "make_protocol",
+    "mean_se",
     "mean_square_force",
     "native_contact_fraction",
     "native_contacts",
@@ -251,7 +253,7 @@ if TYPE_CHECKING:
         State,
     )
     from controlmd.errors import ConfigError, ControlMDError, SimulationDivergedError
-    from controlmd.evaluation import PairedEvaluation, evaluate, evaluate_paired
+    from controlmd.evaluation import PairedEvaluation, evaluate, evaluate_paired, mean_se
     from controlmd.experiment import run_experiment
     from controlmd.io import write_xyz
     from controlmd.lattice import lattice

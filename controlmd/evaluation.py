@@ -27,7 +27,14 @@ from controlmd.tasks.base import Task
 
 Tensor = torch.Tensor
 
-__all__ = ["Evaluation", "PairedEvaluation", "constant_protocol", "evaluate", "evaluate_paired"]
+__all__ = [
+    "Evaluation",
+    "PairedEvaluation",
+    "constant_protocol",
+    "evaluate",
+    "evaluate_paired",
+    "mean_se",
+]
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,16 @@ def _score(
         )
     cost = state.aux.get("field_cost") if isinstance(state, State) else None
     return values, None if cost is None else cost.detach().to(torch.float64)
+
+
+def mean_se(values: Tensor) -> tuple[float, float]:
+    """Mean of per-replica ``values`` ``[n]`` and its standard error (the unbiased sample
+    standard deviation over ``sqrt(n)``; NaN for ``n < 2``). For paired protocols pass the
+    per-replica differences."""
+    v = values.detach().to(torch.float64).reshape(-1)
+    n = v.numel()
+    se = math.sqrt(float(v.var(correction=1)) / n) if n > 1 else float("nan")
+    return float(v.mean()), se
 
 
 def _se(population_variance: float, n: int) -> float:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
 from controlmd.distributed import DistributedContext
 from controlmd.estimators import RolloutBatch, make_estimator
+from controlmd.evaluation import mean_se
 from controlmd.protocols import Tabulated
 from controlmd.tasks.assembly import Assembly
 
@@ -89,18 +89,15 @@ def main() -> None:
         rows.append([float(grad[0, 1]), float(grad[1, 1]), float(grad[0, 0]), float(grad[1, 0])])
         row = {"group": g, "loss": float(estimate.loss), **dict(zip(ENTRIES, rows[-1]))}
         print(json.dumps({**row, "wall_s": time.perf_counter() - t0}), flush=True)
-    G = torch.tensor(rows, dtype=torch.float64)
-    mean, se = G.mean(0), G.std(0) / math.sqrt(args.groups)
-    summary = {
+    summary: dict[str, object] = {
         "estimator": args.estimator,
         "speed": args.speed,
         "surrogate": task.surrogate,
         "replicas": args.groups * args.replicas,
-        **{
-            k: {"mean": float(m), "se": float(s), "snr": float(m.abs() / s)}
-            for k, m, s in zip(ENTRIES, mean, se)
-        },
     }
+    for k, column in zip(ENTRIES, torch.tensor(rows, dtype=torch.float64).T):
+        mean, se = mean_se(column)
+        summary[k] = {"mean": mean, "se": se, "snr": abs(mean) / se}
     print(json.dumps(summary), flush=True)
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
+from controlmd.evaluation import mean_se
 from controlmd.potentials.fields import BasisField
 from controlmd.protocols import Tabulated
 from controlmd.tasks.assembly import Assembly
@@ -100,14 +100,15 @@ def main() -> None:
         else:
             c = torch.tensor(coefficients, dtype=torch.float64)
             v_max = float((field.basis_values(points * task.box) * c).sum(-1).abs().max())
-        d = y - y0
+        mean, se = mean_se(y)
+        paired, paired_se = mean_se(y - y0)
         row = {
             "field": label,
             "max_abs_V": v_max,
-            "yield": float(y.mean()),
-            "se": float(y.std()) / math.sqrt(n),
-            "paired": float(d.mean()),
-            "paired_se": float(d.std()) / math.sqrt(n),
+            "yield": mean,
+            "se": se,
+            "paired": paired,
+            "paired_se": paired_se,
             "field_cost": float(cost.mean()),
             "wall_s": time.perf_counter() - t0,
         }

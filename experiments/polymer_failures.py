@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 
 from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, load_config
+from controlmd.evaluation import mean_se
 from controlmd.protocols import Protocol, load_protocol
 from controlmd.structures import kabsch_align, kabsch_rmsd
 
@@ -95,9 +95,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     for kind in CLASSES:
         members = [r for r in rows if r["class"] == kind]
-        p = len(members) / n
-        out[kind] = p
-        out[f"{kind}_se"] = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+        out[kind], out[f"{kind}_se"] = mean_se(
+            torch.tensor([float(r["class"] == kind) for r in rows], dtype=torch.float64)
+        )
         out[f"{kind}_mean_flipped"] = (
             sum(r["flipped"] for r in members) / len(members) if members else None
         )

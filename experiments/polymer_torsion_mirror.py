@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from controlmd.config import build_task, load_config
+from controlmd.evaluation import mean_se
 from controlmd.protocols import load_protocol
 from controlmd.structures import kabsch_rmsd
-
-
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean of ``x`` ``[n]``."""
-    n = x.numel()
-    return float(x.mean()), math.sqrt(float(x.var(correction=1)) / n)
 
 
 def main() -> None:
@@ -62,11 +56,11 @@ def main() -> None:
             "mirror": (native & (D >= task.rmsd_folded)).double(),
         }
         for kind, x in rows[label].items():
-            out[f"{label}_{kind}"], out[f"{label}_{kind}_se"] = _mean_se(x)
+            out[f"{label}_{kind}"], out[f"{label}_{kind}_se"] = mean_se(x)
         print(label, {k: round(float(v.mean()), 4) for k, v in rows[label].items()}, flush=True)
     for kind in ("folded", "mirror"):
         d = rows["trained"][kind] - rows["baseline"][kind]
-        out[f"paired_{kind}_difference"], out[f"paired_{kind}_se"] = _mean_se(d)
+        out[f"paired_{kind}_difference"], out[f"paired_{kind}_se"] = mean_se(d)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
