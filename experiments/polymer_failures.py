@@ -45,11 +45,6 @@ from controlmd.structures import kabsch_align, kabsch_rmsd
 CLASSES = ("folded", "mirror", "misfolded")
 
 
-def _protocol(path: Path) -> Protocol:
-    """A protocol file, or a run folder's ``protocol.pt``."""
-    return load_protocol(path / "protocol.pt" if path.is_dir() else path)
-
-
 def final_chains(
     task: Any, protocol: Protocol, replicas: int, seed: int, chunk: int
 ) -> torch.Tensor:
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         label, sep, path = spec.partition("=")
         if not sep:
             raise SystemExit(f"expected LABEL=PATH, got {spec!r}")
-        protocol = _protocol(Path(path))
+        protocol = load_protocol(path)
         task.check_protocol(protocol)
         R = final_chains(task, protocol, args.replicas, args.seed, args.chunk)
         rows = classify(task, R)

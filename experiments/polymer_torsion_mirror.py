@@ -40,7 +40,7 @@ def main() -> None:
     task = build_task(load_config(args.run_dir / "config.toml"))
     out: dict[str, object] = {"replicas": args.replicas, "seed": args.seed}
     rows: dict[str, dict[str, torch.Tensor]] = {}
-    for label, path in (("trained", args.run_dir / "protocol.pt"), ("baseline", args.baseline)):
+    for label, path in (("trained", args.run_dir), ("baseline", args.baseline)):
         protocol = load_protocol(path)
         q, rmsd = [], []
         for first in range(0, args.replicas, args.chunk):

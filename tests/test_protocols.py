@@ -169,6 +169,8 @@ def test_save_load_round_trip(kind: str, tmp_path) -> None:
     p.save(tmp_path / "p.pt")
     q = load_protocol(tmp_path / "p.pt")
     assert type(q) is type(p) and q.kind == kind
+    p.save(tmp_path / "protocol.pt")  # a run folder names its protocol.pt
+    torch.testing.assert_close(load_protocol(tmp_path).state_dict(), q.state_dict(), rtol=0, atol=0)
     t = torch.linspace(0.0, T_FINAL, 23, dtype=torch.float64)
     torch.testing.assert_close(q(t), p(t), rtol=0, atol=0)
     if kind == "feedback_mlp":

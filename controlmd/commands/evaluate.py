@@ -94,9 +94,7 @@ def _baseline(spec: str, task: Task[Any], protocol: Protocol) -> Protocol:
         except ControlMDError as exc:
             raise ConfigError(f"--baseline constant: {exc}") from None
     path = Path(spec)
-    if path.is_dir():
-        path = path / "protocol.pt"
-    if not path.is_file():
+    if not (path.is_file() or (path / "protocol.pt").is_file()):
         raise ConfigError(
             f"--baseline {spec!r} names nothing: expected a run folder (with protocol.pt), a "
             "protocol file or 'constant'"

@@ -425,7 +425,10 @@ def make_protocol(kind: str, *, init: InitSpec | None = None, **params: Any) -> 
 
 
 def load_protocol(path: str | Path) -> Protocol:
-    """Rebuild a protocol written by :meth:`Protocol.save`."""
+    """Rebuild a protocol written by :meth:`Protocol.save`; ``path`` is the file or a run
+    folder (its ``protocol.pt``)."""
+    if Path(path).is_dir():
+        path = Path(path) / "protocol.pt"
     blob = load_torch_file(path, "protocol file")
     if not isinstance(blob, dict) or blob.get("format") != PROTOCOL_FILE_FORMAT:
         raise ControlMDError(
