@@ -163,6 +163,8 @@ from controlmd.tasks.base import ControlChannels, TaskCapabilities
 from controlmd.tasks.registry import register_task
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from controlmd.logger import Logger
 
 Tensor = torch.Tensor
@@ -235,6 +237,24 @@ def _min_image_sq(dx: float, dy: float, box: float) -> float:
     dx -= box * round(dx / box)
     dy -= box * round(dy / box)
     return dx * dx + dy * dy
+
+
+def _sample(field: Potential, X: Tensor, times: Tensor) -> Tensor:
+    """``V`` felt by one particle at each of the points ``X`` ``[P, 1, d]`` at each of
+    ``times`` ``[n_t]``: ``[n_t, P]`` float64, without a graph."""
+    with torch.no_grad():
+        return torch.stack([field.energy(X, t) for t in times]).to(torch.float64)
+
+
+def _field_figure(values: Tensor, figsize: tuple[float, float]) -> tuple[Figure, float]:
+    """An empty figure for heat maps of ``values`` and their symmetric colour scale
+    ``max |values|`` (at least 1e-12)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, max(float(values.abs().max()), 1e-12)
 
 
 @register_task
@@ -574,9 +594,7 @@ class Assembly(FieldChannelTask):
         check_int("n_grid", n_grid)
         ax = (torch.arange(n_grid, dtype=torch.float64) + 0.5) * self.box / n_grid
         X = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).reshape(-1, 1, 2)
-        with torch.no_grad():
-            maps = [field.energy(X, t).reshape(n_grid, n_grid) for t in times]
-        return torch.stack(maps).to(torch.float64)
+        return _sample(field, X, times).reshape(-1, n_grid, n_grid)
 
     def field_section(
         self, protocol: Protocol, times: Tensor, *, n_points: int = 97
@@ -592,27 +610,20 @@ class Assembly(FieldChannelTask):
         check_int("n_points", n_points, minimum=2)
         x = torch.linspace(0.0, self.box, n_points, dtype=torch.float64)
         X = torch.stack([x, torch.full_like(x, self.box / 2.0)], dim=-1).reshape(-1, 1, 2)
-        with torch.no_grad():
-            return torch.stack([field.energy(X, t) for t in times]).to(torch.float64)
+        return _sample(field, X, times)
 
     def save_field_kymograph(
         self, protocol: Protocol, path: str | Path, *, n_times: int = 241, n_points: int = 97
     ) -> Path | None:
         """:meth:`field_section` as a space-time heat map (x across, t up), written to
         ``path`` (PNG); ``None`` without a spatial field."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         from controlmd.plotting import save_figure
 
-        check_int("n_times", n_times, minimum=2)
-        times = torch.linspace(0.0, self.horizon, n_times, dtype=torch.float64)
+        times = self._figure_times(n_times)
         section = self.field_section(protocol, times, n_points=n_points)
         if section is None:
             return None
-        scale = max(float(section.abs().max()), 1e-12)
-        fig = Figure(figsize=(4.8, 4.0), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig, scale = _field_figure(section, (4.8, 4.0))
         ax = fig.subplots()
         image = ax.imshow(
             section.numpy(),
@@ -636,19 +647,13 @@ class Assembly(FieldChannelTask):
         """Heat maps of :meth:`field_map` at ``n_times`` equally spaced times of ``[0, T]``
         (one colour scale for all panels), written to ``path`` (PNG); ``None`` without a
         spatial field."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         from controlmd.plotting import save_figure
 
-        check_int("n_times", n_times, minimum=2)
-        times = torch.linspace(0.0, self.horizon, n_times, dtype=torch.float64)
+        times = self._figure_times(n_times)
         maps = self.field_map(protocol, times, n_grid=n_grid)
         if maps is None:
             return None
-        scale = max(float(maps.abs().max()), 1e-12)
-        fig = Figure(figsize=(2.4 * n_times, 2.6), layout="constrained")
-        FigureCanvasAgg(fig)
+        fig, scale = _field_figure(maps, (2.4 * n_times, 2.6))
         axes = fig.subplots(1, n_times, squeeze=False)[0]
         image = None
         for ax, t, V in zip(axes, times.tolist(), maps):
@@ -669,6 +674,11 @@ class Assembly(FieldChannelTask):
         out = Path(path)
         save_figure(fig, out)
         return out
+
+    def _figure_times(self, n_times: int) -> Tensor:
+        """``n_times`` equally spaced times of ``[0, T]`` ``[n_times]`` for the field plots."""
+        check_int("n_times", n_times, minimum=2)
+        return torch.linspace(0.0, self.horizon, n_times, dtype=torch.float64)
 
     def finish_run(
         self, run_dir: str | Path, logger: Logger | None = None, step: int = 0
