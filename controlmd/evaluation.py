@@ -227,7 +227,7 @@ def mean_se(values: Tensor) -> tuple[float, float]:
     per-replica differences."""
     v = values.detach().to(torch.float64).reshape(-1)
     n = v.numel()
-    se = math.sqrt(float(v.var(correction=1)) / n) if n > 1 else float("nan")
+    se = _se(float(v.var(correction=0)), n) if n > 1 else float("nan")
     return float(v.mean()), se
 
 

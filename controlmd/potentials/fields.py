@@ -385,16 +385,10 @@ class BasisField(Potential):
         return float(self.basis_values(X).abs().sum(-1).max())
 
 
-class Confinement(Potential):
-    """``E(R, t) = 0.5 k(t) sum_i |r_i - c|^2``, ``r_i - c`` the minimum image in a periodic
-    box (so the field is a periodic array of wells, with a cusp where ``|r_a - c_a| = L_a/2``).
-
-    :param space: the box.
-    :param protocol: the control; channel ``channel`` is the stiffness ``k`` (energy /
-        length^2).
-    :param channel: which protocol channel is ``k``.
-    :param center: ``c`` ``[d]`` (default: the box centre ``L/2``; the origin in free space).
-    """
+class _CentredField(Potential):
+    """A field about a centre ``c`` driven by protocol channels from ``channel`` on: the
+    shared state of :class:`Confinement` and :class:`RadialWave` and the minimum-image
+    offsets ``r_i - c``."""
 
     center: Tensor  # buffer [d] (or [1] in free space by default)
 
@@ -411,7 +405,33 @@ class Confinement(Potential):
         self.space = space
         self.protocol = protocol
         self.channel = channel
-        self.register_buffer("center", _center(space, center), persistent=False)
+        if center is None:
+            c = space.box / 2.0 if space.box is not None else torch.zeros(1, dtype=torch.float64)
+        else:
+            c = torch.as_tensor(center, dtype=torch.float64)
+            if c.ndim != 1 or not bool(torch.isfinite(c).all()):
+                raise ControlMDError(f"center must be a finite [d] vector, got {c.tolist()}")
+        self.register_buffer("center", c, persistent=False)
+
+    def offsets(self, R: Tensor) -> Tensor:
+        """``r_i - c`` (minimum image) ``[B, N, d]``."""
+        if self.center.shape[0] not in (1, R.shape[-1]):
+            raise ControlMDError(
+                f"center has {self.center.shape[0]} components, but the positions have d = {R.shape[-1]}"
+            )
+        return self.space.displacement(R, self.center.to(R))
+
+
+class Confinement(_CentredField):
+    """``E(R, t) = 0.5 k(t) sum_i |r_i - c|^2``, ``r_i - c`` the minimum image in a periodic
+    box (so the field is a periodic array of wells, with a cusp where ``|r_a - c_a| = L_a/2``).
+
+    :param space: the box.
+    :param protocol: the control; channel ``channel`` is the stiffness ``k`` (energy /
+        length^2).
+    :param channel: which protocol channel is ``k``.
+    :param center: ``c`` ``[d]`` (default: the box centre ``L/2``; the origin in free space).
+    """
 
     def stiffness_at(self, t: Tensor | float | None, like: Tensor) -> Tensor:
         """``k(t)``: ``[]`` or ``[B]``."""
@@ -422,11 +442,11 @@ class Confinement(Potential):
         return u[..., self.channel]
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
-        dR = _from_center(self.space, self.center, R)
+        dR = self.offsets(R)
         return 0.5 * self.stiffness_at(t, R) * (dR * dR).sum(dim=(-1, -2))
 
 
-class RadialWave(Potential):
+class RadialWave(_CentredField):
     """``E(R, t) = sum_i A(t) g(d_i) (1 - cos(2 pi (d_i + s(t)) / lambda)) / 2`` with ``d_i``
     the distance of particle ``i`` to the centre ``c`` (minimum image in a periodic box).
 
@@ -445,8 +465,6 @@ class RadialWave(Potential):
     :param center: ``c`` ``[d]`` (default: the box centre; the origin in free space).
     """
 
-    center: Tensor  # buffer [d] (or [1] in free space by default)
-
     def __init__(
         self,
         space: Space,
@@ -457,17 +475,12 @@ class RadialWave(Potential):
         channel: int = 0,
         center: Sequence[float] | Tensor | None = None,
     ) -> None:
-        super().__init__()
         check_positive("wave wavelength", wavelength)
         if not (math.isfinite(inner_radius) and inner_radius >= 0):
             raise ControlMDError(f"wave inner_radius must be >= 0, got {inner_radius!r}")
-        check_int("channel", channel, minimum=0)
-        self.space = space
-        self.protocol = protocol
-        self.channel = channel
+        super().__init__(space, protocol, channel=channel, center=center)
         self.wavelength = float(wavelength)
         self.inner_radius = float(inner_radius)
-        self.register_buffer("center", _center(space, center), persistent=False)
 
     def amplitude_and_phase(self, t: Tensor | float | None, like: Tensor) -> tuple[Tensor, Tensor]:
         """``A(t)``, ``s(t)``: each ``[]`` or ``[B]``."""
@@ -482,7 +495,7 @@ class RadialWave(Potential):
 
     def value(self, R: Tensor, t: Tensor | float | None) -> Tensor:
         """``V(r_i, t)`` of each particle ``[B, N]``."""
-        dR = _from_center(self.space, self.center, R)
+        dR = self.offsets(R)
         # The offset keeps the gradient finite at d = 0, where g (hence V) is flat anyway.
         d = torch.sqrt((dR * dR).sum(-1) + 1e-12)
         A, s = self.amplitude_and_phase(t, R)
@@ -494,26 +507,6 @@ class RadialWave(Potential):
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
         return self.value(R, t).sum(dim=-1)
-
-
-def _center(space: Space, center: Sequence[float] | Tensor | None) -> Tensor:
-    """The field centre ``[d]`` float64: ``center``, or the box centre ``L / 2`` (the origin
-    ``[1]`` in free space) when ``None``."""
-    if center is None:
-        return space.box / 2.0 if space.box is not None else torch.zeros(1, dtype=torch.float64)
-    c = torch.as_tensor(center, dtype=torch.float64)
-    if c.ndim != 1 or not bool(torch.isfinite(c).all()):
-        raise ControlMDError(f"center must be a finite [d] vector, got {c.tolist()}")
-    return c
-
-
-def _from_center(space: Space, center: Tensor, R: Tensor) -> Tensor:
-    """``r_i - c`` (minimum image) ``[B, N, d]``."""
-    if center.shape[0] not in (1, R.shape[-1]):
-        raise ControlMDError(
-            f"center has {center.shape[0]} components, but the positions have d = {R.shape[-1]}"
-        )
-    return space.displacement(R, center.to(R))
 
 
 def mean_square_force(potential: Potential, R: Tensor, t: Tensor | float) -> Tensor:
