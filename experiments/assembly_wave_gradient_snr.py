@@ -67,7 +67,7 @@ def main() -> None:
         interpolation="linear",
         t_final=task.horizon,
         release_fraction=0.1,
-        release_value=[0.0, 0.0],
+        release_value=task.default_control(),
     )
     multi = args.estimator == "multiwindow"
     estimator = make_estimator(args.estimator, windows=12 if multi else 1)

@@ -46,7 +46,7 @@ def held(task: Assembly, coefficients: list[float], end: list[float] | None = No
         low=list(task.controls.low),
         high=list(task.controls.high),
         release_fraction=0.1,
-        release_value=[0.0] * len(coefficients),
+        release_value=task.default_control(),
     )
 
 
