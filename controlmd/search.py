@@ -5,7 +5,9 @@ The searched variable is the matrix of normalized piece values ``x`` ``[K, k]`` 
 ``u = low + (high - low) (x + 1) / 2``, exactly as the gymnasium env maps its actions: a
 ``K``-piece protocol here and a ``K``-step episode of the env control the same thing.
 ``x = 0`` (the middle of the bounds) is the starting point, as for a fresh RL policy and a
-freshly built :class:`~controlmd.protocols.PiecewiseConstant`.
+freshly built :class:`~controlmd.protocols.PiecewiseConstant`. With ``release_fraction``
+every candidate also has the release window (the task's no-control value on the last
+fraction of the horizon), as the trainer's protocols of the field experiments do.
 
 Each candidate is scored by the task's exact metric, averaged over ``replicas`` fresh
 replicas; all candidates of one generation share the batch seed ``seed + generation``
@@ -52,11 +54,16 @@ def protocol_to_actions(protocol: PiecewiseConstant, task: Task) -> np.ndarray:
 
 
 def actions_to_protocol(
-    actions: np.ndarray | Sequence[Sequence[float]], task: Task
+    actions: np.ndarray | Sequence[Sequence[float]],
+    task: Task,
+    *,
+    release_fraction: float = 0.0,
 ) -> PiecewiseConstant:
     """The ``K``-piece protocol holding normalized values ``[K, k]`` (inverse of
     :func:`protocol_to_actions`; a value on a bound comes within 1e-11 of it, since the
-    protocol's tanh squashing never reaches its bounds)."""
+    protocol's tanh squashing never reaches its bounds). With ``release_fraction`` ``f > 0``
+    every channel is the task's no-control value on the last ``f`` of the horizon (the
+    release window of :class:`~controlmd.protocols.Protocol`)."""
     a = torch.as_tensor(np.asarray(actions, dtype=np.float64))
     if a.ndim != 2 or a.shape[1] != task.controls.dim:
         raise ControlMDError(
@@ -64,6 +71,14 @@ def actions_to_protocol(
         )
     low, high = task.controls.low_tensor(), task.controls.high_tensor()
     u = low + (high - low) * 0.5 * (a.clamp(-1.0, 1.0) + 1.0)
+    release_value = None
+    if release_fraction > 0:
+        release_value = task.default_control()
+        if release_value is None:
+            raise ControlMDError(
+                f"release_fraction = {release_fraction!r}: task {task.name!r} has no "
+                "no-control value (default_control)"
+            )
     return PiecewiseConstant(
         dim=task.controls.dim,
         t_final=task.horizon,
@@ -71,6 +86,8 @@ def actions_to_protocol(
         low=list(task.controls.low),
         high=list(task.controls.high),
         init=u,
+        release_fraction=release_fraction,
+        release_value=release_value,
     )
 
 
@@ -82,18 +99,31 @@ class ProtocolSearch(ABC):
     :param n_pieces: ``K``, pieces of the searched protocol.
     :param replicas: replicas per candidate evaluation.
     :param seed: seed of the search's own randomness and of the training batches.
+    :param release_fraction: release window of every candidate (see
+        :func:`actions_to_protocol`; 0: none).
     """
 
-    def __init__(self, task: Task, *, n_pieces: int, replicas: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        task: Task,
+        *,
+        n_pieces: int,
+        replicas: int,
+        seed: int = 0,
+        release_fraction: float = 0.0,
+    ) -> None:
         if not isinstance(task, Task):
             raise ControlMDError(f"task must be a controlmd Task, got {type(task).__name__}")
         check_int("n_pieces", n_pieces)
         check_int("replicas", replicas)
         check_int("seed", seed, minimum=0)
+        if not 0.0 <= release_fraction < 0.5:
+            raise ControlMDError(f"release_fraction must be in [0, 0.5), got {release_fraction!r}")
         self.task = task
         self.n_pieces = n_pieces
         self.replicas = replicas
         self.seed = seed
+        self.release_fraction = release_fraction
         self.dim = n_pieces * task.controls.dim
         self.sign = 1.0 if task.higher_is_better else -1.0
         self.generation = 0
@@ -109,7 +139,9 @@ class ProtocolSearch(ABC):
     def protocol(self, x: np.ndarray) -> PiecewiseConstant:
         """The protocol of a flat candidate ``x`` ``[K k]``."""
         return actions_to_protocol(
-            np.asarray(x).reshape(self.n_pieces, self.task.controls.dim), self.task
+            np.asarray(x).reshape(self.n_pieces, self.task.controls.dim),
+            self.task,
+            release_fraction=self.release_fraction,
         )
 
     def score(self, x: np.ndarray, seed: int) -> float:
@@ -153,7 +185,7 @@ class CMAES(ProtocolSearch):
 
     :param sigma0: initial step size in normalized units (0 < sigma0 <= 1).
     :param popsize: candidates per generation (``None``: cma's default ``4 + 3 ln n``).
-    :param task, n_pieces, replicas, seed: see :class:`ProtocolSearch`.
+    :param task, n_pieces, replicas, seed, release_fraction: see :class:`ProtocolSearch`.
     """
 
     def __init__(
@@ -165,8 +197,15 @@ class CMAES(ProtocolSearch):
         seed: int = 0,
         sigma0: float = 0.3,
         popsize: int | None = None,
+        release_fraction: float = 0.0,
     ) -> None:
-        super().__init__(task, n_pieces=n_pieces, replicas=replicas, seed=seed)
+        super().__init__(
+            task,
+            n_pieces=n_pieces,
+            replicas=replicas,
+            seed=seed,
+            release_fraction=release_fraction,
+        )
         check_positive("sigma0", sigma0)
         if sigma0 > 1.0:
             raise ControlMDError(
@@ -203,13 +242,26 @@ class RandomSearch(ProtocolSearch):
     held-out score can be worse than its training score (winner's curse).
 
     :param batch: candidates per generation.
-    :param task, n_pieces, replicas, seed: see :class:`ProtocolSearch`.
+    :param task, n_pieces, replicas, seed, release_fraction: see :class:`ProtocolSearch`.
     """
 
     def __init__(
-        self, task: Task, *, n_pieces: int, replicas: int, seed: int = 0, batch: int = 8
+        self,
+        task: Task,
+        *,
+        n_pieces: int,
+        replicas: int,
+        seed: int = 0,
+        batch: int = 8,
+        release_fraction: float = 0.0,
     ) -> None:
-        super().__init__(task, n_pieces=n_pieces, replicas=replicas, seed=seed)
+        super().__init__(
+            task,
+            n_pieces=n_pieces,
+            replicas=replicas,
+            seed=seed,
+            release_fraction=release_fraction,
+        )
         check_int("batch", batch)
         self.batch = batch
         self.rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from controlmd.cli import main
-from controlmd.errors import ConfigError
+from controlmd.errors import ConfigError, ControlMDError
 from controlmd.search import CMAES, RandomSearch, actions_to_protocol
 from controlmd.sweep import ray_available
 from controlmd.tasks import get_task
@@ -214,6 +214,22 @@ def test_random_search_keeps_its_best_candidate() -> None:
         search.incumbent().values.detach(),
         actions_to_protocol(search.best_x.reshape(4, 1), task).values.detach(),
     )
+
+
+def test_search_candidates_release_to_the_no_control_value() -> None:
+    task = get_task("polymer_fold", n_steps=100, controls=["torsion"], torsion_max=20.0)
+    search = CMAES(task, n_pieces=2, replicas=2, seed=0, release_fraction=0.1)
+    protocol = search.protocol(np.array([0.5, -0.5]))  # a = 15 then 5
+    T = task.horizon
+    with torch.no_grad():
+        u = protocol(torch.tensor([0.2 * T, 0.7 * T, 0.9 * T, T], dtype=torch.float64))
+    np.testing.assert_allclose(u[:2, 0].numpy(), [15.0, 5.0], rtol=1e-9)
+    np.testing.assert_allclose(u[2:, 0].numpy(), 0.0, atol=1e-12)  # task.default_control()
+    with pytest.raises(ControlMDError, match=r"release_fraction must be in \[0, 0.5\), got 0.5"):
+        RandomSearch(task, n_pieces=1, replicas=2, release_fraction=0.5)
+    trap = get_task("trap_drag", n_steps=20)  # no default_control: nothing to release to
+    with pytest.raises(ControlMDError, match="'trap_drag' has no no-control value"):
+        actions_to_protocol(np.zeros((1, 1)), trap, release_fraction=0.1)
 
 
 @pytest.mark.parametrize(
