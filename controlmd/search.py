@@ -36,7 +36,19 @@ from controlmd.tasks.base import Task
 
 Tensor = torch.Tensor
 
-__all__ = ["CMAES", "ProtocolSearch", "RandomSearch", "actions_to_protocol", "protocol_to_actions"]
+__all__ = [
+    "CMAES",
+    "PROTOCOL_MARGIN",
+    "ProtocolSearch",
+    "RandomSearch",
+    "actions_to_protocol",
+    "protocol_to_actions",
+]
+
+PROTOCOL_MARGIN = 1e-5
+"""Normalized values are clipped to ``[-1 + margin, 1 - margin]`` when they become a
+:class:`PiecewiseConstant` (its tanh squashing never reaches a bound, so a value on one has
+no parameter; the control then differs from the bound by ``margin (high - low) / 2``)."""
 
 
 def protocol_to_actions(protocol: PiecewiseConstant, task: Task) -> np.ndarray:
@@ -60,8 +72,9 @@ def actions_to_protocol(
     release_fraction: float = 0.0,
 ) -> PiecewiseConstant:
     """The ``K``-piece protocol holding normalized values ``[K, k]`` (inverse of
-    :func:`protocol_to_actions`; a value on a bound comes within 1e-11 of it, since the
-    protocol's tanh squashing never reaches its bounds). With ``release_fraction`` ``f > 0``
+    :func:`protocol_to_actions`), clipped to ``[-1 + m, 1 - m]`` with ``m =``
+    :data:`PROTOCOL_MARGIN`: a value on or beyond a bound (CMA-ES samples the bounds
+    themselves) comes within ``m (high - low) / 2`` of it. With ``release_fraction`` ``f > 0``
     every channel is the task's no-control value on the last ``f`` of the horizon (the
     release window of :class:`~controlmd.protocols.Protocol`)."""
     a = torch.as_tensor(np.asarray(actions, dtype=np.float64))
@@ -70,7 +83,8 @@ def actions_to_protocol(
             f"actions must have shape [K, {task.controls.dim}], got {tuple(a.shape)}"
         )
     low, high = task.controls.low_tensor(), task.controls.high_tensor()
-    u = low + (high - low) * 0.5 * (a.clamp(-1.0, 1.0) + 1.0)
+    a = a.clamp(-1.0 + PROTOCOL_MARGIN, 1.0 - PROTOCOL_MARGIN)
+    u = low + (high - low) * 0.5 * (a + 1.0)
     release_value = None
     if release_fraction > 0:
         release_value = task.default_control()

@@ -46,7 +46,13 @@ from controlmd.errors import ControlMDError
 from controlmd.evaluation import Evaluation, evaluate
 from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
 from controlmd.protocols import PiecewiseConstant, Protocol
-from controlmd.search import CMAES, ProtocolSearch, RandomSearch, actions_to_protocol
+from controlmd.search import (
+    CMAES,
+    PROTOCOL_MARGIN,
+    ProtocolSearch,
+    RandomSearch,
+    actions_to_protocol,
+)
 from controlmd.tasks.base import Task
 from controlmd.trainer import Trainer
 from controlmd_envs.control_env import ReplicaBatch
@@ -119,11 +125,6 @@ class PolicyEvaluable:
 
 Evaluable = Protocol | PolicyEvaluable
 
-PROTOCOL_MARGIN = 1e-5
-"""Normalized actions are clipped to ``[-1 + margin, 1 - margin]`` when a policy becomes a
-:class:`PiecewiseConstant` (its tanh squashing never reaches a bound; the control then
-differs from the bound by ``margin (high - low) / 2``)."""
-
 
 def checked_actions(actions: Any, *, method: str, md_steps: int) -> np.ndarray:
     """A policy's normalized actions as float64, clipped to ``[-1, 1]`` (gymnasium's
@@ -144,7 +145,7 @@ def policy_protocol(actions: Any, task: Task, *, method: str, md_steps: int) -> 
     """The ``K``-piece protocol of a time-only policy's actions ``[K, k]`` (clipped, see
     :func:`checked_actions` and :data:`PROTOCOL_MARGIN`)."""
     a = checked_actions(actions, method=method, md_steps=md_steps)
-    return actions_to_protocol(np.clip(a, -1.0 + PROTOCOL_MARGIN, 1.0 - PROTOCOL_MARGIN), task)
+    return actions_to_protocol(a, task)
 
 
 def evaluate_policy(

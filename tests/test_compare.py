@@ -216,7 +216,7 @@ def test_random_search_keeps_its_best_candidate() -> None:
     )
 
 
-def test_search_candidates_release_to_the_no_control_value() -> None:
+def test_search_candidates_release_and_may_sit_on_the_bounds() -> None:
     task = get_task("polymer_fold", n_steps=100, controls=["torsion"], torsion_max=20.0)
     search = CMAES(task, n_pieces=2, replicas=2, seed=0, release_fraction=0.1)
     protocol = search.protocol(np.array([0.5, -0.5]))  # a = 15 then 5
@@ -225,6 +225,10 @@ def test_search_candidates_release_to_the_no_control_value() -> None:
         u = protocol(torch.tensor([0.2 * T, 0.7 * T, 0.9 * T, T], dtype=torch.float64))
     np.testing.assert_allclose(u[:2, 0].numpy(), [15.0, 5.0], rtol=1e-9)
     np.testing.assert_allclose(u[2:, 0].numpy(), 0.0, atol=1e-12)  # task.default_control()
+    on_bounds = search.protocol(np.array([1.0, -1.0]))  # CMA-ES samples the bounds themselves
+    with torch.no_grad():
+        u = on_bounds(torch.tensor([0.2 * T, 0.7 * T], dtype=torch.float64))[:, 0]
+    np.testing.assert_allclose(u.numpy(), [20.0 - 1e-4, 1e-4], rtol=1e-6)  # margin 1e-5 * 20 / 2
     with pytest.raises(ControlMDError, match=r"release_fraction must be in \[0, 0.5\), got 0.5"):
         RandomSearch(task, n_pieces=1, replicas=2, release_fraction=0.5)
     trap = get_task("trap_drag", n_steps=20)  # no default_control: nothing to release to
