@@ -48,10 +48,13 @@ def piece_values(search: CMAES) -> list[list[float]]:
     return [[float(v) for v in row] for row in u]
 
 
-def run_config(cfg: dict[str, Any], values: list[list[float]], name: str) -> dict[str, Any]:
+def run_config(
+    cfg: dict[str, Any], values: list[list[float]], name: str, notes: str
+) -> dict[str, Any]:
     """The experiment's config holding ``values`` as its protocol, with no training."""
     out = copy.deepcopy(cfg)
     out["experiment"]["name"] = name
+    out["experiment"]["notes"] = notes
     out["protocol"]["n_pieces"] = len(values)
     out["protocol"]["init"] = values
     out["train"]["iterations"] = 0
@@ -109,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         name = f"{cfg['experiment']['name']}_cmaes"
-        atomic_write_text(args.out / "config.toml", config_to_toml(run_config(cfg, values, name)))
+        notes = (
+            f"CMA-ES search of {args.experiment.name}: incumbent after {s.generation} generations"
+        )
+        config = run_config(cfg, values, name, notes)
+        atomic_write_text(args.out / "config.toml", config_to_toml(config))
         s.incumbent().save(args.out / "protocol.pt")
         atomic_write_text(args.out / "search.json", json.dumps(record, indent=1) + "\n")
         bar.update(1)
