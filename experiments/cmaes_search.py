@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from controlmd.checkpoint import atomic_write_text
 from controlmd.config import build_task, config_to_toml, load_config
+from controlmd.protocols import PiecewiseConstant
 from controlmd.search import CMAES
 
 
-def piece_values(search: CMAES) -> list[list[float]]:
-    """The incumbent's value of every channel on every piece ``[K][k]`` (physical units)."""
-    protocol = search.incumbent()
+def piece_values(protocol: PiecewiseConstant) -> list[list[float]]:
+    """The value of every channel on every piece ``[K][k]`` (physical units)."""
     with torch.no_grad():
         u = protocol.squash(protocol.values)
     return [[float(v) for v in row] for row in u]
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=args.generations, desc="cma-es", unit="gen")
 
     def after_generation(s: Any) -> None:
-        values = piece_values(s)
+        incumbent = s.incumbent()
+        values = piece_values(incumbent)
         record["history"].append(
             {
                 "generation": s.generation,
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         config = run_config(cfg, values, name, notes)
         atomic_write_text(args.out / "config.toml", config_to_toml(config))
-        s.incumbent().save(args.out / "protocol.pt")
+        incumbent.save(args.out / "protocol.pt")
         atomic_write_text(args.out / "search.json", json.dumps(record, indent=1) + "\n")
         bar.update(1)
         bar.set_postfix(best=f"{-s.sign * s.best_score:.3f}")
