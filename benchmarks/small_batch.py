@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from controlmd.dynamics.brownian import Brownian  # noqa: E402
+from controlmd.dynamics.fused import FusedSteps  # noqa: E402
 from controlmd.dynamics.langevin import Langevin  # noqa: E402
 from controlmd.potentials.analytic import DenseMorse, ScaledDense  # noqa: E402
 from controlmd.potentials.external import HarmonicTrap  # noqa: E402
@@ -109,6 +110,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=["autograd", "analytic"],
         choices=("autograd", "analytic"),
         help="assembly forces: the task's Morse (autograd) and/or DenseMorse (analytic)",
+    )
+    p.add_argument(
+        "--fused",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time controlmd.dynamics.FusedSteps with K steps per compiled call "
+        "(assembly with analytic forces; philox noise by the compiled kernel); 0: off",
     )
     p.add_argument("--steps", type=int, default=None, help="forward steps (default per workload)")
     p.add_argument("--grad-steps", type=int, default=None, help="forward+gradient steps")
@@ -160,10 +169,14 @@ def controlmd_case(
     steps: int,
     rng: str,
     forces: str = "autograd",
+    fused: int = 0,
 ) -> Callable[[], dict[str, Any]]:
     """A closure running one timed controlmd run (initial state built here, not timed).
     ``forces="analytic"`` (assembly, philox streams only) swaps the task's ``eps(t) * Morse`` for the same
-    energy as :class:`~controlmd.potentials.analytic.ScaledDense` over ``DenseMorse``."""
+    energy as :class:`~controlmd.potentials.analytic.ScaledDense` over ``DenseMorse``.
+    ``fused=K`` (philox streams) runs the steps with
+    :class:`~controlmd.dynamics.fused.FusedSteps` (``K`` steps per compiled call; compile
+    time excluded: one untimed run first)."""
     task, proto = _task_setup(name, steps)
     proto = proto.to(device=device, dtype=dtype)
     if forces == "analytic":
@@ -183,6 +196,7 @@ def controlmd_case(
 
     kind = "philox" if rng.startswith("philox") else rng
     compiled = rng in ("philox-compiled", "philox-fused")
+    runner = FusedSteps(integ, chunk=fused) if fused else None
 
     def fresh_state() -> Any:
         with use_rng(kind):
@@ -221,11 +235,17 @@ def controlmd_case(
         t0 = time.perf_counter()
         if mode == "forward":
             with torch.no_grad():
-                final = simulate(integ, s0, steps, gradient="none").final
+                if runner is not None:
+                    final = runner.run(s0, steps)
+                else:
+                    final = simulate(integ, s0, steps, gradient="none").final
             out = {"final_dtype": str(final.R.dtype)}
         else:
             proto.zero_grad(set_to_none=True)
-            final = simulate(integ, s0, steps, gradient="direct").final
+            if runner is not None:
+                final = runner.run(s0, steps)
+            else:
+                final = simulate(integ, s0, steps, gradient="direct").final
             loss = task.loss(final)
             loss.backward()
             grad = [p.grad for p in proto.parameters() if p.grad is not None]
@@ -237,8 +257,8 @@ def controlmd_case(
         out["wall_s"] = time.perf_counter() - t0
         return out
 
-    if compiled:
-        run()  # compiles the kernel for this run's shapes (excluded, like JAX's compile)
+    if compiled or runner is not None:
+        run()  # compiles the kernels for this run's shapes (excluded, like JAX's compile)
     return run
 
 
@@ -632,6 +652,11 @@ def _measure(
         for forces in args.forces if name == "assembly" and rng != "mt19937" else ["autograd"]:
             key = f"controlmd/{rng}" + ("/analytic" if forces == "analytic" else "")
             cases[key] = controlmd_case(name, B, dtype, device, mode, steps, rng, forces)
+    if args.fused and not name.startswith("trap"):
+        forces = "analytic" if name == "assembly" else "autograd"
+        cases[f"controlmd/fused{args.fused}"] = controlmd_case(
+            name, B, dtype, device, mode, steps, "philox-compiled", forces, fused=args.fused
+        )
     energy_diff = None
     if name.startswith("trap"):
         cases["plain_torch"] = plain_torch_case(name, B, dtype, device, steps)
@@ -686,6 +711,9 @@ def _measure(
             f"{row['replica_steps_per_s']:12.0f} replica-steps/s  (median of {len(times[key])})",
             flush=True,
         )
+    if args.fused:  # each FusedSteps compiles anew (dynamo guards on the instance): a
+        # run of many cells would otherwise pile up to dynamo's recompile limit
+        torch._dynamo.reset()
     for key, why in notes.items():
         rows.append(
             {

@@ -12,6 +12,7 @@ from controlmd.dynamics.base import (
     maxwell_boltzmann,
 )
 from controlmd.dynamics.brownian import Brownian
+from controlmd.dynamics.fused import FusedSteps
 from controlmd.dynamics.langevin import Langevin
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
@@ -21,6 +22,7 @@ __all__ = [
     "NVE",
     "Brownian",
     "ControlSchedule",
+    "FusedSteps",
     "Integrator",
     "IntegratorWrapper",
     "Langevin",

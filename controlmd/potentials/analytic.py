@@ -48,6 +48,8 @@ class DenseMorse(Potential):
         r_cut: cutoff (> 0).
     """
 
+    closed_form_forces = True
+
     def __init__(
         self,
         space: Space,

@@ -24,6 +24,10 @@ __all__ = ["Potential", "SumPotential"]
 class Potential(nn.Module, ABC):
     """Base class: a (possibly time-dependent) energy term, per replica."""
 
+    #: ``energy_and_forces`` is a closed form (no autograd pass): set by terms that have
+    #: one, which are then traceable by ``torch.compile`` (used by ``FusedSteps``)
+    closed_form_forces: bool = False
+
     @abstractmethod
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
         """Energy of each replica.

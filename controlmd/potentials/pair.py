@@ -377,11 +377,11 @@ class PairPotential(Potential):
         # Outside the cutoff evaluate at r_c, so no inf/NaN enters the graph through where().
         r = torch.sqrt(torch.where(inside, r2, rc2))
         u = self.pair_energy(r, **params)
-        if self.shift != "none":
+        if self.shift == "force":
             u_c, du_c = self._cutoff_values(rc, params)
-            u = u - u_c
-            if self.shift == "force":
-                u = u - (r - rc) * du_c
+            u = u - u_c - (r - rc) * du_c
+        elif self.shift != "none":  # u'(r_c) is not needed: no autograd pass for it
+            u = u - self.pair_energy(rc, **params)
         return torch.where(inside, u, torch.zeros((), dtype=u.dtype))
 
     def _cutoff_values(self, rc: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

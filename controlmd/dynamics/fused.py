@@ -1,0 +1,319 @@
+"""Fused steps: ``K`` Brownian or Langevin steps of a small system as one program.
+
+For a few to a few dozen particles per replica a step of the generic integrators is a few
+hundred separately dispatched tensor operations (protocol reads, one noise draw, the
+force terms, the update), and their fixed costs, not arithmetic, are the time
+(docs/performance.md, "Small batched systems"). :class:`FusedSteps` removes them from the
+inner loop: per chunk of ``K`` steps it
+
+* reads every control the steps need (the bath ``kT(t)``, a protocol that scales the
+  force) at all ``K`` step times in one call per control,
+* draws the ``K`` steps' noise in one call of the state's philox stream (each replica's
+  stream is a sequence of slots, so this is the noise ``K`` single steps draw, bit for
+  bit), and
+* runs the ``K`` updates as one function, compiled by ``torch.compile`` (``compile=True``,
+  the default; inductor fuses each step's elementwise work into a few loops), or eagerly.
+
+The steps are those of :class:`~controlmd.dynamics.brownian.Brownian`
+(``method="euler_maruyama"``) and :class:`~controlmd.dynamics.langevin.Langevin` (BAOAB),
+with the same control convention (controls as one-sided limits at the same times), so a
+fused run equals ``simulate(integrator, state, n)`` to round-off (the compiled arithmetic
+is not bit-identical to the eager one) with the same noise. Gradients flow to the
+protocol's parameters and the initial state as through ``simulate(..., gradient="direct")``.
+
+Supported: a potential ``E(R, t) = E_fixed(R) + sum_g s_g(t) E_g(R)``: time-independent
+terms beside :class:`~controlmd.potentials.external.ScaledPotential` terms (a sum, a
+single term, or either inside a wrapper whose one child is its ``inner`` term, like the
+polymer task's ``OneGraph``); the unscaled terms are checked not to depend on time on the
+run's first state at its first, middle and last times. ``kT`` a number or a schedule with
+one value per time; philox noise; no work/heat tracking. Anything else is refused by
+name. Forces come from a term's closed form where it has one
+(:attr:`~controlmd.potentials.base.Potential.closed_form_forces`, e.g.
+:class:`~controlmd.potentials.analytic.DenseMorse`), else from ``torch.func.grad`` of its
+energy inside the compiled function (its own autograd path when eager).
+
+Compiling costs ~30 s (the assembly step, ``K = 20``) to 5-10 min (the 22-bead Go chain,
+``K = 10``, forward / with its backward) per instance, dtype, batch size and chunk
+length, and needs a C++ compiler on the CPU; dynamo guards on the instance, so build one
+and reuse it. Units: those of the integrator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from controlmd._validation import check_int
+from controlmd.dynamics.base import Integrator, Schedule, State, evaluate_schedule
+from controlmd.dynamics.brownian import Brownian
+from controlmd.dynamics.langevin import Langevin
+from controlmd.errors import ControlMDError, SimulationDivergedError
+from controlmd.potentials.base import Potential, SumPotential
+from controlmd.potentials.external import ScaledPotential
+
+Tensor = torch.Tensor
+
+__all__ = ["FusedSteps"]
+
+
+class FusedSteps:
+    """Runs a Brownian (Euler–Maruyama) or Langevin (BAOAB) integrator ``chunk`` steps at
+    a time as one (compiled) function.
+
+    Args:
+        integrator: a :class:`Brownian` with ``method="euler_maruyama"`` or a
+            :class:`Langevin`, without ``track_work``, whose potential is ``s(t) E_0(R)``
+            or ``E_0(R)`` (module docstring).
+        chunk: steps per fused call ``K`` (>= 1); a run's last ``n mod K`` steps run in
+            one more (eager) call.
+        compile: compile the chunk with ``torch.compile`` (``fullgraph=True``); ``False``
+            runs the same function eagerly.
+
+    Example::
+
+        >>> import torch
+        >>> from controlmd.dynamics import Brownian
+        >>> from controlmd.rng import ReplicaRNG
+        >>> class Well(Potential):
+        ...     def energy(self, R, t=None):
+        ...         return 0.5 * (R * R).sum(dim=(-2, -1))
+        >>> bd = Brownian(Well(), dt=0.01, kT=1.0)
+        >>> s0 = bd.init(torch.zeros(3, 2, 2, dtype=torch.float64),
+        ...              rng=ReplicaRNG(0, 3, kind="philox"))
+        >>> FusedSteps(bd, chunk=10, compile=False).run(s0, 25).step
+        25
+    """
+
+    def __init__(self, integrator: Integrator, *, chunk: int = 20, compile: bool = True) -> None:
+        check_int("chunk", chunk, minimum=1)
+        if isinstance(integrator, Brownian):
+            if integrator.method != "euler_maruyama":
+                raise ControlMDError(
+                    f"FusedSteps runs Brownian method='euler_maruyama', got method="
+                    f"{integrator.method!r}"
+                )
+        elif not isinstance(integrator, Langevin):
+            raise ControlMDError(
+                f"FusedSteps runs Brownian or Langevin integrators, got {type(integrator).__name__}"
+            )
+        if integrator.track_work:
+            raise ControlMDError("FusedSteps does not track work and heat: track_work=True")
+        self.integrator = integrator
+        self.fixed, self.scaled = _split(integrator.potential)
+        self.chunk = chunk
+        self.compile = bool(compile)
+        fn = self._brownian_chunk if isinstance(integrator, Brownian) else self._langevin_chunk
+        self._eager: Callable[..., tuple[Tensor, ...]] = fn
+        self._compiled = torch.compile(fn, dynamic=False, fullgraph=True) if compile else fn
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, state: State, n_steps: int) -> State:
+        """The state after ``n_steps`` steps (>= 0) from ``state`` (built by the
+        integrator's ``init``, philox noise). Builds a graph where something requires grad
+        (the protocol's parameters, the state's tensors), as ``simulate`` does.
+
+        :raises SimulationDivergedError: positions (or momenta) not finite after a chunk,
+            naming the chunk's last step.
+        """
+        check_int("n_steps", n_steps, minimum=0)
+        rng = state.rng
+        if rng is None or rng.kind != "philox":
+            raise ControlMDError(
+                "FusedSteps draws a chunk's noise in one call of a philox stream: build the "
+                "state with rng=ReplicaRNG(..., kind='philox') (or [experiment] rng = "
+                f"'philox'); got rng kind {None if rng is None else rng.kind!r}"
+            )
+        self._check_static(state, n_steps)
+        done = 0
+        while done < n_steps:
+            k = min(self.chunk, n_steps - done)
+            state = self._advance(state, k)
+            done += k
+        return state
+
+    def _advance(self, state: State, k: int) -> State:
+        integ = self.integrator
+        R, t0 = state.R, float(state.t)
+        # the engine's times: t_{n+1} = t_n + dt in float64, controls as one-sided limits
+        starts = [t0]
+        for _ in range(k):
+            starts.append(starts[-1] + integ.dt)
+        ends = starts[1:]
+        eps = integ.t_eps
+        xi = state.rng.randn(k, *R.shape[1:], dtype=R.dtype)  # type: ignore[union-attr]
+        # [k, B, N, d], contiguous: torch 2.13's inductor miscompiled the chain's chunk
+        # (torch.func.grad forces came out zero) when this input was a transposed view
+        xi = xi.to(R.device).transpose(0, 1).contiguous()
+        fn = self._compiled if k == self.chunk else self._eager
+        if isinstance(integ, Brownian):
+            tc = [t - eps for t in ends]
+            mu = integ.mobility_like(R)
+            kT = self._values(integ.kT, tc, R).view(-1, 1, 1, 1)
+            noise = torch.sqrt(2.0 * kT * mu * integ.dt) * xi
+            (R1,) = fn(R, self._scales(tc, R), noise, mu * integ.dt)
+            new = state.replace(R=R1)
+        else:
+            assert state.P is not None
+            m, c = integ.mass_like(R), integ._damping_like(R)
+            h = 0.5 * integ.dt
+            kT = self._values(integ.kT, [t + h for t in starts[:-1]], R).view(-1, 1, 1, 1)
+            noise = torch.sqrt((1.0 - c * c) * m * kT) * xi
+            s_first = self._scales([t + eps for t in starts[:-1]], R)
+            s_last = self._scales([t - eps for t in ends], R)
+            F0 = state.aux.get("force")
+            parts = [F0] if F0 is not None and not self.scaled else self._force_parts(R)
+            R1, P1, F1 = fn(R, state.P, parts, s_first, s_last, noise, c, h / m, h)
+            new = state.replace(R=R1, P=P1, aux={**state.aux, "force": F1})
+        step = state.step + k
+        bad = ~torch.isfinite(new.R).all()
+        if new.P is not None:
+            bad = bad | ~torch.isfinite(new.P).all()
+        if bool(bad):
+            raise SimulationDivergedError(
+                f"non-finite positions or momenta within steps {state.step + 1}..{step} "
+                f"(fused chunk of {k})",
+                step=step,
+                time=ends[-1],
+            )
+        return new.replace(t=torch.as_tensor(ends[-1], dtype=state.t.dtype), step=step)
+
+    # ------------------------------------------------------------------ controls
+
+    def _values(self, schedule: Schedule, times: list[float], like: Tensor) -> Tensor:
+        """A schedule's values at ``times`` ``[K]`` (one call when it takes a vector of
+        times, else one per time), in ``like``'s dtype."""
+        t = torch.tensor(times, dtype=torch.float64)
+        if not callable(schedule):
+            return torch.full((len(times),), float(schedule), dtype=like.dtype)
+        try:
+            v = evaluate_schedule(schedule, t)
+        except Exception:  # a schedule of one time only
+            v = None
+        if v is None or v.shape != t.shape:
+            v = torch.stack([evaluate_schedule(schedule, ti).reshape(()) for ti in t])
+        return v.to(like.dtype)
+
+    def _scales(self, times: list[float], like: Tensor) -> Tensor:
+        """The scales ``s_g(t)`` of the scaled terms at ``times``: ``[G, K]`` (``G = 0``
+        without scaled terms)."""
+        t = torch.tensor(times, dtype=torch.float64)
+        rows = []
+        for term in self.scaled:
+            proto, channel = term.protocol, term.channel
+            try:
+                u = torch.as_tensor(proto(t))
+            except Exception:  # a control of one time only
+                u = None
+            if u is None or u.ndim != 2 or u.shape[0] != len(times):
+                u = torch.stack([torch.as_tensor(proto(ti)).reshape(-1) for ti in t])
+            if u.ndim != 2 or u.shape[0] != len(times):
+                raise ControlMDError(
+                    f"FusedSteps needs one control value per time (not per replica); a "
+                    f"scaling protocol gave shape {tuple(u.shape)} for {len(times)} times"
+                )
+            rows.append(u[:, channel])
+        if not rows:
+            return torch.zeros(0, len(times), dtype=like.dtype, device=like.device)
+        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+    # ------------------------------------------------------------------ forces
+
+    def _force_parts(self, R: Tensor) -> list[Tensor]:
+        """Unscaled forces ``[B, N, d]`` of the fixed terms (one tensor, first, where there
+        are any) and of each scaled term's base, differentiable where a graph is being
+        built."""
+        parts = [] if self.fixed is None else [_forces(self.fixed, R)]
+        return parts + [_forces(term.base, R) for term in self.scaled]
+
+    def _total_force(self, parts: list[Tensor], scales: Tensor, k: int) -> Tensor:
+        """``F_fixed + sum_g s_g(t_k) F_g`` from :meth:`_force_parts`."""
+        offset = 0 if self.fixed is None else 1
+        F = parts[0] if offset else scales[0, k] * parts[0]
+        for g in range(1 - offset, len(self.scaled)):
+            F = F + scales[g, k] * parts[g + offset]
+        return F
+
+    def _brownian_chunk(
+        self, R: Tensor, scales: Tensor, noise: Tensor, mu_dt: Tensor
+    ) -> tuple[Tensor]:
+        """``K`` Euler–Maruyama steps: ``R += mu dt F(R, t_k) + noise_k``."""
+        space = self.integrator.space
+        for k in range(noise.shape[0]):
+            F = self._total_force(self._force_parts(R), scales, k)
+            R = space.shift(R, mu_dt * F + noise[k])
+        return (R,)
+
+    def _langevin_chunk(
+        self,
+        R: Tensor,
+        P: Tensor,
+        parts: list[Tensor],
+        s_first: Tensor,
+        s_last: Tensor,
+        noise: Tensor,
+        c: Tensor,
+        h_over_m: Tensor,
+        h: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``K`` BAOAB steps from the force parts at ``R`` (or, without scaled terms, the
+        cached force); returns the last total force (the integrator's ``aux["force"]``)."""
+        space = self.integrator.space
+        F = parts[0]
+        for k in range(noise.shape[0]):
+            P = P + h * (self._total_force(parts, s_first, k) if self.scaled else F)
+            R = space.shift(R, h_over_m * P)
+            P = c * P + noise[k]
+            R = space.shift(R, h_over_m * P)
+            parts = self._force_parts(R)
+            F = self._total_force(parts, s_last, k)
+            P = P + h * F
+        return R, P, F
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_static(self, state: State, n_steps: int) -> None:
+        """``E_0`` must not depend on time: its energies at ``state.R`` at the run's first,
+        middle and last step times must be equal."""
+        t0 = float(state.t)
+        times = [t0, t0 + 0.5 * n_steps * self.integrator.dt, t0 + n_steps * self.integrator.dt]
+        terms = [] if self.fixed is None else [self.fixed]
+        for term in [*terms, *(scaled.base for scaled in self.scaled)]:
+            with torch.no_grad():
+                E = [term.energy(state.R, torch.tensor(t, dtype=torch.float64)) for t in times]
+            if not (torch.equal(E[0], E[1]) and torch.equal(E[0], E[2])):
+                raise ControlMDError(
+                    f"FusedSteps needs the unscaled term {type(term).__name__} to be "
+                    f"independent of time; its energy changes over t = {times[0]:g}.."
+                    f"{times[2]:g}"
+                )
+
+
+def _split(potential: Potential) -> tuple[Potential | None, list[ScaledPotential]]:
+    """``(fixed part or None, scaled terms)`` of ``E = E_fixed + sum_g s_g(t) E_g``."""
+    if _is_wrapper(potential):
+        potential = potential.inner  # type: ignore[assignment]
+    terms = potential.potentials() if isinstance(potential, SumPotential) else [potential]
+    scaled = [term for term in terms if isinstance(term, ScaledPotential)]
+    fixed = [term for term in terms if not isinstance(term, ScaledPotential)]
+    if not fixed:
+        return None, scaled
+    return (fixed[0] if len(fixed) == 1 else SumPotential(fixed)), scaled
+
+
+def _forces(term: Potential, R: Tensor) -> Tensor:
+    """``-dE/dR`` ``[B, N, d]`` of a time-independent term: its closed form where it has
+    one; inside ``torch.compile`` by ``torch.func.grad`` (traceable), else by the term's
+    own autograd path; differentiable where a graph is being built."""
+    if term.closed_form_forces or not torch.compiler.is_compiling():
+        return term.energy_and_forces(R, None, create_graph=torch.is_grad_enabled())[1]
+    return -torch.func.grad(lambda x: term.energy(x, None).sum())(R)
+
+
+def _is_wrapper(potential: Potential) -> bool:
+    """A potential whose energy is its ``inner``'s (e.g. ``OneGraph``): its one child is a
+    potential named ``inner``."""
+    children = list(potential.children())
+    inner = getattr(potential, "inner", None)
+    return isinstance(inner, Potential) and len(children) == 1 and children[0] is inner
