@@ -39,6 +39,8 @@ Usage::
     python benchmarks/small_batch.py --workloads assembly polymer --replicas 64 512 2048 \\
         --dtypes float32 float64 --json small_batch.json
     python benchmarks/small_batch.py --workloads trap_od trap_ud --replicas 10000 1000000
+    python benchmarks/small_batch.py --workloads assembly --rng philox --forces analytic \\
+        --fused 20   # also FusedSteps, 20 steps per compiled call
     python benchmarks/small_batch.py --profile   # where a step's time goes
 """
 
