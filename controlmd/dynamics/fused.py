@@ -186,14 +186,14 @@ class FusedSteps:
         times, else one per time), in ``like``'s dtype."""
         t = torch.tensor(times, dtype=torch.float64)
         if not callable(schedule):
-            return torch.full((len(times),), float(schedule), dtype=like.dtype)
+            return torch.full((len(times),), float(schedule), dtype=like.dtype, device=like.device)
         try:
             v = evaluate_schedule(schedule, t)
         except Exception:  # a schedule of one time only
             v = None
         if v is None or v.shape != t.shape:
             v = torch.stack([evaluate_schedule(schedule, ti).reshape(()) for ti in t])
-        return v.to(like.dtype)
+        return v.to(device=like.device, dtype=like.dtype)
 
     def _scales(self, times: list[float], like: Tensor) -> Tensor:
         """The scales ``s_g(t)`` of the scaled terms at ``times``: ``[G, K]`` (``G = 0``
