@@ -103,9 +103,13 @@ class FusedSteps:
         self.fixed, self.scaled = _split(integrator.potential)
         self.chunk = chunk
         self.compile = bool(compile)
-        fn = self._brownian_chunk if isinstance(integrator, Brownian) else self._langevin_chunk
-        self._eager: Callable[..., tuple[Tensor, ...]] = fn
-        self._compiled = torch.compile(fn, dynamic=False, fullgraph=True) if compile else fn
+        fn: Callable[..., tuple[Tensor, ...]] = (
+            self._brownian_chunk if isinstance(integrator, Brownian) else self._langevin_chunk
+        )
+        self._eager = fn
+        self._compiled: Callable[..., tuple[Tensor, ...]] = (
+            torch.compile(fn, dynamic=False, fullgraph=True) if compile else fn
+        )
 
     # ------------------------------------------------------------------ running
 
