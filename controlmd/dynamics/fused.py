@@ -41,6 +41,7 @@ and reuse it. Units: those of the integrator.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -102,7 +103,6 @@ class FusedSteps:
         self.integrator = integrator
         self.fixed, self.scaled = _split(integrator.potential)
         self.chunk = chunk
-        self.compile = bool(compile)
         fn: Callable[..., tuple[Tensor, ...]] = (
             self._brownian_chunk if isinstance(integrator, Brownian) else self._langevin_chunk
         )
@@ -186,38 +186,23 @@ class FusedSteps:
     # ------------------------------------------------------------------ controls
 
     def _values(self, schedule: Schedule, times: list[float], like: Tensor) -> Tensor:
-        """A schedule's values at ``times`` ``[K]`` (one call when it takes a vector of
-        times, else one per time), in ``like``'s dtype."""
-        t = torch.tensor(times, dtype=torch.float64)
+        """A schedule's values at ``times`` ``[K]``, in ``like``'s dtype and device."""
         if not callable(schedule):
             return torch.full((len(times),), float(schedule), dtype=like.dtype, device=like.device)
-        try:
-            v = evaluate_schedule(schedule, t)
-        except Exception:  # a schedule of one time only
-            v = None
-        if v is None or v.shape != t.shape:
-            v = torch.stack([evaluate_schedule(schedule, ti).reshape(()) for ti in t])
-        return v.to(device=like.device, dtype=like.dtype)
+        v = _at_times(lambda t: evaluate_schedule(schedule, t), times, "kT")
+        if v.shape[1] != 1:
+            raise ControlMDError(
+                f"FusedSteps needs one kT value per time; the schedule gave {v.shape[1]}"
+            )
+        return v[:, 0].to(device=like.device, dtype=like.dtype)
 
     def _scales(self, times: list[float], like: Tensor) -> Tensor:
         """The scales ``s_g(t)`` of the scaled terms at ``times``: ``[G, K]`` (``G = 0``
         without scaled terms)."""
-        t = torch.tensor(times, dtype=torch.float64)
-        rows = []
-        for term in self.scaled:
-            proto, channel = term.protocol, term.channel
-            try:
-                u = torch.as_tensor(proto(t))
-            except Exception:  # a control of one time only
-                u = None
-            if u is None or u.ndim != 2 or u.shape[0] != len(times):
-                u = torch.stack([torch.as_tensor(proto(ti)).reshape(-1) for ti in t])
-            if u.ndim != 2 or u.shape[0] != len(times):
-                raise ControlMDError(
-                    f"FusedSteps needs one control value per time (not per replica); a "
-                    f"scaling protocol gave shape {tuple(u.shape)} for {len(times)} times"
-                )
-            rows.append(u[:, channel])
+        rows = [
+            _at_times(term.protocol, times, "scaling protocol")[:, term.channel]
+            for term in self.scaled
+        ]
         if not rows:
             return torch.zeros(0, len(times), dtype=like.dtype, device=like.device)
         return torch.stack(rows).to(device=like.device, dtype=like.dtype)
@@ -292,6 +277,29 @@ class FusedSteps:
                     f"independent of time; its energy changes over t = {times[0]:g}.."
                     f"{times[2]:g}"
                 )
+
+
+def _at_times(fn: Callable[[Tensor], Any], times: list[float], what: str) -> Tensor:
+    """``fn``'s values at each of ``times``, ``[K, C]`` (``C`` channels; a number is one):
+    one call where ``fn`` takes a vector of times, else one call per time.
+
+    :raises ControlMDError: values per replica (more than a channel vector at one time).
+    """
+    t = torch.tensor(times, dtype=torch.float64)
+    try:
+        v = torch.as_tensor(fn(t))
+    except Exception:  # a function of one time only
+        v = None
+    if v is not None and v.ndim in (1, 2) and v.shape[0] == len(times):
+        return v.reshape(len(times), -1)
+    values = [torch.as_tensor(fn(ti)) for ti in t]
+    for value in values:
+        if value.ndim > 1:
+            raise ControlMDError(
+                f"FusedSteps needs one {what} value per time (not per replica); at one "
+                f"time it gave shape {tuple(value.shape)}"
+            )
+    return torch.stack([value.reshape(-1) for value in values])
 
 
 def _split(potential: Potential) -> tuple[Potential | None, list[ScaledPotential]]:
