@@ -119,7 +119,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         metavar="K",
         help="also time controlmd.dynamics.FusedSteps with K steps per compiled call "
-        "(assembly with analytic forces; philox noise by the compiled kernel); 0: off",
+        "(assembly with analytic forces; philox noise and Box-Muller by the compiled "
+        "kernel, compile_philox(box_muller=True)); 0: off",
     )
     p.add_argument("--steps", type=int, default=None, help="forward steps (default per workload)")
     p.add_argument("--grad-steps", type=int, default=None, help="forward+gradient steps")
@@ -657,7 +658,7 @@ def _measure(
     if args.fused and not name.startswith("trap"):
         forces = "analytic" if name == "assembly" else "autograd"
         cases[f"controlmd/fused{args.fused}"] = controlmd_case(
-            name, B, dtype, device, mode, steps, "philox-compiled", forces, fused=args.fused
+            name, B, dtype, device, mode, steps, "philox-fused", forces, fused=args.fused
         )
     energy_diff = None
     if name.startswith("trap"):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controlmd.dynamics import Brownian, FusedSteps, Langevin
-from controlmd.errors import ControlMDError, SimulationDivergedError
+from controlmd.config import resolve_config
+from controlmd.dynamics import Brownian, FusedSteps, Langevin, fused, use_fused_steps
+from controlmd.errors import ConfigError, ControlMDError, SimulationDivergedError
 from controlmd.potentials.analytic import DenseMorse, ScaledDense
 from controlmd.potentials.base import Potential
 from controlmd.protocols import PiecewiseConstant
 from controlmd.rng import ReplicaRNG, use_rng
 from controlmd.simulate import simulate
+from controlmd.tasks import get_task
 from controlmd.tasks.assembly import Assembly
 from controlmd.tasks.polymer_fold import PolymerFold
 
@@ -52,7 +54,12 @@ def _polymer(steps: int, B: int = 4) -> tuple[Langevin, PiecewiseConstant, objec
     return task.integrator(proto), proto, state  # type: ignore[return-value]
 
 
-def test_fused_brownian_equals_the_engine_with_the_same_noise() -> None:
+@pytest.mark.parametrize("noise_block_steps", [None, 14])
+def test_fused_brownian_equals_the_engine_with_the_same_noise(
+    noise_block_steps: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if noise_block_steps:  # noise drawn in blocks of two chunks: 14 + 14 + 12 steps
+        monkeypatch.setattr(fused, "_NOISE_BLOCK", noise_block_steps * 6 * 7 * 2)
     bd, _, s0 = _assembly(40)
     ref = simulate(bd, s0, 40, gradient="none").final
     _, _, s1 = _assembly(40)
@@ -64,7 +71,12 @@ def test_fused_brownian_equals_the_engine_with_the_same_noise() -> None:
     assert (out.R - s0.R).abs().max() > 0.05  # the disks moved
 
 
-def test_fused_langevin_equals_the_engine_with_scaled_forces_and_a_kT_schedule() -> None:
+@pytest.mark.parametrize("noise_block_steps", [None, 16])
+def test_fused_langevin_equals_the_engine_with_scaled_forces_and_a_kT_schedule(
+    noise_block_steps: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if noise_block_steps:  # noise drawn in blocks of two chunks: 16 + 14 steps
+        monkeypatch.setattr(fused, "_NOISE_BLOCK", noise_block_steps * 4 * 22 * 3)
     lv, _, s0 = _polymer(30)
     ref = simulate(lv, s0, 30, gradient="none").final
     _, _, s1 = _polymer(30)
@@ -125,6 +137,67 @@ def test_a_diverging_fused_run_names_the_steps() -> None:
     assert info.value.step == 160
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("assembly", {}),
+        ("assembly", {"pair_forces": "analytic"}),
+        ("polymer_fold", {"controls": ["temperature"]}),
+    ],
+)
+def test_tasks_advance_by_fused_steps_within_use_fused_steps(
+    name: str, kwargs: dict[str, object]
+) -> None:
+    """A task's own rollout (assembly: eps(t) Morse pairs, autograd or closed-form forces;
+    the chain: OneGraph Go model under kT(t)) through ``use_fused_steps`` equals its
+    ``simulate`` rollout, forward and in the protocol gradient of the task loss."""
+    task = get_task(name, n_steps=18, **kwargs)
+    proto = PiecewiseConstant(
+        dim=task.controls.dim,
+        t_final=task.horizon,
+        n_pieces=3,
+        low=task.controls.low_tensor(),
+        high=task.controls.high_tensor(),
+        init=task.default_control().expand(3, -1) * torch.tensor([[0.9], [1.1], [1.0]]),
+    ).double()
+
+    def rollout() -> tuple[torch.Tensor, torch.Tensor]:
+        with use_rng("philox"):
+            final = task.rollout(proto, 3, seed=11, gradient="direct")
+        (g,) = torch.autograd.grad(task.loss(final), list(proto.parameters()))
+        return final.R, g
+
+    R_ref, g_ref = rollout()
+    with use_fused_steps(5, compile=False):
+        R, g = rollout()
+    assert (R - R_ref).abs().max() < 1e-10
+    assert g_ref.abs().max() > 0
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-12)
+
+
+def test_fused_steps_refuse_what_they_cannot_honour() -> None:
+    task = get_task("assembly", n_steps=6)
+    with use_rng("philox"), use_fused_steps(3, compile=False):
+        with pytest.raises(ControlMDError, match=r"fused_steps = 3 .*'checkpoint'"):
+            task.rollout(None, 2, seed=0, gradient="checkpoint", window=2)
+    with use_rng("mt19937"), use_fused_steps(3, compile=False):
+        with pytest.raises(ControlMDError, match="philox"):
+            task.rollout(None, 2, seed=0, gradient="none")
+    with pytest.raises(ControlMDError, match="fused_steps must be >= 0, got -1"):
+        with use_fused_steps(-1):
+            pass
+    raw = {
+        "experiment": {"name": "x", "fused_steps": 10},
+        "task": {"name": "assembly", "n_steps": 6},
+        "protocol": {"kind": "piecewise_constant", "n_pieces": 2},
+        "train": {},
+    }
+    with pytest.raises(ConfigError, match=r"fused_steps = 10 .*rng = 'philox'.*'mt19937'"):
+        resolve_config(raw)
+    raw["experiment"]["rng"] = "philox"
+    assert resolve_config(raw)["experiment"]["fused_steps"] == 10
+
+
 @pytest.mark.slow
 def test_compiled_fused_steps_equal_the_engine() -> None:
     """The torch.compile-d chunk (analytic Morse forces; autograd forces by torch.func.grad
@@ -143,3 +216,28 @@ def test_compiled_fused_steps_equal_the_engine() -> None:
         _, _, s1 = _polymer(8, B=2)
         out = FusedSteps(lv, chunk=4).run(s1, 8)
     assert (out.R - ref.R).abs().max() < 1e-10
+
+
+@pytest.mark.slow
+def test_compiled_fused_steps_in_an_assembly_evaluation() -> None:
+    """``[experiment] fused_steps`` as an evaluation uses it: the assembly task with
+    closed-form pair forces, rolled out by compiled chunks, equals its engine rollout
+    (positions to round-off, the same yields), and a second rollout (new integrator,
+    protocol and runner) reuses the compiled chunk."""
+    task = get_task("assembly", n_steps=60, pair_forces="analytic")
+    u = PiecewiseConstant(t_final=task.horizon, n_pieces=3, low=2.0, high=10.0, init=6.0)
+
+    def rollout(seed: int) -> torch.Tensor:
+        with use_rng("philox"), torch.no_grad():
+            return task.rollout(u.double(), 8, seed=seed, gradient="none").R
+
+    refs = [rollout(seed) for seed in (1, 2)]
+    graphs = torch._dynamo.utils.counters["stats"]
+    with use_fused_steps(20):
+        outs = [rollout(1)]
+        compiled = graphs["unique_graphs"]
+        outs.append(rollout(2))
+    assert compiled >= 1 and graphs["unique_graphs"] == compiled  # no recompilation
+    for R, R_ref in zip(outs, refs, strict=True):
+        assert (R - R_ref).abs().max() < 1e-10
+        assert torch.equal(task.yield_(R), task.yield_(R_ref))

@@ -4,15 +4,17 @@ For a few to a few dozen particles per replica a step of the generic integrators
 hundred separately dispatched tensor operations (protocol reads, one noise draw, the
 force terms, the update), and their fixed costs, not arithmetic, are the time
 (docs/performance.md, "Small batched systems"). :class:`FusedSteps` removes them from the
-inner loop: per chunk of ``K`` steps it
+inner loop:
 
-* reads every control the steps need (the bath ``kT(t)``, a protocol that scales the
-  force) at all ``K`` step times in one call per control,
-* draws the ``K`` steps' noise in one call of the state's philox stream (each replica's
-  stream is a sequence of slots, so this is the noise ``K`` single steps draw, bit for
-  bit), and
-* runs the ``K`` updates as one function, compiled by ``torch.compile`` (``compile=True``,
-  the default; inductor fuses each step's elementwise work into a few loops), or eagerly.
+* every control the steps need (the bath ``kT(t)``, a protocol that scales the force) is
+  read at all the run's step times at once, one call per control,
+* the noise is drawn in blocks of whole chunks, one call of the state's philox stream per
+  block of up to ``2**17`` normals (each replica's stream is a sequence of slots, so this
+  is the noise single steps draw, bit for bit), and
+* each chunk of ``K`` updates runs as one function, compiled by ``torch.compile``
+  (``compile=True``, the default; inductor fuses each step's elementwise work into a few
+  loops), or eagerly; the force parts at a chunk's last positions are carried into the
+  next chunk, and whether positions (and momenta) stayed finite is computed inside it.
 
 The steps are those of :class:`~controlmd.dynamics.brownian.Brownian`
 (``method="euler_maruyama"``) and :class:`~controlmd.dynamics.langevin.Langevin` (BAOAB),
@@ -40,7 +42,9 @@ and reuse it. Units: those of the integrator.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -55,7 +59,33 @@ from controlmd.potentials.external import ScaledPotential
 
 Tensor = torch.Tensor
 
-__all__ = ["FusedSteps"]
+__all__ = ["FusedSteps", "fused_steps_setting", "use_fused_steps"]
+
+_SETTING: ContextVar[tuple[int, bool]] = ContextVar("controlmd_fused_steps", default=(0, True))
+
+
+@contextmanager
+def use_fused_steps(chunk: int, *, compile: bool = True) -> Iterator[None]:
+    """Within the block, tasks advance their particle dynamics by :class:`FusedSteps`
+    with ``chunk`` steps per call, compiled unless ``compile=False`` (``chunk = 0``: the
+    engine's ``simulate``); this is how ``[experiment] fused_steps`` reaches the tasks
+    (:func:`controlmd.simulate.final_state`)."""
+    check_int("fused_steps", chunk, minimum=0)
+    token = _SETTING.set((chunk, compile))
+    try:
+        yield
+    finally:
+        _SETTING.reset(token)
+
+
+def fused_steps_setting() -> tuple[int, bool]:
+    """``(chunk, compile)`` of the innermost :func:`use_fused_steps` block (``(0, True)``
+    outside any)."""
+    return _SETTING.get()
+
+
+# noise drawn per block of whole chunks of at most this many normals (one philox call each)
+_NOISE_BLOCK = 1 << 17
 
 
 class FusedSteps:
@@ -119,7 +149,7 @@ class FusedSteps:
         (the protocol's parameters, the state's tensors), as ``simulate`` does.
 
         :raises SimulationDivergedError: positions (or momenta) not finite after a chunk,
-            naming the chunk's last step.
+            naming the chunk's steps.
         """
         check_int("n_steps", n_steps, minimum=0)
         rng = state.rng
@@ -130,58 +160,65 @@ class FusedSteps:
                 f"'philox'); got rng kind {None if rng is None else rng.kind!r}"
             )
         self._check_static(state, n_steps)
-        done = 0
-        while done < n_steps:
-            k = min(self.chunk, n_steps - done)
-            state = self._advance(state, k)
-            done += k
-        return state
-
-    def _advance(self, state: State, k: int) -> State:
-        integ = self.integrator
-        R, t0 = state.R, float(state.t)
+        if n_steps == 0:
+            return state
+        integ, R = self.integrator, state.R
         # the engine's times: t_{n+1} = t_n + dt in float64, controls as one-sided limits
-        starts = [t0]
-        for _ in range(k):
+        starts = [float(state.t)]
+        for _ in range(n_steps):
             starts.append(starts[-1] + integ.dt)
-        ends = starts[1:]
-        eps = integ.t_eps
-        xi = state.rng.randn(k, *R.shape[1:], dtype=R.dtype)  # type: ignore[union-attr]
-        # [k, B, N, d], contiguous: torch 2.13's inductor miscompiled the chain's chunk
-        # (torch.func.grad forces came out zero) when this input was a transposed view
-        xi = xi.to(R.device).transpose(0, 1).contiguous()
-        fn = self._compiled if k == self.chunk else self._eager
+        ends, eps = starts[1:], integ.t_eps
+        # every control of the run read once, [G, n] / [n]; chunks take slices
         if isinstance(integ, Brownian):
-            tc = [t - eps for t in ends]
             mu = integ.mobility_like(R)
-            kT = self._values(integ.kT, tc, R).view(-1, 1, 1, 1)
-            noise = torch.sqrt(2.0 * kT * mu * integ.dt) * xi
-            (R1,) = fn(R, self._scales(tc, R), noise, mu * integ.dt)
-            new = state.replace(R=R1)
+            kT = self._values(integ.kT, [t - eps for t in ends], R)
+            scale = torch.sqrt(2.0 * kT.view(-1, 1, 1, 1) * mu * integ.dt)
+            controls = [self._scales([t - eps for t in ends], R)]
+            carry: list[Any] = [R]
+            consts: list[Any] = [mu * integ.dt]
         else:
             assert state.P is not None
             m, c = integ.mass_like(R), integ._damping_like(R)
             h = 0.5 * integ.dt
-            kT = self._values(integ.kT, [t + h for t in starts[:-1]], R).view(-1, 1, 1, 1)
-            noise = torch.sqrt((1.0 - c * c) * m * kT) * xi
-            s_first = self._scales([t + eps for t in starts[:-1]], R)
-            s_last = self._scales([t - eps for t in ends], R)
+            kT = self._values(integ.kT, [t + h for t in starts[:-1]], R)
+            scale = torch.sqrt((1.0 - c * c) * m * kT.view(-1, 1, 1, 1))
+            controls = [
+                self._scales([t + eps for t in starts[:-1]], R),
+                self._scales([t - eps for t in ends], R),
+            ]
             F0 = state.aux.get("force")
             parts = [F0] if F0 is not None and not self.scaled else self._force_parts(R)
-            R1, P1, F1 = fn(R, state.P, parts, s_first, s_last, noise, c, h / m, h)
-            new = state.replace(R=R1, P=P1, aux={**state.aux, "force": F1})
-        step = state.step + k
-        bad = ~torch.isfinite(new.R).all()
-        if new.P is not None:
-            bad = bad | ~torch.isfinite(new.P).all()
-        if bool(bad):
-            raise SimulationDivergedError(
-                f"non-finite positions or momenta within steps {state.step + 1}..{step} "
-                f"(fused chunk of {k})",
-                step=step,
-                time=ends[-1],
-            )
-        return new.replace(t=torch.as_tensor(ends[-1], dtype=state.t.dtype), step=step)
+            carry = [R, state.P, parts]
+            consts = [c, h / m, h]
+        block = self.chunk * max(1, _NOISE_BLOCK // (self.chunk * R[0].numel() * R.shape[0]))
+        done = 0
+        while done < n_steps:
+            nb = min(block, n_steps - done)
+            # [nb, B, N, d], contiguous: torch 2.13's inductor miscompiled the chain's
+            # chunk (torch.func.grad forces came out zero) when the noise was a transposed view
+            xi = rng.randn(nb, *R.shape[1:], dtype=R.dtype).to(R.device)
+            noise = scale[done : done + nb] * xi.transpose(0, 1).contiguous()
+            for a in range(0, nb, self.chunk):
+                k = min(self.chunk, nb - a)
+                fn = self._compiled if k == self.chunk else self._eager
+                lo, hi = done + a, done + a + k
+                *carry, ok = fn(*carry, *(v[:, lo:hi] for v in controls), noise[a : a + k], *consts)
+                if not bool(ok):
+                    raise SimulationDivergedError(
+                        f"non-finite positions or momenta within steps {state.step + lo + 1}.."
+                        f"{state.step + hi} (fused chunk of {k})",
+                        step=state.step + hi,
+                        time=ends[hi - 1],
+                    )
+            done += nb
+        t = torch.as_tensor(ends[-1], dtype=state.t.dtype)
+        if isinstance(integ, Brownian):
+            return state.replace(R=carry[0], t=t, step=state.step + n_steps)
+        R1, P1, parts = carry
+        F1 = self._total_force(parts, controls[1][:, -1:], 0)
+        return state.replace(
+            R=R1, P=P1, aux={**state.aux, "force": F1}, t=t, step=state.step + n_steps
+        )
 
     # ------------------------------------------------------------------ controls
 
@@ -226,13 +263,14 @@ class FusedSteps:
 
     def _brownian_chunk(
         self, R: Tensor, scales: Tensor, noise: Tensor, mu_dt: Tensor
-    ) -> tuple[Tensor]:
-        """``K`` Euler–Maruyama steps: ``R += mu dt F(R, t_k) + noise_k``."""
+    ) -> tuple[Tensor, Tensor]:
+        """``K`` Euler–Maruyama steps ``R += mu dt F(R, t_k) + noise_k``; returns the
+        positions and whether they are all finite."""
         space = self.integrator.space
         for k in range(noise.shape[0]):
             F = self._total_force(self._force_parts(R), scales, k)
             R = space.shift(R, mu_dt * F + noise[k])
-        return (R,)
+        return R, torch.isfinite(R).all()
 
     def _langevin_chunk(
         self,
@@ -245,20 +283,20 @@ class FusedSteps:
         c: Tensor,
         h_over_m: Tensor,
         h: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``K`` BAOAB steps from the force parts at ``R`` (or, without scaled terms, the
-        cached force); returns the last total force (the integrator's ``aux["force"]``)."""
+    ) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+        """``K`` BAOAB steps from the force parts at ``R`` (:meth:`_force_parts`; without
+        scaled terms, the total force); returns the positions, momenta, the force parts at
+        the new positions (the next chunk starts from them) and whether ``R`` and ``P`` are
+        all finite."""
         space = self.integrator.space
-        F = parts[0]
         for k in range(noise.shape[0]):
-            P = P + h * (self._total_force(parts, s_first, k) if self.scaled else F)
+            P = P + h * self._total_force(parts, s_first, k)
             R = space.shift(R, h_over_m * P)
             P = c * P + noise[k]
             R = space.shift(R, h_over_m * P)
             parts = self._force_parts(R)
-            F = self._total_force(parts, s_last, k)
-            P = P + h * F
-        return R, P, F
+            P = P + h * self._total_force(parts, s_last, k)
+        return R, P, parts, torch.isfinite(R).all() & torch.isfinite(P).all()
 
     # ------------------------------------------------------------------ checks
 

@@ -2,10 +2,12 @@
 
 For such systems a step is dominated by fixed per-operation costs, not arithmetic: the
 generic :class:`~controlmd.potentials.pair.PairPotential` gathers the pairs with index
-tensors and takes forces by autograd (a backward pass with scatter-adds per step). The
-terms here instead compute all ``N x N`` displacements densely by broadcasting (no index
-tensors) and the forces in closed form, so a forward step is a few fused elementwise
-operations. The results are the same functions as their generic counterparts (tested
+tensors, after a neighbor list, and takes forces by autograd (a backward pass per step).
+The terms here instead evaluate every pair ``i < j`` of a replica (no neighbor list: one
+fixed index set) and the forces in closed form, so a step is a gather, a few elementwise
+operations and two scatter-adds (each pair once: half the work of an ``N x N`` broadcast,
+and under ``torch.compile`` 1.1-1.4x faster per step than that broadcast at 64 replicas of
+7 disks). The results are the same functions as their generic counterparts (tested
 against them and against autograd in float64); with ``create_graph`` the analytic forces
 stay differentiable, so pathwise gradients through a trajectory still work.
 
@@ -33,7 +35,7 @@ __all__ = ["DenseMorse", "ScaledDense"]
 
 
 class DenseMorse(Potential):
-    """Morse pairs of a small system, dense all-pairs with analytic forces.
+    """Morse pairs of a small system, all pairs with analytic forces.
 
     ``E = sum_{i<j, r_ij < r_cut} eps [(1 - exp(-alpha (r_ij - sigma)))^2 - 1]`` per replica
     (minimum image in periodic spaces); the same energy as
@@ -78,22 +80,23 @@ class DenseMorse(Potential):
         )
 
     def _terms(self, R: Tensor, forces: bool) -> tuple[Tensor, Tensor | None]:
-        """Energies ``[B]`` and (if ``forces``) forces ``[B, N, d]``."""
+        """Energies ``[B]`` and (if ``forces``) forces ``[B, N, d]``, over the
+        ``N (N - 1) / 2`` pairs ``i < j`` (each pair once; the forces scattered to both)."""
         N = R.shape[-2]
-        dR = self.space.displacement(R.unsqueeze(-2), R.unsqueeze(-3))  # R_i - R_j [B, N, N, d]
+        i, j = torch.triu_indices(N, N, 1, device=R.device)
+        dR = self.space.displacement(R[:, i], R[:, j])  # R_i - R_j [B, P, d]
         r2 = (dR * dR).sum(-1)
-        eye = torch.eye(N, dtype=torch.bool, device=R.device)
-        inside = (r2 < self.r_cut**2) & ~eye
+        inside = r2 < self.r_cut**2
         r = torch.sqrt(torch.where(inside, r2, torch.ones((), dtype=R.dtype, device=R.device)))
         e = torch.exp(-self.alpha * (r - self.sigma))
         zero = torch.zeros((), dtype=R.dtype, device=R.device)
-        u = torch.where(inside, e * e - 2.0 * e, zero)
-        E = 0.5 * self.epsilon * u.sum(dim=(-2, -1))
+        E = self.epsilon * torch.where(inside, e * e - 2.0 * e, zero).sum(-1)
         if not forces:
             return E, None
-        # du/dr = 2 alpha eps e (1 - e); force on i: sum_j (-du/dr / r) (R_i - R_j)
+        # du/dr = 2 alpha eps e (1 - e); force on i: (-du/dr / r) (R_i - R_j), on j minus it
         w = torch.where(inside, (2.0 * self.alpha * self.epsilon) * e * (e - 1.0) / r, zero)
-        F = (w.unsqueeze(-1) * dR).sum(dim=-2)
+        f = w.unsqueeze(-1) * dR
+        F = torch.zeros_like(R).index_add(1, i, f).index_add(1, j, -f)
         return E, F
 
     def energy(self, R: Tensor, t: Tensor | float | None = None) -> Tensor:
