@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "NVE": "controlmd.dynamics",
     "NoseHooverChain": "controlmd.dynamics",
     "State": "controlmd.dynamics",
+    "use_fused_steps": "controlmd.dynamics",
     "ConfigError": "controlmd.errors",
     "ControlMDError": "controlmd.errors",
     "SimulationDivergedError": "controlmd.errors",
@@ -205,6 +206,7 @@ __all__ = [
     "simulate_ode",
     "task_names",
     "temperature",
+    "use_fused_steps",
     "use_rng",
     "validate_configuration",
     "write_xyz",
@@ -254,6 +256,7 @@ if TYPE_CHECKING:
         Langevin,
         NoseHooverChain,
         State,
+        use_fused_steps,
     )
     from controlmd.errors import ConfigError, ControlMDError, SimulationDivergedError
     from controlmd.evaluation import PairedEvaluation, evaluate, evaluate_paired, mean_se

@@ -139,6 +139,13 @@ EXPERIMENT_KEYS: dict[str, Field] = {
         doc="per-replica noise streams (controlmd.rng): 'mt19937' (one generator per replica, "
         "the default and what runs without the key used) or 'philox' (counter-based, batched)",
     ),
+    "fused_steps": Field(
+        int,
+        0,
+        non_negative,
+        doc="steps per compiled call of controlmd.dynamics.FusedSteps for the tasks' "
+        "Brownian / Langevin particle dynamics (0: the engine's simulate; needs rng = 'philox')",
+    ),
 }
 
 TRAIN_KEYS: dict[str, Field] = {
@@ -310,7 +317,12 @@ def resolve_config(raw: dict[str, Any]) -> Config:
     cfg = resolve_sections(
         raw, FIXED_SECTIONS, required=REQUIRED_SECTIONS, open_sections=("task", "protocol")
     )
-    train = cfg["train"]
+    experiment, train = cfg["experiment"], cfg["train"]
+    if experiment["fused_steps"] and experiment["rng"] != "philox":
+        raise ConfigError(
+            f"[experiment] fused_steps = {experiment['fused_steps']} draws its noise from "
+            f"philox streams: set rng = 'philox' (got rng = {experiment['rng']!r})"
+        )
     if train["gradient"] in ("checkpoint", "truncated") and train["window"] < 1:
         raise ConfigError(
             f"[train] gradient = {train['gradient']!r} needs window >= 1, got window = {train['window']}"

@@ -26,6 +26,7 @@ from controlmd.callbacks import (
 from controlmd.checkpoint import atomic_write_json, json_safe, load_checkpoint, set_rng_state
 from controlmd.config import build_protocol, build_task, read_run_config, write_config
 from controlmd.distributed import DistributedContext
+from controlmd.dynamics.fused import use_fused_steps
 from controlmd.errors import ConfigError, RunInterrupted
 from controlmd.files import read_json
 from controlmd.logger import JSONLinesSink, Logger, TensorBoardSink
@@ -126,7 +127,11 @@ def run_experiment(
                 (resume / "metrics.json").unlink()  # more iterations: the run goes on
         run_dir = folder.path if folder is not None else Path(out or ".")
         run_dir = Path(dist_ctx.broadcast_object(str(run_dir)))  # scale-out: rank 0's choice
-        with StopOnSignal() as stop, use_rng(cfg["experiment"]["rng"]):
+        with (
+            StopOnSignal() as stop,
+            use_rng(cfg["experiment"]["rng"]),
+            use_fused_steps(cfg["experiment"]["fused_steps"]),
+        ):
             return _train(cfg, run_dir, checkpoint, stop, progress=progress, dist_ctx=dist_ctx)
     finally:
         if folder is not None:

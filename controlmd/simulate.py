@@ -72,6 +72,7 @@ from controlmd.dynamics.base import (
     jump_steps,
     jump_tolerance,
 )
+from controlmd.dynamics.fused import FusedSteps, fused_steps_setting
 from controlmd.dynamics.reversible import simulate_reversible
 from controlmd.errors import ControlMDError, SimulationDivergedError
 from controlmd.reporters import Reporter
@@ -79,7 +80,15 @@ from controlmd.reporters import Reporter
 Tensor = torch.Tensor
 Observable = Callable[[State], Tensor]
 
-__all__ = ["GRADIENT_MODES", "ODE_METHODS", "Trajectory", "refresh", "simulate", "simulate_ode"]
+__all__ = [
+    "GRADIENT_MODES",
+    "ODE_METHODS",
+    "Trajectory",
+    "final_state",
+    "refresh",
+    "simulate",
+    "simulate_ode",
+]
 
 GRADIENT_MODES = ("direct", "checkpoint", "truncated", "reversible", "none")
 ODE_METHODS = (
@@ -118,6 +127,38 @@ class Trajectory:
     records: dict[str, Tensor] = field(default_factory=dict)
     md_steps: int = 0
     grad_steps: int = 0
+
+
+def final_state(
+    integrator: Integrator, state: State, n_steps: int, **simulate_options: Any
+) -> State:
+    """``simulate(integrator, state, n_steps, **simulate_options).final``; within
+    :func:`~controlmd.dynamics.fused.use_fused_steps` (``[experiment] fused_steps = K``) the
+    same steps by :class:`~controlmd.dynamics.fused.FusedSteps`, ``K`` per compiled call
+    (equal to round-off, with the same noise). This is how tasks advance their particles.
+
+    :raises ControlMDError: fused steps with an option they cannot honour (``gradient``
+        other than ``"direct"`` / ``"none"``, frames, observables, reporters, windows), or
+        with an integrator or potential :class:`FusedSteps` does not run (named there).
+    """
+    chunk, compile = fused_steps_setting()
+    if not chunk:
+        return simulate(integrator, state, n_steps, **simulate_options).final
+    gradient = simulate_options.pop("gradient", "direct")
+    simulate_options.pop("check_every", None)  # a fused run checks after every chunk
+    unused = {k: v for k, v in simulate_options.items() if v not in (None, 0, (), {})}
+    if gradient not in ("direct", "none") or unused:
+        raise ControlMDError(
+            f"[experiment] fused_steps = {chunk} runs gradient = 'direct' or 'none' without "
+            f"frames, observables, reporters or windows; got gradient = {gradient!r}"
+            + (f" and {sorted(unused)}" if unused else "")
+            + "; set fused_steps = 0 for this run"
+        )
+    runner = FusedSteps(integrator, chunk=chunk, compile=compile)
+    if gradient == "none":
+        with torch.no_grad():
+            return runner.run(state, n_steps)
+    return runner.run(state, n_steps)
 
 
 def simulate(

@@ -5,6 +5,7 @@ baseline on common random numbers.
 
     controlmd eval RUN_DIR [--seeds N] [--replicas M] [--protocol FILE] [--seed S] [--json FILE]
     controlmd eval RUN_DIR --baseline SPEC [--replicas M] [--seed S] [--json FILE]
+    controlmd eval RUN_DIR ... --fused-steps K    # FusedSteps, K steps per compiled call
 
 ``--baseline SPEC`` scores the run's protocol and a baseline on the same fresh replicas
 (batch seed ``S``: identical initial states and noise). ``SPEC`` is a run folder (its
@@ -46,11 +47,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", type=Path, help="where to write the result (default: RUN_DIR/eval.json)"
     )
+    p.add_argument(
+        "--fused-steps",
+        type=int,
+        metavar="K",
+        help="advance the particles by FusedSteps, K steps per compiled call (0: the "
+        "engine's simulate; default: the run's [experiment] fused_steps; needs its rng = "
+        "'philox')",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from controlmd._validation import check_int
     from controlmd.config import build_task, read_run_config
+    from controlmd.dynamics.fused import use_fused_steps
     from controlmd.errors import ConfigError
     from controlmd.protocols import load_protocol
     from controlmd.rng import RESCORE_SEED_OFFSET, use_rng
@@ -70,15 +80,19 @@ def run(args: argparse.Namespace) -> int:
     protocol = load_protocol(path)
     seed = cfg["experiment"]["seed"] + RESCORE_SEED_OFFSET if args.seed is None else args.seed
     out = args.json if args.json is not None else args.run_dir / "eval.json"
+    fused = (
+        cfg["experiment"].get("fused_steps", 0) if args.fused_steps is None else args.fused_steps
+    )
+    check_int("--fused-steps", fused, minimum=0)
     if args.baseline is not None:
         if args.seeds != 1:
             raise ConfigError(
                 f"--baseline scores one batch seed (--seed); got --seeds {args.seeds}"
             )
         baseline = _baseline(args.baseline, task, protocol)
-        with use_rng(cfg["experiment"]["rng"]):  # the run's noise streams
+        with use_rng(cfg["experiment"]["rng"]), use_fused_steps(fused):  # the run's engine
             return _paired(task, protocol, baseline, replicas, seed, cfg, args, out)
-    with use_rng(cfg["experiment"]["rng"]):
+    with use_rng(cfg["experiment"]["rng"]), use_fused_steps(fused):
         return _unpaired(task, protocol, replicas, seed, cfg, args, out)
 
 

@@ -12,7 +12,7 @@ from controlmd.dynamics.base import (
     maxwell_boltzmann,
 )
 from controlmd.dynamics.brownian import Brownian
-from controlmd.dynamics.fused import FusedSteps
+from controlmd.dynamics.fused import FusedSteps, use_fused_steps
 from controlmd.dynamics.langevin import Langevin
 from controlmd.dynamics.nose_hoover import NoseHooverChain
 from controlmd.dynamics.nve import NVE
@@ -32,4 +32,5 @@ __all__ = [
     "State",
     "kinetic_energy",
     "maxwell_boltzmann",
+    "use_fused_steps",
 ]

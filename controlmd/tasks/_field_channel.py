@@ -22,7 +22,7 @@ from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.potentials.fields import NeuralField, mean_square_force
 from controlmd.protocols import NeuralFieldProtocol, Protocol
-from controlmd.simulate import simulate
+from controlmd.simulate import final_state, simulate
 from controlmd.space import Space
 from controlmd.tasks._artifacts import RunArtifacts
 
@@ -129,7 +129,7 @@ class FieldChannelTask(RunArtifacts):
         integrator = self.integrator(protocol)
         field = self.field_potential(protocol)
         if field is None or n_steps == 0:
-            return simulate(integrator, state, n_steps, **simulate_options).final
+            return final_state(integrator, state, n_steps, **simulate_options)
         if simulate_options.get("gradient") == "reversible":
             raise ControlMDError(
                 "gradient = 'reversible' keeps no frames, so the field cost cannot be "

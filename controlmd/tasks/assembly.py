@@ -106,6 +106,10 @@ Arguments
     kT_max            float      2.0
     alpha             float      6.0           Morse inverse width (1/sigma)
     r_cut             float      2.5           Morse cutoff (sigma)
+    pair_forces       str        "autograd"    Morse forces: "autograd" (Morse, the forces of
+                                               every shipped run) or "analytic" (DenseMorse,
+                                               closed form: the same function, equal to
+                                               round-off; fast under [experiment] fused_steps)
     gamma             float      1.0           friction
     dt                float      3e-4          time step (tau)
     n_steps           int        6000          steps per episode
@@ -144,6 +148,7 @@ from controlmd._validation import check_choice, check_int, check_positive
 from controlmd.dynamics.base import Integrator, State
 from controlmd.dynamics.brownian import Brownian
 from controlmd.errors import ControlMDError
+from controlmd.potentials.analytic import DenseMorse, ScaledDense
 from controlmd.potentials.base import Potential
 from controlmd.potentials.external import ScaledPotential
 from controlmd.potentials.fields import BASIS_KINDS, BasisField, Confinement, RadialWave
@@ -295,6 +300,7 @@ class Assembly(FieldChannelTask):
         kT_max: float = 2.0,
         alpha: float = 6.0,
         r_cut: float = 2.5,
+        pair_forces: str = "autograd",
         gamma: float = 1.0,
         dt: float = 3e-4,
         n_steps: int = 6000,
@@ -367,6 +373,7 @@ class Assembly(FieldChannelTask):
         check_int("n_steps", n_steps)
         check_int("field_cost_every", field_cost_every)
         check_choice("surrogate", surrogate, SURROGATES)
+        check_choice("pair_forces", pair_forces, ("autograd", "analytic"))
         check_choice("basis_kind", basis_kind, BASIS_KINDS)
         self.n_particles = n_particles
         self.cluster_size = cluster_size
@@ -433,8 +440,13 @@ class Assembly(FieldChannelTask):
             tuple(row[3] for row in channels),
         )
         # Morse with unit depth; the depth eps(t) enters through ScaledPotential.
-        self._morse = Morse(
-            self.space, sigma=1.0, epsilon=1.0, alpha=self.alpha, r_cut=self.r_cut, shift="none"
+        self.pair_forces = pair_forces
+        self._morse: Potential = (
+            Morse(
+                self.space, sigma=1.0, epsilon=1.0, alpha=self.alpha, r_cut=self.r_cut, shift="none"
+            )
+            if pair_forces == "autograd"
+            else DenseMorse(self.space, sigma=1.0, epsilon=1.0, alpha=self.alpha, r_cut=self.r_cut)
         )
 
     # ------------------------------------------------------------------ Task interface
@@ -442,10 +454,11 @@ class Assembly(FieldChannelTask):
     def potential(self, protocol: Protocol | None) -> Potential:
         """``eps(t) * Morse`` (eps from the protocol's channel, or the constant ``epsilon``)
         plus the spatial control field (:meth:`field_potential`) when there is one."""
+        scaled = ScaledDense if self.pair_forces == "analytic" else ScaledPotential
         if protocol is not None and "epsilon" in self._slot:
-            pair = ScaledPotential(self._morse, protocol, channel=self._slot["epsilon"])
+            pair = scaled(self._morse, protocol, channel=self._slot["epsilon"])
         else:
-            pair = ScaledPotential(self._morse, _Constant(self.epsilon), channel=0)
+            pair = scaled(self._morse, _Constant(self.epsilon), channel=0)
         field = self.field_potential(protocol)
         return pair if field is None else pair + field
 

@@ -212,17 +212,19 @@ class Task(ABC, Generic[StateT]):
     ) -> StateT:
         """Integrate ``n_steps`` steps under ``protocol`` (the env calls this per action).
 
-        The default simulates the :meth:`integrator` with :func:`controlmd.simulate`; tasks
-        whose state is not a particle :class:`~controlmd.dynamics.State` override it.
+        The default simulates the :meth:`integrator` with :func:`controlmd.simulate` (or
+        :class:`~controlmd.dynamics.fused.FusedSteps` under ``[experiment] fused_steps``:
+        :func:`~controlmd.simulate.final_state`); tasks whose state is not a particle
+        :class:`~controlmd.dynamics.State` override it.
         """
-        from controlmd.simulate import simulate
+        from controlmd.simulate import final_state
 
         if not isinstance(state, State):
             raise ControlMDError(
                 f"task {self.name!r}: the default advance() simulates particle States; a task "
                 f"with {type(state).__name__} states overrides advance()"
             )
-        final: Any = simulate(self.integrator(protocol), state, n_steps, **simulate_options).final
+        final: Any = final_state(self.integrator(protocol), state, n_steps, **simulate_options)
         return final  # type: ignore[no-any-return]
 
     def rollout(
