@@ -133,11 +133,12 @@ class FusedSteps:
         self.integrator = integrator
         self.fixed, self.scaled = _split(integrator.potential)
         self.chunk = chunk
-        fn: Callable[..., tuple[Tensor, ...]] = (
+        # chunk(*carry, *controls, noise, *constants) -> (*carry, all finite)
+        fn: Callable[..., tuple[Any, ...]] = (
             self._brownian_chunk if isinstance(integrator, Brownian) else self._langevin_chunk
         )
         self._eager = fn
-        self._compiled: Callable[..., tuple[Tensor, ...]] = (
+        self._compiled: Callable[..., tuple[Any, ...]] = (
             torch.compile(fn, dynamic=False, fullgraph=True) if compile else fn
         )
 
