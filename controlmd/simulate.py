@@ -146,12 +146,12 @@ def final_state(
         return simulate(integrator, state, n_steps, **simulate_options).final
     gradient = simulate_options.pop("gradient", "direct")
     simulate_options.pop("check_every", None)  # a fused run checks after every chunk
-    unused = {k: v for k, v in simulate_options.items() if v not in (None, 0, (), {})}
+    unused = sorted(key for key, value in simulate_options.items() if value)
     if gradient not in ("direct", "none") or unused:
         raise ControlMDError(
             f"[experiment] fused_steps = {chunk} runs gradient = 'direct' or 'none' without "
             f"frames, observables, reporters or windows; got gradient = {gradient!r}"
-            + (f" and {sorted(unused)}" if unused else "")
+            + (f" and {unused}" if unused else "")
             + "; set fused_steps = 0 for this run"
         )
     runner = FusedSteps(integrator, chunk=chunk, compile=compile)

@@ -183,6 +183,13 @@ def test_fused_steps_refuse_what_they_cannot_honour() -> None:
     with use_rng("mt19937"), use_fused_steps(3, compile=False):
         with pytest.raises(ControlMDError, match="philox"):
             task.rollout(None, 2, seed=0, gradient="none")
+    field_task = get_task("assembly", n_steps=6, controls=["epsilon", "confinement"])
+    proto = PiecewiseConstant(
+        dim=2, t_final=field_task.horizon, n_pieces=2, low=[2.0, 0.0], high=[10.0, 100.0]
+    )
+    with use_rng("philox"), use_fused_steps(3, compile=False):
+        with pytest.raises(ControlMDError, match="spatial control field"):
+            field_task.rollout(proto, 2, seed=0, gradient="none")
     with pytest.raises(ControlMDError, match="fused_steps must be >= 0, got -1"):
         with use_fused_steps(-1):
             pass

@@ -34,10 +34,12 @@ name. Forces come from a term's closed form where it has one
 :class:`~controlmd.potentials.analytic.DenseMorse`), else from ``torch.func.grad`` of its
 energy inside the compiled function (its own autograd path when eager).
 
-Compiling costs ~30 s (the assembly step, ``K = 20``) to 5-10 min (the 22-bead Go chain,
-``K = 10``, forward / with its backward) per instance, dtype, batch size and chunk
-length, and needs a C++ compiler on the CPU; dynamo guards on the instance, so build one
-and reuse it. Units: those of the integrator.
+Compiling costs ~30-60 s (the assembly step, ``K = 20``) to minutes (the 22-bead Go
+chain) per dtype, batch size, chunk length and forward / backward, and needs a C++
+compiler on the CPU; a new instance over an integrator of the same structure reuses the
+compiled chunk (dynamo caches it on the function, within dynamo's recompile limit per
+function). Tasks use it under ``[experiment] fused_steps`` (:func:`use_fused_steps`).
+Units: those of the integrator.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from controlmd.dynamics.base import State
+from controlmd.dynamics.fused import fused_steps_setting
 from controlmd.errors import ControlMDError
 from controlmd.potentials.base import Potential
 from controlmd.potentials.fields import NeuralField, mean_square_force
@@ -130,6 +131,13 @@ class FieldChannelTask(RunArtifacts):
         field = self.field_potential(protocol)
         if field is None or n_steps == 0:
             return final_state(integrator, state, n_steps, **simulate_options)
+        chunk, _ = fused_steps_setting()
+        if chunk:
+            raise ControlMDError(
+                f"[experiment] fused_steps = {chunk} runs potentials s(t) E(R); "
+                f"{self.field_system} carry a spatial control field V(x, t) (and its field "
+                "cost frames): set fused_steps = 0"
+            )
         if simulate_options.get("gradient") == "reversible":
             raise ControlMDError(
                 "gradient = 'reversible' keeps no frames, so the field cost cannot be "
