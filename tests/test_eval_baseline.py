@@ -138,6 +138,8 @@ def test_a_baseline_that_names_nothing_is_refused(
         (["--baseline", str(other)], r"its protocol has dim = 1"),
         (["--seed", "-1", "--baseline", "constant"], r"--seed must be >= 0, got -1"),
         (["--seeds", "2", "--baseline", "constant"], r"got --seeds 2"),
+        (["--fused-steps", "-1"], r"--fused-steps must be >= 0, got -1"),
+        (["--fused-steps", "3"], r"fused_steps = 3 runs .*spatial control field"),
     ]
     for extra, message in cases:
         assert main(["eval", str(run), "--replicas", "4", *extra]) != 0
