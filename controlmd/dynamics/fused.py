@@ -173,10 +173,10 @@ class FusedSteps:
         ends, eps = starts[1:], integ.t_eps
         # every control of the run read once, [G, n] / [n]; chunks take slices
         if isinstance(integ, Brownian):
-            mu = integ.mobility_like(R)
-            kT = self._values(integ.kT, [t - eps for t in ends], R)
+            mu, tc = integ.mobility_like(R), [t - eps for t in ends]
+            kT = self._values(integ.kT, tc, R)
             scale = torch.sqrt(2.0 * kT.view(-1, 1, 1, 1) * mu * integ.dt)
-            controls = [self._scales([t - eps for t in ends], R)]
+            controls = [self._scales(tc, R)]
             carry: list[Any] = [R]
             consts: list[Any] = [mu * integ.dt]
         else:
@@ -226,7 +226,7 @@ class FusedSteps:
     # ------------------------------------------------------------------ controls
 
     def _values(self, schedule: Schedule, times: list[float], like: Tensor) -> Tensor:
-        """A schedule's values at ``times`` ``[K]``, in ``like``'s dtype and device."""
+        """A schedule's values at ``times`` ``[n]``, in ``like``'s dtype and device."""
         if not callable(schedule):
             return torch.full((len(times),), float(schedule), dtype=like.dtype, device=like.device)
         v = _at_times(lambda t: evaluate_schedule(schedule, t), times, "kT")
@@ -237,7 +237,7 @@ class FusedSteps:
         return v[:, 0].to(device=like.device, dtype=like.dtype)
 
     def _scales(self, times: list[float], like: Tensor) -> Tensor:
-        """The scales ``s_g(t)`` of the scaled terms at ``times``: ``[G, K]`` (``G = 0``
+        """The scales ``s_g(t)`` of the scaled terms at ``times``: ``[G, n]`` (``G = 0``
         without scaled terms)."""
         rows = [
             _at_times(term.protocol, times, "scaling protocol")[:, term.channel]
