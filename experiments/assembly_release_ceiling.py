@@ -124,8 +124,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         label=f"perfect hexagon, free (eps = {result['epsilon']:g})",
     )
     ax.axvline(result["window_steps"], color="k", ls="--", lw=1, label="release window")
-    for hm in result["handmade"]:
-        ax.axhline(hm["yield_T"], color="C1", lw=1, ls=":", label=f"hand-made k = {hm['k']:g} at T")
+    for i, hm in enumerate(result["handmade"]):
+        label = f"hand-made k = {hm['k']:g} at T"
+        ax.axhline(hm["yield_T"], color=f"C{i + 1}", lw=1, ls=":", label=label)
     ax.set_xlabel("free steps (dt = 3e-4 tau)")
     ax.set_ylabel("yield (compact heptamer)")
     ax.legend(fontsize=8)
