@@ -112,12 +112,18 @@ def hold_protocol(task: Task, spec: str) -> tuple[str, Protocol]:
         raise ControlMDError(
             f"--hold expects LABEL=0:V0,F1:V1,... (fractions of the horizon), got {spec!r}"
         ) from None
+    controls = task.controls
     for _, v in pairs:
         if len(v) != dim:
             raise ControlMDError(
                 f"--hold {spec!r}: a value names {len(v)} channel(s) but the task has {dim} "
-                f"({'/'.join(task.controls.names)})"
+                f"({'/'.join(controls.names)})"
             )
+        for name, x, lo, hi in zip(controls.names, v, controls.low, controls.high):
+            if not lo <= x <= hi:
+                raise ControlMDError(
+                    f"--hold {spec!r}: {name} = {x} lies outside the channel's bounds [{lo}, {hi}]"
+                )
     times = [f * task.horizon for f, _ in pairs] + [task.horizon]
     values = [v for _, v in pairs] + [pairs[-1][1]]
     if times[-2] >= task.horizon:

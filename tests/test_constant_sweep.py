@@ -37,3 +37,15 @@ def test_a_hold_naming_another_number_of_channels_is_refused(spec: str) -> None:
         ControlMDError, match=r"names \d channel\(s\) but the task has 2 \(kT/torsion\)"
     ):
         load_script("benchmarks/constant_sweep.py").hold_protocol(_two_channel_task(), spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("x=0:0.05/5", r"kT = 0.05 lies outside the channel's bounds \[0.1, 1.2\]"),
+        ("x=0:0.5/5,0.5:0.5/6", r"torsion = 6.0 lies outside the channel's bounds \[0.0, 5.0\]"),
+    ],
+)
+def test_a_hold_outside_a_channels_bounds_is_refused_by_name(spec: str, message: str) -> None:
+    with pytest.raises(ControlMDError, match=message):
+        load_script("benchmarks/constant_sweep.py").hold_protocol(_two_channel_task(), spec)

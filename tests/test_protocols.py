@@ -195,6 +195,17 @@ def test_table_round_trip_replays_a_protocol(tmp_path) -> None:
     assert replay.t_final == pytest.approx(1.0)
 
 
+def test_table_value_outside_its_bounds_is_refused_by_name() -> None:
+    kw = {"times": [0.0, 1.0], "interpolation": "hold", "low": [0.25, 0.0], "high": [2.0, 10.0]}
+    with pytest.raises(ControlMDError, match=r"values\[0\]\[0\] = 0.0 .* \[0.25, 2.0\]"):
+        Tabulated(values=[[0.0, 5.0], [1.0, 5.0]], **kw)
+    with pytest.raises(ControlMDError, match=r"values\[1\]\[1\] = 12.0"):
+        Tabulated(values=[[1.0, 5.0], [1.0, 12.0]], **kw)
+    at_bounds = Tabulated(values=[[0.25, 0.0], [2.0, 10.0]], **kw)  # a bound itself is kept
+    u = at_bounds(torch.tensor([0.5, 1.0], dtype=torch.float64)).detach()
+    torch.testing.assert_close(u, torch.tensor([[0.25, 0.0], [2.0, 10.0]], dtype=torch.float64))
+
+
 def test_feedback_protocol_depends_on_observations() -> None:
     torch.manual_seed(1)
     p = FeedbackMLP(dim=1, t_final=1.0, obs_dim=1, hidden=[8], low=-1.0, high=1.0)

@@ -152,6 +152,16 @@ class Tabulated(Protocol):
             release_value=release_value,
             field_cost_weight=field_cost_weight,
         )
+        if self.low is not None and self.high is not None:
+            lo, hi = self.low.to(vs), self.high.to(vs)
+            slack = 1e-9 * (hi - lo)  # a table sampled from a squashed protocol may touch a bound
+            outside = (vs < lo - slack) | (vs > hi + slack)
+            if bool(outside.any()):
+                i, j = (int(x) for x in outside.nonzero()[0])
+                raise ControlMDError(
+                    f"values[{i}][{j}] = {float(vs[i, j])!r} lies outside channel {j}'s bounds "
+                    f"[{float(lo[j])!r}, {float(hi[j])!r}] (it would be clipped silently)"
+                )
         self.interpolation = interpolation
         self.register_buffer("times", ts)
         self.values = nn.Parameter(self.unsquash(vs))
