@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "controlmd.evaluation",
     "evaluate_paired": "controlmd.evaluation",
     "mean_se": "controlmd.evaluation",
+    "pareto_front": "controlmd.evaluation",
     "run_experiment": "controlmd.experiment",
     "write_xyz": "controlmd.io",
     "lattice": "controlmd.lattice",
@@ -192,6 +193,7 @@ __all__ = [
     "mean_square_force",
     "native_contact_fraction",
     "native_contacts",
+    "pareto_front",
     "periodic",
     "pressure",
     "protocol_names",
@@ -259,7 +261,13 @@ if TYPE_CHECKING:
         use_fused_steps,
     )
     from controlmd.errors import ConfigError, ControlMDError, SimulationDivergedError
-    from controlmd.evaluation import PairedEvaluation, evaluate, evaluate_paired, mean_se
+    from controlmd.evaluation import (
+        PairedEvaluation,
+        evaluate,
+        evaluate_paired,
+        mean_se,
+        pareto_front,
+    )
     from controlmd.experiment import run_experiment
     from controlmd.io import write_xyz
     from controlmd.lattice import lattice

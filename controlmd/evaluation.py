@@ -34,6 +34,7 @@ __all__ = [
     "evaluate",
     "evaluate_paired",
     "mean_se",
+    "pareto_front",
 ]
 
 
@@ -219,6 +220,25 @@ def _score(
         )
     cost = state.aux.get("field_cost") if isinstance(state, State) else None
     return values, None if cost is None else cost.detach().to(torch.float64)
+
+
+def pareto_front(
+    points: list[dict[str, Any]], *, cost: str, metric: str = "mean"
+) -> list[dict[str, Any]]:
+    """The points no other point beats in both ``point[metric]`` (higher) and
+    ``point[cost]`` (lower), cheapest first: the front of a metric-vs-control-cost curve
+    (e.g. yield vs ``field_cost``, folded fraction vs ``fluence``)."""
+    front = [
+        p
+        for p in points
+        if not any(
+            q[metric] >= p[metric]
+            and q[cost] <= p[cost]
+            and (q[metric], q[cost]) != (p[metric], p[cost])
+            for q in points
+        )
+    ]
+    return sorted(front, key=lambda p: p[cost])
 
 
 def mean_se(values: Tensor) -> tuple[float, float]:

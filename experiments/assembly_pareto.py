@@ -21,24 +21,10 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-
-def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points no other point beats in both yield (higher) and field cost (lower)."""
-    front = [
-        p
-        for p in points
-        if not any(
-            q["mean"] >= p["mean"]
-            and q["field_cost"] <= p["field_cost"]
-            and (q["mean"], q["field_cost"]) != (p["mean"], p["field_cost"])
-            for q in points
-        )
-    ]
-    return sorted(front, key=lambda p: p["field_cost"])
+from controlmd.evaluation import pareto_front
 
 
 def main() -> None:
@@ -92,7 +78,7 @@ def main() -> None:
     result = {
         "constant": constant,
         "handmade": handmade,
-        "handmade_pareto_front": pareto_front([constant, *handmade]),
+        "handmade_pareto_front": pareto_front([constant, *handmade], cost="field_cost"),
         "trained": trained,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

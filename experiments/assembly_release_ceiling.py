@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from controlmd.dynamics import State
-from controlmd.evaluation import constant_protocol
+from controlmd.evaluation import constant_protocol, mean_se
 from controlmd.files import atomic_write_text
 from controlmd.protocols import Tabulated
 from controlmd.tasks.assembly import Assembly
@@ -44,11 +44,6 @@ def perfect_hexagon(task: Assembly, state: State) -> State:
     ring = torch.stack([angles.cos(), angles.sin()], dim=-1)
     hexagon = torch.cat([torch.zeros(1, 2, dtype=state.R.dtype), ring]) + 0.5 * task.box
     return state.replace(R=hexagon.expand_as(state.R).clone())
-
-
-def mean_se(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of per-replica values ``[B]``."""
-    return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
 
 
 def survival(task: Assembly, n: int, seed: int, steps: int, every: int) -> list[dict[str, float]]:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from controlmd.evaluation import mean_se, pareto_front
 from controlmd.files import atomic_write_text
 from controlmd.protocols import Tabulated
 from controlmd.tasks.polymer_fold import PolymerFold
@@ -57,31 +57,23 @@ def scan(amplitudes: list[float], n: int, seed: int, n_steps: int = 2000) -> lis
         with torch.no_grad():
             folded = task.metric(task.rollout(protocol, n, seed, gradient="none"))
         first = folded if first is None else first
-        d = folded - first
+        mean, se = mean_se(folded)
+        paired, paired_se = mean_se(folded - first)
         rows.append(
             {
                 "a": a,
                 "n": n,
                 "seed": seed,
-                "mean": float(folded.mean()),
-                "se": float(folded.std() / math.sqrt(n)),
-                "paired_vs_first": float(d.mean()),
-                "paired_se": float(d.std() / math.sqrt(n)),
+                "mean": mean,
+                "se": se,
+                "paired_vs_first": paired,
+                "paired_se": paired_se,
                 "first_a": amplitudes[0],
                 "fluence": float(protocol.fluence().detach()),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def upper_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The points that fold more than every point of lower fluence (cheapest first)."""
-    front: list[dict[str, Any]] = []
-    for p in sorted(points, key=lambda p: (p["fluence"], -p["mean"])):
-        if not front or p["mean"] > front[-1]["mean"]:
-            front.append(p)
-    return front
 
 
 def plot(scan_files: list[Path], trained_files: list[Path], out: Path) -> dict[str, Any]:
@@ -100,7 +92,8 @@ def plot(scan_files: list[Path], trained_files: list[Path], out: Path) -> dict[s
             {"label": path.stem, "mean": e["mean"], "se": e["se"], "n": e["n"],
              "fluence": e["fluence"]}
         )  # fmt: skip
-    result = {"handmade": handmade, "handmade_front": upper_front(handmade), "trained": trained}
+    front = pareto_front(handmade, cost="fluence")
+    result = {"handmade": handmade, "handmade_front": front, "trained": trained}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
 

@@ -1,5 +1,6 @@
 """experiments/polymer_torsion_pareto.py: the scan scores held torsion amplitudes with the
-fluence controlmd eval reports, and the plot keeps each amplitude once and finds the front."""
+fluence controlmd eval reports, and the plot keeps each amplitude once and finds the front
+(:func:`controlmd.evaluation.pareto_front`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from command_scripts import load_script
+
+from controlmd.evaluation import pareto_front
 
 
 def test_held_amplitude_fluence_is_a_squared_times_the_time_it_is_on() -> None:
@@ -31,7 +34,7 @@ def test_front_and_plot(tmp_path: Path) -> None:
         {"a": 5.0, "mean": 0.87, "fluence": 900.0},
         {"a": 8.0, "mean": 0.8, "fluence": 2000.0},
     ]
-    assert [p["a"] for p in script.upper_front(points)] == [0.0, 3.0, 5.0]
+    assert [p["a"] for p in pareto_front(points, cost="fluence")] == [0.0, 3.0, 5.0]
     scan_a, scan_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     row = {"n": 4, "se": 0.01}
     scan_a.write_text("\n".join(json.dumps({**row, **p}) for p in points[:3]) + "\n")
